@@ -1,0 +1,111 @@
+//! `hyperdas bench`: reproducible throughput measurements (numbers in docs/benchmarks.md).
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+
+use super::ModelArgs;
+use crate::model::TokenBatch;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Tokens/s of a clean forward pass that collects every hidden state [B, T, L+1, D].
+    Forward(ForwardArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 32)]
+    seq: usize,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    runs: usize,
+    /// Untimed warm-up runs.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Seed for the random token ids.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// xorshift64*: random token ids without another dependency.
+fn token_rows(seed: u64, b: usize, t: usize, vocab: usize) -> Vec<Vec<u32>> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        s.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    (0..b).map(|_| (0..t).map(|_| (next() % vocab as u64) as u32).collect()).collect()
+}
+
+pub fn run(c: &BenchCommand) -> Result<()> {
+    match c {
+        BenchCommand::Forward(a) => forward(a),
+    }
+}
+
+fn forward(a: &ForwardArgs) -> Result<()> {
+    if a.batch == 0 || a.seq == 0 || a.runs == 0 {
+        bail!("--batch, --seq and --runs must be positive");
+    }
+    let lm = a.model.load()?;
+    let rows = token_rows(a.seed, a.batch, a.seq, lm.model.config.vocab_size);
+    let batch = TokenBatch::left_padded(&rows, 0, lm.model.device())?;
+    let threads = candle_core::utils::get_num_threads();
+    let env = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into());
+    if !a.json {
+        eprintln!("batch {} x {} tokens, {} warm-up + {} timed runs, {threads} threads (RAYON_NUM_THREADS={env})", a.batch, a.seq, a.warmup, a.runs);
+    }
+    for _ in 0..a.warmup {
+        lm.model.forward_hidden(&batch, None)?;
+    }
+    let mut secs = Vec::with_capacity(a.runs);
+    for i in 0..a.runs {
+        let t0 = Instant::now();
+        let hs = lm.model.forward_hidden(&batch, None)?;
+        // Force the result to exist (candle is eager, but keep the intent explicit).
+        let _ = hs.stacked.as_ref().map(|s| s.dims().to_vec());
+        let dt = t0.elapsed().as_secs_f64();
+        if !a.json {
+            eprintln!("  run {}: {:.3} s ({:.0} tokens/s)", i + 1, dt, (a.batch * a.seq) as f64 / dt);
+        }
+        secs.push(dt);
+    }
+    let mut sorted = secs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let tokens = (a.batch * a.seq) as f64;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "forward", "model": a.model.model, "dtype": a.model.dtype, "batch": a.batch, "seq": a.seq,
+                "runs": a.runs, "threads": threads, "median_s": median, "min_s": sorted[0], "max_s": sorted[sorted.len() - 1],
+                "tokens_per_s_median": tokens / median,
+            })
+        );
+    } else {
+        println!(
+            "forward (all hidden states), {} x {}: median {:.3} s = {:.0} tokens/s (min {:.3} s, max {:.3} s; {threads} threads)",
+            a.batch,
+            a.seq,
+            median,
+            tokens / median,
+            sorted[0],
+            sorted[sorted.len() - 1]
+        );
+    }
+    Ok(())
+}

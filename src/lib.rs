@@ -1,0 +1,27 @@
+//! # hyperdas
+//!
+//! HyperDAS (Sun et al., ICLR 2025, "Towards Automating Mechanistic Interpretability with
+//! Hypernetworks") in Rust: a hypernetwork reads a concept instruction plus the hidden states of
+//! a base and a counterfactual prompt, and outputs which token positions of the residual stream
+//! to intervene on and the feature subspace of the concept; distributed alignment search (DAS)
+//! swaps that feature from the counterfactual into the base.
+//!
+//! Layout (one folder per concern, created as it gets content):
+//!
+//! * [`model`]: target LMs. A differentiable Llama-family runtime with residual-stream access,
+//!   HF (safetensors) and GGUF loading, tokenizers.
+//! * [`params`]: the registry of trainable parameters and the no-gradient guard.
+//! * [`parity`]: comparison against transformers reference dumps.
+//! * [`fetch`]: real pretrained weights from package registries.
+//! * [`cli`]: the `hyperdas` command line.
+
+pub mod cli;
+pub mod error;
+pub mod fetch;
+#[cfg(feature = "hub")]
+pub mod hub;
+pub mod model;
+pub mod params;
+pub mod parity;
+
+pub use error::{Error, Result};

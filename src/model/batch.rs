@@ -1,0 +1,154 @@
+//! Left-padded token batches and the per-batch tensors every block needs.
+//!
+//! Position ids follow HF's convention for padded batches: `cumsum(mask) - 1` over real tokens
+//! (so each row's first real token is at position 0 whatever its padding), 0 on pads.
+//! The attention mask lets query `q` see key `k` when `k ≤ q` and `k` is a real token; a pad
+//! query sees only itself, so its (meaningless) output stays finite and never reaches a real
+//! token. Outputs at pad positions are not comparable across implementations; ignore them.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::rope::Rope;
+use crate::error::{Error, Result};
+
+/// Token ids and padding mask of a batch, on the model's device, plus the host copies the
+/// runtime needs to build masks and positions.
+#[derive(Debug, Clone)]
+pub struct TokenBatch {
+    /// `[B, T]` u32.
+    pub input_ids: Tensor,
+    /// `[B, T]` u32, 1 for real tokens and 0 for padding.
+    pub attention_mask: Tensor,
+    mask_host: Vec<u8>,
+    b: usize,
+    t: usize,
+}
+
+impl TokenBatch {
+    /// Left-pad rows of token ids to the longest row with `pad_id`.
+    pub fn left_padded(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
+        if rows.is_empty() {
+            return Err(Error::invalid("empty batch"));
+        }
+        if let Some(i) = rows.iter().position(|r| r.is_empty()) {
+            return Err(Error::invalid(format!("row {i} of the batch has no tokens")));
+        }
+        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let b = rows.len();
+        let mut ids = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * t);
+        for r in rows {
+            let pad = t - r.len();
+            ids.extend(std::iter::repeat_n(pad_id, pad));
+            ids.extend_from_slice(r);
+            mask.extend(std::iter::repeat_n(0u8, pad));
+            mask.extend(std::iter::repeat_n(1u8, r.len()));
+        }
+        Self::from_host(ids, mask, b, t, device)
+    }
+
+    /// From row-major host buffers; any padding side works (positions follow the mask).
+    pub fn from_host(ids: Vec<u32>, mask: Vec<u8>, b: usize, t: usize, device: &Device) -> Result<Self> {
+        if ids.len() != b * t || mask.len() != b * t {
+            return Err(Error::invalid(format!("batch buffers hold {} ids and {} mask entries for shape [{b}, {t}]", ids.len(), mask.len())));
+        }
+        if let Some(i) = mask.iter().position(|&m| m > 1) {
+            return Err(Error::invalid(format!("attention mask entry {i} is {}, expected 0 or 1", mask[i])));
+        }
+        let input_ids = Tensor::from_vec(ids, (b, t), device)?;
+        let m32: Vec<u32> = mask.iter().map(|&m| m as u32).collect();
+        let attention_mask = Tensor::from_vec(m32, (b, t), device)?;
+        Ok(TokenBatch { input_ids, attention_mask, mask_host: mask, b, t })
+    }
+
+    /// From `[B, T]` integer tensors (e.g. a fixture).
+    pub fn from_tensors(input_ids: &Tensor, attention_mask: &Tensor, device: &Device) -> Result<Self> {
+        let (b, t) = input_ids.dims2()?;
+        if attention_mask.dims2()? != (b, t) {
+            return Err(Error::invalid(format!("attention mask shape {:?} differs from ids shape [{b}, {t}]", attention_mask.dims())));
+        }
+        let ids: Vec<u32> = input_ids.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+        let mask: Vec<u8> = attention_mask.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?.into_iter().map(|m| m.min(2) as u8).collect();
+        Self::from_host(ids, mask, b, t, device)
+    }
+
+    /// `(B, T)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.b, self.t)
+    }
+
+    /// Row-major padding mask on the host.
+    pub fn mask(&self) -> &[u8] {
+        &self.mask_host
+    }
+
+    /// Number of real tokens.
+    pub fn num_tokens(&self) -> usize {
+        self.mask_host.iter().filter(|&&m| m == 1).count()
+    }
+
+    /// Position ids `cumsum(mask) - 1` (0 on pads), row-major `[B, T]`.
+    pub fn position_ids(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.b * self.t);
+        for row in self.mask_host.chunks(self.t) {
+            let mut seen = 0u32;
+            for &m in row {
+                if m == 1 {
+                    out.push(seen);
+                    seen += 1;
+                } else {
+                    out.push(0);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Tensors shared by all blocks for one batch.
+#[derive(Debug, Clone)]
+pub struct ForwardContext {
+    /// `[B, 1, T, T]` additive mask (0 or −∞), in the attention-score dtype.
+    pub mask: Tensor,
+    /// `[B, 1, T, head_dim]` rotary tables in the model dtype.
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl ForwardContext {
+    pub fn new(batch: &TokenBatch, rope: &Rope, dtype: DType, score_dtype: DType, device: &Device) -> Result<Self> {
+        let (b, t) = batch.dims();
+        let m = batch.mask();
+        let mut bias = vec![0f32; b * t * t];
+        for row in 0..b {
+            for q in 0..t {
+                for k in 0..t {
+                    let visible = (k <= q && m[row * t + k] == 1) || k == q;
+                    if !visible {
+                        bias[(row * t + q) * t + k] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(bias, (b, 1, t, t), device)?.to_dtype(score_dtype)?; // [B, 1, T, T]
+        let (cos, sin) = rope.cos_sin(&batch.position_ids(), b, t, dtype, device)?;
+        Ok(ForwardContext { mask, cos, sin })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn left_padding_and_positions() {
+        let b = TokenBatch::left_padded(&[vec![5, 6, 7], vec![9]], 0, &Device::Cpu).unwrap();
+        assert_eq!(b.dims(), (2, 3));
+        assert_eq!(b.input_ids.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7], vec![0, 0, 9]]);
+        assert_eq!(b.mask(), &[1, 1, 1, 0, 0, 1]);
+        assert_eq!(b.position_ids(), vec![0, 1, 2, 0, 0, 0]);
+        assert_eq!(b.num_tokens(), 4);
+        assert!(TokenBatch::left_padded(&[vec![1], vec![]], 0, &Device::Cpu).is_err());
+        assert!(TokenBatch::left_padded(&[], 0, &Device::Cpu).is_err());
+    }
+}

@@ -1,0 +1,480 @@
+//! Target-model configuration: HF `config.json` (transformers 4 and 5 spellings) and GGUF
+//! metadata both become one [`LlamaConfig`].
+//!
+//! transformers ≥ 5 writes `rope_parameters: {rope_type, rope_theta, ...}` instead of a
+//! top-level `rope_theta` plus `rope_scaling`. A loader that only reads `rope_theta` silently
+//! falls back to 10 000, which is wrong for Llama-3 (500 000); we read both spellings and
+//! reject a file in which they disagree.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// Which family of decoder the weights belong to. All are the same pre-norm Llama block; they
+/// differ only in where linear layers carry biases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama-2/3/3.1, SmolLM2, TinyLlama, Mistral-without-sliding-window.
+    Llama,
+    /// Qwen2: bias on q/k/v projections, none on o_proj.
+    Qwen2,
+}
+
+impl Architecture {
+    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM, without sliding window), qwen2 (Qwen2ForCausalLM)";
+}
+
+/// How RoPE frequencies are rescaled for long contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// `rope_type: linear`: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// `rope_type: llama3` (Llama-3.1 and later): low frequencies divided by `factor`, high
+    /// frequencies kept, a smooth ramp in between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// Per-frequency divisors, as llama.cpp stores them in the GGUF tensor `rope_freqs.weight`.
+    Factors(Vec<f32>),
+}
+
+/// RoPE settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+/// The resolved configuration our Llama runtime needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope: RopeConfig,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q_proj, k_proj, v_proj.
+    pub qkv_bias: bool,
+    /// Bias on o_proj.
+    pub o_bias: bool,
+    /// Bias on gate_proj, up_proj, down_proj.
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
+}
+
+impl LlamaConfig {
+    /// Parse an HF `config.json`.
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let value = crate::error::read_json(path)?;
+        Self::from_hf_json(&value, path)
+    }
+
+    /// Parse an HF config already read as JSON; `path` is used in error messages.
+    pub fn from_hf_json(value: &Value, path: &Path) -> Result<Self> {
+        let obj = Obj::new(value, path)?;
+        let model_type = obj.opt_str("model_type")?;
+        let archs = match obj.get("architectures") {
+            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+            _ => Vec::new(),
+        };
+        let architecture = match model_type.as_deref() {
+            Some("llama") => Architecture::Llama,
+            Some("qwen2") => Architecture::Qwen2,
+            Some("mistral") => {
+                if !matches!(obj.get("sliding_window"), None | Some(Value::Null)) {
+                    return Err(obj.err(
+                        "sliding_window",
+                        "Mistral with a sliding attention window is not supported (only full attention is implemented)",
+                    ));
+                }
+                Architecture::Llama
+            }
+            None if archs.iter().any(|a| a == "LlamaForCausalLM") => Architecture::Llama,
+            None if archs.iter().any(|a| a == "Qwen2ForCausalLM") => Architecture::Qwen2,
+            other => {
+                return Err(obj.err(
+                    "model_type",
+                    format!(
+                        "unsupported architecture {} (architectures {:?}); supported: {}",
+                        other.map_or("<missing>".to_string(), |s| format!("`{s}`")),
+                        archs,
+                        Architecture::SUPPORTED
+                    ),
+                ));
+            }
+        };
+        if architecture == Architecture::Qwen2 && obj.opt_bool("use_sliding_window")?.unwrap_or(false) {
+            return Err(obj.err("use_sliding_window", "sliding-window attention is not supported"));
+        }
+        if let Some(act) = obj.opt_str("hidden_act")? {
+            if act != "silu" {
+                return Err(obj.err("hidden_act", format!("`{act}` is not supported (only `silu`, the SwiGLU of Llama)")));
+            }
+        }
+
+        let hidden_size = obj.usize("hidden_size")?;
+        let num_attention_heads = obj.usize("num_attention_heads")?;
+        let num_key_value_heads = obj.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let head_dim = match obj.opt_usize("head_dim")? {
+            Some(h) => h,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(obj.err(
+                        "num_attention_heads",
+                        format!("hidden_size {hidden_size} is not divisible by {num_attention_heads} heads and no head_dim is given"),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        let rope = parse_rope(&obj)?;
+        let (qkv_bias, o_bias) = match architecture {
+            Architecture::Qwen2 => (true, false),
+            Architecture::Llama => {
+                let b = obj.opt_bool("attention_bias")?.unwrap_or(false);
+                (b, b)
+            }
+        };
+        let cfg = LlamaConfig {
+            architecture,
+            vocab_size: obj.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: obj.usize("intermediate_size")?,
+            num_hidden_layers: obj.usize("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: obj.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope,
+            max_position_embeddings: obj.opt_usize("max_position_embeddings")?.unwrap_or(4096),
+            tie_word_embeddings: obj.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias: obj.opt_bool("mlp_bias")?.unwrap_or(false),
+            bos_token_id: obj.opt_token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids: obj.opt_token_ids("eos_token_id")?,
+            pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
+        };
+        cfg.validate().map_err(|(key, msg)| Error::key(path, key, msg))?;
+        Ok(cfg)
+    }
+
+    /// Check the invariants the runtime relies on; returns the offending key.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                return Err((k, "must be positive".into()));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err((
+                "num_key_value_heads",
+                format!("{} query heads are not a multiple of {} key/value heads", self.num_attention_heads, self.num_key_value_heads),
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(("head_dim", format!("{} is odd; rotary embeddings need an even head size", self.head_dim)));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return Err(("rms_norm_eps", format!("{} is not a positive number", self.rms_norm_eps)));
+        }
+        if !(self.rope.theta > 0.0 && self.rope.theta.is_finite()) {
+            return Err(("rope_theta", format!("{} is not a positive number", self.rope.theta)));
+        }
+        match &self.rope.scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                if !factor.is_finite() || *factor <= 0.0 {
+                    return Err(("rope_parameters.factor", format!("{factor} is not positive")));
+                }
+            }
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                if !(*factor > 0.0 && *original_max_position_embeddings > 0.0 && *low_freq_factor > 0.0) {
+                    return Err(("rope_parameters", "llama3 scaling needs positive factor, low_freq_factor and original_max_position_embeddings".into()));
+                }
+                if high_freq_factor.partial_cmp(low_freq_factor) != Some(std::cmp::Ordering::Greater) {
+                    return Err(("rope_parameters.high_freq_factor", format!("{high_freq_factor} must exceed low_freq_factor {low_freq_factor}")));
+                }
+            }
+            RopeScaling::Factors(f) => {
+                if f.len() != self.head_dim / 2 {
+                    return Err(("rope_freqs", format!("{} factors for head_dim {} (need {})", f.len(), self.head_dim, self.head_dim / 2)));
+                }
+                if f.iter().any(|x| !(*x > 0.0 && x.is_finite())) {
+                    return Err(("rope_freqs", "factors must be positive and finite".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of parameters, counting a tied embedding once.
+    pub fn num_parameters(&self) -> usize {
+        let d = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let mut attn = d * q + 2 * d * kv + q * d;
+        if self.qkv_bias {
+            attn += q + 2 * kv;
+        }
+        if self.o_bias {
+            attn += d;
+        }
+        let mut mlp = 3 * d * self.intermediate_size;
+        if self.mlp_bias {
+            mlp += 2 * self.intermediate_size + d;
+        }
+        let block = attn + mlp + 2 * d;
+        let embed = self.vocab_size * d;
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
+        embed + self.num_hidden_layers * block + d + head
+    }
+}
+
+fn parse_rope(obj: &Obj) -> Result<RopeConfig> {
+    let top_theta = obj.opt_f64("rope_theta")?;
+    // transformers 5: `rope_parameters`; transformers 4: `rope_scaling` (may be null).
+    let (params_key, params) = match (obj.get("rope_parameters"), obj.get("rope_scaling")) {
+        (Some(p), _) if !p.is_null() => ("rope_parameters", Some(p)),
+        (_, Some(s)) if !s.is_null() => ("rope_scaling", Some(s)),
+        _ => ("rope_parameters", None),
+    };
+    let Some(params) = params else {
+        return Ok(RopeConfig { theta: top_theta.unwrap_or(10_000.0), scaling: RopeScaling::None });
+    };
+    let p = obj.child(params_key, params)?;
+    let nested_theta = p.opt_f64("rope_theta")?;
+    let theta = match (top_theta, nested_theta) {
+        (Some(a), Some(b)) if (a - b).abs() > 1e-9 * a.abs().max(1.0) => {
+            return Err(obj.err(
+                "rope_theta",
+                format!("top-level rope_theta {a} disagrees with {params_key}.rope_theta {b}"),
+            ));
+        }
+        (Some(a), _) => a,
+        (None, Some(b)) => b,
+        (None, None) => 10_000.0,
+    };
+    let kind = match p.opt_str("rope_type")? {
+        Some(k) => k,
+        None => p.opt_str("type")?.unwrap_or_else(|| "default".to_string()),
+    };
+    let scaling = match kind.as_str() {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: p.f64("factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: p.f64("factor")?,
+            low_freq_factor: p.f64("low_freq_factor")?,
+            high_freq_factor: p.f64("high_freq_factor")?,
+            original_max_position_embeddings: p.f64("original_max_position_embeddings")?,
+        },
+        other => {
+            return Err(p.err(
+                "rope_type",
+                format!("`{other}` is not supported (supported: default, linear, llama3)"),
+            ));
+        }
+    };
+    Ok(RopeConfig { theta, scaling })
+}
+
+/// A JSON object with the file (and key prefix) it came from, for precise errors.
+pub(crate) struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    path: PathBuf,
+    prefix: String,
+}
+
+impl<'a> Obj<'a> {
+    pub(crate) fn new(value: &'a Value, path: &Path) -> Result<Self> {
+        match value {
+            Value::Object(map) => Ok(Obj { map, path: path.to_path_buf(), prefix: String::new() }),
+            _ => Err(Error::file(path, "expected a JSON object at the top level")),
+        }
+    }
+
+    fn child(&self, key: &str, value: &'a Value) -> Result<Obj<'a>> {
+        match value {
+            Value::Object(map) => Ok(Obj { map, path: self.path.clone(), prefix: format!("{}{key}.", self.prefix) }),
+            _ => Err(self.err(key, "expected a JSON object")),
+        }
+    }
+
+    pub(crate) fn err(&self, key: &str, msg: impl Into<String>) -> Error {
+        Error::key(&self.path, format!("{}{key}", self.prefix), msg)
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key)
+    }
+
+    fn present(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|u| usize::try_from(u).ok())
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+        }
+    }
+
+    pub(crate) fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?.ok_or_else(|| self.err(key, "missing"))
+    }
+
+    pub(crate) fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+        }
+    }
+
+    fn f64(&self, key: &str) -> Result<f64> {
+        self.opt_f64(key)?.ok_or_else(|| self.err(key, "missing"))
+    }
+
+    pub(crate) fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<String>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(self.err(key, format!("expected a string, found {v}"))),
+        }
+    }
+
+    /// A token id given as an integer or a list of integers (HF allows both for `eos_token_id`).
+    fn opt_token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        let bad = |v: &Value| self.err(key, format!("expected a token id or a list of token ids, found {v}"));
+        let one = |v: &Value| v.as_u64().and_then(|u| u32::try_from(u).ok()).ok_or_else(|| bad(v));
+        match self.present(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(a)) => a.iter().map(one).collect(),
+            Some(v) => Ok(vec![one(v)?]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Value {
+        json!({
+            "model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5
+        })
+    }
+
+    fn parse(v: &Value) -> Result<LlamaConfig> {
+        LlamaConfig::from_hf_json(v, Path::new("config.json"))
+    }
+
+    #[test]
+    fn defaults_and_head_dim() {
+        let c = parse(&base()).unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.rope, RopeConfig { theta: 10_000.0, scaling: RopeScaling::None });
+        assert!(!c.tie_word_embeddings && !c.qkv_bias && !c.o_bias);
+    }
+
+    #[test]
+    fn transformers4_and_5_rope_spellings_agree() {
+        let mut v4 = base();
+        v4["rope_theta"] = json!(500000.0);
+        v4["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let mut v5 = base();
+        v5["rope_parameters"] = json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let (a, b) = (parse(&v4).unwrap(), parse(&v5).unwrap());
+        assert_eq!(a.rope, b.rope);
+        assert_eq!(a.rope.theta, 500000.0);
+        // Old spelling `type` instead of `rope_type`.
+        let mut v4b = base();
+        v4b["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
+        assert_eq!(parse(&v4b).unwrap().rope.scaling, RopeScaling::Linear { factor: 2.0 });
+    }
+
+    #[test]
+    fn bad_inputs_name_the_key() {
+        let mut v = base();
+        v["rope_theta"] = json!(10000.0);
+        v["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 500000.0});
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains("rope_theta") && e.contains("disagrees"), "{e}");
+
+        let mut v = base();
+        v["hidden_size"] = json!("sixty-four");
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("key `hidden_size`"), "{e}");
+
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("vocab_size");
+        assert!(parse(&v).unwrap_err().to_string().contains("key `vocab_size`: missing"));
+
+        let mut v = base();
+        v["model_type"] = json!("gpt2");
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("unsupported architecture `gpt2`") && e.contains("supported: llama"), "{e}");
+
+        let mut v = base();
+        v["num_key_value_heads"] = json!(3);
+        assert!(parse(&v).unwrap_err().to_string().contains("num_key_value_heads"));
+
+        let mut v = base();
+        v["rope_parameters"] = json!({"rope_type": "yarn", "factor": 4.0});
+        assert!(parse(&v).unwrap_err().to_string().contains("rope_parameters.rope_type"));
+
+        let mut v = base();
+        v["num_hidden_layers"] = json!(0);
+        assert!(parse(&v).unwrap_err().to_string().contains("num_hidden_layers`: must be positive"));
+    }
+
+    #[test]
+    fn qwen2_biases_and_eos_lists() {
+        let mut v = base();
+        v["model_type"] = json!("qwen2");
+        v["eos_token_id"] = json!([5, 7]);
+        let c = parse(&v).unwrap();
+        assert!(c.qkv_bias && !c.o_bias);
+        assert_eq!(c.eos_token_ids, vec![5, 7]);
+    }
+}

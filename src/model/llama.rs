@@ -1,0 +1,409 @@
+//! A Llama-family decoder written only from differentiable candle ops, with residual-stream
+//! access for interventions.
+//!
+//! ```text
+//! h_0     = embed_tokens[ids]                                   [B, T, D]
+//! a_l     = h_l + o_proj(Attn(rope(q), rope(k), v; mask))(RMSNorm_in(h_l))
+//! h_{l+1} = a_l + down(silu(gate(x)) ⊙ up(x)),  x = RMSNorm_post(a_l)
+//! h_final = RMSNorm_final(h_L)                                   (HF's hidden_states[L])
+//! logits  = h_final · lm_headᵀ                                    [B, K, V], only where asked
+//! ```
+//!
+//! RMSNorm(x) = w ⊙ x / sqrt(mean(x²) + ε), computed in f32 for half-precision inputs and cast
+//! back before the weight, as transformers does. Attention is causal GQA (query head h uses
+//! key/value head h / (H / H_kv)) with a padding mask; softmax in f32 for half inputs.
+//!
+//! Why composed ops: candle's fused `softmax_last_dim`, `rms_norm` and `rope` have no backward
+//! and silently drop gradients (../shared/design/rust-ml-notes.md). The weights here are plain
+//! tensors, not `Var`s, so the model is frozen, but gradients flow *through* it to any `Var`
+//! mixed into the residual stream (tests/gradients.rs checks this by finite differences).
+//!
+//! Tensor names mirror HF (`model.layers.{l}.self_attn.q_proj.weight`, ...).
+
+use candle_core::{D, DType, Device, Tensor};
+
+use super::batch::{ForwardContext, TokenBatch};
+use super::config::LlamaConfig;
+use super::rope::{Rope, apply_rotary};
+use super::site::Site;
+use super::weights::Weights;
+use crate::error::{Error, Result};
+
+/// The dtype used inside norms and softmax: f32 for half types, else the input's own.
+fn accum_dtype(dt: DType) -> DType {
+    match dt {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// Softmax over the last dimension, composed from differentiable ops. The row max is detached:
+/// softmax is shift-invariant, so this changes no value or gradient and saves backward work.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach(); // [.., 1]
+    let e = x.broadcast_sub(&max)?.exp()?; // [.., N]
+    let s = e.sum_keepdim(D::Minus1)?; // [.., 1]
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// `y = x Wᵀ + b` over the last dimension, with `W` stored `[out, in]` as in PyTorch.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Weights, prefix: &str, out_f: usize, in_f: usize, bias: bool, dtype: DType, dev: &Device) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[out_f, in_f], dtype, dev)?;
+        let bias = if bias { Some(w.get(&format!("{prefix}.bias"), &[out_f], dtype, dev)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_f = *dims.last().ok_or_else(|| Error::invalid("linear layer on a scalar"))?;
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, in_f))?; // [N, in]
+        let mut y = x2.matmul(&self.weight.t()?)?; // [N, out]
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?; // [N, out]
+        }
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?) // [.., out]
+    }
+}
+
+/// Root-mean-square layer norm with a learned scale (no bias).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Weights, name: &str, d: usize, eps: f64, dtype: DType, dev: &Device) -> Result<Self> {
+        Ok(RmsNorm { weight: w.get(name, &[d], dtype, dev)?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let in_dt = x.dtype();
+        let xf = x.to_dtype(accum_dtype(in_dt))?; // [.., D]
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?; // [.., 1]
+        let xn = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?; // [.., D]
+        Ok(xn.to_dtype(in_dt)?.broadcast_mul(&self.weight)?) // [.., D]
+    }
+}
+
+/// Causal multi-head attention with grouped key/value heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        Ok(Attention {
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, d, c.qkv_bias, dtype, dev)?,
+            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv, d, c.qkv_bias, dtype, dev)?,
+            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv, d, c.qkv_bias, dtype, dev)?,
+            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), d, q, c.o_bias, dtype, dev)?,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let rep = h / hkv;
+        let q = self.q_proj.forward(x)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, T, hd]
+        let k = self.k_proj.forward(x)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
+        let v = self.v_proj.forward(x)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
+        let q = apply_rotary(&q, &ctx.cos, &ctx.sin)?; // [B, H, T, hd]
+        let k = apply_rotary(&k, &ctx.cos, &ctx.sin)?; // [B, Hkv, T, hd]
+        // GQA without copying k/v: the `rep` query heads sharing a kv head are stacked along T.
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
+        let scores = scores.to_dtype(accum_dtype(scores.dtype()))?.broadcast_add(&ctx.mask)?; // [B, H, T, T]
+        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?; // [B, H, T, T]
+        let out = probs.reshape((b, hkv, rep * t, t))?.matmul(&v)?; // [B, Hkv, rep·T, hd]
+        let out = out.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?; // [B, T, H·hd]
+        self.o_proj.forward(&out) // [B, T, D]
+    }
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        Ok(Mlp {
+            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), f, d, c.mlp_bias, dtype, dev)?,
+            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), f, d, c.mlp_bias, dtype, dev)?,
+            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), d, f, c.mlp_bias, dtype, dev)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?.silu()?; // [B, T, F]
+        let u = self.up_proj.forward(x)?; // [B, T, F]
+        self.down_proj.forward(&(g * u)?) // [B, T, D]
+    }
+}
+
+/// One pre-norm decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    fn load(w: &Weights, l: usize, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let p = format!("model.layers.{l}");
+        let d = c.hidden_size;
+        Ok(Block {
+            input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), d, c.rms_norm_eps, dtype, dev)?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), c, dtype, dev)?,
+            post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), d, c.rms_norm_eps, dtype, dev)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), c, dtype, dev)?,
+        })
+    }
+
+    /// `[B, T, D]` → `[B, T, D]`.
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        let a = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, ctx)?)?; // [B, T, D]
+        Ok((&a + self.mlp.forward(&self.post_attention_layernorm.forward(&a)?)?)?) // [B, T, D]
+    }
+}
+
+/// Hidden states from a clean pass (see [`Llama::forward_hidden`]).
+#[derive(Debug, Clone)]
+pub struct HiddenStates {
+    /// `[B, T, n, D]`: the requested hidden-state indices, stacked on axis 2 in request order.
+    pub stacked: Option<Tensor>,
+    /// The hidden-state indices in `stacked`, each in `0..=L`.
+    pub indices: Vec<usize>,
+    /// `[B, T, D]`: the final-norm output (index L), ready for [`Llama::logits_at`].
+    pub final_normed: Tensor,
+}
+
+/// A frozen Llama-family target model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed_tokens: Tensor, // [V, D]
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    pub lm_head: Tensor, // [V, D] (the embedding itself when tied)
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Build from weights addressed by HF names; every tensor's shape is checked.
+    pub fn load(w: &Weights, config: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = w.get("model.embed_tokens.weight", &[v, d], dtype, device)?;
+        let layers = (0..config.num_hidden_layers).map(|l| Block::load(w, l, config, dtype, device)).collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(w, "model.norm.weight", d, config.rms_norm_eps, dtype, device)?;
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else if w.contains("lm_head.weight") {
+            w.get("lm_head.weight", &[v, d], dtype, device)?
+        } else {
+            return Err(Error::tensor(
+                w.path_of("lm_head.weight"),
+                "lm_head.weight",
+                "missing, and the config does not tie it to the embedding (tie_word_embeddings is false)",
+            ));
+        };
+        Ok(Llama { config: config.clone(), embed_tokens, layers, norm, lm_head, rope: Rope::new(&config.rope, config.head_dim), dtype, device: device.clone() })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Number of blocks L.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// Attention mask and rotary tables for a batch (compute once, reuse for every block).
+    pub fn context(&self, batch: &TokenBatch) -> Result<ForwardContext> {
+        ForwardContext::new(batch, &self.rope, self.dtype, accum_dtype(self.dtype), &self.device)
+    }
+
+    /// Token embeddings: `ids [B, T]` → `[B, T, D]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let flat = input_ids.flatten_all()?; // [B·T]
+        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?) // [B, T, D]
+    }
+
+    /// Run block `l` on the residual stream `[B, T, D]`.
+    pub fn block(&self, l: usize, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        self.layers.get(l).ok_or_else(|| Error::invalid(format!("block {l} does not exist (the model has {} blocks)", self.layers.len())))?.forward(x, ctx)
+    }
+
+    /// The final RMSNorm: `[B, T, D]` → `[B, T, D]`.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
+    }
+
+    /// Clean forward pass collecting hidden states, HF-indexed: index `l < L` is the residual
+    /// *entering* block `l` (`blocks.{l}.hook_resid_pre`); index `L` is the output of the final
+    /// norm (`ln_final.hook_normalized`), as HF's `output_hidden_states` gives. `indices: None`
+    /// collects all `L + 1`; `Some(&[])` collects none (only `final_normed`).
+    pub fn forward_hidden(&self, batch: &TokenBatch, indices: Option<&[usize]>) -> Result<HiddenStates> {
+        let ctx = self.context(batch)?;
+        let n = self.num_layers();
+        let indices: Vec<usize> = match indices {
+            None => (0..=n).collect(),
+            Some(ix) => {
+                if let Some(&bad) = ix.iter().find(|&&i| i > n) {
+                    return Err(Error::invalid(format!("hidden-state index {bad} is out of range 0..={n}")));
+                }
+                ix.to_vec()
+            }
+        };
+        let mut slots: Vec<Option<Tensor>> = vec![None; n + 1];
+        let mut x = self.embed(&batch.input_ids)?; // [B, T, D]
+        for (l, (slot, block)) in slots.iter_mut().zip(&self.layers).enumerate() {
+            if indices.contains(&l) {
+                *slot = Some(x.clone());
+            }
+            x = block.forward(&x, &ctx)?; // [B, T, D]
+        }
+        let final_normed = self.norm.forward(&x)?; // [B, T, D]
+        slots[n] = Some(final_normed.clone());
+        let stacked = if indices.is_empty() {
+            None
+        } else {
+            let parts: Vec<&Tensor> = indices.iter().map(|&i| slots[i].as_ref().expect("collected above")).collect();
+            Some(Tensor::stack(&parts, 2)?) // [B, T, n, D]
+        };
+        Ok(HiddenStates { stacked, indices, final_normed })
+    }
+
+    /// Run blocks `l..L` and the final norm from a residual `[B, T, D]` entering block `l`
+    /// (`l = L` applies only the norm). This is how an intervention at layer `l` avoids
+    /// recomputing blocks `0..l`: take them from the clean pass.
+    pub fn forward_from(&self, l: usize, resid: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        let n = self.num_layers();
+        if l > n {
+            return Err(Error::invalid(format!("cannot start at block {l}: the model has {n} blocks")));
+        }
+        let mut x = resid.clone(); // [B, T, D]
+        for block in &self.layers[l..] {
+            x = block.forward(&x, ctx)?; // [B, T, D]
+        }
+        self.norm.forward(&x) // [B, T, D]
+    }
+
+    /// [`forward_from`](Self::forward_from) starting at a named site.
+    pub fn forward_from_site(&self, site: Site, resid: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        match site.resolve(self.num_layers())? {
+            Site::ResidPre(l) => self.forward_from(l, resid, ctx),
+            Site::ResidPost(l) => self.forward_from(l + 1, resid, ctx),
+            Site::FinalNorm => Ok(resid.clone()),
+            Site::HiddenState(_) => unreachable!("resolve() maps hidden_states.{{i}} to another site"),
+        }
+    }
+
+    /// Forward pass with a hook on the residual stream: `hook(l, x)` sees `x [B, T, D]` entering
+    /// block `l` (and `l = L` for the output of the last block, before the final norm) and may
+    /// return a replacement. Returns the final-norm output `[B, T, D]`.
+    pub fn forward_with_hook(
+        &self,
+        batch: &TokenBatch,
+        mut hook: impl FnMut(usize, &Tensor) -> Result<Option<Tensor>>,
+    ) -> Result<Tensor> {
+        let ctx = self.context(batch)?;
+        let mut x = self.embed(&batch.input_ids)?; // [B, T, D]
+        for l in 0..=self.num_layers() {
+            if let Some(new) = hook(l, &x)? {
+                if new.dims() != x.dims() {
+                    return Err(Error::invalid(format!("hook at layer {l} returned shape {:?}, expected {:?}", new.dims(), x.dims())));
+                }
+                x = new;
+            }
+            if l < self.num_layers() {
+                x = self.layers[l].forward(&x, &ctx)?; // [B, T, D]
+            }
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits at chosen positions only: `final_normed [B, T, D]`, `positions [B, K]` (u32 indices
+    /// into T) → `[B, K, V]`. Never materialises `[B, T, V]`.
+    pub fn logits_at(&self, final_normed: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = final_normed.dims3()?;
+        let (pb, k) = positions.dims2()?;
+        if pb != b {
+            return Err(Error::invalid(format!("positions cover {pb} rows, the batch has {b}")));
+        }
+        let pos = positions.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let mut flat = Vec::with_capacity(b * k);
+        for (row, ps) in pos.iter().enumerate() {
+            for &p in ps {
+                if p as usize >= t {
+                    return Err(Error::invalid(format!("position {p} is outside the sequence length {t}")));
+                }
+                flat.push((row * t) as u32 + p);
+            }
+        }
+        let idx = Tensor::from_vec(flat, b * k, final_normed.device())?; // [B·K]
+        let h = final_normed.reshape((b * t, d))?.index_select(&idx, 0)?; // [B·K, D]
+        let logits = h.matmul(&self.lm_head.t()?)?; // [B·K, V]
+        Ok(logits.reshape((b, k, self.config.vocab_size))?) // [B, K, V]
+    }
+
+    /// Logits at the last position of each row `[B, V]` (the last real token of a left-padded batch).
+    pub fn logits_last(&self, final_normed: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = final_normed.dims3()?;
+        let positions = Tensor::full((t - 1) as u32, (b, 1), final_normed.device())?; // [B, 1]
+        Ok(self.logits_at(final_normed, &positions)?.squeeze(1)?) // [B, V]
+    }
+
+    /// Logits at every position `[B, T, V]`; use [`logits_at`](Self::logits_at) when only a few are needed.
+    pub fn logits(&self, final_normed: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = final_normed.dims3()?;
+        let logits = final_normed.reshape((b * t, d))?.matmul(&self.lm_head.t()?)?; // [B·T, V]
+        Ok(logits.reshape((b, t, self.config.vocab_size))?) // [B, T, V]
+    }
+}

@@ -1,0 +1,243 @@
+//! Resolving a `--model` argument and loading model + tokenizer.
+//!
+//! Accepted: an HF directory (`config.json`, safetensors, `tokenizer.json`), a `.gguf` file, the
+//! name of a model `hyperdas fetch` knows (e.g. `smollm2-135m`, once fetched), or a hub id
+//! `org/name` (needs the `hub` feature; the local HF cache is consulted first).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use super::config::{Architecture, LlamaConfig, RopeConfig, RopeScaling};
+use super::gguf::GgufFile;
+use super::llama::Llama;
+use super::tokenizer::{StartToken, TextTokenizer};
+use super::weights::{GgufWeights, SafetensorsWeights, Weights};
+use crate::error::{Error, Result};
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    HfDir(PathBuf),
+    Gguf(PathBuf),
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelSource::HfDir(p) => write!(f, "HF directory {}", p.display()),
+            ModelSource::Gguf(p) => write!(f, "GGUF file {}", p.display()),
+        }
+    }
+}
+
+/// Turn a `--model` argument into a local source.
+pub fn resolve(spec: &str) -> Result<ModelSource> {
+    let p = Path::new(spec);
+    if p.is_dir() {
+        if !p.join("config.json").is_file() {
+            return Err(Error::ModelSpec { spec: spec.into(), msg: "is a directory without config.json (expected an HF model directory)".into() });
+        }
+        return Ok(ModelSource::HfDir(p.to_path_buf()));
+    }
+    if p.is_file() {
+        if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return Ok(ModelSource::Gguf(p.to_path_buf()));
+        }
+        if p.file_name().is_some_and(|n| n == "config.json") {
+            if let Some(dir) = p.parent() {
+                return resolve(&dir.to_string_lossy());
+            }
+        }
+        return Err(Error::ModelSpec { spec: spec.into(), msg: "is a file but not a .gguf file (pass an HF model directory or a .gguf file)".into() });
+    }
+    if let Some(known) = crate::fetch::known_model(spec) {
+        let path = crate::fetch::cached_path(known)?;
+        if path.is_file() {
+            return Ok(ModelSource::Gguf(path));
+        }
+        return Err(Error::ModelSpec { spec: spec.into(), msg: format!("not fetched yet; run `hyperdas fetch {}` first", known.name) });
+    }
+    let looks_like_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.starts_with('/') && !spec.contains('\\');
+    if looks_like_hub_id {
+        return resolve_hub(spec);
+    }
+    Err(Error::ModelSpec {
+        spec: spec.into(),
+        msg: format!(
+            "no such file or directory, and not a known model ({}) or a hub id (org/name)",
+            crate::fetch::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+        ),
+    })
+}
+
+#[cfg(feature = "hub")]
+fn resolve_hub(spec: &str) -> Result<ModelSource> {
+    crate::hub::resolve(spec)
+}
+
+#[cfg(not(feature = "hub"))]
+fn resolve_hub(spec: &str) -> Result<ModelSource> {
+    Err(Error::ModelSpec {
+        spec: spec.into(),
+        msg: "looks like a hub id, but this build has no hub support (rebuild with `--features hub`), \
+              and no local path of that name exists; download the model elsewhere and pass its directory or .gguf file"
+            .into(),
+    })
+}
+
+/// Options for [`load`].
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Dtype of the frozen weights and activations (F32, BF16, F16, or F64 for gradient checks).
+    pub dtype: DType,
+    pub device: Device,
+    pub start_token: StartToken,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, start_token: StartToken::Auto }
+    }
+}
+
+/// A loaded target model and its tokenizer.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    pub source: ModelSource,
+    /// A one-line description (name, architecture, size).
+    pub description: String,
+}
+
+/// Load a model from a `--model` argument.
+pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
+    load_source(resolve(spec)?, opts)
+}
+
+/// Load from an already resolved source.
+pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
+    let (config, weights, mut tokenizer, name) = match &source {
+        ModelSource::HfDir(dir) => {
+            let config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
+            let weights = Weights::Safetensors(SafetensorsWeights::open_dir(dir)?);
+            let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+            let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            (config, weights, tokenizer, name)
+        }
+        ModelSource::Gguf(path) => {
+            let file = GgufFile::open(path)?;
+            let config = config_from_gguf(&file)?;
+            let tokenizer = TextTokenizer::from_gguf(&file)?;
+            let name = file.opt_str("general.name")?.map(String::from).unwrap_or_else(|| path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default());
+            // llama.cpp permutes q/k rows only for the llama architecture.
+            let unpermute = (config.architecture == Architecture::Llama).then_some((config.num_attention_heads, config.num_key_value_heads));
+            (config, Weights::Gguf(GgufWeights::new(file, unpermute)), tokenizer, name)
+        }
+    };
+    let tokenizer_path = tokenizer.source.clone();
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(Error::file(
+            &tokenizer_path,
+            format!("tokenizer has {} tokens but the model's embedding has only {} rows (vocab_size): they do not belong together", tokenizer.vocab_size(), config.vocab_size),
+        ));
+    }
+    tokenizer.set_start_token(&opts.start_token)?;
+    let model = Llama::load(&weights, &config, opts.dtype, &opts.device)?;
+    let description = format!(
+        "{name}: {:?}, {} blocks, d={}, {} heads ({} kv), vocab {}, {:.1}M parameters, {:?}",
+        config.architecture,
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.vocab_size,
+        config.num_parameters() as f64 / 1e6,
+        opts.dtype
+    );
+    Ok(LoadedModel { model, tokenizer, source, description })
+}
+
+/// Model configuration from GGUF metadata (`{arch}.*` keys, llama.cpp's names).
+pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
+    let path = &g.path;
+    let arch = g.get_str("general.architecture")?.to_string();
+    let architecture = match arch.as_str() {
+        "llama" => Architecture::Llama,
+        "qwen2" => Architecture::Qwen2,
+        other => {
+            return Err(Error::key(path, "general.architecture", format!("`{other}` is not supported (supported GGUF architectures: llama, qwen2)")));
+        }
+    };
+    let need = |k: &str| -> Result<usize> {
+        let key = format!("{arch}.{k}");
+        g.opt_u64(&key)?.map(|v| v as usize).ok_or_else(|| Error::key(path, key, "missing from the GGUF metadata"))
+    };
+    let opt = |k: &str| -> Result<Option<usize>> { Ok(g.opt_u64(&format!("{arch}.{k}"))?.map(|v| v as usize)) };
+    let hidden_size = need("embedding_length")?;
+    let heads = need("attention.head_count")?;
+    let kv_heads = opt("attention.head_count_kv")?.unwrap_or(heads);
+    let head_dim = match opt("attention.key_length")? {
+        Some(h) => h,
+        None if heads > 0 && hidden_size % heads == 0 => hidden_size / heads,
+        None => return Err(Error::key(path, format!("{arch}.attention.head_count"), format!("embedding_length {hidden_size} is not divisible by {heads} heads"))),
+    };
+    if let Some(rot) = opt("rope.dimension_count")? {
+        if rot != head_dim {
+            return Err(Error::key(path, format!("{arch}.rope.dimension_count"), format!("partial rotary embeddings ({rot} of {head_dim} dims) are not supported")));
+        }
+    }
+    let embd = g.shape("token_embd.weight")?;
+    if embd.len() != 2 || embd[1] != hidden_size {
+        return Err(Error::tensor(path, "token_embd.weight", format!("shape {embd:?} does not match embedding_length {hidden_size}")));
+    }
+    let vocab_size = embd[0];
+    let theta = g.opt_f64(&format!("{arch}.rope.freq_base"))?.unwrap_or(10_000.0);
+    let scaling = if g.tensors.contains_key("rope_freqs.weight") {
+        let f = g.dequantize("rope_freqs.weight")?.flatten_all()?.to_vec1::<f32>()?;
+        RopeScaling::Factors(f)
+    } else {
+        match g.opt_str(&format!("{arch}.rope.scaling.type"))? {
+            None | Some("none") => RopeScaling::None,
+            Some("linear") => {
+                let key = format!("{arch}.rope.scaling.factor");
+                RopeScaling::Linear { factor: g.opt_f64(&key)?.ok_or_else(|| Error::key(path, key, "missing for linear rope scaling"))? }
+            }
+            Some(other) => return Err(Error::key(path, format!("{arch}.rope.scaling.type"), format!("`{other}` is not supported (supported: none, linear, llama3 via rope_freqs)"))),
+        }
+    };
+    let ids = |k: &str| -> Result<Option<u32>> { Ok(g.opt_u64(k)?.map(|v| v as u32)) };
+    let cfg = LlamaConfig {
+        architecture,
+        vocab_size,
+        hidden_size,
+        intermediate_size: need("feed_forward_length")?,
+        num_hidden_layers: need("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: g.opt_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+        rope: RopeConfig { theta, scaling },
+        max_position_embeddings: opt("context_length")?.unwrap_or(4096),
+        tie_word_embeddings: !g.tensors.contains_key("output.weight"),
+        qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
+        o_bias: g.tensors.contains_key("blk.0.attn_output.bias"),
+        mlp_bias: g.tensors.contains_key("blk.0.ffn_up.bias"),
+        bos_token_id: ids("tokenizer.ggml.bos_token_id")?,
+        eos_token_ids: ids("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+        pad_token_id: ids("tokenizer.ggml.padding_token_id")?,
+    };
+    cfg.validate().map_err(|(key, msg)| Error::key(path, format!("{arch}.{key}"), msg))?;
+    Ok(cfg)
+}
+
+/// Parse a dtype name as users write it.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" | "half" => DType::F16,
+        "f64" | "float64" => DType::F64,
+        other => return Err(Error::invalid(format!("unknown dtype `{other}` (expected f32, bf16, f16 or f64)"))),
+    })
+}

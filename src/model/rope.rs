@@ -1,0 +1,145 @@
+//! Rotary position embeddings, HF "rotate-half" layout.
+//!
+//! For head size d and position p, frequency i ∈ [0, d/2) rotates the pair (x_i, x_{i+d/2}) by
+//! the angle p·ω_i, with ω_i = θ^(−2i/d) (then rescaled, see [`RopeScaling`]):
+//!
+//! ```text
+//! rope(x) = x ⊙ cos(p·ω) + rotate_half(x) ⊙ sin(p·ω),   rotate_half([x1, x2]) = [−x2, x1]
+//! ```
+//!
+//! Frequencies are computed in f32 exactly as transformers does (`_compute_default_rope_parameters`,
+//! `_compute_llama3_parameters`), so positions agree bit for bit with the reference. Positions
+//! are per row (`[B, T]`), which is what left-padded batches need.
+
+use candle_core::{D, DType, Device, Tensor};
+
+use super::config::{RopeConfig, RopeScaling};
+use crate::error::Result;
+
+/// Inverse frequencies ω_i for one head size.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(cfg: &RopeConfig, head_dim: usize) -> Self {
+        let base = cfg.theta as f32;
+        let d = head_dim as f32;
+        let inv_freq: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d)).collect();
+        let inv_freq = match &cfg.scaling {
+            RopeScaling::None => inv_freq,
+            RopeScaling::Linear { factor } => inv_freq.iter().map(|w| w / *factor as f32).collect(),
+            RopeScaling::Factors(f) => inv_freq.iter().zip(f).map(|(w, f)| w / f).collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let (factor, lo, hi, old) =
+                    (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32, *original_max_position_embeddings as f32);
+                let (lo_wavelen, hi_wavelen) = (old / lo, old / hi);
+                inv_freq
+                    .iter()
+                    .map(|&w| {
+                        let wavelen = 2.0 * std::f32::consts::PI / w;
+                        let scaled = if wavelen > lo_wavelen { w / factor } else { w };
+                        let medium = wavelen >= hi_wavelen && wavelen <= lo_wavelen; // never NaN: w > 0
+                        if medium {
+                            let smooth = (old / wavelen - lo) / (hi - lo);
+                            (1.0 - smooth) * scaled / factor + smooth * scaled
+                        } else {
+                            scaled
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Rope { inv_freq }
+    }
+
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// cos and sin tables for per-row positions `[B, T]` (row-major), each `[B, 1, T, head_dim]`.
+    pub fn cos_sin(&self, positions: &[u32], b: usize, t: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(b * t * 2 * half);
+        let mut sin = Vec::with_capacity(b * t * 2 * half);
+        for &p in positions {
+            for _rep in 0..2 {
+                for &w in &self.inv_freq {
+                    let angle = p as f32 * w;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let shape = (b, 1, t, 2 * half);
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?; // [B, 1, T, hd]
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?; // [B, 1, T, hd]
+        Ok((cos, sin))
+    }
+}
+
+/// Apply rotary embeddings: `x [B, H, T, hd]`, `cos`/`sin` `[B, 1, T, hd]` → `[B, H, T, hd]`.
+/// Composed from differentiable ops only (candle's fused `rope` has no backward).
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?; // [B, H, T, hd/2]
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?; // [B, H, T, hd/2]
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?; // [B, H, T, hd]
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?) // [B, H, T, hd]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_matches_hand_computation() {
+        // head_dim 16, θ = 10 000, factor 8, low 1, high 4, original context 16: one frequency
+        // of each kind (high: kept, medium: smoothed, low: divided by 8).
+        let cfg = RopeConfig {
+            theta: 10_000.0,
+            scaling: RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 16.0 },
+        };
+        let plain = Rope::new(&RopeConfig { theta: 10_000.0, scaling: RopeScaling::None }, 16);
+        let scaled = Rope::new(&cfg, 16);
+        for (i, (&w, &s)) in plain.inv_freq().iter().zip(scaled.inv_freq()).enumerate() {
+            let wavelen = 2.0 * std::f32::consts::PI / w;
+            let expect = if wavelen < 4.0 {
+                w
+            } else if wavelen > 16.0 {
+                w / 8.0
+            } else {
+                let smooth = (16.0 / wavelen - 1.0) / 3.0;
+                (1.0 - smooth) * w / 8.0 + smooth * w
+            };
+            assert!((s - expect).abs() <= 1e-7 * expect.abs(), "freq {i}: {s} vs {expect}");
+        }
+        // llama.cpp's rope_freqs divisors give the same frequencies.
+        let factors: Vec<f32> = plain.inv_freq().iter().zip(scaled.inv_freq()).map(|(w, s)| w / s).collect();
+        let from_factors = Rope::new(&RopeConfig { theta: 10_000.0, scaling: RopeScaling::Factors(factors) }, 16);
+        for (a, b) in from_factors.inv_freq().iter().zip(scaled.inv_freq()) {
+            assert!((a - b).abs() <= 1e-6 * b.abs());
+        }
+    }
+
+    #[test]
+    fn rotation_preserves_pair_norms() -> Result<()> {
+        let dev = Device::Cpu;
+        let rope = Rope::new(&RopeConfig { theta: 100.0, scaling: RopeScaling::None }, 8);
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &dev)?;
+        let (cos, sin) = rope.cos_sin(&[0, 5, 9], 1, 3, DType::F32, &dev)?;
+        let y = apply_rotary(&x, &cos, &sin)?;
+        let pair_norm = |t: &Tensor| -> Result<Tensor> {
+            let a = t.narrow(3, 0, 4)?.sqr()?;
+            let b = t.narrow(3, 4, 4)?.sqr()?;
+            Ok((a + b)?)
+        };
+        let diff = (pair_norm(&x)? - pair_norm(&y)?)?.abs()?.max_keepdim(3)?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5);
+        // Position 0 is the identity.
+        let d0 = (x.narrow(2, 0, 1)? - y.narrow(2, 0, 1)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(d0 < 1e-7);
+        Ok(())
+    }
+}

@@ -1,0 +1,202 @@
+//! Where weights come from: an HF safetensors checkpoint (one file, or shards with
+//! `model.safetensors.index.json`) or a GGUF file. Both are addressed by HF tensor names;
+//! every lookup checks the shape and names the file and tensor when something is wrong.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use super::gguf::{self, GgufFile};
+use crate::error::{Error, Result};
+
+/// A set of named weights.
+pub enum Weights {
+    Safetensors(SafetensorsWeights),
+    Gguf(GgufWeights),
+}
+
+impl Weights {
+    /// Load `name`, check it has `shape`, convert to `dtype` on `device`.
+    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let (t, path) = match self {
+            Weights::Safetensors(w) => w.get(name, shape)?,
+            Weights::Gguf(w) => w.get(name, shape)?,
+        };
+        let t = t.to_dtype(dtype).and_then(|t| t.to_device(device)).map_err(|e| Error::tensor(path, name, e.to_string()))?;
+        Ok(t)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Weights::Safetensors(w) => w.routing.contains_key(name),
+            Weights::Gguf(w) => gguf::gguf_name(name).is_some_and(|g| w.file.tensors.contains_key(&g)),
+        }
+    }
+
+    /// The file a tensor would be read from (for messages).
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        match self {
+            Weights::Safetensors(w) => w.routing.get(name).map(|&i| w.files[i].0.clone()).unwrap_or_else(|| w.describe_path.clone()),
+            Weights::Gguf(w) => w.file.path.clone(),
+        }
+    }
+
+    /// How many tensors the source holds.
+    pub fn len(&self) -> usize {
+        match self {
+            Weights::Safetensors(w) => w.routing.len(),
+            Weights::Gguf(w) => w.file.tensors.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// HF safetensors weights, memory-mapped.
+pub struct SafetensorsWeights {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    routing: HashMap<String, usize>,
+    describe_path: PathBuf,
+}
+
+impl SafetensorsWeights {
+    /// Open the checkpoint in an HF model directory: `model.safetensors.index.json` with its
+    /// shards, or `model.safetensors`, or (failing both) the single `*.safetensors` file present.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        if index.is_file() {
+            return Self::open_index(&index);
+        }
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Self::open_files(&[single], dir);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        found.sort();
+        match found.len() {
+            0 => Err(Error::file(dir, "no model.safetensors, no model.safetensors.index.json and no other *.safetensors file")),
+            1 => Self::open_files(&found, dir),
+            n => Err(Error::file(dir, format!("{n} *.safetensors files but no model.safetensors.index.json saying which tensor is where"))),
+        }
+    }
+
+    /// Open shards listed in a `model.safetensors.index.json`.
+    pub fn open_index(index: &Path) -> Result<Self> {
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let v = crate::error::read_json(index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::key(index, "weight_map", "missing or not an object"))?;
+        let mut shard_names: BTreeMap<String, usize> = BTreeMap::new();
+        let mut wanted: Vec<(String, String)> = Vec::with_capacity(map.len());
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| Error::key(index, format!("weight_map.{tensor}"), "expected a file name"))?;
+            if file.contains('/') || file.contains('\\') || file == ".." {
+                return Err(Error::key(index, format!("weight_map.{tensor}"), format!("`{file}` is not a plain file name")));
+            }
+            let n = shard_names.len();
+            shard_names.entry(file.to_string()).or_insert(n);
+            wanted.push((tensor.clone(), file.to_string()));
+        }
+        let mut paths = vec![PathBuf::new(); shard_names.len()];
+        for (name, &i) in &shard_names {
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Err(Error::key(index, "weight_map", format!("shard `{name}` is listed but {} does not exist", p.display())));
+            }
+            paths[i] = p;
+        }
+        let mut w = Self::open_files(&paths, index)?;
+        // The index is authoritative: every tensor it lists must be in the shard it names.
+        for (tensor, file) in wanted {
+            let i = shard_names[&file];
+            match w.routing.get(&tensor) {
+                Some(&j) if j == i => {}
+                _ => return Err(Error::tensor(&paths[i], &tensor, format!("listed in {} but not present in this shard", index.display()))),
+            }
+        }
+        w.describe_path = index.to_path_buf();
+        Ok(w)
+    }
+
+    fn open_files(paths: &[PathBuf], describe: &Path) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut routing = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            // SAFETY: the file is memory-mapped read-only; modifying it while hyperdas runs is
+            // undefined behaviour, as for every mmap-based loader (safetensors, candle, torch).
+            let st = unsafe { MmapedSafetensors::new(p) }
+                .map_err(|e| Error::file(p, format!("not a valid safetensors file: {}", root_message(&e))))?;
+            for (name, _) in st.tensors() {
+                if let Some(&prev) = routing.get(&name) {
+                    let prev_path: &PathBuf = &paths[prev];
+                    return Err(Error::tensor(p, &name, format!("also present in {}", prev_path.display())));
+                }
+                routing.insert(name, i);
+            }
+            files.push((p.clone(), st));
+        }
+        Ok(SafetensorsWeights { files, routing, describe_path: describe.to_path_buf() })
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<(Tensor, PathBuf)> {
+        let &i = self.routing.get(name).ok_or_else(|| Error::tensor(&self.describe_path, name, "missing"))?;
+        let (path, st) = &self.files[i];
+        let view = st.get(name).map_err(|e| Error::tensor(path, name, e.to_string()))?;
+        if view.shape() != shape {
+            return Err(Error::tensor(path, name, format!("expected shape {shape:?}, found {:?}", view.shape())));
+        }
+        use safetensors::Dtype as S;
+        if !matches!(view.dtype(), S::F32 | S::F16 | S::BF16 | S::F64) {
+            return Err(Error::tensor(path, name, format!("dtype {:?} is not supported for weights (use F32, F16, BF16 or F64)", view.dtype())));
+        }
+        let t = st.load(name, &Device::Cpu).map_err(|e| Error::tensor(path, name, e.to_string()))?;
+        Ok((t, path.clone()))
+    }
+}
+
+/// Weights from a GGUF file, dequantized to f32 on demand and renamed to HF names. For the
+/// `llama` architecture, q/k rows are un-permuted back to HF's rotate-half layout.
+pub struct GgufWeights {
+    pub file: GgufFile,
+    /// (n_heads, n_kv_heads) when q/k rows must be un-permuted.
+    unpermute: Option<(usize, usize)>,
+}
+
+impl GgufWeights {
+    pub fn new(file: GgufFile, unpermute: Option<(usize, usize)>) -> Self {
+        GgufWeights { file, unpermute }
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<(Tensor, PathBuf)> {
+        let g = gguf::gguf_name(name).ok_or_else(|| Error::tensor(&self.file.path, name, "has no GGUF equivalent"))?;
+        let found = self.file.shape(&g).map_err(|_| Error::tensor(&self.file.path, &g, format!("missing (needed for HF tensor `{name}`)")))?;
+        if found != shape {
+            return Err(Error::tensor(&self.file.path, &g, format!("expected shape {shape:?}, found {found:?}")));
+        }
+        let mut t = self.file.dequantize(&g)?;
+        if let Some((heads, kv_heads)) = self.unpermute {
+            if g.contains(".attn_q.") {
+                t = gguf::unpermute_rows(&t, heads)?;
+            } else if g.contains(".attn_k.") {
+                t = gguf::unpermute_rows(&t, kv_heads)?;
+            }
+        }
+        Ok((t, self.file.path.clone()))
+    }
+}
+
+/// The innermost message of a candle error (drops "with backtrace" wrappers).
+pub(crate) fn root_message(e: &candle_core::Error) -> String {
+    let s = e.to_string();
+    s.lines().next().unwrap_or("").to_string()
+}
