@@ -210,7 +210,7 @@ impl<R: Read> HeaderReader<R> {
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.len(what)?;
         if n > MAX_STRING || n > self.remaining() {
-            return Err(Error::file(&self.path, format!("GGUF {what}: string length {n} exceeds the {} bytes left in the file", self.remaining())));
+            return Err(Error::file(&self.path, format!("GGUF {what}: string length {n} exceeds the {} bytes left in the file (truncated or corrupt)", self.remaining())));
         }
         let mut buf = vec![0u8; n as usize];
         self.r.read_exact(&mut buf).map_err(|_| self.truncated(what))?;
@@ -250,7 +250,7 @@ impl<R: Read> HeaderReader<R> {
                     t => return Err(Error::key(&self.path, key, format!("unknown array element type {t}"))),
                 };
                 if n.saturating_mul(min_size) > self.remaining() {
-                    return Err(Error::key(&self.path, key, format!("array of {n} elements cannot fit in the {} bytes left in the file", self.remaining())));
+                    return Err(Error::key(&self.path, key, format!("array of {n} elements cannot fit in the {} bytes left in the file (truncated or corrupt)", self.remaining())));
                 }
                 let mut out = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -285,7 +285,7 @@ impl GgufFile {
         let n_kv = h.len("metadata count")?;
         // Each entry takes at least 8+4+1 (metadata) or 8+4+8+4 (tensor info) bytes.
         if n_kv.saturating_mul(13).saturating_add(n_tensors.saturating_mul(24)) > h.remaining() {
-            return Err(Error::file(path, format!("GGUF header claims {n_tensors} tensors and {n_kv} metadata entries, more than the file can hold")));
+            return Err(Error::file(path, format!("GGUF header claims {n_tensors} tensors and {n_kv} metadata entries, more than the file can hold (truncated or corrupt)")));
         }
         let mut metadata = HashMap::new();
         for i in 0..n_kv {

@@ -268,6 +268,36 @@ impl Llama {
         ForwardContext::new(batch, &self.rope, self.dtype, accum_dtype(self.dtype), &self.device)
     }
 
+    /// Every weight tensor with its HF name (the tied `lm_head` is listed once, as the embedding).
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out: Vec<(String, &Tensor)> = vec![("model.embed_tokens.weight".into(), &self.embed_tokens)];
+        for (i, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), &b.input_layernorm.weight));
+            out.push((format!("{p}.post_attention_layernorm.weight"), &b.post_attention_layernorm.weight));
+            let linears = [
+                ("self_attn.q_proj", &b.self_attn.q_proj),
+                ("self_attn.k_proj", &b.self_attn.k_proj),
+                ("self_attn.v_proj", &b.self_attn.v_proj),
+                ("self_attn.o_proj", &b.self_attn.o_proj),
+                ("mlp.gate_proj", &b.mlp.gate_proj),
+                ("mlp.up_proj", &b.mlp.up_proj),
+                ("mlp.down_proj", &b.mlp.down_proj),
+            ];
+            for (n, l) in linears {
+                out.push((format!("{p}.{n}.weight"), &l.weight));
+                if let Some(bias) = &l.bias {
+                    out.push((format!("{p}.{n}.bias"), bias));
+                }
+            }
+        }
+        out.push(("model.norm.weight".into(), &self.norm.weight));
+        if !self.config.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), &self.lm_head));
+        }
+        out
+    }
+
     /// Token embeddings: `ids [B, T]` → `[B, T, D]`.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;

@@ -73,7 +73,7 @@ impl SafetensorsWeights {
         }
         let single = dir.join("model.safetensors");
         if single.is_file() {
-            return Self::open_files(&[single], dir);
+            return Self::open_files(std::slice::from_ref(&single), &single);
         }
         let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
@@ -83,7 +83,7 @@ impl SafetensorsWeights {
         found.sort();
         match found.len() {
             0 => Err(Error::file(dir, "no model.safetensors, no model.safetensors.index.json and no other *.safetensors file")),
-            1 => Self::open_files(&found, dir),
+            1 => Self::open_files(&found, &found[0]),
             n => Err(Error::file(dir, format!("{n} *.safetensors files but no model.safetensors.index.json saying which tensor is where"))),
         }
     }

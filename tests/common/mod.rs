@@ -1,0 +1,150 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use hyperdas::model::{LoadOptions, LoadedModel, StartToken};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+pub fn load(path: &Path, dtype: DType) -> LoadedModel {
+    let opts = LoadOptions { dtype, device: Device::Cpu, start_token: StartToken::Auto };
+    match hyperdas::model::load::load_source(hyperdas::model::load::resolve(&path.to_string_lossy()).unwrap(), &opts) {
+        Ok(m) => m,
+        Err(e) => panic!("loading {}: {e}", path.display()),
+    }
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// The SmolLM2 GGUF if `hyperdas fetch smollm2-135m` has run (`.ci/run` does), else `None`
+/// after saying so loudly: the test then checks nothing about SmolLM2.
+pub fn smollm2() -> Option<PathBuf> {
+    let m = hyperdas::fetch::known_model("smollm2-135m").expect("registered");
+    let p = hyperdas::fetch::cached_path(m).ok()?;
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: SmolLM2 is not in the cache ({}); run `cargo run -- fetch smollm2-135m` (.ci/run does)", p.display());
+        None
+    }
+}
+
+/// Copy an HF fixture directory into a fresh temporary directory.
+pub fn copy_dir(src: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+/// A minimal GGUF v3 writer for malformed-input tests.
+pub struct GgufBuilder {
+    kv: Vec<(String, u32, Vec<u8>)>,
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+fn gguf_string(s: &str) -> Vec<u8> {
+    let mut v = (s.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+impl GgufBuilder {
+    pub fn new() -> Self {
+        GgufBuilder { kv: Vec::new(), tensors: Vec::new() }
+    }
+    pub fn string(mut self, k: &str, v: &str) -> Self {
+        self.kv.push((k.into(), 8, gguf_string(v)));
+        self
+    }
+    pub fn u32(mut self, k: &str, v: u32) -> Self {
+        self.kv.push((k.into(), 4, v.to_le_bytes().to_vec()));
+        self
+    }
+    pub fn f32(mut self, k: &str, v: f32) -> Self {
+        self.kv.push((k.into(), 6, v.to_le_bytes().to_vec()));
+        self
+    }
+    pub fn raw(mut self, k: &str, ty: u32, bytes: Vec<u8>) -> Self {
+        self.kv.push((k.into(), ty, bytes));
+        self
+    }
+    pub fn str_array(mut self, k: &str, items: &[&str]) -> Self {
+        let mut v = 8u32.to_le_bytes().to_vec();
+        v.extend((items.len() as u64).to_le_bytes());
+        for s in items {
+            v.extend(gguf_string(s));
+        }
+        self.kv.push((k.into(), 9, v));
+        self
+    }
+    /// `dims` in PyTorch order; `ty` a GGML type id; `data` raw bytes.
+    pub fn tensor(mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) -> Self {
+        self.tensors.push((name.into(), dims.to_vec(), ty, data));
+        self
+    }
+    pub fn f32_tensor(self, name: &str, dims: &[u64], values: &[f32]) -> Self {
+        let data = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.tensor(name, dims, 0, data)
+    }
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend((self.kv.len() as u64).to_le_bytes());
+        for (k, ty, v) in &self.kv {
+            out.extend(gguf_string(k));
+            out.extend(ty.to_le_bytes());
+            out.extend(v);
+        }
+        let mut offset = 0u64;
+        let mut offsets = Vec::new();
+        for (name, dims, ty, data) in &self.tensors {
+            out.extend(gguf_string(name));
+            out.extend((dims.len() as u32).to_le_bytes());
+            for d in dims.iter().rev() {
+                out.extend(d.to_le_bytes());
+            }
+            out.extend(ty.to_le_bytes());
+            out.extend(offset.to_le_bytes());
+            offsets.push(offset);
+            offset += (data.len() as u64).div_ceil(32) * 32;
+        }
+        while out.len() % 32 != 0 {
+            out.push(0);
+        }
+        for (_, _, _, data) in &self.tensors {
+            let mut d = data.clone();
+            while d.len() % 32 != 0 {
+                d.push(0);
+            }
+            out.extend(d);
+        }
+        out
+    }
+    pub fn write(&self, path: &Path) {
+        std::fs::write(path, self.bytes()).unwrap();
+    }
+}

@@ -1,0 +1,213 @@
+//! Parity with transformers 5.24 on reference dumps made by tools/make_fixtures.py: hidden
+//! states, logits, gradients and token ids, for every loading path.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use hyperdas::model::{Site, TokenBatch};
+use hyperdas::parity::{self, Reference};
+
+/// Tolerance the issue sets for the tiny model in f32.
+const TINY_TOL: f64 = 1e-4;
+
+fn assert_parity(model_path: &std::path::Path, reference: &str, tol: f64, expect: &[&str]) {
+    let lm = load(model_path, DType::F32);
+    let r = Reference::open(&fixture(reference)).unwrap();
+    let report = parity::compare(&lm, &r).unwrap();
+    let names: Vec<&str> = report.diffs.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, expect, "compared tensors");
+    for d in &report.diffs {
+        eprintln!("{} {}: max|diff| {:.3e} (max|ref| {:.3e}, {} values)", model_path.display(), d.name, d.max_abs_diff, d.max_abs_ref, d.compared);
+        assert!(d.compared > 0);
+        assert!(d.max_abs_diff <= tol, "{}: {} differs by {:e} > {tol:e}", model_path.display(), d.name, d.max_abs_diff);
+    }
+    let mm = report.token_mismatches.expect("fixture records its prompts");
+    assert!(mm.is_empty(), "token ids differ from transformers: {mm:?}");
+}
+
+#[test]
+fn tiny_llama_safetensors_matches_transformers() {
+    assert_parity(&fixture("tiny-llama"), "tiny-llama-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
+fn tiny_llama_gguf_matches_transformers() {
+    // q/k rows permuted by the llama.cpp convention, llama3 scaling as rope_freqs, tokenizer
+    // from metadata: all must be undone to match.
+    assert_parity(&fixture("tiny-llama.gguf"), "tiny-llama-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
+fn tiny_qwen2_with_biases_and_tied_embeddings_matches_transformers() {
+    assert_parity(&fixture("tiny-qwen2"), "tiny-qwen2-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
+fn smollm2_matches_transformers_logits() {
+    let Some(path) = smollm2() else { return };
+    assert_parity(&path, "smollm2-reference.safetensors", 1e-3, &["last_logits"]);
+}
+
+#[test]
+fn transformers4_config_spelling_gives_identical_outputs() {
+    // transformers 4 writes top-level rope_theta + rope_scaling instead of rope_parameters.
+    let dir = copy_dir(&fixture("tiny-llama"));
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    let mut params = cfg["rope_parameters"].take();
+    let theta = params["rope_theta"].take();
+    params.as_object_mut().unwrap().remove("rope_theta");
+    cfg.as_object_mut().unwrap().remove("rope_parameters");
+    cfg["rope_theta"] = theta;
+    cfg["rope_scaling"] = params;
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    let a = load(&fixture("tiny-llama"), DType::F32);
+    let b = load(dir.path(), DType::F32);
+    assert_eq!(a.model.config, b.model.config);
+}
+
+#[test]
+fn sharded_safetensors_load_identically() {
+    let dir = copy_dir(&fixture("tiny-llama"));
+    let single = dir.path().join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    std::fs::remove_file(&single).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let shard: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        candle_core::safetensors::save(&shard, dir.path().join(file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), serde_json::Value::String(file.into()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_parity(dir.path(), "tiny-llama-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+fn tiny_batch(lm: &hyperdas::model::LoadedModel) -> TokenBatch {
+    let prompts = ["Paris is a city in the country of", "Tokyo", "The capital of Japan is"];
+    let rows: Vec<Vec<u32>> = prompts.iter().map(|p| lm.tokenizer.encode_prompt(p).unwrap()).collect();
+    TokenBatch::left_padded(&rows, lm.tokenizer.padding_id(), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn forward_from_reproduces_the_clean_pass_at_every_layer() {
+    let lm = load(&fixture("tiny-llama"), DType::F32);
+    let batch = tiny_batch(&lm);
+    let ctx = lm.model.context(&batch).unwrap();
+    let hs = lm.model.forward_hidden(&batch, None).unwrap();
+    let stacked = hs.stacked.as_ref().unwrap();
+    let n = lm.model.num_layers();
+    assert_eq!(stacked.dims(), &[3, batch.dims().1, n + 1, 64]);
+    for l in 0..n {
+        let resid = stacked.narrow(2, l, 1).unwrap().squeeze(2).unwrap();
+        let out = lm.model.forward_from(l, &resid, &ctx).unwrap();
+        let d = max_abs_diff(&out, &hs.final_normed);
+        assert_eq!(d, 0.0, "forward_from({l}) differs from the clean pass by {d}");
+    }
+    // Index L is after the final norm; forward_from(L, x) is only the norm.
+    let last = stacked.narrow(2, n, 1).unwrap().squeeze(2).unwrap();
+    assert_eq!(max_abs_diff(&last, &hs.final_normed), 0.0);
+    let x = Tensor::ones((3, batch.dims().1, 64), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(max_abs_diff(&lm.model.forward_from(n, &x, &ctx).unwrap(), &lm.model.final_norm(&x).unwrap()), 0.0);
+    // Selecting a subset returns the same tensors, in request order.
+    let sub = lm.model.forward_hidden(&batch, Some(&[2, 0])).unwrap();
+    let s = sub.stacked.unwrap();
+    assert_eq!(max_abs_diff(&s.narrow(2, 0, 1).unwrap(), &stacked.narrow(2, 2, 1).unwrap()), 0.0);
+    assert_eq!(max_abs_diff(&s.narrow(2, 1, 1).unwrap(), &stacked.narrow(2, 0, 1).unwrap()), 0.0);
+    assert!(lm.model.forward_hidden(&batch, Some(&[n + 1])).is_err());
+    assert!(lm.model.forward_from(n + 1, &hs.final_normed, &ctx).is_err());
+}
+
+#[test]
+fn sites_hooks_and_forward_from_agree() {
+    let lm = load(&fixture("tiny-llama"), DType::F32);
+    let batch = tiny_batch(&lm);
+    let ctx = lm.model.context(&batch).unwrap();
+    let hs = lm.model.forward_hidden(&batch, None).unwrap();
+    let stacked = hs.stacked.unwrap();
+    // Replace the residual entering block 1 with a constant via the hook, and via forward_from.
+    let replacement = Tensor::full(0.5f32, (3, batch.dims().1, 64), &Device::Cpu).unwrap();
+    let hooked = lm
+        .model
+        .forward_with_hook(&batch, |l, _x| Ok(if l == 1 { Some(replacement.clone()) } else { None }))
+        .unwrap();
+    let direct = lm.model.forward_from_site("blocks.1.hook_resid_pre".parse::<Site>().unwrap(), &replacement, &ctx).unwrap();
+    assert_eq!(max_abs_diff(&hooked, &direct), 0.0);
+    let via_pyvene = lm.model.forward_from_site("block_output.0".parse::<Site>().unwrap(), &replacement, &ctx).unwrap();
+    assert_eq!(max_abs_diff(&via_pyvene, &direct), 0.0);
+    // A no-op hook reproduces the clean pass; the hook sees exactly the clean residuals.
+    let mut seen = Vec::new();
+    let clean = lm
+        .model
+        .forward_with_hook(&batch, |l, x| {
+            seen.push((l, x.clone()));
+            Ok(None)
+        })
+        .unwrap();
+    assert_eq!(max_abs_diff(&clean, &hs.final_normed), 0.0);
+    for (l, x) in seen.iter().take(lm.model.num_layers()) {
+        assert_eq!(max_abs_diff(x, &stacked.narrow(2, *l, 1).unwrap().squeeze(2).unwrap()), 0.0);
+    }
+    // A hook returning the wrong shape is an error, not a panic.
+    let bad = Tensor::zeros((1, 1, 64), DType::F32, &Device::Cpu).unwrap();
+    assert!(lm.model.forward_with_hook(&batch, |_, _| Ok(Some(bad.clone()))).is_err());
+}
+
+#[test]
+fn logits_at_selected_positions_equal_full_logits() {
+    let lm = load(&fixture("tiny-qwen2"), DType::F32);
+    let batch = tiny_batch(&lm);
+    let hs = lm.model.forward_hidden(&batch, Some(&[])).unwrap();
+    let full = lm.model.logits(&hs.final_normed).unwrap(); // [B, T, V]
+    let t = batch.dims().1 as u32;
+    let positions = Tensor::new(&[[t - 1, 0], [t - 2, t - 1], [3, 4]], &Device::Cpu).unwrap();
+    let sel = lm.model.logits_at(&hs.final_normed, &positions).unwrap(); // [B, 2, V]
+    for (b, ps) in positions.to_vec2::<u32>().unwrap().iter().enumerate() {
+        for (k, &p) in ps.iter().enumerate() {
+            let want = full.get(b).unwrap().get(p as usize).unwrap();
+            assert_eq!(max_abs_diff(&sel.get(b).unwrap().get(k).unwrap(), &want), 0.0);
+        }
+    }
+    let last = lm.model.logits_last(&hs.final_normed).unwrap();
+    assert_eq!(max_abs_diff(&last, &full.narrow(1, t as usize - 1, 1).unwrap().squeeze(1).unwrap()), 0.0);
+    let outside = Tensor::new(&[[t], [0], [0]], &Device::Cpu).unwrap();
+    assert!(lm.model.logits_at(&hs.final_normed, &outside).is_err());
+}
+
+#[test]
+fn a_row_does_not_depend_on_its_padding_or_batch_neighbours() {
+    let lm = load(&fixture("tiny-llama"), DType::F32);
+    let short = lm.tokenizer.encode_prompt("Tokyo").unwrap();
+    let long = lm.tokenizer.encode_prompt("The capital of Japan is the city of Tokyo").unwrap();
+    let alone = TokenBatch::left_padded(std::slice::from_ref(&short), 0, &Device::Cpu).unwrap();
+    let padded = TokenBatch::left_padded(&[long, short.clone()], 0, &Device::Cpu).unwrap();
+    let a = lm.model.forward_hidden(&alone, Some(&[])).unwrap().final_normed; // [1, n, D]
+    let p = lm.model.forward_hidden(&padded, Some(&[])).unwrap().final_normed; // [2, T, D]
+    let t = padded.dims().1;
+    let tail = p.get(1).unwrap().narrow(0, t - short.len(), short.len()).unwrap();
+    let d = max_abs_diff(&a.squeeze(0).unwrap(), &tail);
+    assert!(d < 1e-5, "padding changed a row's hidden states by {d}");
+}
+
+#[test]
+fn half_precision_targets_run_and_stay_close_to_f32() {
+    let f32m = load(&fixture("tiny-llama"), DType::F32);
+    let batch = tiny_batch(&f32m);
+    let want = f32m.model.logits_last(&f32m.model.forward_hidden(&batch, Some(&[])).unwrap().final_normed).unwrap();
+    for (dt, tol) in [(DType::BF16, 0.6), (DType::F16, 0.1), (DType::F64, 1e-4)] {
+        let lm = load(&fixture("tiny-llama"), dt);
+        let got = lm.model.logits_last(&lm.model.forward_hidden(&batch, Some(&[])).unwrap().final_normed).unwrap();
+        assert_eq!(got.dtype(), dt);
+        let d = max_abs_diff(&got, &want);
+        eprintln!("{dt:?}: max|logit diff| vs f32 {d:.3e}");
+        assert!(d < tol, "{dt:?} logits differ from f32 by {d}");
+    }
+}
