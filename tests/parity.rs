@@ -124,6 +124,10 @@ fn forward_from_reproduces_the_clean_pass_at_every_layer() {
     assert_eq!(max_abs_diff(&s.narrow(2, 1, 1).unwrap(), &stacked.narrow(2, 0, 1).unwrap()), 0.0);
     assert!(lm.model.forward_hidden(&batch, Some(&[n + 1])).is_err());
     assert!(lm.model.forward_from(n + 1, &hs.final_normed, &ctx).is_err());
+    // A residual from another batch shape gets a clear error, not a broadcast failure.
+    let wrong = Tensor::zeros((1, 5, 64), DType::F32, &Device::Cpu).unwrap();
+    let e = lm.model.forward_from(1, &wrong, &ctx).unwrap_err().to_string();
+    assert!(e.contains("[1, 5, 64]") && e.contains("same (padded) batch"), "{e}");
 }
 
 #[test]

@@ -10,7 +10,8 @@ use crate::model::TokenBatch;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Tokens/s of a clean forward pass that collects every hidden state [B, T, L+1, D].
+    /// Tokens/s of a clean forward pass that collects every hidden state [B, T, L+1, D]
+    /// (optionally followed by an intervened pass from a layer and its backward).
     Forward(ForwardArgs),
 }
 
@@ -33,6 +34,10 @@ pub struct ForwardArgs {
     /// Seed for the random token ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also time a backward pass: gradient of the last-position logits w.r.t. the residual
+    /// entering this block, through blocks `layer..L` (what intervention training does).
+    #[arg(long)]
+    backward_from: Option<usize>,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -68,15 +73,31 @@ fn forward(a: &ForwardArgs) -> Result<()> {
     if !a.json {
         eprintln!("batch {} x {} tokens, {} warm-up + {} timed runs, {threads} threads (RAYON_NUM_THREADS={env})", a.batch, a.seq, a.warmup, a.runs);
     }
+    if let Some(l) = a.backward_from {
+        if l >= lm.model.num_layers() {
+            bail!("--backward-from {l}: the model has {} blocks", lm.model.num_layers());
+        }
+    }
+    let ctx = lm.model.context(&batch)?;
+    let step = || -> Result<()> {
+        let hs = lm.model.forward_hidden(&batch, None)?;
+        if let Some(l) = a.backward_from {
+            let resid = hs.stacked.as_ref().expect("all collected").narrow(2, l, 1)?.squeeze(2)?; // [B, T, D]
+            let var = candle_core::Var::from_tensor(&resid)?;
+            let out = lm.model.forward_from(l, var.as_tensor(), &ctx)?; // [B, T, D]
+            let loss = lm.model.logits_last(&out)?.sum_all()?;
+            let grads = loss.backward()?;
+            anyhow::ensure!(grads.get(var.as_tensor()).is_some(), "no gradient reached the residual");
+        }
+        Ok(())
+    };
     for _ in 0..a.warmup {
-        lm.model.forward_hidden(&batch, None)?;
+        step()?;
     }
     let mut secs = Vec::with_capacity(a.runs);
     for i in 0..a.runs {
         let t0 = Instant::now();
-        let hs = lm.model.forward_hidden(&batch, None)?;
-        // Force the result to exist (candle is eager, but keep the intent explicit).
-        let _ = hs.stacked.as_ref().map(|s| s.dims().to_vec());
+        step()?;
         let dt = t0.elapsed().as_secs_f64();
         if !a.json {
             eprintln!("  run {}: {:.3} s ({:.0} tokens/s)", i + 1, dt, (a.batch * a.seq) as f64 / dt);
@@ -92,13 +113,18 @@ fn forward(a: &ForwardArgs) -> Result<()> {
             "{}",
             serde_json::json!({
                 "bench": "forward", "model": a.model.model, "dtype": a.model.dtype, "batch": a.batch, "seq": a.seq,
+                "backward_from": a.backward_from,
                 "runs": a.runs, "threads": threads, "median_s": median, "min_s": sorted[0], "max_s": sorted[sorted.len() - 1],
                 "tokens_per_s_median": tokens / median,
             })
         );
     } else {
+        let what = match a.backward_from {
+            None => "forward (all hidden states)".to_string(),
+            Some(l) => format!("forward (all hidden states) + forward_from({l}) + backward"),
+        };
         println!(
-            "forward (all hidden states), {} x {}: median {:.3} s = {:.0} tokens/s (min {:.3} s, max {:.3} s; {threads} threads)",
+            "{what}, {} x {}: median {:.3} s = {:.0} tokens/s (min {:.3} s, max {:.3} s; {threads} threads)",
             a.batch,
             a.seq,
             median,

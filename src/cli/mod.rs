@@ -63,13 +63,16 @@ pub(crate) struct ModelArgs {
     /// Token prepended to prompts: `auto` (the model's rule), `none`, or a token such as `<|endoftext|>`.
     #[arg(long, default_value = "auto")]
     start_token: String,
+    /// Device: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 impl ModelArgs {
     pub(crate) fn load(&self) -> Result<LoadedModel> {
         let opts = LoadOptions {
             dtype: crate::model::load::parse_dtype(&self.dtype)?,
-            device: candle_core::Device::Cpu,
+            device: parse_device(&self.device)?,
             start_token: self.start_token.parse::<StartToken>()?,
         };
         let t0 = std::time::Instant::now();
@@ -78,6 +81,22 @@ impl ModelArgs {
         eprintln!("loaded in {:.1} s: {}", t0.elapsed().as_secs_f64(), lm.description);
         Ok(lm)
     }
+}
+
+/// `cpu`, `cuda`, `cuda:N`.
+pub(crate) fn parse_device(s: &str) -> Result<candle_core::Device> {
+    let ordinal = match s {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" => 0,
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => anyhow::bail!("unknown device `{s}` (expected cpu, cuda or cuda:N)"),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        anyhow::bail!("device `{s}` needs a build with CUDA support: `cargo build --release --features cuda` (see docs/gpu.md)");
+    }
+    candle_core::Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
 }
 
 /// Entry point: parse arguments, run, and turn errors into a message and exit code 1.

@@ -113,6 +113,8 @@ pub struct ForwardContext {
     /// `[B, 1, T, head_dim]` rotary tables in the model dtype.
     pub cos: Tensor,
     pub sin: Tensor,
+    /// The batch shape `(B, T)` this context was built for.
+    pub dims: (usize, usize),
 }
 
 impl ForwardContext {
@@ -132,7 +134,20 @@ impl ForwardContext {
         }
         let mask = Tensor::from_vec(bias, (b, 1, t, t), device)?.to_dtype(score_dtype)?; // [B, 1, T, T]
         let (cos, sin) = rope.cos_sin(&batch.position_ids(), b, t, dtype, device)?;
-        Ok(ForwardContext { mask, cos, sin })
+        Ok(ForwardContext { mask, cos, sin, dims: (b, t) })
+    }
+
+    /// Check that a residual `[B, T, D]` belongs to this batch.
+    pub fn check(&self, resid: &Tensor, d: usize) -> Result<()> {
+        let (b, t) = self.dims;
+        if resid.dims() != [b, t, d] {
+            return Err(Error::invalid(format!(
+                "residual has shape {:?}, but this forward context is for a batch of [{b}, {t}] and the model has D = {d}: \
+                 build the context from the same (padded) batch the residual came from",
+                resid.dims()
+            )));
+        }
+        Ok(())
     }
 }
 

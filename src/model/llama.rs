@@ -307,6 +307,7 @@ impl Llama {
 
     /// Run block `l` on the residual stream `[B, T, D]`.
     pub fn block(&self, l: usize, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        ctx.check(x, self.config.hidden_size)?;
         self.layers.get(l).ok_or_else(|| Error::invalid(format!("block {l} does not exist (the model has {} blocks)", self.layers.len())))?.forward(x, ctx)
     }
 
@@ -358,6 +359,7 @@ impl Llama {
         if l > n {
             return Err(Error::invalid(format!("cannot start at block {l}: the model has {n} blocks")));
         }
+        ctx.check(resid, self.config.hidden_size)?;
         let mut x = resid.clone(); // [B, T, D]
         for block in &self.layers[l..] {
             x = block.forward(&x, ctx)?; // [B, T, D]
