@@ -74,6 +74,7 @@ impl ModelArgs {
             dtype: crate::model::load::parse_dtype(&self.dtype)?,
             device: parse_device(&self.device)?,
             start_token: self.start_token.parse::<StartToken>()?,
+            progress: true,
         };
         let t0 = std::time::Instant::now();
         eprintln!("loading {} ...", self.model);

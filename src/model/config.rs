@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+/// Upper bound for any single dimension in a config (2²⁴).
+const MAX_DIM: usize = 1 << 24;
+
 /// Which family of decoder the weights belong to. All are the same pre-norm Llama block; they
 /// differ only in where linear layers carry biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +193,17 @@ impl LlamaConfig {
             if v == 0 {
                 return Err((k, "must be positive".into()));
             }
+            // Far above any real model; keeps every product below overflow and every
+            // allocation derived from the config bounded.
+            if v > MAX_DIM {
+                return Err((k, format!("{v} is implausibly large (limit {MAX_DIM})")));
+            }
+        }
+        if self.num_hidden_layers > 4096 {
+            return Err(("num_hidden_layers", format!("{} is implausibly large (limit 4096)", self.num_hidden_layers)));
+        }
+        if self.num_attention_heads * self.head_dim > MAX_DIM {
+            return Err(("head_dim", format!("{} heads × head_dim {} is implausibly large", self.num_attention_heads, self.head_dim)));
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err((
@@ -466,6 +480,11 @@ mod tests {
         let mut v = base();
         v["num_hidden_layers"] = json!(0);
         assert!(parse(&v).unwrap_err().to_string().contains("num_hidden_layers`: must be positive"));
+
+        let mut v = base();
+        v["hidden_size"] = json!(1u64 << 40);
+        v["head_dim"] = json!(16);
+        assert!(parse(&v).unwrap_err().to_string().contains("implausibly large"));
     }
 
     #[test]

@@ -224,9 +224,20 @@ pub struct Llama {
 impl Llama {
     /// Build from weights addressed by HF names; every tensor's shape is checked.
     pub fn load(w: &Weights, config: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_progress(w, config, dtype, device, &indicatif::ProgressBar::hidden())
+    }
+
+    /// [`load`](Self::load), advancing `progress` by one per block.
+    pub fn load_with_progress(w: &Weights, config: &LlamaConfig, dtype: DType, device: &Device, progress: &indicatif::ProgressBar) -> Result<Self> {
         let (v, d) = (config.vocab_size, config.hidden_size);
         let embed_tokens = w.get("model.embed_tokens.weight", &[v, d], dtype, device)?;
-        let layers = (0..config.num_hidden_layers).map(|l| Block::load(w, l, config, dtype, device)).collect::<Result<Vec<_>>>()?;
+        progress.set_length(config.num_hidden_layers as u64);
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            layers.push(Block::load(w, l, config, dtype, device)?);
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
         let norm = RmsNorm::load(w, "model.norm.weight", d, config.rms_norm_eps, dtype, device)?;
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.clone()

@@ -93,11 +93,13 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
     pub start_token: StartToken,
+    /// Show a progress bar over the blocks while loading (on a terminal only).
+    pub progress: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, start_token: StartToken::Auto }
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, start_token: StartToken::Auto, progress: false }
     }
 }
 
@@ -143,7 +145,16 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedMode
         ));
     }
     tokenizer.set_start_token(&opts.start_token)?;
-    let model = Llama::load(&weights, &config, opts.dtype, &opts.device)?;
+    let pb = if opts.progress {
+        let pb = indicatif::ProgressBar::new(config.num_hidden_layers as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("loading blocks [{bar:30}] {pos}/{len} {elapsed}") {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let model = Llama::load_with_progress(&weights, &config, opts.dtype, &opts.device, &pb)?;
     let description = format!(
         "{name}: {:?}, {} blocks, d={}, {} heads ({} kv), vocab {}, {:.1}M parameters, {:?}",
         config.architecture,
