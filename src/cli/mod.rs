@@ -162,6 +162,9 @@ fn demo() -> Result<()> {
     println!("  hyperdas info --model <dir|file.gguf|name>  configuration, tokenizer and intervention sites");
     println!("  hyperdas bench forward --model smollm2-135m tokens/s of a clean all-hidden-states pass");
     println!();
+    println!("Run them as `cargo run --release -- <command>` (e.g. `cargo run --release -- fetch smollm2-135m`),");
+    println!("or put `hyperdas` on your PATH with `cargo install --path .`. Every command has --help.");
+    println!();
     match smol {
         Some(p) if p.is_file() => println!("SmolLM2-135M is fetched: {}", p.display()),
         _ => println!("SmolLM2-135M is not fetched yet: start with `hyperdas fetch smollm2-135m`."),
