@@ -160,6 +160,10 @@ fn sites_hooks_and_forward_from_agree() {
     for (l, x) in seen.iter().take(lm.model.num_layers()) {
         assert_eq!(max_abs_diff(x, &stacked.narrow(2, *l, 1).unwrap().squeeze(2).unwrap()), 0.0);
     }
+    // Token ids outside the vocabulary are an error naming the id.
+    let bad_ids = TokenBatch::left_padded(&[vec![1, 999]], 0, &Device::Cpu).unwrap();
+    let e = lm.model.forward_hidden(&bad_ids, None).unwrap_err().to_string();
+    assert!(e.contains("token id 999") && e.contains("320"), "{e}");
     // A hook returning the wrong shape is an error, not a panic.
     let bad = Tensor::zeros((1, 1, 64), DType::F32, &Device::Cpu).unwrap();
     assert!(lm.model.forward_with_hook(&batch, |_, _| Ok(Some(bad.clone()))).is_err());

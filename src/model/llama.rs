@@ -312,7 +312,11 @@ impl Llama {
     /// Token embeddings: `ids [B, T]` → `[B, T, D]`.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let flat = input_ids.flatten_all()?; // [B·T]
+        let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?; // [B·T]
+        let max = flat.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.config.vocab_size {
+            return Err(Error::invalid(format!("token id {max} is outside the vocabulary of {} tokens", self.config.vocab_size)));
+        }
         Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?) // [B, T, D]
     }
 
