@@ -148,13 +148,7 @@ impl Drop for TempFile {
 }
 
 fn progress_bar(len: u64, msg: &str, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
-        pb.set_style(style.progress_chars("=> "));
-    }
+    let pb = crate::progress::bar(len, "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}", show);
     pb.set_message(msg.to_string());
     pb
 }

@@ -23,5 +23,6 @@ pub mod hub;
 pub mod model;
 pub mod params;
 pub mod parity;
+pub mod progress;
 
 pub use error::{Error, Result};

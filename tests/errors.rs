@@ -7,13 +7,6 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 
-fn load_err(spec: &std::path::Path) -> String {
-    match hyperdas::model::load(&spec.to_string_lossy(), &Default::default()) {
-        Ok(_) => panic!("{} loaded, but it is broken", spec.display()),
-        Err(e) => e.to_string(),
-    }
-}
-
 fn edit_config(dir: &std::path::Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("config.json");
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
@@ -30,10 +23,7 @@ fn rewrite_weights(dir: &std::path::Path, f: impl FnOnce(&mut HashMap<String, Te
 
 #[test]
 fn missing_and_unreadable_files() {
-    let e = match hyperdas::model::load("/nonexistent/model", &Default::default()) {
-        Ok(_) => panic!(),
-        Err(e) => e.to_string(),
-    };
+    let e = load_err(std::path::Path::new("/nonexistent/model"));
     assert!(e.contains("/nonexistent/model") && e.contains("no such file"), "{e}");
 
     let dir = copy_dir(&fixture("tiny-llama"));

@@ -115,17 +115,11 @@ fn loading_a_gguf_model_with_missing_metadata_names_the_key() {
         .u32("llama.embedding_length", 8)
         .f32_tensor("token_embd.weight", &[4, 8], &[0.0; 32])
         .write(&p);
-    let e = match hyperdas::model::load(&p.to_string_lossy(), &Default::default()) {
-        Ok(_) => panic!("loaded a model without head counts"),
-        Err(e) => e.to_string(),
-    };
+    let e = load_err(&p);
     assert!(e.contains("m.gguf") && e.contains("llama.attention.head_count") && e.contains("missing"), "{e}");
 
     let p2 = dir.path().join("gemma.gguf");
     GgufBuilder::new().string("general.architecture", "mamba").write(&p2);
-    let e = match hyperdas::model::load(&p2.to_string_lossy(), &Default::default()) {
-        Ok(_) => panic!("loaded an unsupported architecture"),
-        Err(e) => e.to_string(),
-    };
+    let e = load_err(&p2);
     assert!(e.contains("general.architecture") && e.contains("`mamba` is not supported"), "{e}");
 }

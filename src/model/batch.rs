@@ -20,6 +20,7 @@ pub struct TokenBatch {
     /// `[B, T]` u32, 1 for real tokens and 0 for padding.
     pub attention_mask: Tensor,
     mask_host: Vec<u8>,
+    max_id: u32,
     b: usize,
     t: usize,
 }
@@ -55,10 +56,11 @@ impl TokenBatch {
         if let Some(i) = mask.iter().position(|&m| m > 1) {
             return Err(Error::invalid(format!("attention mask entry {i} is {}, expected 0 or 1", mask[i])));
         }
+        let max_id = ids.iter().copied().max().unwrap_or(0);
         let input_ids = Tensor::from_vec(ids, (b, t), device)?;
         let m32: Vec<u32> = mask.iter().map(|&m| m as u32).collect();
         let attention_mask = Tensor::from_vec(m32, (b, t), device)?;
-        Ok(TokenBatch { input_ids, attention_mask, mask_host: mask, b, t })
+        Ok(TokenBatch { input_ids, attention_mask, mask_host: mask, max_id, b, t })
     }
 
     /// From `[B, T]` integer tensors (e.g. a fixture).
@@ -80,6 +82,11 @@ impl TokenBatch {
     /// Row-major padding mask on the host.
     pub fn mask(&self) -> &[u8] {
         &self.mask_host
+    }
+
+    /// The largest token id in the batch (pads included).
+    pub fn max_id(&self) -> u32 {
+        self.max_id
     }
 
     /// Number of real tokens.

@@ -312,12 +312,18 @@ impl Llama {
     /// Token embeddings: `ids [B, T]` → `[B, T, D]`.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?; // [B·T]
-        let max = flat.max(0)?.to_scalar::<u32>()?;
+        let flat = input_ids.flatten_all()?; // [B·T]
+        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?) // [B, T, D]
+    }
+
+    /// Embeddings of a batch, after checking its ids against the vocabulary on the host (the
+    /// batch knows its largest id, so this costs no device work).
+    fn embed_batch(&self, batch: &TokenBatch) -> Result<Tensor> {
+        let max = batch.max_id();
         if max as usize >= self.config.vocab_size {
             return Err(Error::invalid(format!("token id {max} is outside the vocabulary of {} tokens", self.config.vocab_size)));
         }
-        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?) // [B, T, D]
+        self.embed(&batch.input_ids) // [B, T, D]
     }
 
     /// Run block `l` on the residual stream `[B, T, D]`.
@@ -348,7 +354,7 @@ impl Llama {
             }
         };
         let mut slots: Vec<Option<Tensor>> = vec![None; n + 1];
-        let mut x = self.embed(&batch.input_ids)?; // [B, T, D]
+        let mut x = self.embed_batch(batch)?; // [B, T, D]
         for (l, (slot, block)) in slots.iter_mut().zip(&self.layers).enumerate() {
             if indices.contains(&l) {
                 *slot = Some(x.clone());
@@ -401,7 +407,7 @@ impl Llama {
         mut hook: impl FnMut(usize, &Tensor) -> Result<Option<Tensor>>,
     ) -> Result<Tensor> {
         let ctx = self.context(batch)?;
-        let mut x = self.embed(&batch.input_ids)?; // [B, T, D]
+        let mut x = self.embed_batch(batch)?; // [B, T, D]
         for l in 0..=self.num_layers() {
             if let Some(new) = hook(l, &x)? {
                 if new.dims() != x.dims() {

@@ -145,15 +145,7 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedMode
         ));
     }
     tokenizer.set_start_token(&opts.start_token)?;
-    let pb = if opts.progress {
-        let pb = indicatif::ProgressBar::new(config.num_hidden_layers as u64);
-        if let Ok(style) = indicatif::ProgressStyle::with_template("loading blocks [{bar:30}] {pos}/{len} {elapsed}") {
-            pb.set_style(style.progress_chars("=> "));
-        }
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let pb = crate::progress::bar(config.num_hidden_layers as u64, "loading blocks [{bar:30}] {pos}/{len} {elapsed}", opts.progress);
     let model = Llama::load_with_progress(&weights, &config, opts.dtype, &opts.device, &pb)?;
     let description = format!(
         "{name}: {:?}, {} blocks, d={}, {} heads ({} kv), vocab {}, {:.1}M parameters, {:?}",

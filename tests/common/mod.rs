@@ -22,6 +22,14 @@ pub fn load(path: &Path, dtype: DType) -> LoadedModel {
     }
 }
 
+/// The error message of loading `spec`; panics if it loads.
+pub fn load_err(spec: &Path) -> String {
+    match hyperdas::model::load(&spec.to_string_lossy(), &Default::default()) {
+        Ok(_) => panic!("{} loaded, but it is broken", spec.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
