@@ -191,11 +191,10 @@ fn download(url: &str, dest: &Path, expect_sha: &str, expect_size: u64, show_pro
         dl_err(format!("{e} (no network? On an offline machine, download the wheel elsewhere and pass it with --wheel)"))
     })?;
     let body = resp.into_body();
-    if let Some(len) = body.content_length() {
-        if len != expect_size {
+    if let Some(len) = body.content_length()
+        && len != expect_size {
             return Err(dl_err(format!("server announces {len} bytes, expected {expect_size}")));
         }
-    }
     let mut out = File::create(dest).map_err(|e| Error::io(dest, e))?;
     let pb = progress_bar(expect_size, "download", show_progress);
     let mut reader = body.into_reader();

@@ -10,12 +10,16 @@
 //!
 //! * [`model`]: target LMs. A differentiable Llama-family runtime with residual-stream access,
 //!   HF (safetensors) and GGUF loading, tokenizers.
+//! * [`data`]: RAVEL: the embedded knowledge base, counterfactual pair generation, filtering
+//!   by the target model, JSONL / Arrow readers and writers, collation.
+//! * [`rng`]: the seeded, version-stable random generator used for every draw.
 //! * [`params`]: the registry of trainable parameters and the no-gradient guard.
 //! * [`parity`]: comparison against transformers reference dumps.
 //! * [`fetch`]: real pretrained weights from package registries.
 //! * [`cli`]: the `hyperdas` command line.
 
 pub mod cli;
+pub mod data;
 pub mod error;
 pub mod fetch;
 #[cfg(feature = "hub")]
@@ -24,5 +28,6 @@ pub mod model;
 pub mod params;
 pub mod parity;
 pub mod progress;
+pub mod rng;
 
 pub use error::{Error, Result};

@@ -73,11 +73,10 @@ fn forward(a: &ForwardArgs) -> Result<()> {
     if !a.json {
         eprintln!("batch {} x {} tokens, {} warm-up + {} timed runs, {threads} threads (RAYON_NUM_THREADS={env})", a.batch, a.seq, a.warmup, a.runs);
     }
-    if let Some(l) = a.backward_from {
-        if l >= lm.model.num_layers() {
+    if let Some(l) = a.backward_from
+        && l >= lm.model.num_layers() {
             bail!("--backward-from {l}: the model has {} blocks", lm.model.num_layers());
         }
-    }
     let ctx = lm.model.context(&batch)?;
     let step = || -> Result<()> {
         let hs = lm.model.forward_hidden(&batch, None)?;

@@ -2,6 +2,7 @@
 //! below uses typed errors.
 
 mod bench;
+mod data;
 mod info;
 mod verify;
 
@@ -31,6 +32,9 @@ enum Command {
     Info(ModelArgs),
     /// Print next-token top-k for a few prompts; with --reference, diff against a transformers dump.
     VerifyModel(verify::VerifyArgs),
+    /// RAVEL data: build counterfactual train/test sets, inspect the knowledge base, show and convert datasets.
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -118,6 +122,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch(a) => fetch_cmd(a),
         Command::Info(a) => info::run(&a),
         Command::VerifyModel(a) => verify::run(&a),
+        Command::Data(c) => data::run(&c),
         Command::Bench(c) => bench::run(&c),
     }
 }

@@ -125,11 +125,10 @@ impl LlamaConfig {
         if architecture == Architecture::Qwen2 && obj.opt_bool("use_sliding_window")?.unwrap_or(false) {
             return Err(obj.err("use_sliding_window", "sliding-window attention is not supported"));
         }
-        if let Some(act) = obj.opt_str("hidden_act")? {
-            if act != "silu" {
+        if let Some(act) = obj.opt_str("hidden_act")?
+            && act != "silu" {
                 return Err(obj.err("hidden_act", format!("`{act}` is not supported (only `silu`, the SwiGLU of Llama)")));
             }
-        }
 
         let hidden_size = obj.usize("hidden_size")?;
         let num_attention_heads = obj.usize("num_attention_heads")?;
@@ -205,13 +204,13 @@ impl LlamaConfig {
         if self.num_attention_heads * self.head_dim > MAX_DIM {
             return Err(("head_dim", format!("{} heads × head_dim {} is implausibly large", self.num_attention_heads, self.head_dim)));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err((
                 "num_key_value_heads",
                 format!("{} query heads are not a multiple of {} key/value heads", self.num_attention_heads, self.num_key_value_heads),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(("head_dim", format!("{} is odd; rotary embeddings need an even head size", self.head_dim)));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {

@@ -473,7 +473,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 pub fn unpermute_rows(t: &Tensor, n_head: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if rows % (2 * n_head) != 0 {
+    if !rows.is_multiple_of(2 * n_head) {
         return Err(Error::invalid(format!("cannot unpermute {rows} rows over {n_head} heads")));
     }
     let half = rows / n_head / 2;

@@ -44,11 +44,10 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
         if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
             return Ok(ModelSource::Gguf(p.to_path_buf()));
         }
-        if p.file_name().is_some_and(|n| n == "config.json") {
-            if let Some(dir) = p.parent() {
+        if p.file_name().is_some_and(|n| n == "config.json")
+            && let Some(dir) = p.parent() {
                 return resolve(&dir.to_string_lossy());
             }
-        }
         return Err(Error::ModelSpec { spec: spec.into(), msg: "is a file but not a .gguf file (pass an HF model directory or a .gguf file)".into() });
     }
     if let Some(known) = crate::fetch::known_model(spec) {
@@ -185,11 +184,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         None if heads > 0 && hidden_size % heads == 0 => hidden_size / heads,
         None => return Err(Error::key(path, format!("{arch}.attention.head_count"), format!("embedding_length {hidden_size} is not divisible by {heads} heads"))),
     };
-    if let Some(rot) = opt("rope.dimension_count")? {
-        if rot != head_dim {
+    if let Some(rot) = opt("rope.dimension_count")?
+        && rot != head_dim {
             return Err(Error::key(path, format!("{arch}.rope.dimension_count"), format!("partial rotary embeddings ({rot} of {head_dim} dims) are not supported")));
         }
-    }
     let embd = g.shape("token_embd.weight")?;
     if embd.len() != 2 || embd[1] != hidden_size {
         return Err(Error::tensor(path, "token_embd.weight", format!("shape {embd:?} does not match embedding_length {hidden_size}")));

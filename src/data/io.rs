@@ -1,0 +1,340 @@
+//! Reading and writing datasets of [`RavelRow`]s.
+//!
+//! Two formats:
+//! * JSONL: one JSON object per line with the 13 columns ([`COLUMNS`]); extra keys are allowed
+//!   and counted.
+//! * The HF `datasets` `save_to_disk` directory the reference ships: `state.json` (lists the
+//!   data files), `dataset_info.json` (features), and `data-XXXXX-of-NNNNN.arrow` files in the
+//!   Arrow IPC *stream* format (the file format is accepted too). Read and written natively.
+//!
+//! A malformed row (missing column, entity not at the end of its prefix, empty label, ...) is
+//! an error naming the file and the row, unless the caller asks to skip bad rows; skipped rows
+//! are always counted and reported, never dropped silently.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{Array, ArrayRef, LargeStringArray, RecordBatch, StringArray, StringViewArray};
+use arrow_schema::{DataType, Field, Schema};
+
+use super::row::{COLUMNS, RavelRow};
+use crate::error::{Error, Result};
+
+/// How to treat malformed rows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadOptions {
+    /// Skip (and count) malformed rows instead of failing on the first one.
+    pub skip_bad_rows: bool,
+}
+
+/// A loaded dataset and what was skipped on the way.
+#[derive(Debug, Clone, Default)]
+pub struct Dataset {
+    pub rows: Vec<RavelRow>,
+    /// Where the rows came from.
+    pub source: PathBuf,
+    /// `(row number, 1-based, as in the error messages; reason)` of every skipped row.
+    pub skipped: Vec<(usize, String)>,
+    /// Keys present in the input beyond the 13 columns (kept out of the rows).
+    pub extra_columns: Vec<String>,
+}
+
+impl Dataset {
+    /// One line: `N rows (C causal, I isolate)`, plus skipped rows if any.
+    pub fn describe(&self) -> String {
+        let causal = self.rows.iter().filter(|r| r.is_causal()).count();
+        let mut s = format!("{} rows ({} causal, {} isolate) from {}", self.rows.len(), causal, self.rows.len() - causal, self.source.display());
+        if !self.skipped.is_empty() {
+            s += &format!("; skipped {} malformed rows (first: row {}: {})", self.skipped.len(), self.skipped[0].0, self.skipped[0].1);
+        }
+        s
+    }
+}
+
+/// Read a dataset: a `.jsonl` file or a `save_to_disk` directory (or a single `.arrow` file).
+pub fn read_dataset(path: &Path, opts: ReadOptions) -> Result<Dataset> {
+    if path.is_dir() {
+        read_arrow_dir(path, opts)
+    } else if path.extension().is_some_and(|e| e == "arrow") {
+        let mut ds = Dataset { source: path.to_path_buf(), ..Default::default() };
+        read_arrow_file(path, opts, &mut ds)?;
+        Ok(ds)
+    } else if path.exists() {
+        read_jsonl(path, opts)
+    } else {
+        Err(Error::file(path, "no such file or directory (expected a .jsonl file or a datasets save_to_disk directory)"))
+    }
+}
+
+/// Check a row and either keep it, record it as skipped, or fail.
+fn admit(ds: &mut Dataset, path: &Path, row_no: usize, row: std::result::Result<RavelRow, String>, opts: ReadOptions) -> Result<()> {
+    let problem = match row {
+        Ok(r) => match r.problem() {
+            None => {
+                ds.rows.push(r);
+                return Ok(());
+            }
+            Some(p) => p,
+        },
+        Err(p) => p,
+    };
+    if opts.skip_bad_rows {
+        ds.skipped.push((row_no, problem));
+        Ok(())
+    } else {
+        Err(Error::file(path, format!("row {row_no}: {problem} (pass --skip-bad-rows to skip such rows with a count)")))
+    }
+}
+
+/// Read a JSONL file (row numbers are line numbers; blank lines are ignored).
+pub fn read_jsonl(path: &Path, opts: ReadOptions) -> Result<Dataset> {
+    let file = File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+    let mut ds = Dataset { source: path.to_path_buf(), ..Default::default() };
+    let mut extra = std::collections::BTreeSet::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Error::file(path, format!("line {}: cannot read: {e}", i + 1)))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row = parse_json_row(&line, &mut extra);
+        admit(&mut ds, path, i + 1, row, opts)?;
+    }
+    ds.extra_columns = extra.into_iter().collect();
+    Ok(ds)
+}
+
+fn parse_json_row(line: &str, extra: &mut std::collections::BTreeSet<String>) -> std::result::Result<RavelRow, String> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    let mut vals: [String; 13] = Default::default();
+    for (slot, col) in vals.iter_mut().zip(COLUMNS) {
+        *slot = match obj.get(col) {
+            None => return Err(format!("missing column `{col}`")),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(other) => return Err(format!("column `{col}` is not a string: {other}")),
+        };
+    }
+    for k in obj.keys() {
+        if !COLUMNS.contains(&k.as_str()) {
+            extra.insert(k.clone());
+        }
+    }
+    Ok(RavelRow::from_values(vals))
+}
+
+/// Write rows as JSONL (atomically: a temporary file renamed into place).
+pub fn write_jsonl(path: &Path, rows: &[RavelRow]) -> Result<()> {
+    write_atomic(path, |w| {
+        for r in rows {
+            serde_json::to_writer(&mut *w, r).map_err(|e| Error::file(path, format!("cannot serialise a row: {e}")))?;
+            w.write_all(b"\n").map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
+        }
+        Ok(())
+    })
+}
+
+/// Write through a buffered temporary file next to `path`, then rename it into place, so a
+/// crash or error never leaves a half-written dataset under the final name.
+pub(crate) fn write_atomic(path: &Path, body: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::file(parent, format!("cannot create directory: {e}")))?;
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let result = (|| {
+        let f = File::create(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+        let mut w = BufWriter::new(f);
+        body(&mut w)?;
+        w.flush().map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::file(path, format!("cannot move {} into place: {e}", tmp.display())))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// HF datasets save_to_disk
+
+/// The data files of a `save_to_disk` directory, from `state.json` (else every `*.arrow`).
+fn arrow_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let state = dir.join("state.json");
+    if state.is_file() {
+        let v = crate::error::read_json(&state)?;
+        let files = v.get("_data_files").and_then(|f| f.as_array()).ok_or_else(|| Error::file(&state, "no `_data_files` list"))?;
+        files
+            .iter()
+            .map(|f| {
+                f.get("filename").and_then(|n| n.as_str()).map(|n| dir.join(n)).ok_or_else(|| Error::file(&state, "a `_data_files` entry has no `filename`"))
+            })
+            .collect()
+    } else {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::file(dir, format!("cannot list: {e}")))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "arrow"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::file(dir, "not a datasets save_to_disk directory: no state.json and no .arrow files"));
+        }
+        Ok(files)
+    }
+}
+
+/// Read a `save_to_disk` directory.
+pub fn read_arrow_dir(dir: &Path, opts: ReadOptions) -> Result<Dataset> {
+    let mut ds = Dataset { source: dir.to_path_buf(), ..Default::default() };
+    for file in arrow_files(dir)? {
+        read_arrow_file(&file, opts, &mut ds)?;
+    }
+    Ok(ds)
+}
+
+/// A string column of any Arrow string layout.
+enum StrCol<'a> {
+    Utf8(&'a StringArray),
+    Large(&'a LargeStringArray),
+    View(&'a StringViewArray),
+}
+
+impl StrCol<'_> {
+    fn get(&self, i: usize) -> Option<&str> {
+        match self {
+            StrCol::Utf8(a) => (!a.is_null(i)).then(|| a.value(i)),
+            StrCol::Large(a) => (!a.is_null(i)).then(|| a.value(i)),
+            StrCol::View(a) => (!a.is_null(i)).then(|| a.value(i)),
+        }
+    }
+}
+
+/// Append the rows of one `.arrow` file (stream or file format) to `ds`.
+fn read_arrow_file(path: &Path, opts: ReadOptions, ds: &mut Dataset) -> Result<()> {
+    let ferr = |e: &dyn std::fmt::Display| Error::file(path, format!("cannot read Arrow data: {e}"));
+    let mut magic = [0u8; 6];
+    {
+        use std::io::Read;
+        let mut f = File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+        let _ = f.read(&mut magic);
+    }
+    let file = BufReader::new(File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?);
+    let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, arrow_schema::ArrowError>>> = if &magic == b"ARROW1" {
+        Box::new(arrow_ipc::reader::FileReader::try_new(file, None).map_err(|e| ferr(&e))?)
+    } else {
+        Box::new(arrow_ipc::reader::StreamReader::try_new(file, None).map_err(|e| ferr(&e))?)
+    };
+    let mut schema_checked = false;
+    for batch in batches {
+        let batch = batch.map_err(|e| ferr(&e))?;
+        let schema = batch.schema();
+        if !schema_checked {
+            let missing: Vec<&str> = COLUMNS.iter().copied().filter(|c| schema.column_with_name(c).is_none()).collect();
+            if !missing.is_empty() {
+                return Err(Error::file(path, format!("missing column(s) {} (columns present: {})", missing.join(", "), schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "))));
+            }
+            for f in schema.fields() {
+                if !COLUMNS.contains(&f.name().as_str()) && !ds.extra_columns.contains(f.name()) {
+                    ds.extra_columns.push(f.name().clone());
+                }
+            }
+            schema_checked = true;
+        }
+        let mut cols = Vec::with_capacity(13);
+        for c in COLUMNS {
+            let arr = batch.column_by_name(c).ok_or_else(|| Error::file(path, format!("missing column `{c}`")))?;
+            let col = match arr.data_type() {
+                DataType::Utf8 => arr.as_any().downcast_ref::<StringArray>().map(StrCol::Utf8),
+                DataType::LargeUtf8 => arr.as_any().downcast_ref::<LargeStringArray>().map(StrCol::Large),
+                DataType::Utf8View => arr.as_any().downcast_ref::<StringViewArray>().map(StrCol::View),
+                _ => None,
+            }
+            .ok_or_else(|| Error::file(path, format!("column `{c}` has type {}, expected a string column", arr.data_type())))?;
+            cols.push(col);
+        }
+        for i in 0..batch.num_rows() {
+            let row_no = ds.rows.len() + ds.skipped.len() + 1;
+            let mut vals: [String; 13] = Default::default();
+            let mut null = None;
+            for (k, col) in cols.iter().enumerate() {
+                match col.get(i) {
+                    Some(s) => vals[k] = s.to_string(),
+                    None => null = Some(COLUMNS[k]),
+                }
+            }
+            let row = match null {
+                Some(c) => Err(format!("column `{c}` is null")),
+                None => Ok(RavelRow::from_values(vals)),
+            };
+            admit(ds, path, row_no, row, opts)?;
+        }
+    }
+    Ok(())
+}
+
+/// Features JSON of the 13 string columns, as `datasets` writes it.
+fn features_json() -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for c in COLUMNS {
+        m.insert(c.to_string(), serde_json::json!({"dtype": "string", "_type": "Value"}));
+    }
+    serde_json::Value::Object(m)
+}
+
+/// Write a `save_to_disk` directory that `datasets.load_from_disk` and our reader both open:
+/// one Arrow IPC stream shard, `dataset_info.json` and `state.json`.
+pub fn write_arrow_dir(dir: &Path, rows: &[RavelRow]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create directory: {e}")))?;
+    let hf_meta = serde_json::json!({"info": {"features": features_json()}}).to_string();
+    let fields: Vec<Field> = COLUMNS.iter().map(|c| Field::new(*c, DataType::Utf8, true)).collect();
+    let schema = Arc::new(Schema::new_with_metadata(fields, HashMap::from([("huggingface".to_string(), hf_meta)])));
+    let shard = "data-00000-of-00001.arrow";
+    let path = dir.join(shard);
+    let aerr = |e: arrow_schema::ArrowError| Error::file(&path, format!("cannot write Arrow data: {e}"));
+    write_atomic(&path, |w| {
+        let mut writer = arrow_ipc::writer::StreamWriter::try_new(w, &schema).map_err(aerr)?;
+        for chunk in rows.chunks(1000) {
+            let arrays: Vec<ArrayRef> = (0..13).map(|k| Arc::new(StringArray::from_iter_values(chunk.iter().map(|r| r.values()[k]))) as ArrayRef).collect();
+            let batch = RecordBatch::try_new(schema.clone(), arrays).map_err(aerr)?;
+            writer.write(&batch).map_err(aerr)?;
+        }
+        writer.finish().map_err(aerr)
+    })?;
+    // A content fingerprint (datasets uses a random/hash string; any hex string is accepted).
+    let fingerprint = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for r in rows {
+            for v in r.values() {
+                h.update(v.as_bytes());
+                h.update([0]);
+            }
+        }
+        format!("{:x}", h.finalize())[..16].to_string()
+    };
+    let info = serde_json::json!({"citation": "", "description": "", "features": features_json(), "homepage": "", "license": ""});
+    let state = serde_json::json!({
+        "_data_files": [{"filename": shard}],
+        "_fingerprint": fingerprint,
+        "_format_columns": null,
+        "_format_kwargs": {},
+        "_format_type": null,
+        "_output_all_columns": false,
+        "_split": null
+    });
+    for (name, v) in [("dataset_info.json", info), ("state.json", state)] {
+        let p = dir.join(name);
+        let text = serde_json::to_string_pretty(&v).map_err(|e| Error::file(&p, e.to_string()))?;
+        std::fs::write(&p, text).map_err(|e| Error::file(&p, format!("cannot write: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Write rows to `path`: a directory (save_to_disk format) when `path` has no `.jsonl`
+/// extension and `arrow` is requested, JSONL otherwise.
+pub fn write_dataset(path: &Path, rows: &[RavelRow], arrow: bool) -> Result<()> {
+    if arrow { write_arrow_dir(path, rows) } else { write_jsonl(path, rows) }
+}
