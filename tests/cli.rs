@@ -101,3 +101,130 @@ fn demo_and_fetch_list_run() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("unknown model `nonexistent-model`"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// hyperdas data
+
+#[test]
+fn data_kb_lists_domains_and_attributes() {
+    let o = hyperdas(&["data", "kb"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("city: 3552 entities") && out.contains("nobel_prize_winner: 928 entities"), "{out}");
+    assert!(out.contains("Country of Birth") && out.contains("Timezone") && out.contains("MIT"), "{out}");
+}
+
+#[test]
+fn data_build_without_filter_writes_jsonl_arrow_and_summaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let o = hyperdas(&["data", "build", "--no-filter", "--causal", "10", "--isolate", "2", "--out", out]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(stdout.contains("wrote 20 rows (10 causal, 10 isolate)"), "{stdout}");
+    for split in ["train", "test"] {
+        let rows = std::fs::read_to_string(dir.path().join(format!("city_country_{split}.jsonl"))).unwrap();
+        assert_eq!(rows.lines().count(), 20);
+        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(format!("city_country_{split}.summary.json"))).unwrap()).unwrap();
+        assert_eq!(s["split"], split);
+        assert_eq!(s["seed"], 42);
+        assert_eq!(s["rows"], 20);
+        assert_eq!(s["causal_rows"], 10);
+        assert!(s["filter"].is_null() && s["model"].is_null());
+    }
+    // No silent overwrite.
+    let o = hyperdas(&["data", "build", "--no-filter", "--causal", "10", "--isolate", "2", "--out", out]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("exists") && err.contains("--force"), "{err}");
+    // Arrow output, then read it back.
+    let o = hyperdas(&["data", "build", "--no-filter", "--split", "test", "--causal", "6", "--isolate", "1", "--format", "arrow", "--out", out, "--force"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let arrow = dir.path().join("city_country_test");
+    assert!(arrow.join("state.json").is_file());
+    let o = hyperdas(&["data", "show", arrow.to_str().unwrap(), "--head", "1"]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(stdout.contains("11 rows (6 causal, 5 isolate)") && stdout.contains("causal/Country"), "{stdout}");
+}
+
+#[test]
+fn data_build_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    for (args, want) in [
+        (vec!["--causal", "5"], vec!["--model is required", "--no-filter"]),
+        (vec!["--no-filter", "--attribute", "Population"], vec!["unknown attribute `Population`", "Country, Continent, Language, Latitude, Longitude, Timezone"]),
+        (vec!["--no-filter", "--domain", "planet"], vec!["unknown RAVEL domain `planet`", "city, nobel_prize_winner"]),
+        (vec!["--no-filter", "--split", "dev"], vec!["unknown split `dev`"]),
+        (vec!["--no-filter", "--entities", "some"], vec!["unknown entity policy"]),
+    ] {
+        let mut all = vec!["data", "build", "--out", out];
+        all.extend(args);
+        let o = hyperdas(&all);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{all:?}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{all:?}: want {w:?} in {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // A random tiny model knows no facts: a clear message, nothing written.
+    let model = fixture("tiny-llama");
+    let o = hyperdas(&["data", "build", "-m", model.to_str().unwrap(), "--split", "test", "--causal", "4", "--isolate", "1", "--out", out, "--quiet"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("causal/Country") && err.contains("no row survived the filter"), "{err}");
+    assert!(!dir.path().join("city_country_test.jsonl").exists());
+}
+
+#[test]
+fn data_show_and_convert_round_trip_and_report_bad_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("ravel/city_country_test.jsonl");
+    let arrow = dir.path().join("arrow");
+    let back = dir.path().join("back.jsonl");
+    let o = hyperdas(&["data", "convert", src.to_str().unwrap(), arrow.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let o = hyperdas(&["data", "convert", arrow.to_str().unwrap(), back.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), std::fs::read_to_string(&src).unwrap());
+
+    // Token view with the tiny tokenizer: entity (E) and label (L) roles are shown.
+    let model = fixture("tiny-llama");
+    let o = hyperdas(&["data", "show", src.to_str().unwrap(), "--head", "1", "-m", model.to_str().unwrap()]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(stdout.contains("base tokens") && stdout.contains("E]") && stdout.contains("L]"), "{stdout}");
+
+    let bad = dir.path().join("bad.jsonl");
+    let mut text_in = std::fs::read_to_string(&src).unwrap();
+    text_in.push_str("{\"input_prefix\": \"x\"}\n");
+    std::fs::write(&bad, text_in).unwrap();
+    let o = hyperdas(&["data", "show", bad.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("bad.jsonl") && err.contains("row 50") && err.contains("missing column"), "{err}");
+    let o = hyperdas(&["data", "show", bad.to_str().unwrap(), "--skip-bad-rows"]);
+    let (stdout, _) = text(&o);
+    assert!(o.status.success());
+    assert!(stdout.contains("skipped 1 malformed rows") && stdout.contains("row 50"), "{stdout}");
+}
+
+#[test]
+fn data_build_filters_with_smollm2() {
+    let Some(path) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let o = hyperdas(&["data", "build", "-m", path.to_str().unwrap(), "--split", "train", "--causal", "40", "--isolate", "8", "--out", dir.path().to_str().unwrap(), "--quiet"]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{err}");
+    assert!(err.contains("pass rate") && err.contains("causal/Country") && err.contains("isolate/Timezone"), "{err}");
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("city_country_train.summary.json")).unwrap()).unwrap();
+    let g = &s["filter"]["groups"]["causal/Country"];
+    assert_eq!(g["candidates"], 40);
+    let kept = g["kept"].as_u64().unwrap();
+    assert!(kept > 0 && kept < 40, "SmolLM2 knows some countries, not all: {kept}");
+    assert!(s["model"].as_str().unwrap().contains("Llama, 30 blocks"));
+    let rows = std::fs::read_to_string(dir.path().join("city_country_train.jsonl")).unwrap();
+    assert_eq!(rows.lines().count() as u64, s["rows"].as_u64().unwrap());
+}

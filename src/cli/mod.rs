@@ -166,6 +166,8 @@ fn demo() -> Result<()> {
     println!("                                              parity against a transformers dump");
     println!("  hyperdas info --model <dir|file.gguf|name>  configuration, tokenizer and intervention sites");
     println!("  hyperdas bench forward --model smollm2-135m tokens/s of a clean all-hidden-states pass");
+    println!("  hyperdas data kb                            the RAVEL knowledge base (embedded)");
+    println!("  hyperdas data build -m smollm2-135m         city Country train + test sets, filtered by what the model knows");
     println!();
     println!("Run them as `cargo run --release -- <command>` (e.g. `cargo run --release -- fetch smollm2-135m`),");
     println!("or put `hyperdas` on your PATH with `cargo install --path .`. Every command has --help.");
