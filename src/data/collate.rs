@@ -89,6 +89,9 @@ pub fn encode_prompt_with_label(tok: &TextTokenizer, prompt: &str, label: &str) 
     }
     let start = tok.start_token.map(|id| (vec![id], vec![(0, 0)])).unwrap_or_default();
     let n0 = start.0.len();
+    if n0 + first_label == 0 {
+        return Err(Error::invalid(format!("the prompt before the label {label:?} is empty and there is no start token: nothing predicts the first label token")));
+    }
     Ok(PromptWithLabel {
         ids: start.0.into_iter().chain(ids).collect(),
         label_start: n0 + first_label,
