@@ -29,5 +29,7 @@ pub mod params;
 pub mod parity;
 pub mod progress;
 pub mod rng;
+pub mod toy;
+pub mod train;
 
 pub use error::{Error, Result};

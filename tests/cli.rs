@@ -228,3 +228,36 @@ fn data_build_filters_with_smollm2() {
     let rows = std::fs::read_to_string(dir.path().join("city_country_train.jsonl")).unwrap();
     assert_eq!(rows.lines().count() as u64, s["rows"].as_u64().unwrap());
 }
+
+// ---------------------------------------------------------------------------------------------
+// hyperdas toy
+
+#[test]
+fn toy_tiny_trains_once_then_comes_from_the_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["toy", "--tiny", "--quiet"];
+        args.extend(extra);
+        Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(&args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs")
+    };
+    let o = run(&[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("toy model trained in") && out.contains("Timezone") && out.contains("held-out templates"), "{out}");
+    let o = run(&[]);
+    let (out, _) = text(&o);
+    assert!(o.status.success());
+    assert!(out.contains("toy model (cached"), "{out}");
+    // The cached directory loads as a model.
+    let dir = out.lines().find_map(|l| l.strip_prefix("use it: --model ")).expect("path").trim().to_string();
+    let o = hyperdas(&["info", "--model", &dir]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    // Overrides: unknown keys are errors that list the valid ones; a changed setting is a new model.
+    let o = run(&["--set", "widht=3"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("unknown setting") && err.contains("hidden_size"), "{err}");
+    let o = run(&["--set", "steps=5", "--show-config"]);
+    let (out, _) = text(&o);
+    assert!(out.contains("\"steps\": 5"), "{out}");
+}

@@ -4,6 +4,7 @@
 mod bench;
 mod data;
 mod info;
+mod toy;
 mod verify;
 
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ enum Command {
     Info(ModelArgs),
     /// Print next-token top-k for a few prompts; with --reference, diff against a transformers dump.
     VerifyModel(verify::VerifyArgs),
+    /// Train (or reuse from the cache) the toy world's model: a small Llama that knows RAVEL city facts.
+    Toy(toy::ToyArgs),
     /// RAVEL data: build counterfactual train/test sets, inspect the knowledge base, show and convert datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -123,6 +126,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(&a),
         Command::VerifyModel(a) => verify::run(&a),
         Command::Data(c) => data::run(&c),
+        Command::Toy(a) => toy::run(&a),
         Command::Bench(c) => bench::run(&c),
     }
 }

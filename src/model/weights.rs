@@ -15,6 +15,10 @@ use crate::error::{Error, Result};
 pub enum Weights {
     Safetensors(SafetensorsWeights),
     Gguf(GgufWeights),
+    /// In-memory tensors by HF name, e.g. the `Var`s of a model being trained: a model built
+    /// from them shares their storage, so optimizer updates are seen by the model and
+    /// gradients reach the variables.
+    Tensors(HashMap<String, Tensor>),
 }
 
 impl Weights {
@@ -23,6 +27,14 @@ impl Weights {
         let (t, path) = match self {
             Weights::Safetensors(w) => w.get(name, shape)?,
             Weights::Gguf(w) => w.get(name, shape)?,
+            Weights::Tensors(m) => {
+                let path = PathBuf::from("<in-memory weights>");
+                let t = m.get(name).ok_or_else(|| Error::tensor(&path, name, "missing"))?;
+                if t.dims() != shape {
+                    return Err(Error::tensor(&path, name, format!("has shape {:?}, expected {shape:?}", t.dims())));
+                }
+                (t.clone(), path)
+            }
         };
         let t = t.to_dtype(dtype).and_then(|t| t.to_device(device)).map_err(|e| Error::tensor(path, name, e.to_string()))?;
         Ok(t)
@@ -32,6 +44,7 @@ impl Weights {
         match self {
             Weights::Safetensors(w) => w.routing.contains_key(name),
             Weights::Gguf(w) => gguf::gguf_name(name).is_some_and(|g| w.file.tensors.contains_key(&g)),
+            Weights::Tensors(m) => m.contains_key(name),
         }
     }
 
@@ -40,6 +53,7 @@ impl Weights {
         match self {
             Weights::Safetensors(w) => w.routing.get(name).map(|&i| w.files[i].0.clone()).unwrap_or_else(|| w.describe_path.clone()),
             Weights::Gguf(w) => w.file.path.clone(),
+            Weights::Tensors(_) => PathBuf::from("<in-memory weights>"),
         }
     }
 
@@ -48,6 +62,7 @@ impl Weights {
         match self {
             Weights::Safetensors(w) => w.routing.len(),
             Weights::Gguf(w) => w.file.tensors.len(),
+            Weights::Tensors(m) => m.len(),
         }
     }
 

@@ -1,0 +1,128 @@
+//! `hyperdas toy`: train (or reuse) the toy world's model and print its accuracy.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::toy::{self, TARGET_HELD_OUT, TARGET_TRAIN, ToyConfig};
+
+#[derive(Args, Debug)]
+pub struct ToyArgs {
+    /// Also copy the model directory here (it is always kept in the cache).
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Cities in the world (default 200).
+    #[arg(long)]
+    cities: Option<usize>,
+    /// Training steps (default 1500).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// The small test variant (24 cities, one block; seconds to train).
+    #[arg(long)]
+    tiny: bool,
+    /// Override any setting: `--set lr=0.003 --set hidden_size=96` (see `hyperdas toy --show-config`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the resolved settings and exit.
+    #[arg(long)]
+    show_config: bool,
+    /// Retrain even if the cache has this model.
+    #[arg(long)]
+    force: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+pub fn run(a: &ToyArgs) -> Result<()> {
+    let mut cfg = if a.tiny { ToyConfig::tiny() } else { ToyConfig::standard() };
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    if let Some(c) = a.cities {
+        cfg.cities = c;
+    }
+    if let Some(s) = a.steps {
+        if s == 0 {
+            bail!("--steps must be at least 1");
+        }
+        cfg.steps = s;
+    }
+    cfg = apply_overrides(&cfg, &a.set)?;
+    if a.show_config {
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        println!("cache: {}", toy::cache_path(&cfg)?.display());
+        return Ok(());
+    }
+    let t0 = std::time::Instant::now();
+    let m = toy::ensure(&cfg, a.force, !a.quiet)?;
+    let r = &m.report;
+    if m.cached {
+        println!("toy model (cached, {:.2} s): {}", t0.elapsed().as_secs_f64(), m.dir.display());
+    } else {
+        println!("toy model trained in {:.1} s ({} steps, {} threads): {}", r.train_seconds, r.config.steps, r.threads, m.dir.display());
+    }
+    println!(
+        "  {} cities, vocab {}, {:.2}M parameters ({} blocks, d={}, {} heads, ff {}), {} training / {} held-out prompts",
+        r.cities,
+        r.vocab_size,
+        r.parameters as f64 / 1e6,
+        r.config.layers,
+        r.config.hidden_size,
+        r.config.heads,
+        r.config.intermediate_size,
+        r.train_examples,
+        r.held_out_examples
+    );
+    println!("  first-token accuracy   training templates   held-out templates");
+    for acc in &r.accuracy {
+        let flag = if acc.train >= TARGET_TRAIN && acc.held_out >= TARGET_HELD_OUT { "" } else { "  (below target)" };
+        println!("  {:<20} {:>12.1}%  {:>18.1}%{flag}", acc.attribute, 100.0 * acc.train, 100.0 * acc.held_out);
+    }
+    if !r.meets_targets() {
+        eprintln!("warning: below the targets ({:.0}% on training templates, {:.0}% held out) for some attribute", 100.0 * TARGET_TRAIN, 100.0 * TARGET_HELD_OUT);
+    }
+    if let Some(out) = &a.out {
+        std::fs::create_dir_all(out)?;
+        for entry in walk(&m.dir)? {
+            let rel = entry.strip_prefix(&m.dir)?;
+            let dest = out.join(rel);
+            if let Some(p) = dest.parent() {
+                std::fs::create_dir_all(p)?;
+            }
+            std::fs::copy(&entry, &dest)?;
+        }
+        println!("copied to {}", out.display());
+    }
+    println!("use it: --model {}", a.out.as_ref().unwrap_or(&m.dir).display());
+    Ok(())
+}
+
+/// Apply `key=value` overrides to the settings (values parsed as JSON, else taken as strings);
+/// an unknown key is an error listing the valid ones.
+fn apply_overrides(cfg: &ToyConfig, sets: &[String]) -> Result<ToyConfig> {
+    let mut v = serde_json::to_value(cfg)?;
+    let keys: Vec<String> = v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    for s in sets {
+        let Some((k, val)) = s.split_once('=') else { bail!("--set {s:?}: expected KEY=VALUE") };
+        let k = k.trim();
+        if !keys.iter().any(|x| x == k) {
+            bail!("--set {k}: unknown setting; valid: {}", keys.join(", "));
+        }
+        let parsed = serde_json::from_str(val.trim()).unwrap_or_else(|_| serde_json::Value::String(val.trim().to_string()));
+        v[k] = parsed;
+    }
+    serde_json::from_value(v).map_err(|e| anyhow::anyhow!("--set: {e}"))
+}
+
+fn walk(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() { out.extend(walk(&p)?) } else { out.push(p) }
+    }
+    Ok(out)
+}

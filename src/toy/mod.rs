@@ -1,0 +1,202 @@
+//! `hyperdas toy`: a small Llama trained from scratch on RAVEL city facts — the fast, offline
+//! target model for development, tests and the demo. We control this world, so we know what
+//! the model knows.
+//!
+//! * [`world`]: cities, templates (training / held-out), sentences, the word-level tokenizer;
+//! * [`train`]: initialisation, the pre-training loop (shared `crate::train` AdamW, schedule,
+//!   metrics), first-token accuracy, the HF export.
+//!
+//! The result is an HF directory (`config.json`, `model.safetensors`, `tokenizer.json`,
+//! `tokenizer_config.json`) that our loader and transformers load, plus `toy.json` (settings,
+//! accuracy, timing), `metrics.jsonl` (the pre-training curve), `world.json`, and `ravel/`: the
+//! toy world as a RAVEL knowledge base (`hyperdas data build --kb-dir <dir>/ravel --domain city`).
+//! It is cached under `<cache>/toy/<key>`, the key a hash of the settings, so later commands
+//! reuse it.
+
+pub mod train;
+pub mod world;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{LlamaConfig, TextTokenizer};
+pub use train::{AttributeAccuracy, ToyConfig};
+use world::World;
+
+/// Bumped whenever the world, the tokenizer or the training code changes what a config produces.
+pub const TOY_FORMAT: u32 = 2;
+
+/// Accuracy targets: first-token accuracy per attribute.
+pub const TARGET_TRAIN: f64 = 0.98;
+pub const TARGET_HELD_OUT: f64 = 0.90;
+
+/// `toy.json`: what was trained and how well it knows its facts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToyReport {
+    pub format: u32,
+    pub config: ToyConfig,
+    pub key: String,
+    pub cities: usize,
+    pub vocab_size: usize,
+    pub parameters: usize,
+    pub train_examples: usize,
+    pub held_out_examples: usize,
+    pub accuracy: Vec<AttributeAccuracy>,
+    /// Accuracy of every template, training and held-out.
+    pub templates: Vec<train::TemplateAccuracy>,
+    pub train_seconds: f64,
+    pub threads: usize,
+}
+
+impl ToyReport {
+    /// Does every attribute meet the targets?
+    pub fn meets_targets(&self) -> bool {
+        self.accuracy.iter().all(|a| a.train >= TARGET_TRAIN && a.held_out >= TARGET_HELD_OUT)
+    }
+}
+
+/// A trained toy model on disk.
+#[derive(Debug, Clone)]
+pub struct ToyModel {
+    pub dir: PathBuf,
+    pub report: ToyReport,
+    /// Loaded from the cache rather than trained now.
+    pub cached: bool,
+}
+
+/// Cache key of a configuration.
+pub fn cache_key(cfg: &ToyConfig) -> String {
+    use sha2::Digest;
+    let text = format!("toy-format-{TOY_FORMAT}:{}", serde_json::to_string(cfg).unwrap_or_default());
+    format!("{:x}", sha2::Sha256::digest(text.as_bytes()))[..12].to_string()
+}
+
+/// Where a configuration is cached.
+pub fn cache_path(cfg: &ToyConfig) -> Result<PathBuf> {
+    Ok(crate::fetch::cache_dir()?.join("toy").join(cache_key(cfg)))
+}
+
+fn read_report(dir: &Path) -> Option<ToyReport> {
+    let text = std::fs::read_to_string(dir.join("toy.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The cached model for `cfg`, training it first if needed (or if `force`).
+pub fn ensure(cfg: &ToyConfig, force: bool, progress: bool) -> Result<ToyModel> {
+    let dir = cache_path(cfg)?;
+    if !force {
+        if let Some(report) = read_report(&dir).filter(|r| r.config == *cfg && r.format == TOY_FORMAT) {
+            if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
+                return Ok(ToyModel { dir, report, cached: true });
+            }
+        }
+    }
+    let report = build_into(cfg, &dir, progress)?;
+    Ok(ToyModel { dir, report, cached: false })
+}
+
+/// Build the world, train, evaluate and write everything into `dir` (atomically).
+pub fn build_into(cfg: &ToyConfig, dir: &Path, progress: bool) -> Result<ToyReport> {
+    let parent = dir.parent().ok_or_else(|| Error::file(dir, "has no parent directory"))?;
+    std::fs::create_dir_all(parent).map_err(|e| Error::file(parent, format!("cannot create: {e}")))?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+    let result = write_toy(cfg, &tmp, &cache_key(cfg), progress);
+    match result {
+        Ok(report) => {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
+            }
+            std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, format!("cannot move the toy model into place: {e}")))?;
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::invalid(e.to_string()))?;
+    std::fs::write(path, text).map_err(|e| Error::file(path, format!("cannot write: {e}")))
+}
+
+fn write_toy(cfg: &ToyConfig, dir: &Path, key: &str, progress: bool) -> Result<ToyReport> {
+    if cfg.hidden_size % cfg.heads != 0 {
+        return Err(Error::invalid(format!("hidden_size {} is not a multiple of heads {}", cfg.hidden_size, cfg.heads)));
+    }
+    let world = World::build(cfg.cities, cfg.seed)?;
+    let tokenizer = world.tokenizer()?;
+    let tok_path = dir.join("tokenizer.json");
+    tokenizer.save(&tok_path, true).map_err(|e| Error::file(&tok_path, format!("cannot write: {e}")))?;
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &serde_json::json!({"bos_token": world::BOS, "eos_token": world::EOS, "pad_token": world::PAD, "unk_token": world::UNK,
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 128, "clean_up_tokenization_spaces": false}),
+    )?;
+    write_json(&dir.join("world.json"), &world)?;
+    write_ravel_kb(&world, &dir.join("ravel"))?;
+    let tok = TextTokenizer::from_hf_dir(dir)?;
+    let vocab_size = tok.vocab_size();
+    let config_json = cfg.llama_config(vocab_size);
+    let llama = LlamaConfig::from_hf_json(&config_json, &dir.join("config.json"))?;
+    let mut log = crate::train::MetricsLog::create(&dir.join("metrics.jsonl"))?;
+    let t0 = Instant::now();
+    let (params, model) = train::pretrain(cfg, &world, &tok, &llama, &mut log, progress)?;
+    let train_seconds = t0.elapsed().as_secs_f64();
+    let accuracy = train::evaluate(&model, &tok, &world)?;
+    let templates = train::evaluate_templates(&model, &tok, &world)?;
+    train::save_hf(dir, &config_json, &params)?;
+    let report = ToyReport {
+        format: TOY_FORMAT,
+        config: cfg.clone(),
+        key: key.to_string(),
+        cities: world.cities.len(),
+        vocab_size,
+        parameters: params.num_elements(),
+        train_examples: world.examples(true).len(),
+        held_out_examples: world.examples(false).len(),
+        accuracy,
+        templates,
+        train_seconds,
+        threads: candle_core::utils::get_num_threads(),
+    };
+    write_json(&dir.join("toy.json"), &report)?;
+    Ok(report)
+}
+
+/// The toy world as a RAVEL knowledge base (`entities.tsv`, `templates.json`,
+/// `template_splits.json`): training templates are `train`, held-out ones `test`; every
+/// city is a `train` entity (the toy world holds out phrasings, not facts).
+fn write_ravel_kb(world: &World, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create: {e}")))?;
+    let mut tsv = String::from("entity\tsplit");
+    for a in &world.attributes {
+        tsv += &format!("\t{}", crate::data::ravel::column_name(a));
+    }
+    tsv.push('\n');
+    let mut cities = world.cities.clone();
+    cities.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, values) in &cities {
+        tsv += &format!("{name}\ttrain\t{}\n", values.join("\t"));
+    }
+    let p = dir.join("entities.tsv");
+    std::fs::write(&p, tsv).map_err(|e| Error::file(&p, format!("cannot write: {e}")))?;
+    let mut templates = serde_json::Map::new();
+    let mut splits = serde_json::Map::new();
+    for (i, a) in world.attributes.iter().enumerate() {
+        let list: Vec<serde_json::Value> = world.templates.iter().filter(|t| t.attribute == i).map(|t| serde_json::Value::String(t.text.clone())).collect();
+        templates.insert(a.clone(), serde_json::Value::Array(list));
+    }
+    for t in &world.templates {
+        splits.insert(t.text.clone(), serde_json::Value::String(if t.train { "train" } else { "test" }.into()));
+    }
+    write_json(&dir.join("templates.json"), &templates)?;
+    write_json(&dir.join("template_splits.json"), &splits)
+}

@@ -1,0 +1,344 @@
+//! Pre-training the toy model: a Llama-architecture model built by our own `model/` code from
+//! `Var`s, trained with [`crate::train`]'s AdamW and schedule on the toy world's facts.
+//!
+//! Objective: cross-entropy on the value tokens of `<s> prompt value` (teacher-forced), over
+//! every training template of every attribute and city. Only the answer is scored: prompts
+//! are fixed text and city names are unpredictable, so their tokens would only add noise.
+//! Metric: first-token accuracy per attribute (arg-max at the first value token), on the
+//! training templates and on the held-out templates (facts seen, phrasings not).
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{D, DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::world::{Example, World};
+use crate::data::collate::encode_prompt_with_label;
+use crate::error::{Error, Result};
+use crate::model::{Llama, LlamaConfig, TextTokenizer, TokenBatch};
+use crate::params::ParamStore;
+use crate::rng::Rng;
+use crate::train::{AdamW, AdamWConfig, Decay, MetricsLog, Schedule};
+
+/// Settings of a toy world and its model. Every field is part of the cache key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToyConfig {
+    pub seed: u64,
+    /// Cities drawn from RAVEL (the six few-shot exemplars included).
+    pub cities: usize,
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate_size: usize,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    /// Steps between accuracy measurements on a sample (for the curve).
+    pub eval_every: usize,
+}
+
+impl ToyConfig {
+    /// The default toy world (docs/toy.md).
+    pub fn standard() -> Self {
+        ToyConfig { seed: 0, cities: 200, hidden_size: 128, layers: 2, heads: 4, intermediate_size: 512, steps: 1000, batch_size: 64, lr: 3e-3, warmup_steps: 100, weight_decay: 0.1, eval_every: 200 }
+    }
+
+    /// A smaller variant of the same code path, for tests.
+    pub fn tiny() -> Self {
+        ToyConfig { seed: 0, cities: 24, hidden_size: 64, layers: 1, heads: 4, intermediate_size: 256, steps: 300, batch_size: 32, lr: 1e-2, warmup_steps: 20, weight_decay: 0.0, eval_every: 50 }
+    }
+
+    /// The HF configuration of the model.
+    pub fn llama_config(&self, vocab_size: usize) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.heads,
+            "head_dim": self.hidden_size / self.heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": 128,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "tie_word_embeddings": false,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 2,
+            "torch_dtype": "float32"
+        })
+    }
+}
+
+/// Accuracy of one attribute.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttributeAccuracy {
+    pub attribute: String,
+    /// First-token accuracy on training templates.
+    pub train: f64,
+    /// First-token accuracy on held-out templates.
+    pub held_out: f64,
+}
+
+/// Standard normal draws (Box–Muller) from our seeded generator: the initialisation does not
+/// depend on candle's RNG, so it is the same on every machine and version.
+fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1 = rng.uniform().max(1e-300);
+            let u2 = rng.uniform();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect()
+}
+
+/// Register the model's parameters under their HF names (GPT-2/Llama-style initialisation:
+/// N(0, 0.02), output projections scaled by 1/√(2L), norms at 1).
+pub fn init_params(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<ParamStore> {
+    let mut rng = Rng::derive(seed, "toy/init");
+    let mut ps = ParamStore::new();
+    let (v, d, f, l) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers);
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
+    let std = 0.02;
+    let out_std = std / (2.0 * l as f64).sqrt();
+    let mut mat = |ps: &mut ParamStore, name: String, rows: usize, cols: usize, s: f64| -> Result<()> {
+        ps.add(name, Tensor::from_vec(normal(&mut rng, rows * cols, s), (rows, cols), device)?)?;
+        Ok(())
+    };
+    mat(&mut ps, "model.embed_tokens.weight".into(), v, d, std)?;
+    for i in 0..l {
+        let p = format!("model.layers.{i}");
+        ps.add(format!("{p}.input_layernorm.weight"), Tensor::ones(d, DType::F32, device)?)?;
+        mat(&mut ps, format!("{p}.self_attn.q_proj.weight"), q, d, std)?;
+        mat(&mut ps, format!("{p}.self_attn.k_proj.weight"), kv, d, std)?;
+        mat(&mut ps, format!("{p}.self_attn.v_proj.weight"), kv, d, std)?;
+        mat(&mut ps, format!("{p}.self_attn.o_proj.weight"), d, q, out_std)?;
+        ps.add(format!("{p}.post_attention_layernorm.weight"), Tensor::ones(d, DType::F32, device)?)?;
+        mat(&mut ps, format!("{p}.mlp.gate_proj.weight"), f, d, std)?;
+        mat(&mut ps, format!("{p}.mlp.up_proj.weight"), f, d, std)?;
+        mat(&mut ps, format!("{p}.mlp.down_proj.weight"), d, f, out_std)?;
+    }
+    ps.add("model.norm.weight", Tensor::ones(d, DType::F32, device)?)?;
+    mat(&mut ps, "lm_head.weight".into(), v, d, std)?;
+    Ok(ps)
+}
+
+/// A model whose weights are the store's variables (shared storage: updates are seen, gradients flow).
+pub fn model_from_params(ps: &ParamStore, cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
+    let tensors = ps.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
+    Llama::load(&crate::model::weights::Weights::Tensors(tensors), cfg, DType::F32, device)
+}
+
+/// A tokenised example: ids (with the start token), first value token index.
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub label_start: usize,
+    pub attribute: usize,
+}
+
+pub fn encode_examples(tok: &TextTokenizer, examples: &[Example]) -> Result<Vec<Encoded>> {
+    examples
+        .iter()
+        .map(|e| {
+            let p = encode_prompt_with_label(tok, &e.prompt, &e.value)?;
+            Ok(Encoded { ids: p.ids, label_start: p.label_start, attribute: e.attribute })
+        })
+        .collect()
+}
+
+/// Left-padded batch; positions `[B, K]` predicting the first `k` value tokens (`k = 1` for
+/// accuracy, all of them for the loss), targets, and validity.
+fn batch_of(items: &[&Encoded], all_labels: bool, pad: u32, device: &Device) -> Result<(TokenBatch, Tensor, Vec<u32>, Vec<f32>, usize)> {
+    let seqs: Vec<Vec<u32>> = items.iter().map(|e| e.ids.clone()).collect();
+    let batch = TokenBatch::left_padded(&seqs, pad, device)?;
+    let (b, t) = batch.dims();
+    let k = if all_labels { items.iter().map(|e| e.ids.len() - e.label_start).max().unwrap_or(1) } else { 1 };
+    let (mut pos, mut tgt, mut valid) = (Vec::with_capacity(b * k), Vec::with_capacity(b * k), Vec::with_capacity(b * k));
+    for e in items {
+        let shift = t - e.ids.len();
+        let n = e.ids.len() - e.label_start;
+        for j in 0..k {
+            let p = e.label_start + j.min(n - 1);
+            pos.push((shift + p - 1) as u32);
+            tgt.push(e.ids[p]);
+            valid.push(if j < n { 1.0 } else { 0.0 });
+        }
+    }
+    let positions = Tensor::from_vec(pos, (b, k), device)?; // [B, K]
+    Ok((batch, positions, tgt, valid, k))
+}
+
+/// Masked mean cross-entropy of `logits [B, K, V]` against `targets` (composed ops only).
+fn cross_entropy(logits: &Tensor, targets: &[u32], valid: &[f32]) -> Result<Tensor> {
+    let (b, k, v) = logits.dims3()?;
+    let max = logits.max_keepdim(D::Minus1)?.detach(); // [B, K, 1]
+    let shifted = logits.broadcast_sub(&max)?; // [B, K, V]
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // [B, K, 1]
+    let logp = shifted.broadcast_sub(&lse)?; // [B, K, V]
+    let mut onehot = vec![0f32; b * k * v];
+    for (i, &t) in targets.iter().enumerate() {
+        onehot[i * v + t as usize] = valid[i];
+    }
+    let onehot = Tensor::from_vec(onehot, (b, k, v), logits.device())?; // [B, K, V], weighted by validity
+    let n: f32 = valid.iter().sum();
+    Ok((logp * onehot)?.sum_all()?.affine(-1.0 / n.max(1.0) as f64, 0.0)?)
+}
+
+/// First-token accuracy per attribute over `items`.
+pub fn accuracy(model: &Llama, items: &[Encoded], n_attributes: usize, pad: u32, batch_size: usize) -> Result<Vec<f64>> {
+    let mut hit = vec![0usize; n_attributes];
+    let mut all = vec![0usize; n_attributes];
+    let refs: Vec<&Encoded> = items.iter().collect();
+    for chunk in refs.chunks(batch_size.max(1)) {
+        let (batch, positions, targets, _, _) = batch_of(chunk, false, pad, model.device())?;
+        let h = model.forward_hidden(&batch, Some(&[]))?;
+        let pred = model.logits_at(&h.final_normed, &positions)?.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?; // [B]
+        for ((e, p), t) in chunk.iter().zip(pred).zip(targets) {
+            all[e.attribute] += 1;
+            hit[e.attribute] += usize::from(p == t);
+        }
+    }
+    Ok(hit.iter().zip(&all).map(|(&h, &a)| if a == 0 { 0.0 } else { h as f64 / a as f64 }).collect())
+}
+
+/// Batches per length bucket.
+const BUCKET: usize = 16;
+
+/// Train on `world` and return the parameters; `log` receives the curve.
+pub fn pretrain(
+    cfg: &ToyConfig,
+    world: &World,
+    tok: &TextTokenizer,
+    llama: &LlamaConfig,
+    log: &mut MetricsLog,
+    progress: bool,
+) -> Result<(ParamStore, Llama)> {
+    let device = Device::Cpu;
+    let train = encode_examples(tok, &world.examples(true))?;
+    let held = encode_examples(tok, &world.examples(false))?;
+    let pad = tok.padding_id();
+    let params = init_params(llama, cfg.seed, &device)?;
+    let model = model_from_params(&params, llama, &device)?;
+    let mut opt = AdamW::new(&params, AdamWConfig { weight_decay: cfg.weight_decay, beta2: 0.99, ..Default::default() })?;
+    let schedule = Schedule { peak: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, decay: Decay::Cosine, min_ratio: 0.05 };
+    let mut rng = Rng::derive(cfg.seed, "toy/batches");
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut cursor = order.len();
+    let mut queue: Vec<Vec<usize>> = Vec::new();
+    // Fixed samples for the curve.
+    let sample = |items: &[Encoded], label: &str| -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..items.len()).collect();
+        Rng::derive(cfg.seed, label).shuffle(&mut idx);
+        idx.truncate(300);
+        idx
+    };
+    let train_sample: Vec<Encoded> = sample(&train, "toy/sample-train").into_iter().map(|i| Encoded { ids: train[i].ids.clone(), label_start: train[i].label_start, attribute: train[i].attribute }).collect();
+    let held_sample: Vec<Encoded> = sample(&held, "toy/sample-held").into_iter().map(|i| Encoded { ids: held[i].ids.clone(), label_start: held[i].label_start, attribute: held[i].attribute }).collect();
+    let pb = crate::progress::bar(cfg.steps as u64, "training the toy model [{bar:30}] {pos}/{len} steps {elapsed} (eta {eta}) {msg}", progress);
+    let t0 = Instant::now();
+    let mut ema = None;
+    for step in 0..cfg.steps {
+        // Length bucketing: every BUCKET batches, draw BUCKET × B examples, sort them by
+        // length and cut them into batches (served in random order): far less padding.
+        if queue.is_empty() {
+            let mut pool = Vec::with_capacity(BUCKET * cfg.batch_size);
+            while pool.len() < BUCKET * cfg.batch_size {
+                if cursor == order.len() {
+                    rng.shuffle(&mut order);
+                    cursor = 0;
+                }
+                pool.push(order[cursor]);
+                cursor += 1;
+            }
+            pool.sort_by_key(|&i| train[i].ids.len());
+            queue = pool.chunks(cfg.batch_size).map(|c| c.to_vec()).collect();
+            rng.shuffle(&mut queue);
+        }
+        let picked = queue.pop().unwrap_or_default();
+        let items: Vec<&Encoded> = picked.iter().map(|&i| &train[i]).collect();
+        let (batch, positions, targets, valid, _) = batch_of(&items, true, pad, &device)?;
+        let h = model.forward_hidden(&batch, Some(&[]))?;
+        let logits = model.logits_at(&h.final_normed, &positions)?; // [B, K, V]
+        let loss = cross_entropy(&logits, &targets, &valid)?;
+        let grads = loss.backward()?;
+        if step == 0 {
+            params.check_gradients(&grads)?;
+        }
+        let lr = schedule.lr(step);
+        let info = opt.step(&grads, lr)?;
+        let l = loss.to_scalar::<f32>()? as f64;
+        if !l.is_finite() {
+            return Err(Error::invalid(format!("the toy model's loss became {l} at step {step}")));
+        }
+        ema = Some(ema.map_or(l, |e: f64| 0.9 * e + 0.1 * l));
+        let mut record = serde_json::json!({"step": step + 1, "loss": l, "lr": lr, "grad_norm": info.grad_norm, "seconds": t0.elapsed().as_secs_f64()});
+        if (step + 1) % cfg.eval_every == 0 || step + 1 == cfg.steps {
+            let tr = accuracy(&model, &train_sample, world.attributes.len(), pad, 128)?;
+            let ho = accuracy(&model, &held_sample, world.attributes.len(), pad, 128)?;
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            record["train_accuracy"] = serde_json::json!(mean(&tr));
+            record["held_out_accuracy"] = serde_json::json!(mean(&ho));
+            pb.set_message(format!("loss {:.3} acc {:.2}/{:.2}", ema.unwrap_or(l), mean(&tr), mean(&ho)));
+        } else if step % 10 == 0 {
+            pb.set_message(format!("loss {:.3}", ema.unwrap_or(l)));
+        }
+        log.log(&record)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok((params, model))
+}
+
+/// Accuracy of one template.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TemplateAccuracy {
+    pub attribute: String,
+    pub template: String,
+    /// false: held out.
+    pub train: bool,
+    pub accuracy: f64,
+}
+
+/// Full per-attribute accuracy on training and held-out templates.
+pub fn evaluate(model: &Llama, tok: &TextTokenizer, world: &World) -> Result<Vec<AttributeAccuracy>> {
+    let pad = tok.padding_id();
+    let tr = accuracy(model, &encode_examples(tok, &world.examples(true))?, world.attributes.len(), pad, 128)?;
+    let ho = accuracy(model, &encode_examples(tok, &world.examples(false))?, world.attributes.len(), pad, 128)?;
+    Ok(world.attributes.iter().enumerate().map(|(i, a)| AttributeAccuracy { attribute: a.clone(), train: tr[i], held_out: ho[i] }).collect())
+}
+
+/// First-token accuracy of every template (which phrasings the model has not generalised to).
+pub fn evaluate_templates(model: &Llama, tok: &TextTokenizer, world: &World) -> Result<Vec<TemplateAccuracy>> {
+    let pad = tok.padding_id();
+    let mut out = Vec::new();
+    for train in [true, false] {
+        let examples = world.examples(train);
+        let enc = encode_examples(tok, &examples)?;
+        // Reuse the per-"attribute" counter with the template index as the class.
+        let by_template: Vec<Encoded> = enc.into_iter().zip(&examples).map(|(e, x)| Encoded { attribute: x.template, ..e }).collect();
+        let acc = accuracy(model, &by_template, world.templates.len(), pad, 128)?;
+        for (t, tpl) in world.templates.iter().enumerate().filter(|(_, t)| t.train == train) {
+            out.push(TemplateAccuracy { attribute: world.attributes[tpl.attribute].clone(), template: tpl.text.clone(), train, accuracy: acc[t] });
+        }
+    }
+    Ok(out)
+}
+
+/// Write the HF directory: config.json, model.safetensors, tokenizer files.
+pub fn save_hf(dir: &Path, config_json: &serde_json::Value, params: &ParamStore) -> Result<()> {
+    let cfg_path = dir.join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(config_json).map_err(|e| Error::invalid(e.to_string()))?).map_err(|e| Error::file(&cfg_path, format!("cannot write: {e}")))?;
+    let tensors: std::collections::HashMap<String, Tensor> = params.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! The toy world: a subset of RAVEL cities with all six attributes, our own prompt templates
+//! (plain, question, few-shot and JSON-style, each attribute with training and held-out
+//! templates), the sentences built from them, and a word-level tokenizer.
+//!
+//! Tokenizer choice: **word-level** (`tokenizers` `WordLevel`), pre-tokenised by whitespace
+//! and by isolating the punctuation `{ } [ ] " : , . ? !`. A city name is one token per word
+//! ("Tokyo" = 1, "New York City" = 3), and most values are one token ("Europe/Paris", "-23");
+//! multi-word values ("United States", "North America") and language lists ("Arabic,Armenian")
+//! are a few. The vocabulary is exactly the words of the world, so nothing is ever unknown.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, PreTokenizerWrapper, Tokenizer};
+
+use crate::data::ravel::KnowledgeBase;
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+pub const BOS: &str = "<|begin_of_text|>";
+pub const EOS: &str = "<|end_of_text|>";
+pub const PAD: &str = "<|pad|>";
+pub const UNK: &str = "[UNK]";
+/// Characters split off as their own tokens.
+const PUNCTUATION: &str = r#"[{}\[\]":,.?!()]"#;
+
+/// (attribute, keyword used in the templates, exemplar city for few-shot templates).
+const ATTRIBUTES: [(&str, &str, &str); 6] = [
+    ("Country", "country", "Paris"),
+    ("Continent", "continent", "Tokyo"),
+    ("Language", "language", "Berlin"),
+    ("Latitude", "latitude", "Sydney"),
+    ("Longitude", "longitude", "Toronto"),
+    ("Timezone", "timezone", "Cairo"),
+];
+
+/// Templates shared by every attribute: `{k}` keyword, `{X}` exemplar city, `{V}` its value.
+/// Held-out templates are new strings that recombine the training phrasings (as RAVEL's
+/// val/test templates paraphrase its train templates); none is ever trained on.
+const TRAIN_TEMPLATES: [&str; 9] = [
+    "The {k} of %s is",
+    "%s is a city whose {k} is",
+    "city: %s, {k}:",
+    "{\"city\": \"%s\", \"{k}\": \"",
+    "{X} has the {k} {V}. %s has the {k}",
+    "Q: What is the {k} of %s? A:",
+    "%s ({k}):",
+    "The {k} for %s is",
+    "[{\"city\": \"{X}\", \"{k}\": \"{V}\"}, {\"city\": \"%s\", \"{k}\": \"",
+];
+const HELD_OUT_TEMPLATES: [&str; 3] = ["The {k} of the city %s is", "name: %s, {k}:", "{X} has the {k} {V}. The {k} of %s is"];
+
+/// One natural-language training template per attribute, without the keyword.
+fn natural_template(attribute: &str) -> &'static str {
+    match attribute {
+        "Country" => "%s is a city in the country of",
+        "Continent" => "%s is a city on the continent of",
+        "Language" => "People in %s speak",
+        "Latitude" => "%s lies at the latitude of",
+        "Longitude" => "%s lies at the longitude of",
+        _ => "The clocks in %s follow the timezone",
+    }
+}
+
+/// A template of the toy world.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ToyTemplate {
+    pub attribute: usize,
+    pub text: String,
+    /// false: a held-out template, never trained on.
+    pub train: bool,
+}
+
+/// Cities, attributes, templates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct World {
+    pub attributes: Vec<String>,
+    /// (city, values in `attributes` order).
+    pub cities: Vec<(String, Vec<String>)>,
+    pub templates: Vec<ToyTemplate>,
+}
+
+/// One fact in one template: `prompt` + `" "` + `value`.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub city: usize,
+    pub attribute: usize,
+    pub template: usize,
+    pub prompt: String,
+    pub value: String,
+}
+
+impl World {
+    /// `n` cities from the RAVEL city knowledge base (the six exemplars always included),
+    /// chosen by `seed` among cities with every value known and no mis-encoded characters.
+    pub fn build(n: usize, seed: u64) -> Result<World> {
+        let kb = KnowledgeBase::builtin("city")?;
+        let attr_idx: Vec<usize> = ATTRIBUTES.iter().map(|(a, _, _)| kb.attribute(a)).collect::<Result<_>>()?;
+        let clean = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic() || c == ' ');
+        let mut pool: Vec<usize> = (0..kb.entities.len())
+            .filter(|&i| {
+                let e = &kb.entities[i];
+                clean(&e.name) && attr_idx.iter().all(|&a| clean(&e.values[a]))
+            })
+            .collect();
+        let exemplars: Vec<usize> = ATTRIBUTES
+            .iter()
+            .map(|(_, _, x)| kb.entities.iter().position(|e| e.name == *x).ok_or_else(|| Error::invalid(format!("exemplar city {x} is not in the knowledge base"))))
+            .collect::<Result<_>>()?;
+        if n < exemplars.len() || n > pool.len() {
+            return Err(Error::invalid(format!("the toy world needs between {} and {} cities, got {n}", exemplars.len(), pool.len())));
+        }
+        pool.retain(|i| !exemplars.contains(i));
+        Rng::derive(seed, "toy/cities").shuffle(&mut pool);
+        let mut chosen = exemplars.clone();
+        chosen.extend(pool.into_iter().take(n - exemplars.len()));
+        chosen.sort_unstable();
+        let cities: Vec<(String, Vec<String>)> =
+            chosen.iter().map(|&i| (kb.entities[i].name.clone(), attr_idx.iter().map(|&a| kb.entities[i].values[a].clone()).collect())).collect();
+        let mut templates = Vec::new();
+        for (a, (name, keyword, _)) in ATTRIBUTES.iter().enumerate() {
+            let x = &kb.entities[exemplars[a]];
+            let v = &x.values[attr_idx[a]];
+            let fill = |t: &str| t.replace("{k}", keyword).replace("{X}", &x.name).replace("{V}", v);
+            for t in TRAIN_TEMPLATES.iter().copied().chain([natural_template(name)]) {
+                templates.push(ToyTemplate { attribute: a, text: fill(t), train: true });
+            }
+            for t in HELD_OUT_TEMPLATES {
+                templates.push(ToyTemplate { attribute: a, text: fill(t), train: false });
+            }
+        }
+        Ok(World { attributes: ATTRIBUTES.iter().map(|(a, _, _)| a.to_string()).collect(), cities, templates })
+    }
+
+    /// Every (city, template) fact, for training templates (`train`) or held-out ones.
+    pub fn examples(&self, train: bool) -> Vec<Example> {
+        let mut out = Vec::new();
+        for (t, tpl) in self.templates.iter().enumerate().filter(|(_, t)| t.train == train) {
+            for (c, (name, values)) in self.cities.iter().enumerate() {
+                out.push(Example { city: c, attribute: tpl.attribute, template: t, prompt: tpl.text.replacen("%s", name, 1), value: values[tpl.attribute].clone() });
+            }
+        }
+        out
+    }
+
+    /// Every text the tokenizer must cover.
+    fn texts(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.templates.iter().map(|t| t.text.replacen("%s", "", 1)).collect();
+        for (name, values) in &self.cities {
+            v.push(name.clone());
+            v.extend(values.iter().cloned());
+        }
+        v
+    }
+
+    /// The word-level tokenizer of this world (BOS prepended by the post-processor, as Llama's).
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        let pre = pre_tokenizer()?;
+        let mut words = BTreeSet::new();
+        for text in self.texts() {
+            let mut pts = PreTokenizedString::from(text.as_str());
+            pre.pre_tokenize(&mut pts).map_err(|e| Error::invalid(format!("pre-tokenising {text:?}: {e}")))?;
+            for (w, _, _) in pts.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+                words.insert(w.to_string());
+            }
+        }
+        let mut vocab: HashMap<String, u32> = HashMap::new();
+        for (i, s) in [BOS, EOS, PAD, UNK].iter().enumerate() {
+            vocab.insert(s.to_string(), i as u32);
+        }
+        for w in words {
+            let id = vocab.len() as u32;
+            vocab.entry(w).or_insert(id);
+        }
+        let model = tokenizers::models::wordlevel::WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token(UNK.into())
+            .build()
+            .map_err(|e| Error::invalid(format!("word-level model: {e}")))?;
+        let mut tok = Tokenizer::new(model);
+        tok.with_pre_tokenizer(Some(pre));
+        let post = TemplateProcessing::builder()
+            .try_single(format!("{BOS} $A"))
+            .map_err(|e| Error::invalid(format!("post-processor: {e}")))?
+            .special_tokens(vec![(BOS, 0)])
+            .build()
+            .map_err(|e| Error::invalid(format!("post-processor: {e}")))?;
+        tok.with_post_processor(Some(post));
+        let specials: Vec<tokenizers::AddedToken> = [BOS, EOS, PAD, UNK].iter().map(|s| tokenizers::AddedToken::from(s.to_string(), true)).collect();
+        tok.add_special_tokens(specials).map_err(|e| Error::invalid(format!("special tokens: {e}")))?;
+        Ok(tok)
+    }
+}
+
+fn pre_tokenizer() -> Result<PreTokenizerWrapper> {
+    let split = Split::new(SplitPattern::Regex(PUNCTUATION.into()), tokenizers::SplitDelimiterBehavior::Isolated, false)
+        .map_err(|e| Error::invalid(format!("pre-tokenizer: {e}")))?;
+    Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![PreTokenizerWrapper::WhitespaceSplit(WhitespaceSplit), PreTokenizerWrapper::Split(split)])))
+}
