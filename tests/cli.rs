@@ -257,6 +257,10 @@ fn toy_tiny_trains_once_then_comes_from_the_cache() {
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("unknown setting") && err.contains("hidden_size"), "{err}");
+    let o = run(&["--set", "batch_size=0"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("`batch_size` must be at least 1"), "{err}");
     let o = run(&["--set", "steps=5", "--show-config"]);
     let (out, _) = text(&o);
     assert!(out.contains("\"steps\": 5"), "{out}");

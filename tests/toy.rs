@@ -20,10 +20,11 @@ fn tiny_toy_trains_exports_and_reloads_with_the_same_accuracy() {
     for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "toy.json", "metrics.jsonl", "world.json", "ravel/entities.tsv", "ravel/templates.json", "ravel/template_splits.json"] {
         assert!(out.join(f).is_file(), "{f}");
     }
-    // The tiny variant learns its facts (thresholds for the standard model are in docs/toy.md).
+    // The tiny variant learns its facts (measured here: 100% / 95.8–100%; the margin allows
+    // for other CPUs summing in another order). The standard model's numbers: docs/toy.md.
     for a in &report.accuracy {
-        assert!(a.train >= 0.9, "{a:?}");
-        assert!(a.held_out >= 0.6, "{a:?}");
+        assert!(a.train >= 0.95, "{a:?}");
+        assert!(a.held_out >= 0.8, "{a:?}");
     }
     // The pre-training curve: one record per step, loss going down, accuracy at eval steps.
     let curve: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -47,7 +48,7 @@ fn tiny_toy_trains_exports_and_reloads_with_the_same_accuracy() {
     let kb = KnowledgeBase::from_dir(&out.join("ravel"), "city").unwrap();
     assert_eq!(kb.entities.len(), 24);
     assert_eq!(kb.attributes, ["Country", "Continent", "Language", "Latitude", "Longitude", "Timezone"]);
-    assert_eq!(kb.templates.len(), 6 * 13);
+    assert_eq!(kb.templates.len(), 6 * 15);
 }
 
 #[test]

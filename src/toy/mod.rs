@@ -27,7 +27,7 @@ pub use train::{AttributeAccuracy, ToyConfig};
 use world::World;
 
 /// Bumped whenever the world, the tokenizer or the training code changes what a config produces.
-pub const TOY_FORMAT: u32 = 2;
+pub const TOY_FORMAT: u32 = 3;
 
 /// Accuracy targets: first-token accuracy per attribute.
 pub const TARGET_TRAIN: f64 = 0.98;
@@ -86,13 +86,14 @@ fn read_report(dir: &Path) -> Option<ToyReport> {
 
 /// The cached model for `cfg`, training it first if needed (or if `force`).
 pub fn ensure(cfg: &ToyConfig, force: bool, progress: bool) -> Result<ToyModel> {
+    cfg.validate()?;
     let dir = cache_path(cfg)?;
-    if !force {
-        if let Some(report) = read_report(&dir).filter(|r| r.config == *cfg && r.format == TOY_FORMAT) {
-            if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
-                return Ok(ToyModel { dir, report, cached: true });
-            }
-        }
+    if !force
+        && let Some(report) = read_report(&dir).filter(|r| r.config == *cfg && r.format == TOY_FORMAT)
+        && dir.join("model.safetensors").is_file()
+        && dir.join("tokenizer.json").is_file()
+    {
+        return Ok(ToyModel { dir, report, cached: true });
     }
     let report = build_into(cfg, &dir, progress)?;
     Ok(ToyModel { dir, report, cached: false })
@@ -100,6 +101,7 @@ pub fn ensure(cfg: &ToyConfig, force: bool, progress: bool) -> Result<ToyModel> 
 
 /// Build the world, train, evaluate and write everything into `dir` (atomically).
 pub fn build_into(cfg: &ToyConfig, dir: &Path, progress: bool) -> Result<ToyReport> {
+    cfg.validate()?;
     let parent = dir.parent().ok_or_else(|| Error::file(dir, "has no parent directory"))?;
     std::fs::create_dir_all(parent).map_err(|e| Error::file(parent, format!("cannot create: {e}")))?;
     let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
@@ -128,9 +130,6 @@ fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
 }
 
 fn write_toy(cfg: &ToyConfig, dir: &Path, key: &str, progress: bool) -> Result<ToyReport> {
-    if cfg.hidden_size % cfg.heads != 0 {
-        return Err(Error::invalid(format!("hidden_size {} is not a multiple of heads {}", cfg.hidden_size, cfg.heads)));
-    }
     let world = World::build(cfg.cities, cfg.seed)?;
     let tokenizer = world.tokenizer()?;
     let tok_path = dir.join("tokenizer.json");

@@ -49,7 +49,24 @@ impl ToyConfig {
 
     /// A smaller variant of the same code path, for tests.
     pub fn tiny() -> Self {
-        ToyConfig { seed: 0, cities: 24, hidden_size: 64, layers: 1, heads: 4, intermediate_size: 256, steps: 300, batch_size: 32, lr: 1e-2, warmup_steps: 20, weight_decay: 0.0, eval_every: 50 }
+        ToyConfig { seed: 0, cities: 24, hidden_size: 64, layers: 1, heads: 4, intermediate_size: 256, steps: 300, batch_size: 32, lr: 5e-3, warmup_steps: 20, weight_decay: 0.0, eval_every: 50 }
+    }
+
+    /// Reject settings that cannot train (each error names the setting).
+    pub fn validate(&self) -> Result<()> {
+        let positive = [("cities", self.cities), ("hidden_size", self.hidden_size), ("layers", self.layers), ("heads", self.heads), ("intermediate_size", self.intermediate_size), ("steps", self.steps), ("batch_size", self.batch_size), ("eval_every", self.eval_every)];
+        for (k, v) in positive {
+            if v == 0 {
+                return Err(Error::invalid(format!("toy setting `{k}` must be at least 1")));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.heads) {
+            return Err(Error::invalid(format!("toy setting `hidden_size` ({}) must be a multiple of `heads` ({})", self.hidden_size, self.heads)));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite() && self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(Error::invalid(format!("toy settings `lr` ({}) must be positive and `weight_decay` ({}) non-negative", self.lr, self.weight_decay)));
+        }
+        Ok(())
     }
 
     /// The HF configuration of the model.
@@ -156,9 +173,12 @@ pub fn encode_examples(tok: &TextTokenizer, examples: &[Example]) -> Result<Vec<
         .collect()
 }
 
+/// A batch for teacher forcing: tokens, positions `[B, K]`, targets, validity, `K`.
+type LabelBatch = (TokenBatch, Tensor, Vec<u32>, Vec<f32>, usize);
+
 /// Left-padded batch; positions `[B, K]` predicting the first `k` value tokens (`k = 1` for
 /// accuracy, all of them for the loss), targets, and validity.
-fn batch_of(items: &[&Encoded], all_labels: bool, pad: u32, device: &Device) -> Result<(TokenBatch, Tensor, Vec<u32>, Vec<f32>, usize)> {
+fn batch_of(items: &[&Encoded], all_labels: bool, pad: u32, device: &Device) -> Result<LabelBatch> {
     let seqs: Vec<Vec<u32>> = items.iter().map(|e| e.ids.clone()).collect();
     let batch = TokenBatch::left_padded(&seqs, pad, device)?;
     let (b, t) = batch.dims();

@@ -41,7 +41,7 @@ const ATTRIBUTES: [(&str, &str, &str); 6] = [
 /// Templates shared by every attribute: `{k}` keyword, `{X}` exemplar city, `{V}` its value.
 /// Held-out templates are new strings that recombine the training phrasings (as RAVEL's
 /// val/test templates paraphrase its train templates); none is ever trained on.
-const TRAIN_TEMPLATES: [&str; 9] = [
+const TRAIN_TEMPLATES: [&str; 11] = [
     "The {k} of %s is",
     "%s is a city whose {k} is",
     "city: %s, {k}:",
@@ -51,6 +51,8 @@ const TRAIN_TEMPLATES: [&str; 9] = [
     "%s ({k}):",
     "The {k} for %s is",
     "[{\"city\": \"{X}\", \"{k}\": \"{V}\"}, {\"city\": \"%s\", \"{k}\": \"",
+    "town: %s, {k}:",
+    "place: %s, {k}:",
 ];
 const HELD_OUT_TEMPLATES: [&str; 3] = ["The {k} of the city %s is", "name: %s, {k}:", "{X} has the {k} {V}. The {k} of %s is"];
 
