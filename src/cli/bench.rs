@@ -13,6 +13,22 @@ pub enum BenchCommand {
     /// Tokens/s of a clean forward pass that collects every hidden state [B, T, L+1, D]
     /// (optionally followed by an intervened pass from a layer and its backward).
     Forward(ForwardArgs),
+    /// Wall time of training the toy model from scratch (`hyperdas toy`), in a temporary
+    /// directory (the cache is not touched); the median of --runs is reported.
+    Toy(ToyBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ToyBenchArgs {
+    /// Timed trainings (each about 1.5 min with the defaults on 2 cores).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// The small test variant instead of the standard toy model.
+    #[arg(long)]
+    tiny: bool,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -58,7 +74,54 @@ fn token_rows(seed: u64, b: usize, t: usize, vocab: usize) -> Vec<Vec<u32>> {
 pub fn run(c: &BenchCommand) -> Result<()> {
     match c {
         BenchCommand::Forward(a) => forward(a),
+        BenchCommand::Toy(a) => toy(a),
     }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn toy(a: &ToyBenchArgs) -> Result<()> {
+    if a.runs == 0 {
+        bail!("--runs must be positive");
+    }
+    let cfg = if a.tiny { crate::toy::ToyConfig::tiny() } else { crate::toy::ToyConfig::standard() };
+    let threads = candle_core::utils::get_num_threads();
+    let env = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into());
+    let (mut walls, mut trains) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for run in 0..a.runs {
+        let tmp = tempfile_dir()?;
+        let t0 = Instant::now();
+        let report = crate::toy::build_into(&cfg, &tmp.join("toy"), !a.json)?;
+        let wall = t0.elapsed().as_secs_f64();
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !a.json {
+            let worst = report.accuracy.iter().map(|x| x.held_out).fold(1.0, f64::min);
+            eprintln!("run {}: {wall:.1} s in all, {:.1} s training ({:.1} steps/s), lowest held-out accuracy {:.1}%", run + 1, report.train_seconds, cfg.steps as f64 / report.train_seconds, 100.0 * worst);
+        }
+        walls.push(wall);
+        trains.push(report.train_seconds);
+        last = Some(report);
+    }
+    let (wall, train) = (median(&mut walls), median(&mut trains));
+    let meets = last.as_ref().is_some_and(|r| r.meets_targets());
+    if a.json {
+        println!("{}", serde_json::json!({"bench": "toy", "tiny": a.tiny, "runs": a.runs, "threads": threads, "median_wall_s": wall, "median_train_s": train, "steps": cfg.steps, "meets_targets": meets}));
+    } else {
+        println!("toy model ({}): median {wall:.1} s in all ({train:.1} s training, {} steps) over {} runs, {threads} threads (RAYON_NUM_THREADS={env}); targets met: {meets}", if a.tiny { "tiny" } else { "standard" }, cfg.steps, a.runs);
+    }
+    Ok(())
+}
+
+/// A fresh temporary directory under the system temp dir.
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("hyperdas-bench-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 fn forward(a: &ForwardArgs) -> Result<()> {

@@ -170,6 +170,7 @@ fn demo() -> Result<()> {
     println!("                                              parity against a transformers dump");
     println!("  hyperdas info --model <dir|file.gguf|name>  configuration, tokenizer and intervention sites");
     println!("  hyperdas bench forward --model smollm2-135m tokens/s of a clean all-hidden-states pass");
+    println!("  hyperdas toy                                train (once, ~1.5 min; then cached) a small Llama that knows 200 RAVEL cities");
     println!("  hyperdas data kb                            the RAVEL knowledge base (embedded)");
     println!("  hyperdas data build -m smollm2-135m         city Country train + test sets, filtered by what the model knows");
     println!();
