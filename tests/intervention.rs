@@ -1,0 +1,176 @@
+//! Interventions: the rank-1 ReflectSelect equals the explicit Householder-matrix formula,
+//! orthonormal bases stay orthonormal under AdamW with the retraction, mixing and masks behave,
+//! and gradients match finite differences (f64).
+
+use candle_core::{DType, Device, Tensor, Var};
+use hyperdas::intervention::mix::mix_positions;
+use hyperdas::intervention::orthonormal::{orthonormality_error, random_orthonormal, retract};
+use hyperdas::intervention::subspace::{boundary_mask, das, full, masked_rotation, reflect_select};
+use hyperdas::params::ParamStore;
+use hyperdas::rng::Rng;
+use hyperdas::train::{AdamW, AdamWConfig};
+
+const DEV: Device = Device::Cpu;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.uniform() * 2.0 - 1.0).collect();
+    Tensor::from_vec(v, shape, &DEV).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+fn unit_rows(u: &Tensor) -> Tensor {
+    u.broadcast_div(&u.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap()).unwrap()
+}
+
+#[test]
+fn reflect_select_rank1_equals_the_explicit_householder_matrices() {
+    let (b, t, d, k) = (3, 4, 10, 3);
+    let r = random_orthonormal(d, k, 1, DType::F64, &DEV).unwrap();
+    let h = randn(&[b, t, d], 2);
+    let m = randn(&[b, t, d], 3);
+    let u = unit_rows(&randn(&[b, d], 4));
+    let fast = reflect_select(&h, &m, &r, &u).unwrap();
+    // Explicit: Hh_b = I − 2 u uᵀ [D, D], W_b = Hh_b R, h + (m − h) W_b W_bᵀ.
+    let mut rows = Vec::new();
+    for i in 0..b {
+        let ui = u.get(i).unwrap().reshape((d, 1)).unwrap();
+        let hh = (Tensor::eye(d, DType::F64, &DEV).unwrap() - ui.matmul(&ui.t().unwrap()).unwrap().affine(2.0, 0.0).unwrap()).unwrap();
+        let w = hh.matmul(&r).unwrap(); // [D, k]
+        assert!(orthonormality_error(&w).unwrap() < 1e-12, "W_b is orthonormal");
+        let diff = (m.get(i).unwrap() - h.get(i).unwrap()).unwrap(); // [T, D]
+        rows.push((h.get(i).unwrap() + diff.matmul(&w).unwrap().matmul(&w.t().unwrap()).unwrap()).unwrap());
+    }
+    let slow = Tensor::stack(&rows, 0).unwrap();
+    assert!(max_diff(&fast, &slow) < 1e-12, "{}", max_diff(&fast, &slow));
+    // With u orthogonal to span(R), uᵀR = 0 and W_b = R: the same as DAS.
+    let das_out = das(&h, &m, &r).unwrap();
+    let proj = r.matmul(&r.t().unwrap()).unwrap(); // [D, D]
+    let x = randn(&[b, d], 5);
+    let u_perp = unit_rows(&(&x - x.matmul(&proj).unwrap()).unwrap());
+    assert!(max_diff(&reflect_select(&h, &m, &r, &u_perp).unwrap(), &das_out) < 1e-10);
+}
+
+#[test]
+fn masks_and_full_replacement_behave() {
+    let (b, t, d, k) = (2, 3, 8, 4);
+    let r = random_orthonormal(d, k, 7, DType::F64, &DEV).unwrap();
+    let h = randn(&[b, t, d], 1);
+    let m = randn(&[b, t, d], 2);
+    let ones = Tensor::ones(k, DType::F64, &DEV).unwrap();
+    let zeros = Tensor::zeros((b, k), DType::F64, &DEV).unwrap();
+    assert!(max_diff(&masked_rotation(&h, &m, &r, &ones).unwrap(), &das(&h, &m, &r).unwrap()) < 1e-12);
+    assert!(max_diff(&masked_rotation(&h, &m, &r, &zeros).unwrap(), &h) < 1e-12);
+    assert!(max_diff(&full(&h, &m).unwrap(), &m) < 1e-15);
+    // A full-rank rotation with an all-ones mask replaces the vector.
+    let q = random_orthonormal(d, d, 3, DType::F64, &DEV).unwrap();
+    assert!(max_diff(&masked_rotation(&h, &m, &q, &Tensor::ones(d, DType::F64, &DEV).unwrap()).unwrap(), &m) < 1e-10);
+    // Boundary mask: ~1 below β·k, ~0 above, differentiable in β.
+    let beta = Var::new(&[0.5f64], &DEV).unwrap();
+    let mask = boundary_mask(&beta.as_tensor().squeeze(0).unwrap(), 8, 0.1).unwrap();
+    let v: Vec<f64> = mask.to_vec1().unwrap();
+    assert!(v[..3].iter().all(|&x| x > 0.99) && v[5..].iter().all(|&x| x < 0.01), "{v:?}");
+    let g = mask.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(beta.as_tensor()).unwrap().to_vec1::<f64>().unwrap()[0] > 0.0);
+    // Shape errors are clear.
+    let e = das(&h, &randn(&[b, t + 1, d], 3), &r).unwrap_err().to_string();
+    assert!(e.contains("differ in shape"), "{e}");
+}
+
+#[test]
+fn mixing_follows_the_position_weights() {
+    let (b, ts, tb, d) = (1, 2, 3, 4);
+    let s = randn(&[b, ts, d], 1);
+    let h = randn(&[b, tb, d], 2);
+    // Column 0: all from source 1; column 1: half source 0, half self; column 2: self.
+    let w = Tensor::new(&[[[0.0f64, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.5, 1.0]]], &DEV).unwrap();
+    let m = mix_positions(&w, &s, &h).unwrap();
+    let s0 = s.get(0).unwrap();
+    let h0 = h.get(0).unwrap();
+    let expect = Tensor::stack(
+        &[s0.get(1).unwrap(), ((s0.get(0).unwrap() * 0.5).unwrap() + (h0.get(1).unwrap() * 0.5).unwrap()).unwrap(), h0.get(2).unwrap()],
+        0,
+    )
+    .unwrap();
+    assert!(max_diff(&m.get(0).unwrap(), &expect) < 1e-15);
+    let e = mix_positions(&Tensor::zeros((1, 2, 3), DType::F64, &DEV).unwrap(), &s, &h).unwrap_err().to_string();
+    assert!(e.contains("do not fit"), "{e}");
+}
+
+#[test]
+fn bases_start_orthonormal_and_stay_so_under_adamw() {
+    let (d, k) = (64, 8);
+    let r0 = random_orthonormal(d, k, 42, DType::F32, &DEV).unwrap();
+    assert!(orthonormality_error(&r0).unwrap() < 1e-6);
+    assert_eq!(r0.to_vec2::<f32>().unwrap(), random_orthonormal(d, k, 42, DType::F32, &DEV).unwrap().to_vec2::<f32>().unwrap());
+    assert_ne!(r0.to_vec2::<f32>().unwrap(), random_orthonormal(d, k, 43, DType::F32, &DEV).unwrap().to_vec2::<f32>().unwrap());
+    assert!(random_orthonormal(4, 5, 0, DType::F32, &DEV).is_err());
+
+    // Train R so that DAS moves h towards a target, with a large learning rate.
+    let run = |retraction: bool| -> (f64, f64, f64) {
+        let mut ps = ParamStore::new();
+        let r = ps.add("rotation", r0.clone()).unwrap();
+        let mut opt = AdamW::new(&ps, AdamWConfig { weight_decay: 0.0, grad_clip: None, ..Default::default() }).unwrap();
+        let h = randn(&[4, 3, d], 1).to_dtype(DType::F32).unwrap();
+        let m = randn(&[4, 3, d], 2).to_dtype(DType::F32).unwrap();
+        let target = randn(&[4, 3, d], 3).to_dtype(DType::F32).unwrap();
+        let loss_of = |r: &Tensor| das(&h, &m, r).unwrap().sub(&target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let first = loss_of(r.as_tensor()).to_scalar::<f32>().unwrap() as f64;
+        for _ in 0..50 {
+            let loss = loss_of(r.as_tensor());
+            let grads = loss.backward().unwrap();
+            opt.step(&grads, 0.05).unwrap();
+            if retraction {
+                retract(&r).unwrap();
+            }
+        }
+        let last = loss_of(r.as_tensor()).to_scalar::<f32>().unwrap() as f64;
+        (orthonormality_error(r.as_tensor()).unwrap(), first, last)
+    };
+    let (err, first, last) = run(true);
+    assert!(err < 1e-5, "RᵀR = I after 50 AdamW steps + retraction: error {err}");
+    assert!(last < first, "the loss goes down: {first} -> {last}");
+    let (err_free, _, _) = run(false);
+    assert!(err_free > 1e-2, "without the retraction AdamW leaves the manifold: {err_free}");
+}
+
+/// Central finite differences of a scalar function of one f64 tensor.
+fn fd_check(x: &Tensor, f: impl Fn(&Tensor) -> Tensor) {
+    let var = Var::from_tensor(x).unwrap();
+    let y = f(var.as_tensor());
+    let analytic = y.backward().unwrap().get(var.as_tensor()).expect("a gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let flat: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let eps = 1e-6;
+    for i in 0..flat.len() {
+        let mut p = flat.clone();
+        p[i] += eps;
+        let mut q = flat.clone();
+        q[i] -= eps;
+        let fp = f(&Tensor::from_vec(p, x.dims(), &DEV).unwrap()).to_scalar::<f64>().unwrap();
+        let fq = f(&Tensor::from_vec(q, x.dims(), &DEV).unwrap()).to_scalar::<f64>().unwrap();
+        let numeric = (fp - fq) / (2.0 * eps);
+        assert!((numeric - analytic[i]).abs() < 1e-6 * (1.0 + numeric.abs()), "entry {i}: fd {numeric} vs backward {}", analytic[i]);
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let (b, ts, tb, d, k) = (2, 3, 2, 6, 2);
+    let r = random_orthonormal(d, k, 5, DType::F64, &DEV).unwrap();
+    let s = randn(&[b, ts, d], 1);
+    let h = randn(&[b, tb, d], 2);
+    let u = unit_rows(&randn(&[b, d], 3));
+    let w = randn(&[b, ts + 1, tb], 4);
+    let probe = randn(&[b, tb, d], 5);
+    let score = |out: Tensor| (out * &probe).unwrap().sum_all().unwrap();
+    // Through the position weights, the reflection vector and the basis.
+    fd_check(&w, |w| score(reflect_select(&h, &mix_positions(w, &s, &h).unwrap(), &r, &u).unwrap()));
+    fd_check(&u, |u| score(reflect_select(&h, &mix_positions(&w, &s, &h).unwrap(), &r, u).unwrap()));
+    fd_check(&r, |r| score(reflect_select(&h, &mix_positions(&w, &s, &h).unwrap(), r, &u).unwrap()));
+    let mask = randn(&[b, k], 6);
+    fd_check(&mask, |mk| score(masked_rotation(&h, &mix_positions(&w, &s, &h).unwrap(), &r, mk).unwrap()));
+}
