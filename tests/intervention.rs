@@ -174,3 +174,66 @@ fn gradients_match_finite_differences() {
     let mask = randn(&[b, k], 6);
     fd_check(&mask, |mk| score(masked_rotation(&h, &mix_positions(&w, &s, &h).unwrap(), &r, mk).unwrap()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Position selection
+
+use hyperdas::intervention::selection::{InferenceMode, discretize, entropy_loss, ground_truth, sparsity_loss, sparsity_weight};
+
+/// W for B = 1, T_s = 2, T_b = 3 (rows: source 0, source 1, self; each column sums to 1).
+fn w_example() -> Tensor {
+    Tensor::new(&[[[0.50f32, 0.30, 0.05], [0.45, 0.60, 0.05], [0.05, 0.10, 0.90]]], &DEV).unwrap()
+}
+
+fn rows_of(w: &Tensor) -> Vec<Vec<f32>> {
+    w.squeeze(0).unwrap().to_vec2().unwrap()
+}
+
+#[test]
+fn inference_modes_at_batch_size_one() {
+    let w = w_example();
+    // Soft: unchanged.
+    assert_eq!(rows_of(&discretize(&w, InferenceMode::Soft).unwrap()), rows_of(&w));
+    // One-to-many: column arg-max (source 0 → base 0, source 1 → base 1, self at 2).
+    assert_eq!(rows_of(&discretize(&w, InferenceMode::parse("one-to-many").unwrap()).unwrap()), vec![vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0], vec![0.0, 0.0, 1.0]]);
+    // One-to-one: source 0 bids 0.50 on column 0; source 1 bids 0.60 on column 1 (its 0.45 on
+    // column 0 is dropped); self floored at 0.1 → column 0: source 0, column 1: source 1, column 2: self.
+    let one = discretize(&w, InferenceMode::parse("bidding_argmax").unwrap()).unwrap();
+    assert_eq!(rows_of(&one), vec![vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0], vec![0.0, 0.0, 1.0]]);
+    // Both source rows preferring column 1: only the higher bid wins it; column 0 falls back to self.
+    let w2 = Tensor::new(&[[[0.30f32, 0.55, 0.05], [0.20, 0.40, 0.05], [0.50, 0.05, 0.90]]], &DEV).unwrap();
+    assert_eq!(rows_of(&discretize(&w2, InferenceMode::BiddingArgmax { threshold: 0.1 }).unwrap()), vec![vec![0.0, 1.0, 0.0], vec![0.0, 0.0, 0.0], vec![1.0, 0.0, 1.0]]);
+    // A high threshold makes self win every column.
+    assert_eq!(rows_of(&discretize(&w2, InferenceMode::BiddingArgmax { threshold: 0.99 }).unwrap())[2], vec![1.0, 1.0, 1.0]);
+    // Global arg-max: the single largest source entry (source 1 → base 1), self elsewhere.
+    assert_eq!(rows_of(&discretize(&w, InferenceMode::GlobalArgmax).unwrap()), vec![vec![0.0, 0.0, 0.0], vec![0.0, 1.0, 0.0], vec![1.0, 0.0, 1.0]]);
+    // Every discrete W is a valid selection: columns sum to 1.
+    for mode in ["column_argmax", "bidding_argmax", "global_argmax"] {
+        let d = discretize(&w2, InferenceMode::parse(mode).unwrap()).unwrap();
+        assert_eq!(d.sum(1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![1.0; 3], "{mode}");
+    }
+    // Ground truth: source 1 into base 2 for row 0; source 0 into base 0 for row 1.
+    let gt = ground_truth(2, 2, 3, &[2, 0], &[1, 0], DType::F32, &DEV).unwrap();
+    assert_eq!(gt.get(0).unwrap().to_vec2::<f32>().unwrap(), vec![vec![0.0, 0.0, 0.0], vec![0.0, 0.0, 1.0], vec![1.0, 1.0, 0.0]]);
+    assert_eq!(gt.get(1).unwrap().to_vec2::<f32>().unwrap(), vec![vec![1.0, 0.0, 0.0], vec![0.0, 0.0, 0.0], vec![0.0, 1.0, 1.0]]);
+    assert!(ground_truth(1, 2, 3, &[3], &[0], DType::F32, &DEV).is_err());
+    let e = InferenceMode::parse("best").unwrap_err().to_string();
+    assert!(e.contains("soft, column_argmax"), "{e}");
+}
+
+#[test]
+fn regularisers_and_their_schedule() {
+    // Source row sums: 0.85 and 1.10 (> 1, penalised whole) → loss 1.10.
+    let w = Var::from_tensor(&w_example()).unwrap();
+    let l = sparsity_loss(w.as_tensor()).unwrap();
+    assert!((l.to_scalar::<f32>().unwrap() - 1.10).abs() < 1e-6);
+    let g = l.backward().unwrap().get(w.as_tensor()).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(g, vec![vec![0.0, 0.0, 0.0], vec![1.0, 1.0, 1.0], vec![0.0, 0.0, 0.0]]);
+    // Entropy of uniform source rows over T_b = 4 columns is ln 4.
+    let u = Tensor::full(0.25f64, (1, 3, 4), &DEV).unwrap();
+    assert!((entropy_loss(&u).unwrap().to_scalar::<f64>().unwrap() - 4f64.ln()).abs() < 1e-6);
+    // Schedule: zero for the first half, then linspace(0.15, 1.5, 101).
+    assert_eq!(sparsity_weight(49, 100, 0.15, 1.5, 0.5), 0.0);
+    assert!((sparsity_weight(50, 100, 0.15, 1.5, 0.5) - 0.825).abs() < 1e-12);
+    assert!((sparsity_weight(100, 100, 0.15, 1.5, 0.5) - 1.5).abs() < 1e-12);
+}

@@ -12,10 +12,15 @@
 //! | Boundless DAS | [`subspace::masked_rotation`] + [`subspace::boundary_mask`] | `R [D, D]`, `σ_i = sigmoid((⌈β D⌉ − i)/τ)`-style boundary |
 //! | none | [`subspace::full`] | `h' = m` (full-vector, position-weighted replacement) |
 //!
+//! Position selection ([`selection`]): the inference modes (soft, column_argmax, bidding_argmax,
+//! global_argmax, groundtruth) that turn the pointer's `W` into discrete choices, and the
+//! sparsity / entropy regularisers on `W` with the sparsity weight schedule.
+//!
 //! Orthonormality ([`orthonormal`]): `R` starts as the Q of a QR of a seeded Gaussian (never
 //! uninitialised memory) and is kept orthonormal under AdamW by a polar retraction after every
 //! optimizer step (`R ← R (RᵀR)^(-1/2)`, Newton–Schulz on the k × k Gram matrix).
 
 pub mod mix;
 pub mod orthonormal;
+pub mod selection;
 pub mod subspace;

@@ -1,0 +1,162 @@
+//! Token-position selection: the inference modes that turn the pointer head's soft weights
+//! `W [B, T_s+1, T_b]` into discrete choices, the ground-truth weights, and the regularisers on
+//! `W` (hyperdas-method.md §3). Row `T_s` of `W` is "self" (keep the base vector); each column
+//! `j` is a distribution over {source tokens} ∪ {self}.
+//!
+//! Every mode works at batch size 1 (the reference's argmax branches crash there). Ties break
+//! towards the lowest index, as `torch.argmax` does.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+
+/// How `W` is used at evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InferenceMode {
+    /// `W` as computed ("Soft Intervention", the paper's main table).
+    Soft,
+    /// Per base column, one-hot at the arg-max row (self may win): "One-to-Many".
+    ColumnArgmax,
+    /// Each source row bids on its best column; self is floored at `threshold`; each column
+    /// takes the best surviving bid or self: "One-to-One" (reference threshold 0.1).
+    BiddingArgmax { threshold: f32 },
+    /// One (source, base) pair: the global arg-max over the source rows; every other column keeps self.
+    GlobalArgmax,
+    /// The last entity token of the source into the last entity token of the base (MDAS's choice).
+    GroundTruth,
+}
+
+impl InferenceMode {
+    /// Names accepted on the command line (the reference's, and the paper's).
+    pub fn parse(s: &str) -> Result<InferenceMode> {
+        Ok(match s {
+            "soft" | "default" => InferenceMode::Soft,
+            "column_argmax" | "one-to-many" => InferenceMode::ColumnArgmax,
+            "bidding_argmax" | "one-to-one" => InferenceMode::BiddingArgmax { threshold: 0.1 },
+            "global_argmax" => InferenceMode::GlobalArgmax,
+            "groundtruth" | "ground-truth" => InferenceMode::GroundTruth,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "unknown inference mode `{s}`; valid: soft, column_argmax (one-to-many), bidding_argmax (one-to-one), global_argmax, groundtruth"
+                )));
+            }
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            InferenceMode::Soft => "soft",
+            InferenceMode::ColumnArgmax => "column_argmax",
+            InferenceMode::BiddingArgmax { .. } => "bidding_argmax",
+            InferenceMode::GlobalArgmax => "global_argmax",
+            InferenceMode::GroundTruth => "groundtruth",
+        }
+    }
+}
+
+/// Index of the largest value (first on ties).
+fn argmax(v: impl Iterator<Item = f32>) -> usize {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, x) in v.enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// Discretise soft weights `w [B, T_s+1, T_b]` (any float dtype) for a mode. `Soft` returns
+/// `w` itself; `GroundTruth` needs [`ground_truth`] instead. The result has no gradient.
+pub fn discretize(w: &Tensor, mode: InferenceMode) -> Result<Tensor> {
+    let (b, rows, tb) = w.dims3()?;
+    let ts = rows.checked_sub(1).ok_or_else(|| Error::invalid("W needs at least the self row"))?;
+    match mode {
+        InferenceMode::Soft => return Ok(w.clone()),
+        InferenceMode::GroundTruth => return Err(Error::invalid("the groundtruth mode builds W from entity positions: use ground_truth()")),
+        _ => {}
+    }
+    let v = w.to_dtype(DType::F32)?.to_vec3::<f32>()?;
+    let mut out = vec![0f32; b * rows * tb];
+    let at = |bi: usize, i: usize, j: usize| bi * rows * tb + i * tb + j;
+    for (bi, wb) in v.iter().enumerate() {
+        match mode {
+            InferenceMode::ColumnArgmax => {
+                for j in 0..tb {
+                    out[at(bi, argmax((0..rows).map(|i| wb[i][j])), j)] = 1.0;
+                }
+            }
+            InferenceMode::BiddingArgmax { threshold } => {
+                // (1) each source row keeps only its best column.
+                let mut bids = vec![vec![0f32; tb]; rows];
+                for i in 0..ts {
+                    let j = argmax(wb[i].iter().copied());
+                    bids[i][j] = wb[i][j];
+                }
+                // (2) the self row, floored at the threshold.
+                bids[ts] = wb[ts].iter().map(|&x| x.max(threshold)).collect();
+                // (3) each column: arg-max over surviving bids and self.
+                for j in 0..tb {
+                    out[at(bi, argmax((0..rows).map(|i| bids[i][j])), j)] = 1.0;
+                }
+            }
+            InferenceMode::GlobalArgmax => {
+                let flat = argmax((0..ts).flat_map(|i| (0..tb).map(move |j| (i, j))).map(|(i, j)| wb[i][j]));
+                let (gi, gj) = if ts == 0 { (ts, 0) } else { (flat / tb, flat % tb) };
+                for j in 0..tb {
+                    out[at(bi, if j == gj { gi } else { ts }, j)] = 1.0;
+                }
+            }
+            InferenceMode::Soft | InferenceMode::GroundTruth => unreachable!("handled above"),
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, rows, tb), w.device())?.to_dtype(w.dtype())?)
+}
+
+/// Ground-truth weights: source position `source_pos[b]` into base position `base_pos[b]`,
+/// self everywhere else. Positions are in padded coordinates (as collation gives them).
+pub fn ground_truth(b: usize, ts: usize, tb: usize, base_pos: &[u32], source_pos: &[u32], dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    if base_pos.len() != b || source_pos.len() != b {
+        return Err(Error::invalid(format!("ground_truth: {} base and {} source positions for a batch of {b}", base_pos.len(), source_pos.len())));
+    }
+    let rows = ts + 1;
+    let mut out = vec![0f32; b * rows * tb];
+    for bi in 0..b {
+        let (pb, ps) = (base_pos[bi] as usize, source_pos[bi] as usize);
+        if pb >= tb || ps >= ts {
+            return Err(Error::invalid(format!("ground_truth: row {bi} has base position {pb} (of {tb}) / source position {ps} (of {ts})")));
+        }
+        for j in 0..tb {
+            let i = if j == pb { ps } else { ts };
+            out[bi * rows * tb + i * tb + j] = 1.0;
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, rows, tb), device)?.to_dtype(dtype)?)
+}
+
+/// Reference A's sparsity regulariser: with `r[b,i] = Σ_j W[b,i,j]` over the source rows,
+/// `mean_b Σ_i r[b,i] · [r[b,i] > 1]` (the whole row sum once it exceeds 1).
+pub fn sparsity_loss(w: &Tensor) -> Result<Tensor> {
+    let ts = w.dim(1)? - 1;
+    let r = w.narrow(1, 0, ts)?.sum(2)?; // [B, T_s]
+    let over = r.gt(1.0)?.to_dtype(r.dtype())?.detach(); // [B, T_s], constant indicator
+    Ok((r * over)?.sum(1)?.mean(0)?)
+}
+
+/// Reference B's entropy penalty: `mean_{b,i} (−Σ_j W[b,i,j] log(W[b,i,j] + 1e-8))` over source rows.
+pub fn entropy_loss(w: &Tensor) -> Result<Tensor> {
+    let ts = w.dim(1)? - 1;
+    let ws = w.narrow(1, 0, ts)?; // [B, T_s, T_b]
+    Ok((ws.clone() * (ws + 1e-8)?.log()?)?.sum(2)?.neg()?.mean_all()?)
+}
+
+/// The sparsity weight at `step` of `total`: `linspace(start, end, total + 1)[step]`, zero for
+/// the first `⌊warmup_ratio · total⌋` steps (reference defaults 0.15 → 1.5, warm-up 0.5).
+pub fn sparsity_weight(step: usize, total: usize, start: f64, end: f64, warmup_ratio: f64) -> f64 {
+    if (step as f64) < (warmup_ratio * total as f64).floor() {
+        return 0.0;
+    }
+    if total == 0 {
+        return start;
+    }
+    start + (end - start) * (step.min(total) as f64 / total as f64)
+}
