@@ -22,6 +22,7 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod fetch;
+pub mod hypernet;
 pub mod intervention;
 #[cfg(feature = "hub")]
 pub mod hub;

@@ -1,0 +1,298 @@
+//! The HyperDAS hypernetwork (hyperdas-method.md §2): N decoder blocks over the instruction,
+//! each with self-attention, cross-attention to the source's hidden states, cross-attention to
+//! the base's, and a SwiGLU MLP (four RMSNorms), then a final norm and the pointer head.
+//!
+//! Inputs (shapes: B batch, T_e instruction, T_b base, T_s source, L+1 hidden-state indices, D):
+//!
+//! * the instruction, left-padded `[B, T_e]`;
+//! * the clean hidden states of base and source, `[B, T, L+1, D]` (HF indexing), and their
+//!   intervention masks `[B, T]` (1 = the token may be intervened on / read).
+//!
+//! Keys and values of the cross-attentions: every hidden-state index of every token,
+//! **unit-normalised** along D and **flattened token-major, layer-minor**: flat index
+//! `t·(L+1) + l`, so `[B, T·(L+1), D]`, with the token's intervention mask repeated L+1 times.
+//! RoPE positions follow the reference exactly: instruction tokens at `cumsum(mask)` (1-based),
+//! cross-attention keys at `cumsum(M)·M` along the flattened sequence.
+//!
+//! Outputs: `z [B, D]`, the normed state of the last instruction token (conditions the subspace
+//! module), and `W [B, T_s+1, T_b]` from the [`pointer`] head (each column a distribution over
+//! source tokens and "self").
+//!
+//! Initialisation: from the target's first N blocks as **independent copies** (both
+//! cross-attentions and their norms from the same block's self-attention and input norm), or
+//! from scratch (N(0, 0.02), norms at 1) by option. The embedding and final norm are copies of
+//! the target's and trainable. Every parameter is registered in the [`ParamStore`] under
+//! `hypernet.*`.
+
+pub mod attention;
+pub mod pointer;
+
+use candle_core::{D, DType, Device, Tensor};
+
+use self::attention::{AttnWeights, Rotary, causal_mask, key_mask};
+use self::pointer::PointerHead;
+use crate::error::{Error, Result};
+use crate::model::llama::{Linear, Mlp, RmsNorm};
+use crate::model::rope::Rope;
+use crate::model::{Llama, TokenBatch};
+use crate::params::ParamStore;
+use crate::rng::Rng;
+
+/// Hypernetwork settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HyperConfig {
+    /// Decoder blocks N (the paper: 8; the reference CLI: 2).
+    pub num_blocks: usize,
+    /// The target layer l whose states the pointer head compares (the intervention layer).
+    pub layer: usize,
+    /// Initialise blocks with N(0, 0.02) instead of copying the target's first N blocks.
+    pub from_scratch: bool,
+    /// Drop the cross-attention to the source (ablation).
+    pub ablate_source: bool,
+    /// Drop the cross-attention to the base (ablation).
+    pub ablate_base: bool,
+    pub seed: u64,
+}
+
+/// One hypernetwork block.
+pub struct HyperBlock {
+    pub input_norm: RmsNorm,
+    pub self_attn: AttnWeights,
+    pub source_norm: RmsNorm,
+    pub source_attn: AttnWeights,
+    pub base_norm: RmsNorm,
+    pub base_attn: AttnWeights,
+    pub post_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// What the hypernetwork reads.
+pub struct HyperInput<'a> {
+    pub instruction: &'a TokenBatch,
+    /// `[B, T_b, L+1, D]` clean base hidden states.
+    pub base_states: &'a Tensor,
+    /// `[B, T_b]` base intervention mask (0/1).
+    pub base_mask: &'a Tensor,
+    /// `[B, T_s, L+1, D]`.
+    pub source_states: &'a Tensor,
+    /// `[B, T_s]`.
+    pub source_mask: &'a Tensor,
+}
+
+/// What it produces.
+pub struct HyperOutput {
+    /// `[B, D]` last instruction token after the final norm.
+    pub z: Tensor,
+    /// `[B, T_s+1, T_b]` position weights (columns sum to 1).
+    pub w: Tensor,
+}
+
+pub struct HyperNetwork {
+    pub config: HyperConfig,
+    pub embed_tokens: Tensor,
+    pub blocks: Vec<HyperBlock>,
+    pub norm: RmsNorm,
+    pub pointer: PointerHead,
+    rope: Rope,
+}
+
+/// Registers parameters (as f32 copies) and hands back the variables' tensors.
+pub(crate) struct Registrar<'a> {
+    pub ps: &'a mut ParamStore,
+    pub rng: Rng,
+    pub device: Device,
+}
+
+impl Registrar<'_> {
+    /// Register an independent f32 copy of `init`.
+    pub fn copy(&mut self, name: &str, init: &Tensor) -> Result<Tensor> {
+        let t = init.to_dtype(DType::F32)?.to_device(&self.device)?.copy()?;
+        Ok(self.ps.add(name, t)?.as_tensor().clone())
+    }
+
+    /// Register an N(0, std) matrix `[rows, cols]` from the seeded generator.
+    pub fn normal(&mut self, name: &str, rows: usize, cols: usize, std: f64) -> Result<Tensor> {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                let u1 = self.rng.uniform().max(1e-300);
+                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * self.rng.uniform()).cos() * std) as f32
+            })
+            .collect();
+        let t = Tensor::from_vec(v, (rows, cols), &self.device)?;
+        Ok(self.ps.add(name, t)?.as_tensor().clone())
+    }
+
+    pub fn ones(&mut self, name: &str, n: usize) -> Result<Tensor> {
+        let t = Tensor::ones(n, DType::F32, &self.device)?;
+        Ok(self.ps.add(name, t)?.as_tensor().clone())
+    }
+
+    fn linear_copy(&mut self, name: &str, src: &Linear) -> Result<Linear> {
+        let weight = self.copy(&format!("{name}.weight"), &src.weight)?;
+        let bias = match &src.bias {
+            Some(b) => Some(self.copy(&format!("{name}.bias"), b)?),
+            None => None,
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    fn linear_new(&mut self, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
+        Ok(Linear { weight: self.normal(&format!("{name}.weight"), out_f, in_f, 0.02)?, bias: None })
+    }
+}
+
+impl HyperNetwork {
+    /// Build and register the hypernetwork for `target`.
+    pub fn new(ps: &mut ParamStore, target: &Llama, config: &HyperConfig) -> Result<Self> {
+        let c = &target.config;
+        if config.num_blocks == 0 || config.num_blocks > c.num_hidden_layers {
+            return Err(Error::invalid(format!("hypernetwork blocks must be 1..={} (the target's depth), got {}", c.num_hidden_layers, config.num_blocks)));
+        }
+        if config.layer > c.num_hidden_layers {
+            return Err(Error::invalid(format!("intervention layer {} is outside 0..={}", config.layer, c.num_hidden_layers)));
+        }
+        let (d, hd, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (h, hkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let mut r = Registrar { ps, rng: Rng::derive(config.seed, "hypernet/init"), device: target.device().clone() };
+        let embed_tokens = r.copy("hypernet.embed_tokens.weight", &target.embed_tokens)?;
+        let mut blocks = Vec::with_capacity(config.num_blocks);
+        for i in 0..config.num_blocks {
+            let p = format!("hypernet.layers.{i}");
+            let src = &target.layers[i];
+            let attn = |r: &mut Registrar, which: &str| -> Result<AttnWeights> {
+                let name = format!("{p}.{which}");
+                let (q, k, v, o) = if config.from_scratch {
+                    (
+                        r.linear_new(&format!("{name}.q_proj"), h * hd, d)?,
+                        r.linear_new(&format!("{name}.k_proj"), hkv * hd, d)?,
+                        r.linear_new(&format!("{name}.v_proj"), hkv * hd, d)?,
+                        r.linear_new(&format!("{name}.o_proj"), d, h * hd)?,
+                    )
+                } else {
+                    let a = &src.self_attn;
+                    (
+                        r.linear_copy(&format!("{name}.q_proj"), &a.q_proj)?,
+                        r.linear_copy(&format!("{name}.k_proj"), &a.k_proj)?,
+                        r.linear_copy(&format!("{name}.v_proj"), &a.v_proj)?,
+                        r.linear_copy(&format!("{name}.o_proj"), &a.o_proj)?,
+                    )
+                };
+                Ok(AttnWeights { q_proj: q, k_proj: k, v_proj: v, o_proj: o, n_heads: h, n_kv_heads: hkv, head_dim: hd })
+            };
+            let self_attn = attn(&mut r, "self_attn")?;
+            let source_attn = attn(&mut r, "source_attn")?;
+            let base_attn = attn(&mut r, "base_attn")?;
+            let norm = |r: &mut Registrar, which: &str, from: &RmsNorm| -> Result<RmsNorm> {
+                let name = format!("{p}.{which}.weight");
+                let weight = if config.from_scratch { r.ones(&name, d)? } else { r.copy(&name, &from.weight)? };
+                Ok(RmsNorm { weight, eps: from.eps })
+            };
+            let input_norm = norm(&mut r, "input_layernorm", &src.input_layernorm)?;
+            let source_norm = norm(&mut r, "source_layernorm", &src.input_layernorm)?;
+            let base_norm = norm(&mut r, "base_layernorm", &src.input_layernorm)?;
+            let post_norm = norm(&mut r, "post_attention_layernorm", &src.post_attention_layernorm)?;
+            let mlp = if config.from_scratch {
+                Mlp {
+                    gate_proj: r.linear_new(&format!("{p}.mlp.gate_proj"), f, d)?,
+                    up_proj: r.linear_new(&format!("{p}.mlp.up_proj"), f, d)?,
+                    down_proj: r.linear_new(&format!("{p}.mlp.down_proj"), d, f)?,
+                }
+            } else {
+                Mlp {
+                    gate_proj: r.linear_copy(&format!("{p}.mlp.gate_proj"), &src.mlp.gate_proj)?,
+                    up_proj: r.linear_copy(&format!("{p}.mlp.up_proj"), &src.mlp.up_proj)?,
+                    down_proj: r.linear_copy(&format!("{p}.mlp.down_proj"), &src.mlp.down_proj)?,
+                }
+            };
+            blocks.push(HyperBlock { input_norm, self_attn, source_norm, source_attn, base_norm, base_attn, post_norm, mlp });
+        }
+        let norm = RmsNorm { weight: r.copy("hypernet.norm.weight", &target.norm.weight)?, eps: target.norm.eps };
+        let pointer = PointerHead::new(&mut r, d, h, hkv, hd)?;
+        Ok(HyperNetwork { config: config.clone(), embed_tokens, blocks, norm, pointer, rope: target.rope().clone() })
+    }
+
+    /// Run the hypernetwork: `z [B, D]` and `W [B, T_s+1, T_b]`.
+    pub fn forward(&self, inp: &HyperInput) -> Result<HyperOutput> {
+        let (b, te) = inp.instruction.dims();
+        let (bb, tb, l1, d) = inp.base_states.dims4()?;
+        let (bs, ts, ls, ds) = inp.source_states.dims4()?;
+        if bb != b || bs != b || ls != l1 || ds != d || inp.base_mask.dims() != [b, tb] || inp.source_mask.dims() != [b, ts] {
+            return Err(Error::invalid(format!(
+                "hypernetwork inputs do not fit: instruction [{b}, {te}], base states {:?} / mask {:?}, source states {:?} / mask {:?}",
+                inp.base_states.dims(),
+                inp.base_mask.dims(),
+                inp.source_states.dims(),
+                inp.source_mask.dims()
+            )));
+        }
+        if self.config.layer >= l1 {
+            return Err(Error::invalid(format!("intervention layer {} but only {l1} hidden-state indices were given", self.config.layer)));
+        }
+        let dev = self.embed_tokens.device();
+        let unit = |x: &Tensor| -> Result<Tensor> { Ok(x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-12)?)?) };
+        let base_unit = unit(&inp.base_states.to_dtype(DType::F32)?.detach())?; // [B, T_b, L+1, D]
+        let source_unit = unit(&inp.source_states.to_dtype(DType::F32)?.detach())?; // [B, T_s, L+1, D]
+        let eb = base_unit.reshape((b, tb * l1, d))?; // [B, T_b·(L+1), D]
+        let es = source_unit.reshape((b, ts * l1, d))?; // [B, T_s·(L+1), D]
+        // A token's mask repeated for each of its L+1 hidden states: [B, T·(L+1)].
+        let flat_mask = |m: &Tensor| -> Result<Vec<u32>> {
+            let v = m.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+            Ok(v.iter().flat_map(|row| row.iter().flat_map(|&x| std::iter::repeat_n(x.min(1), l1))).collect())
+        };
+        let mb_flat = flat_mask(inp.base_mask)?;
+        let ms_flat = flat_mask(inp.source_mask)?;
+        // RoPE positions, as the reference: instruction cumsum(mask) (1-based), keys cumsum(M)·M.
+        let cumsum = |m: &[u32], t: usize| -> Vec<u32> {
+            m.chunks(t)
+                .flat_map(|row| {
+                    let mut acc = 0;
+                    row.iter().map(move |&x| {
+                        acc += x;
+                        acc * x.min(1)
+                    })
+                })
+                .collect()
+        };
+        let instr_mask = inp.instruction.mask();
+        let instr_pos: Vec<u32> = instr_mask
+            .chunks(te)
+            .flat_map(|row| {
+                let mut acc = 0u32;
+                row.iter().map(move |&x| {
+                    acc += x as u32;
+                    acc
+                })
+            })
+            .collect();
+        let (qc, qs) = self.rope.cos_sin(&instr_pos, b, te, DType::F32, dev)?; // [B, 1, T_e, hd]
+        let (bc, bsn) = self.rope.cos_sin(&cumsum(&mb_flat, tb * l1), b, tb * l1, DType::F32, dev)?;
+        let (sc, ssn) = self.rope.cos_sin(&cumsum(&ms_flat, ts * l1), b, ts * l1, DType::F32, dev)?;
+        let mask_t = |v: &[u32], t: usize| Tensor::from_vec(v.to_vec(), (b, t), dev);
+        let self_mask = causal_mask(&Tensor::from_vec(instr_mask.iter().map(|&x| x as u32).collect::<Vec<_>>(), (b, te), dev)?)?; // [B, 1, T_e, T_e]
+        let base_keys = key_mask(&mask_t(&mb_flat, tb * l1)?)?; // [B, 1, 1, T_b·(L+1)]
+        let source_keys = key_mask(&mask_t(&ms_flat, ts * l1)?)?; // [B, 1, 1, T_s·(L+1)]
+
+        let ids = inp.instruction.input_ids.flatten_all()?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((b, te, d))?; // [B, T_e, D]
+        for blk in &self.blocks {
+            let n = blk.input_norm.forward(&x)?;
+            x = (&x + blk.self_attn.forward(&n, &n, &Rotary { q: (&qc, &qs), k: (&qc, &qs) }, &self_mask)?)?; // [B, T_e, D]
+            if !self.config.ablate_source {
+                let n = blk.source_norm.forward(&x)?;
+                x = (&x + blk.source_attn.forward(&n, &es, &Rotary { q: (&qc, &qs), k: (&sc, &ssn) }, &source_keys)?)?;
+            }
+            if !self.config.ablate_base {
+                let n = blk.base_norm.forward(&x)?;
+                x = (&x + blk.base_attn.forward(&n, &eb, &Rotary { q: (&qc, &qs), k: (&bc, &bsn) }, &base_keys)?)?;
+            }
+            x = (&x + blk.mlp.forward(&blk.post_norm.forward(&x)?)?)?; // [B, T_e, D]
+        }
+        let z_all = self.norm.forward(&x)?; // [B, T_e, D]
+        let z = z_all.narrow(1, te - 1, 1)?.squeeze(1)?; // [B, D] (left padding: the last token is real)
+        let last_pos: Vec<u32> = instr_pos.chunks(te).map(|row| row[te - 1]).collect();
+        let hb = base_unit.narrow(2, self.config.layer, 1)?.squeeze(2)?; // [B, T_b, D]
+        let hs = source_unit.narrow(2, self.config.layer, 1)?.squeeze(2)?; // [B, T_s, D]
+        let w = self.pointer.forward(&z, &last_pos, &hb, inp.base_mask, &hs, inp.source_mask, &self.rope)?;
+        Ok(HyperOutput { z, w })
+    }
+}
