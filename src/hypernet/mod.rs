@@ -26,6 +26,8 @@
 
 pub mod attention;
 pub mod pointer;
+pub mod interpreter;
+pub mod subspace;
 
 use candle_core::{D, DType, Device, Tensor};
 

@@ -198,20 +198,10 @@ fn batch_of(items: &[&Encoded], all_labels: bool, pad: u32, device: &Device) -> 
     Ok((batch, positions, tgt, valid, k))
 }
 
-/// Masked mean cross-entropy of `logits [B, K, V]` against `targets` (composed ops only).
+/// Masked mean cross-entropy of `logits [B, K, V]` against `targets`.
 fn cross_entropy(logits: &Tensor, targets: &[u32], valid: &[f32]) -> Result<Tensor> {
-    let (b, k, v) = logits.dims3()?;
-    let max = logits.max_keepdim(D::Minus1)?.detach(); // [B, K, 1]
-    let shifted = logits.broadcast_sub(&max)?; // [B, K, V]
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // [B, K, 1]
-    let logp = shifted.broadcast_sub(&lse)?; // [B, K, V]
-    let mut onehot = vec![0f32; b * k * v];
-    for (i, &t) in targets.iter().enumerate() {
-        onehot[i * v + t as usize] = valid[i];
-    }
-    let onehot = Tensor::from_vec(onehot, (b, k, v), logits.device())?; // [B, K, V], weighted by validity
     let n: f32 = valid.iter().sum();
-    Ok((logp * onehot)?.sum_all()?.affine(-1.0 / n.max(1.0) as f64, 0.0)?)
+    crate::train::loss::weighted_cross_entropy(logits, targets, valid, n.max(1.0))
 }
 
 /// First-token accuracy per attribute over `items`.
