@@ -8,11 +8,12 @@
 //! * [`metrics::MetricsLog`]: one JSON object per line (`metrics.jsonl`).
 
 pub mod checkpoint;
+pub mod hyperdas;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
 
 pub use metrics::MetricsLog;
-pub use optim::{AdamW, AdamWConfig};
+pub use optim::{AdamW, AdamWConfig, Group};
 pub use schedule::{Decay, Schedule};

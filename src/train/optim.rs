@@ -41,6 +41,16 @@ struct Slot {
     m: Tensor,
     v: Tensor,
     decay: bool,
+    /// Parameter-group overrides: a fixed learning rate and weight decay.
+    group: Option<Group>,
+}
+
+/// A parameter group's own learning rate and weight decay (e.g. HyperDAS's rotation:
+/// lr 1e-3, no weight decay), instead of the schedule's rate and the default decay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Group {
+    pub lr: f64,
+    pub weight_decay: f64,
 }
 
 /// The optimizer and its state.
@@ -62,10 +72,15 @@ pub struct StepInfo {
 
 impl AdamW {
     pub fn new(params: &ParamStore, config: AdamWConfig) -> Result<Self> {
+        Self::with_groups(params, config, |_| None)
+    }
+
+    /// Like [`new`](Self::new), with `group(name)` giving a parameter its own group.
+    pub fn with_groups(params: &ParamStore, config: AdamWConfig, group: impl Fn(&str) -> Option<Group>) -> Result<Self> {
         let mut slots = Vec::with_capacity(params.len());
         for (name, var) in params.iter() {
             let zeros = var.as_tensor().zeros_like()?.to_dtype(DType::F32)?;
-            slots.push(Slot { name: name.to_string(), var: var.clone(), m: zeros.clone(), v: zeros, decay: var.rank() >= 2 });
+            slots.push(Slot { name: name.to_string(), var: var.clone(), m: zeros.clone(), v: zeros, decay: var.rank() >= 2, group: group(name) });
         }
         Ok(AdamW { config, step: 0, slots })
     }
@@ -102,9 +117,13 @@ impl AdamW {
             let m_hat = s.m.affine(1.0 / bc1, 0.0)?;
             let v_hat = s.v.affine(1.0 / bc2, 0.0)?;
             let theta = s.var.as_tensor().detach();
+            let (lr, wd) = match s.group {
+                Some(g) => (g.lr, g.weight_decay),
+                None => (lr, if s.decay { c.weight_decay } else { 0.0 }),
+            };
             let mut update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            if s.decay && c.weight_decay != 0.0 {
-                update = (update + theta.affine(c.weight_decay, 0.0)?)?;
+            if wd != 0.0 {
+                update = (update + theta.affine(wd, 0.0)?)?;
             }
             let new = (theta - update.affine(lr, 0.0)?)?;
             s.var.set(&new.to_dtype(s.var.dtype())?)?;
