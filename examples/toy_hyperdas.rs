@@ -27,7 +27,11 @@ fn main() -> Result<()> {
     let lr: f64 = arg(2, "1e-3").parse()?;
     let rank: usize = arg(3, "16").parse()?;
     let layer: usize = arg(4, "1").parse()?;
-    let toy = ensure(&ToyConfig::standard(), false, true)?;
+    let mut toy_cfg = ToyConfig::standard();
+    if let Ok(l) = std::env::var("TOY_LAYERS") {
+        toy_cfg.layers = l.parse()?;
+    }
+    let toy = ensure(&toy_cfg, false, true)?;
     let lm = load(toy.dir.to_str().unwrap_or_default(), &LoadOptions::default())?;
     let kb = KnowledgeBase::from_dir(&toy.dir.join("ravel"), "city")?;
     let country = kb.attribute("Country")?;
@@ -40,7 +44,7 @@ fn main() -> Result<()> {
         sets.push(enc.rows);
     }
     let cfg = InterpreterConfig {
-        hypernet: HyperConfig { num_blocks: 2, layer, from_scratch: false, ablate_source: false, ablate_base: false, seed: 0 },
+        hypernet: HyperConfig { num_blocks: 2.min(toy_cfg.layers), layer, from_scratch: false, ablate_source: false, ablate_base: false, seed: 0 },
         subspace: SubspaceKind::parse(&std::env::var("SUBSPACE").unwrap_or_else(|_| "reflect_select".into()))?,
         rank,
     };
