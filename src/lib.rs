@@ -19,6 +19,7 @@
 //! * [`cli`]: the `hyperdas` command line.
 
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod error;
 pub mod fetch;
