@@ -265,3 +265,69 @@ fn toy_tiny_trains_once_then_comes_from_the_cache() {
     let (out, _) = text(&o);
     assert!(out.contains("\"steps\": 5"), "{out}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// hyperdas train (toy tiny, end to end)
+
+#[test]
+fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
+    let home = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs");
+    let o = cmd(&["toy", "--tiny", "--quiet"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let toy = out.lines().find_map(|l| l.strip_prefix("use it: --model ")).unwrap().trim().to_string();
+    let data = work.path().join("data");
+    let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let train = data.join("city_country_train.jsonl");
+    let test = data.join("city_country_test.jsonl");
+    let run = work.path().join("run");
+    let sets = [
+        format!("data.train={}", train.display()),
+        format!("data.test={}", test.display()),
+        "model.path=toy:tiny".to_string(),
+        "train.epochs=1".to_string(),
+        "train.batch_size=8".to_string(),
+        "train.lr=1e-3".to_string(),
+        "interpreter.num_blocks=1".to_string(),
+        "interpreter.layer=0".to_string(),
+        "interpreter.rank=4".to_string(),
+    ];
+    let mut args = vec!["train", "--quiet", "--out", run.to_str().unwrap()];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let o = cmd(&args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("soft") && out.contains("groundtruth") && out.contains("disentangle"), "{out}");
+    for f in ["config.resolved.toml", "metrics.jsonl", "results.json", "results.csv", "checkpoint/params.safetensors", "checkpoint/optimizer.safetensors", "checkpoint/state.json"] {
+        assert!(run.join(f).is_file(), "{f}");
+    }
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("results.json")).unwrap()).unwrap();
+    for mode in ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"] {
+        let accs = &results[mode]["accs"];
+        for k in ["causal", "isolate", "disentangle"] {
+            let v = accs[k].as_f64().unwrap_or(-1.0);
+            assert!((0.0..=1.0).contains(&v), "{mode} {k}: {accs}");
+        }
+        assert!(results[mode]["test_loss"].as_f64().unwrap() > 0.0);
+    }
+    let resolved = std::fs::read_to_string(run.join("config.resolved.toml")).unwrap();
+    assert!(resolved.contains("rank = 4") && resolved.contains("[train]"), "{resolved}");
+    // The resolved config is a valid config; a used run directory is refused.
+    let o = cmd(&["train", "--config", run.join("config.resolved.toml").to_str().unwrap(), "--out", run.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("not empty"), "{err}");
+    // Unknown keys are errors that list the valid ones.
+    let o = cmd(&["train", "--set", "train.learning_rate=1", "--show-config"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("unknown key `train.learning_rate`") && err.contains("batch_size"), "{err}");
+    let o = cmd(&["train", "--show-config"]);
+    let (out, _) = text(&o);
+    assert!(o.status.success() && out.contains("[interpreter]") && out.contains("subspace = \"reflect_select\""), "{out}");
+}

@@ -5,6 +5,7 @@ mod bench;
 mod data;
 mod info;
 mod toy;
+mod train;
 mod verify;
 
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ enum Command {
     VerifyModel(verify::VerifyArgs),
     /// Train (or reuse from the cache) the toy world's model: a small Llama that knows RAVEL city facts.
     Toy(toy::ToyArgs),
+    /// Train HyperDAS from a TOML configuration and evaluate every inference mode (work in progress: no --resume yet).
+    Train(train::TrainArgs),
     /// RAVEL data: build counterfactual train/test sets, inspect the knowledge base, show and convert datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -127,6 +130,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::VerifyModel(a) => verify::run(&a),
         Command::Data(c) => data::run(&c),
         Command::Toy(a) => toy::run(&a),
+        Command::Train(a) => train::run(&a),
         Command::Bench(c) => bench::run(&c),
     }
 }

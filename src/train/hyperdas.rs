@@ -19,7 +19,7 @@ use super::{AdamW, AdamWConfig, Decay, Group, MetricsLog, Schedule};
 use crate::data::collate::{EncodedRow, collate};
 use crate::error::{Error, Result};
 use crate::hypernet::interpreter::{Interpreter, prediction_loss};
-use crate::intervention::selection::{InferenceMode, sparsity_loss, sparsity_weight};
+use crate::intervention::selection::{InferenceMode, entropy_loss, sparsity_loss, sparsity_weight};
 use crate::model::Llama;
 use crate::params::ParamStore;
 use crate::rng::Rng;
@@ -27,6 +27,7 @@ use crate::rng::Rng;
 /// Training settings (defaults: docs once the `train` command exists; the reference's values
 /// where they agree).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainSettings {
     pub epochs: usize,
     pub batch_size: usize,
@@ -37,8 +38,14 @@ pub struct TrainSettings {
     pub grad_clip: f64,
     pub causal_weight: f32,
     pub isolate_weight: f32,
-    /// Sparsity weight schedule `(start, end, warm-up ratio)`; None disables the regulariser.
-    pub sparsity: Option<(f64, f64, f64)>,
+    /// Regulariser on the source rows of W: `sparsity` (reference A, scheduled), `entropy`
+    /// (reference B, constant `entropy_weight`) or `none`.
+    pub regularizer: String,
+    /// Sparsity weight: linear from start to end, zero for the first `warmup_ratio` of steps.
+    pub sparsity_start: f64,
+    pub sparsity_end: f64,
+    pub sparsity_warmup_ratio: f64,
+    pub entropy_weight: f64,
     pub label_limit: usize,
     pub eval_every: usize,
     pub seed: u64,
@@ -56,7 +63,11 @@ impl Default for TrainSettings {
             grad_clip: 4.0,
             causal_weight: 3.5,
             isolate_weight: 0.5,
-            sparsity: Some((0.15, 1.5, 0.5)),
+            regularizer: "sparsity".into(),
+            sparsity_start: 0.15,
+            sparsity_end: 1.5,
+            sparsity_warmup_ratio: 0.5,
+            entropy_weight: 0.0,
             label_limit: 3,
             eval_every: 200,
             seed: 0,
@@ -100,11 +111,15 @@ pub fn evaluate(target: &Llama, interp: &Interpreter, rows: &[EncodedRow], mode:
 }
 
 /// Train `interp` (parameters in `ps`) on `train`, evaluating (soft mode) on `test` every
-/// `eval_every` steps and at the end. Returns the final soft-mode scores.
+/// `eval_every` steps and at the end. Returns the final soft-mode scores and the optimizer (for
+/// the checkpoint).
 #[allow(clippy::too_many_arguments)]
-pub fn train(target: &Llama, interp: &mut Interpreter, ps: &ParamStore, train: &[EncodedRow], test: &[EncodedRow], s: &TrainSettings, pad: u32, log: &mut MetricsLog, progress: bool) -> Result<Scores> {
+pub fn train(target: &Llama, interp: &mut Interpreter, ps: &ParamStore, train: &[EncodedRow], test: &[EncodedRow], s: &TrainSettings, pad: u32, log: &mut MetricsLog, progress: bool) -> Result<(Scores, AdamW)> {
     if train.is_empty() {
         return Err(Error::invalid("no training rows"));
+    }
+    if !["sparsity", "entropy", "none"].contains(&s.regularizer.as_str()) {
+        return Err(Error::invalid(format!("train.regularizer `{}`: use sparsity, entropy or none", s.regularizer)));
     }
     let steps_per_epoch = train.len().div_ceil(s.batch_size.max(1));
     let total = steps_per_epoch * s.epochs.max(1);
@@ -125,8 +140,15 @@ pub fn train(target: &Llama, interp: &mut Interpreter, ps: &ParamStore, train: &
             let batch = collate(&rows, pad);
             let out = interp.forward(target, &batch, InferenceMode::Soft, s.label_limit)?;
             let pred = prediction_loss(&out, &batch.is_causal, s.causal_weight, s.isolate_weight)?;
-            let lambda = s.sparsity.map_or(0.0, |(a, b, w)| sparsity_weight(step, total, a, b, w));
-            let loss = if lambda > 0.0 { (&pred + sparsity_loss(&out.w_soft)?.affine(lambda, 0.0)?)? } else { pred.clone() };
+            let (lambda, reg) = match s.regularizer.as_str() {
+                "sparsity" => (sparsity_weight(step, total, s.sparsity_start, s.sparsity_end, s.sparsity_warmup_ratio), Some(sparsity_loss as fn(&candle_core::Tensor) -> Result<candle_core::Tensor>)),
+                "entropy" => (s.entropy_weight, Some(entropy_loss as fn(&candle_core::Tensor) -> Result<candle_core::Tensor>)),
+                _ => (0.0, None),
+            };
+            let loss = match reg {
+                Some(f) if lambda > 0.0 => (&pred + f(&out.w_soft)?.affine(lambda, 0.0)?)?,
+                _ => pred.clone(),
+            };
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 return Err(Error::invalid(format!("the loss became {value} at step {step}; stopping (lower the learning rate)")));
@@ -153,5 +175,6 @@ pub fn train(target: &Llama, interp: &mut Interpreter, ps: &ParamStore, train: &
         }
     }
     pb.finish_and_clear();
-    last.ok_or_else(|| Error::invalid("no evaluation ran"))
+    let scores = last.ok_or_else(|| Error::invalid("no evaluation ran"))?;
+    Ok((scores, opt))
 }

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod hyperdas;
 pub mod loss;
 pub mod metrics;
+pub mod run;
 pub mod optim;
 pub mod schedule;
 

@@ -1,0 +1,188 @@
+//! One HyperDAS training run from a [`RunConfig`]: load the target, read and encode the data,
+//! build the interpreter, train, evaluate every inference mode, and write the run directory:
+//!
+//! | file | content |
+//! |---|---|
+//! | `config.resolved.toml` | the configuration after defaults, file and `--set` |
+//! | `metrics.jsonl` | one record per step (losses, lr, gradient norm, periodic soft-mode scores) |
+//! | `results.json` | `{mode: {accs: {causal, isolate, disentangle}, test_loss}}` (the reference's shape) |
+//! | `results.csv` | the same as a table |
+//! | `checkpoint/` | parameters, AdamW moments, step and config ([`super::checkpoint`]) |
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::hyperdas::{Scores, TrainSettings, evaluate, train};
+use super::{MetricsLog, checkpoint};
+use crate::data::collate::{CollateOptions, encode_rows};
+use crate::data::io::{ReadOptions, read_dataset};
+use crate::error::{Error, Result};
+use crate::hypernet::HyperConfig;
+use crate::hypernet::interpreter::{Interpreter, InterpreterConfig};
+use crate::hypernet::subspace::SubspaceKind;
+use crate::intervention::selection::InferenceMode;
+use crate::model::{LoadOptions, StartToken};
+use crate::params::ParamStore;
+
+/// `[model]`: the frozen target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// An HF directory, a .gguf, a fetched name (`smollm2-135m`), `toy` (the cached standard
+    /// toy model, trained if needed) or `toy:tiny`.
+    pub path: String,
+    pub dtype: String,
+    pub start_token: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection { path: "toy".into(), dtype: "f32".into(), start_token: "auto".into() }
+    }
+}
+
+/// `[data]`: JSONL files or datasets save_to_disk directories.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    pub train: String,
+    pub test: String,
+    pub skip_bad_rows: bool,
+    /// 0: the collation default (128 tokens).
+    pub max_len: usize,
+    pub base_suffix_visible: bool,
+    pub source_suffix_visible: bool,
+}
+
+/// `[interpreter]`: the hypernetwork and the subspace module.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InterpreterSection {
+    pub num_blocks: usize,
+    pub layer: usize,
+    pub from_scratch: bool,
+    pub subspace: String,
+    pub rank: usize,
+    pub ablate_source: bool,
+    pub ablate_base: bool,
+    pub seed: u64,
+}
+
+impl Default for InterpreterSection {
+    fn default() -> Self {
+        InterpreterSection { num_blocks: 2, layer: 1, from_scratch: false, subspace: "reflect_select".into(), rank: 32, ablate_source: false, ablate_base: false, seed: 0 }
+    }
+}
+
+/// `[eval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    pub modes: Vec<String>,
+    pub batch_size: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { modes: ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"].map(String::from).to_vec(), batch_size: 64 }
+    }
+}
+
+/// A whole run.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub interpreter: InterpreterSection,
+    pub train: TrainSettings,
+    pub eval: EvalSection,
+}
+
+/// Scores of one mode in the reference's `results.json` shape.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModeResult {
+    pub accs: BTreeMap<String, f64>,
+    pub test_loss: f64,
+}
+
+/// Resolve `model.path` to something [`crate::model::load`] takes (training the toy if needed).
+fn model_spec(path: &str, progress: bool) -> Result<String> {
+    let toy = match path {
+        "toy" => Some(crate::toy::ToyConfig::standard()),
+        "toy:tiny" => Some(crate::toy::ToyConfig::tiny()),
+        _ => None,
+    };
+    match toy {
+        Some(cfg) => Ok(crate::toy::ensure(&cfg, false, progress)?.dir.display().to_string()),
+        None => Ok(path.to_string()),
+    }
+}
+
+/// Run `cfg` into the directory `out` (which must not exist yet, or be empty).
+pub fn run(cfg: &RunConfig, out: &Path, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
+    if cfg.data.train.is_empty() || cfg.data.test.is_empty() {
+        return Err(Error::invalid("data.train and data.test must name datasets (JSONL files or save_to_disk directories; `hyperdas data build` makes them)"));
+    }
+    let modes: Vec<InferenceMode> = cfg.eval.modes.iter().map(|m| InferenceMode::parse(m)).collect::<Result<_>>()?;
+    let subspace = SubspaceKind::parse(&cfg.interpreter.subspace)?;
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(Error::file(out, "the run directory exists and is not empty (choose another --out or remove it)"));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create: {e}")))?;
+    crate::config::write_resolved(cfg, &out.join("config.resolved.toml"))?;
+
+    let spec = model_spec(&cfg.model.path, progress)?;
+    let opts = LoadOptions { dtype: crate::model::load::parse_dtype(&cfg.model.dtype)?, start_token: cfg.model.start_token.parse::<StartToken>()?, progress, ..Default::default() };
+    let lm = crate::model::load(&spec, &opts)?;
+    let collate = CollateOptions {
+        base_suffix_visible: cfg.data.base_suffix_visible,
+        source_suffix_visible: cfg.data.source_suffix_visible,
+        max_len: if cfg.data.max_len == 0 { CollateOptions::default().max_len } else { cfg.data.max_len },
+        skip_unusable: cfg.data.skip_bad_rows,
+    };
+    let read = ReadOptions { skip_bad_rows: cfg.data.skip_bad_rows };
+    let mut sets = Vec::new();
+    for path in [&cfg.data.train, &cfg.data.test] {
+        let ds = read_dataset(&PathBuf::from(path), read)?;
+        let enc = encode_rows(&lm.tokenizer, &ds.rows, &collate, path)?;
+        if progress {
+            eprintln!("{}; {} encoded{}", ds.describe(), enc.rows.len(), if enc.skipped.is_empty() { String::new() } else { format!(", {} skipped (first: row {}: {})", enc.skipped.len(), enc.skipped[0].0 + 1, enc.skipped[0].1) });
+        }
+        sets.push(enc.rows);
+    }
+    let icfg = InterpreterConfig {
+        hypernet: HyperConfig {
+            num_blocks: cfg.interpreter.num_blocks,
+            layer: cfg.interpreter.layer,
+            from_scratch: cfg.interpreter.from_scratch,
+            ablate_source: cfg.interpreter.ablate_source,
+            ablate_base: cfg.interpreter.ablate_base,
+            seed: cfg.interpreter.seed,
+        },
+        subspace,
+        rank: cfg.interpreter.rank,
+    };
+    let mut ps = ParamStore::new();
+    let mut interp = Interpreter::new(&mut ps, &lm.model, &icfg)?;
+    let pad = lm.tokenizer.padding_id();
+    let mut log = MetricsLog::create(&out.join("metrics.jsonl"))?;
+    let (_, opt) = train(&lm.model, &mut interp, &ps, &sets[0], &sets[1], &cfg.train, pad, &mut log, progress)?;
+    checkpoint::save(&out.join("checkpoint"), &ps, Some(&opt), &serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))?)?;
+
+    let mut results = BTreeMap::new();
+    let mut csv = String::from("mode,causal,isolate,disentangle,test_loss\n");
+    for mode in modes {
+        let s: Scores = evaluate(&lm.model, &interp, &sets[1], mode, cfg.eval.batch_size, cfg.train.label_limit, pad)?;
+        csv += &format!("{},{},{},{},{}\n", mode.name(), s.causal, s.isolate, s.disentangle, s.loss);
+        let accs = BTreeMap::from([("causal".to_string(), s.causal), ("isolate".to_string(), s.isolate), ("disentangle".to_string(), s.disentangle)]);
+        results.insert(mode.name().to_string(), ModeResult { accs, test_loss: s.loss });
+    }
+    let rj = out.join("results.json");
+    std::fs::write(&rj, serde_json::to_string_pretty(&results).map_err(|e| Error::invalid(e.to_string()))?).map_err(|e| Error::file(&rj, format!("cannot write: {e}")))?;
+    let rc = out.join("results.csv");
+    std::fs::write(&rc, csv).map_err(|e| Error::file(&rc, format!("cannot write: {e}")))?;
+    Ok(results)
+}
