@@ -18,7 +18,7 @@ use hyperdas::model::{LoadOptions, load};
 use hyperdas::params::ParamStore;
 use hyperdas::toy::{ToyConfig, ensure};
 use hyperdas::train::MetricsLog;
-use hyperdas::train::hyperdas::{TrainSettings, evaluate, train};
+use hyperdas::train::hyperdas::{CheckpointPlan, TrainSettings, evaluate, train};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -64,7 +64,8 @@ fn main() -> Result<()> {
     }
     let mut log = MetricsLog::create(Path::new("/tmp/toy_hyperdas_metrics.jsonl"))?;
     let t0 = std::time::Instant::now();
-    train(&lm.model, &mut interp, &ps, &sets[0], &sets[1], &settings, pad, &mut log, true)?;
+    let plan = CheckpointPlan { dir: None, resume: false, meta: serde_json::Value::Null };
+    train(&lm.model, &mut interp, &ps, &sets[0], &sets[1], &settings, pad, &mut log, &plan, true)?;
     eprintln!("trained in {:.1} s", t0.elapsed().as_secs_f64());
     for mode in ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"] {
         let s = evaluate(&lm.model, &interp, &sets[1], InferenceMode::parse(mode)?, 64, 3, pad)?;

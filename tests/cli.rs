@@ -330,4 +330,37 @@ fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
     let o = cmd(&["train", "--show-config"]);
     let (out, _) = text(&o);
     assert!(o.status.success() && out.contains("[interpreter]") && out.contains("subspace = \"reflect_select\""), "{out}");
+
+    // Stop after 2 steps, resume: the same parameters, optimizer state and results as the
+    // uninterrupted run above.
+    let run2 = work.path().join("run2");
+    let mut args = vec!["train", "--quiet", "--out", run2.to_str().unwrap()];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let mut first = args.clone();
+    first.extend(["--set", "train.stop_after_steps=2", "--set", "train.checkpoint_every=1"]);
+    let o = cmd(&first);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("stopped early") && out.contains("--resume"), "{out}");
+    assert!(!run2.join("results.json").exists());
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run2.join("checkpoint/state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 2);
+    // Resuming with different settings is refused.
+    let mut wrong = args.clone();
+    wrong.extend(["--resume", "--set", "train.lr=0.5"]);
+    let o = cmd(&wrong);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("differs from this run's configuration"), "{}", text(&o).1);
+    let mut again = args.clone();
+    again.push("--resume");
+    let o = cmd(&again);
+    assert!(o.status.success(), "{}", text(&o).1);
+    for f in ["checkpoint/params.safetensors", "checkpoint/optimizer.safetensors"] {
+        assert_eq!(std::fs::read(run.join(f)).unwrap(), std::fs::read(run2.join(f)).unwrap(), "{f} equals the uninterrupted run's");
+    }
+    assert_eq!(std::fs::read_to_string(run.join("results.json")).unwrap(), std::fs::read_to_string(run2.join("results.json")).unwrap());
+    let lines = |d: &std::path::Path| std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().count();
+    assert_eq!(lines(&run), lines(&run2));
 }

@@ -18,6 +18,9 @@ pub struct TrainArgs {
     /// Run directory (must not exist or be empty).
     #[arg(long, short, default_value = "runs/hyperdas")]
     out: PathBuf,
+    /// Continue the run in --out from its checkpoint (same configuration; the result equals an uninterrupted run).
+    #[arg(long)]
+    resume: bool,
     /// Print the resolved configuration as TOML and exit.
     #[arg(long)]
     show_config: bool,
@@ -32,7 +35,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    let results = run_config(&cfg, &a.out, !a.quiet)?;
+    let Some(results) = run_config(&cfg, &a.out, a.resume, !a.quiet)? else {
+        println!("stopped early (train.stop_after_steps); continue with: hyperdas train --resume --out {} [same --config/--set]", a.out.display());
+        return Ok(());
+    };
     println!("{:<16} {:>7} {:>8} {:>12} {:>10}", "mode", "cause", "isolate", "disentangle", "test loss");
     for (mode, r) in &results {
         println!("{mode:<16} {:>7.3} {:>8.3} {:>12.3} {:>10.3}", r.accs["causal"], r.accs["isolate"], r.accs["disentangle"], r.test_loss);

@@ -48,6 +48,11 @@ pub struct TrainSettings {
     pub entropy_weight: f64,
     pub label_limit: usize,
     pub eval_every: usize,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Stop after this many steps in total (0: run all epochs). For time-boxed runs: continue
+    /// later with `--resume`; the result equals an uninterrupted run.
+    pub stop_after_steps: usize,
     pub seed: u64,
 }
 
@@ -70,6 +75,8 @@ impl Default for TrainSettings {
             entropy_weight: 0.0,
             label_limit: 3,
             eval_every: 200,
+            checkpoint_every: 0,
+            stop_after_steps: 0,
             seed: 0,
         }
     }
@@ -110,11 +117,31 @@ pub fn evaluate(target: &Llama, interp: &Interpreter, rows: &[EncodedRow], mode:
     Ok(Scores { causal, isolate, disentangle, loss: if tokens > 0.0 { loss_sum / tokens } else { 0.0 }, rows: rows.len() })
 }
 
+/// Where checkpoints go, and whether to start from the latest one.
+pub struct CheckpointPlan<'a> {
+    /// `None`: no checkpoints during training.
+    pub dir: Option<&'a std::path::Path>,
+    pub resume: bool,
+    /// Saved into `state.json` (the run's configuration).
+    pub meta: serde_json::Value,
+}
+
 /// Train `interp` (parameters in `ps`) on `train`, evaluating (soft mode) on `test` every
 /// `eval_every` steps and at the end. Returns the final soft-mode scores and the optimizer (for
 /// the checkpoint).
 #[allow(clippy::too_many_arguments)]
-pub fn train(target: &Llama, interp: &mut Interpreter, ps: &ParamStore, train: &[EncodedRow], test: &[EncodedRow], s: &TrainSettings, pad: u32, log: &mut MetricsLog, progress: bool) -> Result<(Scores, AdamW)> {
+pub fn train(
+    target: &Llama,
+    interp: &mut Interpreter,
+    ps: &ParamStore,
+    train: &[EncodedRow],
+    test: &[EncodedRow],
+    s: &TrainSettings,
+    pad: u32,
+    log: &mut MetricsLog,
+    plan: &CheckpointPlan,
+    progress: bool,
+) -> Result<(Option<Scores>, AdamW)> {
     if train.is_empty() {
         return Err(Error::invalid("no training rows"));
     }
@@ -128,14 +155,42 @@ pub fn train(target: &Llama, interp: &mut Interpreter, ps: &ParamStore, train: &
     let mut opt = AdamW::with_groups(ps, adam, |name| (name == "subspace.rotation").then_some(rotation_group))?;
     let schedule = Schedule { peak: s.lr, warmup_steps: s.warmup_steps, total_steps: total, decay: Decay::Cosine, min_ratio: 0.0 };
     let mut rng = Rng::derive(s.seed, "hyperdas/batches");
+    // Resume: parameters, AdamW moments and the step; the data order is replayed from the seed.
+    let mut start = 0;
+    if plan.resume {
+        let dir = plan.dir.ok_or_else(|| Error::invalid("--resume needs a run directory"))?;
+        if !dir.join("state.json").is_file() {
+            return Err(Error::file(dir, "no checkpoint to resume from"));
+        }
+        crate::train::checkpoint::load(dir, ps, Some(&mut opt), target.device())?;
+        start = opt.step;
+        if start > total {
+            return Err(Error::file(dir, format!("the checkpoint is at step {start}, past this run's {total} steps")));
+        }
+    }
+    let stop = if s.stop_after_steps == 0 { total } else { s.stop_after_steps.min(total) };
+    let save = |opt: &AdamW| -> Result<()> {
+        match plan.dir {
+            Some(dir) => crate::train::checkpoint::save(dir, ps, Some(opt), &plan.meta),
+            None => Ok(()),
+        }
+    };
     let pb = crate::progress::bar(total as u64, "training HyperDAS [{bar:30}] {pos}/{len} steps {elapsed} (eta {eta}) {msg}", progress);
     let t0 = Instant::now();
+    pb.set_position(start as u64);
     let mut step = 0;
     let mut last = None;
-    for _epoch in 0..s.epochs.max(1) {
+    'epochs: for _epoch in 0..s.epochs.max(1) {
         let mut order: Vec<usize> = (0..train.len()).collect();
         rng.shuffle(&mut order);
         for chunk in order.chunks(s.batch_size.max(1)) {
+            if step < start {
+                step += 1; // already done before the checkpoint: same data order, skipped
+                continue;
+            }
+            if step >= stop {
+                break 'epochs;
+            }
             let rows: Vec<&EncodedRow> = chunk.iter().map(|&i| &train[i]).collect();
             let batch = collate(&rows, pad);
             let out = interp.forward(target, &batch, InferenceMode::Soft, s.label_limit)?;
@@ -151,7 +206,9 @@ pub fn train(target: &Llama, interp: &mut Interpreter, ps: &ParamStore, train: &
             };
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
-                return Err(Error::invalid(format!("the loss became {value} at step {step}; stopping (lower the learning rate)")));
+                return Err(Error::invalid(format!(
+                    "the loss became {value} at step {step}; stopping. The last good checkpoint (if any) is kept; lower the learning rate and resume or restart"
+                )));
             }
             let grads = loss.backward()?;
             if step == 0 {
@@ -171,10 +228,13 @@ pub fn train(target: &Llama, interp: &mut Interpreter, ps: &ParamStore, train: &
                 pb.set_message(format!("loss {value:.3}"));
             }
             log.log(&rec)?;
+            if s.checkpoint_every > 0 && step % s.checkpoint_every == 0 {
+                save(&opt)?;
+            }
             pb.inc(1);
         }
     }
+    save(&opt)?;
     pb.finish_and_clear();
-    let scores = last.ok_or_else(|| Error::invalid("no evaluation ran"))?;
-    Ok((scores, opt))
+    Ok((last, opt))
 }

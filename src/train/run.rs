@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::hyperdas::{Scores, TrainSettings, evaluate, train};
-use super::{MetricsLog, checkpoint};
+use super::MetricsLog;
+use super::hyperdas::{CheckpointPlan, Scores, TrainSettings, evaluate, train};
 use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
@@ -121,17 +121,27 @@ fn model_spec(path: &str, progress: bool) -> Result<String> {
     }
 }
 
-/// Run `cfg` into the directory `out` (which must not exist yet, or be empty).
-pub fn run(cfg: &RunConfig, out: &Path, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
+/// Run `cfg` into the directory `out` (which must not exist yet, or be empty). With `resume`,
+/// continue the run in `out` from its checkpoint (its `config.resolved.toml` must equal `cfg`
+/// apart from `train.stop_after_steps` and `train.checkpoint_every`).
+pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<Option<BTreeMap<String, ModeResult>>> {
     if cfg.data.train.is_empty() || cfg.data.test.is_empty() {
         return Err(Error::invalid("data.train and data.test must name datasets (JSONL files or save_to_disk directories; `hyperdas data build` makes them)"));
     }
     let modes: Vec<InferenceMode> = cfg.eval.modes.iter().map(|m| InferenceMode::parse(m)).collect::<Result<_>>()?;
     let subspace = SubspaceKind::parse(&cfg.interpreter.subspace)?;
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        return Err(Error::file(out, "the run directory exists and is not empty (choose another --out or remove it)"));
+    if resume {
+        let saved: RunConfig = crate::config::load(Some(&out.join("config.resolved.toml")), &[])?;
+        let same = |c: &RunConfig| RunConfig { train: TrainSettings { stop_after_steps: 0, checkpoint_every: 0, ..c.train.clone() }, ..c.clone() };
+        if same(&saved) != same(cfg) {
+            return Err(Error::file(out.join("config.resolved.toml"), "differs from this run's configuration; resume with the same settings (only train.stop_after_steps and train.checkpoint_every may change)"));
+        }
+    } else {
+        if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            return Err(Error::file(out, "the run directory exists and is not empty (choose another --out, remove it, or --resume)"));
+        }
+        std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create: {e}")))?;
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create: {e}")))?;
     crate::config::write_resolved(cfg, &out.join("config.resolved.toml"))?;
 
     let spec = model_spec(&cfg.model.path, progress)?;
@@ -168,9 +178,16 @@ pub fn run(cfg: &RunConfig, out: &Path, progress: bool) -> Result<BTreeMap<Strin
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &icfg)?;
     let pad = lm.tokenizer.padding_id();
-    let mut log = MetricsLog::create(&out.join("metrics.jsonl"))?;
-    let (_, opt) = train(&lm.model, &mut interp, &ps, &sets[0], &sets[1], &cfg.train, pad, &mut log, progress)?;
-    checkpoint::save(&out.join("checkpoint"), &ps, Some(&opt), &serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))?)?;
+    let mut log = if resume { MetricsLog::append(&out.join("metrics.jsonl"))? } else { MetricsLog::create(&out.join("metrics.jsonl"))? };
+    let plan = CheckpointPlan { dir: Some(&out.join("checkpoint")), resume, meta: serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))? };
+    let (_, opt) = train(&lm.model, &mut interp, &ps, &sets[0], &sets[1], &cfg.train, pad, &mut log, &plan, progress)?;
+    let total = sets[0].len().div_ceil(cfg.train.batch_size.max(1)) * cfg.train.epochs.max(1);
+    if opt.step < total {
+        if progress {
+            eprintln!("stopped after step {} of {total} (train.stop_after_steps); continue with --resume", opt.step);
+        }
+        return Ok(None);
+    }
 
     let mut results = BTreeMap::new();
     let mut csv = String::from("mode,causal,isolate,disentangle,test_loss\n");
@@ -184,5 +201,5 @@ pub fn run(cfg: &RunConfig, out: &Path, progress: bool) -> Result<BTreeMap<Strin
     std::fs::write(&rj, serde_json::to_string_pretty(&results).map_err(|e| Error::invalid(e.to_string()))?).map_err(|e| Error::file(&rj, format!("cannot write: {e}")))?;
     let rc = out.join("results.csv");
     std::fs::write(&rc, csv).map_err(|e| Error::file(&rc, format!("cannot write: {e}")))?;
-    Ok(results)
+    Ok(Some(results))
 }
