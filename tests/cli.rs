@@ -317,6 +317,22 @@ fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
     }
     let resolved = std::fs::read_to_string(run.join("config.resolved.toml")).unwrap();
     assert!(resolved.contains("rank = 4") && resolved.contains("[train]"), "{resolved}");
+    // Reload the run from its directory alone and evaluate: the same scores as at the end of training.
+    let o = cmd(&["eval", "--quiet", "--run", run.to_str().unwrap(), "--data", test.to_str().unwrap(), "--modes", "soft,groundtruth"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let ev: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("eval/city_country_test.results.json")).unwrap()).unwrap();
+    assert_eq!(ev["soft"], results["soft"]);
+    assert_eq!(ev["groundtruth"], results["groundtruth"]);
+    let positions = std::fs::read_to_string(run.join("eval/city_country_test.positions.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(positions.lines().next().unwrap()).unwrap();
+    assert!(first["selected"].is_array() && first["mode"] == "soft", "{first}");
+    // Ground truth picks exactly one (base, source) pair per row: the last entity tokens.
+    let gt: Vec<serde_json::Value> = positions.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|v: &serde_json::Value| v["mode"] == "groundtruth").collect();
+    assert!(!gt.is_empty() && gt.iter().all(|v| v["selected"].as_array().unwrap().len() == 1), "{gt:?}");
+    let o = cmd(&["eval", "--run", work.path().to_str().unwrap(), "--data", test.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("not a run directory"), "{}", text(&o).1);
+
     // The resolved config is a valid config; a used run directory is refused.
     let o = cmd(&["train", "--config", run.join("config.resolved.toml").to_str().unwrap(), "--out", run.to_str().unwrap()]);
     let (_, err) = text(&o);

@@ -3,6 +3,7 @@
 
 mod bench;
 mod data;
+mod eval;
 mod info;
 mod toy;
 mod train;
@@ -38,6 +39,8 @@ enum Command {
     Toy(toy::ToyArgs),
     /// Train HyperDAS from a TOML configuration and evaluate every inference mode (work in progress: no --resume yet).
     Train(train::TrainArgs),
+    /// Score a trained run on a dataset per inference mode; writes results and selected positions into the run's eval/.
+    Eval(eval::EvalArgs),
     /// RAVEL data: build counterfactual train/test sets, inspect the knowledge base, show and convert datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -131,6 +134,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(c) => data::run(&c),
         Command::Toy(a) => toy::run(&a),
         Command::Train(a) => train::run(&a),
+        Command::Eval(a) => eval::run(&a),
         Command::Bench(c) => bench::run(&c),
     }
 }

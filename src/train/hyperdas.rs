@@ -94,8 +94,37 @@ pub struct Scores {
 
 /// Score `rows` with inference `mode`.
 pub fn evaluate(target: &Llama, interp: &Interpreter, rows: &[EncodedRow], mode: InferenceMode, batch_size: usize, label_limit: usize, pad: u32) -> Result<Scores> {
+    Ok(evaluate_detailed(target, interp, rows, mode, batch_size, label_limit, pad, false)?.0)
+}
+
+/// Which positions an example's intervention used: `(base position, source position, weight)`
+/// for every base position whose largest weight is on a source token (not "self"). Positions
+/// count the row's own tokens (start token = 0), without padding.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Selection {
+    /// Index of the row in the evaluated dataset (after encoding).
+    pub row: usize,
+    pub mode: String,
+    pub causal: bool,
+    pub correct: bool,
+    pub selected: Vec<(usize, usize, f32)>,
+}
+
+/// [`evaluate`], optionally with each row's [`Selection`].
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // j indexes W's columns and the positions alike
+pub fn evaluate_detailed(
+    target: &Llama,
+    interp: &Interpreter,
+    rows: &[EncodedRow],
+    mode: InferenceMode,
+    batch_size: usize,
+    label_limit: usize,
+    pad: u32,
+    selections: bool,
+) -> Result<(Scores, Vec<Selection>)> {
     let (mut hit, mut n) = ([0usize; 2], [0usize; 2]);
     let (mut loss_sum, mut tokens) = (0f64, 0f64);
+    let mut picked = Vec::new();
     for chunk in rows.chunks(batch_size.max(1)) {
         let batch = collate(&chunk.iter().collect::<Vec<_>>(), pad);
         let out = interp.forward(target, &batch, mode, label_limit)?;
@@ -104,17 +133,30 @@ pub fn evaluate(target: &Llama, interp: &Interpreter, rows: &[EncodedRow], mode:
         let loss = prediction_loss(&out, &batch.is_causal, 1.0, 1.0)?.to_scalar::<f32>()? as f64;
         loss_sum += loss * ntok as f64;
         tokens += ntok as f64;
+        let w = if selections { Some(out.w.to_dtype(candle_core::DType::F32)?.to_vec3::<f32>()?) } else { None }; // [B, T_s+1, T_b]
         for (bi, causal) in batch.is_causal.iter().enumerate() {
             let ok = (0..out.k).all(|j| out.valid[bi * out.k + j] == 0.0 || pred[bi * out.k + j] == out.targets[bi * out.k + j]);
             let kind = usize::from(!*causal);
             n[kind] += 1;
             hit[kind] += usize::from(ok);
+            if let Some(w) = &w {
+                let (ts, tb) = (batch.source_len, batch.base_len);
+                let (pad_s, pad_b) = (ts - chunk[bi].source_ids.len(), tb - chunk[bi].base_ids.len());
+                let mut selected = Vec::new();
+                for j in pad_b..tb {
+                    let (best, weight) = (0..=ts).map(|i| (i, w[bi][i][j])).fold((ts, f32::MIN), |a, x| if x.1 > a.1 { x } else { a });
+                    if best < ts && best >= pad_s {
+                        selected.push((j - pad_b, best - pad_s, weight));
+                    }
+                }
+                picked.push(Selection { row: chunk[bi].row, mode: mode.name().into(), causal: *causal, correct: ok, selected });
+            }
         }
     }
     let acc = |i: usize| if n[i] == 0 { f64::NAN } else { hit[i] as f64 / n[i] as f64 };
     let (causal, isolate) = (acc(0), acc(1));
     let disentangle = if n[1] == 0 { causal } else if n[0] == 0 { isolate } else { 0.5 * (causal + isolate) };
-    Ok(Scores { causal, isolate, disentangle, loss: if tokens > 0.0 { loss_sum / tokens } else { 0.0 }, rows: rows.len() })
+    Ok((Scores { causal, isolate, disentangle, loss: if tokens > 0.0 { loss_sum / tokens } else { 0.0 }, rows: rows.len() }, picked))
 }
 
 /// Where checkpoints go, and whether to start from the latest one.

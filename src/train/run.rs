@@ -203,3 +203,82 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
     std::fs::write(&rc, csv).map_err(|e| Error::file(&rc, format!("cannot write: {e}")))?;
     Ok(Some(results))
 }
+
+/// A trained run loaded from its directory: configuration, target, parameters.
+pub struct LoadedRun {
+    pub config: RunConfig,
+    pub lm: crate::model::LoadedModel,
+    pub params: ParamStore,
+    pub interpreter: Interpreter,
+}
+
+/// Reload a run from `dir` (its `config.resolved.toml` and `checkpoint/`), nothing else needed.
+pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
+    let cfg_path = dir.join("config.resolved.toml");
+    if !cfg_path.is_file() {
+        return Err(Error::file(dir, "not a run directory (no config.resolved.toml)"));
+    }
+    let config: RunConfig = crate::config::load(Some(&cfg_path), &[])?;
+    let spec = model_spec(&config.model.path, progress)?;
+    let opts = LoadOptions { dtype: crate::model::load::parse_dtype(&config.model.dtype)?, start_token: config.model.start_token.parse::<StartToken>()?, progress, ..Default::default() };
+    let lm = crate::model::load(&spec, &opts)?;
+    let icfg = InterpreterConfig {
+        hypernet: HyperConfig {
+            num_blocks: config.interpreter.num_blocks,
+            layer: config.interpreter.layer,
+            from_scratch: config.interpreter.from_scratch,
+            ablate_source: config.interpreter.ablate_source,
+            ablate_base: config.interpreter.ablate_base,
+            seed: config.interpreter.seed,
+        },
+        subspace: SubspaceKind::parse(&config.interpreter.subspace)?,
+        rank: config.interpreter.rank,
+    };
+    let mut params = ParamStore::new();
+    let interpreter = Interpreter::new(&mut params, &lm.model, &icfg)?;
+    crate::train::checkpoint::load(&dir.join("checkpoint"), &params, None, lm.model.device())?;
+    Ok(LoadedRun { config, lm, params, interpreter })
+}
+
+/// Evaluate a run on `data` with `modes`; writes `eval/<data name>.{results.json,csv,positions.jsonl}`
+/// into the run directory and returns the scores.
+pub fn eval_run(dir: &Path, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
+    let run = load_run(dir, progress)?;
+    let cfg = &run.config;
+    let collate = CollateOptions {
+        base_suffix_visible: cfg.data.base_suffix_visible,
+        source_suffix_visible: cfg.data.source_suffix_visible,
+        max_len: if cfg.data.max_len == 0 { CollateOptions::default().max_len } else { cfg.data.max_len },
+        skip_unusable: skip_bad_rows,
+    };
+    let ds = read_dataset(data, ReadOptions { skip_bad_rows })?;
+    let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &collate, &data.display().to_string())?;
+    if progress {
+        eprintln!("{}; {} encoded, {} skipped", ds.describe(), enc.rows.len(), enc.skipped.len());
+    }
+    let pad = run.lm.tokenizer.padding_id();
+    let name = data.file_name().map(|n| n.to_string_lossy().trim_end_matches(".jsonl").to_string()).unwrap_or_else(|| "data".into());
+    let out = dir.join("eval");
+    std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, format!("cannot create: {e}")))?;
+    let mut results = BTreeMap::new();
+    let mut csv = String::from("mode,causal,isolate,disentangle,test_loss\n");
+    let mut positions = String::new();
+    for &mode in modes {
+        let (s, picked) = super::hyperdas::evaluate_detailed(&run.lm.model, &run.interpreter, &enc.rows, mode, cfg.eval.batch_size, cfg.train.label_limit, pad, true)?;
+        csv += &format!("{},{},{},{},{}\n", mode.name(), s.causal, s.isolate, s.disentangle, s.loss);
+        for p in picked {
+            positions += &serde_json::to_string(&p).map_err(|e| Error::invalid(e.to_string()))?;
+            positions.push('\n');
+        }
+        let accs = BTreeMap::from([("causal".to_string(), s.causal), ("isolate".to_string(), s.isolate), ("disentangle".to_string(), s.disentangle)]);
+        results.insert(mode.name().to_string(), ModeResult { accs, test_loss: s.loss });
+    }
+    let write = |file: String, text: String| -> Result<()> {
+        let p = out.join(file);
+        std::fs::write(&p, text).map_err(|e| Error::file(&p, format!("cannot write: {e}")))
+    };
+    write(format!("{name}.results.json"), serde_json::to_string_pretty(&results).map_err(|e| Error::invalid(e.to_string()))?)?;
+    write(format!("{name}.results.csv"), csv)?;
+    write(format!("{name}.positions.jsonl"), positions)?;
+    Ok(results)
+}

@@ -1,0 +1,37 @@
+//! `hyperdas eval`: score a trained run on a dataset, per inference mode.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::intervention::selection::InferenceMode;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// The run directory (`hyperdas train --out`).
+    #[arg(long)]
+    run: PathBuf,
+    /// A .jsonl file or datasets save_to_disk directory.
+    #[arg(long)]
+    data: PathBuf,
+    /// Inference modes (comma-separated): soft, column_argmax, bidding_argmax, global_argmax, groundtruth.
+    #[arg(long, value_delimiter = ',', default_value = "soft,column_argmax,bidding_argmax,global_argmax,groundtruth")]
+    modes: Vec<String>,
+    /// Skip (and count) malformed or over-long rows instead of failing.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+pub fn run(a: &EvalArgs) -> Result<()> {
+    let modes: Vec<InferenceMode> = a.modes.iter().map(|m| InferenceMode::parse(m)).collect::<crate::Result<_>>()?;
+    let results = crate::train::run::eval_run(&a.run, &a.data, &modes, a.skip_bad_rows, !a.quiet)?;
+    println!("{:<16} {:>7} {:>8} {:>12} {:>10}", "mode", "cause", "isolate", "disentangle", "test loss");
+    for (mode, r) in &results {
+        println!("{mode:<16} {:>7.3} {:>8.3} {:>12.3} {:>10.3}", r.accs["causal"], r.accs["isolate"], r.accs["disentangle"], r.test_loss);
+    }
+    println!("written to {}/eval/ (results.json, results.csv, positions.jsonl per dataset)", a.run.display());
+    Ok(())
+}
