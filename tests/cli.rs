@@ -333,6 +333,15 @@ fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("not a run directory"), "{}", text(&o).1);
 
+    // Apply the run to a new triple: chosen positions and the prediction before/after.
+    let o = cmd(&["apply", "--run", run.to_str().unwrap(), "--base", "city: Paris, country:", "--source", "city: Tokyo, country:", "--instruction", "Paris ; Tokyo - Country"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("\"Paris\"") && out.contains("next token before the intervention: \"France\"") && out.contains("after the intervention:"), "{out}");
+    let o = cmd(&["apply", "--run", run.to_str().unwrap(), "--base", "city: Rome, country:", "--source", "city: Tokyo, country:", "--instruction", "Paris ; Tokyo - Country"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("does not occur in the base prompt"), "{}", text(&o).1);
+
     // The resolved config is a valid config; a used run directory is refused.
     let o = cmd(&["train", "--config", run.join("config.resolved.toml").to_str().unwrap(), "--out", run.to_str().unwrap()]);
     let (_, err) = text(&o);

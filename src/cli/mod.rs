@@ -1,6 +1,7 @@
 //! The `hyperdas` command line. Errors are reported with `anyhow` here, at the edge; the library
 //! below uses typed errors.
 
+mod apply;
 mod bench;
 mod data;
 mod eval;
@@ -41,6 +42,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Score a trained run on a dataset per inference mode; writes results and selected positions into the run's eval/.
     Eval(eval::EvalArgs),
+    /// Apply a trained run to one new base/source/instruction: chosen positions and the prediction before/after.
+    Apply(apply::ApplyArgs),
     /// RAVEL data: build counterfactual train/test sets, inspect the knowledge base, show and convert datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -135,6 +138,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Toy(a) => toy::run(&a),
         Command::Train(a) => train::run(&a),
         Command::Eval(a) => eval::run(&a),
+        Command::Apply(a) => apply::run(&a),
         Command::Bench(c) => bench::run(&c),
     }
 }
