@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::data::collate::{CollateOptions, collate, encode_row};
 use crate::data::row::RavelRow;
-use crate::intervention::selection::InferenceMode;
+use crate::intervention::selection::{InferenceMode, argmax};
 use crate::model::llama::softmax_last_dim;
 
 #[derive(Args, Debug)]
@@ -96,7 +96,8 @@ pub fn run(a: &ApplyArgs) -> Result<()> {
     let ts = batch.source_len;
     println!("mode {}; base tokens with their chosen source (weight), 'self' = unchanged:", mode.name());
     for j in 0..enc.label_start {
-        let (best, weight) = (0..=ts).map(|i| (i, w[i][j])).fold((ts, f32::MIN), |acc, x| if x.1 > acc.1 { x } else { acc });
+        let best = argmax((0..=ts).map(|i| w[i][j]));
+        let weight = w[best][j];
         let bt = tok.decode(&[enc.base_ids[j]])?;
         let mark = if j < enc.base_visible { "" } else { " (not intervenable)" };
         if best < ts {

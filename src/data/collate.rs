@@ -99,6 +99,42 @@ pub fn encode_prompt_with_label(tok: &TextTokenizer, prompt: &str, label: &str) 
     })
 }
 
+/// A left-padded teacher-forcing batch of `prompt + label` sequences.
+pub struct LabelBatch {
+    pub tokens: TokenBatch,
+    /// `[B, K]` positions whose logits predict the first `K` label tokens (a row with fewer
+    /// label tokens repeats its last one as filler).
+    pub positions: Tensor,
+    /// `B·K` label tokens at those positions.
+    pub targets: Vec<u32>,
+    /// `B·K`, 1 for real label tokens and 0 for filler.
+    pub valid: Vec<f32>,
+    pub k: usize,
+}
+
+/// Batch `(ids, label_start)` sequences (ids include the start token; `label_start ≥ 1`), with
+/// `K` = the most label tokens of any row, capped at `limit`.
+pub fn label_batch(seqs: &[(&[u32], usize)], limit: Option<usize>, pad: u32, device: &Device) -> Result<LabelBatch> {
+    let rows: Vec<Vec<u32>> = seqs.iter().map(|(ids, _)| ids.to_vec()).collect();
+    let tokens = TokenBatch::left_padded(&rows, pad, device)?;
+    let (b, t) = tokens.dims();
+    let most = seqs.iter().map(|(ids, start)| ids.len() - start).max().unwrap_or(1);
+    let k = limit.map_or(most, |l| most.min(l)).max(1);
+    let (mut pos, mut targets, mut valid) = (Vec::with_capacity(b * k), Vec::with_capacity(b * k), Vec::with_capacity(b * k));
+    for (ids, start) in seqs {
+        let shift = t - ids.len();
+        let n = ids.len() - start;
+        for j in 0..k {
+            let p = start + j.min(n - 1); // repeat the last label token as filler
+            pos.push((shift + p - 1) as u32);
+            targets.push(ids[p]);
+            valid.push(if j < n { 1.0 } else { 0.0 });
+        }
+    }
+    let positions = Tensor::from_vec(pos, (b, k), device)?; // [B, K]
+    Ok(LabelBatch { tokens, positions, targets, valid, k })
+}
+
 /// From the byte spans of a prompt's tokens (start token included, with span `(0, 0)`): how
 /// many leading tokens start inside `prefix` (the intervenable ones unless the suffix is
 /// visible), and the last token overlapping the entity at the end of the prefix.

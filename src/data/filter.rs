@@ -8,13 +8,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use candle_core::{D, Tensor};
+use candle_core::D;
 use serde::Serialize;
 
-use super::collate::encode_prompt_with_label;
+use super::collate::{encode_prompt_with_label, label_batch};
 use super::row::RavelRow;
 use crate::error::Result;
-use crate::model::{Llama, TextTokenizer, TokenBatch};
+use crate::model::{Llama, TextTokenizer};
 
 #[derive(Debug, Clone)]
 pub struct FilterOptions {
@@ -93,24 +93,11 @@ pub fn filter_rows(model: &Llama, tok: &TextTokenizer, rows: Vec<RavelRow>, opts
     let device = model.device().clone();
     let pad = tok.padding_id();
     for chunk in encoded.chunks(opts.batch_size.max(1)) {
-        let seqs: Vec<Vec<u32>> = chunk.iter().map(|(_, e)| e.ids.clone()).collect();
-        let batch = TokenBatch::left_padded(&seqs, pad, &device)?;
-        let (b, t) = batch.dims();
-        let k = chunk.iter().map(|(_, e)| e.ids.len() - e.label_start).max().unwrap_or(1);
-        let mut positions = Vec::with_capacity(b * k);
-        let mut targets = Vec::with_capacity(b * k);
-        for (_, e) in chunk {
-            let shift = t - e.ids.len();
-            let n = e.ids.len() - e.label_start;
-            for j in 0..k {
-                let p = e.label_start + j.min(n - 1); // repeat the last label token as filler
-                positions.push((shift + p - 1) as u32);
-                targets.push(e.ids[p]);
-            }
-        }
-        let hidden = model.forward_hidden(&batch, Some(&[]))?;
-        let positions = Tensor::from_vec(positions, (b, k), &device)?; // [B, K]
-        let logits = model.logits_at(&hidden.final_normed, &positions)?; // [B, K, V]
+        let seqs: Vec<(&[u32], usize)> = chunk.iter().map(|(_, e)| (e.ids.as_slice(), e.label_start)).collect();
+        let lb = label_batch(&seqs, None, pad, &device)?;
+        let (k, targets) = (lb.k, lb.targets);
+        let hidden = model.forward_hidden(&lb.tokens, Some(&[]))?;
+        let logits = model.logits_at(&hidden.final_normed, &lb.positions)?; // [B, K, V]
         let predicted = logits.argmax(D::Minus1)?.to_vec2::<u32>()?; // [B, K]
         for (row, (i, _)) in chunk.iter().enumerate() {
             passed[*i] = predicted[row].iter().zip(&targets[row * k..(row + 1) * k]).all(|(p, t)| p == t);

@@ -29,11 +29,12 @@ pub mod pointer;
 pub mod interpreter;
 pub mod subspace;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use self::attention::{AttnWeights, Rotary, causal_mask, key_mask};
 use self::pointer::PointerHead;
 use crate::error::{Error, Result};
+use crate::intervention::subspace::unit_last_dim;
 use crate::model::llama::{Linear, Mlp, RmsNorm};
 use crate::model::rope::Rope;
 use crate::model::{Llama, TokenBatch};
@@ -114,12 +115,7 @@ impl Registrar<'_> {
 
     /// Register an N(0, std) matrix `[rows, cols]` from the seeded generator.
     pub fn normal(&mut self, name: &str, rows: usize, cols: usize, std: f64) -> Result<Tensor> {
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                let u1 = self.rng.uniform().max(1e-300);
-                ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * self.rng.uniform()).cos() * std) as f32
-            })
-            .collect();
+        let v: Vec<f32> = (0..rows * cols).map(|_| (self.rng.normal() * std) as f32).collect();
         let t = Tensor::from_vec(v, (rows, cols), &self.device)?;
         Ok(self.ps.add(name, t)?.as_tensor().clone())
     }
@@ -231,9 +227,8 @@ impl HyperNetwork {
             return Err(Error::invalid(format!("intervention layer {} but only {l1} hidden-state indices were given", self.config.layer)));
         }
         let dev = self.embed_tokens.device();
-        let unit = |x: &Tensor| -> Result<Tensor> { Ok(x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-12)?)?) };
-        let base_unit = unit(&inp.base_states.to_dtype(DType::F32)?.detach())?; // [B, T_b, L+1, D]
-        let source_unit = unit(&inp.source_states.to_dtype(DType::F32)?.detach())?; // [B, T_s, L+1, D]
+        let base_unit = unit_last_dim(&inp.base_states.to_dtype(DType::F32)?.detach())?; // [B, T_b, L+1, D]
+        let source_unit = unit_last_dim(&inp.source_states.to_dtype(DType::F32)?.detach())?; // [B, T_s, L+1, D]
         let eb = base_unit.reshape((b, tb * l1, d))?; // [B, T_b·(L+1), D]
         let es = source_unit.reshape((b, ts * l1, d))?; // [B, T_s·(L+1), D]
         // A token's mask repeated for each of its L+1 hidden states: [B, T·(L+1)].

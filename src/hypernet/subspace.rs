@@ -14,12 +14,12 @@
 //! `R` is orthonormal at initialisation (seeded QR) and after every optimizer step
 //! ([`SubspaceModule::retract`]).
 
-use candle_core::{D, DType, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use super::Registrar;
 use crate::error::{Error, Result};
 use crate::intervention::orthonormal::{random_orthonormal, retract};
-use crate::intervention::subspace::{boundary_mask, das, full, masked_rotation, reflect_select, sigmoid};
+use crate::intervention::subspace::{boundary_mask, das, full, masked_rotation, reflect_select, unit_last_dim};
 use crate::model::llama::{Linear, Mlp, RmsNorm};
 
 /// Which subspace module.
@@ -105,13 +105,12 @@ impl SubspaceModule {
             SubspaceKind::None => full(h, m),
             SubspaceKind::Das => das(h, m, r()?),
             SubspaceKind::ReflectSelect => {
-                let u = self.conditioned(z)?; // [B, D]
-                let u = u.broadcast_div(&(u.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-12)?)?; // unit rows
+                let u = unit_last_dim(&self.conditioned(z)?)?; // [B, D] unit rows
                 reflect_select(h, m, r()?, &u)
             }
             SubspaceKind::MaskSelect => {
                 let logits = self.conditioned(z)?; // [B, k]
-                let mask = sigmoid(&logits.affine(1.0 / self.temperature, 0.0)?)?;
+                let mask = candle_nn::ops::sigmoid(&logits.affine(1.0 / self.temperature, 0.0)?)?;
                 masked_rotation(h, m, r()?, &mask)
             }
             SubspaceKind::Boundless => {

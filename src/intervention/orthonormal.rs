@@ -22,16 +22,7 @@ pub fn random_orthonormal(d: usize, k: usize, seed: u64, dtype: DType, device: &
     }
     let mut rng = Rng::derive(seed, "orthonormal");
     // Columns of a d × k Gaussian.
-    let mut cols: Vec<Vec<f64>> = (0..k)
-        .map(|_| {
-            (0..d)
-                .map(|_| {
-                    let u1 = rng.uniform().max(1e-300);
-                    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * rng.uniform()).cos()
-                })
-                .collect()
-        })
-        .collect();
+    let mut cols: Vec<Vec<f64>> = (0..k).map(|_| (0..d).map(|_| rng.normal()).collect()).collect();
     for j in 0..k {
         // Two passes of modified Gram–Schmidt for full precision.
         for _ in 0..2 {

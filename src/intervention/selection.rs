@@ -54,8 +54,8 @@ impl InferenceMode {
     }
 }
 
-/// Index of the largest value (first on ties).
-fn argmax(v: impl Iterator<Item = f32>) -> usize {
+/// Index of the largest value (first on ties, as `torch.argmax`).
+pub fn argmax(v: impl Iterator<Item = f32>) -> usize {
     let mut best = (0, f32::NEG_INFINITY);
     for (i, x) in v.enumerate() {
         if x > best.1 {

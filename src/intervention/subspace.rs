@@ -68,12 +68,12 @@ pub fn boundary_mask(beta: &Tensor, k: usize, temperature: f64) -> Result<Tensor
     let idx = Tensor::arange(0u32, k as u32, beta.device())?.to_dtype(beta.dtype())?; // [k]
     let edge = beta.reshape(1)?.affine(k as f64, 0.0)?; // [1]
     let z = edge.broadcast_sub(&idx)?.affine(1.0 / temperature, 0.0)?; // [k]
-    sigmoid(&z)
+    Ok(candle_nn::ops::sigmoid(&z)?)
 }
 
-/// Logistic function from composed ops (has a backward).
-pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+/// `x / (‖x‖ + 1e-12)` along the last dimension (unit rows; the epsilon keeps a zero row finite).
+pub fn unit_last_dim(x: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-12)?)?)
 }
 
 /// No subspace: the mixed vector replaces the base (`h' = m`).

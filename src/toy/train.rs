@@ -14,9 +14,9 @@ use candle_core::{D, DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::world::{Example, World};
-use crate::data::collate::encode_prompt_with_label;
+use crate::data::collate::{LabelBatch, encode_prompt_with_label, label_batch};
 use crate::error::{Error, Result};
-use crate::model::{Llama, LlamaConfig, TextTokenizer, TokenBatch};
+use crate::model::{Llama, LlamaConfig, TextTokenizer};
 use crate::params::ParamStore;
 use crate::rng::Rng;
 use crate::train::{AdamW, AdamWConfig, Decay, MetricsLog, Schedule};
@@ -107,16 +107,10 @@ pub struct AttributeAccuracy {
     pub held_out: f64,
 }
 
-/// Standard normal draws (Box–Muller) from our seeded generator: the initialisation does not
-/// depend on candle's RNG, so it is the same on every machine and version.
+/// `n` draws of N(0, std) from our seeded generator: the initialisation does not depend on
+/// candle's RNG, so it is the same on every machine and version.
 fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let u1 = rng.uniform().max(1e-300);
-            let u2 = rng.uniform();
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
-        })
-        .collect()
+    (0..n).map(|_| (rng.normal() * std) as f32).collect()
 }
 
 /// Register the model's parameters under their HF names (GPT-2/Llama-style initialisation:
@@ -173,29 +167,11 @@ pub fn encode_examples(tok: &TextTokenizer, examples: &[Example]) -> Result<Vec<
         .collect()
 }
 
-/// A batch for teacher forcing: tokens, positions `[B, K]`, targets, validity, `K`.
-type LabelBatch = (TokenBatch, Tensor, Vec<u32>, Vec<f32>, usize);
-
-/// Left-padded batch; positions `[B, K]` predicting the first `k` value tokens (`k = 1` for
-/// accuracy, all of them for the loss), targets, and validity.
+/// Left-padded batch predicting the first value token (`all_labels = false`, for accuracy) or
+/// every value token (for the loss).
 fn batch_of(items: &[&Encoded], all_labels: bool, pad: u32, device: &Device) -> Result<LabelBatch> {
-    let seqs: Vec<Vec<u32>> = items.iter().map(|e| e.ids.clone()).collect();
-    let batch = TokenBatch::left_padded(&seqs, pad, device)?;
-    let (b, t) = batch.dims();
-    let k = if all_labels { items.iter().map(|e| e.ids.len() - e.label_start).max().unwrap_or(1) } else { 1 };
-    let (mut pos, mut tgt, mut valid) = (Vec::with_capacity(b * k), Vec::with_capacity(b * k), Vec::with_capacity(b * k));
-    for e in items {
-        let shift = t - e.ids.len();
-        let n = e.ids.len() - e.label_start;
-        for j in 0..k {
-            let p = e.label_start + j.min(n - 1);
-            pos.push((shift + p - 1) as u32);
-            tgt.push(e.ids[p]);
-            valid.push(if j < n { 1.0 } else { 0.0 });
-        }
-    }
-    let positions = Tensor::from_vec(pos, (b, k), device)?; // [B, K]
-    Ok((batch, positions, tgt, valid, k))
+    let seqs: Vec<(&[u32], usize)> = items.iter().map(|e| (e.ids.as_slice(), e.label_start)).collect();
+    label_batch(&seqs, if all_labels { None } else { Some(1) }, pad, device)
 }
 
 /// Masked mean cross-entropy of `logits [B, K, V]` against `targets`.
@@ -210,10 +186,10 @@ pub fn accuracy(model: &Llama, items: &[Encoded], n_attributes: usize, pad: u32,
     let mut all = vec![0usize; n_attributes];
     let refs: Vec<&Encoded> = items.iter().collect();
     for chunk in refs.chunks(batch_size.max(1)) {
-        let (batch, positions, targets, _, _) = batch_of(chunk, false, pad, model.device())?;
-        let h = model.forward_hidden(&batch, Some(&[]))?;
-        let pred = model.logits_at(&h.final_normed, &positions)?.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?; // [B]
-        for ((e, p), t) in chunk.iter().zip(pred).zip(targets) {
+        let lb = batch_of(chunk, false, pad, model.device())?;
+        let h = model.forward_hidden(&lb.tokens, Some(&[]))?;
+        let pred = model.logits_at(&h.final_normed, &lb.positions)?.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?; // [B]
+        for ((e, p), t) in chunk.iter().zip(pred).zip(lb.targets) {
             all[e.attribute] += 1;
             hit[e.attribute] += usize::from(p == t);
         }
@@ -276,10 +252,10 @@ pub fn pretrain(
         }
         let picked = queue.pop().unwrap_or_default();
         let items: Vec<&Encoded> = picked.iter().map(|&i| &train[i]).collect();
-        let (batch, positions, targets, valid, _) = batch_of(&items, true, pad, &device)?;
-        let h = model.forward_hidden(&batch, Some(&[]))?;
-        let logits = model.logits_at(&h.final_normed, &positions)?; // [B, K, V]
-        let loss = cross_entropy(&logits, &targets, &valid)?;
+        let lb = batch_of(&items, true, pad, &device)?;
+        let h = model.forward_hidden(&lb.tokens, Some(&[]))?;
+        let logits = model.logits_at(&h.final_normed, &lb.positions)?; // [B, K, V]
+        let loss = cross_entropy(&logits, &lb.targets, &lb.valid)?;
         let grads = loss.backward()?;
         if step == 0 {
             params.check_gradients(&grads)?;

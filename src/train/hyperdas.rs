@@ -19,7 +19,7 @@ use super::{AdamW, AdamWConfig, Decay, Group, MetricsLog, Schedule};
 use crate::data::collate::{EncodedRow, collate};
 use crate::error::{Error, Result};
 use crate::hypernet::interpreter::{Interpreter, prediction_loss};
-use crate::intervention::selection::{InferenceMode, entropy_loss, sparsity_loss, sparsity_weight};
+use crate::intervention::selection::{InferenceMode, argmax, entropy_loss, sparsity_loss, sparsity_weight};
 use crate::model::Llama;
 use crate::params::ParamStore;
 use crate::rng::Rng;
@@ -144,9 +144,9 @@ pub fn evaluate_detailed(
                 let (pad_s, pad_b) = (ts - chunk[bi].source_ids.len(), tb - chunk[bi].base_ids.len());
                 let mut selected = Vec::new();
                 for j in pad_b..tb {
-                    let (best, weight) = (0..=ts).map(|i| (i, w[bi][i][j])).fold((ts, f32::MIN), |a, x| if x.1 > a.1 { x } else { a });
+                    let best = argmax((0..=ts).map(|i| w[bi][i][j]));
                     if best < ts && best >= pad_s {
-                        selected.push((j - pad_b, best - pad_s, weight));
+                        selected.push((j - pad_b, best - pad_s, w[bi][best][j]));
                     }
                 }
                 picked.push(Selection { row: chunk[bi].row, mode: mode.name().into(), causal: *causal, correct: ok, selected });
