@@ -56,6 +56,13 @@ pub struct TrainSettings {
     pub seed: u64,
 }
 
+impl TrainSettings {
+    /// Optimizer steps for `rows` training rows: batches per epoch × epochs.
+    pub fn total_steps(&self, rows: usize) -> usize {
+        rows.div_ceil(self.batch_size.max(1)) * self.epochs.max(1)
+    }
+}
+
 impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
@@ -190,8 +197,7 @@ pub fn train(
     if !["sparsity", "entropy", "none"].contains(&s.regularizer.as_str()) {
         return Err(Error::invalid(format!("train.regularizer `{}`: use sparsity, entropy or none", s.regularizer)));
     }
-    let steps_per_epoch = train.len().div_ceil(s.batch_size.max(1));
-    let total = steps_per_epoch * s.epochs.max(1);
+    let total = s.total_steps(train.len());
     let adam = AdamWConfig { weight_decay: s.weight_decay, grad_clip: Some(s.grad_clip), ..Default::default() };
     let rotation_group = Group { lr: s.rotation_lr, weight_decay: 0.0 };
     let mut opt = AdamW::with_groups(ps, adam, |name| (name == "subspace.rotation").then_some(rotation_group))?;

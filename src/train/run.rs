@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::MetricsLog;
-use super::hyperdas::{CheckpointPlan, Scores, TrainSettings, evaluate, train};
+use super::hyperdas::{CheckpointPlan, Selection, TrainSettings, evaluate_detailed, train};
 use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
@@ -101,6 +101,45 @@ pub struct RunConfig {
     pub eval: EvalSection,
 }
 
+impl ModelSection {
+    /// Load the target (training the toy model first if `path` names it and it is not cached).
+    pub fn load(&self, progress: bool) -> Result<crate::model::LoadedModel> {
+        let spec = model_spec(&self.path, progress)?;
+        let opts = LoadOptions { dtype: crate::model::load::parse_dtype(&self.dtype)?, start_token: self.start_token.parse::<StartToken>()?, progress, ..Default::default() };
+        crate::model::load(&spec, &opts)
+    }
+}
+
+impl DataSection {
+    /// Collation settings of this run; `skip_unusable` from the caller (training uses
+    /// `skip_bad_rows`, `hyperdas eval` its own flag).
+    pub fn collate_options(&self, skip_unusable: bool) -> CollateOptions {
+        CollateOptions {
+            base_suffix_visible: self.base_suffix_visible,
+            source_suffix_visible: self.source_suffix_visible,
+            max_len: if self.max_len == 0 { CollateOptions::default().max_len } else { self.max_len },
+            skip_unusable,
+        }
+    }
+}
+
+impl InterpreterSection {
+    pub fn config(&self) -> Result<InterpreterConfig> {
+        Ok(InterpreterConfig {
+            hypernet: HyperConfig {
+                num_blocks: self.num_blocks,
+                layer: self.layer,
+                from_scratch: self.from_scratch,
+                ablate_source: self.ablate_source,
+                ablate_base: self.ablate_base,
+                seed: self.seed,
+            },
+            subspace: SubspaceKind::parse(&self.subspace)?,
+            rank: self.rank,
+        })
+    }
+}
+
 /// Scores of one mode in the reference's `results.json` shape.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ModeResult {
@@ -129,7 +168,7 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
         return Err(Error::invalid("data.train and data.test must name datasets (JSONL files or save_to_disk directories; `hyperdas data build` makes them)"));
     }
     let modes: Vec<InferenceMode> = cfg.eval.modes.iter().map(|m| InferenceMode::parse(m)).collect::<Result<_>>()?;
-    let subspace = SubspaceKind::parse(&cfg.interpreter.subspace)?;
+    let icfg = cfg.interpreter.config()?;
     if resume {
         let saved: RunConfig = crate::config::load(Some(&out.join("config.resolved.toml")), &[])?;
         let same = |c: &RunConfig| RunConfig { train: TrainSettings { stop_after_steps: 0, checkpoint_every: 0, ..c.train.clone() }, ..c.clone() };
@@ -144,15 +183,8 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
     }
     crate::config::write_resolved(cfg, &out.join("config.resolved.toml"))?;
 
-    let spec = model_spec(&cfg.model.path, progress)?;
-    let opts = LoadOptions { dtype: crate::model::load::parse_dtype(&cfg.model.dtype)?, start_token: cfg.model.start_token.parse::<StartToken>()?, progress, ..Default::default() };
-    let lm = crate::model::load(&spec, &opts)?;
-    let collate = CollateOptions {
-        base_suffix_visible: cfg.data.base_suffix_visible,
-        source_suffix_visible: cfg.data.source_suffix_visible,
-        max_len: if cfg.data.max_len == 0 { CollateOptions::default().max_len } else { cfg.data.max_len },
-        skip_unusable: cfg.data.skip_bad_rows,
-    };
+    let lm = cfg.model.load(progress)?;
+    let collate = cfg.data.collate_options(cfg.data.skip_bad_rows);
     let read = ReadOptions { skip_bad_rows: cfg.data.skip_bad_rows };
     let mut sets = Vec::new();
     for path in [&cfg.data.train, &cfg.data.test] {
@@ -163,25 +195,13 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
         }
         sets.push(enc.rows);
     }
-    let icfg = InterpreterConfig {
-        hypernet: HyperConfig {
-            num_blocks: cfg.interpreter.num_blocks,
-            layer: cfg.interpreter.layer,
-            from_scratch: cfg.interpreter.from_scratch,
-            ablate_source: cfg.interpreter.ablate_source,
-            ablate_base: cfg.interpreter.ablate_base,
-            seed: cfg.interpreter.seed,
-        },
-        subspace,
-        rank: cfg.interpreter.rank,
-    };
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &icfg)?;
     let pad = lm.tokenizer.padding_id();
     let mut log = if resume { MetricsLog::append(&out.join("metrics.jsonl"))? } else { MetricsLog::create(&out.join("metrics.jsonl"))? };
     let plan = CheckpointPlan { dir: Some(&out.join("checkpoint")), resume, meta: serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))? };
     let (_, opt) = train(&lm.model, &mut interp, &ps, &sets[0], &sets[1], &cfg.train, pad, &mut log, &plan, progress)?;
-    let total = sets[0].len().div_ceil(cfg.train.batch_size.max(1)) * cfg.train.epochs.max(1);
+    let total = cfg.train.total_steps(sets[0].len());
     if opt.step < total {
         if progress {
             eprintln!("stopped after step {} of {total} (train.stop_after_steps); continue with --resume", opt.step);
@@ -189,19 +209,38 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
         return Ok(None);
     }
 
+    let (results, csv, _) = score_modes(&lm.model, &interp, &sets[1], &modes, cfg, pad, false)?;
+    write_results(&out.join("results.json"), &out.join("results.csv"), &results, csv)?;
+    Ok(Some(results))
+}
+
+/// Score `rows` in every mode: the `results.json` map, the CSV text, and (if asked) every
+/// row's selected positions.
+fn score_modes(
+    target: &crate::model::Llama,
+    interp: &Interpreter,
+    rows: &[crate::data::collate::EncodedRow],
+    modes: &[InferenceMode],
+    cfg: &RunConfig,
+    pad: u32,
+    selections: bool,
+) -> Result<(BTreeMap<String, ModeResult>, String, Vec<Selection>)> {
     let mut results = BTreeMap::new();
     let mut csv = String::from("mode,causal,isolate,disentangle,test_loss\n");
-    for mode in modes {
-        let s: Scores = evaluate(&lm.model, &interp, &sets[1], mode, cfg.eval.batch_size, cfg.train.label_limit, pad)?;
+    let mut picked = Vec::new();
+    for &mode in modes {
+        let (s, p) = evaluate_detailed(target, interp, rows, mode, cfg.eval.batch_size, cfg.train.label_limit, pad, selections)?;
         csv += &format!("{},{},{},{},{}\n", mode.name(), s.causal, s.isolate, s.disentangle, s.loss);
         let accs = BTreeMap::from([("causal".to_string(), s.causal), ("isolate".to_string(), s.isolate), ("disentangle".to_string(), s.disentangle)]);
         results.insert(mode.name().to_string(), ModeResult { accs, test_loss: s.loss });
+        picked.extend(p);
     }
-    let rj = out.join("results.json");
-    std::fs::write(&rj, serde_json::to_string_pretty(&results).map_err(|e| Error::invalid(e.to_string()))?).map_err(|e| Error::file(&rj, format!("cannot write: {e}")))?;
-    let rc = out.join("results.csv");
-    std::fs::write(&rc, csv).map_err(|e| Error::file(&rc, format!("cannot write: {e}")))?;
-    Ok(Some(results))
+    Ok((results, csv, picked))
+}
+
+fn write_results(json: &Path, csv_path: &Path, results: &BTreeMap<String, ModeResult>, csv: String) -> Result<()> {
+    std::fs::write(json, serde_json::to_string_pretty(results).map_err(|e| Error::invalid(e.to_string()))?).map_err(|e| Error::file(json, format!("cannot write: {e}")))?;
+    std::fs::write(csv_path, csv).map_err(|e| Error::file(csv_path, format!("cannot write: {e}")))
 }
 
 /// A trained run loaded from its directory: configuration, target, parameters.
@@ -219,23 +258,9 @@ pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
         return Err(Error::file(dir, "not a run directory (no config.resolved.toml)"));
     }
     let config: RunConfig = crate::config::load(Some(&cfg_path), &[])?;
-    let spec = model_spec(&config.model.path, progress)?;
-    let opts = LoadOptions { dtype: crate::model::load::parse_dtype(&config.model.dtype)?, start_token: config.model.start_token.parse::<StartToken>()?, progress, ..Default::default() };
-    let lm = crate::model::load(&spec, &opts)?;
-    let icfg = InterpreterConfig {
-        hypernet: HyperConfig {
-            num_blocks: config.interpreter.num_blocks,
-            layer: config.interpreter.layer,
-            from_scratch: config.interpreter.from_scratch,
-            ablate_source: config.interpreter.ablate_source,
-            ablate_base: config.interpreter.ablate_base,
-            seed: config.interpreter.seed,
-        },
-        subspace: SubspaceKind::parse(&config.interpreter.subspace)?,
-        rank: config.interpreter.rank,
-    };
+    let lm = config.model.load(progress)?;
     let mut params = ParamStore::new();
-    let interpreter = Interpreter::new(&mut params, &lm.model, &icfg)?;
+    let interpreter = Interpreter::new(&mut params, &lm.model, &config.interpreter.config()?)?;
     crate::train::checkpoint::load(&dir.join("checkpoint"), &params, None, lm.model.device())?;
     Ok(LoadedRun { config, lm, params, interpreter })
 }
@@ -245,40 +270,22 @@ pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
 pub fn eval_run(dir: &Path, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
     let run = load_run(dir, progress)?;
     let cfg = &run.config;
-    let collate = CollateOptions {
-        base_suffix_visible: cfg.data.base_suffix_visible,
-        source_suffix_visible: cfg.data.source_suffix_visible,
-        max_len: if cfg.data.max_len == 0 { CollateOptions::default().max_len } else { cfg.data.max_len },
-        skip_unusable: skip_bad_rows,
-    };
     let ds = read_dataset(data, ReadOptions { skip_bad_rows })?;
-    let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &collate, &data.display().to_string())?;
+    let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &cfg.data.collate_options(skip_bad_rows), &data.display().to_string())?;
     if progress {
         eprintln!("{}; {} encoded, {} skipped", ds.describe(), enc.rows.len(), enc.skipped.len());
     }
-    let pad = run.lm.tokenizer.padding_id();
     let name = data.file_name().map(|n| n.to_string_lossy().trim_end_matches(".jsonl").to_string()).unwrap_or_else(|| "data".into());
     let out = dir.join("eval");
     std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, format!("cannot create: {e}")))?;
-    let mut results = BTreeMap::new();
-    let mut csv = String::from("mode,causal,isolate,disentangle,test_loss\n");
+    let (results, csv, picked) = score_modes(&run.lm.model, &run.interpreter, &enc.rows, modes, cfg, run.lm.tokenizer.padding_id(), true)?;
+    write_results(&out.join(format!("{name}.results.json")), &out.join(format!("{name}.results.csv")), &results, csv)?;
     let mut positions = String::new();
-    for &mode in modes {
-        let (s, picked) = super::hyperdas::evaluate_detailed(&run.lm.model, &run.interpreter, &enc.rows, mode, cfg.eval.batch_size, cfg.train.label_limit, pad, true)?;
-        csv += &format!("{},{},{},{},{}\n", mode.name(), s.causal, s.isolate, s.disentangle, s.loss);
-        for p in picked {
-            positions += &serde_json::to_string(&p).map_err(|e| Error::invalid(e.to_string()))?;
-            positions.push('\n');
-        }
-        let accs = BTreeMap::from([("causal".to_string(), s.causal), ("isolate".to_string(), s.isolate), ("disentangle".to_string(), s.disentangle)]);
-        results.insert(mode.name().to_string(), ModeResult { accs, test_loss: s.loss });
+    for p in picked {
+        positions += &serde_json::to_string(&p).map_err(|e| Error::invalid(e.to_string()))?;
+        positions.push('\n');
     }
-    let write = |file: String, text: String| -> Result<()> {
-        let p = out.join(file);
-        std::fs::write(&p, text).map_err(|e| Error::file(&p, format!("cannot write: {e}")))
-    };
-    write(format!("{name}.results.json"), serde_json::to_string_pretty(&results).map_err(|e| Error::invalid(e.to_string()))?)?;
-    write(format!("{name}.results.csv"), csv)?;
-    write(format!("{name}.positions.jsonl"), positions)?;
+    let pj = out.join(format!("{name}.positions.jsonl"));
+    std::fs::write(&pj, positions).map_err(|e| Error::file(&pj, format!("cannot write: {e}")))?;
     Ok(results)
 }
