@@ -20,7 +20,12 @@ use crate::error::{Error, Result};
 
 /// Load a configuration: defaults, then `file` (if any), then `sets`.
 pub fn load<T: Serialize + DeserializeOwned + Default>(file: Option<&Path>, sets: &[String]) -> Result<T> {
-    let mut table = to_table(&T::default())?;
+    load_over(&T::default(), file, sets)
+}
+
+/// [`load`] starting from `base` instead of the type's `Default` (e.g. a preset).
+pub fn load_over<T: Serialize + DeserializeOwned>(base: &T, file: Option<&Path>, sets: &[String]) -> Result<T> {
+    let mut table = to_table(base)?;
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
         let user: Table = toml::from_str(&text).map_err(|e| Error::file(path, format!("not valid TOML: {e}")))?;

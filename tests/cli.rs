@@ -256,7 +256,7 @@ fn toy_tiny_trains_once_then_comes_from_the_cache() {
     let o = run(&["--set", "widht=3"]);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1));
-    assert!(err.contains("unknown setting") && err.contains("hidden_size"), "{err}");
+    assert!(err.contains("unknown key `widht`") && err.contains("hidden_size"), "{err}");
     let o = run(&["--set", "batch_size=0"]);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1));

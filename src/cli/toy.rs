@@ -51,7 +51,7 @@ pub fn run(a: &ToyArgs) -> Result<()> {
         }
         cfg.steps = s;
     }
-    cfg = apply_overrides(&cfg, &a.set)?;
+    cfg = crate::config::load_over(&cfg, None, &a.set)?;
     if a.show_config {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         println!("cache: {}", toy::cache_path(&cfg)?.display());
@@ -99,23 +99,6 @@ pub fn run(a: &ToyArgs) -> Result<()> {
     }
     println!("use it: --model {}", a.out.as_ref().unwrap_or(&m.dir).display());
     Ok(())
-}
-
-/// Apply `key=value` overrides to the settings (values parsed as JSON, else taken as strings);
-/// an unknown key is an error listing the valid ones.
-fn apply_overrides(cfg: &ToyConfig, sets: &[String]) -> Result<ToyConfig> {
-    let mut v = serde_json::to_value(cfg)?;
-    let keys: Vec<String> = v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
-    for s in sets {
-        let Some((k, val)) = s.split_once('=') else { bail!("--set {s:?}: expected KEY=VALUE") };
-        let k = k.trim();
-        if !keys.iter().any(|x| x == k) {
-            bail!("--set {k}: unknown setting; valid: {}", keys.join(", "));
-        }
-        let parsed = serde_json::from_str(val.trim()).unwrap_or_else(|_| serde_json::Value::String(val.trim().to_string()));
-        v[k] = parsed;
-    }
-    serde_json::from_value(v).map_err(|e| anyhow::anyhow!("--set: {e}"))
 }
 
 fn walk(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
