@@ -18,6 +18,7 @@
 //! * [`fetch`]: real pretrained weights from package registries.
 //! * [`cli`]: the `hyperdas` command line.
 
+pub mod atomic;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -127,34 +127,13 @@ fn parse_json_row(line: &str, extra: &mut std::collections::BTreeSet<String>) ->
 
 /// Write rows as JSONL (atomically: a temporary file renamed into place).
 pub fn write_jsonl(path: &Path, rows: &[RavelRow]) -> Result<()> {
-    write_atomic(path, |w| {
+    crate::atomic::write_file(path, |w| {
         for r in rows {
             serde_json::to_writer(&mut *w, r).map_err(|e| Error::file(path, format!("cannot serialise a row: {e}")))?;
             w.write_all(b"\n").map_err(|e| Error::file(path, format!("cannot write: {e}")))?;
         }
         Ok(())
     })
-}
-
-/// Write through a buffered temporary file next to `path`, then rename it into place, so a
-/// crash or error never leaves a half-written dataset under the final name.
-pub(crate) fn write_atomic(path: &Path, body: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<()> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::file(parent, format!("cannot create directory: {e}")))?;
-    }
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
-    let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    let result = (|| {
-        let f = File::create(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-        let mut w = BufWriter::new(f);
-        body(&mut w)?;
-        w.flush().map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::file(path, format!("cannot move {} into place: {e}", tmp.display())))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -294,7 +273,7 @@ pub fn write_arrow_dir(dir: &Path, rows: &[RavelRow]) -> Result<()> {
     let shard = "data-00000-of-00001.arrow";
     let path = dir.join(shard);
     let aerr = |e: arrow_schema::ArrowError| Error::file(&path, format!("cannot write Arrow data: {e}"));
-    write_atomic(&path, |w| {
+    crate::atomic::write_file(&path, |w| {
         let mut writer = arrow_ipc::writer::StreamWriter::try_new(w, &schema).map_err(aerr)?;
         for chunk in rows.chunks(1000) {
             let arrays: Vec<ArrayRef> = (0..13).map(|k| Arc::new(StringArray::from_iter_values(chunk.iter().map(|r| r.values()[k]))) as ArrayRef).collect();

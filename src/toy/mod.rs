@@ -102,26 +102,7 @@ pub fn ensure(cfg: &ToyConfig, force: bool, progress: bool) -> Result<ToyModel> 
 /// Build the world, train, evaluate and write everything into `dir` (atomically).
 pub fn build_into(cfg: &ToyConfig, dir: &Path, progress: bool) -> Result<ToyReport> {
     cfg.validate()?;
-    let parent = dir.parent().ok_or_else(|| Error::file(dir, "has no parent directory"))?;
-    std::fs::create_dir_all(parent).map_err(|e| Error::file(parent, format!("cannot create: {e}")))?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
-    let result = write_toy(cfg, &tmp, &cache_key(cfg), progress);
-    match result {
-        Ok(report) => {
-            if dir.exists() {
-                std::fs::remove_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
-            }
-            std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, format!("cannot move the toy model into place: {e}")))?;
-            Ok(report)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    crate::atomic::write_dir(dir, |tmp| write_toy(cfg, tmp, &cache_key(cfg), progress))
 }
 
 fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {

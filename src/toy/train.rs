@@ -324,7 +324,5 @@ pub fn evaluate_templates(model: &Llama, tok: &TextTokenizer, world: &World) -> 
 pub fn save_hf(dir: &Path, config_json: &serde_json::Value, params: &ParamStore) -> Result<()> {
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, serde_json::to_string_pretty(config_json).map_err(|e| Error::invalid(e.to_string()))?).map_err(|e| Error::file(&cfg_path, format!("cannot write: {e}")))?;
-    let tensors: std::collections::HashMap<String, Tensor> = params.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
-    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-    Ok(())
+    crate::train::checkpoint::save_params(params, &dir.join("model.safetensors"))
 }

@@ -1,6 +1,6 @@
 //! Checkpoints: `params.safetensors` (every registered parameter by name),
 //! `optimizer.safetensors` (AdamW moments) and `state.json` (step + caller's settings).
-//! Written to a temporary directory and renamed, so a checkpoint is complete or absent.
+//! Written through [`crate::atomic::write_dir`], so a checkpoint is complete or absent.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,26 +11,26 @@ use super::optim::AdamW;
 use crate::error::{Error, Result};
 use crate::params::ParamStore;
 
-/// Save parameters, optimizer state and `meta` into `dir` (replacing it).
+/// Save parameters, optimizer state and `meta` into `dir` (replacing it, atomically).
 pub fn save(dir: &Path, params: &ParamStore, optimizer: Option<&AdamW>, meta: &serde_json::Value) -> Result<()> {
-    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "checkpoint".into());
-    let tmp = dir.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+    crate::atomic::write_dir(dir, |tmp| {
+        save_params(params, &tmp.join("params.safetensors"))?;
+        let mut state = serde_json::json!({ "meta": meta });
+        if let Some(opt) = optimizer {
+            candle_core::safetensors::save(&opt.state_tensors(), tmp.join("optimizer.safetensors"))?;
+            state["step"] = serde_json::json!(opt.step);
+            state["optimizer"] = serde_json::to_value(opt.config).map_err(|e| Error::invalid(e.to_string()))?;
+        }
+        let state_path = tmp.join("state.json");
+        let text = serde_json::to_string_pretty(&state).map_err(|e| Error::invalid(e.to_string()))?;
+        std::fs::write(&state_path, text).map_err(|e| Error::file(&state_path, format!("cannot write: {e}")))
+    })
+}
+
+/// Every registered parameter, by name, as one safetensors file.
+pub fn save_params(params: &ParamStore, path: &Path) -> Result<()> {
     let tensors: HashMap<String, Tensor> = params.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
-    candle_core::safetensors::save(&tensors, tmp.join("params.safetensors"))?;
-    let mut state = serde_json::json!({ "meta": meta });
-    if let Some(opt) = optimizer {
-        candle_core::safetensors::save(&opt.state_tensors(), tmp.join("optimizer.safetensors"))?;
-        state["step"] = serde_json::json!(opt.step);
-        state["optimizer"] = serde_json::to_value(opt.config).map_err(|e| Error::invalid(e.to_string()))?;
-    }
-    let state_path = tmp.join("state.json");
-    std::fs::write(&state_path, serde_json::to_string_pretty(&state).map_err(|e| Error::invalid(e.to_string()))?).map_err(|e| Error::file(&state_path, format!("cannot write: {e}")))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, format!("cannot move checkpoint into place: {e}")))
+    candle_core::safetensors::save(&tensors, path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
 }
 
 /// Load parameter values saved by [`save`] into `params` (every parameter must be present
