@@ -31,11 +31,11 @@ pub mod subspace;
 
 use candle_core::{DType, Device, Tensor};
 
-use self::attention::{AttnWeights, Rotary, causal_mask, key_mask};
+use self::attention::{causal_mask, key_mask};
 use self::pointer::PointerHead;
 use crate::error::{Error, Result};
 use crate::intervention::subspace::unit_last_dim;
-use crate::model::llama::{Linear, Mlp, RmsNorm};
+use crate::model::llama::{Attention, Linear, Mlp, RmsNorm};
 use crate::model::rope::Rope;
 use crate::model::{Llama, TokenBatch};
 use crate::params::ParamStore;
@@ -60,11 +60,11 @@ pub struct HyperConfig {
 /// One hypernetwork block.
 pub struct HyperBlock {
     pub input_norm: RmsNorm,
-    pub self_attn: AttnWeights,
+    pub self_attn: Attention,
     pub source_norm: RmsNorm,
-    pub source_attn: AttnWeights,
+    pub source_attn: Attention,
     pub base_norm: RmsNorm,
-    pub base_attn: AttnWeights,
+    pub base_attn: Attention,
     pub post_norm: RmsNorm,
     pub mlp: Mlp,
 }
@@ -157,7 +157,7 @@ impl HyperNetwork {
         for i in 0..config.num_blocks {
             let p = format!("hypernet.layers.{i}");
             let src = &target.layers[i];
-            let attn = |r: &mut Registrar, which: &str| -> Result<AttnWeights> {
+            let attn = |r: &mut Registrar, which: &str| -> Result<Attention> {
                 let name = format!("{p}.{which}");
                 let (q, k, v, o) = if config.from_scratch {
                     (
@@ -175,7 +175,7 @@ impl HyperNetwork {
                         r.linear_copy(&format!("{name}.o_proj"), &a.o_proj)?,
                     )
                 };
-                Ok(AttnWeights { q_proj: q, k_proj: k, v_proj: v, o_proj: o, n_heads: h, n_kv_heads: hkv, head_dim: hd })
+                Ok(Attention { q_proj: q, k_proj: k, v_proj: v, o_proj: o, n_heads: h, n_kv_heads: hkv, head_dim: hd })
             };
             let self_attn = attn(&mut r, "self_attn")?;
             let source_attn = attn(&mut r, "source_attn")?;
@@ -273,14 +273,14 @@ impl HyperNetwork {
         let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((b, te, d))?; // [B, T_e, D]
         for blk in &self.blocks {
             let n = blk.input_norm.forward(&x)?;
-            x = (&x + blk.self_attn.forward(&n, &n, &Rotary { q: (&qc, &qs), k: (&qc, &qs) }, &self_mask)?)?; // [B, T_e, D]
+            x = (&x + blk.self_attn.attend(&n, &n, (&qc, &qs), (&qc, &qs), &self_mask)?)?; // [B, T_e, D]
             if !self.config.ablate_source {
                 let n = blk.source_norm.forward(&x)?;
-                x = (&x + blk.source_attn.forward(&n, &es, &Rotary { q: (&qc, &qs), k: (&sc, &ssn) }, &source_keys)?)?;
+                x = (&x + blk.source_attn.attend(&n, &es, (&qc, &qs), (&sc, &ssn), &source_keys)?)?; // [B, T_e, D]
             }
             if !self.config.ablate_base {
                 let n = blk.base_norm.forward(&x)?;
-                x = (&x + blk.base_attn.forward(&n, &eb, &Rotary { q: (&qc, &qs), k: (&bc, &bsn) }, &base_keys)?)?;
+                x = (&x + blk.base_attn.attend(&n, &eb, (&qc, &qs), (&bc, &bsn), &base_keys)?)?; // [B, T_e, D]
             }
             x = (&x + blk.mlp.forward(&blk.post_norm.forward(&x)?)?)?; // [B, T_e, D]
         }

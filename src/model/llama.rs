@@ -124,23 +124,33 @@ impl Attention {
         })
     }
 
+    /// Causal self-attention over a left-padded batch: `[B, T, D]` → `[B, T, D]`.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        self.attend(x, x, (&ctx.cos, &ctx.sin), (&ctx.cos, &ctx.sin), &ctx.mask)
+    }
+
+    /// General attention: `x [B, T_q, D]` attends to `kv [B, T_k, D]` (the same tensor for
+    /// self-attention, another for cross-attention), with RoPE tables `[B, 1, T, hd]` for the
+    /// queries and the keys and an additive `mask` broadcastable to `[B, H, T_q, T_k]`.
+    pub fn attend(&self, x: &Tensor, kv: &Tensor, q_rope: (&Tensor, &Tensor), k_rope: (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
+        let (b, tq, _) = x.dims3()?;
+        let tk = kv.dim(1)?;
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let rep = h / hkv;
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, T, hd]
-        let k = self.k_proj.forward(x)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
-        let v = self.v_proj.forward(x)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
-        let q = apply_rotary(&q, &ctx.cos, &ctx.sin)?; // [B, H, T, hd]
-        let k = apply_rotary(&k, &ctx.cos, &ctx.sin)?; // [B, Hkv, T, hd]
+        let q = self.q_proj.forward(x)?.reshape((b, tq, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, Tq, hd]
+        let k = self.k_proj.forward(kv)?.reshape((b, tk, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, Tk, hd]
+        let v = self.v_proj.forward(kv)?.reshape((b, tk, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, Tk, hd]
+        let q = apply_rotary(&q, q_rope.0, q_rope.1)?; // [B, H, Tq, hd]
+        let k = apply_rotary(&k, k_rope.0, k_rope.1)?; // [B, Hkv, Tk, hd]
         // GQA without copying k/v: the `rep` query heads sharing a kv head are stacked along T.
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
-        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
-        let scores = scores.to_dtype(accum_dtype(scores.dtype()))?.broadcast_add(&ctx.mask)?; // [B, H, T, T]
-        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?; // [B, H, T, T]
-        let out = probs.reshape((b, hkv, rep * t, t))?.matmul(&v)?; // [B, Hkv, rep·T, hd]
-        let out = out.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?; // [B, T, H·hd]
-        self.o_proj.forward(&out) // [B, T, D]
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep * tq, hd))?; // [B, Hkv, rep·Tq, hd]
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, tq, tk))?; // [B, H, Tq, Tk]
+        let scores = scores.to_dtype(accum_dtype(scores.dtype()))?; // [B, H, Tq, Tk]
+        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?; // [B, H, Tq, Tk]
+        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?; // [B, H, Tq, Tk]
+        let out = probs.reshape((b, hkv, rep * tq, tk))?.matmul(&v)?; // [B, Hkv, rep·Tq, hd]
+        let out = out.reshape((b, h, tq, hd))?.transpose(1, 2)?.reshape((b, tq, h * hd))?; // [B, Tq, H·hd]
+        self.o_proj.forward(&out) // [B, Tq, D]
     }
 }
 
