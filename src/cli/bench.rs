@@ -174,7 +174,7 @@ fn forward(a: &ForwardArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "bench": "forward", "model": a.model.model, "dtype": a.model.dtype, "batch": a.batch, "seq": a.seq,
+                "bench": "forward", "model": a.model.model, "dtype": a.model.load.dtype, "batch": a.batch, "seq": a.seq,
                 "backward_from": a.backward_from,
                 "runs": a.runs, "threads": threads, "median_s": median, "min_s": sorted[0], "max_s": sorted[sorted.len() - 1],
                 "tokens_per_s_median": tokens / median,

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use super::ModelArgs;
+use super::LoadArgs;
 use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::filter::{FilterOptions, FilterStats, filter_rows, group_key};
 use crate::data::generate::{DataSplit, EntityPolicy, GenerateOptions, GroupPlan, generate};
@@ -42,15 +42,8 @@ pub struct BuildArgs {
     /// Target model for filtering: HF dir, .gguf, fetched name (smollm2-135m) or hub id. Required unless --no-filter.
     #[arg(long, short)]
     model: Option<String>,
-    /// Dtype of the frozen model: f32, bf16, f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Token prepended to prompts: `auto`, `none`, or a token string.
-    #[arg(long, default_value = "auto")]
-    start_token: String,
-    /// Device: cpu, cuda, cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    load: LoadArgs,
     /// RAVEL domain: city or nobel_prize_winner (alias nobel).
     #[arg(long, default_value = "city")]
     domain: String,
@@ -107,6 +100,8 @@ pub struct ShowArgs {
     /// Also tokenise with this model's tokenizer and show token roles (E entity, L label, · not intervenable).
     #[arg(long, short)]
     model: Option<String>,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Let the intervention see the base suffix (for the token view).
     #[arg(long)]
     base_suffix_visible: bool,
@@ -217,7 +212,7 @@ fn build(a: &BuildArgs) -> Result<()> {
     }
     let lm = match (&a.model, a.no_filter) {
         (Some(m), false) => Some(
-            ModelArgs { model: m.clone(), dtype: a.dtype.clone(), start_token: a.start_token.clone(), device: a.device.clone() }.load()?,
+            a.load.load(m)?,
         ),
         _ => None,
     };
@@ -311,7 +306,7 @@ fn show(a: &ShowArgs) -> Result<()> {
         println!("  {g:<28} {n:>7}");
     }
     let lm = match &a.model {
-        Some(m) => Some(ModelArgs { model: m.clone(), dtype: "f32".into(), start_token: "auto".into(), device: "cpu".into() }.load()?),
+        Some(m) => Some(a.load.load(m)?),
         None => None,
     };
     for (i, r) in ds.rows.iter().take(a.head).enumerate() {

@@ -67,12 +67,9 @@ struct FetchArgs {
     quiet: bool,
 }
 
-/// Options shared by commands that load a model.
+/// How a model is loaded (shared by every command that loads one).
 #[derive(Args, Debug, Clone)]
-pub(crate) struct ModelArgs {
-    /// An HF model directory, a .gguf file, a fetched model name (smollm2-135m) or a hub id (org/name, `hub` feature).
-    #[arg(long, short)]
-    model: String,
+pub(crate) struct LoadArgs {
     /// Dtype of the frozen model: f32, bf16, f16 (f64 for gradient checks).
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -84,8 +81,9 @@ pub(crate) struct ModelArgs {
     device: String,
 }
 
-impl ModelArgs {
-    pub(crate) fn load(&self) -> Result<LoadedModel> {
+impl LoadArgs {
+    /// Load `model` (a directory, .gguf, fetched name or hub id) with these options.
+    pub(crate) fn load(&self, model: &str) -> Result<LoadedModel> {
         let opts = LoadOptions {
             dtype: crate::model::load::parse_dtype(&self.dtype)?,
             device: parse_device(&self.device)?,
@@ -93,10 +91,26 @@ impl ModelArgs {
             progress: true,
         };
         let t0 = std::time::Instant::now();
-        eprintln!("loading {} ...", self.model);
-        let lm = crate::model::load(&self.model, &opts).with_context(|| format!("cannot load model `{}`", self.model))?;
+        eprintln!("loading {model} ...");
+        let lm = crate::model::load(model, &opts).with_context(|| format!("cannot load model `{model}`"))?;
         eprintln!("loaded in {:.1} s: {}", t0.elapsed().as_secs_f64(), lm.description);
         Ok(lm)
+    }
+}
+
+/// Options shared by commands that need a model.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ModelArgs {
+    /// An HF model directory, a .gguf file, a fetched model name (smollm2-135m) or a hub id (org/name, `hub` feature).
+    #[arg(long, short)]
+    model: String,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+impl ModelArgs {
+    pub(crate) fn load(&self) -> Result<LoadedModel> {
+        self.load.load(&self.model)
     }
 }
 
