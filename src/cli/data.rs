@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::LoadArgs;
 use crate::data::collate::{CollateOptions, encode_rows};
-use crate::data::filter::{FilterOptions, FilterStats, filter_rows, group_key};
-use crate::data::generate::{DataSplit, EntityPolicy, GenerateOptions, GroupPlan, generate};
+use crate::data::filter::{FilterOptions, FilterStats, filter_rows, group_counts};
+use crate::data::generate::{DataSplit, EntityPolicy, GenerateOptions, Generated, GroupPlan, generate};
 use crate::data::io::{ReadOptions, read_dataset, write_dataset};
 use crate::data::ravel::{KnowledgeBase, Split, builtin_domains, column_name};
 
@@ -219,14 +219,14 @@ fn build(a: &BuildArgs) -> Result<()> {
     for (split, path) in outputs {
         let t0 = Instant::now();
         let opts = GenerateOptions { targets: targets.clone(), split, causal: a.causal, isolate: a.isolate, seed: a.seed, entities };
-        let generated = generate(&kb, &opts)?;
-        eprintln!("{} {}: generated {} candidate rows", kb.domain, split.name(), generated.rows.len());
+        let Generated { rows: candidates, groups: generated } = generate(&kb, &opts)?;
+        eprintln!("{} {}: generated {} candidate rows", kb.domain, split.name(), candidates.len());
         let (rows, stats) = match &lm {
             Some(lm) => {
-                let (rows, stats) = filter_rows(&lm.model, &lm.tokenizer, generated.rows.clone(), &FilterOptions { batch_size: a.batch_size, progress: !a.quiet })?;
+                let (rows, stats) = filter_rows(&lm.model, &lm.tokenizer, candidates, &FilterOptions { batch_size: a.batch_size, progress: !a.quiet })?;
                 (rows, Some(stats))
             }
-            None => (generated.rows.clone(), None),
+            None => (candidates, None),
         };
         if let Some(s) = &stats {
             eprintln!(
@@ -245,10 +245,7 @@ fn build(a: &BuildArgs) -> Result<()> {
             bail!("no row survived the filter for {} {}: the model knows none of these facts (try another model or attribute; --no-filter keeps all rows)", kb.domain, split.name());
         }
         write_dataset(&path, &rows, arrow)?;
-        let mut kept = std::collections::BTreeMap::new();
-        for r in &rows {
-            *kept.entry(group_key(r)).or_insert(0) += 1;
-        }
+        let kept = group_counts(&rows);
         let causal_rows = rows.iter().filter(|r| r.is_causal()).count();
         let summary = BuildSummary {
             tool: format!("hyperdas {} data build", env!("CARGO_PKG_VERSION")),
@@ -263,7 +260,7 @@ fn build(a: &BuildArgs) -> Result<()> {
             isolate_per_pair: a.isolate,
             model: lm.as_ref().map(|l| l.description.clone()),
             start_token: lm.as_ref().map(|l| l.tokenizer.start_token_reason.clone()),
-            generated: &generated.groups,
+            generated: &generated,
             filter: stats.as_ref(),
             kept,
             rows: rows.len(),
@@ -298,11 +295,7 @@ fn show(a: &ShowArgs) -> Result<()> {
     if !ds.extra_columns.is_empty() {
         println!("extra columns (ignored): {}", ds.extra_columns.join(", "));
     }
-    let mut groups = std::collections::BTreeMap::new();
-    for r in &ds.rows {
-        *groups.entry(group_key(r)).or_insert(0usize) += 1;
-    }
-    for (g, n) in &groups {
+    for (g, n) in &group_counts(&ds.rows) {
         println!("  {g:<28} {n:>7}");
     }
     let lm = match &a.model {

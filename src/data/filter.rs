@@ -60,6 +60,15 @@ pub fn group_key(r: &RavelRow) -> String {
     format!("{}/{}", r.attribute_type, r.attribute)
 }
 
+/// Rows per group key (`causal/Country`, ...).
+pub fn group_counts(rows: &[RavelRow]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for r in rows {
+        *counts.entry(group_key(r)).or_insert(0) += 1;
+    }
+    counts
+}
+
 /// Run the model over every distinct `(verify_text, label)` and keep the rows it gets right.
 pub fn filter_rows(model: &Llama, tok: &TextTokenizer, rows: Vec<RavelRow>, opts: &FilterOptions) -> Result<(Vec<RavelRow>, FilterStats)> {
     let t0 = Instant::now();
