@@ -173,6 +173,10 @@ fn gradients_match_finite_differences() {
     fd_check(&r, |r| score(reflect_select(&h, &mix_positions(&w, &s, &h).unwrap(), r, &u).unwrap()));
     let mask = randn(&[b, k], 6);
     fd_check(&mask, |mk| score(masked_rotation(&h, &mix_positions(&w, &s, &h).unwrap(), &r, mk).unwrap()));
+    // Boundless DAS: through the boundary β (sigmoid of a shifted index) and a [D, D] rotation.
+    let q = random_orthonormal(d, d, 8, DType::F64, &DEV).unwrap();
+    let beta = Tensor::new(&[0.4f64], &DEV).unwrap();
+    fd_check(&beta, |bt| score(masked_rotation(&h, &mix_positions(&w, &s, &h).unwrap(), &q, &boundary_mask(&bt.squeeze(0).unwrap(), d, 0.5).unwrap()).unwrap()));
 }
 
 // ---------------------------------------------------------------------------------------------

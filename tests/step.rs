@@ -29,7 +29,7 @@ fn efficient_step_equals_the_naive_full_model_step() {
     let enc = encode_rows(&lm.tokenizer, &ds.rows[..4], &CollateOptions::default(), "fixture").unwrap();
     let batch = collate(&enc.rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id());
     assert!(batch.is_causal.contains(&true) && batch.is_causal.contains(&false), "both row kinds");
-    for kind in [SubspaceKind::ReflectSelect, SubspaceKind::MaskSelect, SubspaceKind::None] {
+    for kind in [SubspaceKind::ReflectSelect, SubspaceKind::Das, SubspaceKind::MaskSelect, SubspaceKind::Boundless, SubspaceKind::None] {
         let mut ps = ParamStore::new();
         let cfg = InterpreterConfig {
             hypernet: HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 11 },
