@@ -38,7 +38,7 @@ enum Command {
     VerifyModel(verify::VerifyArgs),
     /// Train (or reuse from the cache) the toy world's model: a small Llama that knows RAVEL city facts.
     Toy(toy::ToyArgs),
-    /// Train HyperDAS from a TOML configuration and evaluate every inference mode (work in progress: no --resume yet).
+    /// Train HyperDAS from a TOML configuration (checkpoints, --resume) and evaluate every inference mode.
     Train(train::TrainArgs),
     /// Score a trained run on a dataset per inference mode; writes results and selected positions into the run's eval/.
     Eval(eval::EvalArgs),
@@ -199,6 +199,7 @@ fn demo() -> Result<()> {
     println!("  hyperdas toy                                train (once, ~1.5 min; then cached) a small Llama that knows 200 RAVEL cities");
     println!("  hyperdas data kb                            the RAVEL knowledge base (embedded)");
     println!("  hyperdas data build -m smollm2-135m         city Country train + test sets, filtered by what the model knows");
+    println!("  hyperdas train --show-config                HyperDAS run settings; train/eval/apply on the toy model: docs/hyperdas.md");
     println!();
     println!("Run them as `cargo run --release -- <command>` (e.g. `cargo run --release -- fetch smollm2-135m`),");
     println!("or put `hyperdas` on your PATH with `cargo install --path .`. Every command has --help.");
