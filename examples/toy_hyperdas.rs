@@ -51,7 +51,8 @@ fn main() -> Result<()> {
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg)?;
     eprintln!("{} parameters in {} tensors", ps.num_elements(), ps.len());
-    let settings = TrainSettings { epochs, batch_size: 32, lr, warmup_steps: 20, eval_every: 50, ..Default::default() };
+    let env_f32 = |k: &str, d: f32| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let settings = TrainSettings { epochs, batch_size: 32, lr, warmup_steps: 20, eval_every: 50, causal_weight: env_f32("CW", 3.5), isolate_weight: env_f32("IW", 0.5), ..Default::default() };
     let pad = lm.tokenizer.padding_id();
     let before = evaluate(&lm.model, &interp, &sets[1], InferenceMode::Soft, 64, 3, pad)?;
     eprintln!("step 0 (soft): {before:?}");

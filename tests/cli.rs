@@ -315,6 +315,21 @@ fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
         }
         assert!(results[mode]["test_loss"].as_f64().unwrap() > 0.0);
     }
+    // Per-attribute table: the only group (city, Country) equals the overall scores, and the
+    // domain mean row equals it too; row counts add up to the test set.
+    let by: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("results.by_attribute.json")).unwrap()).unwrap();
+    for mode in ["soft", "groundtruth"] {
+        let groups = by[mode].as_array().unwrap();
+        assert_eq!(groups.len(), 2, "{groups:?}");
+        assert_eq!((groups[0]["domain"].as_str(), groups[0]["attribute"].as_str()), (Some("city"), Some("Country")));
+        assert_eq!(groups[1]["attribute"], "mean");
+        for k in ["causal", "isolate", "disentangle"] {
+            assert_eq!(groups[0][k], results[mode]["accs"][k], "{mode} {k}");
+            assert_eq!(groups[1][k], results[mode]["accs"][k], "{mode} {k}");
+        }
+    }
+    let by_csv = std::fs::read_to_string(run.join("results.by_attribute.csv")).unwrap();
+    assert!(by_csv.starts_with("mode,domain,attribute,causal,isolate,disentangle,causal_rows,isolate_rows\n") && by_csv.contains("soft,city,Country,"), "{by_csv}");
     let resolved = std::fs::read_to_string(run.join("config.resolved.toml")).unwrap();
     assert!(resolved.contains("rank = 4") && resolved.contains("[train]"), "{resolved}");
     // Reload the run from its directory alone and evaluate: the same scores as at the end of training.

@@ -166,6 +166,10 @@ pub struct EncodedRow {
     pub source_entity_pos: usize,
     pub instruction_ids: Vec<u32>,
     pub is_causal: bool,
+    /// The row's domain and the attribute its instruction intervenes on (the key of the
+    /// per-attribute result tables; for isolate rows this is not the attribute asked).
+    pub domain: String,
+    pub target_attribute: String,
 }
 
 /// Rows that could be encoded, and the ones skipped with reasons.
@@ -210,6 +214,8 @@ pub fn encode_row(tok: &TextTokenizer, row: &RavelRow, index: usize, opts: &Coll
         source_entity_pos,
         instruction_ids,
         is_causal: row.is_causal(),
+        domain: row.domain.clone(),
+        target_attribute: row.instruction_attribute().unwrap_or(&row.attribute).to_string(),
     })
 }
 

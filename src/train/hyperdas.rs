@@ -35,6 +35,9 @@ pub struct TrainSettings {
     pub weight_decay: f64,
     pub rotation_lr: f64,
     pub warmup_steps: usize,
+    /// After the warm-up: `cosine` (to 0 at the last step), `linear` (to 0) or `constant` (the
+    /// reference: no schedule).
+    pub lr_decay: String,
     pub grad_clip: f64,
     pub causal_weight: f32,
     pub isolate_weight: f32,
@@ -72,6 +75,7 @@ impl Default for TrainSettings {
             weight_decay: 0.01,
             rotation_lr: 1e-3,
             warmup_steps: 0,
+            lr_decay: "cosine".into(),
             grad_clip: 4.0,
             causal_weight: 3.5,
             isolate_weight: 0.5,
@@ -99,9 +103,69 @@ pub struct Scores {
     pub rows: usize,
 }
 
+/// Scores of the rows of one domain whose instruction intervenes on one attribute: a row of
+/// the reference's main table. `causal` / `isolate` are NaN when the group has no such rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupScores {
+    pub domain: String,
+    pub attribute: String,
+    pub causal: f64,
+    pub isolate: f64,
+    pub disentangle: f64,
+    pub causal_rows: usize,
+    pub isolate_rows: usize,
+}
+
+impl GroupScores {
+    fn from_counts(domain: &str, attribute: &str, hit: [usize; 2], n: [usize; 2]) -> Self {
+        let acc = |i: usize| if n[i] == 0 { f64::NAN } else { hit[i] as f64 / n[i] as f64 };
+        let (causal, isolate) = (acc(0), acc(1));
+        GroupScores { domain: domain.into(), attribute: attribute.into(), causal, isolate, disentangle: disentangle(causal, isolate, n), causal_rows: n[0], isolate_rows: n[1] }
+    }
+
+    /// The mean over `groups` of one domain (the reference's per-domain figure: attributes
+    /// weigh equally, whatever their row counts), labelled `attribute = "mean"`.
+    pub fn domain_mean(domain: &str, groups: &[&GroupScores]) -> Self {
+        let mean = |f: &dyn Fn(&GroupScores) -> f64| {
+            let v: Vec<f64> = groups.iter().map(|g| f(g)).filter(|x| !x.is_nan()).collect();
+            if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 }
+        };
+        GroupScores {
+            domain: domain.into(),
+            attribute: "mean".into(),
+            causal: mean(&|g| g.causal),
+            isolate: mean(&|g| g.isolate),
+            disentangle: mean(&|g| g.disentangle),
+            causal_rows: groups.iter().map(|g| g.causal_rows).sum(),
+            isolate_rows: groups.iter().map(|g| g.isolate_rows).sum(),
+        }
+    }
+}
+
+/// Disentangle = mean of Cause and Isolate; either alone when the other has no rows.
+fn disentangle(causal: f64, isolate: f64, n: [usize; 2]) -> f64 {
+    if n[1] == 0 {
+        causal
+    } else if n[0] == 0 {
+        isolate
+    } else {
+        0.5 * (causal + isolate)
+    }
+}
+
+/// Everything one evaluation pass measures.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub scores: Scores,
+    /// Per (domain, intervened attribute), sorted by domain then attribute.
+    pub groups: Vec<GroupScores>,
+    /// Each row's selected positions (when asked for).
+    pub selections: Vec<Selection>,
+}
+
 /// Score `rows` with inference `mode`.
 pub fn evaluate(target: &Llama, interp: &Interpreter, rows: &[EncodedRow], mode: InferenceMode, batch_size: usize, label_limit: usize, pad: u32) -> Result<Scores> {
-    Ok(evaluate_detailed(target, interp, rows, mode, batch_size, label_limit, pad, false)?.0)
+    Ok(evaluate_detailed(target, interp, rows, mode, batch_size, label_limit, pad, false)?.scores)
 }
 
 /// Which positions an example's intervention used: `(base position, source position, weight)`
@@ -128,8 +192,11 @@ pub fn evaluate_detailed(
     label_limit: usize,
     pad: u32,
     selections: bool,
-) -> Result<(Scores, Vec<Selection>)> {
+) -> Result<Evaluation> {
     let (mut hit, mut n) = ([0usize; 2], [0usize; 2]);
+    // (domain, attribute) → (hits, rows), each [causal, isolate].
+    type Tally = ([usize; 2], [usize; 2]);
+    let mut by_group: std::collections::BTreeMap<(&str, &str), Tally> = Default::default();
     let (mut loss_sum, mut tokens) = (0f64, 0f64);
     let mut picked = Vec::new();
     for chunk in rows.chunks(batch_size.max(1)) {
@@ -146,6 +213,9 @@ pub fn evaluate_detailed(
             let kind = usize::from(!*causal);
             n[kind] += 1;
             hit[kind] += usize::from(ok);
+            let g = by_group.entry((chunk[bi].domain.as_str(), chunk[bi].target_attribute.as_str())).or_default();
+            g.1[kind] += 1;
+            g.0[kind] += usize::from(ok);
             if let Some(w) = &w {
                 let (ts, tb) = (batch.source_len, batch.base_len);
                 let (pad_s, pad_b) = (ts - chunk[bi].source_ids.len(), tb - chunk[bi].base_ids.len());
@@ -162,8 +232,9 @@ pub fn evaluate_detailed(
     }
     let acc = |i: usize| if n[i] == 0 { f64::NAN } else { hit[i] as f64 / n[i] as f64 };
     let (causal, isolate) = (acc(0), acc(1));
-    let disentangle = if n[1] == 0 { causal } else if n[0] == 0 { isolate } else { 0.5 * (causal + isolate) };
-    Ok((Scores { causal, isolate, disentangle, loss: if tokens > 0.0 { loss_sum / tokens } else { 0.0 }, rows: rows.len() }, picked))
+    let scores = Scores { causal, isolate, disentangle: disentangle(causal, isolate, n), loss: if tokens > 0.0 { loss_sum / tokens } else { 0.0 }, rows: rows.len() };
+    let groups = by_group.into_iter().map(|((d, a), (h, c))| GroupScores::from_counts(d, a, h, c)).collect();
+    Ok(Evaluation { scores, groups, selections: picked })
 }
 
 /// Where checkpoints go, and whether to start from the latest one.
@@ -201,7 +272,13 @@ pub fn train(
     let adam = AdamWConfig { weight_decay: s.weight_decay, grad_clip: Some(s.grad_clip), ..Default::default() };
     let rotation_group = Group { lr: s.rotation_lr, weight_decay: 0.0 };
     let mut opt = AdamW::with_groups(ps, adam, |name| (name == "subspace.rotation").then_some(rotation_group))?;
-    let schedule = Schedule { peak: s.lr, warmup_steps: s.warmup_steps, total_steps: total, decay: Decay::Cosine, min_ratio: 0.0 };
+    let decay = match s.lr_decay.as_str() {
+        "cosine" => Decay::Cosine,
+        "linear" => Decay::Linear,
+        "constant" => Decay::Constant,
+        other => return Err(Error::invalid(format!("train.lr_decay `{other}`: use cosine, linear or constant"))),
+    };
+    let schedule = Schedule { peak: s.lr, warmup_steps: s.warmup_steps, total_steps: total, decay, min_ratio: 0.0 };
     let mut rng = Rng::derive(s.seed, "hyperdas/batches");
     // Resume: parameters, AdamW moments and the step; the data order is replayed from the seed.
     let mut start = 0;
@@ -223,11 +300,17 @@ pub fn train(
             None => Ok(()),
         }
     };
-    let pb = crate::progress::bar(total as u64, "training HyperDAS [{bar:30}] {pos}/{len} steps {elapsed} (eta {eta}) {msg}", progress);
+    let pb = crate::progress::bar(total as u64, "training HyperDAS [{bar:30}] {pos}/{len} steps ({per_sec}) {elapsed} (eta {eta}) {msg}", progress);
     let t0 = Instant::now();
     pb.set_position(start as u64);
     let mut step = 0;
     let mut last = None;
+    if start == 0 && s.eval_every > 0 {
+        // The untrained interpreter's scores: the baseline that training must beat.
+        let sc = evaluate(target, interp, test, InferenceMode::Soft, s.batch_size, s.label_limit, pad)?;
+        log.log(&serde_json::json!({"step": 0, "eval_soft": sc, "seconds": t0.elapsed().as_secs_f64()}))?;
+        pb.set_message(format!("step 0: cause {:.2} iso {:.2}", sc.causal, sc.isolate));
+    }
     'epochs: for _epoch in 0..s.epochs.max(1) {
         let mut order: Vec<usize> = (0..train.len()).collect();
         rng.shuffle(&mut order);
@@ -285,4 +368,22 @@ pub fn train(
     save(&opt)?;
     pb.finish_and_clear();
     Ok((last, opt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_scores_and_domain_means() {
+        let a = GroupScores::from_counts("city", "Country", [3, 1], [4, 2]); // 0.75 / 0.5
+        assert_eq!((a.causal, a.isolate, a.disentangle), (0.75, 0.5, 0.625));
+        let b = GroupScores::from_counts("city", "Continent", [1, 0], [1, 0]); // no isolate rows
+        assert!(b.isolate.is_nan());
+        assert_eq!(b.disentangle, 1.0);
+        // Attributes weigh equally (not rows); NaN isolate scores are left out of the mean.
+        let m = GroupScores::domain_mean("city", &[&a, &b]);
+        assert_eq!((m.causal, m.isolate, m.disentangle), (0.875, 0.5, 0.8125));
+        assert_eq!((m.causal_rows, m.isolate_rows, m.attribute.as_str()), (5, 2, "mean"));
+    }
 }

@@ -7,6 +7,7 @@
 //! | `metrics.jsonl` | one record per step (losses, lr, gradient norm, periodic soft-mode scores) |
 //! | `results.json` | `{mode: {accs: {causal, isolate, disentangle}, test_loss}}` (the reference's shape) |
 //! | `results.csv` | the same as a table |
+//! | `results.by_attribute.json`, `.csv` | per mode, domain and intervened attribute, plus each domain's mean over its attributes (the reference's main table) |
 //! | `checkpoint/` | parameters, AdamW moments, step and config ([`super::checkpoint`]) |
 
 use std::collections::BTreeMap;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::MetricsLog;
-use super::hyperdas::{CheckpointPlan, Selection, TrainSettings, evaluate_detailed, train};
+use super::hyperdas::{CheckpointPlan, GroupScores, Selection, TrainSettings, evaluate_detailed, train};
 use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
@@ -61,7 +62,10 @@ pub struct DataSection {
 #[serde(deny_unknown_fields, default)]
 pub struct InterpreterSection {
     pub num_blocks: usize,
-    pub layer: usize,
+    /// The intervention layer l (the residual entering block l): a number, or `"middle"` =
+    /// ⌊(L − 1) / 2⌋ of the target's L blocks (15 for Llama-3-8B, the paper's layer; 14 for
+    /// SmolLM2-135M; 0 for the 2-block toy).
+    pub layer: LayerChoice,
     pub from_scratch: bool,
     pub subspace: String,
     pub rank: usize,
@@ -72,7 +76,26 @@ pub struct InterpreterSection {
 
 impl Default for InterpreterSection {
     fn default() -> Self {
-        InterpreterSection { num_blocks: 2, layer: 1, from_scratch: false, subspace: "reflect_select".into(), rank: 32, ablate_source: false, ablate_base: false, seed: 0 }
+        InterpreterSection { num_blocks: 2, layer: LayerChoice::Name("middle".into()), from_scratch: false, subspace: "reflect_select".into(), rank: 32, ablate_source: false, ablate_base: false, seed: 0 }
+    }
+}
+
+/// `interpreter.layer`: an index or a name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerChoice {
+    Index(usize),
+    Name(String),
+}
+
+impl LayerChoice {
+    /// The layer index for a target of `num_layers` blocks.
+    pub fn resolve(&self, num_layers: usize) -> Result<usize> {
+        match self {
+            LayerChoice::Index(l) => Ok(*l),
+            LayerChoice::Name(n) if n == "middle" => Ok(num_layers.saturating_sub(1) / 2),
+            LayerChoice::Name(n) => Err(Error::invalid(format!("interpreter.layer = {n:?}: use a layer number or \"middle\""))),
+        }
     }
 }
 
@@ -124,11 +147,12 @@ impl DataSection {
 }
 
 impl InterpreterSection {
-    pub fn config(&self) -> Result<InterpreterConfig> {
+    /// The interpreter configuration for a target of `num_layers` blocks.
+    pub fn config(&self, num_layers: usize) -> Result<InterpreterConfig> {
         Ok(InterpreterConfig {
             hypernet: HyperConfig {
                 num_blocks: self.num_blocks,
-                layer: self.layer,
+                layer: self.layer.resolve(num_layers)?,
                 from_scratch: self.from_scratch,
                 ablate_source: self.ablate_source,
                 ablate_base: self.ablate_base,
@@ -168,7 +192,7 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
         return Err(Error::invalid("data.train and data.test must name datasets (JSONL files or save_to_disk directories; `hyperdas data build` makes them)"));
     }
     let modes: Vec<InferenceMode> = cfg.eval.modes.iter().map(|m| InferenceMode::parse(m)).collect::<Result<_>>()?;
-    let icfg = cfg.interpreter.config()?;
+    cfg.interpreter.layer.resolve(0)?; // a bad layer name fails before the model loads
     if resume {
         let saved: RunConfig = crate::config::load(Some(&out.join("config.resolved.toml")), &[])?;
         let same = |c: &RunConfig| RunConfig { train: TrainSettings { stop_after_steps: 0, checkpoint_every: 0, ..c.train.clone() }, ..c.clone() };
@@ -195,6 +219,10 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
         }
         sets.push(enc.rows);
     }
+    let icfg = cfg.interpreter.config(lm.model.num_layers())?;
+    if progress {
+        eprintln!("intervention layer {} of {} blocks; {} hypernetwork blocks", icfg.hypernet.layer, lm.model.num_layers(), icfg.hypernet.num_blocks);
+    }
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &icfg)?;
     let pad = lm.tokenizer.padding_id();
@@ -209,13 +237,39 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
         return Ok(None);
     }
 
-    let (results, csv, _) = score_modes(&lm.model, &interp, &sets[1], &modes, cfg, pad, false)?;
-    write_results(&out.join("results.json"), &out.join("results.csv"), &results, csv)?;
-    Ok(Some(results))
+    let scored = score_modes(&lm.model, &interp, &sets[1], &modes, cfg, pad, false)?;
+    write_results(out, "", &scored)?;
+    if progress {
+        eprint!("{}", scored.table());
+    }
+    Ok(Some(scored.results))
 }
 
-/// Score `rows` in every mode: the `results.json` map, the CSV text, and (if asked) every
-/// row's selected positions.
+/// Every mode's scores on one dataset.
+pub struct Scored {
+    /// `results.json`: `{mode: {accs, test_loss}}`.
+    pub results: BTreeMap<String, ModeResult>,
+    /// Per mode: every (domain, intervened attribute) group, then each domain's mean.
+    pub groups: BTreeMap<String, Vec<GroupScores>>,
+    /// Each row's selected positions, when asked for.
+    pub selections: Vec<Selection>,
+}
+
+impl Scored {
+    /// A plain-text table: one line per mode, domain and attribute.
+    pub fn table(&self) -> String {
+        let pct = |x: f64| if x.is_nan() { "    -".to_string() } else { format!("{:5.1}", 100.0 * x) };
+        let mut out = format!("{:<15} {:<8} {:<12} {:>5} {:>5} {:>5}  rows (causal/isolate)\n", "mode", "domain", "attribute", "Cause", "Iso", "Dis");
+        for (mode, groups) in &self.groups {
+            for g in groups {
+                out += &format!("{mode:<15} {:<8} {:<12} {} {} {}  {}/{}\n", g.domain, g.attribute, pct(g.causal), pct(g.isolate), pct(g.disentangle), g.causal_rows, g.isolate_rows);
+            }
+        }
+        out
+    }
+}
+
+/// Score `rows` in every mode.
 fn score_modes(
     target: &crate::model::Llama,
     interp: &Interpreter,
@@ -224,23 +278,49 @@ fn score_modes(
     cfg: &RunConfig,
     pad: u32,
     selections: bool,
-) -> Result<(BTreeMap<String, ModeResult>, String, Vec<Selection>)> {
-    let mut results = BTreeMap::new();
-    let mut csv = String::from("mode,causal,isolate,disentangle,test_loss\n");
-    let mut picked = Vec::new();
+) -> Result<Scored> {
+    let mut scored = Scored { results: BTreeMap::new(), groups: BTreeMap::new(), selections: Vec::new() };
     for &mode in modes {
-        let (s, p) = evaluate_detailed(target, interp, rows, mode, cfg.eval.batch_size, cfg.train.label_limit, pad, selections)?;
-        csv += &format!("{},{},{},{},{}\n", mode.name(), s.causal, s.isolate, s.disentangle, s.loss);
+        let e = evaluate_detailed(target, interp, rows, mode, cfg.eval.batch_size, cfg.train.label_limit, pad, selections)?;
+        let s = e.scores;
         let accs = BTreeMap::from([("causal".to_string(), s.causal), ("isolate".to_string(), s.isolate), ("disentangle".to_string(), s.disentangle)]);
-        results.insert(mode.name().to_string(), ModeResult { accs, test_loss: s.loss });
-        picked.extend(p);
+        scored.results.insert(mode.name().to_string(), ModeResult { accs, test_loss: s.loss });
+        let mut groups = e.groups.clone();
+        let domains: std::collections::BTreeSet<&str> = e.groups.iter().map(|g| g.domain.as_str()).collect();
+        for d in domains {
+            let members: Vec<&GroupScores> = e.groups.iter().filter(|g| g.domain == d).collect();
+            groups.push(GroupScores::domain_mean(d, &members));
+        }
+        scored.groups.insert(mode.name().to_string(), groups);
+        scored.selections.extend(e.selections);
     }
-    Ok((results, csv, picked))
+    Ok(scored)
 }
 
-fn write_results(json: &Path, csv_path: &Path, results: &BTreeMap<String, ModeResult>, csv: String) -> Result<()> {
-    std::fs::write(json, serde_json::to_string_pretty(results).map_err(|e| Error::invalid(e.to_string()))?).map_err(|e| Error::file(json, format!("cannot write: {e}")))?;
-    std::fs::write(csv_path, csv).map_err(|e| Error::file(csv_path, format!("cannot write: {e}")))
+/// Write `{stem}results.json`, `.csv`, `{stem}results.by_attribute.json` and `.csv` into `dir`.
+fn write_results(dir: &Path, stem: &str, scored: &Scored) -> Result<()> {
+    let mut csv = String::from("mode,causal,isolate,disentangle,test_loss\n");
+    for (mode, r) in &scored.results {
+        csv += &format!("{mode},{},{},{},{}\n", r.accs["causal"], r.accs["isolate"], r.accs["disentangle"], r.test_loss);
+    }
+    let mut by_csv = String::from("mode,domain,attribute,causal,isolate,disentangle,causal_rows,isolate_rows\n");
+    for (mode, groups) in &scored.groups {
+        for g in groups {
+            by_csv += &format!("{mode},{},{},{},{},{},{},{}\n", g.domain, g.attribute, g.causal, g.isolate, g.disentangle, g.causal_rows, g.isolate_rows);
+        }
+    }
+    let to_text = |v: &dyn Fn() -> serde_json::Result<String>| v().map_err(|e| Error::invalid(e.to_string()));
+    let files = [
+        (format!("{stem}results.json"), to_text(&|| serde_json::to_string_pretty(&scored.results))?),
+        (format!("{stem}results.csv"), csv),
+        (format!("{stem}results.by_attribute.json"), to_text(&|| serde_json::to_string_pretty(&scored.groups))?),
+        (format!("{stem}results.by_attribute.csv"), by_csv),
+    ];
+    for (name, text) in files {
+        let path = dir.join(&name);
+        crate::atomic::write_file(&path, |w| std::io::Write::write_all(w, text.as_bytes()).map_err(|e| Error::file(&path, format!("cannot write: {e}"))))?;
+    }
+    Ok(())
 }
 
 /// A trained run loaded from its directory: configuration, target, parameters.
@@ -260,7 +340,7 @@ pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
     let config: RunConfig = crate::config::load(Some(&cfg_path), &[])?;
     let lm = config.model.load(progress)?;
     let mut params = ParamStore::new();
-    let interpreter = Interpreter::new(&mut params, &lm.model, &config.interpreter.config()?)?;
+    let interpreter = Interpreter::new(&mut params, &lm.model, &config.interpreter.config(lm.model.num_layers())?)?;
     crate::train::checkpoint::load(&dir.join("checkpoint"), &params, None, lm.model.device())?;
     Ok(LoadedRun { config, lm, params, interpreter })
 }
@@ -278,14 +358,34 @@ pub fn eval_run(dir: &Path, data: &Path, modes: &[InferenceMode], skip_bad_rows:
     let name = data.file_name().map(|n| n.to_string_lossy().trim_end_matches(".jsonl").to_string()).unwrap_or_else(|| "data".into());
     let out = dir.join("eval");
     std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, format!("cannot create: {e}")))?;
-    let (results, csv, picked) = score_modes(&run.lm.model, &run.interpreter, &enc.rows, modes, cfg, run.lm.tokenizer.padding_id(), true)?;
-    write_results(&out.join(format!("{name}.results.json")), &out.join(format!("{name}.results.csv")), &results, csv)?;
+    let scored = score_modes(&run.lm.model, &run.interpreter, &enc.rows, modes, cfg, run.lm.tokenizer.padding_id(), true)?;
+    write_results(&out, &format!("{name}."), &scored)?;
+    if progress {
+        eprint!("{}", scored.table());
+    }
     let mut positions = String::new();
-    for p in picked {
+    for p in &scored.selections {
         positions += &serde_json::to_string(&p).map_err(|e| Error::invalid(e.to_string()))?;
         positions.push('\n');
     }
     let pj = out.join(format!("{name}.positions.jsonl"));
     std::fs::write(&pj, positions).map_err(|e| Error::file(&pj, format!("cannot write: {e}")))?;
-    Ok(results)
+    Ok(scored.results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_is_a_number_or_middle() {
+        let load = |v: &str| crate::config::load::<RunConfig>(None, &[format!("interpreter.layer={v}")]);
+        assert_eq!(load("3").unwrap().interpreter.layer.resolve(30).unwrap(), 3);
+        let middle = load("middle").unwrap().interpreter.layer;
+        // ⌊(L − 1)/2⌋: the paper's 15 on Llama-3-8B (32 blocks), 14 on SmolLM2 (30), 0 on the 2-block toy.
+        assert_eq!([32, 30, 2, 1].map(|l| middle.resolve(l).unwrap()), [15, 14, 0, 0]);
+        assert_eq!(RunConfig::default().interpreter.layer, middle);
+        let err = load("top").unwrap().interpreter.layer.resolve(30).unwrap_err().to_string();
+        assert!(err.contains("interpreter.layer") && err.contains("middle"), "{err}");
+    }
 }
