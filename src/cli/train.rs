@@ -43,6 +43,6 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     for (mode, r) in &results {
         println!("{mode:<16} {:>7.3} {:>8.3} {:>12.3} {:>10.3}", r.accs["causal"], r.accs["isolate"], r.accs["disentangle"], r.test_loss);
     }
-    println!("run directory: {} (results.json, results.csv, results.by_attribute.{json,csv}, metrics.jsonl, config.resolved.toml, checkpoint/)", a.out.display());
+    println!("run directory: {} (results.json, results.csv, results.by_attribute.{{json,csv}}, metrics.jsonl, config.resolved.toml, checkpoint/)", a.out.display());
     Ok(())
 }
