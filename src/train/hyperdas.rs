@@ -37,7 +37,7 @@ pub struct TrainSettings {
     pub warmup_steps: usize,
     /// After the warm-up: `cosine` (to 0 at the last step), `linear` (to 0) or `constant` (the
     /// reference: no schedule).
-    pub lr_decay: String,
+    pub lr_decay: Decay,
     pub grad_clip: f64,
     pub causal_weight: f32,
     pub isolate_weight: f32,
@@ -75,7 +75,7 @@ impl Default for TrainSettings {
             weight_decay: 0.01,
             rotation_lr: 1e-3,
             warmup_steps: 0,
-            lr_decay: "cosine".into(),
+            lr_decay: Decay::Cosine,
             grad_clip: 4.0,
             causal_weight: 3.5,
             isolate_weight: 0.5,
@@ -118,9 +118,8 @@ pub struct GroupScores {
 
 impl GroupScores {
     fn from_counts(domain: &str, attribute: &str, hit: [usize; 2], n: [usize; 2]) -> Self {
-        let acc = |i: usize| if n[i] == 0 { f64::NAN } else { hit[i] as f64 / n[i] as f64 };
-        let (causal, isolate) = (acc(0), acc(1));
-        GroupScores { domain: domain.into(), attribute: attribute.into(), causal, isolate, disentangle: disentangle(causal, isolate, n), causal_rows: n[0], isolate_rows: n[1] }
+        let (causal, isolate, disentangle) = rates(hit, n);
+        GroupScores { domain: domain.into(), attribute: attribute.into(), causal, isolate, disentangle, causal_rows: n[0], isolate_rows: n[1] }
     }
 
     /// The mean over `groups` of one domain (the reference's per-domain figure: attributes
@@ -142,15 +141,20 @@ impl GroupScores {
     }
 }
 
-/// Disentangle = mean of Cause and Isolate; either alone when the other has no rows.
-fn disentangle(causal: f64, isolate: f64, n: [usize; 2]) -> f64 {
-    if n[1] == 0 {
+/// (Cause, Isolate, Disentangle) from hits and row counts, each `[causal, isolate]`. A score
+/// without rows is NaN; Disentangle is the mean of the two, or either alone when the other has
+/// no rows.
+fn rates(hit: [usize; 2], n: [usize; 2]) -> (f64, f64, f64) {
+    let acc = |i: usize| if n[i] == 0 { f64::NAN } else { hit[i] as f64 / n[i] as f64 };
+    let (causal, isolate) = (acc(0), acc(1));
+    let disentangle = if n[1] == 0 {
         causal
     } else if n[0] == 0 {
         isolate
     } else {
         0.5 * (causal + isolate)
-    }
+    };
+    (causal, isolate, disentangle)
 }
 
 /// Everything one evaluation pass measures.
@@ -193,7 +197,6 @@ pub fn evaluate_detailed(
     pad: u32,
     selections: bool,
 ) -> Result<Evaluation> {
-    let (mut hit, mut n) = ([0usize; 2], [0usize; 2]);
     // (domain, attribute) → (hits, rows), each [causal, isolate].
     type Tally = ([usize; 2], [usize; 2]);
     let mut by_group: std::collections::BTreeMap<(&str, &str), Tally> = Default::default();
@@ -211,8 +214,6 @@ pub fn evaluate_detailed(
         for (bi, causal) in batch.is_causal.iter().enumerate() {
             let ok = (0..out.k).all(|j| out.valid[bi * out.k + j] == 0.0 || pred[bi * out.k + j] == out.targets[bi * out.k + j]);
             let kind = usize::from(!*causal);
-            n[kind] += 1;
-            hit[kind] += usize::from(ok);
             let g = by_group.entry((chunk[bi].domain.as_str(), chunk[bi].target_attribute.as_str())).or_default();
             g.1[kind] += 1;
             g.0[kind] += usize::from(ok);
@@ -230,9 +231,16 @@ pub fn evaluate_detailed(
             }
         }
     }
-    let acc = |i: usize| if n[i] == 0 { f64::NAN } else { hit[i] as f64 / n[i] as f64 };
-    let (causal, isolate) = (acc(0), acc(1));
-    let scores = Scores { causal, isolate, disentangle: disentangle(causal, isolate, n), loss: if tokens > 0.0 { loss_sum / tokens } else { 0.0 }, rows: rows.len() };
+    // The overall scores are the sum of the groups' tallies.
+    let (mut hit, mut n) = ([0usize; 2], [0usize; 2]);
+    for (h, c) in by_group.values() {
+        for k in 0..2 {
+            hit[k] += h[k];
+            n[k] += c[k];
+        }
+    }
+    let (causal, isolate, disentangle) = rates(hit, n);
+    let scores = Scores { causal, isolate, disentangle, loss: if tokens > 0.0 { loss_sum / tokens } else { 0.0 }, rows: rows.len() };
     let groups = by_group.into_iter().map(|((d, a), (h, c))| GroupScores::from_counts(d, a, h, c)).collect();
     Ok(Evaluation { scores, groups, selections: picked })
 }
@@ -272,13 +280,7 @@ pub fn train(
     let adam = AdamWConfig { weight_decay: s.weight_decay, grad_clip: Some(s.grad_clip), ..Default::default() };
     let rotation_group = Group { lr: s.rotation_lr, weight_decay: 0.0 };
     let mut opt = AdamW::with_groups(ps, adam, |name| (name == "subspace.rotation").then_some(rotation_group))?;
-    let decay = match s.lr_decay.as_str() {
-        "cosine" => Decay::Cosine,
-        "linear" => Decay::Linear,
-        "constant" => Decay::Constant,
-        other => return Err(Error::invalid(format!("train.lr_decay `{other}`: use cosine, linear or constant"))),
-    };
-    let schedule = Schedule { peak: s.lr, warmup_steps: s.warmup_steps, total_steps: total, decay, min_ratio: 0.0 };
+    let schedule = Schedule { peak: s.lr, warmup_steps: s.warmup_steps, total_steps: total, decay: s.lr_decay, min_ratio: 0.0 };
     let mut rng = Rng::derive(s.seed, "hyperdas/batches");
     // Resume: parameters, AdamW moments and the step; the data order is replayed from the seed.
     let mut start = 0;

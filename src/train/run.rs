@@ -285,12 +285,10 @@ fn score_modes(
         let s = e.scores;
         let accs = BTreeMap::from([("causal".to_string(), s.causal), ("isolate".to_string(), s.isolate), ("disentangle".to_string(), s.disentangle)]);
         scored.results.insert(mode.name().to_string(), ModeResult { accs, test_loss: s.loss });
-        let mut groups = e.groups.clone();
         let domains: std::collections::BTreeSet<&str> = e.groups.iter().map(|g| g.domain.as_str()).collect();
-        for d in domains {
-            let members: Vec<&GroupScores> = e.groups.iter().filter(|g| g.domain == d).collect();
-            groups.push(GroupScores::domain_mean(d, &members));
-        }
+        let means: Vec<GroupScores> = domains.into_iter().map(|d| GroupScores::domain_mean(d, &e.groups.iter().filter(|g| g.domain == d).collect::<Vec<_>>())).collect();
+        let mut groups = e.groups;
+        groups.extend(means);
         scored.groups.insert(mode.name().to_string(), groups);
         scored.selections.extend(e.selections);
     }
