@@ -31,20 +31,42 @@ fn main() -> Result<()> {
     if let Ok(l) = std::env::var("TOY_LAYERS") {
         toy_cfg.layers = l.parse()?;
     }
+    if let Ok(n) = std::env::var("TOY_LOCAL") {
+        toy_cfg.token_local_blocks = n.parse()?;
+    }
+    if let Ok(n) = std::env::var("TOY_ATTN_ONLY") {
+        toy_cfg.attention_only_blocks = n.parse()?;
+    }
+    if let Ok(d) = std::env::var("TOY_D") {
+        toy_cfg.hidden_size = d.parse()?;
+        toy_cfg.intermediate_size = 4 * toy_cfg.hidden_size;
+    }
+    if let Ok(c) = std::env::var("TOY_COUNTRIES") {
+        toy_cfg.countries = c.parse()?;
+    }
+    if let Ok(h) = std::env::var("TOY_HEADS") {
+        toy_cfg.heads = h.parse()?;
+    }
     let toy = ensure(&toy_cfg, false, true)?;
     let lm = load(toy.dir.to_str().unwrap_or_default(), &LoadOptions::default())?;
     let kb = KnowledgeBase::from_dir(&toy.dir.join("ravel"), "city")?;
     let country = kb.attribute("Country")?;
     let mut sets = Vec::new();
+    let mut asked = Vec::new();
     for (split, causal, isolate) in [(DataSplit::Train, 2000, 400), (DataSplit::Test, 300, 60)] {
         let g = generate(&kb, &GenerateOptions { targets: vec![country], split, causal, isolate, seed: 0, entities: EntityPolicy::All })?;
         let (rows, stats) = filter_rows(&lm.model, &lm.tokenizer, g.rows, &FilterOptions::default())?;
         eprintln!("{split:?}: {} rows kept ({} checks)", rows.len(), stats.unique_checks);
         let enc = encode_rows(&lm.tokenizer, &rows, &CollateOptions::default(), "toy")?;
+        // The same rows keyed by the attribute the base prompt asks (for the breakdown below).
+        asked = enc.rows.iter().cloned().map(|mut r| {
+            r.target_attribute = format!("asks {}", rows[r.row].attribute);
+            r
+        }).collect::<Vec<_>>();
         sets.push(enc.rows);
     }
     let cfg = InterpreterConfig {
-        hypernet: HyperConfig { num_blocks: 2.min(toy_cfg.layers), layer, from_scratch: false, ablate_source: false, ablate_base: false, seed: 0 },
+        hypernet: HyperConfig { num_blocks: 2.min(toy_cfg.layers), layer, from_scratch: std::env::var("SCRATCH").is_ok(), ablate_source: false, ablate_base: false, seed: 0 },
         subspace: SubspaceKind::parse(&std::env::var("SUBSPACE").unwrap_or_else(|_| "reflect_select".into()))?,
         rank,
     };
@@ -52,7 +74,7 @@ fn main() -> Result<()> {
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg)?;
     eprintln!("{} parameters in {} tensors", ps.num_elements(), ps.len());
     let env_f32 = |k: &str, d: f32| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-    let settings = TrainSettings { epochs, batch_size: 32, lr, warmup_steps: 20, eval_every: 50, causal_weight: env_f32("CW", 3.5), isolate_weight: env_f32("IW", 0.5), ..Default::default() };
+    let settings = TrainSettings { epochs, batch_size: 32, lr, warmup_steps: 20, eval_every: 50, causal_weight: env_f32("CW", 3.5), isolate_weight: env_f32("IW", 0.5), train_mode: InferenceMode::parse(&std::env::var("TRAIN_MODE").unwrap_or_else(|_| "soft".into()))?, ..Default::default() };
     let pad = lm.tokenizer.padding_id();
     let before = evaluate(&lm.model, &interp, &sets[1], InferenceMode::Soft, 64, 3, pad)?;
     eprintln!("step 0 (soft): {before:?}");
@@ -71,6 +93,12 @@ fn main() -> Result<()> {
     for mode in ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"] {
         let s = evaluate(&lm.model, &interp, &sets[1], InferenceMode::parse(mode)?, 64, 3, pad)?;
         println!("{mode:<15} cause {:.3} isolate {:.3} disentangle {:.3} loss {:.3}", s.causal, s.isolate, s.disentangle, s.loss);
+    }
+    for mode in ["soft", "groundtruth"] {
+        let e = hyperdas::train::hyperdas::evaluate_detailed(&lm.model, &interp, &asked, InferenceMode::parse(mode)?, 64, 3, pad, false)?;
+        for g in e.groups {
+            println!("  {mode:<12} {:<16} cause {:.3} ({}) isolate {:.3} ({})", g.attribute, g.causal, g.causal_rows, g.isolate, g.isolate_rows);
+        }
     }
     Ok(())
 }

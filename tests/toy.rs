@@ -63,3 +63,55 @@ fn toy_training_is_deterministic_for_a_seed() {
     build_into(&other, &dir.path().join("c"), false).unwrap();
     assert_ne!(bytes("a"), bytes("c"));
 }
+
+#[test]
+fn toy_blocks_can_be_token_local_and_attention_only() {
+    // Block 0 without attention (entity enrichment only), block 1 without MLP (extraction
+    // only): the held-at-zero weights stay zero through training and are exported, so any
+    // loader (ours, transformers) runs the same model.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("toy");
+    let cfg = ToyConfig { layers: 2, token_local_blocks: 1, attention_only_blocks: 1, steps: 30, eval_every: 30, ..ToyConfig::tiny() };
+    build_into(&cfg, &out, false).unwrap();
+    let saved = candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    for name in hyperdas::toy::train::frozen_zero_names(&cfg) {
+        let t = saved.get(&name).unwrap_or_else(|| panic!("{name} missing"));
+        let max = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(max, 0.0, "{name}");
+    }
+    assert_eq!(hyperdas::toy::train::frozen_zero_names(&cfg).len(), 4 + 3);
+    let trained = saved["model.layers.1.self_attn.o_proj.weight"].abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(trained > 0.0);
+
+    // Token-local: after block 0 a position's residual does not depend on earlier tokens.
+    let lm = load(&out, DType::F32);
+    let a = hyperdas::model::TokenBatch::left_padded(&[vec![0, 10, 11, 12], vec![0, 20, 21, 12]], 2, &candle_core::Device::Cpu).unwrap();
+    let h = lm.model.forward_hidden(&a, Some(&[1])).unwrap().stacked.unwrap(); // [2, 4, 1, D]
+    let last = h.narrow(1, 3, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let d = last.len() / 2;
+    assert_eq!(&last[..d], &last[d..]);
+    let second = h.narrow(1, 1, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_ne!(&second[..d], &second[d..]);
+
+    // Settings that leave no block to move information, or no MLP at all, are refused.
+    for (local, attn_only) in [(2, 0), (1, 2), (0, 2)] {
+        let bad = ToyConfig { layers: 2, token_local_blocks: local, attention_only_blocks: attn_only, ..ToyConfig::tiny() };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("token_local_blocks") || err.contains("attention_only_blocks"), "{err}");
+    }
+}
+
+#[test]
+fn toy_world_can_draw_cities_from_few_countries() {
+    let w = World::build_in(60, 6, 0).unwrap();
+    assert_eq!(w.cities.len(), 60);
+    let mut per: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (_, values) in &w.cities {
+        *per.entry(values[0].as_str()).or_default() += 1;
+    }
+    // The exemplars' six countries, ten cities each.
+    assert_eq!(per.len(), 6, "{per:?}");
+    assert!(per.values().all(|&n| n == 10), "{per:?}");
+    assert!(per.contains_key("France") && per.contains_key("Japan"));
+    assert!(World::build_in(60, 3, 0).unwrap_err().to_string().contains("countries"));
+}

@@ -11,9 +11,10 @@ use candle_core::{DType, Tensor};
 use crate::error::{Error, Result};
 
 /// How `W` is used at evaluation.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum InferenceMode {
     /// `W` as computed ("Soft Intervention", the paper's main table).
+    #[default]
     Soft,
     /// Per base column, one-hot at the arg-max row (self may win): "One-to-Many".
     ColumnArgmax,

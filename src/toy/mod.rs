@@ -111,7 +111,7 @@ fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
 }
 
 fn write_toy(cfg: &ToyConfig, dir: &Path, key: &str, progress: bool) -> Result<ToyReport> {
-    let world = World::build(cfg.cities, cfg.seed)?;
+    let world = World::build_in(cfg.cities, cfg.countries, cfg.seed)?;
     let tokenizer = world.tokenizer()?;
     let tok_path = dir.join("tokenizer.json");
     tokenizer.save(&tok_path, true).map_err(|e| Error::file(&tok_path, format!("cannot write: {e}")))?;
@@ -128,11 +128,11 @@ fn write_toy(cfg: &ToyConfig, dir: &Path, key: &str, progress: bool) -> Result<T
     let llama = LlamaConfig::from_hf_json(&config_json, &dir.join("config.json"))?;
     let mut log = crate::train::MetricsLog::create(&dir.join("metrics.jsonl"))?;
     let t0 = Instant::now();
-    let (params, model) = train::pretrain(cfg, &world, &tok, &llama, &mut log, progress)?;
+    let (params, frozen, model) = train::pretrain(cfg, &world, &tok, &llama, &mut log, progress)?;
     let train_seconds = t0.elapsed().as_secs_f64();
     let accuracy = train::evaluate(&model, &tok, &world)?;
     let templates = train::evaluate_templates(&model, &tok, &world)?;
-    train::save_hf(dir, &config_json, &params)?;
+    train::save_hf(dir, &config_json, &params, &frozen)?;
     let report = ToyReport {
         format: TOY_FORMAT,
         config: cfg.clone(),

@@ -39,17 +39,30 @@ pub struct ToyConfig {
     pub weight_decay: f64,
     /// Steps between accuracy measurements on a sample (for the curve).
     pub eval_every: usize,
+    /// Draw the cities from this many countries, the same number from each (0: from all
+    /// countries at random). See [`crate::toy::world::World::build_in`].
+    #[serde(default)]
+    pub countries: usize,
+    /// The first this-many blocks are token-local: their attention weights are held at zero, so
+    /// each position's residual is changed by its own MLP only (entity enrichment).
+    #[serde(default)]
+    pub token_local_blocks: usize,
+    /// The last this-many blocks are attention-only: their MLP weights are held at zero, so
+    /// no position after the entity can look facts up; they can only be read, by attention,
+    /// from where they were written (attribute extraction).
+    #[serde(default)]
+    pub attention_only_blocks: usize,
 }
 
 impl ToyConfig {
     /// The default toy world (docs/toy.md).
     pub fn standard() -> Self {
-        ToyConfig { seed: 0, cities: 200, hidden_size: 128, layers: 2, heads: 4, intermediate_size: 512, steps: 1000, batch_size: 64, lr: 3e-3, warmup_steps: 100, weight_decay: 0.1, eval_every: 200 }
+        ToyConfig { seed: 0, cities: 200, hidden_size: 128, layers: 2, heads: 4, intermediate_size: 512, steps: 1000, batch_size: 64, lr: 3e-3, warmup_steps: 100, weight_decay: 0.1, eval_every: 200, countries: 0, token_local_blocks: 0, attention_only_blocks: 0 }
     }
 
     /// A smaller variant of the same code path, for tests.
     pub fn tiny() -> Self {
-        ToyConfig { seed: 0, cities: 24, hidden_size: 64, layers: 1, heads: 4, intermediate_size: 256, steps: 300, batch_size: 32, lr: 5e-3, warmup_steps: 20, weight_decay: 0.0, eval_every: 50 }
+        ToyConfig { seed: 0, cities: 24, hidden_size: 64, layers: 1, heads: 4, intermediate_size: 256, steps: 300, batch_size: 32, lr: 5e-3, warmup_steps: 20, weight_decay: 0.0, eval_every: 50, countries: 0, token_local_blocks: 0, attention_only_blocks: 0 }
     }
 
     /// Reject settings that cannot train (each error names the setting).
@@ -59,6 +72,15 @@ impl ToyConfig {
             if v == 0 {
                 return Err(Error::invalid(format!("toy setting `{k}` must be at least 1")));
             }
+        }
+        if self.token_local_blocks >= self.layers {
+            return Err(Error::invalid(format!("toy setting `token_local_blocks` ({}) must be below `layers` ({}): some block must move information between positions", self.token_local_blocks, self.layers)));
+        }
+        if self.token_local_blocks + self.attention_only_blocks > self.layers || self.attention_only_blocks >= self.layers {
+            return Err(Error::invalid(format!(
+                "toy settings `token_local_blocks` ({}) + `attention_only_blocks` ({}) must not exceed `layers` ({}), and some block must keep its MLP",
+                self.token_local_blocks, self.attention_only_blocks, self.layers
+            )));
         }
         if !self.hidden_size.is_multiple_of(self.heads) {
             return Err(Error::invalid(format!("toy setting `hidden_size` ({}) must be a multiple of `heads` ({})", self.hidden_size, self.heads)));
@@ -113,9 +135,50 @@ fn normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
     (0..n).map(|_| (rng.normal() * std) as f32).collect()
 }
 
+/// The HF names of the weights held at zero by `token_local_blocks` and `attention_only_blocks`.
+pub fn frozen_zero_names(cfg: &ToyConfig) -> Vec<String> {
+    let mut names = Vec::new();
+    for i in 0..cfg.token_local_blocks.min(cfg.layers) {
+        for w in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            names.push(format!("model.layers.{i}.self_attn.{w}.weight"));
+        }
+    }
+    for i in cfg.layers.saturating_sub(cfg.attention_only_blocks)..cfg.layers {
+        for w in ["gate_proj", "up_proj", "down_proj"] {
+            names.push(format!("model.layers.{i}.mlp.{w}.weight"));
+        }
+    }
+    names
+}
+
+/// Zero tensors for `names`, shaped as `llama` expects (not trainable: plain tensors, not `Var`s).
+pub fn frozen_zeros(names: &[String], llama: &LlamaConfig, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let (d, f) = (llama.hidden_size, llama.intermediate_size);
+    let (q, kv) = (llama.num_attention_heads * llama.head_dim, llama.num_key_value_heads * llama.head_dim);
+    names
+        .iter()
+        .map(|n| {
+            let shape = match n.rsplit('.').nth(1).unwrap_or_default() {
+                "q_proj" => (q, d),
+                "k_proj" | "v_proj" => (kv, d),
+                "o_proj" => (d, q),
+                "gate_proj" | "up_proj" => (f, d),
+                "down_proj" => (d, f),
+                other => return Err(Error::invalid(format!("no frozen-weight shape for `{other}` ({n})"))),
+            };
+            Ok((n.clone(), Tensor::zeros(shape, DType::F32, device)?))
+        })
+        .collect()
+}
+
 /// Register the model's parameters under their HF names (GPT-2/Llama-style initialisation:
 /// N(0, 0.02), output projections scaled by 1/√(2L), norms at 1).
 pub fn init_params(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<ParamStore> {
+    init_params_except(cfg, seed, device, &[])
+}
+
+/// [`init_params`] without the weights named in `frozen` (held at zero elsewhere).
+pub fn init_params_except(cfg: &LlamaConfig, seed: u64, device: &Device, frozen: &[String]) -> Result<ParamStore> {
     let mut rng = Rng::derive(seed, "toy/init");
     let mut ps = ParamStore::new();
     let (v, d, f, l) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers);
@@ -123,6 +186,9 @@ pub fn init_params(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<Para
     let std = 0.02;
     let out_std = std / (2.0 * l as f64).sqrt();
     let mut mat = |ps: &mut ParamStore, name: String, rows: usize, cols: usize, s: f64| -> Result<()> {
+        if frozen.contains(&name) {
+            return Ok(());
+        }
         ps.add(name, Tensor::from_vec(normal(&mut rng, rows * cols, s), (rows, cols), device)?)?;
         Ok(())
     };
@@ -146,7 +212,12 @@ pub fn init_params(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<Para
 
 /// A model whose weights are the store's variables (shared storage: updates are seen, gradients flow).
 pub fn model_from_params(ps: &ParamStore, cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
-    let tensors = ps.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).collect();
+    model_from_params_and(ps, &[], cfg, device)
+}
+
+/// [`model_from_params`] with `frozen` tensors (not trained) filling in the remaining weights.
+pub fn model_from_params_and(ps: &ParamStore, frozen: &[(String, Tensor)], cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
+    let tensors = ps.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).chain(frozen.iter().cloned()).collect();
     Llama::load(&crate::model::weights::Weights::Tensors(tensors), cfg, DType::F32, device)
 }
 
@@ -208,13 +279,15 @@ pub fn pretrain(
     llama: &LlamaConfig,
     log: &mut MetricsLog,
     progress: bool,
-) -> Result<(ParamStore, Llama)> {
+) -> Result<(ParamStore, Vec<(String, Tensor)>, Llama)> {
     let device = Device::Cpu;
     let train = encode_examples(tok, &world.examples(true))?;
     let held = encode_examples(tok, &world.examples(false))?;
     let pad = tok.padding_id();
-    let params = init_params(llama, cfg.seed, &device)?;
-    let model = model_from_params(&params, llama, &device)?;
+    let frozen_names = frozen_zero_names(cfg);
+    let frozen = frozen_zeros(&frozen_names, llama, &device)?;
+    let params = init_params_except(llama, cfg.seed, &device, &frozen_names)?;
+    let model = model_from_params_and(&params, &frozen, llama, &device)?;
     let mut opt = AdamW::new(&params, AdamWConfig { weight_decay: cfg.weight_decay, beta2: 0.99, ..Default::default() })?;
     let schedule = Schedule { peak: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, decay: Decay::Cosine, min_ratio: 0.05 };
     let mut rng = Rng::derive(cfg.seed, "toy/batches");
@@ -282,7 +355,7 @@ pub fn pretrain(
         pb.inc(1);
     }
     pb.finish_and_clear();
-    Ok((params, model))
+    Ok((params, frozen, model))
 }
 
 /// Accuracy of one template.
@@ -321,8 +394,10 @@ pub fn evaluate_templates(model: &Llama, tok: &TextTokenizer, world: &World) -> 
 }
 
 /// Write the HF directory: config.json, model.safetensors, tokenizer files.
-pub fn save_hf(dir: &Path, config_json: &serde_json::Value, params: &ParamStore) -> Result<()> {
+pub fn save_hf(dir: &Path, config_json: &serde_json::Value, params: &ParamStore, frozen: &[(String, Tensor)]) -> Result<()> {
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, serde_json::to_string_pretty(config_json).map_err(|e| Error::invalid(e.to_string()))?).map_err(|e| Error::file(&cfg_path, format!("cannot write: {e}")))?;
-    crate::train::checkpoint::save_params(params, &dir.join("model.safetensors"))
+    let path = dir.join("model.safetensors");
+    let tensors: std::collections::HashMap<String, Tensor> = params.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).chain(frozen.iter().cloned()).collect();
+    candle_core::safetensors::save(&tensors, &path).map_err(|e| Error::file(&path, format!("cannot write: {e}")))
 }

@@ -100,6 +100,14 @@ impl World {
     /// `n` cities from the RAVEL city knowledge base (the six exemplars always included),
     /// chosen by `seed` among cities with every value known and no mis-encoded characters.
     pub fn build(n: usize, seed: u64) -> Result<World> {
+        Self::build_in(n, 0, seed)
+    }
+
+    /// [`World::build`] with the cities drawn from `countries` countries only (0: from all),
+    /// the same number from each: the exemplars' countries first, then the countries with the
+    /// most clean cities. Many cities per country make "country" a feature shared by
+    /// entities, not a fact about one.
+    pub fn build_in(n: usize, countries: usize, seed: u64) -> Result<World> {
         let kb = KnowledgeBase::builtin("city")?;
         let attr_idx: Vec<usize> = ATTRIBUTES.iter().map(|(a, _, _)| kb.attribute(a)).collect::<Result<_>>()?;
         let clean = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic() || c == ' ');
@@ -119,7 +127,36 @@ impl World {
         pool.retain(|i| !exemplars.contains(i));
         Rng::derive(seed, "toy/cities").shuffle(&mut pool);
         let mut chosen = exemplars.clone();
-        chosen.extend(pool.into_iter().take(n - exemplars.len()));
+        if countries == 0 {
+            chosen.extend(pool.into_iter().take(n - exemplars.len()));
+        } else {
+            let country_of = |i: usize| kb.entities[i].values[attr_idx[0]].clone();
+            let mut order: Vec<String> = Vec::new();
+            for &x in &exemplars {
+                if !order.contains(&country_of(x)) {
+                    order.push(country_of(x));
+                }
+            }
+            let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+            for &i in &pool {
+                *counts.entry(country_of(i)).or_default() += 1;
+            }
+            let mut by_size: Vec<(String, usize)> = counts.into_iter().collect();
+            by_size.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            let rest: Vec<String> = by_size.into_iter().map(|(c, _)| c).filter(|c| !order.contains(c)).collect();
+            order.extend(rest);
+            if countries < order.len().min(exemplars.len()) || countries > order.len() {
+                return Err(Error::invalid(format!("toy setting `countries` must be 0 or between {} and {}, got {countries}", exemplars.len(), order.len())));
+            }
+            order.truncate(countries);
+            let per_country = n.div_ceil(countries);
+            for c in &order {
+                let have = chosen.iter().filter(|&&i| country_of(i) == *c).count();
+                let more: Vec<usize> = pool.iter().copied().filter(|&i| country_of(i) == *c).take(per_country.saturating_sub(have)).collect();
+                chosen.extend(more);
+            }
+            chosen.truncate(n.max(exemplars.len()));
+        }
         chosen.sort_unstable();
         let cities: Vec<(String, Vec<String>)> =
             chosen.iter().map(|&i| (kb.entities[i].name.clone(), attr_idx.iter().map(|&a| kb.entities[i].values[a].clone()).collect())).collect();

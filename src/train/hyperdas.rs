@@ -57,6 +57,10 @@ pub struct TrainSettings {
     /// later with `--resume`; the result equals an uninterrupted run.
     pub stop_after_steps: usize,
     pub seed: u64,
+    /// Positions used in training: `Soft` (HyperDAS) or `GroundTruth` (the last entity token
+    /// of base and source, as MDAS: a diagnostic of the subspace alone).
+    #[serde(skip)]
+    pub train_mode: InferenceMode,
 }
 
 impl TrainSettings {
@@ -89,6 +93,7 @@ impl Default for TrainSettings {
             checkpoint_every: 0,
             stop_after_steps: 0,
             seed: 0,
+            train_mode: InferenceMode::Soft,
         }
     }
 }
@@ -326,7 +331,7 @@ pub fn train(
             }
             let rows: Vec<&EncodedRow> = chunk.iter().map(|&i| &train[i]).collect();
             let batch = collate(&rows, pad);
-            let out = interp.forward(target, &batch, InferenceMode::Soft, s.label_limit)?;
+            let out = interp.forward(target, &batch, s.train_mode, s.label_limit)?;
             let pred = prediction_loss(&out, &batch.is_causal, s.causal_weight, s.isolate_weight)?;
             let (lambda, reg) = match s.regularizer.as_str() {
                 "sparsity" => (sparsity_weight(step, total, s.sparsity_start, s.sparsity_end, s.sparsity_warmup_ratio), Some(sparsity_loss as fn(&candle_core::Tensor) -> Result<candle_core::Tensor>)),
@@ -345,7 +350,10 @@ pub fn train(
             }
             let grads = loss.backward()?;
             if step == 0 {
-                ps.check_gradients(&grads)?;
+                if s.train_mode == InferenceMode::Soft {
+                    // Fixed positions leave the pointer head out of the loss.
+                    ps.check_gradients(&grads)?;
+                }
             }
             let lr = schedule.lr(step);
             let info = opt.step(&grads, lr)?;
