@@ -271,7 +271,11 @@ pub fn accuracy(model: &Llama, items: &[Encoded], n_attributes: usize, pad: u32,
 /// Batches per length bucket.
 const BUCKET: usize = 16;
 
-/// Train on `world` and return the parameters; `log` receives the curve.
+/// The weights held at zero (not trained), by HF name.
+pub type Frozen = Vec<(String, Tensor)>;
+
+/// Train on `world` and return the parameters, the held-at-zero weights and the model; `log`
+/// receives the curve.
 pub fn pretrain(
     cfg: &ToyConfig,
     world: &World,
@@ -279,7 +283,7 @@ pub fn pretrain(
     llama: &LlamaConfig,
     log: &mut MetricsLog,
     progress: bool,
-) -> Result<(ParamStore, Vec<(String, Tensor)>, Llama)> {
+) -> Result<(ParamStore, Frozen, Llama)> {
     let device = Device::Cpu;
     let train = encode_examples(tok, &world.examples(true))?;
     let held = encode_examples(tok, &world.examples(false))?;

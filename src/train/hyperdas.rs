@@ -349,11 +349,9 @@ pub fn train(
                 )));
             }
             let grads = loss.backward()?;
-            if step == 0 {
-                if s.train_mode == InferenceMode::Soft {
-                    // Fixed positions leave the pointer head out of the loss.
-                    ps.check_gradients(&grads)?;
-                }
+            // Fixed positions (ground-truth training) leave the pointer head out of the loss.
+            if step == 0 && s.train_mode == InferenceMode::Soft {
+                ps.check_gradients(&grads)?;
             }
             let lr = schedule.lr(step);
             let info = opt.step(&grads, lr)?;
