@@ -2,6 +2,13 @@
 //! inference mode. A development driver until `hyperdas train` exists.
 //!
 //!     cargo run --release --example toy_hyperdas -- [epochs] [lr] [rank] [layer]
+//!
+//! Environment: toy settings `TOY_LAYERS`, `TOY_D` (width; MLP 4×), `TOY_HEADS`,
+//! `TOY_COUNTRIES`, `TOY_LOCAL` (token_local_blocks), `TOY_ATTN_ONLY` (attention_only_blocks);
+//! `SUBSPACE` (reflect_select, das, mask_select, boundless, none), `SCRATCH=1` (hypernetwork from
+//! scratch), `TRAIN_MODE=groundtruth` (train on the last entity tokens), loss weights `CW`, `IW`.
+//! With 0 epochs it prints the untrained soft and ground-truth scores (with `SUBSPACE=none`:
+//! the full-residual swap). Isolate is also printed per attribute the base prompt asks.
 
 use std::path::Path;
 
