@@ -65,11 +65,13 @@ fn main() -> Result<()> {
         let (rows, stats) = filter_rows(&lm.model, &lm.tokenizer, g.rows, &FilterOptions::default())?;
         eprintln!("{split:?}: {} rows kept ({} checks)", rows.len(), stats.unique_checks);
         let enc = encode_rows(&lm.tokenizer, &rows, &CollateOptions::default(), "toy")?;
-        // The same rows keyed by the attribute the base prompt asks (for the breakdown below).
-        asked = enc.rows.iter().cloned().map(|mut r| {
+        // The test rows keyed by the attribute the base prompt asks (for the breakdown below).
+        if matches!(split, DataSplit::Test) {
+            asked = enc.rows.iter().cloned().map(|mut r| {
             r.target_attribute = format!("asks {}", rows[r.row].attribute);
             r
         }).collect::<Vec<_>>();
+        }
         sets.push(enc.rows);
     }
     let cfg = InterpreterConfig {

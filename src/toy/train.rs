@@ -151,42 +151,25 @@ pub fn frozen_zero_names(cfg: &ToyConfig) -> Vec<String> {
     names
 }
 
-/// Zero tensors for `names`, shaped as `llama` expects (not trainable: plain tensors, not `Var`s).
-pub fn frozen_zeros(names: &[String], llama: &LlamaConfig, device: &Device) -> Result<Vec<(String, Tensor)>> {
-    let (d, f) = (llama.hidden_size, llama.intermediate_size);
-    let (q, kv) = (llama.num_attention_heads * llama.head_dim, llama.num_key_value_heads * llama.head_dim);
-    names
-        .iter()
-        .map(|n| {
-            let shape = match n.rsplit('.').nth(1).unwrap_or_default() {
-                "q_proj" => (q, d),
-                "k_proj" | "v_proj" => (kv, d),
-                "o_proj" => (d, q),
-                "gate_proj" | "up_proj" => (f, d),
-                "down_proj" => (d, f),
-                other => return Err(Error::invalid(format!("no frozen-weight shape for `{other}` ({n})"))),
-            };
-            Ok((n.clone(), Tensor::zeros(shape, DType::F32, device)?))
-        })
-        .collect()
-}
-
 /// Register the model's parameters under their HF names (GPT-2/Llama-style initialisation:
 /// N(0, 0.02), output projections scaled by 1/√(2L), norms at 1).
 pub fn init_params(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<ParamStore> {
-    init_params_except(cfg, seed, device, &[])
+    Ok(init_params_except(cfg, seed, device, &[])?.0)
 }
 
-/// [`init_params`] without the weights named in `frozen` (held at zero elsewhere).
-pub fn init_params_except(cfg: &LlamaConfig, seed: u64, device: &Device, frozen: &[String]) -> Result<ParamStore> {
+/// [`init_params`] with the weights named in `frozen` held at zero: they are returned as plain
+/// tensors (not `Var`s, so never trained) instead of being registered.
+pub fn init_params_except(cfg: &LlamaConfig, seed: u64, device: &Device, frozen: &[String]) -> Result<(ParamStore, Frozen)> {
     let mut rng = Rng::derive(seed, "toy/init");
     let mut ps = ParamStore::new();
+    let mut zeros = Frozen::new();
     let (v, d, f, l) = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers);
     let (q, kv) = (cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim);
     let std = 0.02;
     let out_std = std / (2.0 * l as f64).sqrt();
     let mut mat = |ps: &mut ParamStore, name: String, rows: usize, cols: usize, s: f64| -> Result<()> {
         if frozen.contains(&name) {
+            zeros.push((name, Tensor::zeros((rows, cols), DType::F32, device)?));
             return Ok(());
         }
         ps.add(name, Tensor::from_vec(normal(&mut rng, rows * cols, s), (rows, cols), device)?)?;
@@ -207,7 +190,7 @@ pub fn init_params_except(cfg: &LlamaConfig, seed: u64, device: &Device, frozen:
     }
     ps.add("model.norm.weight", Tensor::ones(d, DType::F32, device)?)?;
     mat(&mut ps, "lm_head.weight".into(), v, d, std)?;
-    Ok(ps)
+    Ok((ps, zeros))
 }
 
 /// A model whose weights are the store's variables (shared storage: updates are seen, gradients flow).
@@ -217,8 +200,12 @@ pub fn model_from_params(ps: &ParamStore, cfg: &LlamaConfig, device: &Device) ->
 
 /// [`model_from_params`] with `frozen` tensors (not trained) filling in the remaining weights.
 pub fn model_from_params_and(ps: &ParamStore, frozen: &[(String, Tensor)], cfg: &LlamaConfig, device: &Device) -> Result<Llama> {
-    let tensors = ps.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).chain(frozen.iter().cloned()).collect();
-    Llama::load(&crate::model::weights::Weights::Tensors(tensors), cfg, DType::F32, device)
+    Llama::load(&crate::model::weights::Weights::Tensors(all_weights(ps, frozen)), cfg, DType::F32, device)
+}
+
+/// Every weight of the model by HF name: the trained variables and the held-at-zero tensors.
+fn all_weights(ps: &ParamStore, frozen: &[(String, Tensor)]) -> std::collections::HashMap<String, Tensor> {
+    ps.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).chain(frozen.iter().cloned()).collect()
 }
 
 /// A tokenised example: ids (with the start token), first value token index.
@@ -288,9 +275,7 @@ pub fn pretrain(
     let train = encode_examples(tok, &world.examples(true))?;
     let held = encode_examples(tok, &world.examples(false))?;
     let pad = tok.padding_id();
-    let frozen_names = frozen_zero_names(cfg);
-    let frozen = frozen_zeros(&frozen_names, llama, &device)?;
-    let params = init_params_except(llama, cfg.seed, &device, &frozen_names)?;
+    let (params, frozen) = init_params_except(llama, cfg.seed, &device, &frozen_zero_names(cfg))?;
     let model = model_from_params_and(&params, &frozen, llama, &device)?;
     let mut opt = AdamW::new(&params, AdamWConfig { weight_decay: cfg.weight_decay, beta2: 0.99, ..Default::default() })?;
     let schedule = Schedule { peak: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps: cfg.steps, decay: Decay::Cosine, min_ratio: 0.05 };
@@ -402,6 +387,5 @@ pub fn save_hf(dir: &Path, config_json: &serde_json::Value, params: &ParamStore,
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, serde_json::to_string_pretty(config_json).map_err(|e| Error::invalid(e.to_string()))?).map_err(|e| Error::file(&cfg_path, format!("cannot write: {e}")))?;
     let path = dir.join("model.safetensors");
-    let tensors: std::collections::HashMap<String, Tensor> = params.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).chain(frozen.iter().cloned()).collect();
-    candle_core::safetensors::save(&tensors, &path).map_err(|e| Error::file(&path, format!("cannot write: {e}")))
+    candle_core::safetensors::save(&all_weights(params, frozen), &path).map_err(|e| Error::file(&path, format!("cannot write: {e}")))
 }
