@@ -9,6 +9,8 @@
 //! scratch), `TRAIN_MODE=groundtruth` (train on the last entity tokens), loss weights `CW`, `IW`.
 //! With 0 epochs it prints the untrained soft and ground-truth scores (with `SUBSPACE=none`:
 //! the full-residual swap). Isolate is also printed per attribute the base prompt asks.
+//! `PLANT=Country` plants the attribute in a known subspace at the intervention layer
+//! (`PLANT_DIMS`, default 8; `PLANT_W`, default 1).
 
 use std::path::Path;
 
@@ -54,7 +56,16 @@ fn main() -> Result<()> {
     if let Ok(h) = std::env::var("TOY_HEADS") {
         toy_cfg.heads = h.parse()?;
     }
+    if let Ok(a) = std::env::var("PLANT") {
+        toy_cfg.plant_attribute = a;
+        toy_cfg.plant_layer = layer;
+        toy_cfg.plant_dims = std::env::var("PLANT_DIMS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+        toy_cfg.plant_weight = std::env::var("PLANT_W").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
+    }
     let toy = ensure(&toy_cfg, false, true)?;
+    if let Some(p) = &toy.report.planted {
+        eprintln!("planted {} in {} dims at layer {}: swap cause {:.3} isolate {:.3}", p.attribute, p.dims, p.layer, p.cause, p.isolate);
+    }
     let lm = load(toy.dir.to_str().unwrap_or_default(), &LoadOptions::default())?;
     let kb = KnowledgeBase::from_dir(&toy.dir.join("ravel"), "city")?;
     let country = kb.attribute("Country")?;
@@ -84,6 +95,7 @@ fn main() -> Result<()> {
     eprintln!("{} parameters in {} tensors", ps.num_elements(), ps.len());
     let env_f32 = |k: &str, d: f32| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let settings = TrainSettings { epochs, batch_size: 32, lr, warmup_steps: 20, eval_every: 50, causal_weight: env_f32("CW", 3.5), isolate_weight: env_f32("IW", 0.5), train_mode: InferenceMode::parse(&std::env::var("TRAIN_MODE").unwrap_or_else(|_| "soft".into()))?, ..Default::default() };
+    let settings = TrainSettings { sparsity_warmup_ratio: env_f32("SP_WARM", settings.sparsity_warmup_ratio as f32) as f64, sparsity_start: env_f32("SP_START", settings.sparsity_start as f32) as f64, sparsity_end: env_f32("SP_END", settings.sparsity_end as f32) as f64, ..settings };
     let pad = lm.tokenizer.padding_id();
     let before = evaluate(&lm.model, &interp, &sets[1], InferenceMode::Soft, 64, 3, pad)?;
     eprintln!("step 0 (soft): {before:?}");
@@ -102,6 +114,26 @@ fn main() -> Result<()> {
     for mode in ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"] {
         let s = evaluate(&lm.model, &interp, &sets[1], InferenceMode::parse(mode)?, 64, 3, pad)?;
         println!("{mode:<15} cause {:.3} isolate {:.3} disentangle {:.3} loss {:.3}", s.causal, s.isolate, s.disentangle, s.loss);
+    }
+    if std::env::var("DUMP").is_ok() {
+        // Where the soft and the one-to-one selections put the source's tokens, for causal rows
+        // the one-to-one mode gets wrong.
+        let tok = |ids: &[u32], i: usize| lm.tokenizer.decode(&ids[i..=i]).unwrap_or_default();
+        let soft = hyperdas::train::hyperdas::evaluate_detailed(&lm.model, &interp, &sets[1], InferenceMode::Soft, 64, 3, pad, true)?;
+        let bid = hyperdas::train::hyperdas::evaluate_detailed(&lm.model, &interp, &sets[1], InferenceMode::parse("bidding_argmax")?, 64, 3, pad, true)?;
+        let mut shown = 0;
+        for (i, (s, b)) in soft.selections.iter().zip(&bid.selections).enumerate() {
+            if !b.causal || b.correct || shown >= 8 {
+                continue;
+            }
+            shown += 1;
+            let r = &sets[1][i];
+            println!("row {i}: base {:?} entity {} | source {:?} entity {}", lm.tokenizer.decode(&r.base_ids)?, r.base_entity_pos, lm.tokenizer.decode(&r.source_ids)?, r.source_entity_pos);
+            for (name, sel) in [("soft", s), ("bidding", b)] {
+                let cells: Vec<String> = sel.selected.iter().map(|&(j, si, w)| format!("{}<-{}:{w:.2}", tok(&r.base_ids, j), tok(&r.source_ids, si))).collect();
+                println!("   {name:<8} correct {} {}", sel.correct, cells.join("  "));
+            }
+        }
     }
     for mode in ["soft", "groundtruth"] {
         let e = hyperdas::train::hyperdas::evaluate_detailed(&lm.model, &interp, &asked, InferenceMode::parse(mode)?, 64, 3, pad, false)?;

@@ -115,3 +115,71 @@ fn toy_world_can_draw_cities_from_few_countries() {
     assert!(per.contains_key("France") && per.contains_key("Japan"));
     assert!(World::build_in(60, 3, 0).unwrap_err().to_string().contains("countries"));
 }
+
+#[test]
+fn planted_subspace_swap_equals_a_hooked_full_run_and_is_learned() {
+    use hyperdas::toy::plant::{Plant, draw_pairs, interchange_accuracy, interchange_logits};
+    // A tiny toy with Country planted in 4 dims at the residual entering block 1.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("toy");
+    let cfg = ToyConfig { layers: 2, countries: 6, plant_attribute: "Country".into(), plant_layer: 1, plant_dims: 4, plant_weight: 1.0, ..ToyConfig::tiny() };
+    let report = build_into(&cfg, &out, false).unwrap();
+    let planted = report.planted.clone().expect("a planted report");
+    assert_eq!((planted.attribute.as_str(), planted.layer, planted.dims, planted.pairs), ("Country", 1, 4, 1000));
+    // Measured here: cause 0.93, isolate 0.80 on held-out templates after 300 steps.
+    assert!(planted.cause > 0.6 && planted.isolate > 0.6, "{planted:?}");
+    let basis = candle_core::safetensors::load(out.join("planted_basis.safetensors"), &candle_core::Device::Cpu).unwrap()["basis"].clone();
+    assert_eq!(basis.dims(), [64, 4]);
+    assert!(hyperdas::intervention::orthonormal::orthonormality_error(&basis).unwrap() < 1e-5);
+    let curve = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(curve.lines().all(|l| l.contains("interchange_loss")));
+
+    // The swap, computed by the plant code, equals the same swap done by a hook in a full run.
+    let lm = load(&out, DType::F32);
+    let world: World = serde_json::from_str(&std::fs::read_to_string(out.join("world.json")).unwrap()).unwrap();
+    let plant = Plant::new(&cfg, &world, &candle_core::Device::Cpu).unwrap().unwrap();
+    assert!((plant.basis.clone() - &basis).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0);
+    let examples = encode_examples(&lm.tokenizer, &world.examples(true)).unwrap();
+    let pairs = draw_pairs(&mut hyperdas::rng::Rng::new(3), &examples, world.cities.len(), plant.attribute, 6);
+    assert!(pairs.iter().all(|&(b, s)| b != s && b % world.cities.len() != s % world.cities.len()));
+    let (logits, lb) = interchange_logits(&lm.model, &plant, &examples, &pairs, None, lm.tokenizer.padding_id()).unwrap(); // [B, K, V]
+    let pad = lm.tokenizer.padding_id();
+    for (r, &(bi, si)) in pairs.iter().enumerate() {
+        let (base, src) = (&examples[bi], &examples[si]);
+        // Clean source residual at block 1, at the source city's last token.
+        let sb = hyperdas::model::TokenBatch::left_padded(&[src.ids[..src.label_start].to_vec()], pad, &candle_core::Device::Cpu).unwrap();
+        let s = lm.model.forward_hidden(&sb, Some(&[1])).unwrap().stacked.unwrap().squeeze(2).unwrap().squeeze(0).unwrap().get(src.entity_pos).unwrap(); // [D]
+        let ids: Vec<u32> = if base.attribute == plant.attribute { base.ids[..base.label_start].iter().chain(&src.ids[src.label_start..]).copied().collect() } else { base.ids.clone() };
+        let bb = hyperdas::model::TokenBatch::left_padded(&[ids.clone()], pad, &candle_core::Device::Cpu).unwrap();
+        let fin = lm
+            .model
+            .forward_with_hook(&bb, |l, x| {
+                if l != 1 {
+                    return Ok(None);
+                }
+                let h = x.squeeze(0)?.get(base.entity_pos)?; // [D]
+                let delta = (&s - &h)?.unsqueeze(0)?.matmul(&basis)?.matmul(&basis.t()?)?.squeeze(0)?; // [D]
+                let rows: Vec<candle_core::Tensor> = (0..ids.len()).map(|t| if t == base.entity_pos { (x.squeeze(0).unwrap().get(t).unwrap() + &delta).unwrap() } else { x.squeeze(0).unwrap().get(t).unwrap() }).collect();
+                Ok(Some(candle_core::Tensor::stack(&rows, 0)?.unsqueeze(0)?))
+            })
+            .unwrap(); // [1, T, D]
+        let first = lm.model.logits_at(&fin, &candle_core::Tensor::new(&[[(base.label_start - 1) as u32]], &candle_core::Device::Cpu).unwrap()).unwrap().flatten_all().unwrap(); // [V]
+        let ours = logits.get(r).unwrap().get(0).unwrap(); // [V]
+        let diff = (first - ours).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "pair {r}: {diff}");
+        assert_eq!(lb.targets[r * lb.k], ids[base.label_start]);
+    }
+    let (cause, isolate) = interchange_accuracy(&lm.model, &plant, &examples, &pairs, pad).unwrap();
+    assert!((0.0..=1.0).contains(&cause) && (0.0..=1.0).contains(&isolate));
+
+    // Bad plant settings are refused, naming the setting.
+    for (bad, key) in [
+        (ToyConfig { plant_attribute: "Altitude".into(), ..cfg.clone() }, "plant_attribute"),
+        (ToyConfig { plant_layer: 2, ..cfg.clone() }, "plant_layer"),
+        (ToyConfig { plant_dims: 0, ..cfg.clone() }, "plant_dims"),
+        (ToyConfig { plant_weight: 0.0, ..cfg.clone() }, "plant_weight"),
+    ] {
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains(key), "{err}");
+    }
+}

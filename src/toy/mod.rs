@@ -13,6 +13,7 @@
 //! It is cached under `<cache>/toy/<key>`, the key a hash of the settings, so later commands
 //! reuse it.
 
+pub mod plant;
 pub mod train;
 pub mod world;
 
@@ -49,6 +50,23 @@ pub struct ToyReport {
     pub templates: Vec<train::TemplateAccuracy>,
     pub train_seconds: f64,
     pub threads: usize,
+    /// The planted subspace's interchange accuracy (when the config plants one).
+    #[serde(default)]
+    pub planted: Option<PlantedReport>,
+}
+
+/// How well the planted subspace carries its attribute, on held-out templates: the basis is
+/// in `planted_basis.safetensors` (tensor `basis`, `[D, k]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlantedReport {
+    pub attribute: String,
+    pub layer: usize,
+    pub dims: usize,
+    /// Share of swaps asking the planted attribute that answer the source's value.
+    pub cause: f64,
+    /// Share of swaps asking another attribute that keep the base's value.
+    pub isolate: f64,
+    pub pairs: usize,
 }
 
 impl ToyReport {
@@ -133,6 +151,17 @@ fn write_toy(cfg: &ToyConfig, dir: &Path, key: &str, progress: bool) -> Result<T
     let accuracy = train::evaluate(&model, &tok, &world)?;
     let templates = train::evaluate_templates(&model, &tok, &world)?;
     train::save_hf(dir, &config_json, &params, &frozen)?;
+    let planted = match plant::Plant::new(cfg, &world, model.device())? {
+        Some(p) => {
+            let held = train::encode_examples(&tok, &world.examples(false))?;
+            let pairs = plant::draw_pairs(&mut crate::rng::Rng::derive(cfg.seed, "toy/plant-report"), &held, world.cities.len(), p.attribute, 1000);
+            let (cause, isolate) = plant::interchange_accuracy(&model, &p, &held, &pairs, tok.padding_id())?;
+            let path = dir.join("planted_basis.safetensors");
+            candle_core::safetensors::save(&std::collections::HashMap::from([("basis".to_string(), p.basis.clone())]), &path).map_err(|e| Error::file(&path, format!("cannot write: {e}")))?;
+            Some(PlantedReport { attribute: cfg.plant_attribute.clone(), layer: p.layer, dims: cfg.plant_dims, cause, isolate, pairs: pairs.len() })
+        }
+        None => None,
+    };
     let report = ToyReport {
         format: TOY_FORMAT,
         config: cfg.clone(),
@@ -146,6 +175,7 @@ fn write_toy(cfg: &ToyConfig, dir: &Path, key: &str, progress: bool) -> Result<T
         templates,
         train_seconds,
         threads: candle_core::utils::get_num_threads(),
+        planted,
     };
     write_json(&dir.join("toy.json"), &report)?;
     Ok(report)

@@ -52,17 +52,30 @@ pub struct ToyConfig {
     /// from where they were written (attribute extraction).
     #[serde(default)]
     pub attention_only_blocks: usize,
+    /// Plant this attribute in a known subspace by interchange intervention training
+    /// ([`crate::toy::plant`]); empty: no plant.
+    #[serde(default)]
+    pub plant_attribute: String,
+    /// The planted subspace lives in the residual entering this block, at the city's last token.
+    #[serde(default)]
+    pub plant_layer: usize,
+    /// Dimension of the planted subspace.
+    #[serde(default)]
+    pub plant_dims: usize,
+    /// Weight of the interchange loss beside the language-model loss.
+    #[serde(default)]
+    pub plant_weight: f64,
 }
 
 impl ToyConfig {
     /// The default toy world (docs/toy.md).
     pub fn standard() -> Self {
-        ToyConfig { seed: 0, cities: 200, hidden_size: 128, layers: 2, heads: 4, intermediate_size: 512, steps: 1000, batch_size: 64, lr: 3e-3, warmup_steps: 100, weight_decay: 0.1, eval_every: 200, countries: 0, token_local_blocks: 0, attention_only_blocks: 0 }
+        ToyConfig { seed: 0, cities: 200, hidden_size: 128, layers: 2, heads: 4, intermediate_size: 512, steps: 1000, batch_size: 64, lr: 3e-3, warmup_steps: 100, weight_decay: 0.1, eval_every: 200, countries: 0, token_local_blocks: 0, attention_only_blocks: 0, plant_attribute: String::new(), plant_layer: 0, plant_dims: 0, plant_weight: 0.0 }
     }
 
     /// A smaller variant of the same code path, for tests.
     pub fn tiny() -> Self {
-        ToyConfig { seed: 0, cities: 24, hidden_size: 64, layers: 1, heads: 4, intermediate_size: 256, steps: 300, batch_size: 32, lr: 5e-3, warmup_steps: 20, weight_decay: 0.0, eval_every: 50, countries: 0, token_local_blocks: 0, attention_only_blocks: 0 }
+        ToyConfig { seed: 0, cities: 24, hidden_size: 64, layers: 1, heads: 4, intermediate_size: 256, steps: 300, batch_size: 32, lr: 5e-3, warmup_steps: 20, weight_decay: 0.0, eval_every: 50, countries: 0, token_local_blocks: 0, attention_only_blocks: 0, plant_attribute: String::new(), plant_layer: 0, plant_dims: 0, plant_weight: 0.0 }
     }
 
     /// Reject settings that cannot train (each error names the setting).
@@ -84,6 +97,20 @@ impl ToyConfig {
         }
         if !self.hidden_size.is_multiple_of(self.heads) {
             return Err(Error::invalid(format!("toy setting `hidden_size` ({}) must be a multiple of `heads` ({})", self.hidden_size, self.heads)));
+        }
+        if !self.plant_attribute.is_empty() {
+            if !super::world::attribute_names().any(|a| a == self.plant_attribute) {
+                return Err(Error::invalid(format!("toy setting `plant_attribute`: {:?} is not one of {:?}", self.plant_attribute, super::world::attribute_names().collect::<Vec<_>>())));
+            }
+            if self.plant_layer >= self.layers {
+                return Err(Error::invalid(format!("toy setting `plant_layer` ({}) must be below `layers` ({}): some block must read the planted subspace", self.plant_layer, self.layers)));
+            }
+            if self.plant_dims == 0 || self.plant_dims > self.hidden_size {
+                return Err(Error::invalid(format!("toy setting `plant_dims` ({}) must be between 1 and `hidden_size` ({})", self.plant_dims, self.hidden_size)));
+            }
+            if !(self.plant_weight > 0.0 && self.plant_weight.is_finite()) {
+                return Err(Error::invalid(format!("toy setting `plant_weight` ({}) must be positive", self.plant_weight)));
+            }
         }
         if !(self.lr > 0.0 && self.lr.is_finite() && self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
             return Err(Error::invalid(format!("toy settings `lr` ({}) must be positive and `weight_decay` ({}) non-negative", self.lr, self.weight_decay)));
@@ -208,11 +235,14 @@ fn all_weights(ps: &ParamStore, frozen: &[(String, Tensor)]) -> std::collections
     ps.iter().map(|(n, v)| (n.to_string(), v.as_tensor().clone())).chain(frozen.iter().cloned()).collect()
 }
 
-/// A tokenised example: ids (with the start token), first value token index.
+/// A tokenised example: ids (with the start token), first value token index, last city token.
+#[derive(Debug, Clone)]
 pub struct Encoded {
     pub ids: Vec<u32>,
     pub label_start: usize,
     pub attribute: usize,
+    /// Index in `ids` of the city's last token.
+    pub entity_pos: usize,
 }
 
 pub fn encode_examples(tok: &TextTokenizer, examples: &[Example]) -> Result<Vec<Encoded>> {
@@ -220,7 +250,9 @@ pub fn encode_examples(tok: &TextTokenizer, examples: &[Example]) -> Result<Vec<
         .iter()
         .map(|e| {
             let p = encode_prompt_with_label(tok, &e.prompt, &e.value)?;
-            Ok(Encoded { ids: p.ids, label_start: p.label_start, attribute: e.attribute })
+            let (s0, e0) = e.entity;
+            let entity_pos = p.spans.iter().rposition(|&(s, end)| s < e0 && end > s0).ok_or_else(|| Error::invalid(format!("no token covers the city in {:?}", e.prompt)))?;
+            Ok(Encoded { ids: p.ids, label_start: p.label_start, attribute: e.attribute, entity_pos })
         })
         .collect()
 }
@@ -290,8 +322,16 @@ pub fn pretrain(
         idx.truncate(300);
         idx
     };
-    let train_sample: Vec<Encoded> = sample(&train, "toy/sample-train").into_iter().map(|i| Encoded { ids: train[i].ids.clone(), label_start: train[i].label_start, attribute: train[i].attribute }).collect();
-    let held_sample: Vec<Encoded> = sample(&held, "toy/sample-held").into_iter().map(|i| Encoded { ids: held[i].ids.clone(), label_start: held[i].label_start, attribute: held[i].attribute }).collect();
+    let train_sample: Vec<Encoded> = sample(&train, "toy/sample-train").into_iter().map(|i| train[i].clone()).collect();
+    let held_sample: Vec<Encoded> = sample(&held, "toy/sample-held").into_iter().map(|i| held[i].clone()).collect();
+    // The planted subspace (if any): its own pair stream, so the language-model batches are the
+    // same with and without it; a fixed held-out sample of pairs for the curve.
+    let plant = super::plant::Plant::new(cfg, world, &device)?;
+    let mut pair_rng = Rng::derive(cfg.seed, "toy/plant-pairs");
+    let held_pairs = match &plant {
+        Some(p) => super::plant::draw_pairs(&mut Rng::derive(cfg.seed, "toy/plant-held"), &held, world.cities.len(), p.attribute, 300),
+        None => Vec::new(),
+    };
     let pb = crate::progress::bar(cfg.steps as u64, "training the toy model [{bar:30}] {pos}/{len} steps {elapsed} (eta {eta}) {msg}", progress);
     let t0 = Instant::now();
     let mut ema = None;
@@ -317,7 +357,18 @@ pub fn pretrain(
         let lb = batch_of(&items, true, pad, &device)?;
         let h = model.forward_hidden(&lb.tokens, Some(&[]))?;
         let logits = model.logits_at(&h.final_normed, &lb.positions)?; // [B, K, V]
-        let loss = cross_entropy(&logits, &lb.targets, &lb.valid)?;
+        let lm_loss = cross_entropy(&logits, &lb.targets, &lb.valid)?;
+        let mut interchange = None;
+        let loss = match &plant {
+            Some(p) => {
+                let pairs = super::plant::draw_pairs(&mut pair_rng, &train, world.cities.len(), p.attribute, cfg.batch_size);
+                let (logits, lb) = super::plant::interchange_logits(&model, p, &train, &pairs, None, pad)?; // [B, K, V]
+                let il = cross_entropy(&logits, &lb.targets, &lb.valid)?;
+                interchange = Some(il.to_scalar::<f32>()? as f64);
+                (lm_loss + (il * p.weight)?)?
+            }
+            None => lm_loss,
+        };
         let grads = loss.backward()?;
         if step == 0 {
             params.check_gradients(&grads)?;
@@ -330,13 +381,23 @@ pub fn pretrain(
         }
         ema = Some(ema.map_or(l, |e: f64| 0.9 * e + 0.1 * l));
         let mut record = serde_json::json!({"step": step + 1, "loss": l, "lr": lr, "grad_norm": info.grad_norm, "seconds": t0.elapsed().as_secs_f64()});
+        if let Some(il) = interchange {
+            record["interchange_loss"] = serde_json::json!(il);
+        }
         if (step + 1) % cfg.eval_every == 0 || step + 1 == cfg.steps {
             let tr = accuracy(&model, &train_sample, world.attributes.len(), pad, 128)?;
             let ho = accuracy(&model, &held_sample, world.attributes.len(), pad, 128)?;
             let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
             record["train_accuracy"] = serde_json::json!(mean(&tr));
             record["held_out_accuracy"] = serde_json::json!(mean(&ho));
-            pb.set_message(format!("loss {:.3} acc {:.2}/{:.2}", ema.unwrap_or(l), mean(&tr), mean(&ho)));
+            let mut msg = format!("loss {:.3} acc {:.2}/{:.2}", ema.unwrap_or(l), mean(&tr), mean(&ho));
+            if let Some(p) = &plant {
+                let (cause, isolate) = super::plant::interchange_accuracy(&model, p, &held, &held_pairs, pad)?;
+                record["interchange_cause"] = serde_json::json!(cause);
+                record["interchange_isolate"] = serde_json::json!(isolate);
+                msg += &format!(" swap {cause:.2}/{isolate:.2}");
+            }
+            pb.set_message(msg);
         } else if step % 10 == 0 {
             pb.set_message(format!("loss {:.3}", ema.unwrap_or(l)));
         }

@@ -28,6 +28,11 @@ pub const UNK: &str = "[UNK]";
 /// Characters split off as their own tokens.
 const PUNCTUATION: &str = r#"[{}\[\]":,.?!()]"#;
 
+/// The attributes of the toy world, in order.
+pub fn attribute_names() -> impl Iterator<Item = &'static str> {
+    ATTRIBUTES.iter().map(|(a, _, _)| *a)
+}
+
 /// (attribute, keyword used in the templates, exemplar city for few-shot templates).
 const ATTRIBUTES: [(&str, &str, &str); 6] = [
     ("Country", "country", "Paris"),
@@ -93,6 +98,8 @@ pub struct Example {
     pub attribute: usize,
     pub template: usize,
     pub prompt: String,
+    /// Byte span of the city name in `prompt`.
+    pub entity: (usize, usize),
     pub value: String,
 }
 
@@ -175,12 +182,16 @@ impl World {
         Ok(World { attributes: ATTRIBUTES.iter().map(|(a, _, _)| a.to_string()).collect(), cities, templates })
     }
 
-    /// Every (city, template) fact, for training templates (`train`) or held-out ones.
+    /// Every (city, template) fact, for training templates (`train`) or held-out ones, ordered
+    /// template by template and, within a template, city by city (index = template rank ×
+    /// cities + city).
     pub fn examples(&self, train: bool) -> Vec<Example> {
         let mut out = Vec::new();
         for (t, tpl) in self.templates.iter().enumerate().filter(|(_, t)| t.train == train) {
             for (c, (name, values)) in self.cities.iter().enumerate() {
-                out.push(Example { city: c, attribute: tpl.attribute, template: t, prompt: tpl.text.replacen("%s", name, 1), value: values[tpl.attribute].clone() });
+                let at = tpl.text.find("%s").unwrap_or(0);
+                let prompt = tpl.text.replacen("%s", name, 1);
+                out.push(Example { city: c, attribute: tpl.attribute, template: t, prompt, entity: (at, at + name.len()), value: values[tpl.attribute].clone() });
             }
         }
         out
