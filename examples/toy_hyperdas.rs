@@ -4,7 +4,7 @@
 //!     cargo run --release --example toy_hyperdas -- [epochs] [lr] [rank] [layer]
 //!
 //! Environment: toy settings `TOY_LAYERS`, `TOY_D` (width; MLP 4×), `TOY_HEADS`,
-//! `TOY_COUNTRIES`, `TOY_LOCAL` (token_local_blocks), `TOY_ATTN_ONLY` (attention_only_blocks);
+//! `TOY_COUNTRIES`, `TOY_STEPS`, `TOY_LOCAL` (token_local_blocks), `TOY_ATTN_ONLY` (attention_only_blocks);
 //! `SUBSPACE` (reflect_select, das, mask_select, boundless, none), `SCRATCH=1` (hypernetwork from
 //! scratch), `TRAIN_MODE=groundtruth` (train on the last entity tokens), loss weights `CW`, `IW`.
 //! With 0 epochs it prints the untrained soft and ground-truth scores (with `SUBSPACE=none`:
@@ -52,6 +52,9 @@ fn main() -> Result<()> {
     }
     if let Ok(c) = std::env::var("TOY_COUNTRIES") {
         toy_cfg.countries = c.parse()?;
+    }
+    if let Ok(n) = std::env::var("TOY_STEPS") {
+        toy_cfg.steps = n.parse()?;
     }
     if let Ok(h) = std::env::var("TOY_HEADS") {
         toy_cfg.heads = h.parse()?;

@@ -328,6 +328,7 @@ pub fn pretrain(
     // same with and without it; a fixed held-out sample of pairs for the curve.
     let plant = super::plant::Plant::new(cfg, world, &device)?;
     let mut pair_rng = Rng::derive(cfg.seed, "toy/plant-pairs");
+    let mut pair_queue: Vec<Vec<(usize, usize)>> = Vec::new();
     let held_pairs = match &plant {
         Some(p) => super::plant::draw_pairs(&mut Rng::derive(cfg.seed, "toy/plant-held"), &held, world.cities.len(), p.attribute, 300),
         None => Vec::new(),
@@ -361,7 +362,14 @@ pub fn pretrain(
         let mut interchange = None;
         let loss = match &plant {
             Some(p) => {
-                let pairs = super::plant::draw_pairs(&mut pair_rng, &train, world.cities.len(), p.attribute, cfg.batch_size);
+                // Length-bucketed like the language-model batches (base and source share the template).
+                if pair_queue.is_empty() {
+                    let mut pool = super::plant::draw_pairs(&mut pair_rng, &train, world.cities.len(), p.attribute, BUCKET * cfg.batch_size);
+                    pool.sort_by_key(|&(b, _)| train[b].ids.len());
+                    pair_queue = pool.chunks(cfg.batch_size).map(|c| c.to_vec()).collect();
+                    pair_rng.shuffle(&mut pair_queue);
+                }
+                let pairs = pair_queue.pop().unwrap_or_default();
                 let (logits, lb) = super::plant::interchange_logits(&model, p, &train, &pairs, None, pad)?; // [B, K, V]
                 let il = cross_entropy(&logits, &lb.targets, &lb.valid)?;
                 interchange = Some(il.to_scalar::<f32>()? as f64);
