@@ -39,7 +39,7 @@ pub struct KbArgs {
 
 #[derive(Args, Debug)]
 pub struct BuildArgs {
-    /// Target model for filtering: HF dir, .gguf, fetched name (smollm2-135m) or hub id. Required unless --no-filter.
+    /// Target model for filtering: HF dir, .gguf, fetched name (smollm2-135m), `toy`, `toy:tiny` or hub id. Required unless --no-filter.
     #[arg(long, short)]
     model: Option<String>,
     #[command(flatten)]
@@ -47,7 +47,7 @@ pub struct BuildArgs {
     /// RAVEL domain: city or nobel_prize_winner (alias nobel).
     #[arg(long, default_value = "city")]
     domain: String,
-    /// Read the domain from a directory (entities.tsv, templates.json, template_splits.json) instead of the embedded data.
+    /// Read the domain from a directory (entities.tsv, templates.json, template_splits.json) instead of the embedded data (default with `-m toy`: the toy world's).
     #[arg(long)]
     kb_dir: Option<PathBuf>,
     /// Attribute(s) the instruction names (repeat or comma-separate), e.g. Country. Default: Country.
@@ -187,7 +187,12 @@ struct BuildSummary<'a> {
 }
 
 fn build(a: &BuildArgs) -> Result<()> {
-    let kb = load_kb(&a.domain, a.kb_dir.as_deref())?;
+    // `-m toy` without `--kb-dir`: the toy world's own knowledge base.
+    let toy_kb = match (&a.model, &a.kb_dir) {
+        (Some(m), None) if crate::train::run::toy_config(m).is_some() => Some(PathBuf::from(crate::train::run::model_spec(m, true)?).join("ravel")),
+        _ => None,
+    };
+    let kb = load_kb(&a.domain, a.kb_dir.as_deref().or(toy_kb.as_deref()))?;
     let targets: Vec<usize> = a.attributes.iter().map(|x| kb.attribute(x)).collect::<crate::Result<_>>()?;
     let splits: Vec<DataSplit> = a.split.iter().map(|s| DataSplit::parse(s)).collect::<crate::Result<_>>()?;
     let entities = EntityPolicy::parse(&a.entities)?;

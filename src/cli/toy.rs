@@ -84,6 +84,19 @@ pub fn run(a: &ToyArgs) -> Result<()> {
     }
     if !r.meets_targets() {
         eprintln!("warning: below the targets ({:.0}% on training templates, {:.0}% held out) for some attribute", 100.0 * TARGET_TRAIN, 100.0 * TARGET_HELD_OUT);
+        // The usual culprit: a held-out template with a word the model never saw.
+        let weak: Vec<String> = r.templates.iter().filter(|t| !t.train && t.accuracy < TARGET_HELD_OUT).map(|t| format!("{:?} {:.0}%", t.template, 100.0 * t.accuracy)).collect();
+        eprintln!("  weakest held-out templates: {}", weak.join(", "));
+    }
+    if let Some(p) = &r.planted {
+        println!(
+            "  planted: {} in {} dimensions of the residual entering block {} at the city's token ({}/planted_basis.safetensors)",
+            p.attribute,
+            p.dims,
+            p.layer,
+            m.dir.display()
+        );
+        println!("  swap of that subspace on {} held-out pairs: cause {:.1}%, isolate {:.1}%", p.pairs, 100.0 * p.cause, 100.0 * p.isolate);
     }
     if let Some(out) = &a.out {
         std::fs::create_dir_all(out)?;

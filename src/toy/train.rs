@@ -68,9 +68,31 @@ pub struct ToyConfig {
 }
 
 impl ToyConfig {
-    /// The default toy world (docs/toy.md).
+    /// The default toy world (docs/toy.md): 10 countries × 20 cities; block 0 token-local
+    /// (enrichment), blocks 1–2 attention-only (extraction); Country planted in 8 dimensions of
+    /// the residual entering block 1 at the city's token.
     pub fn standard() -> Self {
-        ToyConfig { seed: 0, cities: 200, hidden_size: 128, layers: 2, heads: 4, intermediate_size: 512, steps: 1000, batch_size: 64, lr: 3e-3, warmup_steps: 100, weight_decay: 0.1, eval_every: 200, countries: 0, token_local_blocks: 0, attention_only_blocks: 0, plant_attribute: String::new(), plant_layer: 0, plant_dims: 0, plant_weight: 0.0 }
+        ToyConfig {
+            seed: 0,
+            cities: 200,
+            hidden_size: 128,
+            layers: 3,
+            heads: 8,
+            intermediate_size: 512,
+            steps: 500,
+            batch_size: 64,
+            lr: 3e-3,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            eval_every: 200,
+            countries: 10,
+            token_local_blocks: 1,
+            attention_only_blocks: 2,
+            plant_attribute: "Country".into(),
+            plant_layer: 1,
+            plant_dims: 8,
+            plant_weight: 1.0,
+        }
     }
 
     /// A smaller variant of the same code path, for tests.

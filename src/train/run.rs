@@ -171,14 +171,19 @@ pub struct ModeResult {
     pub test_loss: f64,
 }
 
-/// Resolve `model.path` to something [`crate::model::load`] takes (training the toy if needed).
-fn model_spec(path: &str, progress: bool) -> Result<String> {
-    let toy = match path {
+/// The toy model a model name stands for: `toy` (the standard toy world) or `toy:tiny`.
+pub fn toy_config(path: &str) -> Option<crate::toy::ToyConfig> {
+    match path {
         "toy" => Some(crate::toy::ToyConfig::standard()),
         "toy:tiny" => Some(crate::toy::ToyConfig::tiny()),
         _ => None,
-    };
-    match toy {
+    }
+}
+
+/// Resolve a model name to something [`crate::model::load`] takes: `toy` and `toy:tiny` become
+/// the cached toy model's directory (training it first if needed); anything else is unchanged.
+pub fn model_spec(path: &str, progress: bool) -> Result<String> {
+    match toy_config(path) {
         Some(cfg) => Ok(crate::toy::ensure(&cfg, false, progress)?.dir.display().to_string()),
         None => Ok(path.to_string()),
     }
