@@ -119,17 +119,18 @@ fn toy_world_can_draw_cities_from_few_countries() {
 #[test]
 fn planted_subspace_swap_equals_a_hooked_full_run_and_is_learned() {
     use hyperdas::toy::plant::{Plant, draw_pairs, interchange_accuracy, interchange_logits};
-    // A tiny toy with Country planted in 4 dims at the residual entering block 1.
+    // A tiny toy (block 0 token-local) with Country planted in 8 dims at the residual entering block 1.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("toy");
-    let cfg = ToyConfig { layers: 2, countries: 6, plant_attribute: "Country".into(), plant_layer: 1, plant_dims: 4, plant_weight: 1.0, ..ToyConfig::tiny() };
+    let cfg = ToyConfig { layers: 2, countries: 6, token_local_blocks: 1, plant_attribute: "Country".into(), plant_layer: 1, plant_dims: 8, plant_weight: 1.0, steps: 600, ..ToyConfig::tiny() };
     let report = build_into(&cfg, &out, false).unwrap();
     let planted = report.planted.clone().expect("a planted report");
-    assert_eq!((planted.attribute.as_str(), planted.layer, planted.dims, planted.pairs), ("Country", 1, 4, 1000));
-    // Measured here: cause 0.93, isolate 0.80 on held-out templates after 300 steps.
+    assert_eq!((planted.attribute.as_str(), planted.layer, planted.dims, planted.pairs), ("Country", 1, 8, 1000));
+    // Measured here: cause 0.834, isolate 0.688 on held-out templates after 600 steps (with 300
+    // steps and no token-local block, cause stayed below 0.2: this bound is not free).
     assert!(planted.cause > 0.6 && planted.isolate > 0.6, "{planted:?}");
     let basis = candle_core::safetensors::load(out.join("planted_basis.safetensors"), &candle_core::Device::Cpu).unwrap()["basis"].clone();
-    assert_eq!(basis.dims(), [64, 4]);
+    assert_eq!(basis.dims(), [64, 8]);
     assert!(hyperdas::intervention::orthonormal::orthonormality_error(&basis).unwrap() < 1e-5);
     let curve = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(curve.lines().all(|l| l.contains("interchange_loss")));
@@ -150,7 +151,7 @@ fn planted_subspace_swap_equals_a_hooked_full_run_and_is_learned() {
         let sb = hyperdas::model::TokenBatch::left_padded(&[src.ids[..src.label_start].to_vec()], pad, &candle_core::Device::Cpu).unwrap();
         let s = lm.model.forward_hidden(&sb, Some(&[1])).unwrap().stacked.unwrap().squeeze(2).unwrap().squeeze(0).unwrap().get(src.entity_pos).unwrap(); // [D]
         let ids: Vec<u32> = if base.attribute == plant.attribute { base.ids[..base.label_start].iter().chain(&src.ids[src.label_start..]).copied().collect() } else { base.ids.clone() };
-        let bb = hyperdas::model::TokenBatch::left_padded(&[ids.clone()], pad, &candle_core::Device::Cpu).unwrap();
+        let bb = hyperdas::model::TokenBatch::left_padded(std::slice::from_ref(&ids), pad, &candle_core::Device::Cpu).unwrap();
         let fin = lm
             .model
             .forward_with_hook(&bb, |l, x| {

@@ -91,3 +91,20 @@ fn a_checkpoint_that_does_not_fit_is_a_clear_error() {
     let e = checkpoint::load(&ck, &ps2, None, &dev).unwrap_err().to_string();
     assert!(e.contains("params.safetensors") && e.contains("model.embed_tokens.weight") && e.contains("shape"), "{e}");
 }
+
+#[test]
+fn the_shipped_toy_run_config_loads_and_names_the_standard_toy() {
+    // configs/toy.toml is the documented toy run (README, docs/hyperdas.md): it must parse
+    // against the current settings (unknown keys are errors) and keep its documented values.
+    let cfg: hyperdas::train::run::RunConfig = hyperdas::config::load(Some(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/toy.toml"))), &[]).unwrap();
+    assert_eq!(cfg.model.path, "toy");
+    assert_eq!(cfg.interpreter.config(3).unwrap().hypernet.layer, 1);
+    assert!(cfg.interpreter.from_scratch);
+    assert_eq!((cfg.interpreter.rank, cfg.train.epochs, cfg.train.batch_size), (16, 2, 32));
+    assert_eq!((cfg.train.causal_weight, cfg.train.isolate_weight, cfg.train.lr), (1.0, 1.0, 1e-3));
+    assert_eq!(cfg.data.train, "data/toy/city_country_train.jsonl");
+    // The standard toy plants Country at the layer this config intervenes on.
+    let toy = hyperdas::toy::ToyConfig::standard();
+    assert_eq!((toy.plant_attribute.as_str(), toy.plant_layer), ("Country", 1));
+    toy.validate().unwrap();
+}
