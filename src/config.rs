@@ -39,6 +39,16 @@ pub fn load_over<T: Serialize + DeserializeOwned>(base: &T, file: Option<&Path>,
     Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::invalid(format!("configuration ({source} + --set): {e}")))
 }
 
+/// [`load`] from TOML text instead of a file (an embedded preset such as `configs/toy.toml`);
+/// `name` stands for the file in error messages.
+pub fn load_text<T: Serialize + DeserializeOwned + Default>(text: &str, name: &str, sets: &[String]) -> Result<T> {
+    let mut table = to_table(&T::default())?;
+    let user: Table = toml::from_str(text).map_err(|e| Error::invalid(format!("{name}: not valid TOML: {e}")))?;
+    merge(&mut table, user, "", name)?;
+    let base: T = Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::invalid(format!("configuration ({name}): {e}")))?;
+    load_over(&base, None, sets)
+}
+
 /// Write `cfg` as TOML (the resolved configuration of a run).
 pub fn write_resolved<T: Serialize>(cfg: &T, path: &Path) -> Result<()> {
     let text = toml::to_string_pretty(cfg).map_err(|e| Error::invalid(format!("cannot serialise the configuration: {e}")))?;

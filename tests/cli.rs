@@ -91,9 +91,24 @@ fn bench_forward_reports_tokens_per_second() {
 
 #[test]
 fn demo_and_fetch_list_run() {
-    let o = hyperdas(&["demo"]);
-    assert!(o.status.success());
-    assert!(text(&o).0.contains("hyperdas fetch smollm2-135m"));
+    // The demo's pipeline end to end on the tiny toy (the full demo takes minutes: docs/results.md).
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let o = hyperdas(&["demo", "--tiny", "--quiet", "--out", out.to_str().unwrap()]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+    for mode in ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"] {
+        assert!(stdout.contains(mode), "{stdout}");
+    }
+    assert!(stdout.contains("total time:") && stdout.contains("of causal test rows the strongest selected base position"), "{stdout}");
+    for f in ["data/city_country_train.jsonl", "data/city_country_test.jsonl", "hyperdas/results.json", "hyperdas/config.resolved.toml", "hyperdas/eval/city_country_test.positions.jsonl"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    // A second demo into the same directory is refused, and nothing is lost.
+    let o = hyperdas(&["demo", "--tiny", "--quiet", "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("exists and is not empty"));
+    assert!(out.join("hyperdas/results.json").is_file());
     let o = hyperdas(&["fetch", "--list"]);
     assert!(o.status.success());
     assert!(text(&o).0.contains("smollm2-135m"));

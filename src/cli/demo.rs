@@ -1,0 +1,160 @@
+//! `hyperdas demo`: the embedded default. Builds (or loads) the toy world, builds its city
+//! Country counterfactual data, trains HyperDAS with `configs/toy.toml` (embedded in the
+//! binary), evaluates every inference mode, checks the chosen positions against the toy's
+//! answer key (the city's token), and prints a score table, the run directory and the time.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use crate::data::collate::encode_rows;
+use crate::data::filter::{FilterOptions, filter_rows};
+use crate::data::generate::{DataSplit, EntityPolicy, GenerateOptions, generate};
+use crate::data::io::{ReadOptions, read_dataset, write_jsonl};
+use crate::data::ravel::KnowledgeBase;
+use crate::intervention::selection::InferenceMode;
+use crate::train::hyperdas::Selection;
+use crate::train::run::RunConfig;
+
+/// The toy run's settings, as shipped in `configs/toy.toml`.
+const TOY_RUN: &str = include_str!("../../configs/toy.toml");
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Run directory (default: runs/demo, or runs/demo-2, -3, ... if that exists).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a run setting of configs/toy.toml (`train.epochs=3`); repeatable.
+    #[arg(long = "set")]
+    sets: Vec<String>,
+    /// The same pipeline on the tiny test toy with little data and one epoch (a smoke test of
+    /// a few seconds; its scores mean nothing).
+    #[arg(long)]
+    tiny: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// A fresh run directory: `runs/demo`, else the first free `runs/demo-N`.
+fn fresh_dir(base: &Path) -> PathBuf {
+    if !base.exists() {
+        return base.to_path_buf();
+    }
+    (2..).map(|n| PathBuf::from(format!("{}-{n}", base.display()))).find(|p| !p.exists()).unwrap_or_else(|| base.to_path_buf())
+}
+
+/// (train, test) row counts before filtering: causal per target, isolate per other attribute.
+const SIZES: [(DataSplit, usize, usize); 2] = [(DataSplit::Train, 2000, 400), (DataSplit::Test, 300, 60)];
+
+pub fn demo(a: &DemoArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let progress = !a.quiet;
+    let out = match &a.out {
+        Some(p) => p.clone(),
+        None => fresh_dir(Path::new("runs/demo")),
+    };
+    if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        bail!("{} exists and is not empty: choose another --out or remove it", out.display());
+    }
+    println!("hyperdas {} demo: HyperDAS (Sun et al., ICLR 2025) on the toy world, city Country", env!("CARGO_PKG_VERSION"));
+    println!("run directory: {}", out.display());
+
+    // 1. The toy world (cached after the first time).
+    let toy_cfg = if a.tiny { crate::toy::ToyConfig::tiny() } else { crate::toy::ToyConfig::standard() };
+    let t = Instant::now();
+    let toy = crate::toy::ensure(&toy_cfg, false, progress)?;
+    println!(
+        "[1/4] toy model {} in {:.1} s: {} cities, {} blocks{}",
+        if toy.cached { "loaded from the cache" } else { "trained" },
+        t.elapsed().as_secs_f64(),
+        toy.report.cities,
+        toy_cfg.layers,
+        toy.report.planted.as_ref().map(|p| format!("; {} planted in {} dimensions at block {}", p.attribute, p.dims, p.layer)).unwrap_or_default()
+    );
+
+    // 2. Counterfactual data from the toy's knowledge base, filtered by what the model knows.
+    let t = Instant::now();
+    let lm = crate::model::load(&toy.dir.display().to_string(), &crate::model::LoadOptions::default())?;
+    let kb = KnowledgeBase::from_dir(&toy.dir.join("ravel"), "city")?;
+    let country = kb.attribute("Country")?;
+    let data_dir = out.join("data");
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let mut paths = Vec::new();
+    for (split, causal, isolate) in SIZES {
+        let (causal, isolate) = if a.tiny { (causal / 20, isolate / 20) } else { (causal, isolate) };
+        let g = generate(&kb, &GenerateOptions { targets: vec![country], split, causal, isolate, seed: 42, entities: EntityPolicy::All })?;
+        let (rows, _) = filter_rows(&lm.model, &lm.tokenizer, g.rows, &FilterOptions { batch_size: 64, progress })?;
+        let path = data_dir.join(format!("city_country_{}.jsonl", split.name()));
+        write_jsonl(&path, &rows)?;
+        let n_causal = rows.iter().filter(|r| r.is_causal()).count();
+        println!("      {} rows: {} causal, {} isolate -> {}", split.name(), n_causal, rows.len() - n_causal, path.display());
+        paths.push(path);
+    }
+    println!("[2/4] data built in {:.1} s", t.elapsed().as_secs_f64());
+
+    // 3. HyperDAS training and evaluation (configs/toy.toml, data paths set here).
+    let t = Instant::now();
+    let mut sets = vec![format!("data.train={:?}", paths[0].display().to_string()), format!("data.test={:?}", paths[1].display().to_string())];
+    if a.tiny {
+        sets.extend(["model.path=\"toy:tiny\"", "interpreter.layer=0", "interpreter.num_blocks=1", "train.epochs=1"].map(String::from));
+    }
+    sets.extend(a.sets.iter().cloned());
+    let cfg: RunConfig = crate::config::load_text(TOY_RUN, "configs/toy.toml (embedded)", &sets)?;
+    let run_dir = out.join("hyperdas");
+    let results = crate::train::run::run(&cfg, &run_dir, false, progress)?.context("the run stopped before its end")?;
+    println!("[3/4] HyperDAS trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
+
+    // 4. Where the chosen positions land, against the answer key (the city's last token).
+    let t = Instant::now();
+    let modes = [InferenceMode::Soft, InferenceMode::parse("bidding_argmax")?];
+    crate::train::run::eval_run(&run_dir, &paths[1], &modes, false, false)?;
+    let landing = entity_landing(&run_dir, &paths[1], &lm.tokenizer, &cfg)?;
+    println!("[4/4] positions checked in {:.1} s", t.elapsed().as_secs_f64());
+
+    println!();
+    println!("{:<16} {:>6} {:>8} {:>12}   (toy world, city Country, {} test rows)", "mode", "Cause", "Isolate", "Disentangle", landing.rows);
+    for (mode, r) in &results {
+        let acc = |k: &str| r.accs.get(k).copied().unwrap_or(f64::NAN);
+        println!("{:<16} {:>6.3} {:>8.3} {:>12.3}", mode, acc("causal"), acc("isolate"), acc("disentangle"));
+    }
+    println!();
+    for (mode, share) in &landing.by_mode {
+        println!("{mode}: on {:.1}% of causal test rows the strongest selected base position is the base city's token and its source is the source city's token", 100.0 * share);
+    }
+    println!();
+    println!("run directory: {} (results.json, metrics.jsonl, eval/*.positions.jsonl, checkpoint/)", run_dir.display());
+    println!("total time: {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Share of causal rows, per mode, whose strongest selection is (base city token ← source city token).
+struct Landing {
+    rows: usize,
+    by_mode: Vec<(String, f64)>,
+}
+
+fn entity_landing(run_dir: &Path, test: &Path, tok: &crate::model::TextTokenizer, cfg: &RunConfig) -> Result<Landing> {
+    let ds = read_dataset(test, ReadOptions::default())?;
+    let enc = encode_rows(tok, &ds.rows, &cfg.data.collate_options(false), &test.display().to_string())?;
+    let by_row: std::collections::HashMap<usize, &crate::data::collate::EncodedRow> = enc.rows.iter().map(|r| (r.row, r)).collect();
+    let name = test.file_name().map(|n| n.to_string_lossy().trim_end_matches(".jsonl").to_string()).unwrap_or_default();
+    let path = run_dir.join("eval").join(format!("{name}.positions.jsonl"));
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut tally: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for (i, line) in text.lines().enumerate() {
+        let s: Selection = serde_json::from_str(line).with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+        if !s.causal {
+            continue;
+        }
+        let Some(row) = by_row.get(&s.row) else { continue };
+        let best = s.selected.iter().copied().max_by(|x, y| x.2.total_cmp(&y.2));
+        let hit = best.is_some_and(|(b, src, _)| b == row.base_entity_pos && src == row.source_entity_pos);
+        let e = tally.entry(s.mode.clone()).or_default();
+        e.0 += usize::from(hit);
+        e.1 += 1;
+    }
+    Ok(Landing { rows: enc.rows.len(), by_mode: tally.into_iter().map(|(m, (h, n))| (m, h as f64 / n.max(1) as f64)).collect() })
+}
