@@ -32,6 +32,7 @@ pub mod model;
 pub mod params;
 pub mod parity;
 pub mod progress;
+pub mod report;
 pub mod rng;
 pub mod toy;
 pub mod train;

@@ -107,12 +107,25 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let results = crate::train::run::run(&cfg, &run_dir, false, progress)?.context("the run stopped before its end")?;
     println!("[3/4] HyperDAS trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
 
-    // 4. Where the chosen positions land, against the answer key (the city's last token).
+    // 4. Where the chosen positions land, against the answer key (the city's last token), and the report.
     let t = Instant::now();
     let modes = [InferenceMode::Soft, InferenceMode::parse("bidding_argmax")?];
     crate::train::run::eval_run(&run_dir, &paths[1], &modes, false, false)?;
     let landing = entity_landing(&run_dir, &paths[1], &lm.tokenizer, &cfg)?;
-    println!("[4/4] positions checked in {:.1} s", t.elapsed().as_secs_f64());
+    let mut notes = vec![format!(
+        "The toy world (docs/toy.md): a {}-block Llama trained from scratch on {} RAVEL cities{}. HyperDAS intervenes on the residual entering block {}, trained with <code>configs/toy.toml</code>. Data: {} training and {} test rows of city Country counterfactuals (causal and isolate).",
+        toy_cfg.layers,
+        toy.report.cities,
+        toy.report.planted.as_ref().map(|p| format!(", with {} planted in a known {}-dimensional subspace at block {} (the answer key)", p.attribute, p.dims, p.layer)).unwrap_or_default(),
+        cfg.interpreter.config(toy_cfg.layers)?.hypernet.layer,
+        landing.train_rows,
+        landing.rows
+    )];
+    for l in &landing.by_mode {
+        notes.push(l.sentence());
+    }
+    let report = crate::report::write_report(&run_dir, &paths[1], &crate::report::ReportExtras { title: "hyperdas demo: HyperDAS on the toy world, city Country".into(), notes })?;
+    println!("[4/4] positions checked and report written in {:.1} s", t.elapsed().as_secs_f64());
 
     println!();
     println!("{:<16} {:>6} {:>8} {:>12}   (toy world, city Country, {} test rows)", "mode", "Cause", "Isolate", "Disentangle", landing.rows);
@@ -121,40 +134,65 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         println!("{:<16} {:>6.3} {:>8.3} {:>12.3}", mode, acc("causal"), acc("isolate"), acc("disentangle"));
     }
     println!();
-    for (mode, share) in &landing.by_mode {
-        println!("{mode}: on {:.1}% of causal test rows the strongest selected base position is the base city's token and its source is the source city's token", 100.0 * share);
+    for l in &landing.by_mode {
+        println!("{}", l.sentence());
     }
     println!();
-    println!("run directory: {} (results.json, metrics.jsonl, eval/*.positions.jsonl, checkpoint/)", run_dir.display());
+    println!("run directory: {} (results.json, metrics.jsonl, eval/*.positions.jsonl, heatmaps.json, checkpoint/)", run_dir.display());
+    println!("report: {}", report.display());
     println!("total time: {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }
 
-/// Share of causal rows, per mode, whose strongest selection is (base city token ← source city token).
+/// Where one mode's selections land on causal rows.
+struct ModeLanding {
+    mode: String,
+    /// Share of rows whose base city column takes the source city token.
+    city_takes_city: f64,
+    /// Mean number of other base positions that take some source token.
+    others: f64,
+}
+
+impl ModeLanding {
+    fn sentence(&self) -> String {
+        format!(
+            "{}: on {:.1}% of causal test rows the base city's token takes the source city's token (the answer key); {:.1} other base tokens per row also take a source token",
+            self.mode,
+            100.0 * self.city_takes_city,
+            self.others
+        )
+    }
+}
+
 struct Landing {
     rows: usize,
-    by_mode: Vec<(String, f64)>,
+    train_rows: usize,
+    by_mode: Vec<ModeLanding>,
 }
 
 fn entity_landing(run_dir: &Path, test: &Path, tok: &crate::model::TextTokenizer, cfg: &RunConfig) -> Result<Landing> {
     let ds = read_dataset(test, ReadOptions::default())?;
     let enc = encode_rows(tok, &ds.rows, &cfg.data.collate_options(false), &test.display().to_string())?;
+    let train_rows = read_dataset(Path::new(&cfg.data.train), ReadOptions::default())?.rows.len();
     let by_row: std::collections::HashMap<usize, &crate::data::collate::EncodedRow> = enc.rows.iter().map(|r| (r.row, r)).collect();
     let name = test.file_name().map(|n| n.to_string_lossy().trim_end_matches(".jsonl").to_string()).unwrap_or_default();
     let path = run_dir.join("eval").join(format!("{name}.positions.jsonl"));
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut tally: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    // mode → (rows where the city takes the city, other selected positions, causal rows)
+    let mut tally: std::collections::BTreeMap<String, (usize, usize, usize)> = Default::default();
     for (i, line) in text.lines().enumerate() {
         let s: Selection = serde_json::from_str(line).with_context(|| format!("{}: line {}", path.display(), i + 1))?;
         if !s.causal {
             continue;
         }
         let Some(row) = by_row.get(&s.row) else { continue };
-        let best = s.selected.iter().copied().max_by(|x, y| x.2.total_cmp(&y.2));
-        let hit = best.is_some_and(|(b, src, _)| b == row.base_entity_pos && src == row.source_entity_pos);
+        let hit = s.selected.iter().any(|&(b, src, _)| b == row.base_entity_pos && src == row.source_entity_pos);
+        let others = s.selected.iter().filter(|&&(b, _, _)| b != row.base_entity_pos).count();
         let e = tally.entry(s.mode.clone()).or_default();
         e.0 += usize::from(hit);
-        e.1 += 1;
+        e.1 += others;
+        e.2 += 1;
     }
-    Ok(Landing { rows: enc.rows.len(), by_mode: tally.into_iter().map(|(m, (h, n))| (m, h as f64 / n.max(1) as f64)).collect() })
+    let by_mode = tally.into_iter().map(|(mode, (h, o, n))| ModeLanding { mode, city_takes_city: h as f64 / n.max(1) as f64, others: o as f64 / n.max(1) as f64 }).collect();
+    Ok(Landing { rows: enc.rows.len(), train_rows, by_mode })
 }

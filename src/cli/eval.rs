@@ -35,3 +35,23 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     println!("written to {}/eval/ (results.json, results.csv, positions.jsonl per dataset)", a.run.display());
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// The run directory (`hyperdas train --out`).
+    #[arg(long)]
+    run: PathBuf,
+    /// The test set to draw heatmap examples from (a .jsonl file or save_to_disk directory).
+    #[arg(long)]
+    data: PathBuf,
+    /// Heading of the page.
+    #[arg(long, default_value = "")]
+    title: String,
+}
+
+/// `hyperdas report`: write `report.html` (+ `heatmaps.json`) into a finished run directory.
+pub fn report(a: &ReportArgs) -> Result<()> {
+    let path = crate::report::write_report(&a.run, &a.data, &crate::report::ReportExtras { title: a.title.clone(), notes: Vec::new() })?;
+    println!("report: {}", path.display());
+    Ok(())
+}

@@ -43,6 +43,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Score a trained run on a dataset per inference mode; writes results and selected positions into the run's eval/.
     Eval(eval::EvalArgs),
+    /// Write report.html (scores, token-selection heatmaps, training curves) into a finished run directory.
+    Report(eval::ReportArgs),
     /// Apply a trained run to one new base/source/instruction: chosen positions and the prediction before/after.
     Apply(apply::ApplyArgs),
     /// RAVEL data: build counterfactual train/test sets, inspect the knowledge base, show and convert datasets.
@@ -155,6 +157,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Toy(a) => toy::run(&a),
         Command::Train(a) => train::run(&a),
         Command::Eval(a) => eval::run(&a),
+        Command::Report(a) => eval::report(&a),
         Command::Apply(a) => apply::run(&a),
         Command::Bench(c) => bench::run(&c),
     }

@@ -28,7 +28,7 @@ pub use train::{AttributeAccuracy, ToyConfig};
 use world::World;
 
 /// Bumped whenever the world, the tokenizer or the training code changes what a config produces.
-pub const TOY_FORMAT: u32 = 3;
+pub const TOY_FORMAT: u32 = 5;
 
 /// Accuracy targets: first-token accuracy per attribute.
 pub const TARGET_TRAIN: f64 = 0.98;
