@@ -100,7 +100,7 @@ fn demo_and_fetch_list_run() {
     for mode in ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"] {
         assert!(stdout.contains(mode), "{stdout}");
     }
-    assert!(stdout.contains("total time:") && stdout.contains("of causal test rows the base city's token takes the source city's token"), "{stdout}");
+    assert!(stdout.contains("total time:") && stdout.contains("of causal test rows the base city's last token takes the source city's last token"), "{stdout}");
     assert!(stdout.contains("report: ") && stdout.contains("report.html"), "{stdout}");
     for f in ["data/city_country_train.jsonl", "data/city_country_test.jsonl", "hyperdas/results.json", "hyperdas/config.resolved.toml", "hyperdas/eval/city_country_test.positions.jsonl", "hyperdas/report.html", "hyperdas/heatmaps.json"] {
         assert!(out.join(f).is_file(), "{f}");

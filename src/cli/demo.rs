@@ -1,7 +1,12 @@
 //! `hyperdas demo`: the embedded default. Builds (or loads) the toy world, builds its city
 //! Country counterfactual data, trains HyperDAS with `configs/toy.toml` (embedded in the
 //! binary), evaluates every inference mode, checks the chosen positions against the toy's
-//! answer key (the city's token), and prints a score table, the run directory and the time.
+//! answer key (the city's token), writes `report.html`, and prints a score table, the run
+//! directory and the time.
+//!
+//! `--model X` runs the same pipeline on a real model (a fetched name such as `smollm2-135m`,
+//! fetched if needed; an HF directory; a .gguf; a hub id) with the embedded RAVEL city data and
+//! the real-model defaults (`hyperdas train --show-config`), scaled for time: 2 epochs.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,6 +21,7 @@ use crate::data::io::{ReadOptions, read_dataset, write_jsonl};
 use crate::data::ravel::KnowledgeBase;
 use crate::intervention::selection::InferenceMode;
 use crate::train::hyperdas::Selection;
+use crate::report::svg::esc;
 use crate::train::run::RunConfig;
 
 /// The toy run's settings, as shipped in `configs/toy.toml`.
@@ -23,6 +29,10 @@ const TOY_RUN: &str = include_str!("../../configs/toy.toml");
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
+    /// Target model: `toy` (the default), or a real model: a fetched name (smollm2-135m; fetched
+    /// if needed), an HF directory, a .gguf file or a hub id. About 15 min for SmolLM2-135M on 2 cores.
+    #[arg(long, short, default_value = "toy")]
+    model: String,
     /// Run directory (default: runs/demo, or runs/demo-2, -3, ... if that exists).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -59,34 +69,56 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("{} exists and is not empty: choose another --out or remove it", out.display());
     }
-    println!("hyperdas {} demo: HyperDAS (Sun et al., ICLR 2025) on the toy world, city Country", env!("CARGO_PKG_VERSION"));
+    let target_name = if a.tiny || crate::train::run::toy_config(&a.model).is_some() { "the toy world".to_string() } else { a.model.clone() };
+    println!("hyperdas {} demo: HyperDAS (Sun et al., ICLR 2025) on {target_name}, city Country", env!("CARGO_PKG_VERSION"));
     println!("run directory: {}", out.display());
 
-    // 1. The toy world (cached after the first time).
-    let toy_cfg = if a.tiny { crate::toy::ToyConfig::tiny() } else { crate::toy::ToyConfig::standard() };
+    // 1. The target: the toy world (cached after the first time) or a real model.
+    let toy_target = a.tiny || crate::train::run::toy_config(&a.model).is_some();
+    let toy_cfg = if a.tiny || a.model == "toy:tiny" { crate::toy::ToyConfig::tiny() } else { crate::toy::ToyConfig::standard() };
     let t = Instant::now();
-    let toy = crate::toy::ensure(&toy_cfg, false, progress)?;
-    println!(
-        "[1/4] toy model {} in {:.1} s: {} cities, {} blocks{}",
-        if toy.cached { "loaded from the cache" } else { "trained" },
-        t.elapsed().as_secs_f64(),
-        toy.report.cities,
-        toy_cfg.layers,
-        toy.report.planted.as_ref().map(|p| format!("; {} planted in {} dimensions at block {}", p.attribute, p.dims, p.layer)).unwrap_or_default()
-    );
+    let (lm, kb, toy) = if toy_target {
+        let toy = crate::toy::ensure(&toy_cfg, false, progress)?;
+        println!(
+            "[1/4] toy model {} in {:.1} s: {} cities, {} blocks{}",
+            if toy.cached { "loaded from the cache" } else { "trained" },
+            t.elapsed().as_secs_f64(),
+            toy.report.cities,
+            toy_cfg.layers,
+            toy.report.planted.as_ref().map(|p| format!("; {} planted in {} dimensions at block {}", p.attribute, p.dims, p.layer)).unwrap_or_default()
+        );
+        let lm = crate::model::load(&toy.dir.display().to_string(), &crate::model::LoadOptions::default())?;
+        (lm, KnowledgeBase::from_dir(&toy.dir.join("ravel"), "city")?, Some(toy))
+    } else {
+        if let Some(known) = crate::fetch::known_model(&a.model)
+            && !crate::fetch::cached_path(known)?.is_file()
+        {
+            eprintln!("fetching {} ...", known.name);
+            crate::fetch::fetch(known, None, progress)?;
+        }
+        let lm = crate::model::load(&a.model, &crate::model::LoadOptions { progress, ..Default::default() }).with_context(|| format!("cannot load model `{}`", a.model))?;
+        println!("[1/4] model loaded in {:.1} s: {}", t.elapsed().as_secs_f64(), lm.description);
+        (lm, KnowledgeBase::builtin("city")?, None)
+    };
 
-    // 2. Counterfactual data from the toy's knowledge base, filtered by what the model knows.
+    // 2. Counterfactual data, filtered by what the model knows.
     let t = Instant::now();
-    let lm = crate::model::load(&toy.dir.display().to_string(), &crate::model::LoadOptions::default())?;
-    let kb = KnowledgeBase::from_dir(&toy.dir.join("ravel"), "city")?;
     let country = kb.attribute("Country")?;
     let data_dir = out.join("data");
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let mut paths = Vec::new();
     for (split, causal, isolate) in SIZES {
-        let (causal, isolate) = if a.tiny { (causal / 20, isolate / 20) } else { (causal, isolate) };
+        let (causal, isolate) = match (toy.is_some(), a.tiny) {
+            (_, true) => (causal / 20, isolate / 20),
+            (true, false) => (causal, isolate),
+            // A real model knows far fewer facts: the `data build` defaults (docs/data.md).
+            (false, false) => (1000, 200),
+        };
         let g = generate(&kb, &GenerateOptions { targets: vec![country], split, causal, isolate, seed: 42, entities: EntityPolicy::All })?;
         let (rows, _) = filter_rows(&lm.model, &lm.tokenizer, g.rows, &FilterOptions { batch_size: 64, progress })?;
+        if rows.is_empty() {
+            bail!("{}: the model answers none of the {} Country prompts correctly, so there is nothing to intervene on", a.model, split.name());
+        }
         let path = data_dir.join(format!("city_country_{}.jsonl", split.name()));
         write_jsonl(&path, &rows)?;
         let n_causal = rows.iter().filter(|r| r.is_causal()).count();
@@ -95,14 +127,19 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     }
     println!("[2/4] data built in {:.1} s", t.elapsed().as_secs_f64());
 
-    // 3. HyperDAS training and evaluation (configs/toy.toml, data paths set here).
+    // 3. HyperDAS training and evaluation: configs/toy.toml on the toy; the real-model
+    // defaults (2 epochs) otherwise. Data paths are set here.
     let t = Instant::now();
     let mut sets = vec![format!("data.train={:?}", paths[0].display().to_string()), format!("data.test={:?}", paths[1].display().to_string())];
     if a.tiny {
         sets.extend(["model.path=\"toy:tiny\"", "interpreter.layer=0", "interpreter.num_blocks=1", "train.epochs=1"].map(String::from));
     }
+    if toy.is_none() {
+        sets.push(format!("model.path={:?}", a.model));
+        sets.push("train.epochs=2".into());
+    }
     sets.extend(a.sets.iter().cloned());
-    let cfg: RunConfig = crate::config::load_text(TOY_RUN, "configs/toy.toml (embedded)", &sets)?;
+    let cfg: RunConfig = if toy.is_some() { crate::config::load_text(TOY_RUN, "configs/toy.toml (embedded)", &sets)? } else { crate::config::load(None, &sets)? };
     let run_dir = out.join("hyperdas");
     let results = crate::train::run::run(&cfg, &run_dir, false, progress)?.context("the run stopped before its end")?;
     println!("[3/4] HyperDAS trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
@@ -112,23 +149,26 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let modes = [InferenceMode::Soft, InferenceMode::parse("bidding_argmax")?];
     crate::train::run::eval_run(&run_dir, &paths[1], &modes, false, false)?;
     let landing = entity_landing(&run_dir, &paths[1], &lm.tokenizer, &cfg)?;
-    let mut notes = vec![format!(
-        "The toy world (docs/toy.md): a {}-block Llama trained from scratch on {} RAVEL cities{}. HyperDAS intervenes on the residual entering block {}, trained with <code>configs/toy.toml</code>. Data: {} training and {} test rows of city Country counterfactuals (causal and isolate).",
-        toy_cfg.layers,
-        toy.report.cities,
-        toy.report.planted.as_ref().map(|p| format!(", with {} planted in a known {}-dimensional subspace at block {} (the answer key)", p.attribute, p.dims, p.layer)).unwrap_or_default(),
-        cfg.interpreter.config(toy_cfg.layers)?.hypernet.layer,
-        landing.train_rows,
-        landing.rows
-    )];
+    let layer = cfg.interpreter.config(lm.model.num_layers())?.hypernet.layer;
+    let target = match &toy {
+        Some(toy) => format!(
+            "The toy world (docs/toy.md): a {}-block Llama trained from scratch on {} RAVEL cities{}. HyperDAS intervenes on the residual entering block {layer}, trained with <code>configs/toy.toml</code>.",
+            toy_cfg.layers,
+            toy.report.cities,
+            toy.report.planted.as_ref().map(|p| format!(", with {} planted in a known {}-dimensional subspace at block {} (the answer key)", p.attribute, p.dims, p.layer)).unwrap_or_default(),
+        ),
+        None => format!("Target: {} ({}). HyperDAS intervenes on the residual entering block {layer} of {}, with the real-model defaults and 2 epochs.", esc(&a.model), esc(&lm.description), lm.model.num_layers()),
+    };
+    let mut notes = vec![format!("{target} Data: {} training and {} test rows of city Country counterfactuals (causal and isolate) that the model answers correctly.", landing.train_rows, landing.rows)];
     for l in &landing.by_mode {
         notes.push(l.sentence());
     }
-    let report = crate::report::write_report(&run_dir, &paths[1], &crate::report::ReportExtras { title: "hyperdas demo: HyperDAS on the toy world, city Country".into(), notes })?;
+    let what = target_name;
+    let report = crate::report::write_report(&run_dir, &paths[1], &crate::report::ReportExtras { title: format!("hyperdas demo: HyperDAS on {what}, city Country"), notes })?;
     println!("[4/4] positions checked and report written in {:.1} s", t.elapsed().as_secs_f64());
 
     println!();
-    println!("{:<16} {:>6} {:>8} {:>12}   (toy world, city Country, {} test rows)", "mode", "Cause", "Isolate", "Disentangle", landing.rows);
+    println!("{:<16} {:>6} {:>8} {:>12}   ({what}, city Country, {} test rows)", "mode", "Cause", "Isolate", "Disentangle", landing.rows);
     for (mode, r) in &results {
         let acc = |k: &str| r.accs.get(k).copied().unwrap_or(f64::NAN);
         println!("{:<16} {:>6.3} {:>8.3} {:>12.3}", mode, acc("causal"), acc("isolate"), acc("disentangle"));
@@ -156,7 +196,7 @@ struct ModeLanding {
 impl ModeLanding {
     fn sentence(&self) -> String {
         format!(
-            "{}: on {:.1}% of causal test rows the base city's token takes the source city's token (the answer key); {:.1} other base tokens per row also take a source token",
+            "{}: on {:.1}% of causal test rows the base city's last token takes the source city's last token (in the toy world: the answer key); {:.1} other base tokens per row also take a source token",
             self.mode,
             100.0 * self.city_takes_city,
             self.others

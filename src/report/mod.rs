@@ -192,7 +192,7 @@ code{{background:#f5f5f5;padding:1px 4px}}</style></head><body>
     // Heatmaps.
     let _ = write!(
         h,
-        "<h2>Token selection</h2><p>Each map shows the hypernetwork's weights <code>W</code> for one test row: columns are the base prompt's tokens, rows the source prompt's tokens and SELF (keep the base's own state). A column's weights sum to 1. The red box is the answer key: base city token ← source city token. Raw matrices: <code>heatmaps.json</code>.</p><div class=\"maps\">"
+        "<h2>Token selection</h2><p>Each map shows the hypernetwork's weights <code>W</code> for one test row: columns are the base prompt's tokens, rows the source prompt's tokens and SELF (keep the base's own state). A column's weights sum to 1. The red box marks the base city's last token ← the source city's last token (the groundtruth mode's choice; in the toy world, where Country is planted, the answer key). Raw matrices: <code>heatmaps.json</code>.</p><div class=\"maps\">"
     );
     for m in &maps {
         let kind = if m.causal { "causal" } else { "isolate" };
