@@ -9,7 +9,7 @@
 //! scratch), `TRAIN_MODE=groundtruth` (train on the last entity tokens), loss weights `CW`, `IW`.
 //! With 0 epochs it prints the untrained soft and ground-truth scores (with `SUBSPACE=none`:
 //! the full-residual swap). Isolate is also printed per attribute the base prompt asks.
-//! `PLANT=Country` plants the attribute in a known subspace at the intervention layer
+//! `PLANT=Country` (or `Country,Continent`) plants the attribute(s) in a known subspace at the intervention layer
 //! (`PLANT_DIMS`, default 8; `PLANT_W`, default 1).
 
 use std::path::Path;
@@ -60,13 +60,13 @@ fn main() -> Result<()> {
         toy_cfg.heads = h.parse()?;
     }
     if let Ok(a) = std::env::var("PLANT") {
-        toy_cfg.plant_attribute = a;
+        toy_cfg.plant_attributes = a.split(',').map(String::from).collect();
         toy_cfg.plant_layer = layer;
         toy_cfg.plant_dims = std::env::var("PLANT_DIMS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
         toy_cfg.plant_weight = std::env::var("PLANT_W").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
     }
     let toy = ensure(&toy_cfg, false, true)?;
-    if let Some(p) = &toy.report.planted {
+    for p in &toy.report.planted {
         eprintln!("planted {} in {} dims at layer {}: swap cause {:.3} isolate {:.3}", p.attribute, p.dims, p.layer, p.cause, p.isolate);
     }
     let lm = load(toy.dir.to_str().unwrap_or_default(), &LoadOptions::default())?;

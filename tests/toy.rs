@@ -119,38 +119,59 @@ fn toy_world_can_draw_cities_from_few_countries() {
 #[test]
 fn planted_subspace_swap_equals_a_hooked_full_run_and_is_learned() {
     use hyperdas::toy::plant::{Plant, draw_pairs, interchange_accuracy, interchange_logits};
-    // A tiny toy (block 0 token-local) with Country planted in 8 dims at the residual entering block 1.
+    // A tiny toy (block 0 token-local) with Country and Continent planted in 8 dims each at the
+    // residual entering block 1.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("toy");
-    let cfg = ToyConfig { layers: 2, countries: 6, token_local_blocks: 1, plant_attribute: "Country".into(), plant_layer: 1, plant_dims: 8, plant_weight: 1.0, steps: 600, ..ToyConfig::tiny() };
+    let cfg = ToyConfig {
+        layers: 2,
+        countries: 6,
+        token_local_blocks: 1,
+        plant_attributes: vec!["Country".into(), "Continent".into()],
+        plant_layer: 1,
+        plant_dims: 8,
+        plant_weight: 1.0,
+        steps: 600,
+        ..ToyConfig::tiny()
+    };
     let report = build_into(&cfg, &out, false).unwrap();
-    let planted = report.planted.clone().expect("a planted report");
-    assert_eq!((planted.attribute.as_str(), planted.layer, planted.dims, planted.pairs), ("Country", 1, 8, 1000));
-    // Measured here: cause 0.834, isolate 0.688 on held-out templates after 600 steps (with 300
-    // steps and no token-local block, cause stayed below 0.2: this bound is not free).
-    assert!(planted.cause > 0.6 && planted.isolate > 0.6, "{planted:?}");
-    let basis = candle_core::safetensors::load(out.join("planted_basis.safetensors"), &candle_core::Device::Cpu).unwrap()["basis"].clone();
-    assert_eq!(basis.dims(), [64, 8]);
-    assert!(hyperdas::intervention::orthonormal::orthonormality_error(&basis).unwrap() < 1e-5);
+    assert_eq!(report.planted.len(), 2);
+    for (p, name) in report.planted.iter().zip(["Country", "Continent"]) {
+        assert_eq!((p.attribute.as_str(), p.layer, p.dims, p.pairs > 800), (name, 1, 8, true), "{p:?}");
+        // Measured here: Country cause 0.794 / isolate 0.923, Continent 0.953 / 0.869. This bound
+        // is not free: with 300 steps and no token-local block, a one-attribute plant stayed
+        // below 0.2 cause.
+        assert!(p.cause > 0.6 && p.isolate > 0.6, "{p:?}");
+    }
+    let saved = candle_core::safetensors::load(out.join("planted_basis.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (country, continent) = (saved["Country"].clone(), saved["Continent"].clone());
+    assert_eq!(country.dims(), [64, 8]);
+    let both = candle_core::Tensor::cat(&[&country, &continent], 1).unwrap(); // [64, 16]
+    assert!(hyperdas::intervention::orthonormal::orthonormality_error(&both).unwrap() < 1e-5, "the two bases are orthonormal and mutually orthogonal");
     let curve = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(curve.lines().all(|l| l.contains("interchange_loss")));
 
-    // The swap, computed by the plant code, equals the same swap done by a hook in a full run.
+    // The swap, computed by the plant code (a basis chosen per row), equals the same swap done
+    // by a hook in a full run.
     let lm = load(&out, DType::F32);
     let world: World = serde_json::from_str(&std::fs::read_to_string(out.join("world.json")).unwrap()).unwrap();
     let plant = Plant::new(&cfg, &world, &candle_core::Device::Cpu).unwrap().unwrap();
-    assert!((plant.basis.clone() - &basis).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0);
+    for (b, saved) in plant.bases.iter().zip([&country, &continent]) {
+        assert_eq!((b - saved).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
     let examples = encode_examples(&lm.tokenizer, &world.examples(true)).unwrap();
-    let pairs = draw_pairs(&mut hyperdas::rng::Rng::new(3), &examples, world.cities.len(), plant.attribute, 6);
-    assert!(pairs.iter().all(|&(b, s)| b != s && b % world.cities.len() != s % world.cities.len()));
+    let pairs = draw_pairs(&mut hyperdas::rng::Rng::new(3), &examples, world.cities.len(), &plant.attributes, 8);
+    assert!(pairs.iter().all(|&(b, s, _)| b != s && b % world.cities.len() != s % world.cities.len()));
+    assert!(pairs.iter().any(|p| p.2 == 0) && pairs.iter().any(|p| p.2 == 1), "both attributes drawn: {pairs:?}");
     let (logits, lb) = interchange_logits(&lm.model, &plant, &examples, &pairs, None, lm.tokenizer.padding_id()).unwrap(); // [B, K, V]
     let pad = lm.tokenizer.padding_id();
-    for (r, &(bi, si)) in pairs.iter().enumerate() {
+    for (r, &(bi, si, w)) in pairs.iter().enumerate() {
         let (base, src) = (&examples[bi], &examples[si]);
+        let basis = &plant.bases[w];
         // Clean source residual at block 1, at the source city's last token.
         let sb = hyperdas::model::TokenBatch::left_padded(&[src.ids[..src.label_start].to_vec()], pad, &candle_core::Device::Cpu).unwrap();
         let s = lm.model.forward_hidden(&sb, Some(&[1])).unwrap().stacked.unwrap().squeeze(2).unwrap().squeeze(0).unwrap().get(src.entity_pos).unwrap(); // [D]
-        let ids: Vec<u32> = if base.attribute == plant.attribute { base.ids[..base.label_start].iter().chain(&src.ids[src.label_start..]).copied().collect() } else { base.ids.clone() };
+        let ids: Vec<u32> = if base.attribute == plant.attributes[w] { base.ids[..base.label_start].iter().chain(&src.ids[src.label_start..]).copied().collect() } else { base.ids.clone() };
         let bb = hyperdas::model::TokenBatch::left_padded(std::slice::from_ref(&ids), pad, &candle_core::Device::Cpu).unwrap();
         let fin = lm
             .model
@@ -159,7 +180,7 @@ fn planted_subspace_swap_equals_a_hooked_full_run_and_is_learned() {
                     return Ok(None);
                 }
                 let h = x.squeeze(0)?.get(base.entity_pos)?; // [D]
-                let delta = (&s - &h)?.unsqueeze(0)?.matmul(&basis)?.matmul(&basis.t()?)?.squeeze(0)?; // [D]
+                let delta = (&s - &h)?.unsqueeze(0)?.matmul(basis)?.matmul(&basis.t()?)?.squeeze(0)?; // [D]
                 let rows: Vec<candle_core::Tensor> = (0..ids.len()).map(|t| if t == base.entity_pos { (x.squeeze(0).unwrap().get(t).unwrap() + &delta).unwrap() } else { x.squeeze(0).unwrap().get(t).unwrap() }).collect();
                 Ok(Some(candle_core::Tensor::stack(&rows, 0)?.unsqueeze(0)?))
             })
@@ -170,14 +191,16 @@ fn planted_subspace_swap_equals_a_hooked_full_run_and_is_learned() {
         assert!(diff < 1e-4, "pair {r}: {diff}");
         assert_eq!(lb.targets[r * lb.k], ids[base.label_start]);
     }
-    let (cause, isolate) = interchange_accuracy(&lm.model, &plant, &examples, &pairs, pad).unwrap();
-    assert!((0.0..=1.0).contains(&cause) && (0.0..=1.0).contains(&isolate));
+    let acc = interchange_accuracy(&lm.model, &plant, &examples, &pairs, pad).unwrap();
+    assert_eq!(acc.len(), 2);
 
     // Bad plant settings are refused, naming the setting.
     for (bad, key) in [
-        (ToyConfig { plant_attribute: "Altitude".into(), ..cfg.clone() }, "plant_attribute"),
+        (ToyConfig { plant_attributes: vec!["Altitude".into()], ..cfg.clone() }, "plant_attributes"),
+        (ToyConfig { plant_attributes: vec!["Country".into(), "Country".into()], ..cfg.clone() }, "listed twice"),
         (ToyConfig { plant_layer: 2, ..cfg.clone() }, "plant_layer"),
         (ToyConfig { plant_dims: 0, ..cfg.clone() }, "plant_dims"),
+        (ToyConfig { plant_dims: 40, ..cfg.clone() }, "must fit in `hidden_size`"),
         (ToyConfig { plant_weight: 0.0, ..cfg.clone() }, "plant_weight"),
     ] {
         let err = bad.validate().unwrap_err().to_string();

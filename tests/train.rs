@@ -103,8 +103,8 @@ fn the_shipped_toy_run_config_loads_and_names_the_standard_toy() {
     assert_eq!((cfg.interpreter.rank, cfg.train.epochs, cfg.train.batch_size), (16, 2, 32));
     assert_eq!((cfg.train.causal_weight, cfg.train.isolate_weight, cfg.train.lr), (1.0, 1.0, 1e-3));
     assert_eq!(cfg.data.train, "data/toy/city_country_train.jsonl");
-    // The standard toy plants Country at the layer this config intervenes on.
+    // The standard toy plants Country (and Continent) at the layer this config intervenes on.
     let toy = hyperdas::toy::ToyConfig::standard();
-    assert_eq!((toy.plant_attribute.as_str(), toy.plant_layer), ("Country", 1));
+    assert_eq!((toy.plant_attributes.as_slice(), toy.plant_layer), (&["Country".to_string(), "Continent".to_string()][..], 1));
     toy.validate().unwrap();
 }

@@ -70,7 +70,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         bail!("{} exists and is not empty: choose another --out or remove it", out.display());
     }
     let target_name = if a.tiny || crate::train::run::toy_config(&a.model).is_some() { "the toy world".to_string() } else { a.model.clone() };
-    println!("hyperdas {} demo: HyperDAS (Sun et al., ICLR 2025) on {target_name}, city Country", env!("CARGO_PKG_VERSION"));
+    println!("hyperdas {} demo: HyperDAS (Sun et al., ICLR 2025) on {target_name}, RAVEL city", env!("CARGO_PKG_VERSION"));
     println!("run directory: {}", out.display());
 
     // 1. The target: the toy world (cached after the first time) or a real model.
@@ -85,7 +85,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             t.elapsed().as_secs_f64(),
             toy.report.cities,
             toy_cfg.layers,
-            toy.report.planted.as_ref().map(|p| format!("; {} planted in {} dimensions at block {}", p.attribute, p.dims, p.layer)).unwrap_or_default()
+            if toy.report.planted.is_empty() { String::new() } else { format!("; {}", crate::toy::planted_summary(&toy.report.planted)) }
         );
         let lm = crate::model::load(&toy.dir.display().to_string(), &crate::model::LoadOptions::default())?;
         (lm, KnowledgeBase::from_dir(&toy.dir.join("ravel"), "city")?, Some(toy))
@@ -103,23 +103,27 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
 
     // 2. Counterfactual data, filtered by what the model knows.
     let t = Instant::now();
-    let country = kb.attribute("Country")?;
+    // The toy plants Country and Continent: train on both (as the paper's per-domain models
+    // train on several attributes). A real model: Country only, to keep the run short.
+    let target_names: Vec<&str> = if toy.is_some() && !a.tiny { vec!["Country", "Continent"] } else { vec!["Country"] };
+    let targets: Vec<usize> = target_names.iter().map(|n| kb.attribute(n)).collect::<crate::Result<_>>()?;
+    let stem = format!("city_{}", target_names.join("_").to_lowercase());
     let data_dir = out.join("data");
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let mut paths = Vec::new();
     for (split, causal, isolate) in SIZES {
         let (causal, isolate) = match (toy.is_some(), a.tiny) {
             (_, true) => (causal / 20, isolate / 20),
-            (true, false) => (causal, isolate),
+            (true, false) => (causal / targets.len(), isolate / targets.len()),
             // A real model knows far fewer facts: the `data build` defaults (docs/data.md).
             (false, false) => (1000, 200),
         };
-        let g = generate(&kb, &GenerateOptions { targets: vec![country], split, causal, isolate, seed: 42, entities: EntityPolicy::All })?;
+        let g = generate(&kb, &GenerateOptions { targets: targets.clone(), split, causal, isolate, seed: 42, entities: EntityPolicy::All })?;
         let (rows, _) = filter_rows(&lm.model, &lm.tokenizer, g.rows, &FilterOptions { batch_size: 64, progress })?;
         if rows.is_empty() {
-            bail!("{}: the model answers none of the {} Country prompts correctly, so there is nothing to intervene on", a.model, split.name());
+            bail!("{}: the model answers none of the {} prompts correctly, so there is nothing to intervene on", a.model, split.name());
         }
-        let path = data_dir.join(format!("city_country_{}.jsonl", split.name()));
+        let path = data_dir.join(format!("{stem}_{}.jsonl", split.name()));
         write_jsonl(&path, &rows)?;
         let n_causal = rows.iter().filter(|r| r.is_causal()).count();
         println!("      {} rows: {} causal, {} isolate -> {}", split.name(), n_causal, rows.len() - n_causal, path.display());
@@ -141,7 +145,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     sets.extend(a.sets.iter().cloned());
     let cfg: RunConfig = if toy.is_some() { crate::config::load_text(TOY_RUN, "configs/toy.toml (embedded)", &sets)? } else { crate::config::load(None, &sets)? };
     let run_dir = out.join("hyperdas");
-    let results = crate::train::run::run(&cfg, &run_dir, false, progress)?.context("the run stopped before its end")?;
+    crate::train::run::run(&cfg, &run_dir, false, progress)?.context("the run stopped before its end")?;
     println!("[3/4] HyperDAS trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
 
     // 4. Where the chosen positions land, against the answer key (the city's last token), and the report.
@@ -155,23 +159,29 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             "The toy world (docs/toy.md): a {}-block Llama trained from scratch on {} RAVEL cities{}. HyperDAS intervenes on the residual entering block {layer}, trained with <code>configs/toy.toml</code>.",
             toy_cfg.layers,
             toy.report.cities,
-            toy.report.planted.as_ref().map(|p| format!(", with {} planted in a known {}-dimensional subspace at block {} (the answer key)", p.attribute, p.dims, p.layer)).unwrap_or_default(),
+            if toy.report.planted.is_empty() { String::new() } else { format!(", with {}, each in a known subspace (the answer key)", crate::toy::planted_summary(&toy.report.planted)) },
         ),
         None => format!("Target: {} ({}). HyperDAS intervenes on the residual entering block {layer} of {}, with the real-model defaults and 2 epochs.", esc(&a.model), esc(&lm.description), lm.model.num_layers()),
     };
-    let mut notes = vec![format!("{target} Data: {} training and {} test rows of city Country counterfactuals (causal and isolate) that the model answers correctly.", landing.train_rows, landing.rows)];
+    let mut notes = vec![format!("{target} Data: {} training and {} test rows of city {} counterfactuals (causal and isolate) that the model answers correctly.", landing.train_rows, landing.rows, target_names.join(" and "))];
     for l in &landing.by_mode {
         notes.push(l.sentence());
     }
     let what = target_name;
-    let report = crate::report::write_report(&run_dir, &paths[1], &crate::report::ReportExtras { title: format!("hyperdas demo: HyperDAS on {what}, city Country"), notes })?;
+    let report = crate::report::write_report(&run_dir, &paths[1], &crate::report::ReportExtras { title: format!("hyperdas demo: HyperDAS on {what}, city {}", target_names.join(" and ")), notes })?;
     println!("[4/4] positions checked and report written in {:.1} s", t.elapsed().as_secs_f64());
 
     println!();
-    println!("{:<16} {:>6} {:>8} {:>12}   ({what}, city Country, {} test rows)", "mode", "Cause", "Isolate", "Disentangle", landing.rows);
-    for (mode, r) in &results {
-        let acc = |k: &str| r.accs.get(k).copied().unwrap_or(f64::NAN);
-        println!("{:<16} {:>6.3} {:>8.3} {:>12.3}", mode, acc("causal"), acc("isolate"), acc("disentangle"));
+    println!("{:<16} {:<10} {:>6} {:>8} {:>12}   ({what}, RAVEL city, {} test rows)", "mode", "attribute", "Cause", "Isolate", "Disentangle", landing.rows);
+    let by_attr: std::collections::BTreeMap<String, Vec<crate::train::hyperdas::GroupScores>> = {
+        let p = run_dir.join("results.by_attribute.json");
+        serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?).with_context(|| format!("{}", p.display()))?
+    };
+    // Per intervened attribute, and their mean when there are several.
+    for (mode, groups) in &by_attr {
+        for g in groups.iter().filter(|g| g.attribute != "mean" || target_names.len() > 1) {
+            println!("{:<16} {:<10} {:>6.3} {:>8.3} {:>12.3}", mode, g.attribute, g.causal, g.isolate, g.disentangle);
+        }
     }
     println!();
     for l in &landing.by_mode {

@@ -88,15 +88,11 @@ pub fn run(a: &ToyArgs) -> Result<()> {
         let weak: Vec<String> = r.templates.iter().filter(|t| !t.train && t.accuracy < TARGET_HELD_OUT).map(|t| format!("{:?} {:.0}%", t.template, 100.0 * t.accuracy)).collect();
         eprintln!("  weakest held-out templates: {}", weak.join(", "));
     }
-    if let Some(p) = &r.planted {
-        println!(
-            "  planted: {} in {} dimensions of the residual entering block {} at the city's token ({}/planted_basis.safetensors)",
-            p.attribute,
-            p.dims,
-            p.layer,
-            m.dir.display()
-        );
-        println!("  swap of that subspace on {} held-out pairs: cause {:.1}%, isolate {:.1}%", p.pairs, 100.0 * p.cause, 100.0 * p.isolate);
+    if !r.planted.is_empty() {
+        println!("  planted: {} (residual entering the block, at the city's token; bases in {}/planted_basis.safetensors)", crate::toy::planted_summary(&r.planted), m.dir.display());
+        for p in &r.planted {
+            println!("  swap of the {} subspace on {} held-out pairs: cause {:.1}%, isolate {:.1}%", p.attribute, p.pairs, 100.0 * p.cause, 100.0 * p.isolate);
+        }
     }
     if let Some(out) = &a.out {
         std::fs::create_dir_all(out)?;

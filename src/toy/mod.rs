@@ -28,7 +28,7 @@ pub use train::{AttributeAccuracy, ToyConfig};
 use world::World;
 
 /// Bumped whenever the world, the tokenizer or the training code changes what a config produces.
-pub const TOY_FORMAT: u32 = 5;
+pub const TOY_FORMAT: u32 = 6;
 
 /// Accuracy targets: first-token accuracy per attribute.
 pub const TARGET_TRAIN: f64 = 0.98;
@@ -50,13 +50,13 @@ pub struct ToyReport {
     pub templates: Vec<train::TemplateAccuracy>,
     pub train_seconds: f64,
     pub threads: usize,
-    /// The planted subspace's interchange accuracy (when the config plants one).
+    /// Each planted subspace's interchange accuracy (empty when the config plants none).
     #[serde(default)]
-    pub planted: Option<PlantedReport>,
+    pub planted: Vec<PlantedReport>,
 }
 
-/// How well the planted subspace carries its attribute, on held-out templates: the basis is
-/// in `planted_basis.safetensors` (tensor `basis`, `[D, k]`).
+/// How well a planted subspace carries its attribute, on held-out templates: the basis is in
+/// `planted_basis.safetensors` (a tensor named after the attribute, `[D, k]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PlantedReport {
     pub attribute: String,
@@ -73,6 +73,18 @@ impl ToyReport {
     /// Does every attribute meet the targets?
     pub fn meets_targets(&self) -> bool {
         self.accuracy.iter().all(|a| a.train >= TARGET_TRAIN && a.held_out >= TARGET_HELD_OUT)
+    }
+}
+
+/// "Country and Continent planted in 8 dimensions each at block 1" (empty when nothing is planted).
+pub fn planted_summary(planted: &[PlantedReport]) -> String {
+    match planted {
+        [] => String::new(),
+        [p] => format!("{} planted in {} dimensions at block {}", p.attribute, p.dims, p.layer),
+        [first, ..] => {
+            let names: Vec<&str> = planted.iter().map(|p| p.attribute.as_str()).collect();
+            format!("{} and {} planted in {} dimensions each at block {}", names[..names.len() - 1].join(", "), names[names.len() - 1], first.dims, first.layer)
+        }
     }
 }
 
@@ -151,17 +163,19 @@ fn write_toy(cfg: &ToyConfig, dir: &Path, key: &str, progress: bool) -> Result<T
     let accuracy = train::evaluate(&model, &tok, &world)?;
     let templates = train::evaluate_templates(&model, &tok, &world)?;
     train::save_hf(dir, &config_json, &params, &frozen)?;
-    let planted = match plant::Plant::new(cfg, &world, model.device())? {
-        Some(p) => {
-            let held = train::encode_examples(&tok, &world.examples(false))?;
-            let pairs = plant::draw_pairs(&mut crate::rng::Rng::derive(cfg.seed, "toy/plant-report"), &held, world.cities.len(), p.attribute, 1000);
-            let (cause, isolate) = plant::interchange_accuracy(&model, &p, &held, &pairs, tok.padding_id())?;
-            let path = dir.join("planted_basis.safetensors");
-            candle_core::safetensors::save(&std::collections::HashMap::from([("basis".to_string(), p.basis.clone())]), &path).map_err(|e| Error::file(&path, format!("cannot write: {e}")))?;
-            Some(PlantedReport { attribute: cfg.plant_attribute.clone(), layer: p.layer, dims: cfg.plant_dims, cause, isolate, pairs: pairs.len() })
+    let mut planted = Vec::new();
+    if let Some(p) = plant::Plant::new(cfg, &world, model.device())? {
+        let held = train::encode_examples(&tok, &world.examples(false))?;
+        let pairs = plant::draw_pairs(&mut crate::rng::Rng::derive(cfg.seed, "toy/plant-report"), &held, world.cities.len(), &p.attributes, 1000 * p.attributes.len());
+        let acc = plant::interchange_accuracy(&model, &p, &held, &pairs, tok.padding_id())?;
+        let path = dir.join("planted_basis.safetensors");
+        let named: std::collections::HashMap<String, candle_core::Tensor> = cfg.plant_attributes.iter().cloned().zip(p.bases.iter().cloned()).collect();
+        candle_core::safetensors::save(&named, &path).map_err(|e| Error::file(&path, format!("cannot write: {e}")))?;
+        for (w, (name, (cause, isolate))) in cfg.plant_attributes.iter().zip(acc).enumerate() {
+            let n = pairs.iter().filter(|q| q.2 == w).count();
+            planted.push(PlantedReport { attribute: name.clone(), layer: p.layer, dims: cfg.plant_dims, cause, isolate, pairs: n });
         }
-        None => None,
-    };
+    }
     let report = ToyReport {
         format: TOY_FORMAT,
         config: cfg.clone(),

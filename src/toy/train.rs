@@ -52,14 +52,14 @@ pub struct ToyConfig {
     /// from where they were written (attribute extraction).
     #[serde(default)]
     pub attention_only_blocks: usize,
-    /// Plant this attribute in a known subspace by interchange intervention training
-    /// ([`crate::toy::plant`]); empty: no plant.
+    /// Plant these attributes, each in its own known subspace, by interchange intervention
+    /// training ([`crate::toy::plant`]); empty: no plant.
     #[serde(default)]
-    pub plant_attribute: String,
+    pub plant_attributes: Vec<String>,
     /// The planted subspace lives in the residual entering this block, at the city's last token.
     #[serde(default)]
     pub plant_layer: usize,
-    /// Dimension of the planted subspace.
+    /// Dimension of each planted subspace.
     #[serde(default)]
     pub plant_dims: usize,
     /// Weight of the interchange loss beside the language-model loss.
@@ -88,7 +88,7 @@ impl ToyConfig {
             countries: 10,
             token_local_blocks: 1,
             attention_only_blocks: 2,
-            plant_attribute: "Country".into(),
+            plant_attributes: vec!["Country".into(), "Continent".into()],
             plant_layer: 1,
             plant_dims: 8,
             plant_weight: 1.0,
@@ -97,7 +97,7 @@ impl ToyConfig {
 
     /// A smaller variant of the same code path, for tests.
     pub fn tiny() -> Self {
-        ToyConfig { seed: 0, cities: 24, hidden_size: 64, layers: 1, heads: 4, intermediate_size: 256, steps: 300, batch_size: 32, lr: 5e-3, warmup_steps: 20, weight_decay: 0.0, eval_every: 50, countries: 0, token_local_blocks: 0, attention_only_blocks: 0, plant_attribute: String::new(), plant_layer: 0, plant_dims: 0, plant_weight: 0.0 }
+        ToyConfig { seed: 0, cities: 24, hidden_size: 64, layers: 1, heads: 4, intermediate_size: 256, steps: 300, batch_size: 32, lr: 5e-3, warmup_steps: 20, weight_decay: 0.0, eval_every: 50, countries: 0, token_local_blocks: 0, attention_only_blocks: 0, plant_attributes: Vec::new(), plant_layer: 0, plant_dims: 0, plant_weight: 0.0 }
     }
 
     /// Reject settings that cannot train (each error names the setting).
@@ -120,15 +120,25 @@ impl ToyConfig {
         if !self.hidden_size.is_multiple_of(self.heads) {
             return Err(Error::invalid(format!("toy setting `hidden_size` ({}) must be a multiple of `heads` ({})", self.hidden_size, self.heads)));
         }
-        if !self.plant_attribute.is_empty() {
-            if !super::world::attribute_names().any(|a| a == self.plant_attribute) {
-                return Err(Error::invalid(format!("toy setting `plant_attribute`: {:?} is not one of {:?}", self.plant_attribute, super::world::attribute_names().collect::<Vec<_>>())));
+        if !self.plant_attributes.is_empty() {
+            for (i, a) in self.plant_attributes.iter().enumerate() {
+                if !super::world::attribute_names().any(|n| n == a) {
+                    return Err(Error::invalid(format!("toy setting `plant_attributes`: {a:?} is not one of {:?}", super::world::attribute_names().collect::<Vec<_>>())));
+                }
+                if self.plant_attributes[..i].contains(a) {
+                    return Err(Error::invalid(format!("toy setting `plant_attributes`: {a:?} is listed twice")));
+                }
             }
             if self.plant_layer >= self.layers {
                 return Err(Error::invalid(format!("toy setting `plant_layer` ({}) must be below `layers` ({}): some block must read the planted subspace", self.plant_layer, self.layers)));
             }
-            if self.plant_dims == 0 || self.plant_dims > self.hidden_size {
-                return Err(Error::invalid(format!("toy setting `plant_dims` ({}) must be between 1 and `hidden_size` ({})", self.plant_dims, self.hidden_size)));
+            if self.plant_dims == 0 || self.plant_dims * self.plant_attributes.len() > self.hidden_size {
+                return Err(Error::invalid(format!(
+                    "toy setting `plant_dims` ({}) must be at least 1, and {} planted attributes × `plant_dims` must fit in `hidden_size` ({})",
+                    self.plant_dims,
+                    self.plant_attributes.len(),
+                    self.hidden_size
+                )));
             }
             if !(self.plant_weight > 0.0 && self.plant_weight.is_finite()) {
                 return Err(Error::invalid(format!("toy setting `plant_weight` ({}) must be positive", self.plant_weight)));
@@ -350,9 +360,9 @@ pub fn pretrain(
     // same with and without it; a fixed held-out sample of pairs for the curve.
     let plant = super::plant::Plant::new(cfg, world, &device)?;
     let mut pair_rng = Rng::derive(cfg.seed, "toy/plant-pairs");
-    let mut pair_queue: Vec<Vec<(usize, usize)>> = Vec::new();
+    let mut pair_queue: Vec<Vec<super::plant::Pair>> = Vec::new();
     let held_pairs = match &plant {
-        Some(p) => super::plant::draw_pairs(&mut Rng::derive(cfg.seed, "toy/plant-held"), &held, world.cities.len(), p.attribute, 300),
+        Some(p) => super::plant::draw_pairs(&mut Rng::derive(cfg.seed, "toy/plant-held"), &held, world.cities.len(), &p.attributes, 300),
         None => Vec::new(),
     };
     let pb = crate::progress::bar(cfg.steps as u64, "training the toy model [{bar:30}] {pos}/{len} steps {elapsed} (eta {eta}) {msg}", progress);
@@ -386,8 +396,8 @@ pub fn pretrain(
             Some(p) => {
                 // Length-bucketed like the language-model batches (base and source share the template).
                 if pair_queue.is_empty() {
-                    let mut pool = super::plant::draw_pairs(&mut pair_rng, &train, world.cities.len(), p.attribute, BUCKET * cfg.batch_size);
-                    pool.sort_by_key(|&(b, _)| train[b].ids.len());
+                    let mut pool = super::plant::draw_pairs(&mut pair_rng, &train, world.cities.len(), &p.attributes, BUCKET * cfg.batch_size);
+                    pool.sort_by_key(|&(b, _, _)| train[b].ids.len());
                     pair_queue = pool.chunks(cfg.batch_size).map(|c| c.to_vec()).collect();
                     pair_rng.shuffle(&mut pair_queue);
                 }
@@ -422,7 +432,9 @@ pub fn pretrain(
             record["held_out_accuracy"] = serde_json::json!(mean(&ho));
             let mut msg = format!("loss {:.3} acc {:.2}/{:.2}", ema.unwrap_or(l), mean(&tr), mean(&ho));
             if let Some(p) = &plant {
-                let (cause, isolate) = super::plant::interchange_accuracy(&model, p, &held, &held_pairs, pad)?;
+                let acc = super::plant::interchange_accuracy(&model, p, &held, &held_pairs, pad)?;
+                let mean = |f: fn(&(f64, f64)) -> f64| acc.iter().map(f).sum::<f64>() / acc.len().max(1) as f64;
+                let (cause, isolate) = (mean(|a| a.0), mean(|a| a.1));
                 record["interchange_cause"] = serde_json::json!(cause);
                 record["interchange_isolate"] = serde_json::json!(isolate);
                 msg += &format!(" swap {cause:.2}/{isolate:.2}");
