@@ -89,7 +89,7 @@ pub fn run(a: &ToyArgs) -> Result<()> {
         eprintln!("  weakest held-out templates: {}", weak.join(", "));
     }
     if !r.planted.is_empty() {
-        println!("  planted: {} (residual entering the block, at the city's token; bases in {}/planted_basis.safetensors)", crate::toy::planted_summary(&r.planted), m.dir.display());
+        println!("  {} (residual entering the block, at the city's token; bases in {}/planted_basis.safetensors)", crate::toy::planted_summary(&r.planted), m.dir.display());
         for p in &r.planted {
             println!("  swap of the {} subspace on {} held-out pairs: cause {:.1}%, isolate {:.1}%", p.attribute, p.pairs, 100.0 * p.cause, 100.0 * p.isolate);
         }
