@@ -176,17 +176,40 @@ code{{background:#f5f5f5;padding:1px 4px}}</style></head><body>
     for n in &extras.notes {
         let _ = write!(h, "<p>{n}</p>");
     }
-    // Scores.
-    let _ = write!(h, "<h2>Scores (test set, {} rows)</h2><table><tr><th>method · inference mode</th><th>Cause</th><th>Isolate</th><th>Disentangle</th><th>test loss</th></tr>", enc.rows.len());
-    let best = results.values().map(|r| r.accs.get("disentangle").copied().unwrap_or(0.0)).fold(0.0, f64::max);
-    for (mode, r) in &results {
-        let acc = |k: &str| r.accs.get(k).copied().unwrap_or(f64::NAN);
-        let cls = if acc("disentangle") == best { " class=\"best\"" } else { "" };
-        let _ = write!(h, "<tr{cls}><td>HyperDAS · {}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td></tr>", esc(mode), acc("causal"), acc("isolate"), acc("disentangle"), r.test_loss);
+    // Scores: per (domain, attribute) and mode when the run wrote them, else per mode.
+    let by_attr: Option<BTreeMap<String, Vec<crate::train::hyperdas::GroupScores>>> = read_json(&run_dir.join("results.by_attribute.json")).ok();
+    let _ = write!(h, "<h2>Scores (test set, {} rows)</h2><table><tr><th>method · inference mode</th><th>attribute</th><th>Cause</th><th>Isolate</th><th>Disentangle</th><th>rows (causal / isolate)</th></tr>", enc.rows.len());
+    match &by_attr {
+        Some(groups) => {
+            let n_attr = groups.values().next().map(|g| g.iter().filter(|x| x.attribute != "mean").count()).unwrap_or(0);
+            for (mode, gs) in groups {
+                for g in gs.iter().filter(|g| g.attribute != "mean" || n_attr > 1) {
+                    let cls = if g.attribute == "mean" { " class=\"best\"" } else { "" };
+                    let _ = write!(
+                        h,
+                        "<tr{cls}><td>HyperDAS · {}</td><td>{} {}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{} / {}</td></tr>",
+                        esc(mode),
+                        esc(&g.domain),
+                        esc(&g.attribute),
+                        g.causal,
+                        g.isolate,
+                        g.disentangle,
+                        g.causal_rows,
+                        g.isolate_rows
+                    );
+                }
+            }
+        }
+        None => {
+            for (mode, r) in &results {
+                let acc = |k: &str| r.accs.get(k).copied().unwrap_or(f64::NAN);
+                let _ = write!(h, "<tr><td>HyperDAS · {}</td><td>all</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td></td></tr>", esc(mode), acc("causal"), acc("isolate"), acc("disentangle"));
+            }
+        }
     }
     let _ = write!(
         h,
-        "</table><p>Cause: share of causal rows whose first {} label tokens follow the source after the intervention; Isolate: share of isolate rows that keep the base's answer; Disentangle: their mean. Baselines (DAS, MDAS) join this table when the baselines land.</p>",
+        "</table><p>Cause: share of causal rows whose first {} label tokens follow the source after the intervention; Isolate: share of isolate rows that keep the base's answer; Disentangle: their mean. An isolate row counts under the attribute the instruction names. <b>mean</b>: the mean over the attributes (each weighs the same). Baselines (DAS, MDAS) join this table when the baselines land.</p>",
         run.config.train.label_limit
     );
     // Heatmaps.
