@@ -30,7 +30,7 @@ const TOY_RUN: &str = include_str!("../../configs/toy.toml");
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Target model: `toy` (the default), or a real model: a fetched name (smollm2-135m; fetched
-    /// if needed), an HF directory, a .gguf file or a hub id. About 15 min for SmolLM2-135M on 2 cores.
+    /// if needed), an HF directory, a .gguf file or a hub id. About 14 min for SmolLM2-135M on 2 cores.
     #[arg(long, short, default_value = "toy")]
     model: String,
     /// Run directory (default: runs/demo, or runs/demo-2, -3, ... if that exists).
