@@ -62,6 +62,7 @@ const SIZES: [(DataSplit, usize, usize); 2] = [(DataSplit::Train, 2000, 400), (D
 pub fn demo(a: &DemoArgs) -> Result<()> {
     let t0 = Instant::now();
     let progress = !a.quiet;
+    let tiny = a.tiny || a.model == "toy:tiny";
     let out = match &a.out {
         Some(p) => p.clone(),
         None => fresh_dir(Path::new("runs/demo")),
@@ -69,13 +70,13 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("{} exists and is not empty: choose another --out or remove it", out.display());
     }
-    let target_name = if a.tiny || crate::train::run::toy_config(&a.model).is_some() { "the toy world".to_string() } else { a.model.clone() };
+    let target_name = if tiny || crate::train::run::toy_config(&a.model).is_some() { "the toy world".to_string() } else { a.model.clone() };
     println!("hyperdas {} demo: HyperDAS (Sun et al., ICLR 2025) on {target_name}, RAVEL city", env!("CARGO_PKG_VERSION"));
     println!("run directory: {}", out.display());
 
     // 1. The target: the toy world (cached after the first time) or a real model.
-    let toy_target = a.tiny || crate::train::run::toy_config(&a.model).is_some();
-    let toy_cfg = if a.tiny || a.model == "toy:tiny" { crate::toy::ToyConfig::tiny() } else { crate::toy::ToyConfig::standard() };
+    let toy_target = tiny || crate::train::run::toy_config(&a.model).is_some();
+    let toy_cfg = if tiny { crate::toy::ToyConfig::tiny() } else { crate::toy::ToyConfig::standard() };
     let t = Instant::now();
     let (lm, kb, toy) = if toy_target {
         let toy = crate::toy::ensure(&toy_cfg, false, progress)?;
@@ -105,14 +106,14 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let t = Instant::now();
     // The toy plants Country and Continent: train on both (as the paper's per-domain models
     // train on several attributes). A real model: Country only, to keep the run short.
-    let target_names: Vec<&str> = if toy.is_some() && !a.tiny { vec!["Country", "Continent"] } else { vec!["Country"] };
+    let target_names: Vec<&str> = if toy.is_some() && !tiny { vec!["Country", "Continent"] } else { vec!["Country"] };
     let targets: Vec<usize> = target_names.iter().map(|n| kb.attribute(n)).collect::<crate::Result<_>>()?;
     let stem = format!("city_{}", target_names.join("_").to_lowercase());
     let data_dir = out.join("data");
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let mut paths = Vec::new();
     for (split, causal, isolate) in SIZES {
-        let (causal, isolate) = match (toy.is_some(), a.tiny) {
+        let (causal, isolate) = match (toy.is_some(), tiny) {
             (_, true) => (causal / 20, isolate / 20),
             (true, false) => (causal / targets.len(), isolate / targets.len()),
             // A real model knows far fewer facts: the `data build` defaults (docs/data.md).
@@ -135,7 +136,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     // defaults (2 epochs) otherwise. Data paths are set here.
     let t = Instant::now();
     let mut sets = vec![format!("data.train={:?}", paths[0].display().to_string()), format!("data.test={:?}", paths[1].display().to_string())];
-    if a.tiny {
+    if tiny {
         sets.extend(["model.path=\"toy:tiny\"", "interpreter.layer=0", "interpreter.num_blocks=1", "train.epochs=1"].map(String::from));
     }
     if toy.is_none() {
