@@ -120,7 +120,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             (false, false) => (1000, 200),
         };
         let g = generate(&kb, &GenerateOptions { targets: targets.clone(), split, causal, isolate, seed: 42, entities: EntityPolicy::All })?;
-        let (rows, _) = filter_rows(&lm.model, &lm.tokenizer, g.rows, &FilterOptions { batch_size: 64, progress })?;
+        let (rows, _) = filter_rows(&lm.model, &lm.tokenizer, g.rows, &FilterOptions { batch_size: 32, progress })?;
         if rows.is_empty() {
             bail!("{}: the model answers none of the {} prompts correctly, so there is nothing to intervene on", a.model, split.name());
         }

@@ -104,12 +104,14 @@ impl LayerChoice {
 #[serde(deny_unknown_fields, default)]
 pub struct EvalSection {
     pub modes: Vec<String>,
+    /// Rows per evaluation batch. 16 (the training batch): on SmolLM2-135M, 64 took 3× the
+    /// memory (7.96 GB against 2.49 GB peak RSS) and was slower (66 s against 46 s for 272 rows).
     pub batch_size: usize,
 }
 
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { modes: ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"].map(String::from).to_vec(), batch_size: 64 }
+        EvalSection { modes: ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"].map(String::from).to_vec(), batch_size: 16 }
     }
 }
 
