@@ -20,7 +20,7 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug)]
 pub struct ToyBenchArgs {
-    /// Timed trainings (each about 1.5 min with the defaults on 2 cores).
+    /// Timed trainings (each about 2 min with the defaults on 2 cores).
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// The small test variant instead of the standard toy model.

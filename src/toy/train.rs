@@ -69,7 +69,7 @@ pub struct ToyConfig {
 
 impl ToyConfig {
     /// The default toy world (docs/toy.md): 10 countries × 20 cities; block 0 token-local
-    /// (enrichment), blocks 1–2 attention-only (extraction); Country planted in 8 dimensions of
+    /// (enrichment), blocks 1–2 attention-only (extraction); Country and Continent planted in 8 dimensions each of
     /// the residual entering block 1 at the city's token.
     pub fn standard() -> Self {
         ToyConfig {
