@@ -25,28 +25,38 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(file: Option<&Path>, sets
 
 /// [`load`] starting from `base` instead of the type's `Default` (e.g. a preset).
 pub fn load_over<T: Serialize + DeserializeOwned>(base: &T, file: Option<&Path>, sets: &[String]) -> Result<T> {
-    let mut table = to_table(base)?;
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-        let user: Table = toml::from_str(&text).map_err(|e| Error::file(path, format!("not valid TOML: {e}")))?;
-        merge(&mut table, user, "", &path.display().to_string())?;
-    }
-    for s in sets {
-        let (key, raw) = s.split_once('=').ok_or_else(|| Error::invalid(format!("--set {s:?}: expected KEY=VALUE, e.g. train.lr=1e-4")))?;
-        set(&mut table, key.trim(), parse_value(raw.trim()))?;
-    }
-    let source = file.map(|p| p.display().to_string()).unwrap_or_else(|| "the defaults".into());
-    Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::invalid(format!("configuration ({source} + --set): {e}")))
+    let user = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+            let user: Table = toml::from_str(&text).map_err(|e| Error::file(path, format!("not valid TOML: {e}")))?;
+            Some((user, path.display().to_string()))
+        }
+        None => None,
+    };
+    resolve(to_table(base)?, user, sets)
 }
 
 /// [`load`] from TOML text instead of a file (an embedded preset such as `configs/toy.toml`);
 /// `name` stands for the file in error messages.
 pub fn load_text<T: Serialize + DeserializeOwned + Default>(text: &str, name: &str, sets: &[String]) -> Result<T> {
-    let mut table = to_table(&T::default())?;
     let user: Table = toml::from_str(text).map_err(|e| Error::invalid(format!("{name}: not valid TOML: {e}")))?;
-    merge(&mut table, user, "", name)?;
-    let base: T = Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::invalid(format!("configuration ({name}): {e}")))?;
-    load_over(&base, None, sets)
+    resolve(to_table(&T::default())?, Some((user, name.to_string())), sets)
+}
+
+/// `table` (the defaults or a preset), then the `user` table from `source`, then `sets`.
+fn resolve<T: DeserializeOwned>(mut table: Table, user: Option<(Table, String)>, sets: &[String]) -> Result<T> {
+    let source = match user {
+        Some((user, source)) => {
+            merge(&mut table, user, "", &source)?;
+            source
+        }
+        None => "the defaults".into(),
+    };
+    for s in sets {
+        let (key, raw) = s.split_once('=').ok_or_else(|| Error::invalid(format!("--set {s:?}: expected KEY=VALUE, e.g. train.lr=1e-4")))?;
+        set(&mut table, key.trim(), parse_value(raw.trim()))?;
+    }
+    Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::invalid(format!("configuration ({source} + --set): {e}")))
 }
 
 /// Write `cfg` as TOML (the resolved configuration of a run).

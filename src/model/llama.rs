@@ -382,6 +382,22 @@ impl Llama {
         Ok(HiddenStates { stacked, indices, final_normed })
     }
 
+    /// Embed `batch` and run blocks `0..l`: the residual entering block `l` `[B, T, D]`, with the
+    /// batch's context for [`forward_from`](Self::forward_from) (its mirror: together they are
+    /// one forward pass with an edit at layer `l` in between).
+    pub fn forward_to(&self, batch: &TokenBatch, l: usize) -> Result<(Tensor, ForwardContext)> {
+        let n = self.num_layers();
+        if l > n {
+            return Err(Error::invalid(format!("cannot stop at block {l}: the model has {n} blocks")));
+        }
+        let ctx = self.context(batch)?;
+        let mut x = self.embed_batch(batch)?; // [B, T, D]
+        for block in &self.layers[..l] {
+            x = block.forward(&x, &ctx)?; // [B, T, D]
+        }
+        Ok((x, ctx))
+    }
+
     /// Run blocks `l..L` and the final norm from a residual `[B, T, D]` entering block `l`
     /// (`l = L` applies only the norm). This is how an intervention at layer `l` avoids
     /// recomputing blocks `0..l`: take them from the clean pass.
@@ -435,24 +451,9 @@ impl Llama {
     /// Logits at chosen positions only: `final_normed [B, T, D]`, `positions [B, K]` (u32 indices
     /// into T) → `[B, K, V]`. Never materialises `[B, T, V]`.
     pub fn logits_at(&self, final_normed: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = final_normed.dims3()?;
-        let (pb, k) = positions.dims2()?;
-        if pb != b {
-            return Err(Error::invalid(format!("positions cover {pb} rows, the batch has {b}")));
-        }
-        let pos = positions.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-        let mut flat = Vec::with_capacity(b * k);
-        for (row, ps) in pos.iter().enumerate() {
-            for &p in ps {
-                if p as usize >= t {
-                    return Err(Error::invalid(format!("position {p} is outside the sequence length {t}")));
-                }
-                flat.push((row * t) as u32 + p);
-            }
-        }
-        let idx = Tensor::from_vec(flat, b * k, final_normed.device())?; // [B·K]
-        let h = final_normed.reshape((b * t, d))?.index_select(&idx, 0)?; // [B·K, D]
-        let logits = h.matmul(&self.lm_head.t()?)?; // [B·K, V]
+        let h = rows_at(final_normed, positions)?; // [B, K, D]
+        let (b, k, d) = h.dims3()?;
+        let logits = h.reshape((b * k, d))?.matmul(&self.lm_head.t()?)?; // [B·K, V]
         Ok(logits.reshape((b, k, self.config.vocab_size))?) // [B, K, V]
     }
 
@@ -469,4 +470,26 @@ impl Llama {
         let logits = final_normed.reshape((b * t, d))?.matmul(&self.lm_head.t()?)?; // [B·T, V]
         Ok(logits.reshape((b, t, self.config.vocab_size))?) // [B, T, V]
     }
+}
+
+/// Rows of `x [B, T, D]` at `positions [B, K]` (u32 indices into T) → `[B, K, D]`, checked on
+/// the host. Built on `index_select`, so gradients flow to `x`.
+pub fn rows_at(x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let (pb, k) = positions.dims2()?;
+    if pb != b {
+        return Err(Error::invalid(format!("positions cover {pb} rows, the batch has {b}")));
+    }
+    let pos = positions.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let mut flat = Vec::with_capacity(b * k);
+    for (row, ps) in pos.iter().enumerate() {
+        for &p in ps {
+            if p as usize >= t {
+                return Err(Error::invalid(format!("position {p} is outside the sequence length {t}")));
+            }
+            flat.push((row * t) as u32 + p);
+        }
+    }
+    let idx = Tensor::from_vec(flat, b * k, x.device())?; // [B·K]
+    Ok(x.reshape((b * t, d))?.index_select(&idx, 0)?.reshape((b, k, d))?) // [B, K, D]
 }

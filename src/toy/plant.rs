@@ -107,22 +107,10 @@ pub fn draw_pairs(rng: &mut Rng, examples: &[Encoded], cities: usize, planted: &
     pairs
 }
 
-/// Embed and run blocks `0..l`: the residual entering block `l` `[B, T, D]`.
-fn run_to(model: &Llama, batch: &TokenBatch, l: usize) -> Result<Tensor> {
-    let ctx = model.context(batch)?;
-    let mut x = model.embed(&batch.input_ids)?; // [B, T, D]
-    for i in 0..l {
-        x = model.block(i, &x, &ctx)?; // [B, T, D]
-    }
-    Ok(x)
-}
-
-/// Rows `x[b, pos[b]]` of `x [B, T, D]` → `[B, D]` (differentiable: index_select).
+/// Rows `x[b, pos[b]]` of `x [B, T, D]` → `[B, D]`.
 fn rows_at(x: &Tensor, pos: &[usize]) -> Result<Tensor> {
-    let (b, t, d) = x.dims3()?;
-    let idx: Vec<u32> = pos.iter().enumerate().map(|(r, &p)| (r * t + p) as u32).collect();
-    let idx = Tensor::from_vec(idx, b, x.device())?; // [B]
-    Ok(x.reshape((b * t, d))?.index_select(&idx, 0)?) // [B, D]
+    let p = Tensor::from_vec(pos.iter().map(|&p| p as u32).collect::<Vec<_>>(), (pos.len(), 1), x.device())?; // [B, 1]
+    Ok(crate::model::llama::rows_at(x, &p)?.squeeze(1)?) // [B, D]
 }
 
 /// The intervened run of `pairs`: logits at the label positions `[B, K, V]` and the batch
@@ -151,8 +139,8 @@ pub fn interchange_logits(model: &Llama, plant: &Plant, examples: &[Encoded], pa
     let src_batch = TokenBatch::left_padded(&src_rows, pad, device)?;
     let (_, ts) = src_batch.dims();
     let src_pos: Vec<usize> = pairs.iter().zip(&src_rows).map(|(&(_, si, _), r)| ts - r.len() + examples[si].entity_pos).collect();
-    let s = rows_at(&run_to(model, &src_batch, plant.layer)?, &src_pos)?; // [B, D]
-    let x = run_to(model, &lb.tokens, plant.layer)?; // [B, T, D]
+    let s = rows_at(&model.forward_to(&src_batch, plant.layer)?.0, &src_pos)?; // [B, D]
+    let (x, ctx) = model.forward_to(&lb.tokens, plant.layer)?; // [B, T, D]
     let h = rows_at(&x, &base_pos)?; // [B, D]
     let which: Vec<usize> = pairs.iter().map(|&(_, _, w)| w).collect();
     let r = plant.bases_for(&which)?; // [B, D, k]
@@ -165,7 +153,6 @@ pub fn interchange_logits(model: &Llama, plant: &Plant, examples: &[Encoded], pa
     }
     let onehot = Tensor::from_vec(onehot, (b, t, 1), device)?; // [B, T, 1]
     let x = (x + onehot.broadcast_mul(&delta.unsqueeze(1)?)?)?; // [B, T, D]
-    let ctx = model.context(&lb.tokens)?;
     let out = model.forward_from(plant.layer, &x, &ctx)?; // [B, T, D]
     Ok((model.logits_at(&out, &lb.positions)?, lb)) // [B, K, V]
 }
