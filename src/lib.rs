@@ -18,6 +18,7 @@
 //! * [`fetch`]: real pretrained weights from package registries.
 //! * [`cli`]: the `hyperdas` command line.
 
+pub mod alloc;
 pub mod atomic;
 pub mod cli;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod hub;
 pub mod model;
 pub mod params;
 pub mod parity;
+pub mod profile;
 pub mod progress;
 pub mod report;
 pub mod rng;

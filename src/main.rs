@@ -1,3 +1,4 @@
 fn main() {
+    hyperdas::alloc::tune();
     std::process::exit(hyperdas::cli::main());
 }

@@ -16,6 +16,59 @@ pub enum BenchCommand {
     /// Wall time of training the toy model from scratch (`hyperdas toy`), in a temporary
     /// directory (the cache is not touched); the median of --runs is reported.
     Toy(ToyBenchArgs),
+    /// HyperDAS training steps (forward, backward, AdamW) on RAVEL city rows: examples/s,
+    /// time per phase, GFLOP/s against the machine's matmul speed, peak memory.
+    Train(TrainBenchArgs),
+    /// Plain f32 matmul GFLOP/s for the shapes of a training step (the hardware limit the
+    /// other benchmarks are compared with).
+    Matmul(MatmulArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Intervention layer (the residual entering this block).
+    #[arg(long, default_value_t = 15)]
+    layer: usize,
+    /// Hypernetwork blocks.
+    #[arg(long, default_value_t = 2)]
+    blocks: usize,
+    /// Subspace rank.
+    #[arg(long, default_value_t = 32)]
+    rank: usize,
+    /// Subspace module (reflect_select, das, mask_select, boundless, none).
+    #[arg(long, default_value = "reflect_select")]
+    subspace: String,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Use only rows whose base and source have at most this many tokens (the reference's
+    /// benchmark had prompts of about 28–30 tokens).
+    #[arg(long, default_value_t = 30)]
+    max_tokens: usize,
+    /// Seed for the generated rows and the interpreter.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MatmulArgs {
+    /// Timed runs per shape (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Print one JSON line instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -75,6 +128,8 @@ pub fn run(c: &BenchCommand) -> Result<()> {
     match c {
         BenchCommand::Forward(a) => forward(a),
         BenchCommand::Toy(a) => toy(a),
+        BenchCommand::Train(a) => train(a),
+        BenchCommand::Matmul(a) => matmul(a),
     }
 }
 
@@ -194,6 +249,177 @@ fn forward(a: &ForwardArgs) -> Result<()> {
             sorted[0],
             sorted[sorted.len() - 1]
         );
+    }
+    Ok(())
+}
+
+/// Median seconds of `f` over `runs` calls after one untimed call.
+fn time_median(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut v = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        v.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(&mut v))
+}
+
+/// GFLOP/s of `[m, k] × [k, n]` f32 matmuls on the CPU.
+fn matmul_gflops(m: usize, k: usize, n: usize, runs: usize) -> Result<f64> {
+    let dev = candle_core::Device::Cpu;
+    let a = candle_core::Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+    let b = candle_core::Tensor::randn(0f32, 1.0, (k, n), &dev)?;
+    let secs = time_median(runs, || {
+        a.matmul(&b)?;
+        Ok(())
+    })?;
+    Ok(2.0 * (m * k * n) as f64 / secs / 1e9)
+}
+
+/// SmolLM2-135M's training-step shapes (batch 16 × ~29 tokens, d = 576, F = 1536).
+const MATMUL_SHAPES: [(usize, usize, usize, &str); 4] = [
+    (464, 576, 1536, "MLP up / gate"),
+    (464, 1536, 576, "MLP down"),
+    (464, 576, 576, "attention q / o"),
+    (14_384, 576, 192, "hypernetwork key / value (16 × 29 tokens × 31 states)"),
+];
+
+fn matmul(a: &MatmulArgs) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let mut rows = Vec::new();
+    for (m, k, n, what) in MATMUL_SHAPES {
+        let g = matmul_gflops(m, k, n, a.runs)?;
+        if !a.json {
+            println!("{m:>6} x {k:>4} x {n:>4}  {g:6.1} GFLOP/s  ({what})");
+        }
+        rows.push(serde_json::json!({"m": m, "k": k, "n": n, "gflops": g, "what": what}));
+    }
+    if a.json {
+        println!("{}", serde_json::json!({"bench": "matmul", "threads": threads, "shapes": rows}));
+    } else {
+        println!("f32 matmul, median of {} runs, {threads} threads (RAYON_NUM_THREADS={})", a.runs, std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()));
+    }
+    Ok(())
+}
+
+fn train(a: &TrainBenchArgs) -> Result<()> {
+    use crate::data::collate::{CollateOptions, collate, encode_rows};
+    use crate::data::generate::{DataSplit, EntityPolicy, GenerateOptions, generate};
+    use crate::data::ravel::KnowledgeBase;
+    use crate::hypernet::HyperConfig;
+    use crate::hypernet::interpreter::{Interpreter, InterpreterConfig};
+    use crate::hypernet::subspace::SubspaceKind;
+    use crate::params::ParamStore;
+    use crate::train::hyperdas::{TrainSettings, train_step};
+
+    if a.batch == 0 || a.steps == 0 {
+        bail!("--batch and --steps must be positive");
+    }
+    let lm = a.model.load()?;
+    let target = &lm.model;
+    let threads = candle_core::utils::get_num_threads();
+    // Rows: RAVEL city Country counterfactuals from the embedded knowledge base (unfiltered:
+    // throughput does not depend on whether the model knows the answer), short enough.
+    let kb = KnowledgeBase::builtin("city")?;
+    let need = a.batch * (a.steps + a.warmup);
+    let g = generate(&kb, &GenerateOptions { targets: vec![kb.attribute("Country")?], split: DataSplit::Train, causal: need * 2, isolate: need / 2, seed: a.seed, entities: EntityPolicy::All })?;
+    let enc = encode_rows(&lm.tokenizer, &g.rows, &CollateOptions { skip_unusable: true, ..Default::default() }, "generated rows")?;
+    let mut rows: Vec<_> = enc.rows.into_iter().filter(|r| r.base_ids.len() <= a.max_tokens && r.source_ids.len() <= a.max_tokens).collect();
+    let mut shuffle = crate::rng::Rng::derive(a.seed, "bench/rows");
+    shuffle.shuffle(&mut rows);
+    if rows.len() < need {
+        bail!("only {} generated rows have at most {} tokens; need {need} (raise --max-tokens or lower --steps)", rows.len(), a.max_tokens);
+    }
+    let subspace = SubspaceKind::parse(&a.subspace)?;
+    let icfg = InterpreterConfig { hypernet: HyperConfig { num_blocks: a.blocks, layer: a.layer, from_scratch: false, ablate_source: false, ablate_base: false, seed: a.seed }, subspace, rank: a.rank };
+    let mut ps = ParamStore::new();
+    let mut interp = Interpreter::new(&mut ps, target, &icfg)?;
+    let settings = TrainSettings { batch_size: a.batch, ..Default::default() };
+    let mut opt = settings.optimizer(&ps)?;
+    let total = a.steps + a.warmup;
+    let schedule = settings.schedule(total);
+    let pad = lm.tokenizer.padding_id();
+    if !a.json {
+        eprintln!(
+            "HyperDAS training step: batch {}, layer {}, {} blocks, {} rank {}, {} warm-up + {} timed steps, {threads} threads (RAYON_NUM_THREADS={})",
+            a.batch,
+            a.layer,
+            a.blocks,
+            a.subspace,
+            a.rank,
+            a.warmup,
+            a.steps,
+            std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
+        );
+    }
+    let conditioned = matches!(subspace, SubspaceKind::ReflectSelect | SubspaceKind::MaskSelect);
+    let mut secs = Vec::new();
+    let mut gflops = Vec::new();
+    let mut flops_total = Vec::new();
+    let mut phases: Vec<(&'static str, Vec<f64>)> = Vec::new();
+    let mut shapes = Vec::new();
+    for (step, chunk) in rows.chunks(a.batch).take(total).enumerate() {
+        let batch = collate(&chunk.iter().collect::<Vec<_>>(), pad);
+        let rec = crate::profile::Recording::start();
+        let t0 = Instant::now();
+        let o = train_step(target, &mut interp, &ps, &mut opt, &schedule, &batch, step, total, &settings)?;
+        let dt = t0.elapsed().as_secs_f64();
+        let ph = rec.finish();
+        let sh = crate::train::flops::StepShapes { batch: batch.len(), base_len: batch.base_len, source_len: batch.source_len, instruction_len: batch.instruction_len, labels: batch.max_label_tokens().min(settings.label_limit) };
+        let f = crate::train::flops::hyperdas_step(&target.config, a.layer, a.blocks, a.rank, conditioned, &sh);
+        if step < a.warmup {
+            continue;
+        }
+        if !a.json {
+            let parts: Vec<String> = ph.iter().map(|(n, t)| format!("{n} {t:.2}")).collect();
+            eprintln!("  step {}: {dt:.2} s = {:.1} examples/s, {:.0} GFLOP/s (T_b {}, T_s {}, T_e {}; loss {:.3}) [{}]", step - a.warmup + 1, a.batch as f64 / dt, f.total() / dt / 1e9, sh.base_len, sh.source_len, sh.instruction_len, o.loss, parts.join(", "));
+        }
+        secs.push(dt);
+        gflops.push(f.total() / dt / 1e9);
+        flops_total.push(f.total());
+        for (n, t) in ph {
+            match phases.iter_mut().find(|(m, _)| *m == n) {
+                Some((_, v)) => v.push(t),
+                None => phases.push((n, vec![t])),
+            }
+        }
+        shapes.push(sh);
+    }
+    let (min, max) = (secs.iter().copied().fold(f64::INFINITY, f64::min), secs.iter().copied().fold(0.0, f64::max));
+    let med = median(&mut secs.clone());
+    let med_gflops = median(&mut gflops);
+    let med_flops = median(&mut flops_total);
+    let d = target.config.hidden_size;
+    let peak = matmul_gflops(a.batch * shapes[0].base_len, d, target.config.intermediate_size, 10)?;
+    let rss = crate::profile::peak_rss_bytes();
+    let phase_medians: Vec<(&str, f64)> = phases.iter_mut().map(|(n, v)| (*n, median(v))).collect();
+    let mean = |f: &dyn Fn(&crate::train::flops::StepShapes) -> usize| shapes.iter().map(f).sum::<usize>() as f64 / shapes.len() as f64;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "train", "model": a.model.model, "dtype": a.model.load.dtype, "batch": a.batch, "layer": a.layer, "blocks": a.blocks,
+                "subspace": a.subspace, "rank": a.rank, "steps": a.steps, "threads": threads, "fused": crate::model::kernels::fused_enabled(),
+                "median_s": med, "min_s": min, "max_s": max, "examples_per_s": a.batch as f64 / med,
+                "gflop_per_step": med_flops / 1e9, "gflops": med_gflops, "matmul_gflops": peak,
+                "mean_base_len": mean(&|s| s.base_len), "mean_source_len": mean(&|s| s.source_len),
+                "phases": phase_medians.iter().map(|(n, t)| serde_json::json!({"phase": n, "median_s": t})).collect::<Vec<_>>(),
+                "peak_rss_bytes": rss,
+            })
+        );
+    } else {
+        println!(
+            "training step, batch {} (T_b {:.1}, T_s {:.1} on average): median {med:.2} s = {:.2} examples/s (min {min:.2} s, max {max:.2} s); {:.0} GFLOP per step at {med_gflops:.0} GFLOP/s = {:.0}% of this machine's {peak:.0} GFLOP/s matmul; peak RSS {}",
+            a.batch,
+            mean(&|s| s.base_len),
+            mean(&|s| s.source_len),
+            a.batch as f64 / med,
+            med_flops / 1e9,
+            100.0 * med_gflops / peak,
+            rss.map(|b| format!("{:.2} GB", b as f64 / 1e9)).unwrap_or_else(|| "unknown".into())
+        );
+        println!("  phases (median s): {}", phase_medians.iter().map(|(n, t)| format!("{n} {t:.2}")).collect::<Vec<_>>().join(", "));
     }
     Ok(())
 }

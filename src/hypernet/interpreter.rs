@@ -75,12 +75,15 @@ impl Interpreter {
         let source = batch.source_batch(dev)?;
         let ctx = target.context(&base)?;
         let hb = target.forward_hidden(&base, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states"))?.detach(); // [B, T_b, L+1, D]
+        crate::profile::mark("clean base");
         let hs = target.forward_hidden(&source, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states"))?.detach(); // [B, T_s, L+1, D]
+        crate::profile::mark("clean source");
         let (b, ts, tb) = (batch.len(), batch.source_len, batch.base_len);
         let base_mask = CollatedBatch::mask_tensor(&batch.base_intervention_mask, b, tb, dev)?;
         let source_mask = CollatedBatch::mask_tensor(&batch.source_intervention_mask, b, ts, dev)?;
         let instruction = batch.instruction_batch(dev)?;
         let out = self.hypernet.forward(&HyperInput { instruction: &instruction, base_states: &hb, base_mask: &base_mask, source_states: &hs, source_mask: &source_mask })?;
+        crate::profile::mark("hypernetwork");
         let w = match mode {
             InferenceMode::Soft => out.w.clone(),
             InferenceMode::GroundTruth => ground_truth(b, ts, tb, &batch.base_entity_pos, &batch.source_entity_pos, out.w.dtype(), dev)?,
@@ -90,10 +93,10 @@ impl Interpreter {
         let s = hs.narrow(2, l, 1)?.squeeze(2)?.to_dtype(candle_core::DType::F32)?; // [B, T_s, D]
         let m = mix_positions(&w, &s, &h)?; // [B, T_b, D]
         let new = self.subspace.apply(&h, &m, &out.z)?.to_dtype(target.dtype())?; // [B, T_b, D]
-        let final_normed = target.forward_from(l, &new, &ctx)?; // [B, T_b, D]
         let (k, pos, targets, valid) = batch.label_targets(label_limit);
         let positions = Tensor::from_vec(pos, (b, k), dev)?; // [B, K]
-        let logits = target.logits_at(&final_normed, &positions)?.to_dtype(candle_core::DType::F32)?; // [B, K, V]
+        let logits = target.logits_from(l, &new, &ctx, &positions)?.to_dtype(candle_core::DType::F32)?; // [B, K, V]
+        crate::profile::mark("intervened");
         Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w, w_soft: out.w })
     }
 }

@@ -34,7 +34,7 @@ use candle_core::{DType, Device, Tensor};
 use self::attention::{causal_mask, key_mask};
 use self::pointer::PointerHead;
 use crate::error::{Error, Result};
-use crate::intervention::subspace::unit_last_dim;
+use crate::model::kernels;
 use crate::model::llama::{Attention, Linear, Mlp, RmsNorm};
 use crate::model::rope::Rope;
 use crate::model::{Llama, TokenBatch};
@@ -227,30 +227,13 @@ impl HyperNetwork {
             return Err(Error::invalid(format!("intervention layer {} but only {l1} hidden-state indices were given", self.config.layer)));
         }
         let dev = self.embed_tokens.device();
-        let base_unit = unit_last_dim(&inp.base_states.to_dtype(DType::F32)?.detach())?; // [B, T_b, L+1, D]
-        let source_unit = unit_last_dim(&inp.source_states.to_dtype(DType::F32)?.detach())?; // [B, T_s, L+1, D]
-        let eb = base_unit.reshape((b, tb * l1, d))?; // [B, T_b·(L+1), D]
-        let es = source_unit.reshape((b, ts * l1, d))?; // [B, T_s·(L+1), D]
-        // A token's mask repeated for each of its L+1 hidden states: [B, T·(L+1)].
-        let flat_mask = |m: &Tensor| -> Result<Vec<u32>> {
-            let v = m.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-            Ok(v.iter().flat_map(|row| row.iter().flat_map(|&x| std::iter::repeat_n(x.min(1), l1))).collect())
-        };
-        let mb_flat = flat_mask(inp.base_mask)?;
-        let ms_flat = flat_mask(inp.source_mask)?;
-        // RoPE positions, as the reference: instruction cumsum(mask) (1-based), keys cumsum(M)·M.
-        let cumsum = |m: &[u32], t: usize| -> Vec<u32> {
-            m.chunks(t)
-                .flat_map(|row| {
-                    let mut acc = 0;
-                    row.iter().map(move |&x| {
-                        acc += x;
-                        acc * x.min(1)
-                    })
-                })
-                .collect()
-        };
+        // Keys and values: the visible tokens' states only, packed (a hidden key's weight is
+        // exactly 0 after the softmax, so leaving it out changes nothing); positions
+        // cumsum(M)·M along the reference's flattened order are 1.. over the visible entries.
+        let (eb, mb_flat, bpos, nb) = pack_visible(inp.base_states, inp.base_mask)?; // [B, n_b, D]
+        let (es, ms_flat, spos, ns) = pack_visible(inp.source_states, inp.source_mask)?; // [B, n_s, D]
         let instr_mask = inp.instruction.mask();
+        // The reference's instruction positions: cumsum(mask), 1-based.
         let instr_pos: Vec<u32> = instr_mask
             .chunks(te)
             .flat_map(|row| {
@@ -262,12 +245,12 @@ impl HyperNetwork {
             })
             .collect();
         let (qc, qs) = self.rope.cos_sin(&instr_pos, b, te, DType::F32, dev)?; // [B, 1, T_e, hd]
-        let (bc, bsn) = self.rope.cos_sin(&cumsum(&mb_flat, tb * l1), b, tb * l1, DType::F32, dev)?;
-        let (sc, ssn) = self.rope.cos_sin(&cumsum(&ms_flat, ts * l1), b, ts * l1, DType::F32, dev)?;
+        let (bc, bsn) = self.rope.cos_sin(&bpos, b, nb, DType::F32, dev)?; // [B, 1, n_b, hd]
+        let (sc, ssn) = self.rope.cos_sin(&spos, b, ns, DType::F32, dev)?; // [B, 1, n_s, hd]
         let mask_t = |v: &[u32], t: usize| Tensor::from_vec(v.to_vec(), (b, t), dev);
         let self_mask = causal_mask(&Tensor::from_vec(instr_mask.iter().map(|&x| x as u32).collect::<Vec<_>>(), (b, te), dev)?)?; // [B, 1, T_e, T_e]
-        let base_keys = key_mask(&mask_t(&mb_flat, tb * l1)?)?; // [B, 1, 1, T_b·(L+1)]
-        let source_keys = key_mask(&mask_t(&ms_flat, ts * l1)?)?; // [B, 1, 1, T_s·(L+1)]
+        let base_keys = key_mask(&mask_t(&mb_flat, nb)?)?; // [B, 1, 1, n_b]
+        let source_keys = key_mask(&mask_t(&ms_flat, ns)?)?; // [B, 1, 1, n_s]
 
         let ids = inp.instruction.input_ids.flatten_all()?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((b, te, d))?; // [B, T_e, D]
@@ -287,9 +270,41 @@ impl HyperNetwork {
         let z_all = self.norm.forward(&x)?; // [B, T_e, D]
         let z = z_all.narrow(1, te - 1, 1)?.squeeze(1)?; // [B, D] (left padding: the last token is real)
         let last_pos: Vec<u32> = instr_pos.chunks(te).map(|row| row[te - 1]).collect();
-        let hb = base_unit.narrow(2, self.config.layer, 1)?.squeeze(2)?; // [B, T_b, D]
-        let hs = source_unit.narrow(2, self.config.layer, 1)?.squeeze(2)?; // [B, T_s, D]
+        let layer_l = |st: &Tensor| -> Result<Tensor> { kernels::unit_rows(&st.narrow(2, self.config.layer, 1)?.squeeze(2)?.to_dtype(DType::F32)?.detach()) };
+        let hb = layer_l(inp.base_states)?; // [B, T_b, D] unit rows
+        let hs = layer_l(inp.source_states)?; // [B, T_s, D]
         let w = self.pointer.forward(&z, &last_pos, &hb, inp.base_mask, &hs, inp.source_mask, &self.rope)?;
         Ok(HyperOutput { z, w })
     }
+}
+
+/// The unit-normalised states of the visible tokens of `states [B, T, L+1, D]` (mask
+/// `[B, T]`), flattened token-major, layer-minor as the reference does, packed to the batch's
+/// longest `n` and padded with masked entries: `([B, n, D], mask [B·n], RoPE positions [B·n], n)`.
+/// Positions are 1, 2, … over the visible entries (the reference's `cumsum(M)·M`) and 0 on padding.
+fn pack_visible(states: &Tensor, mask: &Tensor) -> Result<(Tensor, Vec<u32>, Vec<u32>, usize)> {
+    let (b, t, l1, d) = states.dims4()?;
+    let m = mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let visible: Vec<Vec<usize>> = m.iter().map(|row| row.iter().enumerate().filter(|(_, x)| **x > 0).map(|(i, _)| i).collect()).collect();
+    let n = visible.iter().map(|v| v.len() * l1).max().unwrap_or(0).max(1);
+    let (mut idx, mut flat, mut pos) = (Vec::with_capacity(b * n), Vec::with_capacity(b * n), Vec::with_capacity(b * n));
+    for (row, toks) in visible.iter().enumerate() {
+        let mut k = 0u32;
+        for &tok in toks {
+            for layer in 0..l1 {
+                k += 1;
+                idx.push(((row * t + tok) * l1 + layer) as u32);
+                flat.push(1);
+                pos.push(k);
+            }
+        }
+        for _ in toks.len() * l1..n {
+            idx.push((row * t * l1) as u32); // any finite row: masked
+            flat.push(0);
+            pos.push(0);
+        }
+    }
+    let idx = Tensor::from_vec(idx, b * n, states.device())?; // [B·n]
+    let rows = states.detach().reshape((b * t * l1, d))?.index_select(&idx, 0)?.to_dtype(DType::F32)?; // [B·n, D]
+    Ok((kernels::unit_rows(&rows)?.reshape((b, n, d))?, flat, pos, n))
 }

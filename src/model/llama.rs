@@ -20,30 +20,22 @@
 //!
 //! Tensor names mirror HF (`model.layers.{l}.self_attn.q_proj.weight`, ...).
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::batch::{ForwardContext, TokenBatch};
+use super::kernels;
 use super::config::LlamaConfig;
-use super::rope::{Rope, apply_rotary};
+use super::rope::Rope;
 use super::site::Site;
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
-/// The dtype used inside norms and softmax: f32 for half types, else the input's own.
-fn accum_dtype(dt: DType) -> DType {
-    match dt {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    }
-}
+pub use super::kernels::accum_dtype;
 
-/// Softmax over the last dimension, composed from differentiable ops. The row max is detached:
-/// softmax is shift-invariant, so this changes no value or gradient and saves backward work.
+/// Softmax over the last dimension ([`kernels::softmax_masked`] without a mask: fused on the
+/// CPU, composed elsewhere; both have a backward).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach(); // [.., 1]
-    let e = x.broadcast_sub(&max)?.exp()?; // [.., N]
-    let s = e.sum_keepdim(D::Minus1)?; // [.., 1]
-    Ok(e.broadcast_div(&s)?)
+    kernels::softmax_masked(x, None)
 }
 
 /// `y = x Wᵀ + b` over the last dimension, with `W` stored `[out, in]` as in PyTorch.
@@ -65,7 +57,7 @@ impl Linear {
         let in_f = *dims.last().ok_or_else(|| Error::invalid("linear layer on a scalar"))?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_f))?; // [N, in]
-        let mut y = x2.matmul(&self.weight.t()?)?; // [N, out]
+        let mut y = kernels::matmul_t(&x2, &self.weight)?; // [N, out]
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?; // [N, out]
         }
@@ -89,11 +81,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let in_dt = x.dtype();
-        let xf = x.to_dtype(accum_dtype(in_dt))?; // [.., D]
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?; // [.., 1]
-        let xn = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?; // [.., D]
-        Ok(xn.to_dtype(in_dt)?.broadcast_mul(&self.weight)?) // [.., D]
+        kernels::rms_norm(x, &self.weight, self.eps) // [.., D]
     }
 }
 
@@ -133,22 +121,52 @@ impl Attention {
     /// self-attention, another for cross-attention), with RoPE tables `[B, 1, T, hd]` for the
     /// queries and the keys and an additive `mask` broadcastable to `[B, H, T_q, T_k]`.
     pub fn attend(&self, x: &Tensor, kv: &Tensor, q_rope: (&Tensor, &Tensor), k_rope: (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
+        let (k, v) = self.keys_values(kv, k_rope)?;
+        self.attend_kv(x, &k, &v, q_rope, mask)
+    }
+
+    /// RoPE'd keys and values of `kv [B, T_k, D]`: `[B, Hkv, T_k, hd]` each.
+    ///
+    /// When `kv` is a constant (the frozen target's hidden states, read by the hypernetwork)
+    /// and the projections are trainable, each of `k` and `v` is one graph node whose backward
+    /// gives only the weight gradient, `dW = (rope⁻¹ dk)ᵀ kv`: candle's own ops would also
+    /// compute the unused gradient of `kv` and route the large key tensors through several
+    /// more nodes (reshape, transpose, copy, RoPE), each allocating its gradient.
+    pub fn keys_values(&self, kv: &Tensor, k_rope: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
+        let (b, tk, d) = kv.dims3()?;
+        let (hkv, hd) = (self.n_kv_heads, self.head_dim);
+        let heads = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, tk, hkv, hd))?.transpose(1, 2)?.contiguous()?) }; // [B, Hkv, T_k, hd]
+        let trainable = self.k_proj.weight.track_op() && self.v_proj.weight.track_op();
+        let no_bias = self.k_proj.bias.is_none() && self.v_proj.bias.is_none();
+        if kv.track_op() || !trainable || !no_bias || !kernels::fused_enabled() {
+            let k = kernels::rope(&heads(self.k_proj.forward(kv)?)?, k_rope.0, k_rope.1)?;
+            let v = heads(self.v_proj.forward(kv)?)?;
+            return Ok((k, v));
+        }
+        let e = kv.detach().reshape((b * tk, d))?; // [B·T_k, D]
+        let k_val = kernels::rope(&heads(e.matmul(&self.k_proj.weight.detach().t()?)?)?, &k_rope.0.detach(), &k_rope.1.detach())?; // [B, Hkv, T_k, hd]
+        let v_val = heads(e.matmul(&self.v_proj.weight.detach().t()?)?)?; // [B, Hkv, T_k, hd]
+        let flat = move |g: &Tensor| -> Result<Tensor> { Ok(g.transpose(1, 2)?.reshape((b * tk, hkv * hd))?) }; // [B·T_k, Hkv·hd]
+        let (e_k, cos, sin) = (e.clone(), k_rope.0.detach(), k_rope.1.detach());
+        let k = kernels::graft(&self.k_proj.weight, k_val, move |dk| Ok(flat(&kernels::rope_inverse(dk, &cos, &sin)?)?.t()?.matmul(&e_k)?))?;
+        let v = kernels::graft(&self.v_proj.weight, v_val, move |dv| Ok(flat(dv)?.t()?.matmul(&e)?))?;
+        Ok((k, v))
+    }
+
+    /// Attention of `x [B, T_q, D]` over prepared keys and values `[B, Hkv, T_k, hd]`.
+    pub fn attend_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor, q_rope: (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
         let (b, tq, _) = x.dims3()?;
-        let tk = kv.dim(1)?;
+        let tk = k.dim(2)?;
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let rep = h / hkv;
         let q = self.q_proj.forward(x)?.reshape((b, tq, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, Tq, hd]
-        let k = self.k_proj.forward(kv)?.reshape((b, tk, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, Tk, hd]
-        let v = self.v_proj.forward(kv)?.reshape((b, tk, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, Tk, hd]
-        let q = apply_rotary(&q, q_rope.0, q_rope.1)?; // [B, H, Tq, hd]
-        let k = apply_rotary(&k, k_rope.0, k_rope.1)?; // [B, Hkv, Tk, hd]
+        let q = kernels::rope(&q, q_rope.0, q_rope.1)?; // [B, H, Tq, hd]
         // GQA without copying k/v: the `rep` query heads sharing a kv head are stacked along T.
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep * tq, hd))?; // [B, Hkv, rep·Tq, hd]
         let scores = q.matmul(&k.t()?)?.reshape((b, h, tq, tk))?; // [B, H, Tq, Tk]
         let scores = scores.to_dtype(accum_dtype(scores.dtype()))?; // [B, H, Tq, Tk]
-        let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?; // [B, H, Tq, Tk]
-        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?; // [B, H, Tq, Tk]
-        let out = probs.reshape((b, hkv, rep * tq, tk))?.matmul(&v)?; // [B, Hkv, rep·Tq, hd]
+        let probs = kernels::softmax_masked(&scores, Some(&mask.to_dtype(scores.dtype())?))?.to_dtype(v.dtype())?; // [B, H, Tq, Tk]
+        let out = probs.reshape((b, hkv, rep * tq, tk))?.matmul(v)?; // [B, Hkv, rep·Tq, hd]
         let out = out.reshape((b, h, tq, hd))?.transpose(1, 2)?.reshape((b, tq, h * hd))?; // [B, Tq, H·hd]
         self.o_proj.forward(&out) // [B, Tq, D]
     }
@@ -173,9 +191,9 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.silu()?; // [B, T, F]
+        let g = self.gate_proj.forward(x)?; // [B, T, F]
         let u = self.up_proj.forward(x)?; // [B, T, F]
-        self.down_proj.forward(&(g * u)?) // [B, T, D]
+        self.down_proj.forward(&kernels::silu_mul(&g, &u)?) // [B, T, D]
     }
 }
 

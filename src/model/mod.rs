@@ -21,10 +21,12 @@
 pub mod batch;
 pub mod config;
 pub mod gguf;
+pub mod kernels;
 pub mod llama;
 pub mod load;
 pub mod rope;
 pub mod site;
+pub mod tape;
 pub mod tokenizer;
 pub mod weights;
 

@@ -11,7 +11,7 @@
 //! `_compute_llama3_parameters`), so positions agree bit for bit with the reference. Positions
 //! are per row (`[B, T]`), which is what left-padded batches need.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::{RopeConfig, RopeScaling};
 use crate::error::Result;
@@ -80,13 +80,10 @@ impl Rope {
 }
 
 /// Apply rotary embeddings: `x [B, H, T, hd]`, `cos`/`sin` `[B, 1, T, hd]` → `[B, H, T, hd]`.
-/// Composed from differentiable ops only (candle's fused `rope` has no backward).
+/// [`kernels::rope`](super::kernels::rope): fused with its backward on the CPU, composed from
+/// differentiable ops elsewhere (candle's own fused `rope` has no backward).
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, hd / 2)?; // [B, H, T, hd/2]
-    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?; // [B, H, T, hd/2]
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?; // [B, H, T, hd]
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?) // [B, H, T, hd]
+    super::kernels::rope(x, cos, sin)
 }
 
 #[cfg(test)]

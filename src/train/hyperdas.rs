@@ -68,6 +68,19 @@ impl TrainSettings {
     pub fn total_steps(&self, rows: usize) -> usize {
         rows.div_ceil(self.batch_size.max(1)) * self.epochs.max(1)
     }
+
+    /// AdamW over `ps` with HyperDAS's groups: the rotation at the fixed `rotation_lr` without
+    /// weight decay, everything else at the scheduled rate with `weight_decay`.
+    pub fn optimizer(&self, ps: &ParamStore) -> Result<AdamW> {
+        let adam = AdamWConfig { weight_decay: self.weight_decay, grad_clip: Some(self.grad_clip), ..Default::default() };
+        let rotation_group = Group { lr: self.rotation_lr, weight_decay: 0.0 };
+        AdamW::with_groups(ps, adam, |name| (name == "subspace.rotation").then_some(rotation_group))
+    }
+
+    /// The learning-rate schedule of a run of `total` steps.
+    pub fn schedule(&self, total: usize) -> Schedule {
+        Schedule { peak: self.lr, warmup_steps: self.warmup_steps, total_steps: total, decay: self.lr_decay, min_ratio: 0.0 }
+    }
 }
 
 impl Default for TrainSettings {
@@ -250,6 +263,63 @@ pub fn evaluate_detailed(
     Ok(Evaluation { scores, groups, selections: picked })
 }
 
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    pub loss: f64,
+    pub prediction_loss: f64,
+    pub sparsity_weight: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+}
+
+/// One optimizer step (step index `step` of `total`) on `batch`: the intervened forward pass,
+/// the loss with its regulariser, the backward pass, AdamW and the rotation's retraction.
+/// A non-finite loss is an error naming the step (nothing is updated). At step 0 of soft-mode
+/// training every registered parameter must receive a gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    target: &Llama,
+    interp: &mut Interpreter,
+    ps: &ParamStore,
+    opt: &mut AdamW,
+    schedule: &Schedule,
+    batch: &crate::data::collate::CollatedBatch,
+    step: usize,
+    total: usize,
+    s: &TrainSettings,
+) -> Result<StepOutcome> {
+    let out = interp.forward(target, batch, s.train_mode, s.label_limit)?;
+    let pred = prediction_loss(&out, &batch.is_causal, s.causal_weight, s.isolate_weight)?;
+    let (lambda, reg) = match s.regularizer.as_str() {
+        "sparsity" => (sparsity_weight(step, total, s.sparsity_start, s.sparsity_end, s.sparsity_warmup_ratio), Some(sparsity_loss as fn(&candle_core::Tensor) -> Result<candle_core::Tensor>)),
+        "entropy" => (s.entropy_weight, Some(entropy_loss as fn(&candle_core::Tensor) -> Result<candle_core::Tensor>)),
+        _ => (0.0, None),
+    };
+    let loss = match reg {
+        Some(f) if lambda > 0.0 => (&pred + f(&out.w_soft)?.affine(lambda, 0.0)?)?,
+        _ => pred.clone(),
+    };
+    let value = loss.to_scalar::<f32>()? as f64;
+    if !value.is_finite() {
+        return Err(Error::invalid(format!(
+            "the loss became {value} at step {step}; stopping. The last good checkpoint (if any) is kept; lower the learning rate and resume or restart"
+        )));
+    }
+    crate::profile::mark("loss");
+    let grads = loss.backward()?;
+    crate::profile::mark("backward (hypernetwork)");
+    // Fixed positions (ground-truth training) leave the pointer head out of the loss.
+    if step == 0 && s.train_mode == InferenceMode::Soft {
+        ps.check_gradients(&grads)?;
+    }
+    let lr = schedule.lr(step);
+    let info = opt.step(&grads, lr)?;
+    interp.subspace.retract()?;
+    crate::profile::mark("optimizer");
+    Ok(StepOutcome { loss: value, prediction_loss: pred.to_scalar::<f32>()? as f64, sparsity_weight: lambda, lr, grad_norm: info.grad_norm })
+}
+
 /// Where checkpoints go, and whether to start from the latest one.
 pub struct CheckpointPlan<'a> {
     /// `None`: no checkpoints during training.
@@ -282,10 +352,8 @@ pub fn train(
         return Err(Error::invalid(format!("train.regularizer `{}`: use sparsity, entropy or none", s.regularizer)));
     }
     let total = s.total_steps(train.len());
-    let adam = AdamWConfig { weight_decay: s.weight_decay, grad_clip: Some(s.grad_clip), ..Default::default() };
-    let rotation_group = Group { lr: s.rotation_lr, weight_decay: 0.0 };
-    let mut opt = AdamW::with_groups(ps, adam, |name| (name == "subspace.rotation").then_some(rotation_group))?;
-    let schedule = Schedule { peak: s.lr, warmup_steps: s.warmup_steps, total_steps: total, decay: s.lr_decay, min_ratio: 0.0 };
+    let mut opt = s.optimizer(ps)?;
+    let schedule = s.schedule(total);
     let mut rng = Rng::derive(s.seed, "hyperdas/batches");
     // Resume: parameters, AdamW moments and the step; the data order is replayed from the seed.
     let mut start = 0;
@@ -331,33 +399,10 @@ pub fn train(
             }
             let rows: Vec<&EncodedRow> = chunk.iter().map(|&i| &train[i]).collect();
             let batch = collate(&rows, pad);
-            let out = interp.forward(target, &batch, s.train_mode, s.label_limit)?;
-            let pred = prediction_loss(&out, &batch.is_causal, s.causal_weight, s.isolate_weight)?;
-            let (lambda, reg) = match s.regularizer.as_str() {
-                "sparsity" => (sparsity_weight(step, total, s.sparsity_start, s.sparsity_end, s.sparsity_warmup_ratio), Some(sparsity_loss as fn(&candle_core::Tensor) -> Result<candle_core::Tensor>)),
-                "entropy" => (s.entropy_weight, Some(entropy_loss as fn(&candle_core::Tensor) -> Result<candle_core::Tensor>)),
-                _ => (0.0, None),
-            };
-            let loss = match reg {
-                Some(f) if lambda > 0.0 => (&pred + f(&out.w_soft)?.affine(lambda, 0.0)?)?,
-                _ => pred.clone(),
-            };
-            let value = loss.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                return Err(Error::invalid(format!(
-                    "the loss became {value} at step {step}; stopping. The last good checkpoint (if any) is kept; lower the learning rate and resume or restart"
-                )));
-            }
-            let grads = loss.backward()?;
-            // Fixed positions (ground-truth training) leave the pointer head out of the loss.
-            if step == 0 && s.train_mode == InferenceMode::Soft {
-                ps.check_gradients(&grads)?;
-            }
-            let lr = schedule.lr(step);
-            let info = opt.step(&grads, lr)?;
-            interp.subspace.retract()?;
+            let o = train_step(target, interp, ps, &mut opt, &schedule, &batch, step, total, s)?;
             step += 1;
-            let mut rec = serde_json::json!({"step": step, "loss": value, "prediction_loss": pred.to_scalar::<f32>()? as f64, "sparsity_weight": lambda, "lr": lr, "grad_norm": info.grad_norm, "seconds": t0.elapsed().as_secs_f64()});
+            let (value, lambda, lr) = (o.loss, o.sparsity_weight, o.lr);
+            let mut rec = serde_json::json!({"step": step, "loss": value, "prediction_loss": o.prediction_loss, "sparsity_weight": lambda, "lr": lr, "grad_norm": o.grad_norm, "seconds": t0.elapsed().as_secs_f64()});
             if step % s.eval_every.max(1) == 0 || step == total {
                 let sc = evaluate(target, interp, test, InferenceMode::Soft, s.batch_size, s.label_limit, pad)?;
                 rec["eval_soft"] = serde_json::to_value(sc).map_err(|e| Error::invalid(e.to_string()))?;

@@ -8,6 +8,7 @@
 //! * [`metrics::MetricsLog`]: one JSON object per line (`metrics.jsonl`).
 
 pub mod checkpoint;
+pub mod flops;
 pub mod hyperdas;
 pub mod loss;
 pub mod metrics;

@@ -1,0 +1,694 @@
+//! Fused CPU kernels for the transformer's element-wise work, with hand-written backward passes.
+//!
+//! Every function here has two implementations:
+//!
+//! * **fused**: one pass over contiguous host memory (f32 or f64 on the CPU), rows split across
+//!   rayon threads. In an autograd graph it is a single candle custom op whose `bwd` is the
+//!   hand-written backward below (each one checked against finite differences in f64 and
+//!   against the composed version: `tests/kernels.rs`).
+//! * **composed**: the same equation from candle ops that all have a backward (the reference;
+//!   used on other devices and dtypes, e.g. CUDA or bf16, and when [`set_fused`] is off).
+//!
+//! | op | forward | backward |
+//! |---|---|---|
+//! | [`rms_norm`] | `y = w ⊙ x · r`, `r = 1/√(mean(x²) + ε)` | `dx = r (g − x̂ mean(g ⊙ x̂))`, `g = dy ⊙ w`, `x̂ = x r`; `dw = Σ dy ⊙ x̂` |
+//! | [`softmax_masked`] | `p = softmax(s + mask)` over the last dim | `ds = p ⊙ (dp − Σ p ⊙ dp)` |
+//! | [`rope`] | `y = x cos + rotate_half(x) sin` | the inverse rotation of `dy` |
+//! | [`silu_mul`] | `h = silu(g) ⊙ u` | `dg = dh ⊙ u ⊙ σ(g)(1 + g(1 − σ(g)))`, `du = dh ⊙ silu(g)` |
+//!
+//! [`graft`] attaches a value computed outside the graph to an input with a given backward
+//! (used for linear layers whose weight or input needs no gradient: candle's matmul backward
+//! computes both gradients, which doubles the backward cost through a frozen model).
+//!
+//! Why: composed, each of these is 5–10 candle ops, each a full pass over memory with an
+//! allocation, and twice that in the backward (docs/benchmarks.md measures the difference).
+//! Reductions use a fixed split of the rows, so results do not depend on the thread count.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Device, Layout, Shape, Storage, Tensor, WithDType};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+static FUSED: AtomicBool = AtomicBool::new(true);
+
+/// Use the fused kernels where they apply (default: on; `HYPERDAS_FUSED=0` turns them off at
+/// start-up, for comparisons). Off, every op takes its composed path.
+pub fn set_fused(on: bool) {
+    FUSED.store(on, Ordering::Relaxed);
+}
+
+pub fn fused_enabled() -> bool {
+    static ENV: std::sync::Once = std::sync::Once::new();
+    ENV.call_once(|| {
+        if std::env::var("HYPERDAS_FUSED").is_ok_and(|v| v == "0") {
+            FUSED.store(false, Ordering::Relaxed);
+        }
+    });
+    FUSED.load(Ordering::Relaxed)
+}
+
+/// Whether the fused path handles tensors of this device and dtype.
+fn fusable(ts: &[&Tensor]) -> bool {
+    fused_enabled() && ts.iter().all(|t| t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)) && ts.windows(2).all(|w| w[0].dtype() == w[1].dtype())
+}
+
+/// Rows per parallel task: about 64 K elements, at least one row.
+fn rows_per_task(cols: usize) -> usize {
+    (65_536 / cols.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host access.
+
+/// The contiguous element range of a CPU storage as a slice of `T`.
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let all = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("fused kernel: input is not contiguous"),
+    }
+}
+
+/// Run `f` on the host slice of a contiguous CPU tensor.
+fn with_host<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(s) => Ok(f(slice::<T>(s, l)?)),
+        _ => Err(Error::invalid("fused kernel: tensor is not on the CPU")),
+    }
+}
+
+fn to_storage<T: WithDType>(v: Vec<T>) -> CpuStorage {
+    T::to_cpu_storage_owned(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host kernels (generic over f32 / f64).
+
+/// RMSNorm rows of `d`: `y`, and `r = 1/√(mean(x²)+ε)` per row.
+fn rms_fwd<T: WithDType + Float>(x: &[T], w: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T>) {
+    let n = x.len() / d;
+    let mut y = vec![T::zero(); x.len()];
+    let mut r = vec![T::zero(); n];
+    let eps = T::from_f64(eps);
+    let dn = T::from_f64(d as f64);
+    let rows = rows_per_task(d);
+    y.par_chunks_mut(rows * d).zip(r.par_chunks_mut(rows)).zip(x.par_chunks(rows * d)).for_each(|((yc, rc), xc)| {
+        for ((yr, ri), xr) in yc.chunks_mut(d).zip(rc.iter_mut()).zip(xc.chunks(d)) {
+            let ss = xr.iter().fold(0f64, |a, &v| a + (v * v).to_f64());
+            let s = (T::from_f64(ss) / dn + eps).sqrt();
+            *ri = T::one() / s;
+            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                *o = v / s * g;
+            }
+        }
+    });
+    (y, r)
+}
+
+/// RMSNorm backward: `dx`, and `dw` when asked (summed over a fixed split of the rows).
+fn rms_bwd<T: WithDType + Float>(x: &[T], w: &[T], dy: &[T], d: usize, eps: f64, want_dw: bool) -> (Vec<T>, Option<Vec<T>>) {
+    let n = x.len() / d;
+    let mut dx = vec![T::zero(); x.len()];
+    let eps = T::from_f64(eps);
+    let dn = T::from_f64(d as f64);
+    let rows = rows_per_task(d);
+    let partials: Vec<Vec<T>> = dx
+        .par_chunks_mut(rows * d)
+        .zip(x.par_chunks(rows * d))
+        .zip(dy.par_chunks(rows * d))
+        .map(|((dxc, xc), dyc)| {
+            let mut dw = if want_dw { vec![T::zero(); d] } else { Vec::new() };
+            for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
+                let ss = xr.iter().fold(0f64, |a, &v| a + (v * v).to_f64());
+                let r = T::one() / (T::from_f64(ss) / dn + eps).sqrt();
+                // c = mean(g ⊙ x̂), g = dy ⊙ w, x̂ = x r
+                let mut c = 0f64;
+                for ((&v, &g), &wi) in xr.iter().zip(dyr).zip(w) {
+                    c += (g * wi * v * r).to_f64();
+                }
+                let c = T::from_f64(c) / dn;
+                for (((o, &v), &g), &wi) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+                    *o = r * (g * wi - v * r * c);
+                }
+                if want_dw {
+                    for ((acc, &v), &g) in dw.iter_mut().zip(xr).zip(dyr) {
+                        *acc += g * v * r;
+                    }
+                }
+            }
+            dw
+        })
+        .collect();
+    let _ = n;
+    let dw = want_dw.then(|| {
+        let mut total = vec![T::zero(); d];
+        for p in &partials {
+            for (t, &v) in total.iter_mut().zip(p) {
+                *t += v;
+            }
+        }
+        total
+    });
+    (dx, dw)
+}
+
+/// How a mask `[B, 1, Tq|1, Tk]` lines up with scores `[B, H, Tq, Tk]`: the mask row of score row `i`.
+#[derive(Debug, Clone, Copy)]
+struct MaskMap {
+    heads: usize,
+    tq: usize,
+    /// The mask has one row per query (`Tq`) or one for all queries (`1`).
+    per_query: bool,
+}
+
+impl MaskMap {
+    fn row(&self, i: usize) -> usize {
+        let b = i / (self.heads * self.tq);
+        if self.per_query { b * self.tq + i % self.tq } else { b }
+    }
+}
+
+fn softmax_fwd<T: WithDType + Float>(s: &[T], mask: Option<(&[T], MaskMap)>, n: usize) -> Vec<T> {
+    let mut p = vec![T::zero(); s.len()];
+    let rows = rows_per_task(n);
+    p.par_chunks_mut(rows * n).zip(s.par_chunks(rows * n)).enumerate().for_each(|(c, (pc, sc))| {
+        for (k, (pr, sr)) in pc.chunks_mut(n).zip(sc.chunks(n)).enumerate() {
+            let i = c * rows + k;
+            match mask {
+                Some((m, map)) => {
+                    let mr = &m[map.row(i) * n..(map.row(i) + 1) * n];
+                    for ((o, &v), &a) in pr.iter_mut().zip(sr).zip(mr) {
+                        *o = v + a;
+                    }
+                }
+                None => pr.copy_from_slice(sr),
+            }
+            let max = pr.iter().fold(T::neg_infinity(), |a, &v| Float::max(a, v));
+            let mut sum = 0f64;
+            for o in pr.iter_mut() {
+                *o = (*o - max).exp();
+                sum += o.to_f64();
+            }
+            let sum = T::from_f64(sum);
+            for o in pr.iter_mut() {
+                *o /= sum;
+            }
+        }
+    });
+    p
+}
+
+fn softmax_bwd<T: WithDType + Float>(p: &[T], dp: &[T], n: usize) -> Vec<T> {
+    let mut ds = vec![T::zero(); p.len()];
+    let rows = rows_per_task(n);
+    ds.par_chunks_mut(rows * n).zip(p.par_chunks(rows * n)).zip(dp.par_chunks(rows * n)).for_each(|((dc, pc), gc)| {
+        for ((dr, pr), gr) in dc.chunks_mut(n).zip(pc.chunks(n)).zip(gc.chunks(n)) {
+            let dot = T::from_f64(pr.iter().zip(gr).fold(0f64, |a, (&p, &g)| a + (p * g).to_f64()));
+            for ((o, &p), &g) in dr.iter_mut().zip(pr).zip(gr) {
+                *o = p * (g - dot);
+            }
+        }
+    });
+    ds
+}
+
+/// RoPE over `x [B, H, T, hd]` with tables `[B, 1, T, hd]`; `inverse` rotates the other way
+/// (the backward of the forward rotation).
+fn rope_host<T: WithDType + Float>(x: &[T], cos: &[T], sin: &[T], heads: usize, t: usize, hd: usize, inverse: bool) -> Vec<T> {
+    let half = hd / 2;
+    let mut y = vec![T::zero(); x.len()];
+    let per_bh = t * hd;
+    y.par_chunks_mut(per_bh).zip(x.par_chunks(per_bh)).enumerate().for_each(|(bh, (yc, xc))| {
+        let b = bh / heads;
+        let tab = b * t * hd;
+        for p in 0..t {
+            let (xr, yr) = (&xc[p * hd..(p + 1) * hd], &mut yc[p * hd..(p + 1) * hd]);
+            let (c, s) = (&cos[tab + p * hd..tab + (p + 1) * hd], &sin[tab + p * hd..tab + (p + 1) * hd]);
+            for i in 0..half {
+                let (x1, x2) = (xr[i], xr[i + half]);
+                if inverse {
+                    yr[i] = x1 * c[i] + x2 * s[i + half];
+                    yr[i + half] = x2 * c[i + half] - x1 * s[i];
+                } else {
+                    yr[i] = x1 * c[i] - x2 * s[i];
+                    yr[i + half] = x2 * c[i + half] + x1 * s[i + half];
+                }
+            }
+        }
+    });
+    y
+}
+
+fn silu_mul_fwd<T: WithDType + Float>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut h = vec![T::zero(); g.len()];
+    h.par_chunks_mut(65_536).zip(g.par_chunks(65_536)).zip(u.par_chunks(65_536)).for_each(|((hc, gc), uc)| {
+        for ((o, &a), &b) in hc.iter_mut().zip(gc).zip(uc) {
+            *o = a / (T::one() + (-a).exp()) * b;
+        }
+    });
+    h
+}
+
+fn silu_mul_bwd<T: WithDType + Float>(g: &[T], u: &[T], dh: &[T]) -> (Vec<T>, Vec<T>) {
+    let mut dg = vec![T::zero(); g.len()];
+    let mut du = vec![T::zero(); g.len()];
+    const C: usize = 65_536;
+    dg.par_chunks_mut(C).zip(du.par_chunks_mut(C)).zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dh.par_chunks(C))).for_each(|((dgc, duc), ((gc, uc), hc))| {
+        for ((((og, ou), &a), &b), &d) in dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(hc) {
+            let sig = T::one() / (T::one() + (-a).exp());
+            *og = d * b * sig * (T::one() + a * (T::one() - sig));
+            *ou = d * a * sig;
+        }
+    });
+    (dg, du)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch helpers: run a host kernel for f32 or f64 tensors.
+
+macro_rules! host_dispatch {
+    ($dtype:expr, $f32:expr, $f64:expr) => {
+        match $dtype {
+            DType::F32 => $f32,
+            DType::F64 => $f64,
+            other => return Err(Error::invalid(format!("fused kernel: unsupported dtype {other:?}"))),
+        }
+    };
+}
+
+fn cpu_only() -> candle_core::Error {
+    candle_core::Error::Msg("fused kernel: CPU only (the composed path handles other devices)".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm.
+
+struct RmsNormOp {
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "hyperdas-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l2.shape().elem_count();
+        let st = match s1.dtype() {
+            DType::F32 => to_storage(rms_fwd::<f32>(slice(s1, l1)?, slice(s2, l2)?, d, self.eps).0),
+            DType::F64 => to_storage(rms_fwd::<f64>(slice(s1, l1)?, slice(s2, l2)?, d, self.eps).0),
+            _ => return Err(cpu_only()),
+        };
+        Ok((st, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = rms_norm_backward(x, w, dy, self.eps, w.track_op()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((Some(dx), dw))
+    }
+}
+
+/// RMSNorm over the last dimension: `x [.., D]`, `w [D]`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if fusable(&[x, w]) && x.dim(D::Minus1)? == w.elem_count() {
+        return Ok(x.contiguous()?.apply_op2(&w.contiguous()?, RmsNormOp { eps })?);
+    }
+    rms_norm_composed(x, w, eps)
+}
+
+/// The composed RMSNorm (f32 statistics for half-precision inputs, cast back before the weight,
+/// as transformers does).
+pub fn rms_norm_composed(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let in_dt = x.dtype();
+    let xf = x.to_dtype(accum_dtype(in_dt))?; // [.., D]
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?; // [.., 1]
+    let xn = xf.broadcast_div(&(var + eps)?.sqrt()?)?; // [.., D]
+    Ok(xn.to_dtype(in_dt)?.broadcast_mul(w)?) // [.., D]
+}
+
+/// The RMSNorm backward: `dx`, and `dw` when `want_dw` (host kernel on CPU f32/f64, composed
+/// in the accumulation dtype otherwise).
+pub fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64, want_dw: bool) -> Result<(Tensor, Option<Tensor>)> {
+    if !fusable(&[x, w, dy]) {
+        let acc = accum_dtype(x.dtype());
+        let (xf, wf, gf) = (x.to_dtype(acc)?, w.to_dtype(acc)?, dy.to_dtype(acc)?);
+        let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [.., 1]
+        let xhat = xf.broadcast_mul(&r)?; // [.., D]
+        let g = gf.broadcast_mul(&wf)?; // [.., D]
+        let c = (&g * &xhat)?.mean_keepdim(D::Minus1)?; // [.., 1]
+        let dx = (g - xhat.broadcast_mul(&c)?)?.broadcast_mul(&r)?.to_dtype(x.dtype())?; // [.., D]
+        let dw = if want_dw {
+            let dd = wf.elem_count();
+            Some((gf * xhat)?.reshape(((), dd))?.sum(0)?.to_dtype(w.dtype())?)
+        } else {
+            None
+        };
+        return Ok((dx, dw));
+    }
+    let d = w.elem_count();
+    let shape = x.shape().clone();
+    host_dispatch!(
+        x.dtype(),
+        {
+            let (dx, dw) = with_host::<f32, _>(x, |xs| with_host::<f32, _>(w, |ws| with_host::<f32, _>(dy, |gs| rms_bwd(xs, ws, gs, d, eps, want_dw))))???;
+            Ok((Tensor::from_vec(dx, shape, &Device::Cpu)?, dw.map(|v| Tensor::from_vec(v, d, &Device::Cpu)).transpose()?))
+        },
+        {
+            let (dx, dw) = with_host::<f64, _>(x, |xs| with_host::<f64, _>(w, |ws| with_host::<f64, _>(dy, |gs| rms_bwd(xs, ws, gs, d, eps, want_dw))))???;
+            Ok((Tensor::from_vec(dx, shape, &Device::Cpu)?, dw.map(|v| Tensor::from_vec(v, d, &Device::Cpu)).transpose()?))
+        }
+    )
+}
+
+/// The dtype used inside norms and softmax: f32 for half types, else the input's own.
+pub fn accum_dtype(dt: DType) -> DType {
+    match dt {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax with an additive mask.
+
+struct SoftmaxOp {
+    map: Option<MaskMap>,
+}
+
+impl SoftmaxOp {
+    fn run<T: WithDType + Float>(&self, s: &[T], m: Option<&[T]>, n: usize) -> Vec<T> {
+        softmax_fwd(s, m.zip(self.map), n)
+    }
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "hyperdas-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = l.shape().dims().last().copied().unwrap_or(1);
+        let st = match s.dtype() {
+            DType::F32 => to_storage(self.run::<f32>(slice(s, l)?, None, n)),
+            DType::F64 => to_storage(self.run::<f64>(slice(s, l)?, None, n)),
+            _ => return Err(cpu_only()),
+        };
+        Ok((st, l.shape().clone()))
+    }
+
+    fn bwd(&self, _s: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        softmax_backward(p, dp).map(Some).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+impl CustomOp2 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "hyperdas-softmax-masked"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let n = l1.shape().dims().last().copied().unwrap_or(1);
+        let st = match s1.dtype() {
+            DType::F32 => to_storage(self.run::<f32>(slice(s1, l1)?, Some(slice(s2, l2)?), n)),
+            DType::F64 => to_storage(self.run::<f64>(slice(s1, l1)?, Some(slice(s2, l2)?), n)),
+            _ => return Err(cpu_only()),
+        };
+        Ok((st, l1.shape().clone()))
+    }
+
+    fn bwd(&self, _s: &Tensor, _m: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(softmax_backward(p, dp).map_err(|e| candle_core::Error::Msg(e.to_string()))?), None))
+    }
+}
+
+/// Softmax over the last dimension of `s`, after adding `mask` (optional; constant, no
+/// gradient). For the fused path the mask is `[B, 1, Tq, Tk]` or `[B, 1, 1, Tk]` against
+/// scores `[B, H, Tq, Tk]`; other shapes take the composed path.
+pub fn softmax_masked(s: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    match mask {
+        None if fusable(&[s]) => Ok(s.contiguous()?.apply_op1(SoftmaxOp { map: None })?),
+        Some(m) if fusable(&[s, m]) => match (s.dims(), m.dims()) {
+            ([b, h, tq, tk], [mb, 1, mq, mk]) if mb == b && mk == tk && (mq == tq || *mq == 1) => {
+                let map = MaskMap { heads: *h, tq: *tq, per_query: mq == tq };
+                Ok(s.contiguous()?.apply_op2(&m.contiguous()?, SoftmaxOp { map: Some(map) })?)
+            }
+            _ => softmax_masked_composed(s, mask),
+        },
+        _ => softmax_masked_composed(s, mask),
+    }
+}
+
+/// The composed softmax. The row max is detached: softmax is shift-invariant, so this changes
+/// no value or gradient and saves backward work.
+pub fn softmax_masked_composed(s: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let s = match mask {
+        Some(m) => s.broadcast_add(&m.to_dtype(s.dtype())?)?,
+        None => s.clone(),
+    };
+    let max = s.max_keepdim(D::Minus1)?.detach(); // [.., 1]
+    let e = s.broadcast_sub(&max)?.exp()?; // [.., N]
+    let sum = e.sum_keepdim(D::Minus1)?; // [.., 1]
+    Ok(e.broadcast_div(&sum)?)
+}
+
+/// The softmax backward (host kernel on CPU f32/f64, composed otherwise).
+pub fn softmax_backward(p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+    if fusable(&[p, dp]) {
+        let n = p.dim(D::Minus1)?;
+        let shape = p.shape().clone();
+        return host_dispatch!(
+            p.dtype(),
+            Ok(Tensor::from_vec(with_host::<f32, _>(p, |ps| with_host::<f32, _>(dp, |gs| softmax_bwd(ps, gs, n)))??, shape, &Device::Cpu)?),
+            Ok(Tensor::from_vec(with_host::<f64, _>(p, |ps| with_host::<f64, _>(dp, |gs| softmax_bwd(ps, gs, n)))??, shape, &Device::Cpu)?)
+        );
+    }
+    let dot = (p * dp)?.sum_keepdim(D::Minus1)?; // [.., 1]
+    Ok((p * dp.broadcast_sub(&dot)?)?)
+}
+
+/// `x / (‖x‖ + 1e-12)` along the last dimension, for constants (no gradient): one pass on the
+/// CPU for f32/f64, composed otherwise (and whenever `x` takes part in a graph).
+pub fn unit_rows(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() || !fusable(&[x]) {
+        return Ok(x.broadcast_div(&(x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()? + 1e-12)?)?);
+    }
+    let d = x.dim(D::Minus1)?;
+    let shape = x.shape().clone();
+    fn run<T: WithDType + Float>(x: &[T], d: usize) -> Vec<T> {
+        let mut y = vec![T::zero(); x.len()];
+        let rows = rows_per_task(d);
+        y.par_chunks_mut(rows * d).zip(x.par_chunks(rows * d)).for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                let ss = xr.iter().fold(0f64, |a, &v| a + (v * v).to_f64());
+                let n = T::from_f64(ss).sqrt() + T::from_f64(1e-12);
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = v / n;
+                }
+            }
+        });
+        y
+    }
+    host_dispatch!(
+        x.dtype(),
+        Ok(Tensor::from_vec(with_host::<f32, _>(x, |v| run(v, d))?, shape, &Device::Cpu)?),
+        Ok(Tensor::from_vec(with_host::<f64, _>(x, |v| run(v, d))?, shape, &Device::Cpu)?)
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE.
+
+struct RopeOp {
+    inverse: bool,
+}
+
+impl RopeOp {
+    fn run<T: WithDType + Float>(&self, x: &[T], c: &[T], s: &[T], dims: &[usize]) -> Vec<T> {
+        let (heads, t, hd) = (dims[1], dims[2], dims[3]);
+        rope_host(x, c, s, heads, t, hd, self.inverse)
+    }
+}
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "hyperdas-rope"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims();
+        let st = match s1.dtype() {
+            DType::F32 => to_storage(self.run::<f32>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, dims)),
+            DType::F64 => to_storage(self.run::<f64>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, dims)),
+            _ => return Err(cpu_only()),
+        };
+        Ok((st, l1.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = dy.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeOp { inverse: !self.inverse })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotary embeddings (HF rotate-half): `x [B, H, T, hd]`, `cos`/`sin` `[B, 1, T, hd]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_dir(x, cos, sin, false)
+}
+
+/// The inverse rotation (= the backward of [`rope`] applied to a gradient).
+pub fn rope_inverse(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope_dir(x, cos, sin, true)
+}
+
+fn rope_dir(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tensor> {
+    if fusable(&[x, cos, sin])
+        && let ([b, _, t, hd], [cb, 1, ct, chd]) = (x.dims(), cos.dims())
+        && cb == b
+        && ct == t
+        && chd == hd
+        && hd % 2 == 0
+        && sin.dims() == cos.dims()
+    {
+        return Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeOp { inverse })?);
+    }
+    let sin = if inverse { sin.neg()? } else { sin.clone() };
+    rope_composed(x, cos, &sin)
+}
+
+/// The composed RoPE: `x cos + rotate_half(x) sin`, `rotate_half([x1, x2]) = [−x2, x1]`.
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?; // [B, H, T, hd/2]
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?; // [B, H, T, hd/2]
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?; // [B, H, T, hd]
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?) // [B, H, T, hd]
+}
+
+// ---------------------------------------------------------------------------------------------
+// SiLU-gated product (SwiGLU's middle).
+
+struct SiluMulOp;
+
+impl CustomOp2 for SiluMulOp {
+    fn name(&self) -> &'static str {
+        "hyperdas-silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let st = match s1.dtype() {
+            DType::F32 => to_storage(silu_mul_fwd::<f32>(slice(s1, l1)?, slice(s2, l2)?)),
+            DType::F64 => to_storage(silu_mul_fwd::<f64>(slice(s1, l1)?, slice(s2, l2)?)),
+            _ => return Err(cpu_only()),
+        };
+        Ok((st, l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _h: &Tensor, dh: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = silu_mul_backward(g, u, dh).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// `silu(g) ⊙ u` (same shapes).
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if fusable(&[g, u]) && g.dims() == u.dims() {
+        return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, SiluMulOp)?);
+    }
+    Ok((g.silu()? * u)?)
+}
+
+/// The backward of [`silu_mul`]: `(dg, du)`.
+pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    if fusable(&[g, u, dh]) {
+        let shape = g.shape().clone();
+        let (dg, du) = host_dispatch!(
+            g.dtype(),
+            {
+                let (a, b) = with_host::<f32, _>(g, |gs| with_host::<f32, _>(u, |us| with_host::<f32, _>(dh, |hs| silu_mul_bwd(gs, us, hs))))???;
+                (Tensor::from_vec(a, shape.clone(), &Device::Cpu)?, Tensor::from_vec(b, shape, &Device::Cpu)?)
+            },
+            {
+                let (a, b) = with_host::<f64, _>(g, |gs| with_host::<f64, _>(u, |us| with_host::<f64, _>(dh, |hs| silu_mul_bwd(gs, us, hs))))???;
+                (Tensor::from_vec(a, shape.clone(), &Device::Cpu)?, Tensor::from_vec(b, shape, &Device::Cpu)?)
+            }
+        );
+        return Ok((dg, du));
+    }
+    let sig = candle_nn::ops::sigmoid(g)?;
+    let silu = (g * &sig)?;
+    let dsilu = (&sig * (g * (sig.affine(-1.0, 1.0)?))?.affine(1.0, 1.0)?)?;
+    Ok(((dh * u)?.mul(&dsilu)?, (dh * silu)?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grafting a value computed outside the graph.
+
+type Backward = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+struct GraftOp {
+    value: Tensor,
+    backward: Backward,
+}
+
+impl CustomOp1 for GraftOp {
+    fn name(&self) -> &'static str {
+        "hyperdas-graft"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = self.value.contiguous()?;
+        let (st, l) = v.storage_and_layout();
+        let Storage::Cpu(s) = &*st else { return Err(cpu_only()) };
+        let out = match s.dtype() {
+            DType::F32 => to_storage(slice::<f32>(s, l)?.to_vec()),
+            DType::F64 => to_storage(slice::<f64>(s, l)?.to_vec()),
+            DType::BF16 => to_storage(slice::<half::bf16>(s, l)?.to_vec()),
+            DType::F16 => to_storage(slice::<half::f16>(s, l)?.to_vec()),
+            other => candle_core::bail!("graft: unsupported dtype {other:?}"),
+        };
+        Ok((out, v.shape().clone()))
+    }
+
+    fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        // A fresh compact copy, so the whole storage is exactly the value.
+        let v = self.value.force_contiguous()?;
+        let (st, l) = v.storage_and_layout();
+        let Storage::Cuda(s) = &*st else { candle_core::bail!("graft: value is not on the CUDA device") };
+        Ok((s.try_clone(l)?, v.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        (self.backward)(grad).map(Some).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+/// `value` (computed without a graph) as a function of `input` whose gradient is
+/// `backward(d value)`. The result takes part in autograd like any op of `input`; `value`'s
+/// own graph, if any, is ignored.
+pub fn graft(input: &Tensor, value: Tensor, backward: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static) -> Result<Tensor> {
+    Ok(input.apply_op1(GraftOp { value: value.detach(), backward: Box::new(backward) })?)
+}
+
+/// `x Wᵀ` for `x [N, in]`, `w [out, in]`, computing only the gradients that are needed: when
+/// `w` is frozen, only `dx = dy W`; when `x` is a constant (e.g. the frozen target's hidden
+/// states), only `dW = dyᵀ x`. Candle's matmul backward computes both.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (xt, wt) = (x.track_op(), w.track_op());
+    if !fused_enabled() || xt == wt {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    let y = x.detach().matmul(&w.detach().t()?)?; // [N, out]
+    if xt {
+        let w = w.detach();
+        graft(x, y, move |dy| Ok(dy.matmul(&w)?)) // dx [N, in]
+    } else {
+        let x = x.detach();
+        graft(w, y, move |dy| Ok(dy.t()?.matmul(&x)?)) // dW [out, in]
+    }
+}

@@ -1,0 +1,199 @@
+//! The fused CPU kernels and the hand-written backward passes (src/model/kernels.rs,
+//! src/model/tape.rs): every fused op equals its composed version, and every hand-written
+//! backward equals central finite differences in f64 and candle's autograd through the
+//! composed ops.
+
+mod common;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use common::*;
+use hyperdas::model::kernels;
+
+const DEV: Device = Device::Cpu;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // A seeded generator of our own: candle's randn is not seedable on the CPU.
+    let mut rng = hyperdas::rng::Rng::derive(seed, "tests/kernels");
+    let n: usize = shape.iter().product();
+    Tensor::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), shape, &DEV).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    max_abs_diff(a, b)
+}
+
+/// Check `op`'s gradient against central differences at a few coordinates of each input, and
+/// against `reference`'s autograd gradient at all coordinates. The loss is `Σ op(x) ⊙ w`.
+fn check_gradients(name: &str, inputs: &[Tensor], op: &dyn Fn(&[Tensor]) -> Tensor, reference: &dyn Fn(&[Tensor]) -> Tensor) {
+    let out = op(inputs);
+    let w = randn(out.dims(), 99);
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let fused_out = op(&ts);
+    let reference_out = reference(inputs);
+    assert!(max_diff(&fused_out, &reference_out) < 1e-12, "{name}: fused forward differs from composed by {:e}", max_diff(&fused_out, &reference_out));
+    let grads = (fused_out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let rvars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let rts: Vec<Tensor> = rvars.iter().map(|v| v.as_tensor().clone()).collect();
+    let rgrads = (reference(&rts) * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let loss = |xs: &[Tensor]| (op(xs) * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    for (i, (v, rv)) in vars.iter().zip(&rvars).enumerate() {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{name}: input {i} got no gradient"));
+        let rg = rgrads.get(rv.as_tensor()).unwrap();
+        assert!(max_diff(g, rg) < 1e-10, "{name}: gradient of input {i} differs from autograd through the composed ops by {:e}", max_diff(g, rg));
+        let flat: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+        let base: Vec<f64> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
+        let n = base.len();
+        for idx in [0, n / 3, n / 2, n - 1] {
+            let bump = |s: f64| {
+                let mut v = base.clone();
+                v[idx] += s;
+                let mut xs = inputs.to_vec();
+                xs[i] = Tensor::from_vec(v, inputs[i].dims(), &DEV).unwrap();
+                loss(&xs)
+            };
+            let eps = 1e-6;
+            let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
+            assert!((fd - flat[idx]).abs() <= 1e-6 * flat[idx].abs().max(1.0), "{name}: input {i} coordinate {idx}: finite difference {fd} vs backward {}", flat[idx]);
+        }
+    }
+}
+
+#[test]
+fn rms_norm_matches_composed_and_finite_differences() {
+    let x = randn(&[3, 5, 8], 1);
+    let w = randn(&[8], 2);
+    check_gradients("rms_norm", &[x, w], &|t| kernels::rms_norm(&t[0], &t[1], 1e-5).unwrap(), &|t| kernels::rms_norm_composed(&t[0], &t[1], 1e-5).unwrap());
+}
+
+#[test]
+fn masked_softmax_matches_composed_and_finite_differences() {
+    // Scores [B, H, Tq, Tk] with a causal mask [B, 1, Tq, Tk] and a key mask [B, 1, 1, Tk].
+    let s = randn(&[2, 3, 4, 4], 3);
+    let mut causal = vec![0f64; 2 * 4 * 4];
+    for b in 0..2 {
+        for q in 0..4 {
+            for k in 0..4 {
+                if k > q || (b == 1 && k == 0 && q > 0) {
+                    causal[(b * 4 + q) * 4 + k] = f64::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    let causal = Tensor::from_vec(causal, (2, 1, 4, 4), &DEV).unwrap();
+    check_gradients("softmax causal", std::slice::from_ref(&s), &|t| kernels::softmax_masked(&t[0], Some(&causal)).unwrap(), &|t| kernels::softmax_masked_composed(&t[0], Some(&causal)).unwrap());
+    let keys = Tensor::new(&[[0f64, -1e9, 0.0, 0.0], [-1e9, 0.0, 0.0, -1e9]], &DEV).unwrap().reshape((2, 1, 1, 4)).unwrap();
+    check_gradients("softmax key mask", std::slice::from_ref(&s), &|t| kernels::softmax_masked(&t[0], Some(&keys)).unwrap(), &|t| kernels::softmax_masked_composed(&t[0], Some(&keys)).unwrap());
+    check_gradients("softmax unmasked", &[s], &|t| kernels::softmax_masked(&t[0], None).unwrap(), &|t| kernels::softmax_masked_composed(&t[0], None).unwrap());
+}
+
+#[test]
+fn rope_matches_composed_and_finite_differences_and_inverts() {
+    let rope = hyperdas::model::rope::Rope::new(&hyperdas::model::RopeConfig { theta: 100.0, scaling: hyperdas::model::RopeScaling::None }, 8);
+    let (cos, sin) = rope.cos_sin(&[0, 1, 5, 2, 3, 9], 2, 3, DType::F64, &DEV).unwrap();
+    let x = randn(&[2, 3, 3, 8], 4);
+    check_gradients("rope", std::slice::from_ref(&x), &|t| kernels::rope(&t[0], &cos, &sin).unwrap(), &|t| kernels::rope_composed(&t[0], &cos, &sin).unwrap());
+    // The tables hold f32 cosines and sines (as transformers computes them), so cos² + sin² = 1
+    // only to f32 precision.
+    let back = kernels::rope_inverse(&kernels::rope(&x, &cos, &sin).unwrap(), &cos, &sin).unwrap();
+    assert!(max_diff(&back, &x) < 1e-6, "the inverse rotation undoes the rotation");
+}
+
+#[test]
+fn silu_mul_matches_composed_and_finite_differences() {
+    let g = randn(&[4, 6], 5);
+    let u = randn(&[4, 6], 6);
+    check_gradients("silu_mul", &[g, u], &|t| kernels::silu_mul(&t[0], &t[1]).unwrap(), &|t| (t[0].silu().unwrap() * &t[1]).unwrap());
+}
+
+#[test]
+fn unit_rows_matches_composed() {
+    let x = randn(&[5, 7], 7);
+    let composed = x.broadcast_div(&(x.sqr().unwrap().sum_keepdim(D::Minus1).unwrap().sqrt().unwrap() + 1e-12).unwrap()).unwrap();
+    assert!(max_diff(&kernels::unit_rows(&x).unwrap(), &composed) < 1e-14);
+}
+
+#[test]
+fn one_sided_matmuls_give_the_gradients_of_a_plain_matmul() {
+    let x = randn(&[5, 4], 8);
+    let w = randn(&[3, 4], 9);
+    let dy = randn(&[5, 3], 10);
+    let plain = |x: &Tensor, w: &Tensor| x.matmul(&w.t().unwrap()).unwrap();
+    // Frozen weight: only dx.
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = kernels::matmul_t(xv.as_tensor(), &w).unwrap();
+    assert!(max_diff(&y, &plain(&x, &w)) < 1e-14);
+    let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_diff(g.get(xv.as_tensor()).unwrap(), &dy.matmul(&w).unwrap()) < 1e-12);
+    // Constant input: only dW.
+    let wv = Var::from_tensor(&w).unwrap();
+    let y = kernels::matmul_t(&x, wv.as_tensor()).unwrap();
+    let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_diff(g.get(wv.as_tensor()).unwrap(), &dy.t().unwrap().matmul(&x).unwrap()) < 1e-12);
+}
+
+#[test]
+fn constant_keys_and_values_give_the_projection_gradients_of_plain_autograd() {
+    // The hypernetwork's cross-attention over the target's (constant) states: the grafted
+    // keys/values must give the same output and the same weight gradients as the generic path.
+    let lm = load(&fixture("tiny-llama"), DType::F64);
+    let src = &lm.model.layers[0].self_attn;
+    let (d, hd) = (lm.model.hidden_size(), src.head_dim);
+    let var_linear = |l: &hyperdas::model::llama::Linear| hyperdas::model::llama::Linear { weight: Var::from_tensor(&l.weight).unwrap().as_tensor().clone(), bias: None };
+    let attn = hyperdas::model::llama::Attention { q_proj: var_linear(&src.q_proj), k_proj: var_linear(&src.k_proj), v_proj: var_linear(&src.v_proj), o_proj: var_linear(&src.o_proj), ..src.clone() };
+    let (b, tq, tk) = (2, 3, 7);
+    let x = Var::from_tensor(&randn(&[b, tq, d], 11)).unwrap();
+    let kv = randn(&[b, tk, d], 12);
+    let rope = lm.model.rope();
+    let (qc, qs) = rope.cos_sin(&[1, 2, 3, 1, 2, 3], b, tq, DType::F64, &DEV).unwrap();
+    let (kc, ks) = rope.cos_sin(&(1..=(b * tk) as u32).collect::<Vec<_>>(), b, tk, DType::F64, &DEV).unwrap();
+    let mask = Tensor::new(&[0f64, 0.0, -1e9, 0.0, 0.0, 0.0, -1e9, 0.0, 0.0, 0.0, 0.0, -1e9, 0.0, 0.0], &DEV).unwrap().reshape((b, 1, 1, tk)).unwrap();
+    let w = randn(&[b, tq, d], 13);
+    let run = |kv: &Tensor| {
+        let out = attn.attend(x.as_tensor(), kv, (&qc, &qs), (&kc, &ks), &mask).unwrap();
+        let grads = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        (out, grads)
+    };
+    let (fast, gf) = run(&kv); // constant kv: grafted projections
+    let kv_var = Var::from_tensor(&kv).unwrap();
+    let (slow, gs) = run(kv_var.as_tensor()); // kv in the graph: candle's ops
+    assert!(max_diff(&fast, &slow) < 1e-12);
+    for (name, t) in [("q", &attn.q_proj.weight), ("k", &attn.k_proj.weight), ("v", &attn.v_proj.weight), ("o", &attn.o_proj.weight)] {
+        let diff = max_diff(gf.get(t).unwrap(), gs.get(t).unwrap());
+        assert!(diff < 1e-10, "{name}_proj gradient differs by {diff:e}");
+    }
+    assert!(gf.get(x.as_tensor()).is_some());
+    let _ = hd;
+}
+
+#[test]
+fn taped_upper_blocks_equal_autograd_in_value_and_gradient() {
+    for dtype in [DType::F64, DType::F32] {
+        let lm = load(&fixture("tiny-llama"), dtype);
+        let rows: Vec<Vec<u32>> = ["Paris is a city in the country of", "Tokyo is in", "Rome"].iter().map(|p| lm.tokenizer.encode_prompt(p).unwrap()).collect();
+        let batch = hyperdas::model::TokenBatch::left_padded(&rows, lm.tokenizer.padding_id(), &DEV).unwrap();
+        let (b, t) = batch.dims();
+        let ctx = lm.model.context(&batch).unwrap();
+        // Label positions, one repeated (a row with fewer labels repeats its last one).
+        let positions = Tensor::new(&[[t as u32 - 2, t as u32 - 1], [t as u32 - 1, t as u32 - 1], [t as u32 - 3, t as u32 - 1]], &DEV).unwrap();
+        for layer in [0, 1, 3] {
+            let clean = lm.model.forward_hidden(&batch, Some(&[layer])).unwrap().stacked.unwrap().squeeze(2).unwrap();
+            let w = randn(&[b, 2, lm.model.config.vocab_size], 14).to_dtype(dtype).unwrap();
+            let taped_var = Var::from_tensor(&clean).unwrap();
+            let taped = lm.model.logits_from(layer, taped_var.as_tensor(), &ctx, &positions).unwrap();
+            let g_taped = (&taped * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let auto_var = Var::from_tensor(&clean).unwrap();
+            let out = lm.model.forward_from(layer, auto_var.as_tensor(), &ctx).unwrap();
+            let auto = lm.model.logits_at(&out, &positions).unwrap();
+            let g_auto = (&auto * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let tol = if dtype == DType::F64 { 1e-10 } else { 2e-4 };
+            let dv = max_diff(&taped, &auto);
+            let (gt, ga) = (g_taped.get(taped_var.as_tensor()).unwrap(), g_auto.get(auto_var.as_tensor()).unwrap());
+            let dg = max_diff(gt, ga);
+            let scale = ga.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            assert!(dv < tol, "{dtype:?} layer {layer}: logits differ by {dv:e}");
+            assert!(dg < tol * scale.max(1.0), "{dtype:?} layer {layer}: residual gradient differs by {dg:e} (scale {scale:e})");
+        }
+    }
+}
+
