@@ -108,3 +108,66 @@ fn the_shipped_toy_run_config_loads_and_names_the_standard_toy() {
     assert_eq!((toy.plant_attributes.as_slice(), toy.plant_layer), (&["Country".to_string(), "Continent".to_string()][..], 1));
     toy.validate().unwrap();
 }
+
+#[path = "common/mod.rs"]
+mod common;
+
+/// Parameters after six HyperDAS steps on the fixture rows: without the state cache, or with
+/// it (its canonical groups registered from all rows; `prewarm` first serves every batch once
+/// without training, so the cache is full before step 1).
+fn hyperdas_params_after(cache: bool, prewarm: bool) -> (Vec<Vec<f32>>, Option<hyperdas::train::cache::CacheStats>) {
+    use hyperdas::data::collate::{CollateOptions, collate, encode_rows};
+    use hyperdas::hypernet::interpreter::{Interpreter, InterpreterConfig};
+    use hyperdas::intervention::selection::InferenceMode;
+    use hyperdas::train::hyperdas::{TrainSettings, train_step};
+    let lm = common::load(&common::fixture("tiny-llama"), candle_core::DType::F32);
+    let ds = hyperdas::data::io::read_dataset(&common::fixture("ravel/city_country_test.jsonl"), Default::default()).unwrap();
+    let enc = encode_rows(&lm.tokenizer, &ds.rows[..12], &CollateOptions::default(), "fixture").unwrap();
+    let cfg = InterpreterConfig {
+        hypernet: hyperdas::hypernet::HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 3 },
+        subspace: hyperdas::hypernet::subspace::SubspaceKind::ReflectSelect,
+        rank: 4,
+    };
+    let mut ps = hyperdas::params::ParamStore::new();
+    let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
+    if cache {
+        interp.set_cache(Some(hyperdas::train::cache::StateCache::new(1 << 30, candle_core::DType::F32).unwrap()));
+        interp.register_prompts(&enc.rows);
+    }
+    let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
+    let mut opt = s.optimizer(&ps).unwrap();
+    let schedule = s.schedule(6);
+    // Batches of different compositions, so cached rows are reassembled with other padding.
+    let orders: [&[usize]; 6] = [&[0, 1, 2, 3], &[4, 5, 6, 7], &[8, 9, 10, 11], &[3, 8, 0, 5], &[11, 2, 6, 9], &[7, 1, 10, 4]];
+    let batches: Vec<_> = orders.iter().map(|o| collate(&o.iter().map(|&i| &enc.rows[i]).collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
+    if prewarm {
+        for batch in batches.iter().rev() {
+            interp.forward(&lm.model, batch, InferenceMode::Soft, 3).unwrap();
+        }
+    }
+    for (step, batch) in batches.iter().enumerate() {
+        train_step(&lm.model, &mut interp, &ps, &mut opt, &schedule, batch, step, 6, &s).unwrap();
+    }
+    (snapshot(&ps), interp.cache_stats())
+}
+
+#[test]
+fn cached_states_are_canonical_and_agree_with_the_uncached_path() {
+    let (plain, none) = hyperdas_params_after(false, false);
+    let (cold, stats) = hyperdas_params_after(true, false);
+    let (warm, _) = hyperdas_params_after(true, true);
+    assert!(none.is_none());
+    let stats = stats.unwrap();
+    assert!(stats.hits > 0 && stats.misses > 0, "later batches must hit the cache: {stats:?}");
+    assert_eq!(stats.computed as usize, stats.entries, "each distinct prompt is run through the target once");
+    // What was cached before does not matter: the states are computed in fixed groups. This is
+    // what makes a resumed run (empty cache) continue bit for bit.
+    assert_eq!(cold, warm);
+    // Against the uncached path (states computed inside each training batch): equal to float
+    // tolerance (a matmul's rounding may depend on how many rows it runs on).
+    for (a, b) in cold.iter().zip(&plain) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+}

@@ -56,6 +56,12 @@ pub struct TrainBenchArgs {
     /// Seed for the generated rows and the interpreter.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// No state cache: one pass, every clean pass computed (the peak-memory figure without caching).
+    #[arg(long)]
+    no_cache: bool,
+    /// The state cache's budget in GB.
+    #[arg(long, default_value_t = 2.0)]
+    cache_gb: f64,
     /// Print one JSON line instead of text.
     #[arg(long)]
     json: bool,
@@ -303,6 +309,34 @@ fn matmul(a: &MatmulArgs) -> Result<()> {
     Ok(())
 }
 
+/// The timed steps of one pass over the benchmark's batches.
+#[derive(Default)]
+struct PassTimes {
+    secs: Vec<f64>,
+    gflops: Vec<f64>,
+    flops: Vec<f64>,
+    phases: Vec<(&'static str, Vec<f64>)>,
+    shapes: Vec<crate::train::flops::StepShapes>,
+    hit_rate: Option<f64>,
+}
+
+impl PassTimes {
+    fn summary(&mut self, batch: usize, peak: f64) -> serde_json::Value {
+        let med = median(&mut self.secs.clone());
+        let (min, max) = (self.secs.iter().copied().fold(f64::INFINITY, f64::min), self.secs.iter().copied().fold(0.0, f64::max));
+        let n = self.shapes.len().max(1) as f64;
+        let mean = |f: &dyn Fn(&crate::train::flops::StepShapes) -> usize| self.shapes.iter().map(f).sum::<usize>() as f64 / n;
+        serde_json::json!({
+            "median_s": med, "min_s": min, "max_s": max, "examples_per_s": batch as f64 / med,
+            "gflop_per_step": median(&mut self.flops.clone()) / 1e9, "gflops": median(&mut self.gflops.clone()),
+            "matmul_share": median(&mut self.gflops.clone()) / peak,
+            "mean_base_len": mean(&|s| s.base_len), "mean_source_len": mean(&|s| s.source_len),
+            "state_cache_hit_rate": self.hit_rate,
+            "phases": self.phases.iter_mut().map(|(p, v)| serde_json::json!({"phase": p, "median_s": median(v)})).collect::<Vec<_>>(),
+        })
+    }
+}
+
 fn train(a: &TrainBenchArgs) -> Result<()> {
     use crate::data::collate::{CollateOptions, collate, encode_rows};
     use crate::data::generate::{DataSplit, EntityPolicy, GenerateOptions, generate};
@@ -311,6 +345,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     use crate::hypernet::interpreter::{Interpreter, InterpreterConfig};
     use crate::hypernet::subspace::SubspaceKind;
     use crate::params::ParamStore;
+    use crate::train::cache::StateCache;
     use crate::train::hyperdas::{TrainSettings, train_step};
 
     if a.batch == 0 || a.steps == 0 {
@@ -335,14 +370,20 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     let icfg = InterpreterConfig { hypernet: HyperConfig { num_blocks: a.blocks, layer: a.layer, from_scratch: false, ablate_source: false, ablate_base: false, seed: a.seed }, subspace, rank: a.rank };
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, target, &icfg)?;
+
     let settings = TrainSettings { batch_size: a.batch, ..Default::default() };
     let mut opt = settings.optimizer(&ps)?;
-    let total = a.steps + a.warmup;
+    let per_pass = a.steps + a.warmup;
+    // Pass 0: no cache (every clean pass computed). Pass 1: a first epoch with an empty cache
+    // (canonical groups are computed as their first prompt is needed). Pass 2: the same batches
+    // again, every clean state cached (steady state).
+    let passes = if a.no_cache { 1 } else { 3 };
+    let total = per_pass * passes;
     let schedule = settings.schedule(total);
     let pad = lm.tokenizer.padding_id();
     if !a.json {
         eprintln!(
-            "HyperDAS training step: batch {}, layer {}, {} blocks, {} rank {}, {} warm-up + {} timed steps, {threads} threads (RAYON_NUM_THREADS={})",
+            "HyperDAS training step: batch {}, layer {}, {} blocks, {} rank {}, {} warm-up + {} timed steps per pass, {threads} threads (RAYON_NUM_THREADS={}); {}",
             a.batch,
             a.layer,
             a.blocks,
@@ -350,76 +391,107 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             a.rank,
             a.warmup,
             a.steps,
-            std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
+            std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
+            if a.no_cache { "no state cache".to_string() } else { format!("pass 1 without a state cache, pass 2 = a first epoch with an empty {} GB cache, pass 3 = the same batches again (steady state)", a.cache_gb) }
         );
     }
     let conditioned = matches!(subspace, SubspaceKind::ReflectSelect | SubspaceKind::MaskSelect);
-    let mut secs = Vec::new();
-    let mut gflops = Vec::new();
-    let mut flops_total = Vec::new();
-    let mut phases: Vec<(&'static str, Vec<f64>)> = Vec::new();
-    let mut shapes = Vec::new();
-    for (step, chunk) in rows.chunks(a.batch).take(total).enumerate() {
-        let batch = collate(&chunk.iter().collect::<Vec<_>>(), pad);
-        let rec = crate::profile::Recording::start();
-        let t0 = Instant::now();
-        let o = train_step(target, &mut interp, &ps, &mut opt, &schedule, &batch, step, total, &settings)?;
-        let dt = t0.elapsed().as_secs_f64();
-        let ph = rec.finish();
-        let sh = crate::train::flops::StepShapes { batch: batch.len(), base_len: batch.base_len, source_len: batch.source_len, instruction_len: batch.instruction_len, labels: batch.max_label_tokens().min(settings.label_limit) };
-        let f = crate::train::flops::hyperdas_step(&target.config, a.layer, a.blocks, a.rank, conditioned, &sh);
-        if step < a.warmup {
-            continue;
+    let batches: Vec<_> = rows.chunks(a.batch).take(per_pass).map(|chunk| collate(&chunk.iter().collect::<Vec<_>>(), pad)).collect();
+    let mut results: Vec<PassTimes> = Vec::new();
+    let mut step = 0;
+    let mut epoch_seconds = None;
+    for pass in 0..passes {
+        if pass == 1 {
+            interp.set_cache(Some(StateCache::new((a.cache_gb * 1e9) as usize, candle_core::DType::F32)?));
+            interp.register_prompts(&rows[..need]);
         }
-        if !a.json {
-            let parts: Vec<String> = ph.iter().map(|(n, t)| format!("{n} {t:.2}")).collect();
-            eprintln!("  step {}: {dt:.2} s = {:.1} examples/s, {:.0} GFLOP/s (T_b {}, T_s {}, T_e {}; loss {:.3}) [{}]", step - a.warmup + 1, a.batch as f64 / dt, f.total() / dt / 1e9, sh.base_len, sh.source_len, sh.instruction_len, o.loss, parts.join(", "));
-        }
-        secs.push(dt);
-        gflops.push(f.total() / dt / 1e9);
-        flops_total.push(f.total());
-        for (n, t) in ph {
-            match phases.iter_mut().find(|(m, _)| *m == n) {
-                Some((_, v)) => v.push(t),
-                None => phases.push((n, vec![t])),
+        let mut times = PassTimes::default();
+        let before = interp.cache_stats();
+        let pass_start = Instant::now();
+        for (i, batch) in batches.iter().enumerate() {
+            let rec = crate::profile::Recording::start();
+            let t0 = Instant::now();
+            let o = train_step(target, &mut interp, &ps, &mut opt, &schedule, batch, step, total, &settings)?;
+            let dt = t0.elapsed().as_secs_f64();
+            let ph = rec.finish();
+            step += 1;
+            let sh = crate::train::flops::StepShapes { batch: batch.len(), base_len: batch.base_len, source_len: batch.source_len, instruction_len: batch.instruction_len, labels: batch.max_label_tokens().min(settings.label_limit) };
+            let mut f = crate::train::flops::hyperdas_step(&target.config, a.layer, a.blocks, a.rank, conditioned, &sh);
+            if pass == 2 {
+                f.clean = 0.0; // served from the cache: not work done
             }
+            if i < a.warmup {
+                continue;
+            }
+            if !a.json {
+                let parts: Vec<String> = ph.iter().map(|(n, t)| format!("{n} {t:.2}")).collect();
+                eprintln!("  pass {} step {}: {dt:.2} s = {:.1} examples/s, {:.0} GFLOP/s (T_b {}, T_s {}; loss {:.3}) [{}]", pass + 1, i - a.warmup + 1, a.batch as f64 / dt, f.total() / dt / 1e9, sh.base_len, sh.source_len, o.loss, parts.join(", "));
+            }
+            times.secs.push(dt);
+            times.gflops.push(f.total() / dt / 1e9);
+            times.flops.push(f.total());
+            for (n, t) in ph {
+                match times.phases.iter_mut().find(|(m, _)| *m == n) {
+                    Some((_, v)) => v.push(t),
+                    None => times.phases.push((n, vec![t])),
+                }
+            }
+            times.shapes.push(sh);
         }
-        shapes.push(sh);
+        if let (Some(b), Some(c)) = (before, interp.cache_stats()) {
+            let (h, m) = (c.hits - b.hits, c.misses - b.misses);
+            times.hit_rate = Some(if h + m == 0 { 0.0 } else { h as f64 / (h + m) as f64 });
+        }
+        if pass == 1 {
+            epoch_seconds = Some(pass_start.elapsed().as_secs_f64());
+        }
+        results.push(times);
     }
-    let (min, max) = (secs.iter().copied().fold(f64::INFINITY, f64::min), secs.iter().copied().fold(0.0, f64::max));
-    let med = median(&mut secs.clone());
-    let med_gflops = median(&mut gflops);
-    let med_flops = median(&mut flops_total);
     let d = target.config.hidden_size;
-    let peak = matmul_gflops(a.batch * shapes[0].base_len, d, target.config.intermediate_size, 10)?;
+    let peak = matmul_gflops(a.batch * a.max_tokens.min(30), d, target.config.intermediate_size, 10)?;
     let rss = crate::profile::peak_rss_bytes();
-    let phase_medians: Vec<(&str, f64)> = phases.iter_mut().map(|(n, v)| (*n, median(v))).collect();
-    let mean = |f: &dyn Fn(&crate::train::flops::StepShapes) -> usize| shapes.iter().map(f).sum::<usize>() as f64 / shapes.len() as f64;
+    let names = if a.no_cache { vec!["uncached"] } else { vec!["uncached", "first epoch (empty cache)", "steady state (cached)"] };
+    let first_epoch = epoch_seconds.map(|s| (a.batch * per_pass) as f64 / s);
+    let summaries: Vec<serde_json::Value> = results.iter_mut().map(|r| r.summary(a.batch, peak)).collect();
     if a.json {
+        let passes: Vec<serde_json::Value> = names.iter().zip(&summaries).enumerate().filter(|(i, _)| *i != 1).map(|(_, (n, s))| serde_json::json!({"pass": n, "result": s})).collect();
         println!(
             "{}",
             serde_json::json!({
                 "bench": "train", "model": a.model.model, "dtype": a.model.load.dtype, "batch": a.batch, "layer": a.layer, "blocks": a.blocks,
                 "subspace": a.subspace, "rank": a.rank, "steps": a.steps, "threads": threads, "fused": crate::model::kernels::fused_enabled(),
-                "median_s": med, "min_s": min, "max_s": max, "examples_per_s": a.batch as f64 / med,
-                "gflop_per_step": med_flops / 1e9, "gflops": med_gflops, "matmul_gflops": peak,
-                "mean_base_len": mean(&|s| s.base_len), "mean_source_len": mean(&|s| s.source_len),
-                "phases": phase_medians.iter().map(|(n, t)| serde_json::json!({"phase": n, "median_s": t})).collect::<Vec<_>>(),
-                "peak_rss_bytes": rss,
+                "matmul_gflops": peak, "peak_rss_bytes": rss, "passes": passes,
+                "first_epoch_examples_per_s": first_epoch, "first_epoch_steps": per_pass,
             })
         );
     } else {
-        println!(
-            "training step, batch {} (T_b {:.1}, T_s {:.1} on average): median {med:.2} s = {:.2} examples/s (min {min:.2} s, max {max:.2} s); {:.0} GFLOP per step at {med_gflops:.0} GFLOP/s = {:.0}% of this machine's {peak:.0} GFLOP/s matmul; peak RSS {}",
-            a.batch,
-            mean(&|s| s.base_len),
-            mean(&|s| s.source_len),
-            a.batch as f64 / med,
-            med_flops / 1e9,
-            100.0 * med_gflops / peak,
-            rss.map(|b| format!("{:.2} GB", b as f64 / 1e9)).unwrap_or_else(|| "unknown".into())
-        );
-        println!("  phases (median s): {}", phase_medians.iter().map(|(n, t)| format!("{n} {t:.2}")).collect::<Vec<_>>().join(", "));
+        for (i, (n, s)) in names.iter().zip(&summaries).enumerate() {
+            if i == 1 {
+                // Its steps differ (the first ones compute the canonical groups): only the average means anything.
+                continue;
+            }
+            let g = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{n}: median {:.2} s per step of {} = {:.2} examples/s (min {:.2} s, max {:.2} s; T_b {:.1}, T_s {:.1}); {:.0} GFLOP per step at {:.0} GFLOP/s = {:.0}% of the {peak:.0} GFLOP/s matmul{}",
+                g("median_s"),
+                a.batch,
+                g("examples_per_s"),
+                g("min_s"),
+                g("max_s"),
+                g("mean_base_len"),
+                g("mean_source_len"),
+                g("gflop_per_step"),
+                g("gflops"),
+                100.0 * g("matmul_share"),
+                s["state_cache_hit_rate"].as_f64().map(|h| format!("; state cache hit rate {:.0}%", 100.0 * h)).unwrap_or_default()
+            );
+            let phases: Vec<String> = s["phases"].as_array().into_iter().flatten().map(|p| format!("{} {:.2}", p["phase"].as_str().unwrap_or("?"), p["median_s"].as_f64().unwrap_or(f64::NAN))).collect();
+            println!("  phases (median s): {}", phases.join(", "));
+        }
+        if let Some(x) = first_epoch {
+            println!("first epoch with an empty cache, all {per_pass} steps: {x:.2} examples/s on average ({:.1} s)", epoch_seconds.unwrap_or(0.0));
+        }
+        println!("peak RSS {}", rss.map(|b| format!("{:.2} GB", b as f64 / 1e9)).unwrap_or_else(|| "unknown".into()));
     }
     Ok(())
 }

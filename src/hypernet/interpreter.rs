@@ -24,6 +24,7 @@ use crate::intervention::selection::{InferenceMode, discretize, ground_truth};
 use crate::model::Llama;
 use crate::params::ParamStore;
 use crate::rng::Rng;
+use crate::train::cache::{CacheStats, StateCache};
 
 /// Interpreter settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -52,6 +53,8 @@ pub struct Interpreter {
     pub config: InterpreterConfig,
     pub hypernet: HyperNetwork,
     pub subspace: SubspaceModule,
+    /// Clean hidden states per prompt, reused across steps ([`Interpreter::set_cache`]).
+    cache: std::cell::RefCell<Option<StateCache>>,
 }
 
 impl Interpreter {
@@ -61,7 +64,25 @@ impl Interpreter {
         let c = &target.config;
         let mut r = Registrar { ps, rng: Rng::derive(config.hypernet.seed, "subspace/init"), device: target.device().clone() };
         let subspace = SubspaceModule::new(&mut r, config.subspace, c.hidden_size, c.intermediate_size, config.rank, config.hypernet.seed, c.rms_norm_eps)?;
-        Ok(Interpreter { config: config.clone(), hypernet, subspace })
+        Ok(Interpreter { config: config.clone(), hypernet, subspace, cache: std::cell::RefCell::new(None) })
+    }
+
+    /// Serve the clean passes from `cache` from now on (`None`: compute every batch).
+    pub fn set_cache(&self, cache: Option<StateCache>) {
+        *self.cache.borrow_mut() = cache;
+    }
+
+    /// Register the prompts of `rows` with the cache (if any): every dataset a run will use, in
+    /// a fixed order, before the first step (see [`StateCache::register`]).
+    pub fn register_prompts(&self, rows: &[crate::data::collate::EncodedRow]) {
+        if let Some(c) = self.cache.borrow_mut().as_mut() {
+            c.register(rows.iter().flat_map(|r| [r.base_ids.as_slice(), r.source_ids.as_slice()]));
+        }
+    }
+
+    /// The cache's hits, misses and size, if there is one.
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.cache.borrow().as_ref().map(|c| c.stats())
     }
 
     /// The efficient intervened pass; `label_limit` caps the label tokens scored per row.
@@ -74,11 +95,21 @@ impl Interpreter {
         let base = batch.base_batch(dev)?;
         let source = batch.source_batch(dev)?;
         let ctx = target.context(&base)?;
-        let hb = target.forward_hidden(&base, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states"))?.detach(); // [B, T_b, L+1, D]
-        crate::profile::mark("clean base");
-        let hs = target.forward_hidden(&source, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states"))?.detach(); // [B, T_s, L+1, D]
-        crate::profile::mark("clean source");
         let (b, ts, tb) = (batch.len(), batch.source_len, batch.base_len);
+        let mut cache = self.cache.borrow_mut();
+        let hb = match cache.as_mut() {
+            Some(c) => c.states(target, &batch.base_ids, &batch.base_attention, b, tb)?,
+            None => target.forward_hidden(&base, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states"))?,
+        }
+        .detach(); // [B, T_b, L+1, D]
+        crate::profile::mark("clean base");
+        let hs = match cache.as_mut() {
+            Some(c) => c.states(target, &batch.source_ids, &batch.source_attention, b, ts)?,
+            None => target.forward_hidden(&source, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states"))?,
+        }
+        .detach(); // [B, T_s, L+1, D]
+        drop(cache);
+        crate::profile::mark("clean source");
         let base_mask = CollatedBatch::mask_tensor(&batch.base_intervention_mask, b, tb, dev)?;
         let source_mask = CollatedBatch::mask_tensor(&batch.source_intervention_mask, b, ts, dev)?;
         let instruction = batch.instruction_batch(dev)?;

@@ -571,6 +571,264 @@ pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Attention.
+
+/// Shapes of one attention call: queries `[B, H, Tq, hd]`, keys/values `[B, Hkv, Tk, hd]`,
+/// an additive mask `[B, 1, Tq|1, Tk]`.
+#[derive(Debug, Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    h: usize,
+    hkv: usize,
+    tq: usize,
+    tk: usize,
+    hd: usize,
+    mask_per_query: bool,
+    scale: f64,
+}
+
+impl AttnDims {
+    fn mask_row<'a, T>(&self, mask: &'a [T], b: usize, i: usize) -> &'a [T] {
+        let r = if self.mask_per_query { b * self.tq + i } else { b };
+        &mask[r * self.tk..(r + 1) * self.tk]
+    }
+}
+
+/// `out [B, Tq, H·hd]` and `p [B, H, Tq, Tk]`. Keys whose mask is −∞ are left out of every
+/// sum (not added as zeros), so a row's result does not depend on how much padding it has.
+fn attn_fwd<T: WithDType + Float>(q: &[T], k: &[T], v: &[T], mask: &[T], a: AttnDims) -> (Vec<T>, Vec<T>) {
+    let AttnDims { b: _, h, hkv, tq, tk, hd, .. } = a;
+    let rep = h / hkv;
+    let mut out = vec![T::zero(); a.b * tq * h * hd];
+    let mut p = vec![T::zero(); a.b * h * tq * tk];
+    let scale = T::from_f64(a.scale);
+    // One task per (batch row, head): its probabilities are a contiguous block; its outputs are
+    // strided in [B, Tq, H, hd], so they are gathered afterwards.
+    let blocks: Vec<(Vec<T>, usize)> = p
+        .par_chunks_mut(tq * tk)
+        .enumerate()
+        .map(|(bh, pb)| {
+            let (bi, hi) = (bh / h, bh % h);
+            let kv = bi * hkv + hi / rep;
+            let qb = &q[bh * tq * hd..(bh + 1) * tq * hd];
+            let kb = &k[kv * tk * hd..(kv + 1) * tk * hd];
+            let vb = &v[kv * tk * hd..(kv + 1) * tk * hd];
+            let mut o = vec![T::zero(); tq * hd];
+            for i in 0..tq {
+                let mrow = a.mask_row(mask, bi, i);
+                let qi = &qb[i * hd..(i + 1) * hd];
+                let pr = &mut pb[i * tk..(i + 1) * tk];
+                let mut max = T::neg_infinity();
+                for j in 0..tk {
+                    if mrow[j] == T::neg_infinity() {
+                        continue;
+                    }
+                    let kj = &kb[j * hd..(j + 1) * hd];
+                    let dot = qi.iter().zip(kj).fold(T::zero(), |acc, (&x, &y)| acc + x * y);
+                    let s = dot * scale + mrow[j];
+                    pr[j] = s;
+                    max = Float::max(max, s);
+                }
+                let mut sum = 0f64;
+                for j in 0..tk {
+                    if mrow[j] == T::neg_infinity() {
+                        pr[j] = T::zero();
+                    } else {
+                        pr[j] = (pr[j] - max).exp();
+                        sum += pr[j].to_f64();
+                    }
+                }
+                let sum = T::from_f64(sum);
+                let oi = &mut o[i * hd..(i + 1) * hd];
+                for j in 0..tk {
+                    if mrow[j] == T::neg_infinity() {
+                        continue;
+                    }
+                    pr[j] /= sum;
+                    let (pj, vj) = (pr[j], &vb[j * hd..(j + 1) * hd]);
+                    for (oo, &vv) in oi.iter_mut().zip(vj) {
+                        *oo += pj * vv;
+                    }
+                }
+            }
+            (o, bh)
+        })
+        .collect();
+    for (o, bh) in blocks {
+        let (bi, hi) = (bh / h, bh % h);
+        for i in 0..tq {
+            let dst = ((bi * tq + i) * h + hi) * hd;
+            out[dst..dst + hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+        }
+    }
+    (out, p)
+}
+
+/// The attention backward: `dout [B, Tq, H·hd]` → `(dq [B, H, Tq, hd], dk, dv [B, Hkv, Tk, hd])`.
+#[allow(clippy::too_many_arguments)]
+fn attn_bwd<T: WithDType + Float>(q: &[T], k: &[T], v: &[T], p: &[T], mask: &[T], dout: &[T], a: AttnDims) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let AttnDims { b, h, hkv, tq, tk, hd, .. } = a;
+    let rep = h / hkv;
+    let scale = T::from_f64(a.scale);
+    let mut dq = vec![T::zero(); b * h * tq * hd];
+    let mut dk = vec![T::zero(); b * hkv * tk * hd];
+    let mut dv = vec![T::zero(); b * hkv * tk * hd];
+    // One task per (batch row, kv head): it owns dk, dv of that head and dq of its query heads.
+    dq.par_chunks_mut(rep * tq * hd).zip(dk.par_chunks_mut(tk * hd).zip(dv.par_chunks_mut(tk * hd))).enumerate().for_each(|(g, (dqg, (dkg, dvg)))| {
+        let (bi, kvh) = (g / hkv, g % hkv);
+        let kb = &k[g * tk * hd..(g + 1) * tk * hd];
+        let vb = &v[g * tk * hd..(g + 1) * tk * hd];
+        let mut dp = vec![T::zero(); tk];
+        for r in 0..rep {
+            let hi = kvh * rep + r;
+            let bh = bi * h + hi;
+            for i in 0..tq {
+                let mrow = a.mask_row(mask, bi, i);
+                let pr = &p[(bh * tq + i) * tk..(bh * tq + i + 1) * tk];
+                let src = ((bi * tq + i) * h + hi) * hd;
+                let doi = &dout[src..src + hd];
+                let qi = &q[(bh * tq + i) * hd..(bh * tq + i + 1) * hd];
+                let mut dot = 0f64;
+                for j in 0..tk {
+                    if mrow[j] == T::neg_infinity() {
+                        continue;
+                    }
+                    let vj = &vb[j * hd..(j + 1) * hd];
+                    dp[j] = doi.iter().zip(vj).fold(T::zero(), |acc, (&x, &y)| acc + x * y);
+                    dot += (pr[j] * dp[j]).to_f64();
+                }
+                let dot = T::from_f64(dot);
+                let dqi = &mut dqg[(r * tq + i) * hd..(r * tq + i + 1) * hd];
+                for j in 0..tk {
+                    if mrow[j] == T::neg_infinity() {
+                        continue;
+                    }
+                    let ds = pr[j] * (dp[j] - dot) * scale;
+                    let kj = &kb[j * hd..(j + 1) * hd];
+                    for (o, &x) in dqi.iter_mut().zip(kj) {
+                        *o += ds * x;
+                    }
+                    let dkj = &mut dkg[j * hd..(j + 1) * hd];
+                    for (o, &x) in dkj.iter_mut().zip(qi) {
+                        *o += ds * x;
+                    }
+                    let dvj = &mut dvg[j * hd..(j + 1) * hd];
+                    for (o, &x) in dvj.iter_mut().zip(doi) {
+                        *o += pr[j] * x;
+                    }
+                }
+            }
+        }
+    });
+    (dq, dk, dv)
+}
+
+fn attn_dims(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Option<AttnDims> {
+    let ([b, h, tq, hd], [kb, hkv, tk, khd], [mb, 1, mq, mk]) = (q.dims(), k.dims(), mask.dims()) else { return None };
+    let ok = kb == b && khd == hd && v.dims() == k.dims() && *hkv > 0 && h % hkv == 0 && mb == b && mk == tk && (mq == tq || *mq == 1);
+    ok.then(|| AttnDims { b: *b, h: *h, hkv: *hkv, tq: *tq, tk: *tk, hd: *hd, mask_per_query: mq == tq, scale: 1.0 / (*hd as f64).sqrt() })
+}
+
+struct AttnOp {
+    mask: Tensor,
+    dims: AttnDims,
+}
+
+impl AttnOp {
+    fn run<T: WithDType + Float>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<Vec<T>> {
+        let m = self.mask.contiguous()?;
+        let (st, l) = m.storage_and_layout();
+        let Storage::Cpu(ms) = &*st else { return Err(cpu_only()) };
+        Ok(attn_fwd(q, k, v, slice::<T>(ms, l)?, self.dims).0)
+    }
+}
+
+impl CustomOp3 for AttnOp {
+    fn name(&self) -> &'static str {
+        "hyperdas-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.dims;
+        let st = match s1.dtype() {
+            DType::F32 => to_storage(self.run::<f32>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?)?),
+            DType::F64 => to_storage(self.run::<f64>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?)?),
+            _ => return Err(cpu_only()),
+        };
+        Ok((st, Shape::from((d.b, d.tq, d.h * d.hd))))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _out: &Tensor, dout: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = attention_backward(q, k, v, None, &self.mask, dout).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Scaled dot-product attention with GQA: `q [B, H, Tq, hd]` (RoPE applied), `k`, `v`
+/// `[B, Hkv, Tk, hd]`, additive `mask [B, 1, Tq|1, Tk]` (no gradient) → `[B, Tq, H·hd]`.
+/// Fused on the CPU (keys masked with −∞ are skipped, not summed as zeros, so the result does
+/// not depend on a row's padding); composed from candle ops otherwise.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if fusable(&[q, k, v, mask])
+        && let Some(dims) = attn_dims(q, k, v, mask)
+    {
+        return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, AttnOp { mask: mask.detach(), dims })?);
+    }
+    attention_composed(q, k, v, mask)
+}
+
+/// [`attention`] from candle ops (GQA by stacking the query heads that share a kv head).
+pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, h, tq, hd) = q.dims4()?;
+    let (_, hkv, tk, _) = k.dims4()?;
+    let rep = h / hkv;
+    let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep * tq, hd))?; // [B, Hkv, rep·Tq, hd]
+    let scores = q.matmul(&k.t()?)?.reshape((b, h, tq, tk))?; // [B, H, Tq, Tk]
+    let scores = scores.to_dtype(accum_dtype(scores.dtype()))?; // [B, H, Tq, Tk]
+    let probs = softmax_masked(&scores, Some(&mask.to_dtype(scores.dtype())?))?.to_dtype(v.dtype())?; // [B, H, Tq, Tk]
+    let out = probs.reshape((b, hkv, rep * tq, tk))?.matmul(v)?; // [B, Hkv, rep·Tq, hd]
+    Ok(out.reshape((b, h, tq, hd))?.transpose(1, 2)?.reshape((b, tq, h * hd))?) // [B, Tq, H·hd]
+}
+
+/// Attention forward outside any graph, keeping the probabilities for
+/// [`attention_backward`]: `(out [B, Tq, H·hd], p [B, H, Tq, Tk])`. CPU f32/f64 only.
+pub fn attention_forward_saved(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(d) = attn_dims(q, k, v, mask).filter(|_| fusable(&[q, k, v, mask])) else { return Ok(None) };
+    let (out_shape, p_shape) = ((d.b, d.tq, d.h * d.hd), (d.b, d.h, d.tq, d.tk));
+    macro_rules! run {
+        ($t:ty) => {{
+            let (o, p) = with_host::<$t, _>(q, |qs| with_host::<$t, _>(k, |ks| with_host::<$t, _>(v, |vs| with_host::<$t, _>(mask, |ms| attn_fwd(qs, ks, vs, ms, d)))))????;
+            (Tensor::from_vec(o, out_shape, &Device::Cpu)?, Tensor::from_vec(p, p_shape, &Device::Cpu)?)
+        }};
+    }
+    Ok(Some(host_dispatch!(q.dtype(), run!(f32), run!(f64))))
+}
+
+/// Whether [`attention_forward_saved`] (and the fused backward) handles these tensors.
+pub fn attention_forward_saved_applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> bool {
+    fusable(&[q, k, v, mask]) && attn_dims(q, k, v, mask).is_some()
+}
+
+/// The backward of [`attention`]: `(dq, dk, dv)` from `dout [B, Tq, H·hd]`, with the forward's
+/// probabilities `p` if saved (else recomputed). CPU f32/f64 only.
+pub fn attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, p: Option<&Tensor>, mask: &Tensor, dout: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = attn_dims(q, k, v, mask).ok_or_else(|| Error::invalid("attention backward: shapes do not fit"))?;
+    let p = match p {
+        Some(p) => p.clone(),
+        None => attention_forward_saved(q, k, v, mask)?.ok_or_else(|| Error::invalid("attention backward: CPU f32/f64 only"))?.1,
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let (a, b, c) = with_host::<$t, _>(q, |qs| {
+                with_host::<$t, _>(k, |ks| with_host::<$t, _>(v, |vs| with_host::<$t, _>(&p, |ps| with_host::<$t, _>(mask, |ms| with_host::<$t, _>(dout, |gs| attn_bwd(qs, ks, vs, ps, ms, gs, d))))))
+            })??????;
+            (Tensor::from_vec(a, q.shape().clone(), &Device::Cpu)?, Tensor::from_vec(b, k.shape().clone(), &Device::Cpu)?, Tensor::from_vec(c, v.shape().clone(), &Device::Cpu)?)
+        }};
+    }
+    Ok(host_dispatch!(q.dtype(), run!(f32), run!(f64)))
+}
+
+// ---------------------------------------------------------------------------------------------
 // SiLU-gated product (SwiGLU's middle).
 
 struct SiluMulOp;

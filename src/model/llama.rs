@@ -156,18 +156,11 @@ impl Attention {
     /// Attention of `x [B, T_q, D]` over prepared keys and values `[B, Hkv, T_k, hd]`.
     pub fn attend_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor, q_rope: (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
         let (b, tq, _) = x.dims3()?;
-        let tk = k.dim(2)?;
-        let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let rep = h / hkv;
+        let (h, hd) = (self.n_heads, self.head_dim);
         let q = self.q_proj.forward(x)?.reshape((b, tq, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, Tq, hd]
         let q = kernels::rope(&q, q_rope.0, q_rope.1)?; // [B, H, Tq, hd]
-        // GQA without copying k/v: the `rep` query heads sharing a kv head are stacked along T.
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep * tq, hd))?; // [B, Hkv, rep·Tq, hd]
-        let scores = q.matmul(&k.t()?)?.reshape((b, h, tq, tk))?; // [B, H, Tq, Tk]
-        let scores = scores.to_dtype(accum_dtype(scores.dtype()))?; // [B, H, Tq, Tk]
-        let probs = kernels::softmax_masked(&scores, Some(&mask.to_dtype(scores.dtype())?))?.to_dtype(v.dtype())?; // [B, H, Tq, Tk]
-        let out = probs.reshape((b, hkv, rep * tq, tk))?.matmul(v)?; // [B, Hkv, rep·Tq, hd]
-        let out = out.reshape((b, h, tq, hd))?.transpose(1, 2)?.reshape((b, tq, h * hd))?; // [B, Tq, H·hd]
+        let mask = mask.to_dtype(accum_dtype(q.dtype()))?.broadcast_as((b, 1, mask.dim(2)?, k.dim(2)?))?; // [B, 1, Tq|1, Tk]
+        let out = kernels::attention(&q, k, v, &mask)?; // [B, Tq, H·hd]
         self.o_proj.forward(&out) // [B, Tq, D]
     }
 }

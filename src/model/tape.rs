@@ -67,13 +67,18 @@ fn block_forward(blk: &Block, x: &Tensor, ctx: &ForwardContext) -> Result<(Tenso
     let v = lin(&a.v_proj, &h1)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
     let q = kernels::rope(&q, &ctx.cos, &ctx.sin)?; // [B, H, T, hd]
     let k = kernels::rope(&k, &ctx.cos, &ctx.sin)?; // [B, Hkv, T, hd]
-    let scale = 1.0 / (hd as f64).sqrt();
-    let qs = (&q * scale)?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
-    let s = qs.matmul(&k.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
-    let s = s.to_dtype(kernels::accum_dtype(s.dtype()))?;
-    let p = kernels::softmax_masked(&s, Some(&ctx.mask.to_dtype(s.dtype())?))?.to_dtype(v.dtype())?; // [B, H, T, T]
-    let o = p.reshape((b, hkv, rep * t, t))?.matmul(&v)?; // [B, Hkv, rep·T, hd]
-    let o = o.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?; // [B, T, H·hd]
+    let (o, p) = match kernels::attention_forward_saved(&q, &k, &v, &ctx.mask)? {
+        Some(saved) => saved, // [B, T, H·hd], [B, H, T, T]
+        None => {
+            let scale = 1.0 / (hd as f64).sqrt();
+            let qs = (&q * scale)?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
+            let s = qs.matmul(&k.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
+            let s = s.to_dtype(kernels::accum_dtype(s.dtype()))?;
+            let p = kernels::softmax_masked(&s, Some(&ctx.mask.to_dtype(s.dtype())?))?.to_dtype(v.dtype())?; // [B, H, T, T]
+            let o = p.reshape((b, hkv, rep * t, t))?.matmul(&v)?; // [B, Hkv, rep·T, hd]
+            (o.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?, p) // [B, T, H·hd]
+        }
+    };
     let y1 = (x + lin(&a.o_proj, &o)?)?; // [B, T, D]
     let h2 = kernels::rms_norm(&y1, &blk.post_attention_layernorm.weight, blk.post_attention_layernorm.eps)?; // [B, T, D]
     let g = lin(&blk.mlp.gate_proj, &h2)?; // [B, T, F]
@@ -97,15 +102,20 @@ fn block_backward(blk: &Block, tape: &BlockTape, dy: &Tensor, ctx: &ForwardConte
     let dy1 = (dy + kernels::rms_norm_backward(&tape.y1, &post.weight, &dh2, post.eps, false)?.0)?; // [B, T, D]
     // Attention.
     let d_o = lin_back(&a.o_proj, &dy1)?; // [B, T, H·hd]
-    let d_o = d_o.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
-    let p = tape.p.reshape((b, hkv, rep * t, t))?; // [B, Hkv, rep·T, T]
-    let dp = d_o.matmul(&tape.v.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
-    let dv = p.t()?.matmul(&d_o)?; // [B, Hkv, T, hd] (sums the rep query heads)
-    let acc = kernels::accum_dtype(dp.dtype());
-    let ds = kernels::softmax_backward(&tape.p.to_dtype(acc)?, &dp.to_dtype(acc)?)?; // [B, H, T, T]
-    let ds = (ds * scale)?.to_dtype(d_o.dtype())?.reshape((b, hkv, rep * t, t))?; // [B, Hkv, rep·T, T]
-    let dq = ds.matmul(&tape.k)?.reshape((b, h, t, hd))?; // [B, H, T, hd]
-    let dk = ds.t()?.matmul(&tape.q.reshape((b, hkv, rep * t, hd))?)?; // [B, Hkv, T, hd]
+    let (dq, dk, dv) = if kernels::attention_forward_saved_applies(&tape.q, &tape.k, &tape.v, &ctx.mask) {
+        kernels::attention_backward(&tape.q, &tape.k, &tape.v, Some(&tape.p), &ctx.mask, &d_o)? // [B, H, T, hd], [B, Hkv, T, hd] ×2
+    } else {
+        let d_o = d_o.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
+        let p = tape.p.reshape((b, hkv, rep * t, t))?; // [B, Hkv, rep·T, T]
+        let dp = d_o.matmul(&tape.v.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
+        let dv = p.t()?.matmul(&d_o)?; // [B, Hkv, T, hd] (sums the rep query heads)
+        let acc = kernels::accum_dtype(dp.dtype());
+        let ds = kernels::softmax_backward(&tape.p.to_dtype(acc)?, &dp.to_dtype(acc)?)?; // [B, H, T, T]
+        let ds = (ds * scale)?.to_dtype(d_o.dtype())?.reshape((b, hkv, rep * t, t))?; // [B, Hkv, rep·T, T]
+        let dq = ds.matmul(&tape.k)?.reshape((b, h, t, hd))?; // [B, H, T, hd]
+        let dk = ds.t()?.matmul(&tape.q.reshape((b, hkv, rep * t, hd))?)?; // [B, Hkv, T, hd]
+        (dq, dk, dv)
+    };
     let dq = kernels::rope_inverse(&dq, &ctx.cos, &ctx.sin)?; // [B, H, T, hd]
     let dk = kernels::rope_inverse(&dk, &ctx.cos, &ctx.sin)?; // [B, Hkv, T, hd]
     let flat = |x: &Tensor, heads: usize| -> Result<Tensor> { Ok(x.transpose(1, 2)?.reshape((b, t, heads * hd))?) };

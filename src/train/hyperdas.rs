@@ -57,6 +57,13 @@ pub struct TrainSettings {
     /// later with `--resume`; the result equals an uninterrupted run.
     pub stop_after_steps: usize,
     pub seed: u64,
+    /// Memory for the clean hidden states of prompts already seen, reused instead of running
+    /// the target again (0: no cache). The states of one prompt take `T × (L+1) × D` values:
+    /// 2.1 MB in f32 for a 30-token SmolLM2 prompt.
+    pub state_cache_gb: f64,
+    /// How cached states are stored: `f32` (exact: training is bit-identical with and without
+    /// the cache), or `f16` / `bf16` (half the memory, rounded states).
+    pub state_cache_dtype: String,
     /// Positions used in training: `Soft` (HyperDAS) or `GroundTruth` (the last entity token
     /// of base and source, as MDAS: a diagnostic of the subspace alone).
     #[serde(skip)]
@@ -75,6 +82,23 @@ impl TrainSettings {
         let adam = AdamWConfig { weight_decay: self.weight_decay, grad_clip: Some(self.grad_clip), ..Default::default() };
         let rotation_group = Group { lr: self.rotation_lr, weight_decay: 0.0 };
         AdamW::with_groups(ps, adam, |name| (name == "subspace.rotation").then_some(rotation_group))
+    }
+
+    /// The state cache these settings ask for (`None` when `state_cache_gb` is 0).
+    pub fn state_cache(&self) -> Result<Option<crate::train::cache::StateCache>> {
+        if !(self.state_cache_gb >= 0.0 && self.state_cache_gb.is_finite()) {
+            return Err(Error::invalid(format!("train.state_cache_gb = {}: use a size in GB (0 turns the cache off)", self.state_cache_gb)));
+        }
+        if self.state_cache_gb == 0.0 {
+            return Ok(None);
+        }
+        let dtype = match self.state_cache_dtype.as_str() {
+            "f32" => candle_core::DType::F32,
+            "f16" => candle_core::DType::F16,
+            "bf16" => candle_core::DType::BF16,
+            other => return Err(Error::invalid(format!("train.state_cache_dtype = {other:?}: use f32, f16 or bf16"))),
+        };
+        Ok(Some(crate::train::cache::StateCache::new((self.state_cache_gb * 1e9) as usize, dtype)?))
     }
 
     /// The learning-rate schedule of a run of `total` steps.
@@ -106,6 +130,8 @@ impl Default for TrainSettings {
             checkpoint_every: 0,
             stop_after_steps: 0,
             seed: 0,
+            state_cache_gb: 2.0,
+            state_cache_dtype: "f32".into(),
             train_mode: InferenceMode::Soft,
         }
     }
@@ -403,6 +429,9 @@ pub fn train(
             step += 1;
             let (value, lambda, lr) = (o.loss, o.sparsity_weight, o.lr);
             let mut rec = serde_json::json!({"step": step, "loss": value, "prediction_loss": o.prediction_loss, "sparsity_weight": lambda, "lr": lr, "grad_norm": o.grad_norm, "seconds": t0.elapsed().as_secs_f64()});
+            if let Some(c) = interp.cache_stats() {
+                rec["state_cache_hit_rate"] = serde_json::json!(c.hit_rate());
+            }
             if step % s.eval_every.max(1) == 0 || step == total {
                 let sc = evaluate(target, interp, test, InferenceMode::Soft, s.batch_size, s.label_limit, pad)?;
                 rec["eval_soft"] = serde_json::to_value(sc).map_err(|e| Error::invalid(e.to_string()))?;

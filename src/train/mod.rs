@@ -7,6 +7,7 @@
 //! * [`checkpoint`]: parameters and optimizer state as safetensors, step and settings as JSON.
 //! * [`metrics::MetricsLog`]: one JSON object per line (`metrics.jsonl`).
 
+pub mod cache;
 pub mod checkpoint;
 pub mod flops;
 pub mod hyperdas;

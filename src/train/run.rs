@@ -232,6 +232,9 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
     }
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &icfg)?;
+    interp.set_cache(cfg.train.state_cache()?);
+    interp.register_prompts(&sets[0]);
+    interp.register_prompts(&sets[1]);
     let pad = lm.tokenizer.padding_id();
     let mut log = if resume { MetricsLog::append(&out.join("metrics.jsonl"))? } else { MetricsLog::create(&out.join("metrics.jsonl"))? };
     let plan = CheckpointPlan { dir: Some(&out.join("checkpoint")), resume, meta: serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))? };
@@ -248,6 +251,9 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
     write_results(out, "", &scored)?;
     if progress {
         eprint!("{}", scored.table());
+        if let Some(c) = interp.cache_stats() {
+            eprintln!("state cache: {:.1}% of {} prompt look-ups served from {} cached prompts ({:.2} GB); {} prompts run through the target", 100.0 * c.hit_rate(), c.hits + c.misses, c.entries, c.bytes as f64 / 1e9, c.computed);
+        }
     }
     Ok(Some(scored.results))
 }
@@ -346,6 +352,7 @@ pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
     let lm = config.model.load(progress)?;
     let mut params = ParamStore::new();
     let interpreter = Interpreter::new(&mut params, &lm.model, &config.interpreter.config(lm.model.num_layers())?)?;
+    interpreter.set_cache(config.train.state_cache()?);
     crate::train::checkpoint::load(&dir.join("checkpoint"), &params, None, lm.model.device())?;
     Ok(LoadedRun { config, lm, params, interpreter })
 }
@@ -360,6 +367,7 @@ pub fn eval_run(dir: &Path, data: &Path, modes: &[InferenceMode], skip_bad_rows:
     if progress {
         eprintln!("{}; {} encoded, {} skipped", ds.describe(), enc.rows.len(), enc.skipped.len());
     }
+    run.interpreter.register_prompts(&enc.rows);
     let name = data.file_name().map(|n| n.to_string_lossy().trim_end_matches(".jsonl").to_string()).unwrap_or_else(|| "data".into());
     let out = dir.join("eval");
     std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, format!("cannot create: {e}")))?;
