@@ -22,6 +22,7 @@ fn assert_parity(model_path: &std::path::Path, reference: &str, tol: f64, expect
     for d in &report.diffs {
         eprintln!("{} {}: max|diff| {:.3e} (max|ref| {:.3e}, {} values)", model_path.display(), d.name, d.max_abs_diff, d.max_abs_ref, d.compared);
         assert!(d.compared > 0);
+        let tol = d.tolerance(tol); // gradients: relative where looser (see its doc)
         assert!(d.max_abs_diff <= tol, "{}: {} differs by {:e} > {tol:e}", model_path.display(), d.name, d.max_abs_diff);
     }
     let mm = report.token_mismatches.expect("fixture records its prompts");

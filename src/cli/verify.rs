@@ -25,7 +25,8 @@ pub struct VerifyArgs {
     /// A reference dump from tools/make_fixtures.py; prints the max abs difference per tensor.
     #[arg(long)]
     reference: Option<PathBuf>,
-    /// Fail (exit 1) when a difference exceeds this.
+    /// Fail (exit 1) when a difference exceeds this (gradients: this or 5e-6 of their largest
+    /// value, whichever is looser; see `TensorDiff::tolerance`).
     #[arg(long, default_value_t = 1e-3)]
     tolerance: f64,
     /// A prompt to complete (repeatable; default: four capital/country prompts).
@@ -79,7 +80,7 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
         }
         let mut failed = false;
         for d in &report.diffs {
-            let ok = d.max_abs_diff <= a.tolerance;
+            let ok = d.within(a.tolerance);
             failed |= !ok;
             println!(
                 "  {:<16} max|diff| {:.3e}   max|ref| {:.3e}   {} values   {}",

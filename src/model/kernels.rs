@@ -61,6 +61,61 @@ fn rows_per_task(cols: usize) -> usize {
     (65_536 / cols.max(1)).max(1)
 }
 
+/// The float types the host kernels run on, with a vectorisable `exp`.
+pub trait KernelFloat: WithDType + Float {
+    fn vexp(self) -> Self;
+}
+
+impl KernelFloat for f32 {
+    /// e^x by range reduction and a degree-6 polynomial (Cephes `expf`), branch-free so loops
+    /// vectorise; relative error ≤ 2·10⁻⁷ (checked against the system `exp` in the tests),
+    /// exactly 0 below −87.3 (so −∞ gives 0, as masks need).
+    #[inline(always)]
+    fn vexp(self) -> f32 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const C1: f32 = 0.693_359_4;
+        const C2: f32 = -2.121_944_4e-4;
+        // Round to nearest by adding 1.5·2²³: the integer lands in the low mantissa bits.
+        const MAGIC: f32 = 12_582_912.0;
+        let x = self.clamp(-87.336_54, 88.722_83);
+        let t = x * LOG2E + MAGIC;
+        let n = t - MAGIC;
+        let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+        let r = x - n * C1 - n * C2;
+        let r2 = r * r;
+        let p = (((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.5) * r2 + r + 1.0;
+        let scale = f32::from_bits((ni.wrapping_add(127) << 23) as u32);
+        if self < -87.336_54 { 0.0 } else { p * scale }
+    }
+}
+
+impl KernelFloat for f64 {
+    #[inline(always)]
+    fn vexp(self) -> f64 {
+        self.exp()
+    }
+}
+
+/// Σ aᵢbᵢ with 8 partial sums in f64 (vectorisable; the summation order depends only on the
+/// length). f64 accumulation keeps the reductions (row norms, softmax-backward dots) at the
+/// accuracy of the composed path: the 8-lane f32 sum lost ~2× on the parity gradients.
+#[inline(always)]
+fn dot<T: KernelFloat>(a: &[T], b: &[T]) -> T {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += WithDType::to_f64(x[l]) * WithDType::to_f64(y[l]);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += WithDType::to_f64(*x) * WithDType::to_f64(*y);
+    }
+    T::from_f64(s)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host access.
 
@@ -91,7 +146,7 @@ fn to_storage<T: WithDType>(v: Vec<T>) -> CpuStorage {
 // Host kernels (generic over f32 / f64).
 
 /// RMSNorm rows of `d`: `y`, and `r = 1/√(mean(x²)+ε)` per row.
-fn rms_fwd<T: WithDType + Float>(x: &[T], w: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T>) {
+fn rms_fwd<T: KernelFloat>(x: &[T], w: &[T], d: usize, eps: f64) -> (Vec<T>, Vec<T>) {
     let n = x.len() / d;
     let mut y = vec![T::zero(); x.len()];
     let mut r = vec![T::zero(); n];
@@ -100,8 +155,7 @@ fn rms_fwd<T: WithDType + Float>(x: &[T], w: &[T], d: usize, eps: f64) -> (Vec<T
     let rows = rows_per_task(d);
     y.par_chunks_mut(rows * d).zip(r.par_chunks_mut(rows)).zip(x.par_chunks(rows * d)).for_each(|((yc, rc), xc)| {
         for ((yr, ri), xr) in yc.chunks_mut(d).zip(rc.iter_mut()).zip(xc.chunks(d)) {
-            let ss = xr.iter().fold(0f64, |a, &v| a + (v * v).to_f64());
-            let s = (T::from_f64(ss) / dn + eps).sqrt();
+            let s = (dot(xr, xr) / dn + eps).sqrt();
             *ri = T::one() / s;
             for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
                 *o = v / s * g;
@@ -112,7 +166,7 @@ fn rms_fwd<T: WithDType + Float>(x: &[T], w: &[T], d: usize, eps: f64) -> (Vec<T
 }
 
 /// RMSNorm backward: `dx`, and `dw` when asked (summed over a fixed split of the rows).
-fn rms_bwd<T: WithDType + Float>(x: &[T], w: &[T], dy: &[T], d: usize, eps: f64, want_dw: bool) -> (Vec<T>, Option<Vec<T>>) {
+fn rms_bwd<T: KernelFloat>(x: &[T], w: &[T], dy: &[T], d: usize, eps: f64, want_dw: bool) -> (Vec<T>, Option<Vec<T>>) {
     let n = x.len() / d;
     let mut dx = vec![T::zero(); x.len()];
     let eps = T::from_f64(eps);
@@ -125,14 +179,22 @@ fn rms_bwd<T: WithDType + Float>(x: &[T], w: &[T], dy: &[T], d: usize, eps: f64,
         .map(|((dxc, xc), dyc)| {
             let mut dw = if want_dw { vec![T::zero(); d] } else { Vec::new() };
             for ((dxr, xr), dyr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(dyc.chunks(d)) {
-                let ss = xr.iter().fold(0f64, |a, &v| a + (v * v).to_f64());
-                let r = T::one() / (T::from_f64(ss) / dn + eps).sqrt();
-                // c = mean(g ⊙ x̂), g = dy ⊙ w, x̂ = x r
-                let mut c = 0f64;
-                for ((&v, &g), &wi) in xr.iter().zip(dyr).zip(w) {
-                    c += (g * wi * v * r).to_f64();
+                let r = T::one() / (dot(xr, xr) / dn + eps).sqrt();
+                // c = mean(g ⊙ x̂), g = dy ⊙ w, x̂ = x r: compute Σ (dy ⊙ w) ⊙ x, then scale by r.
+                let mut acc = [0f64; 8];
+                let (cx, cg, cw) = (xr.chunks_exact(8), dyr.chunks_exact(8), w.chunks_exact(8));
+                let (rx, rg, rw) = (cx.remainder(), cg.remainder(), cw.remainder());
+                for ((x8, g8), w8) in cx.zip(cg).zip(cw) {
+                    for l in 0..8 {
+                        acc[l] += WithDType::to_f64(g8[l] * w8[l]) * WithDType::to_f64(x8[l]);
+                    }
                 }
-                let c = T::from_f64(c) / dn;
+                let mut c = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+                for ((&v, &g), &wi) in rx.iter().zip(rg).zip(rw) {
+                    c += WithDType::to_f64(g * wi) * WithDType::to_f64(v);
+                }
+                let c = T::from_f64(c);
+                let c = c * r / dn;
                 for (((o, &v), &g), &wi) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
                     *o = r * (g * wi - v * r * c);
                 }
@@ -174,7 +236,7 @@ impl MaskMap {
     }
 }
 
-fn softmax_fwd<T: WithDType + Float>(s: &[T], mask: Option<(&[T], MaskMap)>, n: usize) -> Vec<T> {
+fn softmax_fwd<T: KernelFloat>(s: &[T], mask: Option<(&[T], MaskMap)>, n: usize) -> Vec<T> {
     let mut p = vec![T::zero(); s.len()];
     let rows = rows_per_task(n);
     p.par_chunks_mut(rows * n).zip(s.par_chunks(rows * n)).enumerate().for_each(|(c, (pc, sc))| {
@@ -190,26 +252,25 @@ fn softmax_fwd<T: WithDType + Float>(s: &[T], mask: Option<(&[T], MaskMap)>, n: 
                 None => pr.copy_from_slice(sr),
             }
             let max = pr.iter().fold(T::neg_infinity(), |a, &v| Float::max(a, v));
-            let mut sum = 0f64;
             for o in pr.iter_mut() {
-                *o = (*o - max).exp();
-                sum += o.to_f64();
+                *o = (*o - max).vexp();
             }
-            let sum = T::from_f64(sum);
+            let sum = pr.iter().fold(T::zero(), |a, &v| a + v);
+            let inv = T::one() / sum;
             for o in pr.iter_mut() {
-                *o /= sum;
+                *o *= inv;
             }
         }
     });
     p
 }
 
-fn softmax_bwd<T: WithDType + Float>(p: &[T], dp: &[T], n: usize) -> Vec<T> {
+fn softmax_bwd<T: KernelFloat>(p: &[T], dp: &[T], n: usize) -> Vec<T> {
     let mut ds = vec![T::zero(); p.len()];
     let rows = rows_per_task(n);
     ds.par_chunks_mut(rows * n).zip(p.par_chunks(rows * n)).zip(dp.par_chunks(rows * n)).for_each(|((dc, pc), gc)| {
         for ((dr, pr), gr) in dc.chunks_mut(n).zip(pc.chunks(n)).zip(gc.chunks(n)) {
-            let dot = T::from_f64(pr.iter().zip(gr).fold(0f64, |a, (&p, &g)| a + (p * g).to_f64()));
+            let dot = dot(pr, gr);
             for ((o, &p), &g) in dr.iter_mut().zip(pr).zip(gr) {
                 *o = p * (g - dot);
             }
@@ -220,7 +281,7 @@ fn softmax_bwd<T: WithDType + Float>(p: &[T], dp: &[T], n: usize) -> Vec<T> {
 
 /// RoPE over `x [B, H, T, hd]` with tables `[B, 1, T, hd]`; `inverse` rotates the other way
 /// (the backward of the forward rotation).
-fn rope_host<T: WithDType + Float>(x: &[T], cos: &[T], sin: &[T], heads: usize, t: usize, hd: usize, inverse: bool) -> Vec<T> {
+fn rope_host<T: KernelFloat>(x: &[T], cos: &[T], sin: &[T], heads: usize, t: usize, hd: usize, inverse: bool) -> Vec<T> {
     let half = hd / 2;
     let mut y = vec![T::zero(); x.len()];
     let per_bh = t * hd;
@@ -245,23 +306,23 @@ fn rope_host<T: WithDType + Float>(x: &[T], cos: &[T], sin: &[T], heads: usize, 
     y
 }
 
-fn silu_mul_fwd<T: WithDType + Float>(g: &[T], u: &[T]) -> Vec<T> {
+fn silu_mul_fwd<T: KernelFloat>(g: &[T], u: &[T]) -> Vec<T> {
     let mut h = vec![T::zero(); g.len()];
     h.par_chunks_mut(65_536).zip(g.par_chunks(65_536)).zip(u.par_chunks(65_536)).for_each(|((hc, gc), uc)| {
         for ((o, &a), &b) in hc.iter_mut().zip(gc).zip(uc) {
-            *o = a / (T::one() + (-a).exp()) * b;
+            *o = a / (T::one() + (-a).vexp()) * b;
         }
     });
     h
 }
 
-fn silu_mul_bwd<T: WithDType + Float>(g: &[T], u: &[T], dh: &[T]) -> (Vec<T>, Vec<T>) {
+fn silu_mul_bwd<T: KernelFloat>(g: &[T], u: &[T], dh: &[T]) -> (Vec<T>, Vec<T>) {
     let mut dg = vec![T::zero(); g.len()];
     let mut du = vec![T::zero(); g.len()];
     const C: usize = 65_536;
     dg.par_chunks_mut(C).zip(du.par_chunks_mut(C)).zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dh.par_chunks(C))).for_each(|((dgc, duc), ((gc, uc), hc))| {
         for ((((og, ou), &a), &b), &d) in dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(hc) {
-            let sig = T::one() / (T::one() + (-a).exp());
+            let sig = T::one() / (T::one() + (-a).vexp());
             *og = d * b * sig * (T::one() + a * (T::one() - sig));
             *ou = d * a * sig;
         }
@@ -382,7 +443,7 @@ struct SoftmaxOp {
 }
 
 impl SoftmaxOp {
-    fn run<T: WithDType + Float>(&self, s: &[T], m: Option<&[T]>, n: usize) -> Vec<T> {
+    fn run<T: KernelFloat>(&self, s: &[T], m: Option<&[T]>, n: usize) -> Vec<T> {
         softmax_fwd(s, m.zip(self.map), n)
     }
 }
@@ -480,13 +541,12 @@ pub fn unit_rows(x: &Tensor) -> Result<Tensor> {
     }
     let d = x.dim(D::Minus1)?;
     let shape = x.shape().clone();
-    fn run<T: WithDType + Float>(x: &[T], d: usize) -> Vec<T> {
+    fn run<T: KernelFloat>(x: &[T], d: usize) -> Vec<T> {
         let mut y = vec![T::zero(); x.len()];
         let rows = rows_per_task(d);
         y.par_chunks_mut(rows * d).zip(x.par_chunks(rows * d)).for_each(|(yc, xc)| {
             for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                let ss = xr.iter().fold(0f64, |a, &v| a + (v * v).to_f64());
-                let n = T::from_f64(ss).sqrt() + T::from_f64(1e-12);
+                let n = dot(xr, xr).sqrt() + T::from_f64(1e-12);
                 for (o, &v) in yr.iter_mut().zip(xr) {
                     *o = v / n;
                 }
@@ -509,7 +569,7 @@ struct RopeOp {
 }
 
 impl RopeOp {
-    fn run<T: WithDType + Float>(&self, x: &[T], c: &[T], s: &[T], dims: &[usize]) -> Vec<T> {
+    fn run<T: KernelFloat>(&self, x: &[T], c: &[T], s: &[T], dims: &[usize]) -> Vec<T> {
         let (heads, t, hd) = (dims[1], dims[2], dims[3]);
         rope_host(x, c, s, heads, t, hd, self.inverse)
     }
@@ -594,131 +654,145 @@ impl AttnDims {
     }
 }
 
-/// `out [B, Tq, H·hd]` and `p [B, H, Tq, Tk]`. Keys whose mask is −∞ are left out of every
-/// sum (not added as zeros), so a row's result does not depend on how much padding it has.
-fn attn_fwd<T: WithDType + Float>(q: &[T], k: &[T], v: &[T], mask: &[T], a: AttnDims) -> (Vec<T>, Vec<T>) {
-    let AttnDims { b: _, h, hkv, tq, tk, hd, .. } = a;
+/// A matrix view for [`mm`]: element `(r, c)` at `offset + r·rs + c·cs`.
+#[derive(Clone, Copy)]
+struct View {
+    rs: usize,
+    cs: usize,
+}
+
+/// `c[m×n] = a[m×k] · b[k×n]` (or `+=` with `accumulate`), `c` row-major with `n` columns,
+/// through gemm's single-threaded kernels (the caller parallelises over heads).
+#[allow(clippy::too_many_arguments)]
+fn mm<T: KernelFloat>(c: &mut [T], a: &[T], av: View, b: &[T], bv: View, m: usize, n: usize, k: usize, accumulate: bool) {
+    assert!(c.len() >= m * n, "mm: output too small");
+    let last = |v: View, rows: usize, cols: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * v.rs + (cols - 1) * v.cs + 1 };
+    assert!(a.len() >= last(av, m, k) && b.len() >= last(bv, k, n), "mm: input too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the bounds above cover every element gemm reads or writes; the slices do not overlap
+    // (c is a distinct &mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            av.cs as isize,
+            av.rs as isize,
+            b.as_ptr(),
+            bv.cs as isize,
+            bv.rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `out [B, Tq, H·hd]` and `p [B, H, Tq, Tk]`.
+///
+/// One task per (batch row, kv head): the `rep` query heads sharing the kv head are one block
+/// of rows `R = rep·Tq`, so the scores are one product `Q_g Kᵀ [R, Tk]` and the output one
+/// product `P V [R, hd]`.
+fn attn_fwd<T: KernelFloat>(q: &[T], k: &[T], v: &[T], mask: &[T], a: AttnDims) -> (Vec<T>, Vec<T>) {
+    let AttnDims { b, h, hkv, tq, tk, hd, .. } = a;
     let rep = h / hkv;
-    let mut out = vec![T::zero(); a.b * tq * h * hd];
-    let mut p = vec![T::zero(); a.b * h * tq * tk];
+    let rows = rep * tq;
     let scale = T::from_f64(a.scale);
-    // One task per (batch row, head): its probabilities are a contiguous block; its outputs are
-    // strided in [B, Tq, H, hd], so they are gathered afterwards.
-    let blocks: Vec<(Vec<T>, usize)> = p
-        .par_chunks_mut(tq * tk)
+    let mut out = vec![T::zero(); b * tq * h * hd];
+    let mut p = vec![T::zero(); b * h * tq * tk];
+    let row_major = |cols: usize| View { rs: cols, cs: 1 };
+    let transposed = |cols: usize| View { rs: 1, cs: cols };
+    let groups: Vec<Vec<T>> = p
+        .par_chunks_mut(rows * tk)
         .enumerate()
-        .map(|(bh, pb)| {
-            let (bi, hi) = (bh / h, bh % h);
-            let kv = bi * hkv + hi / rep;
-            let qb = &q[bh * tq * hd..(bh + 1) * tq * hd];
-            let kb = &k[kv * tk * hd..(kv + 1) * tk * hd];
-            let vb = &v[kv * tk * hd..(kv + 1) * tk * hd];
-            let mut o = vec![T::zero(); tq * hd];
-            for i in 0..tq {
-                let mrow = a.mask_row(mask, bi, i);
-                let qi = &qb[i * hd..(i + 1) * hd];
-                let pr = &mut pb[i * tk..(i + 1) * tk];
+        .map(|(g, pg)| {
+            let bi = g / hkv;
+            let qg = &q[g * rows * hd..(g + 1) * rows * hd];
+            let kb = &k[g * tk * hd..(g + 1) * tk * hd];
+            let vb = &v[g * tk * hd..(g + 1) * tk * hd];
+            mm(pg, qg, row_major(hd), kb, transposed(hd), rows, tk, hd, false); // Q Kᵀ
+            for r in 0..rows {
+                let pr = &mut pg[r * tk..(r + 1) * tk];
+                let mrow = a.mask_row(mask, bi, r % tq);
                 let mut max = T::neg_infinity();
-                for j in 0..tk {
-                    if mrow[j] == T::neg_infinity() {
-                        continue;
-                    }
-                    let kj = &kb[j * hd..(j + 1) * hd];
-                    let dot = qi.iter().zip(kj).fold(T::zero(), |acc, (&x, &y)| acc + x * y);
-                    let s = dot * scale + mrow[j];
-                    pr[j] = s;
-                    max = Float::max(max, s);
+                for (x, &m) in pr.iter_mut().zip(mrow) {
+                    *x = *x * scale + m;
+                    max = Float::max(max, *x);
                 }
-                let mut sum = 0f64;
-                for j in 0..tk {
-                    if mrow[j] == T::neg_infinity() {
-                        pr[j] = T::zero();
-                    } else {
-                        pr[j] = (pr[j] - max).exp();
-                        sum += pr[j].to_f64();
-                    }
+                let mut sum = T::zero();
+                for x in pr.iter_mut() {
+                    *x = (*x - max).vexp();
+                    sum += *x;
                 }
-                let sum = T::from_f64(sum);
-                let oi = &mut o[i * hd..(i + 1) * hd];
-                for j in 0..tk {
-                    if mrow[j] == T::neg_infinity() {
-                        continue;
-                    }
-                    pr[j] /= sum;
-                    let (pj, vj) = (pr[j], &vb[j * hd..(j + 1) * hd]);
-                    for (oo, &vv) in oi.iter_mut().zip(vj) {
-                        *oo += pj * vv;
-                    }
+                let inv = T::one() / sum;
+                for x in pr.iter_mut() {
+                    *x *= inv;
                 }
             }
-            (o, bh)
+            let mut og = vec![T::zero(); rows * hd];
+            mm(&mut og, pg, row_major(tk), vb, row_major(hd), rows, hd, tk, false); // P V
+            og
         })
         .collect();
-    for (o, bh) in blocks {
-        let (bi, hi) = (bh / h, bh % h);
-        for i in 0..tq {
+    // Group row r = (rep head r / Tq, query r % Tq) → out[b, i, head, :].
+    for (g, og) in groups.iter().enumerate() {
+        let (bi, kvh) = (g / hkv, g % hkv);
+        for r in 0..rows {
+            let (hi, i) = (kvh * rep + r / tq, r % tq);
             let dst = ((bi * tq + i) * h + hi) * hd;
-            out[dst..dst + hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+            out[dst..dst + hd].copy_from_slice(&og[r * hd..(r + 1) * hd]);
         }
     }
     (out, p)
 }
 
-/// The attention backward: `dout [B, Tq, H·hd]` → `(dq [B, H, Tq, hd], dk, dv [B, Hkv, Tk, hd])`.
+/// The attention backward: `dout [B, Tq, H·hd]` → `(dq [B, H, Tq, hd], dk, dv [B, Hkv, Tk, hd])`:
+/// `dP = dO Vᵀ`, `dS = s·P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ = dS K`, `dK = dSᵀ Q`, `dV = Pᵀ dO`.
 #[allow(clippy::too_many_arguments)]
-fn attn_bwd<T: WithDType + Float>(q: &[T], k: &[T], v: &[T], p: &[T], mask: &[T], dout: &[T], a: AttnDims) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn attn_bwd<T: KernelFloat>(q: &[T], k: &[T], v: &[T], p: &[T], _mask: &[T], dout: &[T], a: AttnDims) -> (Vec<T>, Vec<T>, Vec<T>) {
     let AttnDims { b, h, hkv, tq, tk, hd, .. } = a;
     let rep = h / hkv;
+    let rows = rep * tq;
     let scale = T::from_f64(a.scale);
     let mut dq = vec![T::zero(); b * h * tq * hd];
     let mut dk = vec![T::zero(); b * hkv * tk * hd];
     let mut dv = vec![T::zero(); b * hkv * tk * hd];
-    // One task per (batch row, kv head): it owns dk, dv of that head and dq of its query heads.
-    dq.par_chunks_mut(rep * tq * hd).zip(dk.par_chunks_mut(tk * hd).zip(dv.par_chunks_mut(tk * hd))).enumerate().for_each(|(g, (dqg, (dkg, dvg)))| {
+    let row_major = |cols: usize| View { rs: cols, cs: 1 };
+    let transposed = |cols: usize| View { rs: 1, cs: cols };
+    dq.par_chunks_mut(rows * hd).zip(dk.par_chunks_mut(tk * hd).zip(dv.par_chunks_mut(tk * hd))).enumerate().for_each(|(g, (dqg, (dkg, dvg)))| {
         let (bi, kvh) = (g / hkv, g % hkv);
+        let qg = &q[g * rows * hd..(g + 1) * rows * hd];
         let kb = &k[g * tk * hd..(g + 1) * tk * hd];
         let vb = &v[g * tk * hd..(g + 1) * tk * hd];
-        let mut dp = vec![T::zero(); tk];
-        for r in 0..rep {
-            let hi = kvh * rep + r;
-            let bh = bi * h + hi;
-            for i in 0..tq {
-                let mrow = a.mask_row(mask, bi, i);
-                let pr = &p[(bh * tq + i) * tk..(bh * tq + i + 1) * tk];
-                let src = ((bi * tq + i) * h + hi) * hd;
-                let doi = &dout[src..src + hd];
-                let qi = &q[(bh * tq + i) * hd..(bh * tq + i + 1) * hd];
-                let mut dot = 0f64;
-                for j in 0..tk {
-                    if mrow[j] == T::neg_infinity() {
-                        continue;
-                    }
-                    let vj = &vb[j * hd..(j + 1) * hd];
-                    dp[j] = doi.iter().zip(vj).fold(T::zero(), |acc, (&x, &y)| acc + x * y);
-                    dot += (pr[j] * dp[j]).to_f64();
-                }
-                let dot = T::from_f64(dot);
-                let dqi = &mut dqg[(r * tq + i) * hd..(r * tq + i + 1) * hd];
-                for j in 0..tk {
-                    if mrow[j] == T::neg_infinity() {
-                        continue;
-                    }
-                    let ds = pr[j] * (dp[j] - dot) * scale;
-                    let kj = &kb[j * hd..(j + 1) * hd];
-                    for (o, &x) in dqi.iter_mut().zip(kj) {
-                        *o += ds * x;
-                    }
-                    let dkj = &mut dkg[j * hd..(j + 1) * hd];
-                    for (o, &x) in dkj.iter_mut().zip(qi) {
-                        *o += ds * x;
-                    }
-                    let dvj = &mut dvg[j * hd..(j + 1) * hd];
-                    for (o, &x) in dvj.iter_mut().zip(doi) {
-                        *o += pr[j] * x;
-                    }
-                }
+        let pg = &p[g * rows * tk..(g + 1) * rows * tk];
+        let mut dog = vec![T::zero(); rows * hd];
+        for r in 0..rows {
+            let (hi, i) = (kvh * rep + r / tq, r % tq);
+            let src = ((bi * tq + i) * h + hi) * hd;
+            dog[r * hd..(r + 1) * hd].copy_from_slice(&dout[src..src + hd]);
+        }
+        let mut ds = vec![T::zero(); rows * tk];
+        mm(&mut ds, &dog, row_major(hd), vb, transposed(hd), rows, tk, hd, false); // dP = dO Vᵀ
+        for r in 0..rows {
+            let (pr, dr) = (&pg[r * tk..(r + 1) * tk], &mut ds[r * tk..(r + 1) * tk]);
+            let pdp = dot(pr, dr);
+            for (x, &pj) in dr.iter_mut().zip(pr) {
+                *x = pj * (*x - pdp) * scale;
             }
         }
+        mm(dqg, &ds, row_major(tk), kb, row_major(hd), rows, hd, tk, false); // dQ = dS K
+        mm(dkg, &ds, transposed(tk), qg, row_major(hd), tk, hd, rows, false); // dK = dSᵀ Q
+        mm(dvg, pg, transposed(tk), &dog, row_major(hd), tk, hd, rows, false); // dV = Pᵀ dO
     });
     (dq, dk, dv)
 }
@@ -732,14 +806,22 @@ fn attn_dims(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Option<AttnDi
 struct AttnOp {
     mask: Tensor,
     dims: AttnDims,
+    /// The forward's probabilities, kept for the backward.
+    probs: std::sync::Mutex<Option<Tensor>>,
 }
 
 impl AttnOp {
-    fn run<T: WithDType + Float>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<Vec<T>> {
+    fn run<T: KernelFloat>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<Vec<T>> {
         let m = self.mask.contiguous()?;
         let (st, l) = m.storage_and_layout();
         let Storage::Cpu(ms) = &*st else { return Err(cpu_only()) };
-        Ok(attn_fwd(q, k, v, slice::<T>(ms, l)?, self.dims).0)
+        let (out, p) = attn_fwd(q, k, v, slice::<T>(ms, l)?, self.dims);
+        let d = self.dims;
+        let p = Tensor::from_vec(p, (d.b, d.h, d.tq, d.tk), &Device::Cpu)?;
+        if let Ok(mut slot) = self.probs.lock() {
+            *slot = Some(p);
+        }
+        Ok(out)
     }
 }
 
@@ -759,7 +841,8 @@ impl CustomOp3 for AttnOp {
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _out: &Tensor, dout: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = attention_backward(q, k, v, None, &self.mask, dout).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let probs = self.probs.lock().ok().and_then(|p| p.clone());
+        let (dq, dk, dv) = attention_backward(q, k, v, probs.as_ref(), &self.mask, dout).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -772,7 +855,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     if fusable(&[q, k, v, mask])
         && let Some(dims) = attn_dims(q, k, v, mask)
     {
-        return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, AttnOp { mask: mask.detach(), dims })?);
+        let op = AttnOp { mask: mask.detach(), dims, probs: std::sync::Mutex::new(None) };
+        return Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?);
     }
     attention_composed(q, k, v, mask)
 }
