@@ -91,7 +91,7 @@ fn main() -> Result<()> {
     let cfg = InterpreterConfig {
         hypernet: HyperConfig { num_blocks: 2.min(toy_cfg.layers), layer, from_scratch: std::env::var("SCRATCH").is_ok(), ablate_source: false, ablate_base: false, seed: 0 },
         subspace: SubspaceKind::parse(&std::env::var("SUBSPACE").unwrap_or_else(|_| "reflect_select".into()))?,
-        rank,
+        rank, method: hyperdas::hypernet::interpreter::Method::HyperDas,
     };
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg)?;

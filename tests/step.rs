@@ -34,7 +34,7 @@ fn efficient_step_equals_the_naive_full_model_step() {
         let cfg = InterpreterConfig {
             hypernet: HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 11 },
             subspace: kind,
-            rank: 4,
+            rank: 4, method: hyperdas::hypernet::interpreter::Method::HyperDas,
         };
         let interp = Interpreter::new(&mut ps, target, &cfg).unwrap();
 
@@ -54,7 +54,7 @@ fn efficient_step_equals_the_naive_full_model_step() {
         let bm = hyperdas::data::CollatedBatch::mask_tensor(&batch.base_intervention_mask, b, tb, dev).unwrap();
         let sm = hyperdas::data::CollatedBatch::mask_tensor(&batch.source_intervention_mask, b, ts, dev).unwrap();
         let instr = batch.instruction_batch(dev).unwrap();
-        let hyper = interp.hypernet.forward(&HyperInput { instruction: &instr, base_states: &hb, base_mask: &bm, source_states: &hs, source_mask: &sm }).unwrap();
+        let hyper = interp.hypernet.as_ref().unwrap().forward(&HyperInput { instruction: &instr, base_states: &hb, base_mask: &bm, source_states: &hs, source_mask: &sm }).unwrap();
         let s_again = target.forward_hidden(&source, Some(&[1])).unwrap().stacked.unwrap().squeeze(2).unwrap(); // source pass again
         let final_normed = target
             .forward_with_hook(&base, |layer, x| {
@@ -95,5 +95,94 @@ fn efficient_step_equals_the_naive_full_model_step() {
             let scale = gn.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(diff <= 1e-5 * (1.0 + scale), "{kind:?}: gradient of {name} differs by {diff} (scale {scale})");
         }
+    }
+}
+
+/// DAS / MDAS: the efficient pass (blocks 0..l of the clean runs, the edit, blocks l..L, logits
+/// at the label positions) equals a hooked full pass that overwrites the base's last entity
+/// token with `h + R Rᵀ (s − h)`, built row by row; the rotation is the only parameter and
+/// gets its gradient; other positions are untouched.
+#[test]
+fn baseline_step_equals_a_naive_hooked_pass_at_the_last_entity_token() {
+    use hyperdas::hypernet::interpreter::Method;
+    let lm = load(&fixture("tiny-llama"), DType::F32);
+    let target = &lm.model;
+    let ds = read_dataset(&fixture("ravel/city_country_test.jsonl"), ReadOptions::default()).unwrap();
+    let enc = encode_rows(&lm.tokenizer, &ds.rows[..4], &CollateOptions::default(), "fixture").unwrap();
+    let batch = collate(&enc.rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id());
+    for method in [Method::Das, Method::Mdas] {
+        let mut ps = ParamStore::new();
+        let cfg = InterpreterConfig {
+            hypernet: HyperConfig { num_blocks: 1, layer: 2, from_scratch: false, ablate_source: false, ablate_base: false, seed: 5 },
+            subspace: SubspaceKind::ReflectSelect, // ignored: a baseline always uses one shared basis
+            rank: 4,
+            method,
+        };
+        let interp = Interpreter::new(&mut ps, target, &cfg).unwrap();
+        let names: Vec<String> = ps.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(names, ["subspace.rotation"], "a baseline has no hypernetwork");
+        assert!(interp.forward(target, &batch, InferenceMode::Soft, LIMIT).is_err(), "no soft mode without a W");
+        let out = interp.forward(target, &batch, InferenceMode::GroundTruth, LIMIT).unwrap();
+        let loss_fast = prediction_loss(&out, &batch.is_causal, 1.0, 1.0).unwrap();
+        let grads_fast = loss_fast.backward().unwrap();
+        assert!(ps.check_gradients(&grads_fast).unwrap().missing.is_empty());
+
+        let dev = target.device();
+        let r = ps.get("subspace.rotation").unwrap().as_tensor().clone(); // [D, k]
+        let base = batch.base_batch(dev).unwrap();
+        let source = batch.source_batch(dev).unwrap();
+        let s2 = target.forward_hidden(&source, Some(&[2])).unwrap().stacked.unwrap().squeeze(2).unwrap(); // [B, T_s, D]
+        let final_normed = target
+            .forward_with_hook(&base, |layer, x| {
+                if layer != 2 {
+                    return Ok(None);
+                }
+                let mut rows = Vec::new();
+                for bi in 0..batch.len() {
+                    let (pb, ps_) = (batch.base_entity_pos[bi] as usize, batch.source_entity_pos[bi] as usize);
+                    let h = x.get(bi)?; // [T_b, D]
+                    let hp = h.narrow(0, pb, 1)?; // [1, D]
+                    let sp = s2.get(bi)?.narrow(0, ps_, 1)?; // [1, D]
+                    let edit = (&hp + (sp - &hp)?.matmul(&r)?.matmul(&r.t()?)?)?; // [1, D]
+                    let t = h.dim(0)?;
+                    let mut parts = Vec::new();
+                    if pb > 0 {
+                        parts.push(h.narrow(0, 0, pb)?);
+                    }
+                    parts.push(edit);
+                    if pb + 1 < t {
+                        parts.push(h.narrow(0, pb + 1, t - pb - 1)?);
+                    }
+                    rows.push(Tensor::cat(&parts, 0)?);
+                }
+                Ok(Some(Tensor::stack(&rows, 0)?))
+            })
+            .unwrap();
+        let logits = target.logits(&final_normed).unwrap(); // [B, T, V]
+        let (b, tb, v) = logits.dims3().unwrap();
+        let logp = softmax_last_dim(&logits).unwrap().log().unwrap();
+        let mut weights = vec![0f32; b * tb * v];
+        let mut count = 0f32;
+        for bi in 0..b {
+            let row = &batch.labels[bi * tb..(bi + 1) * tb];
+            let mut taken = 0;
+            for t in 0..tb {
+                if row[t] != IGNORE_INDEX && taken < LIMIT {
+                    weights[(bi * tb + t - 1) * v + row[t] as usize] = 1.0;
+                    count += 1.0;
+                    taken += 1;
+                }
+            }
+        }
+        let weights = Tensor::from_vec(weights, (b, tb, v), dev).unwrap();
+        let loss_naive = (logp * weights).unwrap().sum_all().unwrap().affine(-1.0 / count as f64, 0.0).unwrap();
+        let grads_naive = loss_naive.backward().unwrap();
+        let (lf, ln) = (loss_fast.to_scalar::<f32>().unwrap(), loss_naive.to_scalar::<f32>().unwrap());
+        assert!((lf - ln).abs() <= 1e-5 * (1.0 + ln.abs()), "{method:?}: loss {lf} vs naive {ln}");
+        let var = ps.get("subspace.rotation").unwrap();
+        let (gf, gn) = (grads_fast.get(var.as_tensor()).unwrap(), grads_naive.get(var.as_tensor()).unwrap());
+        let diff = (gf - gn).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let scale = gn.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(scale > 0.0 && diff <= 1e-5 * (1.0 + scale), "{method:?}: rotation gradient differs by {diff} (scale {scale})");
     }
 }

@@ -126,7 +126,7 @@ fn hyperdas_params_after(cache: bool, prewarm: bool) -> (Vec<Vec<f32>>, Option<h
     let cfg = InterpreterConfig {
         hypernet: hyperdas::hypernet::HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 3 },
         subspace: hyperdas::hypernet::subspace::SubspaceKind::ReflectSelect,
-        rank: 4,
+        rank: 4, method: hyperdas::hypernet::interpreter::Method::HyperDas,
     };
     let mut ps = hyperdas::params::ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();

@@ -415,7 +415,7 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
     let icfg = InterpreterConfig {
         hypernet: HyperConfig { num_blocks: a.blocks, layer: a.layer, from_scratch: false, ablate_source: false, ablate_base: false, seed: a.seed },
         subspace: SubspaceKind::parse(&a.subspace)?,
-        rank: a.rank,
+        rank: a.rank, method: crate::hypernet::interpreter::Method::HyperDas,
     };
     let mut ps = ParamStore::new();
     let interp = Interpreter::new(&mut ps, target, &icfg)?;
@@ -485,7 +485,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     let need = a.batch * (a.steps + a.warmup);
     let rows = bench_rows(&lm, need, a.max_tokens, a.seed, "--steps")?;
     let subspace = SubspaceKind::parse(&a.subspace)?;
-    let icfg = InterpreterConfig { hypernet: HyperConfig { num_blocks: a.blocks, layer: a.layer, from_scratch: false, ablate_source: false, ablate_base: false, seed: a.seed }, subspace, rank: a.rank };
+    let icfg = InterpreterConfig { hypernet: HyperConfig { num_blocks: a.blocks, layer: a.layer, from_scratch: false, ablate_source: false, ablate_base: false, seed: a.seed }, subspace, rank: a.rank, method: crate::hypernet::interpreter::Method::HyperDas };
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, target, &icfg)?;
 

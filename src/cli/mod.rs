@@ -3,6 +3,7 @@
 
 mod apply;
 mod bench;
+mod compare;
 mod data;
 mod demo;
 mod eval;
@@ -41,6 +42,12 @@ enum Command {
     Toy(toy::ToyArgs),
     /// Train HyperDAS from a TOML configuration (checkpoints, --resume) and evaluate every inference mode.
     Train(train::TrainArgs),
+    /// Train a baseline (das: causal rows; mdas: causal + isolate rows) with the same data, collation, evaluation and run directory as `train`.
+    Baseline(train::BaselineArgs),
+    /// Finished runs side by side: one table per attribute with a row per method (Markdown and HTML).
+    Compare(compare::CompareArgs),
+    /// A grid of runs (methods × layers × ranks × any setting), resumable, with a CSV, line plots and a summary.
+    Sweep(compare::SweepArgs),
     /// Score a trained run on a dataset per inference mode; writes results and selected positions into the run's eval/.
     Eval(eval::EvalArgs),
     /// Write report.html (scores, token-selection heatmaps, training curves) into a finished run directory.
@@ -156,6 +163,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(c) => data::run(&c),
         Command::Toy(a) => toy::run(&a),
         Command::Train(a) => train::run(&a),
+        Command::Baseline(a) => train::baseline(&a),
+        Command::Compare(a) => compare::compare(&a),
+        Command::Sweep(a) => compare::sweep(&a),
         Command::Eval(a) => eval::run(&a),
         Command::Report(a) => eval::report(&a),
         Command::Apply(a) => apply::run(&a),

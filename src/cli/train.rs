@@ -1,10 +1,12 @@
-//! `hyperdas train`: one HyperDAS run from a TOML configuration (src/train/run.rs).
+//! `hyperdas train`: one HyperDAS run from a TOML configuration (src/train/run.rs);
+//! `hyperdas baseline das|mdas`: the same run with a baseline's method and preset.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
 
+use crate::hypernet::interpreter::Method;
 use crate::train::run::{RunConfig, run as run_config};
 
 #[derive(Args, Debug)]
@@ -15,9 +17,9 @@ pub struct TrainArgs {
     /// Override a setting: `--set train.lr=1e-4 --set data.train=x.jsonl`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Run directory (must not exist or be empty).
-    #[arg(long, short, default_value = "runs/hyperdas")]
-    out: PathBuf,
+    /// Run directory (must not exist or be empty) [default: runs/hyperdas, runs/das, runs/mdas].
+    #[arg(long, short)]
+    out: Option<PathBuf>,
     /// Continue the run in --out from its checkpoint (same configuration; the result equals an uninterrupted run).
     #[arg(long)]
     resume: bool,
@@ -29,20 +31,52 @@ pub struct TrainArgs {
     quiet: bool,
 }
 
+#[derive(Args, Debug)]
+pub struct BaselineArgs {
+    /// `das` (trained on causal rows only) or `mdas` (causal + isolate rows: RAVEL's multi-task DAS).
+    method: String,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
 pub fn run(a: &TrainArgs) -> Result<()> {
-    let cfg: RunConfig = crate::config::load(a.config.as_deref(), &a.set)?;
+    run_with(a, Method::HyperDas)
+}
+
+pub fn baseline(a: &BaselineArgs) -> Result<()> {
+    let method = Method::parse(&a.method)?;
+    if !method.is_baseline() {
+        anyhow::bail!("`hyperdas baseline` trains das or mdas; HyperDAS itself is `hyperdas train`");
+    }
+    run_with(&a.train, method)
+}
+
+fn run_with(a: &TrainArgs, method: Method) -> Result<()> {
+    let preset = RunConfig::preset(method);
+    let mut cfg: RunConfig = crate::config::load_over(&preset, a.config.as_deref(), &a.set)?;
+    if cfg.interpreter.method()? != method {
+        anyhow::bail!(
+            "interpreter.method = {:?} (from --config/--set) contradicts the command, which trains {}; drop the setting or use {}",
+            cfg.interpreter.method,
+            method.label(),
+            if method.is_baseline() { format!("hyperdas baseline {}", cfg.interpreter.method) } else { "hyperdas train".into() }
+        );
+    }
+    cfg.interpreter.method = method.name().into();
     if a.show_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    let Some(results) = run_config(&cfg, &a.out, a.resume, !a.quiet)? else {
-        println!("stopped early (train.stop_after_steps); continue with: hyperdas train --resume --out {} [same --config/--set]", a.out.display());
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(method.name()));
+    let Some(results) = run_config(&cfg, &out, a.resume, !a.quiet)? else {
+        let cmd = if method.is_baseline() { format!("baseline {}", method.name()) } else { "train".into() };
+        println!("stopped early (train.stop_after_steps); continue with: hyperdas {cmd} --resume --out {} [same --config/--set]", out.display());
         return Ok(());
     };
     println!("{:<16} {:>7} {:>8} {:>12} {:>10}", "mode", "cause", "isolate", "disentangle", "test loss");
     for (mode, r) in &results {
         println!("{mode:<16} {:>7.3} {:>8.3} {:>12.3} {:>10.3}", r.accs["causal"], r.accs["isolate"], r.accs["disentangle"], r.test_loss);
     }
-    println!("run directory: {} (results.json, results.csv, results.by_attribute.{{json,csv}}, metrics.jsonl, config.resolved.toml, checkpoint/)", a.out.display());
+    println!("run directory: {} (results.json, results.csv, results.by_attribute.{{json,csv}}, metrics.jsonl, config.resolved.toml, checkpoint/)", out.display());
     Ok(())
 }

@@ -26,13 +26,73 @@ use crate::params::ParamStore;
 use crate::rng::Rng;
 use crate::train::cache::{CacheStats, StateCache};
 
+/// What learns the intervention (hyperdas-method.md §9 for the baselines).
+///
+/// | method | positions | subspace | trained on |
+/// |---|---|---|---|
+/// | `hyperdas` | the hypernetwork's `W` | the configured module (ReflectSelect by default) | causal + isolate rows |
+/// | `das` | the last entity token of base and of source | one learned `R [D, k]`: `h' = h + R Rᵀ (s − h)` | causal rows only |
+/// | `mdas` | as `das` | as `das` | causal + isolate rows (RAVEL's multi-task DAS) |
+///
+/// The baselines have no hypernetwork: their only parameter is `subspace.rotation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    #[default]
+    HyperDas,
+    Das,
+    Mdas,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Method> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "hyperdas" => Method::HyperDas,
+            "das" => Method::Das,
+            "mdas" => Method::Mdas,
+            _ => return Err(Error::invalid(format!("unknown method `{s}`; valid: hyperdas, das, mdas"))),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::HyperDas => "hyperdas",
+            Method::Das => "das",
+            Method::Mdas => "mdas",
+        }
+    }
+
+    /// The printed name (tables, plots).
+    pub fn label(self) -> &'static str {
+        match self {
+            Method::HyperDas => "HyperDAS",
+            Method::Das => "DAS",
+            Method::Mdas => "MDAS",
+        }
+    }
+
+    /// DAS or MDAS: fixed positions and one shared basis.
+    pub fn is_baseline(self) -> bool {
+        self != Method::HyperDas
+    }
+
+    /// Whether training uses the isolate rows (all but DAS).
+    pub fn trains_on_isolate_rows(self) -> bool {
+        self != Method::Das
+    }
+}
+
 /// Interpreter settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InterpreterConfig {
     pub hypernet: HyperConfig,
+    /// For the baselines only `hypernet.layer` and `hypernet.seed` apply, and the subspace
+    /// is always [`SubspaceKind::Das`].
     pub subspace: SubspaceKind,
     /// Subspace rank k.
     pub rank: usize,
+    #[serde(default)]
+    pub method: Method,
 }
 
 /// The intervened forward pass of a batch.
@@ -51,7 +111,8 @@ pub struct Intervened {
 
 pub struct Interpreter {
     pub config: InterpreterConfig,
-    pub hypernet: HyperNetwork,
+    /// `None` for the baselines (DAS, MDAS).
+    pub hypernet: Option<HyperNetwork>,
     pub subspace: SubspaceModule,
     /// Clean hidden states per prompt, reused across steps ([`Interpreter::set_cache`]).
     cache: std::cell::RefCell<Option<StateCache>>,
@@ -60,11 +121,33 @@ pub struct Interpreter {
 impl Interpreter {
     /// Build and register every trainable parameter in `ps`.
     pub fn new(ps: &mut ParamStore, target: &Llama, config: &InterpreterConfig) -> Result<Self> {
-        let hypernet = HyperNetwork::new(ps, target, &config.hypernet)?;
+        let mut config = config.clone();
+        let hypernet = if config.method.is_baseline() {
+            config.subspace = SubspaceKind::Das;
+            None
+        } else {
+            Some(HyperNetwork::new(ps, target, &config.hypernet)?)
+        };
         let c = &target.config;
         let mut r = Registrar { ps, rng: Rng::derive(config.hypernet.seed, "subspace/init"), device: target.device().clone() };
         let subspace = SubspaceModule::new(&mut r, config.subspace, c.hidden_size, c.intermediate_size, config.rank, config.hypernet.seed, c.rms_norm_eps)?;
-        Ok(Interpreter { config: config.clone(), hypernet, subspace, cache: std::cell::RefCell::new(None) })
+        Ok(Interpreter { config, hypernet, subspace, cache: std::cell::RefCell::new(None) })
+    }
+
+    pub fn method(&self) -> Method {
+        self.config.method
+    }
+
+    /// The mode training evaluates in and the baselines are scored in: soft for HyperDAS, the
+    /// fixed last-entity-token positions (`groundtruth`) for DAS and MDAS.
+    pub fn native_mode(&self) -> InferenceMode {
+        if self.config.method.is_baseline() { InferenceMode::GroundTruth } else { InferenceMode::Soft }
+    }
+
+    /// The inference modes this interpreter can be scored in: all for HyperDAS; only the fixed
+    /// positions for a baseline (it has no `W` to discretise).
+    pub fn supports(&self, mode: InferenceMode) -> bool {
+        !self.config.method.is_baseline() || mode == InferenceMode::GroundTruth
     }
 
     /// Serve the clean passes from `cache` from now on (`None`: compute every batch).
@@ -92,6 +175,7 @@ impl Interpreter {
         if l >= target.num_layers() {
             return Err(Error::invalid(format!("intervention layer {l}: the target has {} blocks (use 0..{})", target.num_layers(), target.num_layers())));
         }
+        let Some(hypernet) = &self.hypernet else { return self.forward_baseline(target, batch, mode, label_limit) };
         let base = batch.base_batch(dev)?;
         let source = batch.source_batch(dev)?;
         let ctx = target.context(&base)?;
@@ -113,7 +197,7 @@ impl Interpreter {
         let base_mask = CollatedBatch::mask_tensor(&batch.base_intervention_mask, b, tb, dev)?;
         let source_mask = CollatedBatch::mask_tensor(&batch.source_intervention_mask, b, ts, dev)?;
         let instruction = batch.instruction_batch(dev)?;
-        let out = self.hypernet.forward(&HyperInput { instruction: &instruction, base_states: &hb, base_mask: &base_mask, source_states: &hs, source_mask: &source_mask })?;
+        let out = hypernet.forward(&HyperInput { instruction: &instruction, base_states: &hb, base_mask: &base_mask, source_states: &hs, source_mask: &source_mask })?;
         crate::profile::mark("hypernetwork");
         let w = match mode {
             InferenceMode::Soft => out.w.clone(),
@@ -129,6 +213,50 @@ impl Interpreter {
         let logits = target.logits_from(l, &new, &ctx, &positions)?.to_dtype(candle_core::DType::F32)?; // [B, K, V]
         crate::profile::mark("intervened");
         Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w, w_soft: out.w })
+    }
+}
+
+impl Interpreter {
+    /// DAS / MDAS: `h'[p_b] = h[p_b] + R Rᵀ (s[p_s] − h[p_b])` at the last entity token of base
+    /// (`p_b`) and source (`p_s`), every other position untouched; then blocks `l..L` and the
+    /// logits at the label positions, as for HyperDAS. Without a cache only blocks `0..l` of the
+    /// clean passes run (a baseline reads no other layer).
+    fn forward_baseline(&self, target: &Llama, batch: &CollatedBatch, mode: InferenceMode, label_limit: usize) -> Result<Intervened> {
+        if mode != InferenceMode::GroundTruth {
+            return Err(Error::invalid(format!(
+                "{} intervenes at the last entity token only: score it in the `groundtruth` mode, not `{}`",
+                self.config.method.label(),
+                mode.name()
+            )));
+        }
+        let dev = target.device();
+        let l = self.config.hypernet.layer;
+        let base = batch.base_batch(dev)?;
+        let source = batch.source_batch(dev)?;
+        let (b, ts, tb) = (batch.len(), batch.source_len, batch.base_len);
+        let mut cache = self.cache.borrow_mut();
+        let (h, ctx) = match cache.as_mut() {
+            Some(c) => (c.states(target, &batch.base_ids, &batch.base_attention, b, tb)?.narrow(2, l, 1)?.squeeze(2)?, target.context(&base)?),
+            None => target.forward_to(&base, l)?,
+        };
+        let h = h.detach().to_dtype(candle_core::DType::F32)?; // [B, T_b, D]
+        crate::profile::mark("clean base");
+        let s = match cache.as_mut() {
+            Some(c) => c.states(target, &batch.source_ids, &batch.source_attention, b, ts)?.narrow(2, l, 1)?.squeeze(2)?,
+            None => target.forward_to(&source, l)?.0,
+        };
+        let s = s.detach().to_dtype(candle_core::DType::F32)?; // [B, T_s, D]
+        drop(cache);
+        crate::profile::mark("clean source");
+        let w = ground_truth(b, ts, tb, &batch.base_entity_pos, &batch.source_entity_pos, candle_core::DType::F32, dev)?; // [B, T_s+1, T_b]
+        let m = mix_positions(&w, &s, &h)?; // [B, T_b, D]: s[p_s] at p_b, h elsewhere
+        let z = Tensor::zeros((b, h.dim(2)?), candle_core::DType::F32, dev)?; // unused by DAS
+        let new = self.subspace.apply(&h, &m, &z)?.to_dtype(target.dtype())?; // [B, T_b, D]
+        let (k, pos, targets, valid) = batch.label_targets(label_limit);
+        let positions = Tensor::from_vec(pos, (b, k), dev)?; // [B, K]
+        let logits = target.logits_from(l, &new, &ctx, &positions)?.to_dtype(candle_core::DType::F32)?; // [B, K, V]
+        crate::profile::mark("intervened");
+        Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w: w.clone(), w_soft: w })
     }
 }
 

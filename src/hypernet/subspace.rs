@@ -44,6 +44,17 @@ impl SubspaceKind {
             _ => return Err(Error::invalid(format!("unknown subspace module `{s}`; valid: reflect_select, das, mask_select, boundless, none"))),
         })
     }
+
+    /// The configuration spelling ([`SubspaceKind::parse`] reads it back).
+    pub fn name(self) -> &'static str {
+        match self {
+            SubspaceKind::ReflectSelect => "reflect_select",
+            SubspaceKind::Das => "das",
+            SubspaceKind::MaskSelect => "mask_select",
+            SubspaceKind::Boundless => "boundless",
+            SubspaceKind::None => "none",
+        }
+    }
 }
 
 /// The module and its parameters.

@@ -4,6 +4,7 @@
 //! and the training curves. The heatmaps' raw matrices are written beside it as
 //! `heatmaps.json`.
 
+pub mod compare;
 pub mod svg;
 
 use std::collections::BTreeMap;
@@ -151,7 +152,7 @@ pub fn write_report(run_dir: &Path, test: &Path, extras: &ReportExtras) -> Resul
             pred_loss.push((step, l));
         }
         for k in ["causal", "isolate", "disentangle"] {
-            if let Some(x) = v["eval_soft"][k].as_f64() {
+            if let Some(x) = v["eval_soft"][k].as_f64().or_else(|| v["eval_groundtruth"][k].as_f64()) {
                 eval.entry(k).or_default().push((step, x));
             }
         }

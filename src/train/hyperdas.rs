@@ -38,6 +38,7 @@ pub struct TrainSettings {
     /// After the warm-up: `cosine` (to 0 at the last step), `linear` (to 0) or `constant` (the
     /// reference: no schedule).
     pub lr_decay: Decay,
+    /// Global gradient-norm clipping (0: none, as the reference's MDAS).
     pub grad_clip: f64,
     pub causal_weight: f32,
     pub isolate_weight: f32,
@@ -79,7 +80,7 @@ impl TrainSettings {
     /// AdamW over `ps` with HyperDAS's groups: the rotation at the fixed `rotation_lr` without
     /// weight decay, everything else at the scheduled rate with `weight_decay`.
     pub fn optimizer(&self, ps: &ParamStore) -> Result<AdamW> {
-        let adam = AdamWConfig { weight_decay: self.weight_decay, grad_clip: Some(self.grad_clip), ..Default::default() };
+        let adam = AdamWConfig { weight_decay: self.weight_decay, grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip), ..Default::default() };
         let rotation_group = Group { lr: self.rotation_lr, weight_decay: 0.0 };
         AdamW::with_groups(ps, adam, |name| (name == "subspace.rotation").then_some(rotation_group))
     }
@@ -315,9 +316,13 @@ pub fn train_step(
     total: usize,
     s: &TrainSettings,
 ) -> Result<StepOutcome> {
-    let out = interp.forward(target, batch, s.train_mode, s.label_limit)?;
+    // The baselines' positions are fixed: no W to learn, nothing to regularise.
+    let baseline = interp.method().is_baseline();
+    let mode = if baseline { InferenceMode::GroundTruth } else { s.train_mode };
+    let out = interp.forward(target, batch, mode, s.label_limit)?;
     let pred = prediction_loss(&out, &batch.is_causal, s.causal_weight, s.isolate_weight)?;
     let (lambda, reg) = match s.regularizer.as_str() {
+        _ if baseline => (0.0, None),
         "sparsity" => (sparsity_weight(step, total, s.sparsity_start, s.sparsity_end, s.sparsity_warmup_ratio), Some(sparsity_loss as fn(&candle_core::Tensor) -> Result<candle_core::Tensor>)),
         "entropy" => (s.entropy_weight, Some(entropy_loss as fn(&candle_core::Tensor) -> Result<candle_core::Tensor>)),
         _ => (0.0, None),
@@ -335,8 +340,9 @@ pub fn train_step(
     crate::profile::mark("loss");
     let grads = loss.backward()?;
     crate::profile::mark("backward (hypernetwork)");
-    // Fixed positions (ground-truth training) leave the pointer head out of the loss.
-    if step == 0 && s.train_mode == InferenceMode::Soft {
+    // Fixed positions (ground-truth training) leave the pointer head out of the loss; a
+    // baseline has no pointer head, so all its parameters must get gradients.
+    if step == 0 && (mode == InferenceMode::Soft || baseline) {
         ps.check_gradients(&grads)?;
     }
     let lr = schedule.lr(step);
@@ -355,8 +361,8 @@ pub struct CheckpointPlan<'a> {
     pub meta: serde_json::Value,
 }
 
-/// Train `interp` (parameters in `ps`) on `train`, evaluating (soft mode) on `test` every
-/// `eval_every` steps and at the end. Returns the final soft-mode scores and the optimizer (for
+/// Train `interp` (parameters in `ps`) on `train`, evaluating (soft mode; a baseline at its
+/// fixed positions) on `test` every `eval_every` steps and at the end. Returns the final soft-mode scores and the optimizer (for
 /// the checkpoint).
 #[allow(clippy::too_many_arguments)]
 pub fn train(
@@ -401,15 +407,20 @@ pub fn train(
             None => Ok(()),
         }
     };
-    let pb = crate::progress::bar(total as u64, "training HyperDAS [{bar:30}] {pos}/{len} steps ({per_sec}) {elapsed} (eta {eta}) {msg}", progress);
+    let what = interp.method().label();
+    let pb = crate::progress::bar(total as u64, &format!("training {what} [{{bar:30}}] {{pos}}/{{len}} steps ({{per_sec}}) {{elapsed}} (eta {{eta}}) {{msg}}"), progress);
     let t0 = Instant::now();
+    // Periodic scores: soft mode for HyperDAS, the fixed positions for a baseline
+    // (`eval_soft` / `eval_groundtruth` in metrics.jsonl).
+    let eval_mode = interp.native_mode();
+    let eval_key = format!("eval_{}", eval_mode.name());
     pb.set_position(start as u64);
     let mut step = 0;
     let mut last = None;
     if start == 0 && s.eval_every > 0 {
         // The untrained interpreter's scores: the baseline that training must beat.
-        let sc = evaluate(target, interp, test, InferenceMode::Soft, s.batch_size, s.label_limit, pad)?;
-        log.log(&serde_json::json!({"step": 0, "eval_soft": sc, "seconds": t0.elapsed().as_secs_f64()}))?;
+        let sc = evaluate(target, interp, test, eval_mode, s.batch_size, s.label_limit, pad)?;
+        log.log(&serde_json::json!({"step": 0, eval_key.as_str(): sc, "seconds": t0.elapsed().as_secs_f64()}))?;
         pb.set_message(format!("step 0: cause {:.2} iso {:.2}", sc.causal, sc.isolate));
     }
     'epochs: for _epoch in 0..s.epochs.max(1) {
@@ -433,8 +444,8 @@ pub fn train(
                 rec["state_cache_hit_rate"] = serde_json::json!(c.hit_rate());
             }
             if step % s.eval_every.max(1) == 0 || step == total {
-                let sc = evaluate(target, interp, test, InferenceMode::Soft, s.batch_size, s.label_limit, pad)?;
-                rec["eval_soft"] = serde_json::to_value(sc).map_err(|e| Error::invalid(e.to_string()))?;
+                let sc = evaluate(target, interp, test, eval_mode, s.batch_size, s.label_limit, pad)?;
+                rec[eval_key.as_str()] = serde_json::to_value(sc).map_err(|e| Error::invalid(e.to_string()))?;
                 pb.set_message(format!("loss {value:.3} | cause {:.2} iso {:.2}", sc.causal, sc.isolate));
                 last = Some(sc);
             } else if step % 5 == 0 {

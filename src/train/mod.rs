@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod run;
 pub mod optim;
 pub mod schedule;
+pub mod sweep;
 
 pub use metrics::MetricsLog;
 pub use optim::{AdamW, AdamWConfig, Group};

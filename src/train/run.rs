@@ -8,6 +8,7 @@
 //! | `results.json` | `{mode: {accs: {causal, isolate, disentangle}, test_loss}}` (the reference's shape) |
 //! | `results.csv` | the same as a table |
 //! | `results.by_attribute.json`, `.csv` | per mode, domain and intervened attribute, plus each domain's mean over its attributes (the reference's main table) |
+//! | `run.json` | method, resolved layer, rank, model, row counts ([`RunInfo`]) |
 //! | `checkpoint/` | parameters, AdamW moments, step and config ([`super::checkpoint`]) |
 
 use std::collections::BTreeMap;
@@ -21,7 +22,7 @@ use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
 use crate::hypernet::HyperConfig;
-use crate::hypernet::interpreter::{Interpreter, InterpreterConfig};
+use crate::hypernet::interpreter::{Interpreter, InterpreterConfig, Method};
 use crate::hypernet::subspace::SubspaceKind;
 use crate::intervention::selection::InferenceMode;
 use crate::model::{LoadOptions, StartToken};
@@ -72,11 +73,30 @@ pub struct InterpreterSection {
     pub ablate_source: bool,
     pub ablate_base: bool,
     pub seed: u64,
+    /// `hyperdas`, or a baseline: `das` (causal rows only) or `mdas` (causal + isolate rows),
+    /// which intervene at the last entity token with one learned basis of rank `rank`
+    /// (`hyperdas baseline das|mdas` sets this).
+    pub method: String,
+    /// How `layer` counts: `resid_pre` (ours: the residual entering block `layer`,
+    /// `hidden_states[layer]`) or `block_output` (pyvene's, as the reference MDAS: the output
+    /// of block `layer`, `hidden_states[layer + 1]` = our `layer + 1`).
+    pub layer_convention: String,
 }
 
 impl Default for InterpreterSection {
     fn default() -> Self {
-        InterpreterSection { num_blocks: 2, layer: LayerChoice::Name("middle".into()), from_scratch: false, subspace: "reflect_select".into(), rank: 32, ablate_source: false, ablate_base: false, seed: 0 }
+        InterpreterSection {
+            num_blocks: 2,
+            layer: LayerChoice::Name("middle".into()),
+            from_scratch: false,
+            subspace: "reflect_select".into(),
+            rank: 32,
+            ablate_source: false,
+            ablate_base: false,
+            seed: 0,
+            method: "hyperdas".into(),
+            layer_convention: "resid_pre".into(),
+        }
     }
 }
 
@@ -126,6 +146,29 @@ pub struct RunConfig {
     pub eval: EvalSection,
 }
 
+impl RunConfig {
+    /// The defaults for `method`: [`RunConfig::default`] for HyperDAS; for DAS and MDAS the
+    /// reference MDAS trainer's settings (hyperdas-method.md §9.1): 5 epochs of batch 16,
+    /// weights 1 / 1, no regulariser, no clipping, the rotation's learning rate constant; one
+    /// mode (`groundtruth`, the last entity token). The rotation lr stays 1e-3 (ours, with the
+    /// polar retraction), not pyvene's 1e-4 for its Householder parametrisation: set
+    /// `train.rotation_lr` to change it.
+    pub fn preset(method: Method) -> RunConfig {
+        let mut c = RunConfig::default();
+        if method.is_baseline() {
+            c.interpreter.method = method.name().into();
+            c.interpreter.subspace = "das".into();
+            c.train.epochs = 5;
+            c.train.causal_weight = 1.0;
+            c.train.isolate_weight = 1.0;
+            c.train.regularizer = "none".into();
+            c.train.grad_clip = 0.0;
+            c.eval.modes = vec!["groundtruth".into()];
+        }
+        c
+    }
+}
+
 impl ModelSection {
     /// Load the target (training the toy model first if `path` names it and it is not cached).
     pub fn load(&self, progress: bool) -> Result<crate::model::LoadedModel> {
@@ -154,7 +197,7 @@ impl InterpreterSection {
         Ok(InterpreterConfig {
             hypernet: HyperConfig {
                 num_blocks: self.num_blocks,
-                layer: self.layer.resolve(num_layers)?,
+                layer: self.resolved_layer(num_layers)?,
                 from_scratch: self.from_scratch,
                 ablate_source: self.ablate_source,
                 ablate_base: self.ablate_base,
@@ -162,8 +205,39 @@ impl InterpreterSection {
             },
             subspace: SubspaceKind::parse(&self.subspace)?,
             rank: self.rank,
+            method: self.method()?,
         })
     }
+
+    pub fn method(&self) -> Result<Method> {
+        Method::parse(&self.method).map_err(|e| Error::invalid(format!("interpreter.method: {e}")))
+    }
+
+    /// `layer` in our convention (the residual entering that block), whatever
+    /// `layer_convention` it was given in.
+    pub fn resolved_layer(&self, num_layers: usize) -> Result<usize> {
+        let l = self.layer.resolve(num_layers)?;
+        match self.layer_convention.as_str() {
+            "resid_pre" => Ok(l),
+            "block_output" => Ok(l + 1),
+            other => Err(Error::invalid(format!("interpreter.layer_convention = {other:?}: use resid_pre (ours) or block_output (pyvene's: block l's output = our l + 1)"))),
+        }
+    }
+}
+
+/// `run.json`: what a finished run was, resolved (the layer as an index in our convention), so
+/// `hyperdas compare` and `hyperdas sweep` need not load the model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunInfo {
+    pub method: String,
+    /// The residual entering this block (`resid_pre`).
+    pub layer: usize,
+    pub num_layers: usize,
+    pub rank: usize,
+    pub subspace: String,
+    pub model: String,
+    pub train_rows: usize,
+    pub test_rows: usize,
 }
 
 /// Scores of one mode in the reference's `results.json` shape.
@@ -198,8 +272,9 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
     if cfg.data.train.is_empty() || cfg.data.test.is_empty() {
         return Err(Error::invalid("data.train and data.test must name datasets (JSONL files or save_to_disk directories; `hyperdas data build` makes them)"));
     }
-    let modes: Vec<InferenceMode> = cfg.eval.modes.iter().map(|m| InferenceMode::parse(m)).collect::<Result<_>>()?;
-    cfg.interpreter.layer.resolve(0)?; // a bad layer name fails before the model loads
+    let method = cfg.interpreter.method()?;
+    let modes = modes_for(method, &cfg.eval.modes)?;
+    cfg.interpreter.resolved_layer(0)?; // a bad layer name or convention fails before the model loads
     if resume {
         let saved: RunConfig = crate::config::load(Some(&out.join("config.resolved.toml")), &[])?;
         let same = |c: &RunConfig| RunConfig { train: TrainSettings { stop_after_steps: 0, checkpoint_every: 0, ..c.train.clone() }, ..c.clone() };
@@ -226,9 +301,22 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
         }
         sets.push(enc.rows);
     }
+    if !method.trains_on_isolate_rows() {
+        let before = sets[0].len();
+        sets[0].retain(|r| r.is_causal);
+        if progress {
+            eprintln!("{}: training on the {} causal rows of {before} (isolate rows are scored, not trained on)", method.label(), sets[0].len());
+        }
+        if sets[0].is_empty() {
+            return Err(Error::file(&cfg.data.train, "DAS trains on causal rows and this dataset has none"));
+        }
+    }
     let icfg = cfg.interpreter.config(lm.model.num_layers())?;
     if progress {
-        eprintln!("intervention layer {} of {} blocks; {} hypernetwork blocks", icfg.hypernet.layer, lm.model.num_layers(), icfg.hypernet.num_blocks);
+        match method {
+            Method::HyperDas => eprintln!("intervention layer {} of {} blocks; {} hypernetwork blocks", icfg.hypernet.layer, lm.model.num_layers(), icfg.hypernet.num_blocks),
+            _ => eprintln!("{}: intervention layer {} of {} blocks (the residual entering it), last entity token, rank {}", method.label(), icfg.hypernet.layer, lm.model.num_layers(), icfg.rank),
+        }
     }
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &icfg)?;
@@ -249,6 +337,19 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
 
     let scored = score_modes(&lm.model, &interp, &sets[1], &modes, cfg, pad, false)?;
     write_results(out, "", &scored)?;
+    let info = RunInfo {
+        method: method.name().into(),
+        layer: icfg.hypernet.layer,
+        num_layers: lm.model.num_layers(),
+        rank: icfg.rank,
+        subspace: icfg.subspace.name().into(),
+        model: cfg.model.path.clone(),
+        train_rows: sets[0].len(),
+        test_rows: sets[1].len(),
+    };
+    let info_path = out.join("run.json");
+    let text = serde_json::to_string_pretty(&info).map_err(|e| Error::invalid(e.to_string()))?;
+    crate::atomic::write_file(&info_path, |w| std::io::Write::write_all(w, text.as_bytes()).map_err(|e| Error::file(&info_path, format!("cannot write: {e}"))))?;
     if progress {
         eprint!("{}", scored.table());
         if let Some(c) = interp.cache_stats() {
@@ -256,6 +357,19 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
         }
     }
     Ok(Some(scored.results))
+}
+
+/// The inference modes `names` asks for, as a `method` can be scored: every mode for HyperDAS;
+/// for a baseline only `groundtruth` (its fixed last-entity-token positions), whatever the list.
+pub fn modes_for(method: Method, names: &[String]) -> Result<Vec<InferenceMode>> {
+    let modes: Vec<InferenceMode> = names.iter().map(|m| InferenceMode::parse(m)).collect::<Result<_>>()?;
+    if method.is_baseline() {
+        return Ok(vec![InferenceMode::GroundTruth]);
+    }
+    if modes.is_empty() {
+        return Err(Error::invalid("eval.modes is empty: name at least one inference mode (soft, column_argmax, bidding_argmax, global_argmax, groundtruth)"));
+    }
+    Ok(modes)
 }
 
 /// Every mode's scores on one dataset.
@@ -362,6 +476,8 @@ pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
 pub fn eval_run(dir: &Path, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
     let run = load_run(dir, progress)?;
     let cfg = &run.config;
+    let asked: Vec<String> = modes.iter().map(|m| m.name().to_string()).collect();
+    let modes = &modes_for(run.interpreter.method(), &asked)?[..];
     let ds = read_dataset(data, ReadOptions { skip_bad_rows })?;
     let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &cfg.data.collate_options(skip_bad_rows), &data.display().to_string())?;
     if progress {

@@ -1,0 +1,93 @@
+//! `hyperdas compare` (finished runs side by side) and `hyperdas sweep` (a grid of runs).
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::report::compare;
+use crate::train::sweep::{self, Axis, SweepPlan};
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Finished run directories (`hyperdas train`, `hyperdas baseline`), or a sweep's directory
+    /// (its runs/ are taken).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// HyperDAS inference modes to show (comma-separated); baselines have one (the last entity token).
+    #[arg(long, default_value = "soft", value_delimiter = ',')]
+    modes: Vec<String>,
+    /// Where compare.md and compare.html go.
+    #[arg(long, short, default_value = "runs/compare")]
+    out: PathBuf,
+}
+
+pub fn compare(a: &CompareArgs) -> Result<()> {
+    let mut dirs = Vec::new();
+    for d in &a.runs {
+        if !d.join("run.json").is_file() && d.join("runs").is_dir() {
+            dirs.extend(sweep::run_dirs(&d.join("runs"))?);
+        } else {
+            dirs.push(d.clone());
+        }
+    }
+    let runs: Vec<_> = dirs.iter().map(|d| compare::read_run(d)).collect::<std::result::Result<_, _>>()?;
+    if runs.is_empty() {
+        bail!("no finished runs under {}", a.runs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    let rows = compare::compare(&runs, &a.modes)?;
+    let md = compare::markdown(&rows);
+    print!("{md}");
+    std::fs::create_dir_all(&a.out)?;
+    let note = format!(
+        "Runs: {}. Cause / Isolate / Disentangle on each run's test set; layer = the residual entering that block; HyperDAS rows per inference mode, DAS and MDAS at the last entity token.",
+        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+    std::fs::write(a.out.join("compare.md"), format!("# Comparison\n\n{note}\n\n{md}"))?;
+    std::fs::write(a.out.join("compare.html"), compare::html_page("Comparison", &rows, &note))?;
+    println!("wrote {} and {}", a.out.join("compare.md").display(), a.out.join("compare.html").display());
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    /// TOML configuration shared by every run (data, model, training settings).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override a setting for every run: `--set train.epochs=5`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Methods to run (comma-separated: hyperdas, das, mdas).
+    #[arg(long, default_value = "mdas", value_delimiter = ',')]
+    methods: Vec<String>,
+    /// A grid axis, repeatable: `layer=1:29:2` (END included), `rank=8,16,32`, or any
+    /// configuration key with comma-separated values.
+    #[arg(long = "grid", value_name = "KEY=VALUES")]
+    grid: Vec<String>,
+    /// HyperDAS's inference mode in the CSV and plots.
+    #[arg(long, default_value = "soft")]
+    mode: String,
+    /// Sweep directory: runs/<name>/ per point, sweep.csv, summary.md, sweep.html, *.svg.
+    #[arg(long, short, default_value = "runs/sweep")]
+    out: PathBuf,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+pub fn sweep(a: &SweepArgs) -> Result<()> {
+    let mut axes: Vec<Axis> = a.grid.iter().map(|g| Axis::parse(g)).collect::<std::result::Result<_, _>>()?;
+    if axes.iter().any(|x| x.key == "method") {
+        if a.methods != ["mdas"] {
+            bail!("give the methods once: either --methods or --grid method=...");
+        }
+    } else {
+        axes.insert(0, Axis::parse(&format!("method={}", a.methods.join(",")))?);
+    }
+    crate::intervention::selection::InferenceMode::parse(&a.mode)?;
+    let plan = SweepPlan { config: a.config.as_deref(), sets: &a.set, axes: &axes, out: &a.out, hyperdas_mode: a.mode.clone(), progress: !a.quiet };
+    let runs = sweep::sweep(&plan)?;
+    print!("{}", std::fs::read_to_string(a.out.join("summary.md"))?);
+    println!("{} runs in {}; sweep.csv, summary.md, sweep.html and the plots are there", runs.len(), a.out.display());
+    Ok(())
+}
