@@ -102,9 +102,13 @@ fn demo_and_fetch_list_run() {
     }
     assert!(stdout.contains("total time:") && stdout.contains("of causal test rows the base city's last token takes the source city's last token"), "{stdout}");
     assert!(stdout.contains("report: ") && stdout.contains("report.html"), "{stdout}");
-    for f in ["data/city_country_train.jsonl", "data/city_country_test.jsonl", "hyperdas/results.json", "hyperdas/config.resolved.toml", "hyperdas/eval/city_country_test.positions.jsonl", "hyperdas/report.html", "hyperdas/heatmaps.json"] {
+    for f in ["data/city_country_train.jsonl", "data/city_country_test.jsonl", "hyperdas/results.json", "hyperdas/config.resolved.toml", "hyperdas/eval/city_country_test.positions.jsonl", "hyperdas/report.html", "hyperdas/heatmaps.json", "mdas/results.json", "mdas/run.json"] {
         assert!(out.join(f).is_file(), "{f}");
     }
+    // The MDAS baseline beside HyperDAS, printed and in the report.
+    assert!(stdout.contains("HyperDAS beside the MDAS baseline") && stdout.contains("HyperDAS · soft") && stdout.contains("\nMDAS "), "{stdout}");
+    let page = std::fs::read_to_string(out.join("hyperdas/report.html")).unwrap();
+    assert!(page.contains("HyperDAS beside the baselines") && page.contains("<td>MDAS</td>"), "report compares with MDAS");
     // A second demo into the same directory is refused, and nothing is lost.
     let o = hyperdas(&["demo", "--tiny", "--quiet", "--out", out.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
@@ -419,4 +423,123 @@ fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
     assert_eq!(std::fs::read_to_string(run.join("results.json")).unwrap(), std::fs::read_to_string(run2.join("results.json")).unwrap());
     let lines = |d: &std::path::Path| std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().count();
     assert_eq!(lines(&run), lines(&run2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// hyperdas baseline, compare, sweep (toy tiny)
+
+#[test]
+fn baselines_compare_and_a_resumable_sweep_on_the_tiny_toy() {
+    let home = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs");
+    let o = cmd(&["toy", "--tiny", "--quiet"]);
+    let toy = text(&o).0.lines().find_map(|l| l.strip_prefix("use it: --model ")).unwrap().trim().to_string();
+    let data = work.path().join("data");
+    let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let train = data.join("city_country_train.jsonl");
+    let test = data.join("city_country_test.jsonl");
+    let train_text = std::fs::read_to_string(&train).unwrap();
+    let causal_rows = train_text.lines().filter(|l| l.contains("\"attribute_type\":\"causal\"")).count();
+    let total_rows = train_text.lines().count();
+    assert!(causal_rows < total_rows, "the training set has isolate rows");
+    let sets: Vec<String> = vec![
+        format!("data.train={}", train.display()),
+        format!("data.test={}", test.display()),
+        "model.path=toy:tiny".into(),
+        "train.epochs=1".into(),
+        "train.batch_size=8".into(),
+        "interpreter.num_blocks=1".into(),
+        "interpreter.layer=0".into(),
+        "interpreter.rank=4".into(),
+    ];
+    let with_sets = |head: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = head.iter().map(|s| s.to_string()).collect();
+        for s in &sets {
+            v.extend(["--set".to_string(), s.clone()]);
+        }
+        v
+    };
+    let run_of = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = cmd(&refs);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{args:?}\n{out}\n{err}");
+        out
+    };
+    let dir = |n: &str| work.path().join(n).display().to_string();
+    let out = run_of(with_sets(&["baseline", "das", "--quiet", "--out", &dir("das")]));
+    assert!(out.contains("groundtruth") && !out.contains("soft"), "a baseline is scored at its fixed positions only:\n{out}");
+    run_of(with_sets(&["baseline", "mdas", "--quiet", "--out", &dir("mdas")]));
+    run_of(with_sets(&["train", "--quiet", "--out", &dir("hyperdas")]));
+    let info = |n: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(work.path().join(n).join("run.json")).unwrap()).unwrap() };
+    // DAS trains on the causal rows only; MDAS and HyperDAS on all.
+    assert_eq!(info("das")["train_rows"], causal_rows);
+    assert_eq!(info("mdas")["train_rows"], total_rows);
+    assert_eq!((info("mdas")["method"].as_str(), info("hyperdas")["method"].as_str()), (Some("mdas"), Some("hyperdas")));
+    let resolved = std::fs::read_to_string(work.path().join("mdas/config.resolved.toml")).unwrap();
+    assert!(resolved.contains("method = \"mdas\"") && resolved.contains("regularizer = \"none\"") && resolved.contains("epochs = 1"), "preset, then --set:\n{resolved}");
+    // pyvene's placement: block_output of layer 0 is our layer 1, which on this 1-block model
+    // is past the last block.
+    let mut args = with_sets(&["baseline", "mdas", "--quiet", "--out", &dir("mdas-pyvene")]);
+    args.extend(["--set".into(), "interpreter.layer_convention=block_output".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = cmd(&refs);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("intervention layer 1: the target has 1 blocks"), "{}", text(&o).1);
+    // A contradicting method is refused.
+    let mut args = with_sets(&["baseline", "das", "--show-config"]);
+    args.extend(["--set".into(), "interpreter.method=mdas".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = cmd(&refs);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("contradicts the command"), "{}", text(&o).1);
+
+    // One table per attribute, a row per method.
+    let cmp = dir("cmp");
+    let o = cmd(&["compare", &dir("hyperdas"), &dir("mdas"), &dir("das"), "--modes", "soft,bidding_argmax", "--out", &cmp]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("### city / Country") && out.contains("| HyperDAS · soft | 0 | 4 |") && out.contains("| MDAS | 0 | 4 |") && out.contains("| DAS | 0 | 4 |"), "{out}");
+    assert!(std::fs::read_to_string(work.path().join("cmp/compare.html")).unwrap().contains("<td>DAS</td>"));
+    let o = cmd(&["compare", &dir("data")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("not a run directory"), "{}", text(&o).1);
+
+    // A sweep over two ranks (the tiny toy has one block); rerun: everything is skipped.
+    let sw = dir("sweep");
+    let sweep_args = with_sets(&["sweep", "--methods", "mdas,das", "--grid", "rank=2,4", "--out", &sw]);
+    let first = run_of(sweep_args.clone());
+    assert!(first.contains("| mdas-rank2 | MDAS | 0 | 2 |") && first.contains("| das-rank4 | DAS | 0 | 4 |") && first.contains("Best Disentangle per method"), "{first}");
+    for f in ["sweep.csv", "summary.md", "sweep.html", "disentangle_vs_rank.svg", "runs/mdas-rank4/results.json"] {
+        assert!(work.path().join("sweep").join(f).is_file(), "{f}");
+    }
+    let csv = std::fs::read_to_string(work.path().join("sweep/sweep.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 4 * 2, "4 runs × (Country + the domain mean):\n{csv}");
+    // Interrupted before its first checkpoint: a half-written run directory is started again.
+    std::fs::remove_file(work.path().join("sweep/runs/das-rank4/results.json")).unwrap();
+    std::fs::remove_dir_all(work.path().join("sweep/runs/das-rank4/checkpoint")).unwrap();
+    let mut quiet = sweep_args.clone();
+    quiet.remove(0);
+    let mut again = vec!["sweep".to_string()];
+    again.extend(quiet);
+    let refs: Vec<&str> = again.iter().map(String::as_str).collect();
+    let o = cmd(&refs);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches("finished earlier, skipped").count(), 3, "{err}");
+    assert!(err.contains("das-rank4 (starting"), "{err}");
+    assert_eq!(std::fs::read_to_string(work.path().join("sweep/sweep.csv")).unwrap(), csv, "a rerun gives the same table");
+    assert!(out.contains("Best Disentangle"));
+    // A sweep's directory works as compare input.
+    let o = cmd(&["compare", &sw, "--out", &dir("cmp2")]);
+    assert!(o.status.success() && text(&o).0.contains("| MDAS | 0 | 2 |"), "{}", text(&o).0);
+    // Bad grids fail before anything runs.
+    let o = cmd(&["sweep", "--grid", "layer=3:1", "--out", &dir("bad")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("START ≤ END"), "{}", text(&o).1);
+    let o = cmd(&["sweep", "--grid", "interpreter.rnak=4,8", "--out", &dir("bad")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("unknown key `interpreter.rnak`"), "{}", text(&o).1);
 }

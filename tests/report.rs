@@ -50,6 +50,7 @@ fn the_demo_report_renders_in_headless_chromium() {
     for mode in ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"] {
         assert!(dom.contains(&format!("HyperDAS · {mode}</td>")), "score row for {mode}");
     }
+    assert!(dom.contains("<td>MDAS</td>"), "the MDAS baseline's row in the comparison");
     for bad in ["Uncaught", "Failed to load resource", ":CONSOLE"] {
         assert!(!log.contains(bad), "browser log has {bad:?}:\n{log}");
     }

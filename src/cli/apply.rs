@@ -58,6 +58,8 @@ pub fn run(a: &ApplyArgs) -> Result<()> {
     let (sp, ss) = split_at_entity(&a.source, &source_entity, "source")?;
     let run = crate::train::run::load_run(&a.run, true)?;
     let cfg = &run.config;
+    // A baseline (DAS, MDAS) has one mode: its fixed last-entity-token positions.
+    let mode = if run.interpreter.supports(mode) { mode } else { run.interpreter.native_mode() };
     let tok = &run.lm.tokenizer;
     // A placeholder label: only the first label position is read, and its logits predict the
     // first token after the base prompt (teacher forcing does not reach it).

@@ -1,6 +1,7 @@
 //! `hyperdas demo`: the embedded default. Builds (or loads) the toy world, builds its city
 //! Country counterfactual data, trains HyperDAS with `configs/toy.toml` (embedded in the
-//! binary), evaluates every inference mode, checks the chosen positions against the toy's
+//! binary), evaluates every inference mode, trains the MDAS baseline on the same data, layer
+//! and rank, checks the chosen positions against the toy's
 //! answer key (the city's token), writes `report.html`, and prints a score table, the run
 //! directory and the time.
 //!
@@ -19,6 +20,7 @@ use crate::data::filter::{FilterOptions, filter_rows};
 use crate::data::generate::{DataSplit, EntityPolicy, GenerateOptions, generate};
 use crate::data::io::{ReadOptions, read_dataset, write_jsonl};
 use crate::data::ravel::KnowledgeBase;
+use crate::hypernet::interpreter::Method;
 use crate::intervention::selection::InferenceMode;
 use crate::train::hyperdas::Selection;
 use crate::report::svg::esc;
@@ -81,7 +83,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let (lm, kb, toy) = if toy_target {
         let toy = crate::toy::ensure(&toy_cfg, false, progress)?;
         println!(
-            "[1/4] toy model {} in {:.1} s: {} cities, {} blocks{}",
+            "[1/5] toy model {} in {:.1} s: {} cities, {} blocks{}",
             if toy.cached { "loaded from the cache" } else { "trained" },
             t.elapsed().as_secs_f64(),
             toy.report.cities,
@@ -98,7 +100,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             crate::fetch::fetch(known, None, progress)?;
         }
         let lm = crate::model::load(&a.model, &crate::model::LoadOptions { progress, ..Default::default() }).with_context(|| format!("cannot load model `{}`", a.model))?;
-        println!("[1/4] model loaded in {:.1} s: {}", t.elapsed().as_secs_f64(), lm.description);
+        println!("[1/5] model loaded in {:.1} s: {}", t.elapsed().as_secs_f64(), lm.description);
         (lm, KnowledgeBase::builtin("city")?, None)
     };
 
@@ -130,7 +132,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         println!("      {} rows: {} causal, {} isolate -> {}", split.name(), n_causal, rows.len() - n_causal, path.display());
         paths.push(path);
     }
-    println!("[2/4] data built in {:.1} s", t.elapsed().as_secs_f64());
+    println!("[2/5] data built in {:.1} s", t.elapsed().as_secs_f64());
 
     // 3. HyperDAS training and evaluation: configs/toy.toml on the toy; the real-model
     // defaults (2 epochs) otherwise. Data paths are set here.
@@ -147,9 +149,17 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let cfg: RunConfig = if toy.is_some() { crate::config::load_text(TOY_RUN, "configs/toy.toml (embedded)", &sets)? } else { crate::config::load(None, &sets)? };
     let run_dir = out.join("hyperdas");
     crate::train::run::run(&cfg, &run_dir, false, progress)?.context("the run stopped before its end")?;
-    println!("[3/4] HyperDAS trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
+    println!("[3/5] HyperDAS trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
 
-    // 4. Where the chosen positions land, against the answer key (the city's last token), and the report.
+    // 4. The MDAS baseline on the same data, layer and rank (RAVEL's multi-task DAS).
+    let t = Instant::now();
+    let mdas_dir = out.join("mdas");
+    crate::train::run::run(&cfg.as_baseline(Method::Mdas), &mdas_dir, false, progress)?.context("the MDAS run stopped before its end")?;
+    let runs = [crate::report::compare::read_run(&run_dir)?, crate::report::compare::read_run(&mdas_dir)?];
+    let comparison = crate::report::compare::compare(&runs, &["soft".into(), "bidding_argmax".into()])?;
+    println!("[4/5] MDAS baseline trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
+
+    // 5. Where the chosen positions land, against the answer key (the city's last token), and the report.
     let t = Instant::now();
     let modes = [InferenceMode::Soft, InferenceMode::parse("bidding_argmax")?];
     crate::train::run::eval_run(&run_dir, &paths[1], &modes, false, false)?;
@@ -169,8 +179,9 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         notes.push(l.sentence());
     }
     let what = target_name;
-    let report = crate::report::write_report(&run_dir, &paths[1], &crate::report::ReportExtras { title: format!("hyperdas demo: HyperDAS on {what}, city {}", target_names.join(" and ")), notes })?;
-    println!("[4/4] positions checked and report written in {:.1} s", t.elapsed().as_secs_f64());
+    let extras = crate::report::ReportExtras { title: format!("hyperdas demo: HyperDAS on {what}, city {}", target_names.join(" and ")), notes, comparison: crate::report::compare::html(&comparison) };
+    let report = crate::report::write_report(&run_dir, &paths[1], &extras)?;
+    println!("[5/5] positions checked and report written in {:.1} s", t.elapsed().as_secs_f64());
 
     println!();
     println!("{:<16} {:<10} {:>6} {:>8} {:>12}   ({what}, RAVEL city, {} test rows)", "mode", "attribute", "Cause", "Isolate", "Disentangle", landing.rows);
@@ -185,11 +196,16 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         }
     }
     println!();
+    println!("{:<26} {:<10} {:>6} {:>8} {:>12}   (HyperDAS beside the MDAS baseline, layer {layer}, rank {})", "method", "attribute", "Cause", "Isolate", "Disentangle", cfg.interpreter.rank);
+    for r in comparison.iter().filter(|r| r.scores.attribute != "mean" || target_names.len() > 1) {
+        println!("{:<26} {:<10} {:>6.3} {:>8.3} {:>12.3}", r.label, r.scores.attribute, r.scores.causal, r.scores.isolate, r.scores.disentangle);
+    }
+    println!();
     for l in &landing.by_mode {
         println!("{}", l.sentence());
     }
     println!();
-    println!("run directory: {} (results.json, metrics.jsonl, eval/*.positions.jsonl, heatmaps.json, checkpoint/)", run_dir.display());
+    println!("run directory: {} (results.json, metrics.jsonl, eval/*.positions.jsonl, heatmaps.json, checkpoint/); MDAS: {}", run_dir.display(), mdas_dir.display());
     println!("report: {}", report.display());
     println!("total time: {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())

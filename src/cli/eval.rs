@@ -47,11 +47,21 @@ pub struct ReportArgs {
     /// Heading of the page.
     #[arg(long, default_value = "")]
     title: String,
+    /// Baseline runs (`hyperdas baseline`) to compare with, in a table beside this run's soft
+    /// and bidding_argmax scores; repeatable.
+    #[arg(long = "compare", value_name = "RUN_DIR")]
+    compare: Vec<PathBuf>,
 }
 
 /// `hyperdas report`: write `report.html` (+ `heatmaps.json`) into a finished run directory.
 pub fn report(a: &ReportArgs) -> Result<()> {
-    let path = crate::report::write_report(&a.run, &a.data, &crate::report::ReportExtras { title: a.title.clone(), notes: Vec::new() })?;
+    let comparison = if a.compare.is_empty() {
+        String::new()
+    } else {
+        let runs: Vec<_> = std::iter::once(&a.run).chain(&a.compare).map(|d| crate::report::compare::read_run(d)).collect::<std::result::Result<_, _>>()?;
+        crate::report::compare::html(&crate::report::compare::compare(&runs, &["soft".into(), "bidding_argmax".into()])?)
+    };
+    let path = crate::report::write_report(&a.run, &a.data, &crate::report::ReportExtras { title: a.title.clone(), notes: Vec::new(), comparison })?;
     println!("report: {}", path.display());
     Ok(())
 }

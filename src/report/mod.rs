@@ -50,6 +50,8 @@ pub struct ReportExtras {
     pub title: String,
     /// Free paragraphs (already HTML-escaped where needed), shown under the heading.
     pub notes: Vec<String>,
+    /// An HTML fragment comparing this run with baselines ([`compare::html`]); empty: none.
+    pub comparison: String,
 }
 
 /// Weights and prediction of each of `rows` (one at a time: batch size 1) in `mode`.
@@ -210,9 +212,16 @@ code{{background:#f5f5f5;padding:1px 4px}}</style></head><body>
     }
     let _ = write!(
         h,
-        "</table><p>Cause: share of causal rows whose first {} label tokens follow the source after the intervention; Isolate: share of isolate rows that keep the base's answer; Disentangle: their mean. An isolate row counts under the attribute the instruction names. <b>mean</b>: the mean over the attributes (each weighs the same). Baselines (DAS, MDAS) join this table when the baselines land.</p>",
+        "</table><p>Cause: share of causal rows whose first {} label tokens follow the source after the intervention; Isolate: share of isolate rows that keep the base's answer; Disentangle: their mean. An isolate row counts under the attribute the instruction names. <b>mean</b>: the mean over the attributes (each weighs the same).</p>",
         run.config.train.label_limit
     );
+    if !extras.comparison.is_empty() {
+        let _ = write!(
+            h,
+            "<h2>HyperDAS beside the baselines</h2><p>MDAS (RAVEL's multi-task DAS) learns one rank-k subspace at the same layer and intervenes at the last entity token of base and source, trained on the same causal and isolate rows; HyperDAS (soft mode) chooses its positions and conditions its subspace on the instruction. Bold: the best Disentangle.</p>{}",
+            extras.comparison
+        );
+    }
     // Heatmaps.
     let _ = write!(
         h,

@@ -169,6 +169,24 @@ impl RunConfig {
     }
 }
 
+impl RunConfig {
+    /// This HyperDAS configuration turned into `method`'s baseline on the same model, data,
+    /// layer, rank, epochs and batch: the changes of [`RunConfig::preset`] that make it the
+    /// reference MDAS trainer (weights 1 / 1, no regulariser, no clipping, the fixed positions).
+    pub fn as_baseline(&self, method: Method) -> RunConfig {
+        let preset = RunConfig::preset(method);
+        let mut c = self.clone();
+        c.interpreter.method = preset.interpreter.method;
+        c.interpreter.subspace = preset.interpreter.subspace;
+        c.train.causal_weight = preset.train.causal_weight;
+        c.train.isolate_weight = preset.train.isolate_weight;
+        c.train.regularizer = preset.train.regularizer;
+        c.train.grad_clip = preset.train.grad_clip;
+        c.eval.modes = preset.eval.modes;
+        c
+    }
+}
+
 impl ModelSection {
     /// Load the target (training the toy model first if `path` names it and it is not cached).
     pub fn load(&self, progress: bool) -> Result<crate::model::LoadedModel> {
@@ -514,6 +532,11 @@ mod tests {
         // ⌊(L − 1)/2⌋: the paper's 15 on Llama-3-8B (32 blocks), 14 on SmolLM2 (30), 0 on the 2-block toy.
         assert_eq!([32, 30, 2, 1].map(|l| middle.resolve(l).unwrap()), [15, 14, 0, 0]);
         assert_eq!(RunConfig::default().interpreter.layer, middle);
+        // pyvene's convention (the reference MDAS): block_output of l is our l + 1.
+        let pyvene = crate::config::load::<RunConfig>(None, &["interpreter.layer=15".into(), "interpreter.layer_convention=block_output".into()]).unwrap();
+        assert_eq!(pyvene.interpreter.resolved_layer(30).unwrap(), 16);
+        let bad = crate::config::load::<RunConfig>(None, &["interpreter.layer_convention=pyvene".into()]).unwrap();
+        assert!(bad.interpreter.resolved_layer(30).unwrap_err().to_string().contains("block_output"));
         let err = load("top").unwrap().interpreter.layer.resolve(30).unwrap_err().to_string();
         assert!(err.contains("interpreter.layer") && err.contains("middle"), "{err}");
     }
