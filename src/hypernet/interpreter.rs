@@ -155,6 +155,11 @@ impl Interpreter {
         *self.cache.borrow_mut() = cache;
     }
 
+    /// Take the cache out (to hand it to the next run on the same model: a sweep).
+    pub fn take_cache(&self) -> Option<StateCache> {
+        self.cache.borrow_mut().take()
+    }
+
     /// Register the prompts of `rows` with the cache (if any): every dataset a run will use, in
     /// a fixed order, before the first step (see [`StateCache::register`]).
     pub fn register_prompts(&self, rows: &[crate::data::collate::EncodedRow]) {

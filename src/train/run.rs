@@ -287,6 +287,17 @@ pub fn model_spec(path: &str, progress: bool) -> Result<String> {
 /// continue the run in `out` from its checkpoint (its `config.resolved.toml` must equal `cfg`
 /// apart from `train.stop_after_steps` and `train.checkpoint_every`).
 pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<Option<BTreeMap<String, ModeResult>>> {
+    run_sharing(cfg, out, resume, progress, &mut None)
+}
+
+/// A state cache handed from run to run (a sweep), with the settings it was made for.
+pub type SharedCache = Option<((ModelSection, String, String), crate::train::cache::StateCache)>;
+
+/// [`run`], reusing `shared`'s clean states when it was made for the same model and cache
+/// settings (the cache holds every layer, so any method and layer may use it; results are
+/// identical to a fresh cache's, since its groups are canonical), and leaving this run's cache
+/// in `shared` afterwards.
+pub fn run_sharing(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mut SharedCache) -> Result<Option<BTreeMap<String, ModeResult>>> {
     if cfg.data.train.is_empty() || cfg.data.test.is_empty() {
         return Err(Error::invalid("data.train and data.test must name datasets (JSONL files or save_to_disk directories; `hyperdas data build` makes them)"));
     }
@@ -338,7 +349,11 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
     }
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &icfg)?;
-    interp.set_cache(cfg.train.state_cache()?);
+    let key = (cfg.model.clone(), format!("{}", cfg.train.state_cache_gb), cfg.train.state_cache_dtype.clone());
+    match shared.take() {
+        Some((k, c)) if k == key => interp.set_cache(Some(c)),
+        _ => interp.set_cache(cfg.train.state_cache()?),
+    }
     interp.register_prompts(&sets[0]);
     interp.register_prompts(&sets[1]);
     let pad = lm.tokenizer.padding_id();
@@ -371,9 +386,10 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
     if progress {
         eprint!("{}", scored.table());
         if let Some(c) = interp.cache_stats() {
-            eprintln!("state cache: {:.1}% of {} prompt look-ups served from {} cached prompts ({:.2} GB); {} prompts run through the target", 100.0 * c.hit_rate(), c.hits + c.misses, c.entries, c.bytes as f64 / 1e9, c.computed);
+            eprintln!("state cache (since it was made): {:.1}% of {} prompt look-ups served from {} cached prompts ({:.2} GB); {} prompts run through the target", 100.0 * c.hit_rate(), c.hits + c.misses, c.entries, c.bytes as f64 / 1e9, c.computed);
         }
     }
+    *shared = interp.take_cache().map(|c| (key, c));
     Ok(Some(scored.results))
 }
 

@@ -2,7 +2,8 @@
 //! one after another into `OUT/runs/<name>/`, resumable, then a CSV, SVG line plots and a
 //! summary table over all finished runs.
 //!
-//! Restarting a sweep skips every run with `results.json`, resumes a run that has a checkpoint
+//! The runs share one clean-state cache (same model and cache settings), so the target's clean
+//! passes run once per prompt for the whole sweep. Restarting a sweep skips every run with `results.json`, resumes a run that has a checkpoint
 //! (same settings), and restarts one that has neither. Each point's configuration is the
 //! method's preset ([`RunConfig::preset`]), then `--config`, then `--set`, then the point's
 //! grid values, so a sweep point equals `hyperdas train|baseline` with those settings.
@@ -135,6 +136,9 @@ pub fn sweep(plan: &SweepPlan) -> Result<Vec<RunSummary>> {
     let runs_dir = plan.out.join("runs");
     std::fs::create_dir_all(&runs_dir).map_err(|e| Error::file(&runs_dir, format!("cannot create: {e}")))?;
     let t0 = std::time::Instant::now();
+    // One state cache for the whole sweep: runs on the same model reuse each other's clean
+    // states (every layer is cached, so any method and layer can read them).
+    let mut shared: crate::train::run::SharedCache = None;
     for (i, (p, cfg)) in pts.iter().zip(&cfgs).enumerate() {
         let dir = runs_dir.join(&p.name);
         let status = if dir.join("results.json").is_file() && dir.join("run.json").is_file() {
@@ -159,7 +163,7 @@ pub fn sweep(plan: &SweepPlan) -> Result<Vec<RunSummary>> {
         if status == "done" {
             continue;
         }
-        if crate::train::run::run(cfg, &dir, status == "resume", plan.progress)?.is_none() {
+        if crate::train::run::run_sharing(cfg, &dir, status == "resume", plan.progress, &mut shared)?.is_none() {
             return Err(Error::invalid(format!("{}: stopped early (train.stop_after_steps); rerun the sweep to continue", p.name)));
         }
     }
