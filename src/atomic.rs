@@ -25,6 +25,7 @@ pub fn write_file(path: &Path, body: impl FnOnce(&mut BufWriter<File>) -> Result
         let mut w = BufWriter::new(f);
         body(&mut w)?;
         w.flush().map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
+        w.get_ref().sync_all().map_err(|e| Error::file(&tmp, format!("cannot sync: {e}")))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::file(path, format!("cannot move {} into place: {e}", tmp.display())))
     })();
     if result.is_err() {
@@ -33,8 +34,35 @@ pub fn write_file(path: &Path, body: impl FnOnce(&mut BufWriter<File>) -> Result
     result
 }
 
-/// Fill a temporary directory with `body(tmp)`, then replace `dir` with it.
+/// The previous version of a directory written by [`write_dir`] with `keep_previous`.
+pub fn previous(dir: &Path) -> PathBuf {
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    dir.with_file_name(format!("{name}.prev"))
+}
+
+/// Flush every file of `dir` (and `dir` itself) to the disk.
+fn sync_dir(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::file(dir, format!("cannot list: {e}")))?;
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_file() {
+            File::open(&p).and_then(|f| f.sync_all()).map_err(|e| Error::file(&p, format!("cannot sync: {e}")))?;
+        }
+    }
+    // Directory fsync makes the entries durable; not every filesystem supports it.
+    let _ = File::open(dir).and_then(|f| f.sync_all());
+    Ok(())
+}
+
+/// Fill a temporary directory with `body(tmp)`, flush it to the disk, then replace `dir` with
+/// it. With `keep_previous`, the replaced `dir` becomes `dir.prev` (the one before is dropped):
+/// a crash at any moment leaves a complete `dir` or a complete `dir.prev`.
 pub fn write_dir<T>(dir: &Path, body: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    write_dir_keeping(dir, false, body)
+}
+
+/// [`write_dir`], choosing whether the replaced version is kept as `dir.prev`.
+pub fn write_dir_keeping<T>(dir: &Path, keep_previous: bool, body: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::file(parent, format!("cannot create: {e}")))?;
     }
@@ -42,10 +70,23 @@ pub fn write_dir<T>(dir: &Path, body: impl FnOnce(&Path) -> Result<T>) -> Result
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
     let result = body(&tmp).and_then(|value| {
+        sync_dir(&tmp)?;
         if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot replace: {e}")))?;
+            // Never a moment without a complete version: the old one moves aside (or to
+            // `.prev`), the new one moves in, and only then is anything removed.
+            let aside = if keep_previous { previous(dir) } else { partial_name(&previous(dir)) };
+            let _ = std::fs::remove_dir_all(&aside);
+            std::fs::rename(dir, &aside).map_err(|e| Error::file(dir, format!("cannot move the previous version aside: {e}")))?;
+            std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, format!("cannot move {} into place: {e}", tmp.display())))?;
+            if !keep_previous {
+                let _ = std::fs::remove_dir_all(&aside);
+            }
+        } else {
+            std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, format!("cannot move {} into place: {e}", tmp.display())))?;
         }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, format!("cannot move {} into place: {e}", tmp.display())))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = File::open(parent).and_then(|f| f.sync_all());
+        }
         Ok(value)
     });
     if result.is_err() {

@@ -100,7 +100,7 @@ fn the_shipped_toy_run_config_loads_and_names_the_standard_toy() {
     assert_eq!(cfg.model.path, "toy");
     assert_eq!(cfg.interpreter.config(3).unwrap().hypernet.layer, 1);
     assert!(cfg.interpreter.from_scratch);
-    assert_eq!((cfg.interpreter.rank, cfg.train.epochs, cfg.train.batch_size), (16, 2, 32));
+    assert_eq!((cfg.interpreter.rank, cfg.train.epochs, cfg.train.batch_size), (16, 3, 32));
     assert_eq!((cfg.train.causal_weight, cfg.train.isolate_weight, cfg.train.lr), (1.0, 1.0, 1e-3));
     assert_eq!(cfg.data.train, "data/toy/city_country_train.jsonl");
     // The standard toy plants Country (and Continent) at the layer this config intervenes on.
@@ -169,5 +169,65 @@ fn cached_states_are_canonical_and_agree_with_the_uncached_path() {
         for (x, y) in a.iter().zip(b) {
             assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{x} vs {y}");
         }
+    }
+}
+
+#[test]
+fn a_corrupt_or_missing_latest_checkpoint_falls_back_to_the_previous_one() {
+    let cfg = tiny_config();
+    let dev = Device::Cpu;
+    let adam = AdamWConfig::default();
+    let ps = init_params(&cfg, 7, &dev).unwrap();
+    let model = model_from_params(&ps, &cfg, &dev).unwrap();
+    let mut opt = AdamW::new(&ps, adam).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("checkpoint");
+    step(&model, &mut opt, 1e-2);
+    checkpoint::save(&ck, &ps, Some(&opt), &serde_json::json!({})).unwrap();
+    let at_one = snapshot(&ps);
+    step(&model, &mut opt, 1e-2);
+    checkpoint::save(&ck, &ps, Some(&opt), &serde_json::json!({})).unwrap();
+    let prev = hyperdas::atomic::previous(&ck);
+    assert!(prev.join("state.json").is_file(), "the replaced checkpoint is kept as {}", prev.display());
+    let fresh = || {
+        let ps = init_params(&cfg, 99, &dev).unwrap();
+        let opt = AdamW::new(&ps, adam).unwrap();
+        (ps, opt)
+    };
+    // Intact: the latest.
+    let (ps2, mut opt2) = fresh();
+    assert_eq!(checkpoint::load_latest(&ck, &ps2, Some(&mut opt2), &dev).unwrap()["step"], 2);
+    // One flipped byte in the latest parameters: detected by the checksum, the previous is used.
+    let p = ck.join("params.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x40;
+    std::fs::write(&p, bytes).unwrap();
+    let err = checkpoint::verify(&ck).unwrap_err().to_string();
+    assert!(err.contains("params.safetensors") && err.contains("corrupt"), "{err}");
+    let (ps3, mut opt3) = fresh();
+    assert_eq!(checkpoint::load_latest(&ck, &ps3, Some(&mut opt3), &dev).unwrap()["step"], 1);
+    assert_eq!(snapshot(&ps3), at_one);
+    assert_eq!(opt3.step, 1);
+    // The latest gone entirely (a crash between the two renames): the previous.
+    std::fs::remove_dir_all(&ck).unwrap();
+    assert!(checkpoint::exists(&ck));
+    let (ps4, _) = fresh();
+    assert_eq!(checkpoint::load_latest(&ck, &ps4, None, &dev).unwrap()["step"], 1);
+    // Both gone: a clear error.
+    std::fs::remove_dir_all(&prev).unwrap();
+    assert!(!checkpoint::exists(&ck));
+    assert!(checkpoint::load_latest(&ck, &ps4, None, &dev).unwrap_err().to_string().contains("no checkpoint"));
+}
+
+#[test]
+fn the_shipped_smollm2_config_loads_for_every_method() {
+    use hyperdas::hypernet::interpreter::Method;
+    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/smollm2-city.toml"));
+    for m in [Method::HyperDas, Method::Mdas, Method::Das] {
+        let cfg: hyperdas::train::run::RunConfig = hyperdas::config::load_over(&hyperdas::train::run::RunConfig::preset(m), Some(path), &[]).unwrap();
+        assert_eq!(cfg.model.path, "smollm2-135m");
+        assert_eq!(cfg.interpreter.method().unwrap(), m);
+        assert_eq!(cfg.train.epochs, if m.is_baseline() { 5 } else { 3 }, "each method keeps its preset's length");
     }
 }

@@ -391,11 +391,12 @@ pub fn train(
     let mut start = 0;
     if plan.resume {
         let dir = plan.dir.ok_or_else(|| Error::invalid("--resume needs a run directory"))?;
-        if !dir.join("state.json").is_file() {
+        if !crate::train::checkpoint::exists(dir) {
             return Err(Error::file(dir, "no checkpoint to resume from"));
         }
-        crate::train::checkpoint::load(dir, ps, Some(&mut opt), target.device())?;
+        crate::train::checkpoint::load_latest(dir, ps, Some(&mut opt), target.device())?;
         start = opt.step;
+        log.keep_through(start)?;
         if start > total {
             return Err(Error::file(dir, format!("the checkpoint is at step {start}, past this run's {total} steps")));
         }

@@ -24,6 +24,29 @@ impl MetricsLog {
         Ok(MetricsLog { path: path.to_path_buf(), out: BufWriter::new(f) })
     }
 
+    /// Keep only the records of steps ≤ `step` (resuming from a checkpoint at `step` after a
+    /// crash: later records belong to steps that will run again). A line that is not JSON
+    /// (a record cut by the crash) is dropped too. The file is rewritten atomically.
+    pub fn keep_through(&mut self, step: usize) -> Result<()> {
+        self.out.flush().map_err(|e| Error::file(&self.path, format!("cannot write: {e}")))?;
+        let text = std::fs::read_to_string(&self.path).map_err(|e| Error::file(&self.path, format!("cannot read: {e}")))?;
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s as usize <= step))
+            .collect();
+        if kept.len() == text.lines().count() {
+            return Ok(());
+        }
+        crate::atomic::write_file(&self.path, |w| {
+            for l in &kept {
+                writeln!(w, "{l}").map_err(|e| Error::file(&self.path, format!("cannot write: {e}")))?;
+            }
+            Ok(())
+        })?;
+        *self = MetricsLog::append(&self.path)?;
+        Ok(())
+    }
+
     pub fn log(&mut self, record: &serde_json::Value) -> Result<()> {
         let err = |e: &dyn std::fmt::Display| Error::file(&self.path, format!("cannot write: {e}"));
         serde_json::to_writer(&mut self.out, record).map_err(|e| err(&e))?;

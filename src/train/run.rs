@@ -501,7 +501,7 @@ pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
     let mut params = ParamStore::new();
     let interpreter = Interpreter::new(&mut params, &lm.model, &config.interpreter.config(lm.model.num_layers())?)?;
     interpreter.set_cache(config.train.state_cache()?);
-    crate::train::checkpoint::load(&dir.join("checkpoint"), &params, None, lm.model.device())?;
+    crate::train::checkpoint::load_latest(&dir.join("checkpoint"), &params, None, lm.model.device())?;
     Ok(LoadedRun { config, lm, params, interpreter })
 }
 

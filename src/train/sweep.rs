@@ -143,7 +143,7 @@ pub fn sweep(plan: &SweepPlan) -> Result<Vec<RunSummary>> {
         let dir = runs_dir.join(&p.name);
         let status = if dir.join("results.json").is_file() && dir.join("run.json").is_file() {
             "done"
-        } else if dir.join("checkpoint/state.json").is_file() {
+        } else if crate::train::checkpoint::exists(&dir.join("checkpoint")) {
             "resume"
         } else {
             if dir.exists() {
