@@ -38,6 +38,11 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// A loss or gradient became NaN or infinite (training stops, or skips the batch when
+    /// `train.skip_nonfinite` is set).
+    #[error("{0}")]
+    NonFinite(String),
+
     /// A tensor operation failed. With valid inputs this is a bug in hyperdas.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -97,3 +97,53 @@ fn a_killed_training_resumes_to_the_uninterrupted_result() {
     assert_eq!(a.len(), b.len(), "one record per step, none repeated after the resume");
     assert_eq!(a, b, "the same metrics, step for step");
 }
+
+#[test]
+fn a_diverging_run_stops_naming_the_step_or_skips_and_counts_with_skip_nonfinite() {
+    let home = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_hyperdas");
+    let cmd = |args: &[String]| Command::new(bin).args(args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs");
+    let o = cmd(&["toy".into(), "--tiny".into(), "--quiet".into()]);
+    let toy = String::from_utf8_lossy(&o.stdout).lines().find_map(|l| l.strip_prefix("use it: --model ").map(|s| s.trim().to_string())).unwrap();
+    let data = work.path().join("data");
+    let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"].map(String::from).to_vec());
+    assert!(o.status.success());
+    let args = |out: &std::path::Path, skip: bool| -> Vec<String> {
+        let mut v: Vec<String> = vec!["train".into(), "--quiet".into(), "--out".into(), out.display().to_string()];
+        for s in [
+            format!("data.train={}", data.join("city_country_train.jsonl").display()),
+            format!("data.test={}", data.join("city_country_test.jsonl").display()),
+            "model.path=toy:tiny".into(),
+            "train.epochs=1".into(),
+            "train.batch_size=8".into(),
+            "train.checkpoint_every=1".into(),
+            // Absurd rates: the first update sends the weights to ~1e30 and the next loss is NaN.
+            "train.lr=1e30".into(),
+            "train.rotation_lr=1e30".into(),
+            "interpreter.num_blocks=1".into(),
+            "interpreter.layer=0".into(),
+            "interpreter.rank=4".into(),
+            format!("train.skip_nonfinite={skip}"),
+        ] {
+            v.extend(["--set".into(), s]);
+        }
+        v
+    };
+    let stop = work.path().join("stop");
+    let o = cmd(&args(&stop, false));
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("became NaN at step 2") && err.contains("skip_nonfinite"), "{err}");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(stop.join("checkpoint/state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 1, "the last good checkpoint is kept");
+    assert!(!stop.join("results.json").exists());
+
+    let skip = work.path().join("skip");
+    let o = cmd(&args(&skip, true));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(skip.join("metrics.jsonl")).unwrap();
+    let counts: Vec<u64> = metrics.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["skipped_nonfinite"].as_u64()).collect();
+    assert!(!counts.is_empty() && counts.windows(2).all(|w| w[1] == w[0] + 1), "skips counted one by one: {counts:?}");
+    assert!(skip.join("results.json").is_file());
+}

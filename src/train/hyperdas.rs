@@ -65,6 +65,10 @@ pub struct TrainSettings {
     /// How cached states are stored: `f32` (exact: training is bit-identical with and without
     /// the cache), or `f16` / `bf16` (half the memory, rounded states).
     pub state_cache_dtype: String,
+    /// On a NaN/inf loss or gradient: `false` stops the run (naming the step and the
+    /// parameters; the last good checkpoint is kept), `true` skips the batch without an update
+    /// and counts it (`skipped_nonfinite` in metrics.jsonl).
+    pub skip_nonfinite: bool,
     /// Positions used in training: `Soft` (HyperDAS) or `GroundTruth` (the last entity token
     /// of base and source, as MDAS: a diagnostic of the subspace alone).
     #[serde(skip)]
@@ -133,6 +137,7 @@ impl Default for TrainSettings {
             seed: 0,
             state_cache_gb: 2.0,
             state_cache_dtype: "f32".into(),
+            skip_nonfinite: false,
             train_mode: InferenceMode::Soft,
         }
     }
@@ -333,8 +338,9 @@ pub fn train_step(
     };
     let value = loss.to_scalar::<f32>()? as f64;
     if !value.is_finite() {
-        return Err(Error::invalid(format!(
-            "the loss became {value} at step {step}; stopping. The last good checkpoint (if any) is kept; lower the learning rate and resume or restart"
+        return Err(Error::NonFinite(format!(
+            "the loss became {value} at step {}; nothing was updated. The last good checkpoint (if any) is kept; lower the learning rate and resume or restart, or set train.skip_nonfinite = true to skip such batches",
+            step + 1
         )));
     }
     crate::profile::mark("loss");
@@ -417,6 +423,7 @@ pub fn train(
     let eval_key = format!("eval_{}", eval_mode.name());
     pb.set_position(start as u64);
     let mut step = 0;
+    let mut skipped = 0usize;
     let mut last = None;
     if start == 0 && s.eval_every > 0 {
         // The untrained interpreter's scores: the baseline that training must beat.
@@ -437,7 +444,19 @@ pub fn train(
             }
             let rows: Vec<&EncodedRow> = chunk.iter().map(|&i| &train[i]).collect();
             let batch = collate(&rows, pad);
-            let o = train_step(target, interp, ps, &mut opt, &schedule, &batch, step, total, s)?;
+            let o = match train_step(target, interp, ps, &mut opt, &schedule, &batch, step, total, s) {
+                Err(Error::NonFinite(msg)) if s.skip_nonfinite => {
+                    // No update: the step still counts (the data order and the schedule stay
+                    // those of a run without the fault), and so does the skip.
+                    skipped += 1;
+                    step += 1;
+                    opt.skip_step();
+                    log.log(&serde_json::json!({"step": step, "skipped_nonfinite": skipped, "reason": msg, "seconds": t0.elapsed().as_secs_f64()}))?;
+                    pb.inc(1);
+                    continue;
+                }
+                other => other?,
+            };
             step += 1;
             let (value, lambda, lr) = (o.loss, o.sparsity_weight, o.lr);
             let mut rec = serde_json::json!({"step": step, "loss": value, "prediction_loss": o.prediction_loss, "sparsity_weight": lambda, "lr": lr, "grad_norm": o.grad_norm, "seconds": t0.elapsed().as_secs_f64()});
@@ -453,8 +472,14 @@ pub fn train(
                 pb.set_message(format!("loss {value:.3}"));
             }
             log.log(&rec)?;
-            if s.checkpoint_every > 0 && step % s.checkpoint_every == 0 {
-                save(&opt)?;
+            if s.checkpoint_every > 0 && step % s.checkpoint_every == 0
+                && let Err(e) = save(&opt)
+            {
+                // The run's state is in memory and intact: report, keep training, retry at the
+                // next interval (the previous checkpoint on disk is still complete). The final
+                // checkpoint, below, must succeed.
+                pb.suspend(|| eprintln!("warning: the checkpoint at step {step} could not be written ({e}); training continues and retries at step {}", step + s.checkpoint_every));
+                log.log(&serde_json::json!({"step": step, "checkpoint_error": e.to_string()}))?;
             }
             pb.inc(1);
         }

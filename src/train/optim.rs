@@ -177,26 +177,45 @@ impl AdamW {
         Ok(AdamW { config, step: 0, slots })
     }
 
+    /// Count a step without an update (a skipped non-finite batch), so the step counter, which
+    /// checkpoints record and resumes replay the data order from, stays the loop's.
+    pub fn skip_step(&mut self) {
+        self.step += 1;
+    }
+
     /// One update with learning rate `lr`.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepInfo> {
         let c = self.config;
         // Global norm (host scalar: one small reduction per parameter).
         let mut sq = 0f64;
         let mut missing = 0;
+        let mut bad: Vec<&str> = Vec::new();
         for s in &self.slots {
             match grads.get(s.var.as_tensor()) {
                 Some(g) => {
-                    sq += match host_sum_sq(g)? {
+                    let x = match host_sum_sq(g)? {
                         Some(x) => x,
                         None => g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?,
+                    };
+                    if !x.is_finite() {
+                        bad.push(&s.name);
                     }
+                    sq += x;
                 }
                 None => missing += 1,
             }
         }
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
-            return Err(Error::invalid(format!("non-finite gradient norm at step {} (lower the learning rate?)", self.step + 1)));
+            // Name the groups and (some of) the parameters, so the user knows where to look.
+            let group_of = |n: &str| if self.slots.iter().any(|s| s.name == n && s.group.is_some()) { "its own group" } else { "the default group" };
+            let named: Vec<String> = bad.iter().take(4).map(|n| format!("{n} ({})", group_of(n))).collect();
+            let more = if bad.len() > 4 { format!(" and {} more", bad.len() - 4) } else { String::new() };
+            return Err(Error::NonFinite(format!(
+                "non-finite gradient at step {} in {}{more}; nothing was updated (lower the learning rate, or set train.skip_nonfinite = true to skip such batches)",
+                self.step + 1,
+                if named.is_empty() { "the global norm".to_string() } else { named.join(", ") }
+            )));
         }
         let scale = match c.grad_clip {
             Some(max) if grad_norm > max => max / grad_norm,
@@ -291,6 +310,28 @@ impl AdamW {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn a_non_finite_gradient_names_the_parameter_and_updates_nothing() {
+        let mut ps = ParamStore::new();
+        ps.add("subspace.rotation", Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap()).unwrap();
+        ps.add("hypernet.embed", Tensor::new(&[[1f32, 1.0]], &Device::Cpu).unwrap()).unwrap();
+        let rot = ps.get("subspace.rotation").unwrap().clone();
+        let emb = ps.get("hypernet.embed").unwrap().clone();
+        let before = rot.as_tensor().to_vec2::<f32>().unwrap();
+        let bad = Tensor::new(&[[f32::NAN, 1.0], [1.0, 1.0]], &Device::Cpu).unwrap();
+        let loss = ((rot.as_tensor() * &bad).unwrap().sum_all().unwrap() + emb.as_tensor().sum_all().unwrap()).unwrap();
+        let grads = loss.backward().unwrap();
+        let mut opt = AdamW::with_groups(&ps, AdamWConfig::default(), |n| (n == "subspace.rotation").then_some(Group { lr: 1e-3, weight_decay: 0.0 })).unwrap();
+        let err = opt.step(&grads, 1e-3).unwrap_err();
+        assert!(matches!(err, Error::NonFinite(_)));
+        let msg = err.to_string();
+        assert!(msg.contains("step 1") && msg.contains("subspace.rotation (its own group)") && !msg.contains("hypernet.embed") && msg.contains("skip_nonfinite"), "{msg}");
+        assert_eq!(rot.as_tensor().to_vec2::<f32>().unwrap(), before, "nothing updated");
+        assert_eq!(opt.step, 0);
+        opt.skip_step();
+        assert_eq!(opt.step, 1);
+    }
 
     /// Two steps on f(θ) = ½‖θ‖² checked against the update equations evaluated by hand.
     #[test]

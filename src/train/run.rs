@@ -316,6 +316,12 @@ pub fn run_sharing(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, sh
         }
         std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create: {e}")))?;
     }
+    // A read-only or full disk fails here, before any training, not at the first checkpoint.
+    let probe = out.join(".write-probe");
+    std::fs::write(&probe, vec![0u8; 1 << 16])
+        .and_then(|_| std::fs::File::open(&probe)?.sync_all())
+        .map_err(|e| Error::file(out, format!("cannot write into the run directory (read-only or full?): {e}")))?;
+    let _ = std::fs::remove_file(&probe);
     crate::config::write_resolved(cfg, &out.join("config.resolved.toml"))?;
 
     let lm = cfg.model.load(progress)?;
