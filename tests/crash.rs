@@ -28,7 +28,7 @@ fn a_killed_training_resumes_to_the_uninterrupted_result() {
     assert!(o.status.success());
     let toy = String::from_utf8_lossy(&o.stdout).lines().find_map(|l| l.strip_prefix("use it: --model ").map(|s| s.trim().to_string())).unwrap();
     let data = work.path().join("data");
-    let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"].map(String::from).to_vec());
+    let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"].map(String::from));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     const EVERY: u64 = 5;
     let args = |out: &std::path::Path, resume: bool| -> Vec<String> {
@@ -61,22 +61,20 @@ fn a_killed_training_resumes_to_the_uninterrupted_result() {
     let mut child = Command::new(bin).args(args(&killed, false)).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let state = killed.join("checkpoint/state.json");
     let t0 = Instant::now();
-    let mut at_kill = 0;
-    loop {
+    let at_kill = loop {
         if let Ok(text) = std::fs::read_to_string(&state)
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
             && v["step"].as_u64().unwrap_or(0) >= 3 * EVERY
         {
             child.kill().unwrap(); // SIGKILL
-            at_kill = v["step"].as_u64().unwrap();
-            break;
+            break v["step"].as_u64().unwrap();
         }
         if child.try_wait().unwrap().is_some() {
             panic!("the run finished before it could be killed: make it longer");
         }
         assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint after 5 minutes");
         std::thread::sleep(Duration::from_millis(5));
-    }
+    };
     child.wait().unwrap();
     assert!(!killed.join("results.json").exists(), "killed before the end");
     let total = strip_volatile(&std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap()).iter().filter_map(|v| v["step"].as_u64()).max().unwrap();
@@ -107,7 +105,7 @@ fn a_diverging_run_stops_naming_the_step_or_skips_and_counts_with_skip_nonfinite
     let o = cmd(&["toy".into(), "--tiny".into(), "--quiet".into()]);
     let toy = String::from_utf8_lossy(&o.stdout).lines().find_map(|l| l.strip_prefix("use it: --model ").map(|s| s.trim().to_string())).unwrap();
     let data = work.path().join("data");
-    let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"].map(String::from).to_vec());
+    let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"].map(String::from));
     assert!(o.status.success());
     let args = |out: &std::path::Path, skip: bool| -> Vec<String> {
         let mut v: Vec<String> = vec!["train".into(), "--quiet".into(), "--out".into(), out.display().to_string()];
