@@ -145,3 +145,54 @@ fn a_diverging_run_stops_naming_the_step_or_skips_and_counts_with_skip_nonfinite
     assert!(!counts.is_empty() && counts.windows(2).all(|w| w[1] == w[0] + 1), "skips counted one by one: {counts:?}");
     assert!(skip.join("results.json").is_file());
 }
+
+/// Bad run inputs fail before training with the key or file named, exit 1, and leave no run
+/// directory behind (so the same command can be rerun once fixed).
+#[test]
+fn bad_run_inputs_fail_early_name_the_cause_and_leave_nothing() {
+    let home = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_hyperdas");
+    let cmd = |args: &[String]| Command::new(bin).args(args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs");
+    let o = cmd(&["toy".into(), "--tiny".into(), "--quiet".into()]);
+    let toy = String::from_utf8_lossy(&o.stdout).lines().find_map(|l| l.strip_prefix("use it: --model ").map(|s| s.trim().to_string())).unwrap();
+    let data = work.path().join("data");
+    assert!(cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"].map(String::from)).status.success());
+    let empty = work.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let train = data.join("city_country_train.jsonl").display().to_string();
+    let test = data.join("city_country_test.jsonl").display().to_string();
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (vec!["train.batch_size=0".into()], vec!["train.batch_size", "at least 1"]),
+        (vec!["train.epochs=0".into()], vec!["train.epochs", "at least 1"]),
+        (vec!["train.batch_size=-3".into()], vec!["train.batch_size", "-3"]),
+        (vec![format!("data.train={}", empty.display())], vec!["empty.jsonl", "has no rows"]),
+        (vec!["data.test=/nonexistent/test.jsonl".into()], vec!["/nonexistent/test.jsonl"]),
+        (vec!["interpreter.layer=7".into()], vec!["intervention layer 7"]),
+        (vec!["interpreter.rank=0".into()], vec!["rank", "got 0"]),
+        (vec!["interpreter.subspace=householder".into()], vec!["householder", "reflect_select"]),
+        (vec!["interpreter.method=pca".into()], vec!["interpreter.method", "pca"]),
+        (vec!["model.path=/nonexistent/model".into()], vec!["/nonexistent/model"]),
+        (vec!["train.regularizer=l1".into()], vec!["train.regularizer", "l1"]),
+        (vec!["eval.modes=[\"sideways\"]".into()], vec!["sideways"]),
+        (vec!["train.lr_decay=sometimes".into()], vec!["lr_decay"]),
+        (vec!["train.learning_rate=1".into()], vec!["unknown key `train.learning_rate`"]),
+    ];
+    for (i, (extra, expect)) in cases.iter().enumerate() {
+        let out = work.path().join(format!("run{i}"));
+        let mut args: Vec<String> = vec!["train".into(), "--quiet".into(), "--out".into(), out.display().to_string()];
+        let mut sets = vec![format!("data.train={train}"), format!("data.test={test}"), "model.path=toy:tiny".into(), "interpreter.num_blocks=1".into(), "interpreter.layer=0".into(), "interpreter.rank=4".into()];
+        sets.extend(extra.iter().cloned());
+        for s in sets {
+            args.extend(["--set".into(), s]);
+        }
+        let o = cmd(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+        for e in expect {
+            assert!(err.contains(e), "{extra:?}: expected {e:?} in:\n{err}");
+        }
+        assert!(!out.exists(), "{extra:?}: no run directory left behind");
+    }
+}

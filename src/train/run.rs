@@ -298,6 +298,26 @@ pub type SharedCache = Option<((ModelSection, String, String), crate::train::cac
 /// identical to a fresh cache's, since its groups are canonical), and leaving this run's cache
 /// in `shared` afterwards.
 pub fn run_sharing(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mut SharedCache) -> Result<Option<BTreeMap<String, ModeResult>>> {
+    let created_here = !resume && !out.exists();
+    let result = run_in(cfg, out, resume, progress, shared);
+    if result.is_err() && created_here && out.is_dir() {
+        // Failed before anything worth keeping (no optimizer step logged, no checkpoint): a
+        // bad input leaves no half-made run directory behind.
+        let trained = std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|t| t.contains("\"loss\"")) || crate::train::checkpoint::exists(&out.join("checkpoint"));
+        if !trained {
+            let _ = std::fs::remove_dir_all(out);
+        }
+    }
+    result
+}
+
+fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mut SharedCache) -> Result<Option<BTreeMap<String, ModeResult>>> {
+    if cfg.train.batch_size == 0 || cfg.train.epochs == 0 || cfg.eval.batch_size == 0 || cfg.train.label_limit == 0 {
+        return Err(Error::invalid(format!(
+            "train.batch_size, train.epochs, eval.batch_size and train.label_limit must be at least 1 (got {}, {}, {}, {})",
+            cfg.train.batch_size, cfg.train.epochs, cfg.eval.batch_size, cfg.train.label_limit
+        )));
+    }
     if cfg.data.train.is_empty() || cfg.data.test.is_empty() {
         return Err(Error::invalid("data.train and data.test must name datasets (JSONL files or save_to_disk directories; `hyperdas data build` makes them)"));
     }
@@ -333,6 +353,9 @@ pub fn run_sharing(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, sh
         let enc = encode_rows(&lm.tokenizer, &ds.rows, &collate, path)?;
         if progress {
             eprintln!("{}; {} encoded{}", ds.describe(), enc.rows.len(), if enc.skipped.is_empty() { String::new() } else { format!(", {} skipped (first: row {}: {})", enc.skipped.len(), enc.skipped[0].0 + 1, enc.skipped[0].1) });
+        }
+        if enc.rows.is_empty() {
+            return Err(Error::file(path, if ds.rows.is_empty() { "has no rows" } else { "has no usable rows (every row was skipped; see the messages above)" }));
         }
         sets.push(enc.rows);
     }
