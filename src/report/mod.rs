@@ -134,8 +134,11 @@ pub fn write_report(run_dir: &Path, test: &Path, extras: &ReportExtras) -> Resul
     let ds = read_dataset(test, ReadOptions::default())?;
     let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &run.config.data.collate_options(false), &test.display().to_string())?;
     let picked = pick_examples(&enc.rows, 4, 2);
-    let mut maps = heatmaps(&run, &picked, InferenceMode::Soft)?;
-    maps.extend(heatmaps(&run, &picked[..picked.len().min(2)], InferenceMode::parse("bidding_argmax")?)?);
+    let mut maps = heatmaps(&run, &picked, run.interpreter.native_mode())?;
+    if !run.interpreter.method().is_baseline() {
+        // A baseline's positions are fixed: one set of maps says all.
+        maps.extend(heatmaps(&run, &picked[..picked.len().min(2)], InferenceMode::parse("bidding_argmax")?)?);
+    }
     let hm_path = run_dir.join("heatmaps.json");
     std::fs::write(&hm_path, serde_json::to_string_pretty(&maps).map_err(|e| Error::invalid(e.to_string()))?).map_err(|e| Error::file(&hm_path, format!("cannot write: {e}")))?;
 
@@ -190,7 +193,8 @@ code{{background:#f5f5f5;padding:1px 4px}}</style></head><body>
                     let cls = if g.attribute == "mean" { " class=\"best\"" } else { "" };
                     let _ = write!(
                         h,
-                        "<tr{cls}><td>HyperDAS · {}</td><td>{} {}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{} / {}</td></tr>",
+                        "<tr{cls}><td>{} · {}</td><td>{} {}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{} / {}</td></tr>",
+                        run.interpreter.method().label(),
                         esc(mode),
                         esc(&g.domain),
                         esc(&g.attribute),
@@ -206,7 +210,7 @@ code{{background:#f5f5f5;padding:1px 4px}}</style></head><body>
         None => {
             for (mode, r) in &results {
                 let acc = |k: &str| r.accs.get(k).copied().unwrap_or(f64::NAN);
-                let _ = write!(h, "<tr><td>HyperDAS · {}</td><td>all</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td></td></tr>", esc(mode), acc("causal"), acc("isolate"), acc("disentangle"));
+                let _ = write!(h, "<tr><td>{} · {}</td><td>all</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td></td></tr>", run.interpreter.method().label(), esc(mode), acc("causal"), acc("isolate"), acc("disentangle"));
             }
         }
     }
