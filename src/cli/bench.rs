@@ -27,13 +27,9 @@ pub enum BenchCommand {
     Matmul(MatmulArgs),
 }
 
+/// The benchmarked interpreter (the reference shapes by default).
 #[derive(Args, Debug)]
-pub struct TrainBenchArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Rows per batch.
-    #[arg(long, default_value_t = 16)]
-    batch: usize,
+pub struct InterpreterArgs {
     /// Intervention layer (the residual entering this block).
     #[arg(long, default_value_t = 15)]
     layer: usize,
@@ -46,6 +42,29 @@ pub struct TrainBenchArgs {
     /// Subspace module (reflect_select, das, mask_select, boundless, none).
     #[arg(long, default_value = "reflect_select")]
     subspace: String,
+}
+
+impl InterpreterArgs {
+    fn config(&self, seed: u64) -> Result<crate::hypernet::interpreter::InterpreterConfig> {
+        use crate::hypernet::HyperConfig;
+        Ok(crate::hypernet::interpreter::InterpreterConfig {
+            hypernet: HyperConfig { num_blocks: self.blocks, layer: self.layer, from_scratch: false, ablate_source: false, ablate_base: false, seed },
+            subspace: crate::hypernet::subspace::SubspaceKind::parse(&self.subspace)?,
+            rank: self.rank,
+            method: crate::hypernet::interpreter::Method::HyperDas,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TrainBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[command(flatten)]
+    interp: InterpreterArgs,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 10)]
     steps: usize,
@@ -83,18 +102,8 @@ pub struct EvalBenchArgs {
     /// Inference modes (comma-separated: soft, column_argmax, bidding_argmax, global_argmax, groundtruth).
     #[arg(long, default_value = "soft,bidding_argmax", value_delimiter = ',')]
     modes: Vec<String>,
-    /// Intervention layer (the residual entering this block).
-    #[arg(long, default_value_t = 15)]
-    layer: usize,
-    /// Hypernetwork blocks.
-    #[arg(long, default_value_t = 2)]
-    blocks: usize,
-    /// Subspace rank.
-    #[arg(long, default_value_t = 32)]
-    rank: usize,
-    /// Subspace module (reflect_select, das, mask_select, boundless, none).
-    #[arg(long, default_value = "reflect_select")]
-    subspace: String,
+    #[command(flatten)]
+    interp: InterpreterArgs,
     /// Use only rows whose base and source have at most this many tokens.
     #[arg(long, default_value_t = 30)]
     max_tokens: usize,
@@ -396,9 +405,7 @@ fn bench_rows(lm: &crate::model::LoadedModel, need: usize, max_tokens: usize, se
 }
 
 fn eval(a: &EvalBenchArgs) -> Result<()> {
-    use crate::hypernet::HyperConfig;
-    use crate::hypernet::interpreter::{Interpreter, InterpreterConfig};
-    use crate::hypernet::subspace::SubspaceKind;
+    use crate::hypernet::interpreter::Interpreter;
     use crate::intervention::selection::InferenceMode;
     use crate::params::ParamStore;
     use crate::train::cache::StateCache;
@@ -412,11 +419,7 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
     let target = &lm.model;
     let threads = candle_core::utils::get_num_threads();
     let rows = bench_rows(&lm, a.rows, a.max_tokens, a.seed, "--rows")?;
-    let icfg = InterpreterConfig {
-        hypernet: HyperConfig { num_blocks: a.blocks, layer: a.layer, from_scratch: false, ablate_source: false, ablate_base: false, seed: a.seed },
-        subspace: SubspaceKind::parse(&a.subspace)?,
-        rank: a.rank, method: crate::hypernet::interpreter::Method::HyperDas,
-    };
+    let icfg = a.interp.config(a.seed)?;
     let mut ps = ParamStore::new();
     let interp = Interpreter::new(&mut ps, target, &icfg)?;
     let label_limit = TrainSettings::default().label_limit;
@@ -426,10 +429,10 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
             "HyperDAS evaluation: {} rows in batches of {}, layer {}, {} blocks, {} rank {}, {threads} threads (RAYON_NUM_THREADS={}); untrained interpreter (throughput does not depend on the weights)",
             rows.len(),
             a.batch,
-            a.layer,
-            a.blocks,
-            a.subspace,
-            a.rank,
+            a.interp.layer,
+            a.interp.blocks,
+            a.interp.subspace,
+            a.interp.rank,
             std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
         );
     }
@@ -460,7 +463,7 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
     }
     let rss = crate::profile::peak_rss_bytes();
     if a.json {
-        println!("{}", serde_json::json!({"bench": "eval", "model": a.model.model, "batch": a.batch, "rows": rows.len(), "layer": a.layer, "blocks": a.blocks, "threads": threads, "results": out, "peak_rss_bytes": rss}));
+        println!("{}", serde_json::json!({"bench": "eval", "model": a.model.model, "batch": a.batch, "rows": rows.len(), "layer": a.interp.layer, "blocks": a.interp.blocks, "threads": threads, "results": out, "peak_rss_bytes": rss}));
     } else {
         println!("peak RSS {}", rss.map(|b| format!("{:.2} GB", b as f64 / 1e9)).unwrap_or_else(|| "unknown".into()));
     }
@@ -469,9 +472,7 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
 
 fn train(a: &TrainBenchArgs) -> Result<()> {
     use crate::data::collate::collate;
-    use crate::hypernet::HyperConfig;
-    use crate::hypernet::interpreter::{Interpreter, InterpreterConfig};
-    use crate::hypernet::subspace::SubspaceKind;
+    use crate::hypernet::interpreter::Interpreter;
     use crate::params::ParamStore;
     use crate::train::cache::StateCache;
     use crate::train::hyperdas::{TrainSettings, train_step};
@@ -484,8 +485,8 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let need = a.batch * (a.steps + a.warmup);
     let rows = bench_rows(&lm, need, a.max_tokens, a.seed, "--steps")?;
-    let subspace = SubspaceKind::parse(&a.subspace)?;
-    let icfg = InterpreterConfig { hypernet: HyperConfig { num_blocks: a.blocks, layer: a.layer, from_scratch: false, ablate_source: false, ablate_base: false, seed: a.seed }, subspace, rank: a.rank, method: crate::hypernet::interpreter::Method::HyperDas };
+    let icfg = a.interp.config(a.seed)?;
+    let subspace = icfg.subspace;
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, target, &icfg)?;
 
@@ -503,17 +504,17 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
         eprintln!(
             "HyperDAS training step: batch {}, layer {}, {} blocks, {} rank {}, {} warm-up + {} timed steps per pass, {threads} threads (RAYON_NUM_THREADS={}); {}",
             a.batch,
-            a.layer,
-            a.blocks,
-            a.subspace,
-            a.rank,
+            a.interp.layer,
+            a.interp.blocks,
+            a.interp.subspace,
+            a.interp.rank,
             a.warmup,
             a.steps,
             std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
             if a.no_cache { "no state cache".to_string() } else { format!("pass 1 without a state cache, pass 2 = a first epoch with an empty {} GB cache, pass 3 = the same batches again (steady state)", a.cache_gb) }
         );
     }
-    let conditioned = matches!(subspace, SubspaceKind::ReflectSelect | SubspaceKind::MaskSelect);
+    let conditioned = matches!(subspace, crate::hypernet::subspace::SubspaceKind::ReflectSelect | crate::hypernet::subspace::SubspaceKind::MaskSelect);
     let batches: Vec<_> = rows.chunks(a.batch).take(per_pass).map(|chunk| collate(&chunk.iter().collect::<Vec<_>>(), pad)).collect();
     let mut results: Vec<PassTimes> = Vec::new();
     let mut step = 0;
@@ -534,7 +535,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             let ph = rec.finish();
             step += 1;
             let sh = crate::train::flops::StepShapes { batch: batch.len(), base_len: batch.base_len, source_len: batch.source_len, instruction_len: batch.instruction_len, labels: batch.max_label_tokens().min(settings.label_limit) };
-            let mut f = crate::train::flops::hyperdas_step(&target.config, a.layer, a.blocks, a.rank, conditioned, &sh);
+            let mut f = crate::train::flops::hyperdas_step(&target.config, a.interp.layer, a.interp.blocks, a.interp.rank, conditioned, &sh);
             if pass >= 1 {
                 // Cached passes: clean states come from the cache (pass 3) or are computed in
                 // whole canonical groups at a miss (pass 2, counted in the epoch's average), so
@@ -580,8 +581,8 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "bench": "train", "model": a.model.model, "dtype": a.model.load.dtype, "batch": a.batch, "layer": a.layer, "blocks": a.blocks,
-                "subspace": a.subspace, "rank": a.rank, "steps": a.steps, "threads": threads, "fused": crate::model::kernels::fused_enabled(),
+                "bench": "train", "model": a.model.model, "dtype": a.model.load.dtype, "batch": a.batch, "layer": a.interp.layer, "blocks": a.interp.blocks,
+                "subspace": a.interp.subspace, "rank": a.interp.rank, "steps": a.steps, "threads": threads, "fused": crate::model::kernels::fused_enabled(),
                 "matmul_gflops": peak, "peak_rss_bytes": rss, "passes": passes,
                 "first_epoch_examples_per_s": first_epoch, "first_epoch_steps": per_pass,
             })
