@@ -18,18 +18,26 @@ fn strip_volatile(metrics: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn a_killed_training_resumes_to_the_uninterrupted_result() {
+/// A cache home with the tiny toy model, and a work directory with its city Country data
+/// (`data/city_country_{train,test}.jsonl`, 24 causal + 4 isolate rows per split).
+fn tiny_world() -> (tempfile::TempDir, tempfile::TempDir, std::path::PathBuf) {
     let home = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let bin = env!("CARGO_BIN_EXE_hyperdas");
-    let cmd = |args: &[String]| Command::new(bin).args(args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs");
-    let o = cmd(&["toy".into(), "--tiny".into(), "--quiet".into()]);
+    let cmd = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs");
+    let o = cmd(&["toy", "--tiny", "--quiet"]);
     assert!(o.status.success());
     let toy = String::from_utf8_lossy(&o.stdout).lines().find_map(|l| l.strip_prefix("use it: --model ").map(|s| s.trim().to_string())).unwrap();
     let data = work.path().join("data");
-    let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"].map(String::from));
+    let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (home, work, data)
+}
+
+#[test]
+fn a_killed_training_resumes_to_the_uninterrupted_result() {
+    let (home, work, data) = tiny_world();
+    let bin = env!("CARGO_BIN_EXE_hyperdas");
+    let cmd = |args: &[String]| Command::new(bin).args(args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs");
     const EVERY: u64 = 5;
     let args = |out: &std::path::Path, resume: bool| -> Vec<String> {
         let mut v: Vec<String> = vec!["train".into(), "--quiet".into(), "--out".into(), out.display().to_string()];
@@ -98,15 +106,9 @@ fn a_killed_training_resumes_to_the_uninterrupted_result() {
 
 #[test]
 fn a_diverging_run_stops_naming_the_step_or_skips_and_counts_with_skip_nonfinite() {
-    let home = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
+    let (home, work, data) = tiny_world();
     let bin = env!("CARGO_BIN_EXE_hyperdas");
     let cmd = |args: &[String]| Command::new(bin).args(args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs");
-    let o = cmd(&["toy".into(), "--tiny".into(), "--quiet".into()]);
-    let toy = String::from_utf8_lossy(&o.stdout).lines().find_map(|l| l.strip_prefix("use it: --model ").map(|s| s.trim().to_string())).unwrap();
-    let data = work.path().join("data");
-    let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"].map(String::from));
-    assert!(o.status.success());
     let args = |out: &std::path::Path, skip: bool| -> Vec<String> {
         let mut v: Vec<String> = vec!["train".into(), "--quiet".into(), "--out".into(), out.display().to_string()];
         for s in [
@@ -150,14 +152,9 @@ fn a_diverging_run_stops_naming_the_step_or_skips_and_counts_with_skip_nonfinite
 /// directory behind (so the same command can be rerun once fixed).
 #[test]
 fn bad_run_inputs_fail_early_name_the_cause_and_leave_nothing() {
-    let home = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
+    let (home, work, data) = tiny_world();
     let bin = env!("CARGO_BIN_EXE_hyperdas");
     let cmd = |args: &[String]| Command::new(bin).args(args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs");
-    let o = cmd(&["toy".into(), "--tiny".into(), "--quiet".into()]);
-    let toy = String::from_utf8_lossy(&o.stdout).lines().find_map(|l| l.strip_prefix("use it: --model ").map(|s| s.trim().to_string())).unwrap();
-    let data = work.path().join("data");
-    assert!(cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"].map(String::from)).status.success());
     let empty = work.path().join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
     let train = data.join("city_country_train.jsonl").display().to_string();
