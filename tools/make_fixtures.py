@@ -7,7 +7,9 @@ SmolLM2 GGUF, which `hyperdas fetch smollm2-135m` (or pip) provides and which is
 
     python3 -m venv venv && venv/bin/pip install -r tools/requirements.txt
     venv/bin/python tools/make_fixtures.py --ravel ../shared/ravel \
-        --smollm2-gguf ~/.cache/hyperdas/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+        --smollm2-gguf ~/.cache/hyperdas/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --gemma3-gguf ~/.cache/hyperdas/models/gemma3-270m/gemma-3-270m-q4_k_m.gguf
+    (`--only gemma3` rewrites just the Gemma fixtures.)
 
 Outputs (all small):
   tiny-llama/                    config.json (transformers-5 `rope_parameters`, llama3 scaling, GQA),
@@ -20,6 +22,15 @@ Outputs (all small):
   ggml-types.gguf + ggml-types-reference.safetensors  one tensor per GGML type, dequantized by gguf-py
   spm-tokenizer.gguf + spm-tokenizer-ids.json   SentencePiece-style (`llama`) GGUF tokenizer and
                                  the ids transformers builds from it
+  tiny-gemma3/ + tiny-gemma3.gguf + tiny-gemma3-reference.safetensors   Gemma 3: 6 layers (5 sliding
+                                 with window 4, 1 global), q/k norms, (1 + w) norms (+1 baked into the
+                                 GGUF), a Gemma-style SentencePiece vocabulary; tokenizer.json is what
+                                 transformers builds from the GGUF
+  tiny-gemma3-tokenizer-ids.json ids transformers (and sentencepiece) give for tricky strings
+  tiny-gemma3-variant-config.json + tiny-gemma3-variant-reference.safetensors   the same weights with
+                                 explicit layer types, linear rope scaling, soft-capping (config only)
+  gemma3-270m-reference.safetensors + gemma3-270m-tokenizer-ids.json   Gemma-3-270M last-position
+                                 logits for 4 prompts and tokenizer ids (needs --gemma3-gguf)
   smollm2-reference.safetensors  SmolLM2-135M last-position logits for 4 prompts (needs the GGUF)
   smollm2-tokenizer-ids.json     token ids for tricky strings: transformers' GGUF conversion and the
                                  model's own pre-tokenizer (digits split one by one, as llama.cpp does)
@@ -137,13 +148,14 @@ def tiny_tokenizer(ravel: Path, out_dir: Path, vocab_size=320):
     return tok
 
 
-def randomize(model, seed):
-    """Weights with enough spread that a wrong op shows up clearly in the logits."""
+def randomize(model, seed, norm_center=1.0):
+    """Weights with enough spread that a wrong op shows up clearly in the logits. Gemma's norms
+    scale by (1 + w), so their weights are centred on 0 (`norm_center=0`)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(norm_center + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name or "lm_head" in name:
@@ -380,6 +392,201 @@ def tiny_qwen2(out: Path):
                       "torch": torch.__version__, "model": "tiny-qwen2"})
 
 
+GEMMA3_PROMPTS = SMOLLM2_PROMPTS
+
+
+def gemma_spm(ravel: Path, tmp: Path, vocab_size=400):
+    """A SentencePiece BPE trained the way Gemma's is (no dummy prefix, identity normalisation,
+    digits split, whitespace-only pieces, byte fallback, newline runs as user-defined symbols)."""
+    import sentencepiece as spm
+
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(training_corpus(ravel)), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp / "gemma-spm"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=0.9995, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n", "\n\n", "\t"],
+        add_dummy_prefix=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2,
+    )
+    return spm.SentencePieceProcessor(model_file=str(tmp / "gemma-spm.model"))
+
+
+def gemma_gguf_vocab(sp):
+    """Tokens, scores and types as llama.cpp writes a Gemma vocabulary: user-defined pieces that are
+    only spaces are stored with real spaces (as in gemma-3-270m's GGUF), scores are -index."""
+    n = sp.get_piece_size()
+    tokens, types, scores = [], [], []
+    for i in range(n):
+        piece = sp.id_to_piece(i)
+        if sp.is_unknown(i):
+            ty = 2
+        elif sp.is_control(i):
+            ty = 3
+        elif sp.is_byte(i):
+            ty = 6
+        elif sp.is_unused(i):
+            ty = 5
+        elif sp.IdToPiece(i) in ("<start_of_turn>", "<end_of_turn>", "\n", "\n\n", "\t"):
+            ty = 4
+        else:
+            ty = 1
+        tokens.append(piece)
+        types.append(ty)
+        scores.append(-1000.0 if ty != 1 else -float(i))
+    # Gemma's file has user-defined runs of spaces ("  ", "   "); add two like them.
+    for run in ("  ", "   "):
+        tokens.append(run)
+        types.append(4)
+        scores.append(-1000.0)
+    return tokens, scores, types
+
+
+def write_gemma3_gguf(model, cfg, vocab, path: Path):
+    tokens, scores, types = vocab
+    w = GGUFWriter(str(path), "gemma3")
+    w.add_name("tiny-gemma3 (hyperdas test fixture)")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(cfg.pad_token_id)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(False)
+    per_layer = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    }
+    for name, t in model.state_dict().items():
+        arr = t.detach().float().numpy()
+        if name == "lm_head.weight":
+            continue  # tied
+        # llama.cpp's Gemma converter stores every RMSNorm weight with the +1 baked in.
+        if name.endswith("norm.weight"):
+            arr = arr + 1.0
+        if name == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", arr)
+        elif name == "model.norm.weight":
+            w.add_tensor("output_norm.weight", arr)
+        else:
+            parts = name.split(".")
+            i, mod = int(parts[2]), ".".join(parts[3:-1])
+            w.add_tensor(f"blk.{i}.{per_layer[mod]}.weight", np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def tiny_gemma3(ravel: Path, out: Path):
+    """Gemma 3 text decoder, tiny and random: 6 layers in the default pattern (5 sliding, 1 global),
+    a sliding window of 4 (shorter than the prompts), q/k norms, query_pre_attn_scalar 256 != head_dim.
+    Everything a GGUF can express, so the safetensors folder and the GGUF are the same model."""
+    d = out / "tiny-gemma3"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp())
+    sp = gemma_spm(ravel, tmp)
+    vocab = gemma_gguf_vocab(sp)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=len(vocab[0]), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=256,
+        sliding_window=4, max_position_embeddings=256, rms_norm_eps=1e-6,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    torch.manual_seed(2)
+    model = transformers.Gemma3ForCausalLM(cfg).float()
+    randomize(model, seed=2, norm_center=0.0)
+    model.tie_weights()
+    model.config._attn_implementation = "eager"
+    model.save_pretrained(d, safe_serialization=True)
+    gguf_path = out / "tiny-gemma3.gguf"
+    write_gemma3_gguf(model, cfg, vocab, gguf_path)
+    # The tokenizer transformers builds from that GGUF, saved as the folder's tokenizer.json.
+    hf = transformers.AutoTokenizer.from_pretrained(str(out), gguf_file=gguf_path.name)
+    hf.save_pretrained(d)
+    hf.padding_side = "left"
+    strings = TOKENIZER_STRINGS + ["<start_of_turn>user\nHi<end_of_turn>", "a  b   c    d\t\te\n\n\nf"]
+    json.dump(
+        {"strings": strings, "transformers": [hf.encode(s, add_special_tokens=False) for s in strings],
+         "sentencepiece": [sp.encode(s) for s in strings], "transformers_version": transformers.__version__},
+        open(out / "tiny-gemma3-tokenizer-ids.json", "w", encoding="utf-8"), ensure_ascii=False, indent=1)
+    ids, mask, pos = left_padded_batch(hf, TINY_PROMPTS)
+    assert ids.shape[1] > 2 * cfg.sliding_window, "prompts must be longer than the sliding window"
+    ref = reference_pass(model, ids, mask, pos, seed=2)
+    save_pt(ref, str(out / "tiny-gemma3-reference.safetensors"),
+            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
+                      "torch": torch.__version__, "model": "tiny-gemma3"})
+    # A variant only a config.json can express: explicit layer types, linear rope scaling on the
+    # global layers, another query scale, attention and final logit soft-capping. Same weights.
+    var = transformers.Gemma3TextConfig(**{**cfg.to_dict(), "layer_types": [
+        "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+                            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 20000.0}},
+        "query_pre_attn_scalar": 12, "attn_logit_softcapping": 1.5, "final_logit_softcapping": 2.0, "sliding_window": 3})
+    vmodel = transformers.Gemma3ForCausalLM(var).float()
+    vmodel.load_state_dict(model.state_dict())
+    vmodel.config._attn_implementation = "eager"
+    var.save_pretrained(tmp / "variant")
+    shutil.copy(tmp / "variant" / "config.json", out / "tiny-gemma3-variant-config.json")
+    ref = reference_pass(vmodel, ids, mask, pos, seed=3)
+    save_pt(ref, str(out / "tiny-gemma3-variant-reference.safetensors"),
+            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
+                      "torch": torch.__version__, "model": "tiny-gemma3 with tiny-gemma3-variant-config.json"})
+    shutil.rmtree(tmp)
+
+
+def gemma3_270m(gguf_path: Path, out: Path):
+    d = gguf_path.parent
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=gguf_path.name)
+    strings = TOKENIZER_STRINGS + ["<start_of_turn>user\nHi<end_of_turn>", "a  b   c    d\t\te\n\n\nf"]
+    json.dump(
+        {"strings": strings, "transformers_gguf": [tok.encode(s, add_special_tokens=False) for s in strings],
+         "transformers_version": transformers.__version__},
+        open(out / "gemma3-270m-tokenizer-ids.json", "w", encoding="utf-8"), ensure_ascii=False, indent=1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=gguf_path.name, dtype=torch.float32)
+    model.eval()
+    rows = [tok.encode(p, add_special_tokens=True) for p in GEMMA3_PROMPTS]
+    assert all(r[0] == tok.bos_token_id for r in rows)
+    T = max(len(r) for r in rows)
+    pad = tok.pad_token_id
+    ids_t = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids_t, attention_mask=mask, position_ids=pos).logits[:, -1, :].float()
+    for p, row in zip(GEMMA3_PROMPTS, logits):
+        top = torch.topk(row.softmax(-1), 3)
+        print(f"  {p!r}: " + ", ".join(f"{tok.decode([int(i)])!r} {v:.3f}" for v, i in zip(top.values, top.indices)))
+    save_pt(
+        {"input_ids": ids_t.to(torch.int64), "attention_mask": mask.to(torch.int64),
+         "position_ids": pos.to(torch.int64), "last_logits": logits.contiguous()},
+        str(out / "gemma3-270m-reference.safetensors"),
+        metadata={"prompts": json.dumps(GEMMA3_PROMPTS), "start_token": "<bos>",
+                  "transformers": transformers.__version__, "torch": torch.__version__,
+                  "model": "gemma-3-270m-q4_k_m.gguf (sha256 a5fd3b62...6818), dequantized to f32"},
+    )
+
+
 # Byte offsets of the f16 scale fields in each K-quant block (ggml-common.h).
 K_QUANT_F16_FIELDS = {Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
 
@@ -524,10 +731,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ravel", type=Path, required=True, help="folder with entities.tsv and templates.json")
     ap.add_argument("--smollm2-gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf (skip SmolLM2 fixtures if absent)")
+    ap.add_argument("--gemma3-gguf", type=Path, help="gemma-3-270m-q4_k_m.gguf (skip Gemma-3-270M fixtures if absent)")
+    ap.add_argument("--only", choices=["gemma3"], help="write only these fixtures")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.only == "gemma3":
+        print("tiny gemma3 ...")
+        tiny_gemma3(args.ravel, args.out)
+        if args.gemma3_gguf:
+            print("gemma3 270m ...")
+            gemma3_270m(args.gemma3_gguf, args.out)
+        return
     print("tiny llama ...")
     tiny_llama(args.ravel, args.out)
     print("tiny qwen2 ...")
@@ -536,6 +752,11 @@ def main():
     ggml_types(args.out)
     print("sentencepiece tokenizer ...")
     spm_tokenizer(args.ravel, args.out)
+    print("tiny gemma3 ...")
+    tiny_gemma3(args.ravel, args.out)
+    if args.gemma3_gguf:
+        print("gemma3 270m ...")
+        gemma3_270m(args.gemma3_gguf, args.out)
     if args.smollm2_gguf:
         print("smollm2 ...")
         smollm2(args.smollm2_gguf, args.out)

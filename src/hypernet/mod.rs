@@ -93,6 +93,8 @@ pub struct HyperOutput {
 pub struct HyperNetwork {
     pub config: HyperConfig,
     pub embed_tokens: Tensor,
+    /// The target's embedding factor (Gemma: √D), applied to the instruction's embeddings too.
+    pub embed_scale: Option<f64>,
     pub blocks: Vec<HyperBlock>,
     pub norm: RmsNorm,
     pub pointer: PointerHead,
@@ -175,7 +177,22 @@ impl HyperNetwork {
                         r.linear_copy(&format!("{name}.o_proj"), &a.o_proj)?,
                     )
                 };
-                Ok(Attention { q_proj: q, k_proj: k, v_proj: v, o_proj: o, n_heads: h, n_kv_heads: hkv, head_dim: hd })
+                let mut a = Attention::plain(q, k, v, o, h, hkv, hd);
+                // Gemma 3: keep the target's per-head q/k norms (trainable copies) and score
+                // scale, so a block copied from the target computes what the target's did.
+                let t = &src.self_attn;
+                if let (Some(qn), Some(kn)) = (&t.q_norm, &t.k_norm) {
+                    let copy = |r: &mut Registrar, which: &str, from: &RmsNorm| -> Result<RmsNorm> {
+                        let n = format!("{name}.{which}.weight");
+                        let weight = if config.from_scratch { r.ones(&n, hd)? } else { r.copy(&n, &from.weight)? };
+                        Ok(RmsNorm { weight, eps: from.eps })
+                    };
+                    a.q_norm = Some(copy(r, "q_norm", qn)?);
+                    a.k_norm = Some(copy(r, "k_norm", kn)?);
+                }
+                a.q_scale = t.q_scale;
+                a.softcap = t.softcap;
+                Ok(a)
             };
             let self_attn = attn(&mut r, "self_attn")?;
             let source_attn = attn(&mut r, "source_attn")?;
@@ -194,19 +211,21 @@ impl HyperNetwork {
                     gate_proj: r.linear_new(&format!("{p}.mlp.gate_proj"), f, d)?,
                     up_proj: r.linear_new(&format!("{p}.mlp.up_proj"), f, d)?,
                     down_proj: r.linear_new(&format!("{p}.mlp.down_proj"), d, f)?,
+                    act: src.mlp.act,
                 }
             } else {
                 Mlp {
                     gate_proj: r.linear_copy(&format!("{p}.mlp.gate_proj"), &src.mlp.gate_proj)?,
                     up_proj: r.linear_copy(&format!("{p}.mlp.up_proj"), &src.mlp.up_proj)?,
                     down_proj: r.linear_copy(&format!("{p}.mlp.down_proj"), &src.mlp.down_proj)?,
+                    act: src.mlp.act,
                 }
             };
             blocks.push(HyperBlock { input_norm, self_attn, source_norm, source_attn, base_norm, base_attn, post_norm, mlp });
         }
         let norm = RmsNorm { weight: r.copy("hypernet.norm.weight", &target.norm.weight)?, eps: target.norm.eps };
         let pointer = PointerHead::new(&mut r, d, h, hkv, hd)?;
-        Ok(HyperNetwork { config: config.clone(), embed_tokens, blocks, norm, pointer, rope: target.rope().clone() })
+        Ok(HyperNetwork { config: config.clone(), embed_tokens, embed_scale: target.embed_scale(), blocks, norm, pointer, rope: target.rope().clone() })
     }
 
     /// Run the hypernetwork: `z [B, D]` and `W [B, T_s+1, T_b]`.
@@ -254,6 +273,9 @@ impl HyperNetwork {
 
         let ids = inp.instruction.input_ids.flatten_all()?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?.reshape((b, te, d))?; // [B, T_e, D]
+        if let Some(s) = self.embed_scale {
+            x = (x * s)?; // [B, T_e, D]
+        }
         for blk in &self.blocks {
             let n = blk.input_norm.forward(&x)?;
             x = (&x + blk.self_attn.attend(&n, &n, (&qc, &qs), (&qc, &qs), &self_mask)?)?; // [B, T_e, D]

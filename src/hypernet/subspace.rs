@@ -93,7 +93,7 @@ impl SubspaceModule {
                 // Kaiming-uniform-like scale 1/√in, drawn from the seeded normal.
                 Ok(Linear { weight: r.normal(&format!("subspace.mlp.{name}.weight"), o, i, 1.0 / (i as f64).sqrt())?, bias: None })
             };
-            mlp = Some(Mlp { gate_proj: lin(r, "gate_proj", f, d)?, up_proj: lin(r, "up_proj", f, d)?, down_proj: lin(r, "down_proj", out, f)? });
+            mlp = Some(Mlp { gate_proj: lin(r, "gate_proj", f, d)?, up_proj: lin(r, "up_proj", f, d)?, down_proj: lin(r, "down_proj", out, f)?, act: crate::model::Activation::Silu });
         }
         let boundary = if kind == SubspaceKind::Boundless {
             r.ps.add("subspace.boundary", Tensor::new(&[0.5f32], &dev)?)?;

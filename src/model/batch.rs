@@ -122,26 +122,45 @@ pub struct ForwardContext {
     pub sin: Tensor,
     /// The batch shape `(B, T)` this context was built for.
     pub dims: (usize, usize),
+    /// Sliding-window layers (Gemma 3): their own mask and RoPE tables.
+    pub local: Option<LocalAttention>,
+}
+
+/// What a sliding-window layer uses instead of the global mask and RoPE tables.
+#[derive(Debug, Clone)]
+pub struct LocalAttention {
+    /// `[B, 1, T, T]`: as the global mask, and also −∞ where `q − k ≥ window`.
+    pub mask: Tensor,
+    /// `[B, 1, T, head_dim]` rotary tables of the local RoPE base.
+    pub cos: Tensor,
+    pub sin: Tensor,
 }
 
 impl ForwardContext {
     pub fn new(batch: &TokenBatch, rope: &Rope, dtype: DType, score_dtype: DType, device: &Device) -> Result<Self> {
         let (b, t) = batch.dims();
-        let m = batch.mask();
-        let mut bias = vec![0f32; b * t * t];
-        for row in 0..b {
-            for q in 0..t {
-                for k in 0..t {
-                    let visible = (k <= q && m[row * t + k] == 1) || k == q;
-                    if !visible {
-                        bias[(row * t + q) * t + k] = f32::NEG_INFINITY;
-                    }
-                }
-            }
-        }
-        let mask = Tensor::from_vec(bias, (b, 1, t, t), device)?.to_dtype(score_dtype)?; // [B, 1, T, T]
+        let mask = causal_mask(batch, None, score_dtype, device)?; // [B, 1, T, T]
         let (cos, sin) = rope.cos_sin(&batch.position_ids(), b, t, dtype, device)?;
-        Ok(ForwardContext { mask, cos, sin, dims: (b, t) })
+        Ok(ForwardContext { mask, cos, sin, dims: (b, t), local: None })
+    }
+
+    /// Add the sliding-window mask (`window` positions, as transformers' `kv_idx > q_idx − window`
+    /// on padded indices, which equals the distance in positions for left-padded rows) and the
+    /// local RoPE tables.
+    pub fn with_local(mut self, batch: &TokenBatch, window: usize, rope: &Rope, dtype: DType, score_dtype: DType, device: &Device) -> Result<Self> {
+        let (b, t) = batch.dims();
+        let mask = causal_mask(batch, Some(window), score_dtype, device)?; // [B, 1, T, T]
+        let (cos, sin) = rope.cos_sin(&batch.position_ids(), b, t, dtype, device)?;
+        self.local = Some(LocalAttention { mask, cos, sin });
+        Ok(self)
+    }
+
+    /// `(mask, cos, sin)` for a layer: the local set for a sliding layer when there is one.
+    pub fn tables(&self, sliding: bool) -> (&Tensor, &Tensor, &Tensor) {
+        match (&self.local, sliding) {
+            (Some(l), true) => (&l.mask, &l.cos, &l.sin),
+            _ => (&self.mask, &self.cos, &self.sin),
+        }
     }
 
     /// Check that a residual `[B, T, D]` belongs to this batch.
@@ -158,6 +177,26 @@ impl ForwardContext {
     }
 }
 
+/// Additive causal padding mask `[B, 1, T, T]` (0 or −∞): query `q` sees key `k` when `k ≤ q`,
+/// `k` is a real token and (with a window) `q − k < window`; every query sees itself.
+fn causal_mask(batch: &TokenBatch, window: Option<usize>, score_dtype: DType, device: &Device) -> Result<Tensor> {
+    let (b, t) = batch.dims();
+    let m = batch.mask();
+    let window = window.unwrap_or(usize::MAX);
+    let mut bias = vec![0f32; b * t * t];
+    for row in 0..b {
+        for q in 0..t {
+            for k in 0..t {
+                let visible = (k <= q && q - k < window && m[row * t + k] == 1) || k == q;
+                if !visible {
+                    bias[(row * t + q) * t + k] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (b, 1, t, t), device)?.to_dtype(score_dtype)?) // [B, 1, T, T]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +211,18 @@ mod tests {
         assert_eq!(b.num_tokens(), 4);
         assert!(TokenBatch::left_padded(&[vec![1], vec![]], 0, &Device::Cpu).is_err());
         assert!(TokenBatch::left_padded(&[], 0, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn sliding_window_mask_keeps_the_last_window_positions() {
+        let b = TokenBatch::left_padded(&[vec![1, 2, 3, 4, 5], vec![7, 8, 9]], 0, &Device::Cpu).unwrap();
+        let full = causal_mask(&b, Some(2), DType::F32, &Device::Cpu).unwrap().squeeze(1).unwrap().to_vec3::<f32>().unwrap();
+        let seen = |row: usize, q: usize| -> Vec<usize> { (0..5).filter(|&k| full[row][q][k] == 0.0).collect() };
+        assert_eq!(seen(0, 4), vec![3, 4]);
+        assert_eq!(seen(0, 0), vec![0]);
+        // Row 1 is padded by two: its real tokens are at 2, 3, 4.
+        assert_eq!(seen(1, 4), vec![3, 4]);
+        assert_eq!(seen(1, 2), vec![2]);
+        assert_eq!(seen(1, 1), vec![1], "a pad query sees only itself");
     }
 }

@@ -1,5 +1,6 @@
 //! Target-model configuration: HF `config.json` (transformers 4 and 5 spellings) and GGUF
-//! metadata both become one [`LlamaConfig`].
+//! metadata both become one [`LlamaConfig`]. Gemma 3 adds its own block layout
+//! ([`Gemma3Config`]: sliding/global layers, q/k norms, soft-capping, scaled embeddings).
 //!
 //! transformers ≥ 5 writes `rope_parameters: {rope_type, rope_theta, ...}` instead of a
 //! top-level `rope_theta` plus `rope_scaling`. A loader that only reads `rope_theta` silently
@@ -15,18 +16,63 @@ use crate::error::{Error, Result};
 /// Upper bound for any single dimension in a config (2²⁴).
 const MAX_DIM: usize = 1 << 24;
 
-/// Which family of decoder the weights belong to. All are the same pre-norm Llama block; they
-/// differ only in where linear layers carry biases.
+/// Which family of decoder the weights belong to. Llama and Qwen2 are the same pre-norm block
+/// and differ only in where linear layers carry biases; Gemma 3 adds norms, q/k norms, GeGLU,
+/// scaled embeddings and sliding-window layers (see [`Gemma3Config`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
     /// Llama-2/3/3.1, SmolLM2, TinyLlama, Mistral-without-sliding-window.
     Llama,
     /// Qwen2: bias on q/k/v projections, none on o_proj.
     Qwen2,
+    /// Gemma 3 text decoder (Gemma3ForCausalLM, `gemma3_text`; GGUF `gemma3`).
+    Gemma3,
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM, without sliding window), qwen2 (Qwen2ForCausalLM)";
+    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM, without sliding window), qwen2 (Qwen2ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (Llama, Qwen2): `silu(g) ⊙ u`.
+    Silu,
+    /// GeGLU with the tanh approximation (Gemma, `gelu_pytorch_tanh`): `gelu_tanh(g) ⊙ u`.
+    GeluTanh,
+}
+
+/// Which attention a layer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// Causal attention over the whole prefix (`full_attention`).
+    Full,
+    /// Causal attention over the last `sliding_window` positions only (`sliding_attention`).
+    Sliding,
+}
+
+/// What Gemma 3 adds to the Llama block.
+///
+/// ```text
+/// h_0     = √D · embed[ids]
+/// a_l     = h_l + RMSNorm_post_attn(Attn_kind(l)(RMSNorm_in(h_l)))       (q, k: per-head RMSNorm before RoPE)
+/// h_{l+1} = a_l + RMSNorm_post_ffw(down(gelu_tanh(gate(x)) ⊙ up(x))),  x = RMSNorm_pre_ffw(a_l)
+/// RMSNorm(x) = (1 + w) ⊙ x / sqrt(mean(x²) + ε)
+/// scores  = cap_a · tanh((q·k / √query_pre_attn_scalar) / cap_a)        (cap only if configured)
+/// logits  = cap_f · tanh((h_final · Eᵀ) / cap_f)                        (cap only if configured)
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma3Config {
+    /// One entry per layer.
+    pub layer_types: Vec<LayerKind>,
+    /// A sliding layer's query at index q sees keys k with q − window < k ≤ q.
+    pub sliding_window: usize,
+    /// RoPE of the sliding layers (the global layers use [`LlamaConfig::rope`]).
+    pub local_rope: RopeConfig,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2` (not `head_dim^-1/2`).
+    pub query_pre_attn_scalar: f64,
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
 }
 
 /// How RoPE frequencies are rescaled for long contexts.
@@ -79,6 +125,9 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    pub hidden_act: Activation,
+    /// Gemma 3's extras; `None` for the Llama block.
+    pub gemma: Option<Gemma3Config>,
 }
 
 impl LlamaConfig {
@@ -92,6 +141,17 @@ impl LlamaConfig {
     pub fn from_hf_json(value: &Value, path: &Path) -> Result<Self> {
         let obj = Obj::new(value, path)?;
         let model_type = obj.opt_str("model_type")?;
+        if model_type.as_deref() == Some("gemma3") {
+            return Err(obj.err(
+                "model_type",
+                "`gemma3` is the multimodal Gemma3ForConditionalGeneration; only the text decoder (`gemma3_text`, Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b) is supported",
+            ));
+        }
+        if model_type.as_deref() == Some("gemma3_text") {
+            let cfg = gemma3_from_hf(&obj)?;
+            cfg.validate().map_err(|(key, msg)| Error::key(path, key, msg))?;
+            return Ok(cfg);
+        }
         let archs = match obj.get("architectures") {
             Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
             _ => Vec::new(),
@@ -148,7 +208,7 @@ impl LlamaConfig {
         let rope = parse_rope(&obj)?;
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama => {
+            Architecture::Llama | Architecture::Gemma3 => {
                 let b = obj.opt_bool("attention_bias")?.unwrap_or(false);
                 (b, b)
             }
@@ -172,6 +232,8 @@ impl LlamaConfig {
             bos_token_id: obj.opt_token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: obj.opt_token_ids("eos_token_id")?,
             pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
+            hidden_act: Activation::Silu,
+            gemma: None,
         };
         cfg.validate().map_err(|(key, msg)| Error::key(path, key, msg))?;
         Ok(cfg)
@@ -219,7 +281,40 @@ impl LlamaConfig {
         if !(self.rope.theta > 0.0 && self.rope.theta.is_finite()) {
             return Err(("rope_theta", format!("{} is not a positive number", self.rope.theta)));
         }
-        match &self.rope.scaling {
+        if let Some(g) = &self.gemma {
+            if g.layer_types.len() != self.num_hidden_layers {
+                return Err(("layer_types", format!("{} entries for {} layers", g.layer_types.len(), self.num_hidden_layers)));
+            }
+            if g.sliding_window == 0 {
+                return Err(("sliding_window", "must be positive".into()));
+            }
+            if !(g.query_pre_attn_scalar > 0.0 && g.query_pre_attn_scalar.is_finite()) {
+                return Err(("query_pre_attn_scalar", format!("{} is not a positive number", g.query_pre_attn_scalar)));
+            }
+            if !(g.local_rope.theta > 0.0 && g.local_rope.theta.is_finite()) {
+                return Err(("rope_local_base_freq", format!("{} is not a positive number", g.local_rope.theta)));
+            }
+            for (key, cap) in [("attn_logit_softcapping", g.attn_logit_softcapping), ("final_logit_softcapping", g.final_logit_softcapping)] {
+                if let Some(c) = cap
+                    && !(c > 0.0 && c.is_finite()) {
+                        return Err((key, format!("{c} is not a positive number")));
+                    }
+            }
+            check_scaling(&g.local_rope.scaling, self.head_dim)?;
+        }
+        check_scaling(&self.rope.scaling, self.head_dim)?;
+        Ok(())
+    }
+
+    /// Whether this is the plain Llama block (the one with a hand-written backward in `tape`).
+    pub fn is_llama_block(&self) -> bool {
+        self.gemma.is_none() && self.hidden_act == Activation::Silu
+    }
+}
+
+/// Check one RoPE scaling rule; returns the offending key.
+fn check_scaling(scaling: &RopeScaling, head_dim: usize) -> std::result::Result<(), (&'static str, String)> {
+        match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => {
                 if !factor.is_finite() || *factor <= 0.0 {
@@ -235,8 +330,8 @@ impl LlamaConfig {
                 }
             }
             RopeScaling::Factors(f) => {
-                if f.len() != self.head_dim / 2 {
-                    return Err(("rope_freqs", format!("{} factors for head_dim {} (need {})", f.len(), self.head_dim, self.head_dim / 2)));
+                if f.len() != head_dim / 2 {
+                    return Err(("rope_freqs", format!("{} factors for head_dim {} (need {})", f.len(), head_dim, head_dim / 2)));
                 }
                 if f.iter().any(|x| !(*x > 0.0 && x.is_finite())) {
                     return Err(("rope_freqs", "factors must be positive and finite".into()));
@@ -244,8 +339,9 @@ impl LlamaConfig {
             }
         }
         Ok(())
-    }
+}
 
+impl LlamaConfig {
     /// Number of parameters, counting a tied embedding once.
     pub fn num_parameters(&self) -> usize {
         let d = self.hidden_size;
@@ -262,7 +358,9 @@ impl LlamaConfig {
         if self.mlp_bias {
             mlp += 2 * self.intermediate_size + d;
         }
-        let block = attn + mlp + 2 * d;
+        // Gemma 3: four norms a block plus the per-head q/k norms.
+        let norms = if self.gemma.is_some() { 4 * d + 2 * self.head_dim } else { 2 * d };
+        let block = attn + mlp + norms;
         let embed = self.vocab_size * d;
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
         embed + self.num_hidden_layers * block + d + head
@@ -293,11 +391,17 @@ fn parse_rope(obj: &Obj) -> Result<RopeConfig> {
         (None, Some(b)) => b,
         (None, None) => 10_000.0,
     };
+    let scaling = scaling_of(&p)?;
+    Ok(RopeConfig { theta, scaling })
+}
+
+/// The scaling rule of one rope-parameters object (`rope_type` or the older `type`).
+fn scaling_of(p: &Obj) -> Result<RopeScaling> {
     let kind = match p.opt_str("rope_type")? {
         Some(k) => k,
         None => p.opt_str("type")?.unwrap_or_else(|| "default".to_string()),
     };
-    let scaling = match kind.as_str() {
+    Ok(match kind.as_str() {
         "default" => RopeScaling::None,
         "linear" => RopeScaling::Linear { factor: p.f64("factor")? },
         "llama3" => RopeScaling::Llama3 {
@@ -312,9 +416,102 @@ fn parse_rope(obj: &Obj) -> Result<RopeConfig> {
                 format!("`{other}` is not supported (supported: default, linear, llama3)"),
             ));
         }
-    };
-    Ok(RopeConfig { theta, scaling })
+    })
 }
+
+/// Gemma 3 (`gemma3_text`) from its HF config, transformers 4 or 5 spelling.
+fn gemma3_from_hf(obj: &Obj) -> Result<LlamaConfig> {
+    if let Some(act) = obj.opt_str("hidden_activation")?.or(obj.opt_str("hidden_act")?)
+        && act != "gelu_pytorch_tanh" && act != "gelu_tanh" {
+            return Err(obj.err("hidden_activation", format!("`{act}` is not supported for Gemma 3 (only `gelu_pytorch_tanh`)")));
+        }
+    if obj.opt_bool("use_bidirectional_attention")?.unwrap_or(false) {
+        return Err(obj.err("use_bidirectional_attention", "bidirectional (encoder) Gemma 3 is not supported; this is a causal-LM runtime"));
+    }
+    let n_layers = obj.usize("num_hidden_layers")?;
+    let layer_types = match obj.get("layer_types").filter(|v| !v.is_null()) {
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v.as_str() {
+                Some("full_attention") => Ok(LayerKind::Full),
+                Some("sliding_attention") => Ok(LayerKind::Sliding),
+                _ => Err(obj.err(&format!("layer_types[{i}]"), format!("expected \"full_attention\" or \"sliding_attention\", found {v}"))),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Some(v) => return Err(obj.err("layer_types", format!("expected a list, found {v}"))),
+        // transformers < 4.53: every `sliding_window_pattern`-th layer is global.
+        None => {
+            let pattern = obj.opt_usize("sliding_window_pattern")?.unwrap_or(6);
+            if pattern == 0 {
+                return Err(obj.err("sliding_window_pattern", "must be positive"));
+            }
+            (0..n_layers).map(|i| if (i + 1) % pattern == 0 { LayerKind::Full } else { LayerKind::Sliding }).collect()
+        }
+    };
+    // Rope: transformers 5 nests one parameter set per layer type; transformers 4 has
+    // rope_theta (global), rope_local_base_freq (local) and rope_scaling (global only).
+    let (rope, local_rope) = match obj.get("rope_parameters").filter(|v| !v.is_null()) {
+        Some(params) => {
+            let p = obj.child("rope_parameters", params)?;
+            let one = |key: &str, default_theta: f64| -> Result<RopeConfig> {
+                match p.get(key).filter(|v| !v.is_null()) {
+                    None => Ok(RopeConfig { theta: default_theta, scaling: RopeScaling::None }),
+                    Some(v) => {
+                        let q = p.child(key, v)?;
+                        Ok(RopeConfig { theta: q.opt_f64("rope_theta")?.unwrap_or(default_theta), scaling: scaling_of(&q)? })
+                    }
+                }
+            };
+            if p.get("full_attention").is_none() && p.get("sliding_attention").is_none() {
+                return Err(obj.err("rope_parameters", "Gemma 3 expects one entry per layer type (`full_attention`, `sliding_attention`)"));
+            }
+            (one("full_attention", 1_000_000.0)?, one("sliding_attention", 10_000.0)?)
+        }
+        None => {
+            let scaling = match obj.get("rope_scaling").filter(|v| !v.is_null()) {
+                Some(v) => scaling_of(&obj.child("rope_scaling", v)?)?,
+                None => RopeScaling::None,
+            };
+            (
+                RopeConfig { theta: obj.opt_f64("rope_theta")?.unwrap_or(1_000_000.0), scaling },
+                RopeConfig { theta: obj.opt_f64("rope_local_base_freq")?.unwrap_or(10_000.0), scaling: RopeScaling::None },
+            )
+        }
+    };
+    let hidden_size = obj.usize("hidden_size")?;
+    let bias = obj.opt_bool("attention_bias")?.unwrap_or(false);
+    Ok(LlamaConfig {
+        architecture: Architecture::Gemma3,
+        vocab_size: obj.usize("vocab_size")?,
+        hidden_size,
+        intermediate_size: obj.usize("intermediate_size")?,
+        num_hidden_layers: n_layers,
+        num_attention_heads: obj.usize("num_attention_heads")?,
+        num_key_value_heads: obj.usize("num_key_value_heads")?,
+        head_dim: obj.opt_usize("head_dim")?.unwrap_or(256),
+        rms_norm_eps: obj.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+        rope,
+        max_position_embeddings: obj.opt_usize("max_position_embeddings")?.unwrap_or(131_072),
+        tie_word_embeddings: obj.opt_bool("tie_word_embeddings")?.unwrap_or(true),
+        qkv_bias: bias,
+        o_bias: bias,
+        mlp_bias: false,
+        bos_token_id: obj.opt_token_ids("bos_token_id")?.first().copied(),
+        eos_token_ids: obj.opt_token_ids("eos_token_id")?,
+        pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
+        hidden_act: Activation::GeluTanh,
+        gemma: Some(Gemma3Config {
+            layer_types,
+            sliding_window: obj.opt_usize("sliding_window")?.unwrap_or(4096),
+            local_rope,
+            query_pre_attn_scalar: obj.opt_f64("query_pre_attn_scalar")?.unwrap_or(256.0),
+            attn_logit_softcapping: obj.opt_f64("attn_logit_softcapping")?,
+            final_logit_softcapping: obj.opt_f64("final_logit_softcapping")?,
+        }),
+    })
+}
+
 
 /// A JSON object with the file (and key prefix) it came from, for precise errors.
 pub(crate) struct Obj<'a> {

@@ -443,6 +443,12 @@ impl GgufFile {
 
 /// llama.cpp's name for an HF Llama tensor name, if it has one.
 pub fn gguf_name(hf: &str) -> Option<String> {
+    gguf_name_for(hf, false)
+}
+
+/// llama.cpp's name for an HF tensor name; `gemma` selects Gemma 3's block layout (whose
+/// `post_attention_layernorm` is the attention-output norm, not the pre-MLP norm).
+pub fn gguf_name_for(hf: &str, gemma: bool) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -453,7 +459,13 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let m = match module {
+    let m = match (module, gemma) {
+        ("post_attention_layernorm", true) => "post_attention_norm",
+        ("pre_feedforward_layernorm", true) => "ffn_norm",
+        ("post_feedforward_layernorm", true) => "post_ffw_norm",
+        ("self_attn.q_norm", true) => "attn_q_norm",
+        ("self_attn.k_norm", true) => "attn_k_norm",
+        (module, _) => match module {
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" => "ffn_norm",
         "self_attn.q_proj" => "attn_q",
@@ -464,6 +476,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
         _ => return None,
+        },
     };
     Some(format!("blk.{layer}.{m}.{kind}"))
 }
@@ -488,6 +501,16 @@ pub fn unpermute_rows(t: &Tensor, n_head: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemma_names() {
+        assert_eq!(gguf_name_for("model.layers.3.post_attention_layernorm.weight", true).as_deref(), Some("blk.3.post_attention_norm.weight"));
+        assert_eq!(gguf_name_for("model.layers.3.pre_feedforward_layernorm.weight", true).as_deref(), Some("blk.3.ffn_norm.weight"));
+        assert_eq!(gguf_name_for("model.layers.0.self_attn.k_norm.weight", true).as_deref(), Some("blk.0.attn_k_norm.weight"));
+        assert_eq!(gguf_name_for("model.layers.0.mlp.up_proj.weight", true).as_deref(), Some("blk.0.ffn_up.weight"));
+        assert_eq!(gguf_name("model.layers.3.post_attention_layernorm.weight").as_deref(), Some("blk.3.ffn_norm.weight"));
+        assert_eq!(gguf_name("model.layers.3.pre_feedforward_layernorm.weight"), None);
+    }
 
     #[test]
     fn names() {

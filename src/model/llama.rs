@@ -19,12 +19,17 @@
 //! mixed into the residual stream (tests/gradients.rs checks this by finite differences).
 //!
 //! Tensor names mirror HF (`model.layers.{l}.self_attn.q_proj.weight`, ...).
+//!
+//! **Gemma 3** runs on the same types with the extras of [`Gemma3Config`](super::config::Gemma3Config)
+//! switched on: `√D`-scaled embeddings, `(1 + w)` norms (stored here as the multiplier `1 + w`),
+//! per-head q/k norms, a norm after attention and around the MLP, GeGLU, sliding-window layers
+//! with their own RoPE base, optional soft-capping. The interpretability API is unchanged.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::batch::{ForwardContext, TokenBatch};
 use super::kernels;
-use super::config::LlamaConfig;
+use super::config::{Activation, LayerKind, LlamaConfig};
 use super::rope::Rope;
 use super::site::Site;
 use super::weights::Weights;
@@ -71,6 +76,7 @@ impl Linear {
 /// Root-mean-square layer norm with a learned scale (no bias).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
+    /// The multiplier: HF's `weight` for Llama, `1 + weight` for Gemma (the GGUF spelling).
     pub weight: Tensor,
     pub eps: f64,
 }
@@ -78,6 +84,16 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn load(w: &Weights, name: &str, d: usize, eps: f64, dtype: DType, dev: &Device) -> Result<Self> {
         Ok(RmsNorm { weight: w.get(name, &[d], dtype, dev)?, eps })
+    }
+
+    /// Load a norm of the model `c`: Gemma's `(1 + w)` scale is formed once here (in f32,
+    /// as transformers does, then cast).
+    pub fn load_for(w: &Weights, name: &str, d: usize, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        if c.gemma.is_none() {
+            return Self::load(w, name, d, c.rms_norm_eps, dtype, dev);
+        }
+        let raw = w.get(name, &[d], DType::F32, dev)?; // [d]
+        Ok(RmsNorm { weight: raw.affine(1.0, 1.0)?.to_dtype(dtype)?, eps: c.rms_norm_eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -95,13 +111,41 @@ pub struct Attention {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Gemma 3: RMSNorm over each head of q and k `[.., hd]`, before RoPE.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    /// Extra factor on q when the score scale is not `1/√hd` (Gemma 3: `√(hd / query_pre_attn_scalar)`).
+    pub q_scale: Option<f64>,
+    /// Gemma 2/3 attention soft-capping: `scores = cap · tanh(scores / cap)`.
+    pub softcap: Option<f64>,
 }
 
 impl Attention {
+    /// A Llama attention from its four projections (no q/k norms, `1/√hd` scores, no cap).
+    pub fn plain(q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        Attention { q_proj, k_proj, v_proj, o_proj, n_heads, n_kv_heads, head_dim, q_norm: None, k_norm: None, q_scale: None, softcap: None }
+    }
+
     fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
         let (d, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let (q_norm, k_norm, q_scale, softcap) = match &c.gemma {
+            None => (None, None, None, None),
+            Some(g) => {
+                let s = (hd as f64 / g.query_pre_attn_scalar).sqrt();
+                (
+                    Some(RmsNorm::load_for(w, &format!("{prefix}.q_norm.weight"), hd, c, dtype, dev)?),
+                    Some(RmsNorm::load_for(w, &format!("{prefix}.k_norm.weight"), hd, c, dtype, dev)?),
+                    (s != 1.0).then_some(s),
+                    g.attn_logit_softcapping,
+                )
+            }
+        };
         Ok(Attention {
+            q_norm,
+            k_norm,
+            q_scale,
+            softcap,
             q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, d, c.qkv_bias, dtype, dev)?,
             k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv, d, c.qkv_bias, dtype, dev)?,
             v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv, d, c.qkv_bias, dtype, dev)?,
@@ -138,8 +182,12 @@ impl Attention {
         let heads = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, tk, hkv, hd))?.transpose(1, 2)?.contiguous()?) }; // [B, Hkv, T_k, hd]
         let trainable = self.k_proj.weight.track_op() && self.v_proj.weight.track_op();
         let no_bias = self.k_proj.bias.is_none() && self.v_proj.bias.is_none();
-        if kv.track_op() || !trainable || !no_bias || !kernels::fused_enabled() {
-            let k = kernels::rope(&heads(self.k_proj.forward(kv)?)?, k_rope.0, k_rope.1)?;
+        if kv.track_op() || !trainable || !no_bias || self.k_norm.is_some() || !kernels::fused_enabled() {
+            let mut k = heads(self.k_proj.forward(kv)?)?; // [B, Hkv, T_k, hd]
+            if let Some(n) = &self.k_norm {
+                k = n.forward(&k)?; // [B, Hkv, T_k, hd]
+            }
+            let k = kernels::rope(&k, k_rope.0, k_rope.1)?; // [B, Hkv, T_k, hd]
             let v = heads(self.v_proj.forward(kv)?)?;
             return Ok((k, v));
         }
@@ -157,26 +205,37 @@ impl Attention {
     pub fn attend_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor, q_rope: (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
         let (b, tq, _) = x.dims3()?;
         let (h, hd) = (self.n_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, tq, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, Tq, hd]
-        let q = kernels::rope(&q, q_rope.0, q_rope.1)?; // [B, H, Tq, hd]
+        let mut q = self.q_proj.forward(x)?.reshape((b, tq, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, Tq, hd]
+        if let Some(n) = &self.q_norm {
+            q = n.forward(&q)?; // [B, H, Tq, hd]
+        }
+        let mut q = kernels::rope(&q, q_rope.0, q_rope.1)?; // [B, H, Tq, hd]
+        if let Some(s) = self.q_scale {
+            q = (q * s)?; // [B, H, Tq, hd]: scores come out scaled by 1/√query_pre_attn_scalar
+        }
         let mask = mask.to_dtype(accum_dtype(q.dtype()))?.broadcast_as((b, 1, mask.dim(2)?, k.dim(2)?))?; // [B, 1, Tq|1, Tk]
-        let out = kernels::attention(&q, k, v, &mask)?; // [B, Tq, H·hd]
+        let out = match self.softcap {
+            None => kernels::attention(&q, k, v, &mask)?,                       // [B, Tq, H·hd]
+            Some(cap) => kernels::attention_softcapped(&q, k, v, &mask, cap)?, // [B, Tq, H·hd]
+        };
         self.o_proj.forward(&out) // [B, Tq, D]
     }
 }
 
-/// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`.
+/// Gated feed-forward: `down(act(gate(x)) ⊙ up(x))`, SwiGLU (`act = silu`) or GeGLU (`gelu_tanh`).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    pub act: Activation,
 }
 
 impl Mlp {
     fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
         let (d, f) = (c.hidden_size, c.intermediate_size);
         Ok(Mlp {
+            act: c.hidden_act,
             gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), f, d, c.mlp_bias, dtype, dev)?,
             up_proj: Linear::load(w, &format!("{prefix}.up_proj"), f, d, c.mlp_bias, dtype, dev)?,
             down_proj: Linear::load(w, &format!("{prefix}.down_proj"), d, f, c.mlp_bias, dtype, dev)?,
@@ -186,7 +245,12 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.gate_proj.forward(x)?; // [B, T, F]
         let u = self.up_proj.forward(x)?; // [B, T, F]
-        self.down_proj.forward(&kernels::silu_mul(&g, &u)?) // [B, T, D]
+        let h = match self.act {
+            Activation::Silu => kernels::silu_mul(&g, &u)?, // [B, T, F]
+            // candle's gelu is the tanh approximation, with a backward.
+            Activation::GeluTanh => (g.gelu()? * u)?, // [B, T, F]
+        };
+        self.down_proj.forward(&h) // [B, T, D]
     }
 }
 
@@ -195,26 +259,60 @@ impl Mlp {
 pub struct Block {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
+    /// The norm before the MLP: HF `post_attention_layernorm` in Llama, `pre_feedforward_layernorm` in Gemma 3.
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Mlp,
+    /// Gemma 3: the norm on the attention output before the residual add (HF `post_attention_layernorm`).
+    pub attn_output_norm: Option<RmsNorm>,
+    /// Gemma 3: the norm on the MLP output (HF `post_feedforward_layernorm`).
+    pub mlp_output_norm: Option<RmsNorm>,
+    /// Sliding-window attention (Gemma 3's local layers).
+    pub sliding: bool,
 }
 
 impl Block {
     fn load(w: &Weights, l: usize, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
         let p = format!("model.layers.{l}");
         let d = c.hidden_size;
-        Ok(Block {
-            input_layernorm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), d, c.rms_norm_eps, dtype, dev)?,
-            self_attn: Attention::load(w, &format!("{p}.self_attn"), c, dtype, dev)?,
-            post_attention_layernorm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), d, c.rms_norm_eps, dtype, dev)?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), c, dtype, dev)?,
+        let norm = |name: &str| RmsNorm::load_for(w, &format!("{p}.{name}.weight"), d, c, dtype, dev);
+        let self_attn = Attention::load(w, &format!("{p}.self_attn"), c, dtype, dev)?;
+        let mlp = Mlp::load(w, &format!("{p}.mlp"), c, dtype, dev)?;
+        Ok(match &c.gemma {
+            None => Block {
+                input_layernorm: norm("input_layernorm")?,
+                self_attn,
+                post_attention_layernorm: norm("post_attention_layernorm")?,
+                mlp,
+                attn_output_norm: None,
+                mlp_output_norm: None,
+                sliding: false,
+            },
+            Some(g) => Block {
+                input_layernorm: norm("input_layernorm")?,
+                self_attn,
+                post_attention_layernorm: norm("pre_feedforward_layernorm")?,
+                mlp,
+                attn_output_norm: Some(norm("post_attention_layernorm")?),
+                mlp_output_norm: Some(norm("post_feedforward_layernorm")?),
+                sliding: g.layer_types[l] == LayerKind::Sliding,
+            },
         })
     }
 
     /// `[B, T, D]` → `[B, T, D]`.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
-        let a = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, ctx)?)?; // [B, T, D]
-        Ok((&a + self.mlp.forward(&self.post_attention_layernorm.forward(&a)?)?)?) // [B, T, D]
+        let (mask, cos, sin) = ctx.tables(self.sliding);
+        let h = self.input_layernorm.forward(x)?; // [B, T, D]
+        let mut a = self.self_attn.attend(&h, &h, (cos, sin), (cos, sin), mask)?; // [B, T, D]
+        if let Some(n) = &self.attn_output_norm {
+            a = n.forward(&a)?; // [B, T, D]
+        }
+        let a = (x + a)?; // [B, T, D]
+        let mut m = self.mlp.forward(&self.post_attention_layernorm.forward(&a)?)?; // [B, T, D]
+        if let Some(n) = &self.mlp_output_norm {
+            m = n.forward(&m)?; // [B, T, D]
+        }
+        Ok((&a + m)?) // [B, T, D]
     }
 }
 
@@ -238,6 +336,10 @@ pub struct Llama {
     pub norm: RmsNorm,
     pub lm_head: Tensor, // [V, D] (the embedding itself when tied)
     rope: Rope,
+    /// Gemma 3's sliding layers: their RoPE and window.
+    local: Option<(Rope, usize)>,
+    /// Gemma: embeddings are multiplied by √D (rounded to the model dtype, as transformers does).
+    embed_scale: Option<f64>,
     dtype: DType,
     device: Device,
 }
@@ -259,7 +361,6 @@ impl Llama {
             progress.inc(1);
         }
         progress.finish_and_clear();
-        let norm = RmsNorm::load(w, "model.norm.weight", d, config.rms_norm_eps, dtype, device)?;
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.clone()
         } else if w.contains("lm_head.weight") {
@@ -271,7 +372,10 @@ impl Llama {
                 "missing, and the config does not tie it to the embedding (tie_word_embeddings is false)",
             ));
         };
-        Ok(Llama { config: config.clone(), embed_tokens, layers, norm, lm_head, rope: Rope::new(&config.rope, config.head_dim), dtype, device: device.clone() })
+        let norm = RmsNorm::load_for(w, "model.norm.weight", d, config, dtype, device)?;
+        let local = config.gemma.as_ref().map(|g| (Rope::new(&g.local_rope, config.head_dim), g.sliding_window));
+        let embed_scale = config.gemma.as_ref().map(|_| (d as f64).sqrt());
+        Ok(Llama { config: config.clone(), embed_tokens, layers, norm, lm_head, rope: Rope::new(&config.rope, config.head_dim), local, embed_scale, dtype, device: device.clone() })
     }
 
     pub fn dtype(&self) -> DType {
@@ -297,16 +401,37 @@ impl Llama {
 
     /// Attention mask and rotary tables for a batch (compute once, reuse for every block).
     pub fn context(&self, batch: &TokenBatch) -> Result<ForwardContext> {
-        ForwardContext::new(batch, &self.rope, self.dtype, accum_dtype(self.dtype), &self.device)
+        let ctx = ForwardContext::new(batch, &self.rope, self.dtype, accum_dtype(self.dtype), &self.device)?;
+        match &self.local {
+            None => Ok(ctx),
+            Some((rope, window)) => ctx.with_local(batch, *window, rope, self.dtype, accum_dtype(self.dtype), &self.device),
+        }
+    }
+
+    /// The factor on the token embeddings (`√D` for Gemma), if any.
+    pub fn embed_scale(&self) -> Option<f64> {
+        self.embed_scale
     }
 
     /// Every weight tensor with its HF name (the tied `lm_head` is listed once, as the embedding).
+    /// Norms are listed as their multipliers (for Gemma 3, `1 + w`).
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut out: Vec<(String, &Tensor)> = vec![("model.embed_tokens.weight".into(), &self.embed_tokens)];
         for (i, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), &b.input_layernorm.weight));
-            out.push((format!("{p}.post_attention_layernorm.weight"), &b.post_attention_layernorm.weight));
+            match (&b.attn_output_norm, &b.mlp_output_norm) {
+                (Some(post_attn), Some(post_ffw)) => {
+                    out.push((format!("{p}.post_attention_layernorm.weight"), &post_attn.weight));
+                    out.push((format!("{p}.pre_feedforward_layernorm.weight"), &b.post_attention_layernorm.weight));
+                    out.push((format!("{p}.post_feedforward_layernorm.weight"), &post_ffw.weight));
+                }
+                _ => out.push((format!("{p}.post_attention_layernorm.weight"), &b.post_attention_layernorm.weight)),
+            }
+            if let (Some(qn), Some(kn)) = (&b.self_attn.q_norm, &b.self_attn.k_norm) {
+                out.push((format!("{p}.self_attn.q_norm.weight"), &qn.weight));
+                out.push((format!("{p}.self_attn.k_norm.weight"), &kn.weight));
+            }
             let linears = [
                 ("self_attn.q_proj", &b.self_attn.q_proj),
                 ("self_attn.k_proj", &b.self_attn.k_proj),
@@ -334,7 +459,14 @@ impl Llama {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?; // [B·T]
-        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?) // [B, T, D]
+        let x = self.embed_tokens.index_select(&flat, 0)?.reshape((b, t, self.config.hidden_size))?; // [B, T, D]
+        match self.embed_scale {
+            None => Ok(x),
+            Some(s) => {
+                let s = Tensor::new(s as f32, &self.device)?.to_dtype(x.dtype())?; // [] in the model dtype
+                Ok(x.broadcast_mul(&s)?) // [B, T, D]
+            }
+        }
     }
 
     /// Embeddings of a batch, after checking its ids against the vocabulary on the host (the
@@ -465,7 +597,15 @@ impl Llama {
         let h = rows_at(final_normed, positions)?; // [B, K, D]
         let (b, k, d) = h.dims3()?;
         let logits = h.reshape((b * k, d))?.matmul(&self.lm_head.t()?)?; // [B·K, V]
-        Ok(logits.reshape((b, k, self.config.vocab_size))?) // [B, K, V]
+        self.softcap_logits(logits.reshape((b, k, self.config.vocab_size))?) // [B, K, V]
+    }
+
+    /// Gemma's final soft-capping `cap · tanh(logits / cap)`, when configured.
+    pub fn softcap_logits(&self, logits: Tensor) -> Result<Tensor> {
+        match self.config.gemma.as_ref().and_then(|g| g.final_logit_softcapping) {
+            None => Ok(logits),
+            Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
+        }
     }
 
     /// Logits at the last position of each row `[B, V]` (the last real token of a left-padded batch).
@@ -479,7 +619,7 @@ impl Llama {
     pub fn logits(&self, final_normed: &Tensor) -> Result<Tensor> {
         let (b, t, d) = final_normed.dims3()?;
         let logits = final_normed.reshape((b * t, d))?.matmul(&self.lm_head.t()?)?; // [B·T, V]
-        Ok(logits.reshape((b, t, self.config.vocab_size))?) // [B, T, V]
+        self.softcap_logits(logits.reshape((b, t, self.config.vocab_size))?) // [B, T, V]
     }
 }
 

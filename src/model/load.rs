@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::config::{Architecture, LlamaConfig, RopeConfig, RopeScaling};
+use super::config::{Activation, Architecture, Gemma3Config, LayerKind, LlamaConfig, RopeConfig, RopeScaling};
 use super::gguf::GgufFile;
 use super::llama::Llama;
 use super::tokenizer::{StartToken, TextTokenizer};
@@ -133,7 +133,8 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedMode
             let name = file.opt_str("general.name")?.map(String::from).unwrap_or_else(|| path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default());
             // llama.cpp permutes q/k rows only for the llama architecture.
             let unpermute = (config.architecture == Architecture::Llama).then_some((config.num_attention_heads, config.num_key_value_heads));
-            (config, Weights::Gguf(GgufWeights::new(file, unpermute)), tokenizer, name)
+            let weights = if config.architecture == Architecture::Gemma3 { GgufWeights::gemma3(file) } else { GgufWeights::new(file, unpermute) };
+            (config, Weights::Gguf(weights), tokenizer, name)
         }
     };
     let tokenizer_path = tokenizer.source.clone();
@@ -167,8 +168,9 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     let architecture = match arch.as_str() {
         "llama" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
+        "gemma3" => Architecture::Gemma3,
         other => {
-            return Err(Error::key(path, "general.architecture", format!("`{other}` is not supported (supported GGUF architectures: llama, qwen2)")));
+            return Err(Error::key(path, "general.architecture", format!("`{other}` is not supported (supported GGUF architectures: llama, qwen2, gemma3)")));
         }
     };
     let need = |k: &str| -> Result<usize> {
@@ -208,16 +210,35 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         }
     };
     let ids = |k: &str| -> Result<Option<u32>> { Ok(g.opt_u64(k)?.map(|v| v as u32)) };
+    let n_layers = need("block_count")?;
+    let gemma = if architecture == Architecture::Gemma3 {
+        // llama.cpp and transformers fix what the file does not say: every 6th layer global,
+        // local RoPE base 10 000, query_pre_attn_scalar 256 (transformers' default, which
+        // equals head_dim for every released Gemma 3 but the 27B).
+        let pattern = opt("attention.sliding_window_pattern")?.unwrap_or(6).max(1);
+        let key = format!("{arch}.attention.sliding_window");
+        let window = g.opt_u64(&key)?.ok_or_else(|| Error::key(path, key, "missing from the GGUF metadata (Gemma 3 needs its sliding window)"))?;
+        Some(Gemma3Config {
+            layer_types: (0..n_layers).map(|i| if (i + 1) % pattern == 0 { LayerKind::Full } else { LayerKind::Sliding }).collect(),
+            sliding_window: window as usize,
+            local_rope: RopeConfig { theta: g.opt_f64(&format!("{arch}.rope.freq_base_swa"))?.unwrap_or(10_000.0), scaling: RopeScaling::None },
+            query_pre_attn_scalar: 256.0,
+            attn_logit_softcapping: g.opt_f64(&format!("{arch}.attn_logit_softcapping"))?,
+            final_logit_softcapping: g.opt_f64(&format!("{arch}.final_logit_softcapping"))?,
+        })
+    } else {
+        None
+    };
     let cfg = LlamaConfig {
         architecture,
         vocab_size,
         hidden_size,
         intermediate_size: need("feed_forward_length")?,
-        num_hidden_layers: need("block_count")?,
+        num_hidden_layers: n_layers,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
-        rms_norm_eps: g.opt_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+        rms_norm_eps: g.opt_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.unwrap_or(if architecture == Architecture::Gemma3 { 1e-6 } else { 1e-5 }),
         rope: RopeConfig { theta, scaling },
         max_position_embeddings: opt("context_length")?.unwrap_or(4096),
         tie_word_embeddings: !g.tensors.contains_key("output.weight"),
@@ -227,6 +248,8 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         bos_token_id: ids("tokenizer.ggml.bos_token_id")?,
         eos_token_ids: ids("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
         pad_token_id: ids("tokenizer.ggml.padding_token_id")?,
+        hidden_act: if gemma.is_some() { Activation::GeluTanh } else { Activation::Silu },
+        gemma,
     };
     cfg.validate().map_err(|(key, msg)| Error::key(path, format!("{arch}.{key}"), msg))?;
     Ok(cfg)

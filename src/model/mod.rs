@@ -1,4 +1,5 @@
-//! Target language models: a differentiable Llama-family runtime with residual-stream access.
+//! Target language models: a differentiable Llama-family runtime (Llama, Qwen2, Gemma 3) with
+//! residual-stream access.
 //!
 //! # Interpretability API (shapes: B batch, T tokens, L blocks, D hidden, V vocab)
 //!
@@ -30,8 +31,8 @@ pub mod tape;
 pub mod tokenizer;
 pub mod weights;
 
-pub use batch::{ForwardContext, TokenBatch};
-pub use config::{Architecture, LlamaConfig, RopeConfig, RopeScaling};
+pub use batch::{ForwardContext, LocalAttention, TokenBatch};
+pub use config::{Activation, Architecture, Gemma3Config, LayerKind, LlamaConfig, RopeConfig, RopeScaling};
 pub use llama::{HiddenStates, Llama};
 pub use load::{LoadOptions, LoadedModel, ModelSource, load};
 pub use site::Site;

@@ -124,9 +124,10 @@ fn block_backward(blk: &Block, tape: &BlockTape, dy: &Tensor, ctx: &ForwardConte
     Ok((dy1 + kernels::rms_norm_backward(&tape.x, &inp.weight, &dh1, inp.eps, false)?.0)?) // [B, T, D]
 }
 
-/// Whether the taped path applies: a frozen model (no weight takes part in a graph).
+/// Whether the taped path applies: a frozen model (no weight takes part in a graph) with the
+/// plain Llama block (Gemma 3 runs through autograd over the composed ops).
 fn frozen(model: &Llama) -> bool {
-    !model.lm_head.track_op() && model.named_tensors().iter().all(|(_, t)| !t.track_op())
+    model.config.is_llama_block() && !model.lm_head.track_op() && model.named_tensors().iter().all(|(_, t)| !t.track_op())
 }
 
 impl Llama {

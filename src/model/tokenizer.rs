@@ -10,6 +10,9 @@
 //!   GPT-2 split there, which gives the same ids on SmolLM2's vocabulary (no merges join digits).
 //! * `llama` model (SentencePiece-style): BPE with byte fallback and a `▁` metaspace; merges
 //!   from the file, or recovered from the vocabulary and scores when the file has none.
+//! * Gemma (`llama` model in a `gemma*` file): as transformers' `gemma_tokenizer`, runs of
+//!   spaces stored as real spaces are respelled `▁…▁`, merges are rebuilt in vocabulary order
+//!   (Gemma's scores do not follow its merge order), spaces become `▁` with no prefix space.
 //! * Control tokens (type 3) become special tokens, user-defined tokens (type 4) added tokens.
 //!
 //! **Start token.** Prompts get one start token prepended (or none), decided per model: the
@@ -188,7 +191,21 @@ impl TextTokenizer {
             None
         };
         let byte_level = model == "gpt2";
+        let gemma = model == "llama" && g.opt_str("general.architecture")?.is_some_and(|a| a.starts_with("gemma"));
         let mut inner = match model.as_str() {
+            "llama" if gemma => {
+                let respelled: Vec<String> =
+                    tokens.iter().map(|t| if t.contains(' ') && t.trim().is_empty() { "▁".repeat(t.chars().count()) } else { t.clone() }).collect();
+                let merges = match file_merges {
+                    Some(m) => m,
+                    None => {
+                        let order: Vec<f64> = (0..respelled.len()).map(|i| -(i as f64)).collect();
+                        merges_from_scores(&respelled, &order)
+                    }
+                };
+                let unk = id_key("tokenizer.ggml.unknown_token_id")?.map(|i| tokens[i as usize].clone());
+                gemma_bpe(&respelled, merges, unk, path)?
+            }
             "gpt2" => {
                 let pre = g.opt_str("tokenizer.ggml.pre")?.unwrap_or("default").to_string();
                 let merges = file_merges.ok_or_else(|| Error::key(path, merges_key, "missing (a byte-level BPE vocabulary needs its merges)"))?;
@@ -382,6 +399,30 @@ fn sentencepiece_bpe(tokens: &[String], merges: Merges, path: &Path) -> Result<T
         DecoderWrapper::ByteFallback(ByteFallback::new()),
         DecoderWrapper::Fuse(Fuse::new()),
         DecoderWrapper::Strip(Strip::new(' ', 1, 0)),
+    ]);
+    tk.with_decoder(Some(decoder));
+    Ok(tk)
+}
+
+/// Gemma's tokenizer (transformers' `GemmaTokenizer`): BPE with byte fallback, spaces → `▁`
+/// by a normalizer and no prefix space.
+fn gemma_bpe(tokens: &[String], merges: Merges, unk: Option<String>, path: &Path) -> Result<Tokenizer> {
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).fuse_unk(true).byte_fallback(true);
+    if let Some(u) = unk {
+        builder = builder.unk_token(u);
+    }
+    let bpe = builder.build().map_err(|e| Error::key(path, "tokenizer.ggml.tokens", format!("invalid Gemma BPE: {e}")))?;
+    let mut tk = Tokenizer::new(bpe);
+    tk.with_normalizer(Some(Replace::new(" ", "▁").map_err(|e| tk_err(path, "normalizer", e))?)).map_err(|e| tk_err(path, "normalizer", e))?;
+    let split = Split::new(SplitPattern::String(" ".into()), SplitDelimiterBehavior::MergedWithPrevious, false)
+        .map_err(|e| tk_err(path, "pre-tokenizer", e))?;
+    tk.with_pre_tokenizer(Some(split));
+    let replace = Replace::new("▁", " ").map_err(|e| tk_err(path, "decoder", e))?;
+    let decoder = DecoderSequence::new(vec![
+        DecoderWrapper::Replace(replace),
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
     ]);
     tk.with_decoder(Some(decoder));
     Ok(tk)

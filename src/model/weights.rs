@@ -43,7 +43,7 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         match self {
             Weights::Safetensors(w) => w.routing.contains_key(name),
-            Weights::Gguf(w) => gguf::gguf_name(name).is_some_and(|g| w.file.tensors.contains_key(&g)),
+            Weights::Gguf(w) => gguf::gguf_name_for(name, w.gemma).is_some_and(|g| w.file.tensors.contains_key(&g)),
             Weights::Tensors(m) => m.contains_key(name),
         }
     }
@@ -179,26 +179,37 @@ impl SafetensorsWeights {
     }
 }
 
-/// Weights from a GGUF file, dequantized to f32 on demand and renamed to HF names. For the
-/// `llama` architecture, q/k rows are un-permuted back to HF's rotate-half layout.
+/// Weights from a GGUF file, dequantized to f32 on demand and renamed to HF names, with HF
+/// values: for the `llama` architecture, q/k rows are un-permuted back to HF's rotate-half
+/// layout; for `gemma3`, the +1 llama.cpp bakes into every RMSNorm weight is taken out again.
 pub struct GgufWeights {
     pub file: GgufFile,
     /// (n_heads, n_kv_heads) when q/k rows must be un-permuted.
     unpermute: Option<(usize, usize)>,
+    /// Gemma 3 names and norm spelling.
+    gemma: bool,
 }
 
 impl GgufWeights {
     pub fn new(file: GgufFile, unpermute: Option<(usize, usize)>) -> Self {
-        GgufWeights { file, unpermute }
+        GgufWeights { file, unpermute, gemma: false }
+    }
+
+    /// A Gemma 3 GGUF (`general.architecture = gemma3`).
+    pub fn gemma3(file: GgufFile) -> Self {
+        GgufWeights { file, unpermute: None, gemma: true }
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<(Tensor, PathBuf)> {
-        let g = gguf::gguf_name(name).ok_or_else(|| Error::tensor(&self.file.path, name, "has no GGUF equivalent"))?;
+        let g = gguf::gguf_name_for(name, self.gemma).ok_or_else(|| Error::tensor(&self.file.path, name, "has no GGUF equivalent"))?;
         let found = self.file.shape(&g).map_err(|_| Error::tensor(&self.file.path, &g, format!("missing (needed for HF tensor `{name}`)")))?;
         if found != shape {
             return Err(Error::tensor(&self.file.path, &g, format!("expected shape {shape:?}, found {found:?}")));
         }
         let mut t = self.file.dequantize(&g)?;
+        if self.gemma && g.ends_with("norm.weight") {
+            t = t.affine(1.0, -1.0).map_err(|e| Error::tensor(&self.file.path, &g, e.to_string()))?;
+        }
         if let Some((heads, kv_heads)) = self.unpermute {
             if g.contains(".attn_q.") {
                 t = gguf::unpermute_rows(&t, heads)?;
