@@ -24,15 +24,30 @@ fn loss_from(lm: &hyperdas::model::LoadedModel, b: &TokenBatch, layer: usize, re
 
 #[test]
 fn finite_differences_match_backprop_through_two_frozen_blocks() {
+    finite_differences_match_backprop(&load(&fixture("tiny-llama"), DType::F64), 1);
+}
+
+#[test]
+fn finite_differences_match_backprop_through_gemma3_blocks() {
+    // Sliding and global layers, q/k norms, GeGLU, and the final norm (blocks 1..6).
+    finite_differences_match_backprop(&load(&fixture("tiny-gemma3"), DType::F64), 1);
+}
+
+#[test]
+fn finite_differences_match_backprop_through_gemma3_with_rope_scaling_and_soft_capped_logits() {
+    let dir = copy_dir(&fixture("tiny-gemma3"));
+    std::fs::copy(fixture("tiny-gemma3-variant-config.json"), dir.path().join("config.json")).unwrap();
+    finite_differences_match_backprop(&load(dir.path(), DType::F64), 2);
+}
+
+fn finite_differences_match_backprop(lm: &hyperdas::model::LoadedModel, layer: usize) {
     // f64 end to end, so central differences are accurate to ~1e-9.
-    let lm = load(&fixture("tiny-llama"), DType::F64);
-    let b = batch(&lm);
+    let b = batch(lm);
     let (bs, t) = b.dims();
-    let layer = 1; // blocks 1 and 2 of 3, then the final norm and lm_head
     let clean = lm.model.forward_hidden(&b, Some(&[layer])).unwrap().stacked.unwrap().squeeze(2).unwrap(); // [B, T, D]
     let w = Tensor::randn(0f64, 1.0, (bs, 2, lm.model.config.vocab_size), &Device::Cpu).unwrap();
     let var = Var::from_tensor(&clean).unwrap();
-    let grads = loss_from(&lm, &b, layer, var.as_tensor(), &w).backward().unwrap();
+    let grads = loss_from(lm, &b, layer, var.as_tensor(), &w).backward().unwrap();
     let g = grads.get(var.as_tensor()).expect("gradient reaches the residual stream");
     let g: Vec<Vec<Vec<f64>>> = g.to_vec3().unwrap();
     let base: Vec<f64> = clean.flatten_all().unwrap().to_vec1().unwrap();
@@ -50,7 +65,7 @@ fn finite_differences_match_backprop_through_two_frozen_blocks() {
                 let mut v = base.clone();
                 v[idx] += s;
                 let x = Tensor::from_vec(v, (bs, t, d), &Device::Cpu).unwrap();
-                loss_from(&lm, &b, layer, &x, &w).to_scalar::<f64>().unwrap()
+                loss_from(lm, &b, layer, &x, &w).to_scalar::<f64>().unwrap()
             };
             let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
             let an = g[row][pos][dim];

@@ -107,6 +107,18 @@ fn silu_mul_matches_composed_and_finite_differences() {
 }
 
 #[test]
+fn gelu_mul_matches_composed_and_finite_differences() {
+    // Gemma's GeGLU gate; scaled so the tanh saturates at both ends too.
+    let g = (randn(&[4, 6], 7) * 3.0).unwrap();
+    let u = randn(&[4, 6], 8);
+    check_gradients("gelu_mul", &[g.clone(), u.clone()], &|t| kernels::gelu_mul(&t[0], &t[1]).unwrap(), &|t| kernels::gelu_mul_composed(&t[0], &t[1]).unwrap());
+    // And both agree with candle's own (tanh-approximated) gelu in value.
+    let ours = kernels::gelu_mul(&g, &u).unwrap();
+    let candle = (g.gelu().unwrap() * &u).unwrap();
+    assert!(max_diff(&ours, &candle) < 1e-12, "{:e}", max_diff(&ours, &candle));
+}
+
+#[test]
 fn unit_rows_matches_composed() {
     let x = randn(&[5, 7], 7);
     let composed = x.broadcast_div(&(x.sqr().unwrap().sum_keepdim(D::Minus1).unwrap().sqrt().unwrap() + 1e-12).unwrap()).unwrap();

@@ -53,6 +53,41 @@ fn smollm2_matches_transformers_logits() {
 }
 
 #[test]
+fn tiny_gemma3_safetensors_matches_transformers() {
+    // 5 sliding layers (window 4, shorter than the prompts) and 1 global layer, q/k norms,
+    // (1 + w) norms, GeGLU, √D embeddings, query_pre_attn_scalar ≠ head_dim, tied embeddings.
+    assert_parity(&fixture("tiny-gemma3"), "tiny-gemma3-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
+fn tiny_gemma3_gguf_matches_transformers() {
+    // The GGUF stores every norm weight with +1 baked in, q/k unpermuted, and the Gemma
+    // tokenizer as scores and token types: all of it must come out as the HF model.
+    assert_parity(&fixture("tiny-gemma3.gguf"), "tiny-gemma3-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
+fn tiny_gemma3_variant_with_soft_capping_and_explicit_layer_types_matches_transformers() {
+    // Only a config.json can say this: layer types given explicitly, linear rope scaling on the
+    // global layers, other rope bases, window 3, another query scale, final-logit soft-capping,
+    // and an attn_logit_softcapping that transformers' Gemma 3 (and so ours) ignores.
+    let dir = copy_dir(&fixture("tiny-gemma3"));
+    std::fs::copy(fixture("tiny-gemma3-variant-config.json"), dir.path().join("config.json")).unwrap();
+    let lm = load(dir.path(), DType::F32);
+    let g = lm.model.config.gemma.as_ref().unwrap();
+    assert_eq!(g.attn_logit_softcapping, Some(1.5));
+    assert_eq!(g.final_logit_softcapping, Some(2.0));
+    assert_eq!(lm.model.config.rope.scaling, hyperdas::model::RopeScaling::Linear { factor: 4.0 });
+    assert_parity(dir.path(), "tiny-gemma3-variant-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
+fn gemma3_270m_matches_transformers_logits() {
+    let Some(path) = gemma3() else { return };
+    assert_parity(&path, "gemma3-270m-reference.safetensors", 1e-3, &["last_logits"]);
+}
+
+#[test]
 fn transformers4_config_spelling_gives_identical_outputs() {
     // transformers 4 writes top-level rope_theta + rope_scaling instead of rope_parameters.
     let dir = copy_dir(&fixture("tiny-llama"));

@@ -91,3 +91,36 @@ fn start_token_override() {
     let e = tok.set_start_token(&"<|nope|>".parse::<StartToken>().unwrap()).unwrap_err().to_string();
     assert!(e.contains("<|nope|>") && e.contains("tokenizer.json"), "{e}");
 }
+
+#[test]
+fn gemma_gguf_tokenizer_matches_transformers() {
+    // Runs of spaces stored as real spaces, merges in vocabulary order, no prefix space,
+    // newline runs as user-defined tokens.
+    let tok = TextTokenizer::from_gguf(&GgufFile::open(&fixture("tiny-gemma3.gguf")).unwrap()).unwrap();
+    let hf = TextTokenizer::from_hf_dir(&fixture("tiny-gemma3")).unwrap();
+    let f = ids_fixture("tiny-gemma3-tokenizer-ids.json");
+    let strings = f["strings"].as_array().unwrap();
+    assert!(strings.len() >= 14);
+    for (i, s) in strings.iter().enumerate() {
+        let s = s.as_str().unwrap();
+        let ids = tok.encode(s).unwrap();
+        assert_eq!(ids, as_ids(&f["transformers"][i]), "ids differ from transformers for {s:?}");
+        assert_eq!(hf.encode(s).unwrap(), ids, "tokenizer.json and the GGUF disagree on {s:?}");
+    }
+    assert_eq!(tok.start_token, Some(2), "<bos>");
+    assert_eq!(hf.start_token, Some(2), "<bos>");
+    let text = "Paris is a city in the country of";
+    assert_eq!(tok.decode(&tok.encode(text).unwrap()).unwrap(), text, "no prefix space is added or stripped");
+}
+
+#[test]
+fn gemma3_270m_gguf_tokenizer_matches_transformers() {
+    let Some(path) = gemma3() else { return };
+    let tok = TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let f = ids_fixture("gemma3-270m-tokenizer-ids.json");
+    for (i, s) in f["strings"].as_array().unwrap().iter().enumerate() {
+        let s = s.as_str().unwrap();
+        assert_eq!(tok.encode(s).unwrap(), as_ids(&f["transformers_gguf"][i]), "ids differ from transformers for {s:?}");
+    }
+    assert_eq!(tok.encode_prompt("Paris").unwrap()[0], 2, "Gemma prompts start with <bos>");
+}

@@ -405,6 +405,7 @@ def gemma_spm(ravel: Path, tmp: Path, vocab_size=400):
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(tmp / "gemma-spm"), vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=0.9995, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", control_symbols=["<mask>"],
         user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n", "\n\n", "\t"],
         add_dummy_prefix=False, normalization_rule_name="identity", remove_extra_whitespaces=False,
         split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2,

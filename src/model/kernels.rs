@@ -15,6 +15,7 @@
 //! | [`softmax_masked`] | `p = softmax(s + mask)` over the last dim | `ds = p ⊙ (dp − Σ p ⊙ dp)` |
 //! | [`rope`] | `y = x cos + rotate_half(x) sin` | the inverse rotation of `dy` |
 //! | [`silu_mul`] | `h = silu(g) ⊙ u` | `dg = dh ⊙ u ⊙ σ(g)(1 + g(1 − σ(g)))`, `du = dh ⊙ silu(g)` |
+//! | [`gelu_mul`] | `h = ½g(1 + t) ⊙ u`, `t = tanh(c(g + 0.044715 g³))` | `dg = dh ⊙ u ⊙ (½(1 + t) + ½g(1 − t²) c (1 + 3·0.044715 g²))`, `du = dh ⊙ gelu(g)` |
 //!
 //! [`graft`] attaches a value computed outside the graph to an input with a given backward
 //! (used for linear layers whose weight or input needs no gradient: candle's matmul backward
@@ -314,6 +315,38 @@ fn silu_mul_fwd<T: KernelFloat>(g: &[T], u: &[T]) -> Vec<T> {
         }
     });
     h
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_K: f64 = 0.044_715;
+
+fn gelu_mul_fwd<T: KernelFloat>(g: &[T], u: &[T]) -> Vec<T> {
+    let (c, k, half) = (T::from_f64(SQRT_2_OVER_PI), T::from_f64(GELU_K), T::from_f64(0.5));
+    let mut h = vec![T::zero(); g.len()];
+    h.par_chunks_mut(65_536).zip(g.par_chunks(65_536)).zip(u.par_chunks(65_536)).for_each(|((hc, gc), uc)| {
+        for ((o, &a), &b) in hc.iter_mut().zip(gc).zip(uc) {
+            let t = (c * (a + k * a * a * a)).tanh();
+            *o = half * a * (T::one() + t) * b;
+        }
+    });
+    h
+}
+
+fn gelu_mul_bwd<T: KernelFloat>(g: &[T], u: &[T], dh: &[T]) -> (Vec<T>, Vec<T>) {
+    let (c, k, half, three) = (T::from_f64(SQRT_2_OVER_PI), T::from_f64(GELU_K), T::from_f64(0.5), T::from_f64(3.0));
+    let mut dg = vec![T::zero(); g.len()];
+    let mut du = vec![T::zero(); g.len()];
+    const C: usize = 65_536;
+    dg.par_chunks_mut(C).zip(du.par_chunks_mut(C)).zip(g.par_chunks(C).zip(u.par_chunks(C)).zip(dh.par_chunks(C))).for_each(|((dgc, duc), ((gc, uc), hc))| {
+        for ((((og, ou), &a), &b), &d) in dgc.iter_mut().zip(duc.iter_mut()).zip(gc).zip(uc).zip(hc) {
+            let t = (c * (a + k * a * a * a)).tanh();
+            let gelu = half * a * (T::one() + t);
+            let dgelu = half * (T::one() + t) + half * a * (T::one() - t * t) * c * (T::one() + three * k * a * a);
+            *og = d * b * dgelu;
+            *ou = d * gelu;
+        }
+    });
+    (dg, du)
 }
 
 fn silu_mul_bwd<T: KernelFloat>(g: &[T], u: &[T], dh: &[T]) -> (Vec<T>, Vec<T>) {
@@ -874,21 +907,6 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
     Ok(out.reshape((b, h, tq, hd))?.transpose(1, 2)?.reshape((b, tq, h * hd))?) // [B, Tq, H·hd]
 }
 
-/// [`attention`] with Gemma's soft-capped scores, `cap · tanh(s / cap)` before the mask
-/// (transformers' eager attention), composed from candle ops (all with a backward).
-pub fn attention_softcapped(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, cap: f64) -> Result<Tensor> {
-    let (b, h, tq, hd) = q.dims4()?;
-    let (_, hkv, tk, _) = k.dims4()?;
-    let rep = h / hkv;
-    let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep * tq, hd))?; // [B, Hkv, rep·Tq, hd]
-    let scores = q.matmul(&k.t()?)?.reshape((b, h, tq, tk))?; // [B, H, Tq, Tk]
-    let scores = scores.to_dtype(accum_dtype(scores.dtype()))?; // [B, H, Tq, Tk]
-    let scores = ((scores / cap)?.tanh()? * cap)?; // [B, H, Tq, Tk]
-    let probs = softmax_masked(&scores, Some(&mask.to_dtype(scores.dtype())?))?.to_dtype(v.dtype())?; // [B, H, Tq, Tk]
-    let out = probs.reshape((b, hkv, rep * tq, tk))?.matmul(v)?; // [B, Hkv, rep·Tq, hd]
-    Ok(out.reshape((b, h, tq, hd))?.transpose(1, 2)?.reshape((b, tq, h * hd))?) // [B, Tq, H·hd]
-}
-
 /// Attention forward outside any graph, keeping the probabilities for
 /// [`attention_backward`]: `(out [B, Tq, H·hd], p [B, H, Tq, Tk])`. CPU f32/f64 only.
 pub fn attention_forward_saved(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
@@ -981,6 +999,70 @@ pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor,
     let silu = (g * &sig)?;
     let dsilu = (&sig * (g * (sig.affine(-1.0, 1.0)?))?.affine(1.0, 1.0)?)?;
     Ok(((dh * u)?.mul(&dsilu)?, (dh * silu)?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU(tanh)-gated product (Gemma's GeGLU middle).
+
+struct GeluMulOp;
+
+impl CustomOp2 for GeluMulOp {
+    fn name(&self) -> &'static str {
+        "hyperdas-gelu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let st = match s1.dtype() {
+            DType::F32 => to_storage(gelu_mul_fwd::<f32>(slice(s1, l1)?, slice(s2, l2)?)),
+            DType::F64 => to_storage(gelu_mul_fwd::<f64>(slice(s1, l1)?, slice(s2, l2)?)),
+            _ => return Err(cpu_only()),
+        };
+        Ok((st, l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _h: &Tensor, dh: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = gelu_mul_backward(g, u, dh).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// `gelu_tanh(g) ⊙ u` (same shapes): transformers' `gelu_pytorch_tanh` gate.
+pub fn gelu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if fusable(&[g, u]) && g.dims() == u.dims() {
+        return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, GeluMulOp)?);
+    }
+    gelu_mul_composed(g, u)
+}
+
+/// [`gelu_mul`] from candle ops with exact constants (candle's own `gelu` backward rounds
+/// √(2/π) and 0.044715 to six digits).
+pub fn gelu_mul_composed(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let inner = ((g.sqr()? * GELU_K)?.affine(1.0, 1.0)? * g)?; // g + k g³
+    let t = (inner * SQRT_2_OVER_PI)?.tanh()?;
+    Ok(((g * 0.5)? * t.affine(1.0, 1.0)?)?.mul(u)?)
+}
+
+/// The backward of the fused [`gelu_mul`]: `(dg, du)`. CPU f32/f64 only (elsewhere the
+/// composed forward is differentiated by autograd).
+pub fn gelu_mul_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    if !fusable(&[g, u, dh]) {
+        return Err(Error::invalid("gelu_mul backward: CPU f32/f64 only"));
+    }
+    {
+        let shape = g.shape().clone();
+        let (dg, du) = host_dispatch!(
+            g.dtype(),
+            {
+                let (a, b) = with_host::<f32, _>(g, |gs| with_host::<f32, _>(u, |us| with_host::<f32, _>(dh, |hs| gelu_mul_bwd(gs, us, hs))))???;
+                (Tensor::from_vec(a, shape.clone(), &Device::Cpu)?, Tensor::from_vec(b, shape, &Device::Cpu)?)
+            },
+            {
+                let (a, b) = with_host::<f64, _>(g, |gs| with_host::<f64, _>(u, |us| with_host::<f64, _>(dh, |hs| gelu_mul_bwd(gs, us, hs))))???;
+                (Tensor::from_vec(a, shape.clone(), &Device::Cpu)?, Tensor::from_vec(b, shape, &Device::Cpu)?)
+            }
+        );
+        Ok((dg, du))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@
 //! **Gemma 3** runs on the same types with the extras of [`Gemma3Config`](super::config::Gemma3Config)
 //! switched on: `√D`-scaled embeddings, `(1 + w)` norms (stored here as the multiplier `1 + w`),
 //! per-head q/k norms, a norm after attention and around the MLP, GeGLU, sliding-window layers
-//! with their own RoPE base, optional soft-capping. The interpretability API is unchanged.
+//! with their own RoPE base, optional final-logit soft-capping. The interpretability API is unchanged.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -116,28 +116,25 @@ pub struct Attention {
     pub k_norm: Option<RmsNorm>,
     /// Extra factor on q when the score scale is not `1/√hd` (Gemma 3: `√(hd / query_pre_attn_scalar)`).
     pub q_scale: Option<f64>,
-    /// Gemma 2/3 attention soft-capping: `scores = cap · tanh(scores / cap)`.
-    pub softcap: Option<f64>,
 }
 
 impl Attention {
     /// A Llama attention from its four projections (no q/k norms, `1/√hd` scores, no cap).
     pub fn plain(q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
-        Attention { q_proj, k_proj, v_proj, o_proj, n_heads, n_kv_heads, head_dim, q_norm: None, k_norm: None, q_scale: None, softcap: None }
+        Attention { q_proj, k_proj, v_proj, o_proj, n_heads, n_kv_heads, head_dim, q_norm: None, k_norm: None, q_scale: None }
     }
 
     fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
         let (d, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let (q_norm, k_norm, q_scale, softcap) = match &c.gemma {
-            None => (None, None, None, None),
+        let (q_norm, k_norm, q_scale) = match &c.gemma {
+            None => (None, None, None),
             Some(g) => {
                 let s = (hd as f64 / g.query_pre_attn_scalar).sqrt();
                 (
                     Some(RmsNorm::load_for(w, &format!("{prefix}.q_norm.weight"), hd, c, dtype, dev)?),
                     Some(RmsNorm::load_for(w, &format!("{prefix}.k_norm.weight"), hd, c, dtype, dev)?),
                     (s != 1.0).then_some(s),
-                    g.attn_logit_softcapping,
                 )
             }
         };
@@ -145,7 +142,6 @@ impl Attention {
             q_norm,
             k_norm,
             q_scale,
-            softcap,
             q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, d, c.qkv_bias, dtype, dev)?,
             k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv, d, c.qkv_bias, dtype, dev)?,
             v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv, d, c.qkv_bias, dtype, dev)?,
@@ -214,10 +210,7 @@ impl Attention {
             q = (q * s)?; // [B, H, Tq, hd]: scores come out scaled by 1/√query_pre_attn_scalar
         }
         let mask = mask.to_dtype(accum_dtype(q.dtype()))?.broadcast_as((b, 1, mask.dim(2)?, k.dim(2)?))?; // [B, 1, Tq|1, Tk]
-        let out = match self.softcap {
-            None => kernels::attention(&q, k, v, &mask)?,                       // [B, Tq, H·hd]
-            Some(cap) => kernels::attention_softcapped(&q, k, v, &mask, cap)?, // [B, Tq, H·hd]
-        };
+        let out = kernels::attention(&q, k, v, &mask)?; // [B, Tq, H·hd]
         self.o_proj.forward(&out) // [B, Tq, D]
     }
 }
@@ -247,8 +240,7 @@ impl Mlp {
         let u = self.up_proj.forward(x)?; // [B, T, F]
         let h = match self.act {
             Activation::Silu => kernels::silu_mul(&g, &u)?, // [B, T, F]
-            // candle's gelu is the tanh approximation, with a backward.
-            Activation::GeluTanh => (g.gelu()? * u)?, // [B, T, F]
+            Activation::GeluTanh => kernels::gelu_mul(&g, &u)?, // [B, T, F]
         };
         self.down_proj.forward(&h) // [B, T, D]
     }

