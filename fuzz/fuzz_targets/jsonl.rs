@@ -1,0 +1,6 @@
+//! libFuzzer target: [`bodies::jsonl`] (the body is shared with tests/fuzz_corpus.rs).
+#![no_main]
+#[path = "bodies.rs"]
+mod bodies;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::jsonl(data));
