@@ -135,13 +135,24 @@ fn tiny_batch(lm: &hyperdas::model::LoadedModel) -> TokenBatch {
 
 #[test]
 fn forward_from_reproduces_the_clean_pass_at_every_layer() {
-    let lm = load(&fixture("tiny-llama"), DType::F32);
+    forward_from_reproduces_the_clean_pass("tiny-llama");
+}
+
+#[test]
+fn gemma3_forward_from_reproduces_the_clean_pass_at_every_layer() {
+    // Sliding layers read the context's local mask and RoPE tables, global ones the others.
+    forward_from_reproduces_the_clean_pass("tiny-gemma3");
+}
+
+fn forward_from_reproduces_the_clean_pass(name: &str) {
+    let lm = load(&fixture(name), DType::F32);
     let batch = tiny_batch(&lm);
     let ctx = lm.model.context(&batch).unwrap();
     let hs = lm.model.forward_hidden(&batch, None).unwrap();
     let stacked = hs.stacked.as_ref().unwrap();
     let n = lm.model.num_layers();
-    assert_eq!(stacked.dims(), &[3, batch.dims().1, n + 1, 64]);
+    let d = lm.model.hidden_size();
+    assert_eq!(stacked.dims(), &[3, batch.dims().1, n + 1, d]);
     for l in 0..n {
         let resid = stacked.narrow(2, l, 1).unwrap().squeeze(2).unwrap();
         let out = lm.model.forward_from(l, &resid, &ctx).unwrap();
@@ -151,7 +162,7 @@ fn forward_from_reproduces_the_clean_pass_at_every_layer() {
     // Index L is after the final norm; forward_from(L, x) is only the norm.
     let last = stacked.narrow(2, n, 1).unwrap().squeeze(2).unwrap();
     assert_eq!(max_abs_diff(&last, &hs.final_normed), 0.0);
-    let x = Tensor::ones((3, batch.dims().1, 64), DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::ones((3, batch.dims().1, d), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(max_abs_diff(&lm.model.forward_from(n, &x, &ctx).unwrap(), &lm.model.final_norm(&x).unwrap()), 0.0);
     // Selecting a subset returns the same tensors, in request order.
     let sub = lm.model.forward_hidden(&batch, Some(&[2, 0])).unwrap();
@@ -161,9 +172,9 @@ fn forward_from_reproduces_the_clean_pass_at_every_layer() {
     assert!(lm.model.forward_hidden(&batch, Some(&[n + 1])).is_err());
     assert!(lm.model.forward_from(n + 1, &hs.final_normed, &ctx).is_err());
     // A residual from another batch shape gets a clear error, not a broadcast failure.
-    let wrong = Tensor::zeros((1, 5, 64), DType::F32, &Device::Cpu).unwrap();
+    let wrong = Tensor::zeros((1, 5, d), DType::F32, &Device::Cpu).unwrap();
     let e = lm.model.forward_from(1, &wrong, &ctx).unwrap_err().to_string();
-    assert!(e.contains("[1, 5, 64]") && e.contains("same (padded) batch"), "{e}");
+    assert!(e.contains(&format!("[1, 5, {d}]")) && e.contains("same (padded) batch"), "{e}");
 }
 
 #[test]
@@ -228,7 +239,18 @@ fn logits_at_selected_positions_equal_full_logits() {
 
 #[test]
 fn a_row_does_not_depend_on_its_padding_or_batch_neighbours() {
-    let lm = load(&fixture("tiny-llama"), DType::F32);
+    row_independent_of_padding("tiny-llama");
+}
+
+#[test]
+fn a_gemma3_row_does_not_depend_on_its_padding_or_batch_neighbours() {
+    // The sliding window counts padded indices, as transformers does; for left-padded rows
+    // that is the distance in positions, so padding must not move the window.
+    row_independent_of_padding("tiny-gemma3");
+}
+
+fn row_independent_of_padding(name: &str) {
+    let lm = load(&fixture(name), DType::F32);
     let short = lm.tokenizer.encode_prompt("Tokyo").unwrap();
     let long = lm.tokenizer.encode_prompt("The capital of Japan is the city of Tokyo").unwrap();
     let alone = TokenBatch::left_padded(std::slice::from_ref(&short), 0, &Device::Cpu).unwrap();
@@ -243,15 +265,24 @@ fn a_row_does_not_depend_on_its_padding_or_batch_neighbours() {
 
 #[test]
 fn half_precision_targets_run_and_stay_close_to_f32() {
-    let f32m = load(&fixture("tiny-llama"), DType::F32);
+    half_precision_close_to_f32("tiny-llama");
+}
+
+#[test]
+fn half_precision_gemma3_runs_and_stays_close_to_f32() {
+    half_precision_close_to_f32("tiny-gemma3");
+}
+
+fn half_precision_close_to_f32(name: &str) {
+    let f32m = load(&fixture(name), DType::F32);
     let batch = tiny_batch(&f32m);
     let want = f32m.model.logits_last(&f32m.model.forward_hidden(&batch, Some(&[])).unwrap().final_normed).unwrap();
     for (dt, tol) in [(DType::BF16, 0.6), (DType::F16, 0.1), (DType::F64, 1e-4)] {
-        let lm = load(&fixture("tiny-llama"), dt);
+        let lm = load(&fixture(name), dt);
         let got = lm.model.logits_last(&lm.model.forward_hidden(&batch, Some(&[])).unwrap().final_normed).unwrap();
         assert_eq!(got.dtype(), dt);
         let d = max_abs_diff(&got, &want);
-        eprintln!("{dt:?}: max|logit diff| vs f32 {d:.3e}");
-        assert!(d < tol, "{dt:?} logits differ from f32 by {d}");
+        eprintln!("{name} {dt:?}: max|logit diff| vs f32 {d:.3e}");
+        assert!(d < tol, "{name}: {dt:?} logits differ from f32 by {d}");
     }
 }

@@ -191,24 +191,82 @@ impl StrCol<'_> {
     }
 }
 
+/// The record batches of an Arrow IPC stream, or of the stream inside the file format, decoded
+/// message by message. Every buffer of a record batch is checked to lie inside its message body
+/// before arrow-ipc sees it: arrow-ipc 60 slices buffers unchecked and panics on a file that
+/// claims otherwise (found by the `arrow` fuzz target).
+fn ipc_batches(bytes: &[u8], path: &Path) -> Result<Vec<RecordBatch>> {
+    use arrow_ipc::MessageHeader;
+    let ferr = |m: String| Error::file(path, format!("cannot read Arrow data: {m}"));
+    let word = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    // The file format is magic + padding, the stream, a footer: the stream part is all we need.
+    let mut pos = if bytes.starts_with(b"ARROW1") { 8 } else { 0 };
+    let mut schema: Option<Arc<Schema>> = None;
+    let mut out = Vec::new();
+    loop {
+        let Some(mut len) = word(pos) else {
+            if pos >= bytes.len() {
+                break; // a stream may end without its end-of-stream marker
+            }
+            return Err(ferr(format!("truncated message header at byte {pos}")));
+        };
+        pos += 4;
+        if len == 0xFFFF_FFFF {
+            len = word(pos).ok_or_else(|| ferr(format!("truncated message header at byte {pos}")))?;
+            pos += 4;
+        }
+        if len == 0 {
+            break; // end of stream
+        }
+        let meta_end = pos.checked_add(len as usize).filter(|&e| e <= bytes.len()).ok_or_else(|| ferr(format!("the message at byte {pos} claims {len} bytes of metadata, past the end of the file")))?;
+        let message = arrow_ipc::root_as_message(&bytes[pos..meta_end]).map_err(|e| ferr(format!("invalid message at byte {pos}: {e}")))?;
+        let body_len = usize::try_from(message.bodyLength()).map_err(|_| ferr(format!("the message at byte {pos} has a negative body length")))?;
+        let body_end = meta_end.checked_add(body_len).filter(|&e| e <= bytes.len()).ok_or_else(|| ferr(format!("the message at byte {pos} claims a {body_len}-byte body, past the end of the file")))?;
+        match message.header_type() {
+            MessageHeader::Schema => {
+                let fb = message.header_as_schema().ok_or_else(|| ferr(format!("the schema message at byte {pos} has no schema")))?;
+                schema = Some(Arc::new(arrow_ipc::convert::try_fb_to_schema(fb).map_err(|e| ferr(format!("invalid schema at byte {pos}: {e}")))?));
+            }
+            MessageHeader::RecordBatch => {
+                let batch = message.header_as_record_batch().ok_or_else(|| ferr(format!("the record-batch message at byte {pos} has no batch")))?;
+                let schema = schema.clone().ok_or_else(|| ferr(format!("a record batch at byte {pos} comes before the schema")))?;
+                for (i, b) in batch.buffers().into_iter().flatten().enumerate() {
+                    let inside = b.offset() >= 0 && b.length() >= 0 && (b.offset() as u64).checked_add(b.length() as u64).is_some_and(|e| e <= body_len as u64);
+                    if !inside {
+                        return Err(ferr(format!(
+                            "buffer {i} of the record batch at byte {pos} (offset {}, length {}) lies outside its {body_len}-byte body",
+                            b.offset(),
+                            b.length()
+                        )));
+                    }
+                }
+                if batch.compression().is_some() {
+                    return Err(ferr(format!("the record batch at byte {pos} is compressed; save the dataset uncompressed")));
+                }
+                let body = arrow_buffer::Buffer::from(bytes[meta_end..body_end].to_vec());
+                let rb = arrow_ipc::reader::read_record_batch(&body, batch, schema, &HashMap::new(), None, &message.version())
+                    .map_err(|e| ferr(format!("record batch at byte {pos}: {e}")))?;
+                out.push(rb);
+            }
+            MessageHeader::DictionaryBatch => {
+                return Err(ferr("dictionary-encoded columns are not supported; save the dataset with plain string columns".into()));
+            }
+            other => return Err(ferr(format!("unexpected message type {other:?} at byte {pos}"))),
+        }
+        pos = body_end;
+    }
+    if schema.is_none() {
+        return Err(ferr("no schema message (not an Arrow IPC stream or file)".into()));
+    }
+    Ok(out)
+}
+
 /// Append the rows of one `.arrow` file (stream or file format) to `ds`.
 fn read_arrow_file(path: &Path, opts: ReadOptions, ds: &mut Dataset) -> Result<()> {
-    let ferr = |e: &dyn std::fmt::Display| Error::file(path, format!("cannot read Arrow data: {e}"));
-    let mut magic = [0u8; 6];
-    {
-        use std::io::Read;
-        let mut f = File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-        let _ = f.read(&mut magic);
-    }
-    let file = BufReader::new(File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?);
-    let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, arrow_schema::ArrowError>>> = if &magic == b"ARROW1" {
-        Box::new(arrow_ipc::reader::FileReader::try_new(file, None).map_err(|e| ferr(&e))?)
-    } else {
-        Box::new(arrow_ipc::reader::StreamReader::try_new(file, None).map_err(|e| ferr(&e))?)
-    };
+    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+    let batches = ipc_batches(&bytes, path)?;
     let mut schema_checked = false;
     for batch in batches {
-        let batch = batch.map_err(|e| ferr(&e))?;
         let schema = batch.schema();
         if !schema_checked {
             let missing: Vec<&str> = COLUMNS.iter().copied().filter(|c| schema.column_with_name(c).is_none()).collect();

@@ -114,7 +114,9 @@ impl TextTokenizer {
         if !path.is_file() {
             return Err(Error::file(dir, "no tokenizer.json in the model directory"));
         }
-        let inner = Tokenizer::from_file(&path).map_err(|e| tk_err(&path, "cannot load tokenizer", e))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+        check_tokenizer_json(&text, &path)?;
+        let inner: Tokenizer = text.parse().map_err(|e| tk_err(&path, "cannot load tokenizer", e))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg = if cfg_path.is_file() { Some(crate::error::read_json(&cfg_path)?) } else { None };
         let get = |k: &str| cfg.as_ref().and_then(|c| c.get(k));
@@ -328,6 +330,37 @@ impl TextTokenizer {
     pub fn padding_id(&self) -> u32 {
         self.pad_id.or(self.eos_id).unwrap_or(0)
     }
+}
+
+/// What `tokenizers` 0.23 would panic on instead of returning an error (found by the
+/// `tokenizer_json` fuzz target): invalid JSON syntax (its decoder deserialiser `expect`s) and a
+/// `Precompiled` normalizer whose fields do not deserialise (`expect("Precompiled")`).
+fn check_tokenizer_json(text: &str, path: &Path) -> Result<()> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
+    fn precompiled(v: &serde_json::Value, at: &str, path: &Path) -> Result<()> {
+        match v {
+            serde_json::Value::Object(o) => {
+                if o.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
+                    serde_json::from_value::<tokenizers::normalizers::precompiled::Precompiled>(v.clone())
+                        .map_err(|e| Error::key(path, at, format!("invalid Precompiled normalizer: {e}")))?;
+                }
+                for (k, child) in o {
+                    precompiled(child, &format!("{at}.{k}"), path)?;
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for (i, child) in a.iter().enumerate() {
+                    precompiled(child, &format!("{at}[{i}]"), path)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    if let Some(n) = v.get("normalizer") {
+        precompiled(n, "normalizer", path)?;
+    }
+    Ok(())
 }
 
 /// GPT-2's byte → printable-character table (`bytes_to_unicode`).
