@@ -240,6 +240,7 @@ fn ipc_batches(bytes: &[u8], path: &Path) -> Result<Vec<RecordBatch>> {
                         )));
                     }
                 }
+                check_layout(&schema, &batch).map_err(|m| ferr(format!("the record batch at byte {pos}: {m}")))?;
                 if batch.compression().is_some() {
                     return Err(ferr(format!("the record batch at byte {pos} is compressed; save the dataset uncompressed")));
                 }
@@ -259,6 +260,52 @@ fn ipc_batches(bytes: &[u8], path: &Path) -> Result<Vec<RecordBatch>> {
         return Err(ferr("no schema message (not an Arrow IPC stream or file)".into()));
     }
     Ok(out)
+}
+
+/// Check a record batch's buffers against its schema before arrow-ipc builds arrays from them:
+/// the count per column, and whole elements in every fixed-width buffer (arrow-data 60 asserts
+/// this and panics otherwise; found by the `arrow` fuzz target). Columns must be flat:
+/// strings (what the dataset needs), or numbers, booleans and nulls among extra columns.
+fn check_layout(schema: &Schema, batch: &arrow_ipc::RecordBatch) -> std::result::Result<(), String> {
+    let nodes = batch.nodes().map(|n| n.len()).unwrap_or(0);
+    if nodes != schema.fields().len() {
+        return Err(format!("{nodes} field nodes for {} columns", schema.fields().len()));
+    }
+    let buffers: Vec<i64> = batch.buffers().into_iter().flatten().map(|b| b.length()).collect();
+    let mut variadic = batch.variadicBufferCounts().into_iter().flatten();
+    let mut at = 0usize;
+    for f in schema.fields() {
+        // (element width of each buffer after the validity bitmap; 0 = bytes or bits)
+        let widths: Vec<usize> = match f.data_type() {
+            DataType::Null => Vec::new(),
+            DataType::Boolean => vec![1, 0],
+            DataType::Int8 | DataType::UInt8 => vec![1, 1],
+            DataType::Int16 | DataType::UInt16 | DataType::Float16 => vec![1, 2],
+            DataType::Int32 | DataType::UInt32 | DataType::Float32 | DataType::Date32 => vec![1, 4],
+            DataType::Int64 | DataType::UInt64 | DataType::Float64 | DataType::Date64 | DataType::Timestamp(..) => vec![1, 8],
+            DataType::Utf8 | DataType::Binary => vec![1, 4, 1],
+            DataType::LargeUtf8 | DataType::LargeBinary => vec![1, 8, 1],
+            DataType::Utf8View | DataType::BinaryView => {
+                let extra = variadic.next().ok_or("a view column without its variadic buffer count")?;
+                let extra = usize::try_from(extra).ok().filter(|&n| n <= buffers.len()).ok_or("an impossible variadic buffer count")?;
+                let mut w = vec![1, 16];
+                w.extend(std::iter::repeat_n(1, extra));
+                w
+            }
+            other => return Err(format!("column `{}` has type {other}; only flat string, number, boolean and null columns are read", f.name())),
+        };
+        for (k, w) in widths.iter().enumerate() {
+            let len = *buffers.get(at + k).ok_or_else(|| format!("column `{}` is missing buffer {k}", f.name()))?;
+            if *w > 1 && len as usize % w != 0 {
+                return Err(format!("buffer {k} of column `{}` holds {len} bytes, not a whole number of {w}-byte elements", f.name()));
+            }
+        }
+        at += widths.len();
+    }
+    if at != buffers.len() {
+        return Err(format!("{} buffers for columns that use {at}", buffers.len()));
+    }
+    Ok(())
 }
 
 /// Append the rows of one `.arrow` file (stream or file format) to `ds`.

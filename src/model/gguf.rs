@@ -430,11 +430,20 @@ impl GgufFile {
         if start.saturating_add(len) > self.file_size {
             return Err(Error::tensor(&self.path, name, "data lies past the end of the file: the file is truncated"));
         }
+        if info.shape.contains(&0) {
+            return Ok(Tensor::zeros(info.shape.clone(), candle_core::DType::F32, &Device::Cpu)?);
+        }
         let mut f = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         f.seek(SeekFrom::Start(start)).map_err(|e| Error::io(&self.path, e))?;
-        let mut raw = vec![0u8; len as usize];
-        f.read_exact(&mut raw).map_err(|e| Error::io(&self.path, e))?;
-        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &raw, info.shape.clone(), &Device::Cpu)
+        // candle reinterprets the bytes as blocks (`slice::from_raw_parts`), which must be aligned
+        // for them: read into 8-byte-aligned storage, never a plain byte vector (found by the
+        // `gguf` fuzz target).
+        let len = len as usize;
+        let mut words = vec![0u64; len.div_ceil(8)];
+        // SAFETY: `words` owns at least `len` initialised bytes; u8 has no alignment needs.
+        let raw: &mut [u8] = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) };
+        f.read_exact(raw).map_err(|e| Error::io(&self.path, e))?;
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, raw, info.shape.clone(), &Device::Cpu)
             .map_err(|e| Error::tensor(&self.path, name, format!("cannot decode {} data: {e}", ggml_type_name(info.ggml_type))))?;
         let t = q.dequantize(&Device::Cpu)?;
         Ok(t)

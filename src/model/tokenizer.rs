@@ -333,8 +333,10 @@ impl TextTokenizer {
 }
 
 /// What `tokenizers` 0.23 would panic on instead of returning an error (found by the
-/// `tokenizer_json` fuzz target): invalid JSON syntax (its decoder deserialiser `expect`s) and a
-/// `Precompiled` normalizer whose fields do not deserialise (`expect("Precompiled")`).
+/// `tokenizer_json` fuzz target): invalid JSON syntax (its decoder deserialiser `expect`s), a
+/// `Precompiled` normalizer whose fields do not deserialise (`expect("Precompiled")`), and a
+/// `TemplateProcessing` whose template names a special token it does not define (indexed
+/// unchecked when encoding).
 fn check_tokenizer_json(text: &str, path: &Path) -> Result<()> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
     fn precompiled(v: &serde_json::Value, at: &str, path: &Path) -> Result<()> {
@@ -359,6 +361,38 @@ fn check_tokenizer_json(text: &str, path: &Path) -> Result<()> {
     }
     if let Some(n) = v.get("normalizer") {
         precompiled(n, "normalizer", path)?;
+    }
+    fn templates(v: &serde_json::Value, at: &str, path: &Path) -> Result<()> {
+        match v {
+            serde_json::Value::Object(o) if o.get("type").and_then(|t| t.as_str()) == Some("TemplateProcessing") => {
+                let defined = o.get("special_tokens").and_then(|s| s.as_object());
+                for which in ["single", "pair"] {
+                    for (i, piece) in o.get(which).and_then(|p| p.as_array()).into_iter().flatten().enumerate() {
+                        if let Some(id) = piece.get("SpecialToken").and_then(|s| s.get("id")).and_then(|s| s.as_str())
+                            && !defined.is_some_and(|d| d.contains_key(id)) {
+                                return Err(Error::key(path, format!("{at}.{which}[{i}]"), format!("special token `{id}` is not defined in {at}.special_tokens")));
+                            }
+                    }
+                }
+                Ok(())
+            }
+            serde_json::Value::Object(o) => {
+                for (k, child) in o {
+                    templates(child, &format!("{at}.{k}"), path)?;
+                }
+                Ok(())
+            }
+            serde_json::Value::Array(a) => {
+                for (i, child) in a.iter().enumerate() {
+                    templates(child, &format!("{at}[{i}]"), path)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+    if let Some(p) = v.get("post_processor") {
+        templates(p, "post_processor", path)?;
     }
     Ok(())
 }
