@@ -14,6 +14,11 @@ fn partial_name(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
 }
 
+/// [`write_file`] with the whole contents as text.
+pub fn write_text(path: &Path, text: &str) -> Result<()> {
+    write_file(path, |w| w.write_all(text.as_bytes()).map_err(|e| Error::file(path, format!("cannot write: {e}"))))
+}
+
 /// Write a file through a buffered temporary file, then rename it to `path`.
 pub fn write_file(path: &Path, body: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -213,11 +213,7 @@ impl Interpreter {
         let s = hs.narrow(2, l, 1)?.squeeze(2)?.to_dtype(candle_core::DType::F32)?; // [B, T_s, D]
         let m = mix_positions(&w, &s, &h)?; // [B, T_b, D]
         let new = self.subspace.apply(&h, &m, &out.z)?.to_dtype(target.dtype())?; // [B, T_b, D]
-        let (k, pos, targets, valid) = batch.label_targets(label_limit);
-        let positions = Tensor::from_vec(pos, (b, k), dev)?; // [B, K]
-        let logits = target.logits_from(l, &new, &ctx, &positions)?.to_dtype(candle_core::DType::F32)?; // [B, K, V]
-        crate::profile::mark("intervened");
-        Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w, w_soft: out.w })
+        intervened(target, l, &new, &ctx, batch, label_limit, w, out.w)
     }
 }
 
@@ -257,12 +253,28 @@ impl Interpreter {
         let m = mix_positions(&w, &s, &h)?; // [B, T_b, D]: s[p_s] at p_b, h elsewhere
         let z = Tensor::zeros((b, h.dim(2)?), candle_core::DType::F32, dev)?; // unused by DAS
         let new = self.subspace.apply(&h, &m, &z)?.to_dtype(target.dtype())?; // [B, T_b, D]
-        let (k, pos, targets, valid) = batch.label_targets(label_limit);
-        let positions = Tensor::from_vec(pos, (b, k), dev)?; // [B, K]
-        let logits = target.logits_from(l, &new, &ctx, &positions)?.to_dtype(candle_core::DType::F32)?; // [B, K, V]
-        crate::profile::mark("intervened");
-        Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w: w.clone(), w_soft: w })
+        intervened(target, l, &new, &ctx, batch, label_limit, w.clone(), w)
     }
+}
+
+/// The shared tail of both forwards: blocks `l..L` from the edited residual `new [B, T_b, D]`
+/// and the logits at the label positions.
+#[allow(clippy::too_many_arguments)]
+fn intervened(
+    target: &Llama,
+    l: usize,
+    new: &Tensor,
+    ctx: &crate::model::ForwardContext,
+    batch: &CollatedBatch,
+    label_limit: usize,
+    w: Tensor,
+    w_soft: Tensor,
+) -> Result<Intervened> {
+    let (k, pos, targets, valid) = batch.label_targets(label_limit);
+    let positions = Tensor::from_vec(pos, (batch.len(), k), target.device())?; // [B, K]
+    let logits = target.logits_from(l, new, ctx, &positions)?.to_dtype(candle_core::DType::F32)?; // [B, K, V]
+    crate::profile::mark("intervened");
+    Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w, w_soft })
 }
 
 /// HyperDAS's prediction loss: `(1/#label tokens) Σ w_row · CE`, `w_row` = `causal_weight` on

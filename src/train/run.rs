@@ -411,7 +411,7 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     };
     let info_path = out.join("run.json");
     let text = serde_json::to_string_pretty(&info).map_err(|e| Error::invalid(e.to_string()))?;
-    crate::atomic::write_file(&info_path, |w| std::io::Write::write_all(w, text.as_bytes()).map_err(|e| Error::file(&info_path, format!("cannot write: {e}"))))?;
+    crate::atomic::write_text(&info_path, &text)?;
     if progress {
         eprint!("{}", scored.table());
         if let Some(c) = interp.cache_stats() {
@@ -506,7 +506,7 @@ fn write_results(dir: &Path, stem: &str, scored: &Scored) -> Result<()> {
     ];
     for (name, text) in files {
         let path = dir.join(&name);
-        crate::atomic::write_file(&path, |w| std::io::Write::write_all(w, text.as_bytes()).map_err(|e| Error::file(&path, format!("cannot write: {e}"))))?;
+        crate::atomic::write_text(&path, &text)?;
     }
     Ok(())
 }

@@ -202,7 +202,7 @@ fn write_outputs(plan: &SweepPlan, pts: &[Point], runs: &[RunSummary]) -> Result
     }
     let write = |name: &str, text: &str| -> Result<()> {
         let path = plan.out.join(name);
-        crate::atomic::write_file(&path, |w| std::io::Write::write_all(w, text.as_bytes()).map_err(|e| Error::file(&path, format!("cannot write: {e}"))))
+        crate::atomic::write_text(&path, &text)
     };
     write("sweep.csv", &csv)?;
 
