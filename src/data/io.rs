@@ -296,7 +296,7 @@ fn check_layout(schema: &Schema, batch: &arrow_ipc::RecordBatch) -> std::result:
         };
         for (k, w) in widths.iter().enumerate() {
             let len = *buffers.get(at + k).ok_or_else(|| format!("column `{}` is missing buffer {k}", f.name()))?;
-            if *w > 1 && len as usize % w != 0 {
+            if *w > 1 && !(len as usize).is_multiple_of(*w) {
                 return Err(format!("buffer {k} of column `{}` holds {len} bytes, not a whole number of {w}-byte elements", f.name()));
             }
         }

@@ -202,7 +202,7 @@ fn write_outputs(plan: &SweepPlan, pts: &[Point], runs: &[RunSummary]) -> Result
     }
     let write = |name: &str, text: &str| -> Result<()> {
         let path = plan.out.join(name);
-        crate::atomic::write_text(&path, &text)
+        crate::atomic::write_text(&path, text)
     };
     write("sweep.csv", &csv)?;
 
