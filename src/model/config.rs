@@ -195,6 +195,10 @@ impl LlamaConfig {
 
         let hidden_size = obj.usize("hidden_size")?;
         let num_attention_heads = obj.usize("num_attention_heads")?;
+        if num_attention_heads == 0 {
+            // Checked here, not only in validate(): head_dim is derived by dividing by it.
+            return Err(obj.err("num_attention_heads", "must be positive"));
+        }
         let num_key_value_heads = obj.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
         let head_dim = match obj.opt_usize("head_dim")? {
             Some(h) => h,
@@ -675,6 +679,10 @@ mod tests {
         let mut v = base();
         v["rope_parameters"] = json!({"rope_type": "yarn", "factor": 4.0});
         assert!(parse(&v).unwrap_err().to_string().contains("rope_parameters.rope_type"));
+
+        let mut v = base();
+        v["num_attention_heads"] = json!(0); // found by the config_json fuzz target: a division by zero
+        assert!(parse(&v).unwrap_err().to_string().contains("num_attention_heads`: must be positive"));
 
         let mut v = base();
         v["num_hidden_layers"] = json!(0);
