@@ -35,14 +35,17 @@ for lib in cublas cublasLt curand cudart nvrtc; do
     ln -sf "$(basename "$so")" "$cu/lib/lib$lib.so"
 done
 
-# Compile everything except the final link (the library crate needs no libcuda).
+# Compile everything except the final link (the library crate needs no libcuda). Both cargo
+# calls get the same RUSTFLAGS (the stub directory is named before it holds the stub), or the
+# second would rebuild every crate, candle's CUDA kernels included.
+stub="$root/stub"
+mkdir -p "$stub"
+export RUSTFLAGS="-L $cu/lib -L $stub ${RUSTFLAGS:-}"
 echo "== building the library with the cuda feature (nvcc compiles candle's kernels: minutes)"
-RUSTFLAGS="-L $cu/lib ${RUSTFLAGS:-}" cargo build --release --features cuda --lib
+cargo build --release --features cuda --lib
 
 # A link-time stub for the driver library, from the cu* symbols cudarc uses. The real
 # libcuda.so.1 comes with the GPU driver; the stub is never shipped or loaded.
-stub="$root/stub"
-mkdir -p "$stub"
 rlib=$(ls -t "$CARGO_TARGET_DIR"/release/deps/libcudarc-*.rlib | head -1)
 nm -u "$rlib" 2>/dev/null | awk '{print $NF}' | grep -E '^cu[A-Z]' | sort -u > "$stub/symbols.txt"
 echo "== libcuda stub: $(wc -l < "$stub/symbols.txt") driver symbols"
@@ -50,7 +53,7 @@ awk '{print "void " $1 "(void) {}"}' "$stub/symbols.txt" > "$stub/libcuda.c"
 cc -shared -fPIC -o "$stub/libcuda.so" -Wl,-soname,libcuda.so.1 "$stub/libcuda.c"
 
 echo "== linking hyperdas"
-RUSTFLAGS="-L $cu/lib -L $stub ${RUSTFLAGS:-}" cargo build --release --features cuda --bin hyperdas
+cargo build --release --features cuda --bin hyperdas
 bin="$CARGO_TARGET_DIR/release/hyperdas"
 ls -la "$bin"
 echo "built $bin (compute capability $CUDA_COMPUTE_CAP). Run it with LD_LIBRARY_PATH=$cu/lib on a machine with the NVIDIA driver."
