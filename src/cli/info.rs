@@ -20,6 +20,11 @@ pub fn run(a: &ModelArgs) -> Result<()> {
     println!("rope                 theta {} {:?}", c.rope.theta, c.rope.scaling);
     println!("rms_norm_eps         {:e}", c.rms_norm_eps);
     println!("tied embeddings      {}", c.tie_word_embeddings);
+    if let Some(g) = &c.gemma {
+        let global: Vec<String> = g.layer_types.iter().enumerate().filter(|(_, k)| **k == crate::model::LayerKind::Full).map(|(i, _)| i.to_string()).collect();
+        println!("attention            sliding window {} (local rope theta {}); global layers {}", g.sliding_window, g.local_rope.theta, global.join(", "));
+        println!("gemma extras         query_pre_attn_scalar {}, final logit cap {:?}, √D embeddings, (1 + w) norms, q/k norms, GeGLU", g.query_pre_attn_scalar, g.final_logit_softcapping);
+    }
     println!("biases               qkv {}, o {}, mlp {}", c.qkv_bias, c.o_bias, c.mlp_bias);
     println!("parameters           {:.2}M", c.num_parameters() as f64 / 1e6);
     let name = |id: Option<u32>| -> String {
