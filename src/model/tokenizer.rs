@@ -339,60 +339,50 @@ impl TextTokenizer {
 /// unchecked when encoding).
 fn check_tokenizer_json(text: &str, path: &Path) -> Result<()> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
-    fn precompiled(v: &serde_json::Value, at: &str, path: &Path) -> Result<()> {
+    /// Call `f` on every object under `v`, with its key path.
+    fn objects(v: &serde_json::Value, at: &str, f: &mut dyn FnMut(&serde_json::Map<String, serde_json::Value>, &str) -> Result<()>) -> Result<()> {
         match v {
             serde_json::Value::Object(o) => {
-                if o.get("type").and_then(|t| t.as_str()) == Some("Precompiled") {
-                    serde_json::from_value::<tokenizers::normalizers::precompiled::Precompiled>(v.clone())
-                        .map_err(|e| Error::key(path, at, format!("invalid Precompiled normalizer: {e}")))?;
-                }
+                f(o, at)?;
                 for (k, child) in o {
-                    precompiled(child, &format!("{at}.{k}"), path)?;
+                    objects(child, &format!("{at}.{k}"), f)?;
                 }
             }
             serde_json::Value::Array(a) => {
                 for (i, child) in a.iter().enumerate() {
-                    precompiled(child, &format!("{at}[{i}]"), path)?;
+                    objects(child, &format!("{at}[{i}]"), f)?;
                 }
             }
             _ => {}
         }
         Ok(())
     }
+    let kind = |o: &serde_json::Map<String, serde_json::Value>| o.get("type").and_then(|t| t.as_str()).map(String::from);
     if let Some(n) = v.get("normalizer") {
-        precompiled(n, "normalizer", path)?;
-    }
-    fn templates(v: &serde_json::Value, at: &str, path: &Path) -> Result<()> {
-        match v {
-            serde_json::Value::Object(o) if o.get("type").and_then(|t| t.as_str()) == Some("TemplateProcessing") => {
-                let defined = o.get("special_tokens").and_then(|s| s.as_object());
-                for which in ["single", "pair"] {
-                    for (i, piece) in o.get(which).and_then(|p| p.as_array()).into_iter().flatten().enumerate() {
-                        if let Some(id) = piece.get("SpecialToken").and_then(|s| s.get("id")).and_then(|s| s.as_str())
-                            && !defined.is_some_and(|d| d.contains_key(id)) {
-                                return Err(Error::key(path, format!("{at}.{which}[{i}]"), format!("special token `{id}` is not defined in {at}.special_tokens")));
-                            }
-                    }
-                }
-                Ok(())
+        objects(n, "normalizer", &mut |o, at| {
+            if kind(o).as_deref() == Some("Precompiled") {
+                serde_json::from_value::<tokenizers::normalizers::precompiled::Precompiled>(serde_json::Value::Object(o.clone()))
+                    .map_err(|e| Error::key(path, at, format!("invalid Precompiled normalizer: {e}")))?;
             }
-            serde_json::Value::Object(o) => {
-                for (k, child) in o {
-                    templates(child, &format!("{at}.{k}"), path)?;
-                }
-                Ok(())
-            }
-            serde_json::Value::Array(a) => {
-                for (i, child) in a.iter().enumerate() {
-                    templates(child, &format!("{at}[{i}]"), path)?;
-                }
-                Ok(())
-            }
-            _ => Ok(()),
-        }
+            Ok(())
+        })?;
     }
     if let Some(p) = v.get("post_processor") {
-        templates(p, "post_processor", path)?;
+        objects(p, "post_processor", &mut |o, at| {
+            if kind(o).as_deref() != Some("TemplateProcessing") {
+                return Ok(());
+            }
+            let defined = o.get("special_tokens").and_then(|s| s.as_object());
+            for which in ["single", "pair"] {
+                for (i, piece) in o.get(which).and_then(|p| p.as_array()).into_iter().flatten().enumerate() {
+                    if let Some(id) = piece.get("SpecialToken").and_then(|s| s.get("id")).and_then(|s| s.as_str())
+                        && !defined.is_some_and(|d| d.contains_key(id)) {
+                            return Err(Error::key(path, format!("{at}.{which}[{i}]"), format!("special token `{id}` is not defined in {at}.special_tokens")));
+                        }
+                }
+            }
+            Ok(())
+        })?;
     }
     Ok(())
 }
