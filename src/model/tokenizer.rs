@@ -339,8 +339,9 @@ impl TextTokenizer {
 /// unchecked when encoding).
 fn check_tokenizer_json(text: &str, path: &Path) -> Result<()> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
+    type Visit<'a> = dyn FnMut(&serde_json::Map<String, serde_json::Value>, &str) -> Result<()> + 'a;
     /// Call `f` on every object under `v`, with its key path.
-    fn objects(v: &serde_json::Value, at: &str, f: &mut dyn FnMut(&serde_json::Map<String, serde_json::Value>, &str) -> Result<()>) -> Result<()> {
+    fn objects(v: &serde_json::Value, at: &str, f: &mut Visit) -> Result<()> {
         match v {
             serde_json::Value::Object(o) => {
                 f(o, at)?;
