@@ -42,20 +42,14 @@ fn gemma3_on_the_composed_path_matches_transformers() {
 #[test]
 fn bf16_target_with_f32_parameters_trains_on_the_composed_path() {
     // Mixed precision as on a GPU: the frozen target in bf16, the trainable interpreter in f32.
-    use hyperdas::data::collate::{CollateOptions, collate, encode_rows};
-    use hyperdas::hypernet::interpreter::{Interpreter, InterpreterConfig, Method};
+    use hyperdas::data::collate::collate;
+    use hyperdas::hypernet::interpreter::{Interpreter, Method};
     use hyperdas::train::hyperdas::{TrainSettings, train_step};
     composed();
     for name in ["tiny-llama", "tiny-gemma3"] {
         let lm = load(&fixture(name), DType::BF16);
-        let ds = hyperdas::data::io::read_dataset(&fixture("ravel/city_country_test.jsonl"), Default::default()).unwrap();
-        let enc = encode_rows(&lm.tokenizer, &ds.rows[..4], &CollateOptions::default(), "fixture").unwrap();
-        let cfg = InterpreterConfig {
-            hypernet: hyperdas::hypernet::HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 1 },
-            subspace: hyperdas::hypernet::subspace::SubspaceKind::ReflectSelect,
-            rank: 4,
-            method: Method::HyperDas,
-        };
+        let rows = fixture_rows(&lm, 4);
+        let cfg = interpreter_config(Method::HyperDas, 1, 1, 4, 1);
         let mut ps = hyperdas::params::ParamStore::new();
         let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
         for (n, v) in ps.iter() {
@@ -64,7 +58,7 @@ fn bf16_target_with_f32_parameters_trains_on_the_composed_path() {
         let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
         let mut opt = s.optimizer(&ps).unwrap();
         let schedule = s.schedule(2);
-        let batch = collate(&enc.rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id());
+        let batch = collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id());
         // Step 0 also checks that every parameter receives a gradient through the bf16 target.
         for step in 0..2 {
             let out = train_step(&lm.model, &mut interp, &ps, &mut opt, &schedule, &batch, step, 2, &s).unwrap();

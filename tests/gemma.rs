@@ -5,21 +5,15 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use hyperdas::data::collate::{CollateOptions, collate, encode_rows};
-use hyperdas::hypernet::interpreter::{Interpreter, InterpreterConfig, Method};
+use hyperdas::data::collate::collate;
+use hyperdas::hypernet::interpreter::{Interpreter, Method};
 use hyperdas::train::hyperdas::{TrainSettings, train_step};
 
 fn steps_on_tiny_gemma(method: Method) -> Vec<f64> {
     let lm = load(&fixture("tiny-gemma3"), DType::F32);
     assert_eq!(lm.model.config.architecture, hyperdas::model::Architecture::Gemma3);
-    let ds = hyperdas::data::io::read_dataset(&fixture("ravel/city_country_test.jsonl"), Default::default()).unwrap();
-    let enc = encode_rows(&lm.tokenizer, &ds.rows[..8], &CollateOptions::default(), "fixture").unwrap();
-    let cfg = InterpreterConfig {
-        hypernet: hyperdas::hypernet::HyperConfig { num_blocks: 2, layer: 3, from_scratch: false, ablate_source: false, ablate_base: false, seed: 5 },
-        subspace: hyperdas::hypernet::subspace::SubspaceKind::ReflectSelect,
-        rank: 4,
-        method,
-    };
+    let rows = fixture_rows(&lm, 8);
+    let cfg = interpreter_config(method, 3, 2, 4, 5);
     let mut ps = hyperdas::params::ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
     if method == Method::HyperDas {
@@ -30,7 +24,7 @@ fn steps_on_tiny_gemma(method: Method) -> Vec<f64> {
     let s = TrainSettings { batch_size: 4, lr: 3e-3, ..Default::default() };
     let mut opt = s.optimizer(&ps).unwrap();
     let schedule = s.schedule(6);
-    let batches: Vec<_> = [&enc.rows[..4], &enc.rows[4..8]].iter().map(|rows| collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
+    let batches: Vec<_> = [&rows[..4], &rows[4..8]].iter().map(|rows| collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
     // Step 0 checks that every parameter receives a gradient (train_step fails otherwise). The
     // prediction loss, not the total: the sparsity weight grows over the steps.
     (0..6).map(|step| train_step(&lm.model, &mut interp, &ps, &mut opt, &schedule, &batches[step % 2], step, 6, &s).unwrap().prediction_loss).collect()

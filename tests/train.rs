@@ -116,30 +116,25 @@ mod common;
 /// it (its canonical groups registered from all rows; `prewarm` first serves every batch once
 /// without training, so the cache is full before step 1).
 fn hyperdas_params_after(cache: bool, prewarm: bool) -> (Vec<Vec<f32>>, Option<hyperdas::train::cache::CacheStats>) {
-    use hyperdas::data::collate::{CollateOptions, collate, encode_rows};
-    use hyperdas::hypernet::interpreter::{Interpreter, InterpreterConfig};
+    use hyperdas::data::collate::collate;
+    use hyperdas::hypernet::interpreter::Interpreter;
     use hyperdas::intervention::selection::InferenceMode;
     use hyperdas::train::hyperdas::{TrainSettings, train_step};
     let lm = common::load(&common::fixture("tiny-llama"), candle_core::DType::F32);
-    let ds = hyperdas::data::io::read_dataset(&common::fixture("ravel/city_country_test.jsonl"), Default::default()).unwrap();
-    let enc = encode_rows(&lm.tokenizer, &ds.rows[..12], &CollateOptions::default(), "fixture").unwrap();
-    let cfg = InterpreterConfig {
-        hypernet: hyperdas::hypernet::HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 3 },
-        subspace: hyperdas::hypernet::subspace::SubspaceKind::ReflectSelect,
-        rank: 4, method: hyperdas::hypernet::interpreter::Method::HyperDas,
-    };
+    let rows = common::fixture_rows(&lm, 12);
+    let cfg = common::interpreter_config(hyperdas::hypernet::interpreter::Method::HyperDas, 1, 1, 4, 3);
     let mut ps = hyperdas::params::ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
     if cache {
         interp.set_cache(Some(hyperdas::train::cache::StateCache::new(1 << 30, candle_core::DType::F32).unwrap()));
-        interp.register_prompts(&enc.rows);
+        interp.register_prompts(&rows);
     }
     let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
     let mut opt = s.optimizer(&ps).unwrap();
     let schedule = s.schedule(6);
     // Batches of different compositions, so cached rows are reassembled with other padding.
     let orders: [&[usize]; 6] = [&[0, 1, 2, 3], &[4, 5, 6, 7], &[8, 9, 10, 11], &[3, 8, 0, 5], &[11, 2, 6, 9], &[7, 1, 10, 4]];
-    let batches: Vec<_> = orders.iter().map(|o| collate(&o.iter().map(|&i| &enc.rows[i]).collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
+    let batches: Vec<_> = orders.iter().map(|o| collate(&o.iter().map(|&i| &rows[i]).collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
     if prewarm {
         for batch in batches.iter().rev() {
             interp.forward(&lm.model, batch, InferenceMode::Soft, 3).unwrap();

@@ -96,6 +96,24 @@ pub fn gemma3() -> Option<PathBuf> {
     .clone()
 }
 
+/// The first `n` rows of the RAVEL fixture (`ravel/city_country_test.jsonl`), encoded for `lm`.
+pub fn fixture_rows(lm: &LoadedModel, n: usize) -> Vec<hyperdas::data::collate::EncodedRow> {
+    use hyperdas::data::collate::{CollateOptions, encode_rows};
+    let ds = hyperdas::data::io::read_dataset(&fixture("ravel/city_country_test.jsonl"), Default::default()).unwrap();
+    encode_rows(&lm.tokenizer, &ds.rows[..n], &CollateOptions::default(), "fixture").unwrap().rows
+}
+
+/// An interpreter on `layer` with a `blocks`-block hypernetwork copied from the target,
+/// ReflectSelect of rank `rank`.
+pub fn interpreter_config(method: hyperdas::hypernet::interpreter::Method, layer: usize, blocks: usize, rank: usize, seed: u64) -> hyperdas::hypernet::interpreter::InterpreterConfig {
+    hyperdas::hypernet::interpreter::InterpreterConfig {
+        hypernet: hyperdas::hypernet::HyperConfig { num_blocks: blocks, layer, from_scratch: false, ablate_source: false, ablate_base: false, seed },
+        subspace: hyperdas::hypernet::subspace::SubspaceKind::ReflectSelect,
+        rank,
+        method,
+    }
+}
+
 /// Copy an HF fixture directory into a fresh temporary directory.
 pub fn copy_dir(src: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
