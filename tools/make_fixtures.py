@@ -393,6 +393,8 @@ def tiny_qwen2(out: Path):
 
 
 GEMMA3_PROMPTS = SMOLLM2_PROMPTS
+# Gemma's control and user-defined tokens, and runs of spaces, tabs and newlines.
+GEMMA_TOKENIZER_STRINGS = TOKENIZER_STRINGS + ["<start_of_turn>user\nHi<end_of_turn>", "a  b   c    d\t\te\n\n\nf"]
 
 
 def gemma_spm(ravel: Path, tmp: Path, vocab_size=400):
@@ -526,7 +528,7 @@ def tiny_gemma3(ravel: Path, out: Path):
     hf = transformers.AutoTokenizer.from_pretrained(str(out), gguf_file=gguf_path.name)
     hf.save_pretrained(d)
     hf.padding_side = "left"
-    strings = TOKENIZER_STRINGS + ["<start_of_turn>user\nHi<end_of_turn>", "a  b   c    d\t\te\n\n\nf"]
+    strings = GEMMA_TOKENIZER_STRINGS
     json.dump(
         {"strings": strings, "transformers": [hf.encode(s, add_special_tokens=False) for s in strings],
          "sentencepiece": [sp.encode(s) for s in strings], "transformers_version": transformers.__version__},
@@ -559,7 +561,7 @@ def tiny_gemma3(ravel: Path, out: Path):
 def gemma3_270m(gguf_path: Path, out: Path):
     d = gguf_path.parent
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=gguf_path.name)
-    strings = TOKENIZER_STRINGS + ["<start_of_turn>user\nHi<end_of_turn>", "a  b   c    d\t\te\n\n\nf"]
+    strings = GEMMA_TOKENIZER_STRINGS
     json.dump(
         {"strings": strings, "transformers_gguf": [tok.encode(s, add_special_tokens=False) for s in strings],
          "transformers_version": transformers.__version__},
@@ -568,24 +570,8 @@ def gemma3_270m(gguf_path: Path, out: Path):
     model.eval()
     rows = [tok.encode(p, add_special_tokens=True) for p in GEMMA3_PROMPTS]
     assert all(r[0] == tok.bos_token_id for r in rows)
-    T = max(len(r) for r in rows)
-    pad = tok.pad_token_id
-    ids_t = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=ids_t, attention_mask=mask, position_ids=pos).logits[:, -1, :].float()
-    for p, row in zip(GEMMA3_PROMPTS, logits):
-        top = torch.topk(row.softmax(-1), 3)
-        print(f"  {p!r}: " + ", ".join(f"{tok.decode([int(i)])!r} {v:.3f}" for v, i in zip(top.values, top.indices)))
-    save_pt(
-        {"input_ids": ids_t.to(torch.int64), "attention_mask": mask.to(torch.int64),
-         "position_ids": pos.to(torch.int64), "last_logits": logits.contiguous()},
-        str(out / "gemma3-270m-reference.safetensors"),
-        metadata={"prompts": json.dumps(GEMMA3_PROMPTS), "start_token": "<bos>",
-                  "transformers": transformers.__version__, "torch": torch.__version__,
-                  "model": "gemma-3-270m-q4_k_m.gguf (sha256 a5fd3b62...6818), dequantized to f32"},
-    )
+    last_logits_reference(model, tok, rows, tok.pad_token_id, GEMMA3_PROMPTS, out / "gemma3-270m-reference.safetensors",
+                          {"start_token": "<bos>", "model": "gemma-3-270m-q4_k_m.gguf (sha256 a5fd3b62...6818), dequantized to f32"})
 
 
 # Byte offsets of the f16 scale fields in each K-quant block (ggml-common.h).
@@ -686,6 +672,27 @@ def spm_tokenizer(ravel: Path, out: Path):
     shutil.rmtree(tmp)
 
 
+def last_logits_reference(model, tok, rows, pad, prompts, path, metadata):
+    """Left-pad `rows` with `pad`, run `model`, print each prompt's top 3 and save the
+    last-position logits (the real-model reference format of tests/parity.rs)."""
+    T = max(len(r) for r in rows)
+    ids_t = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids_t, attention_mask=mask, position_ids=pos).logits[:, -1, :].float()
+    for p, row in zip(prompts, logits):
+        top = torch.topk(row.softmax(-1), 3)
+        print(f"  {p!r}: " + ", ".join(f"{tok.decode([int(i)])!r} {v:.3f}" for v, i in zip(top.values, top.indices)))
+    save_pt(
+        {"input_ids": ids_t.to(torch.int64), "attention_mask": mask.to(torch.int64),
+         "position_ids": pos.to(torch.int64), "last_logits": logits.contiguous()},
+        str(path),
+        metadata={"prompts": json.dumps(prompts), "transformers": transformers.__version__,
+                  "torch": torch.__version__, **metadata},
+    )
+
+
 def smollm2(gguf_path: Path, out: Path):
     d = gguf_path.parent
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=gguf_path.name)
@@ -708,24 +715,8 @@ def smollm2(gguf_path: Path, out: Path):
     model.eval()
     start = tok.convert_tokens_to_ids("<|endoftext|>")
     rows = [[start] + tok.encode(p, add_special_tokens=False) for p in SMOLLM2_PROMPTS]
-    T = max(len(r) for r in rows)
-    pad = start
-    ids_t = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=ids_t, attention_mask=mask, position_ids=pos).logits[:, -1, :].float()
-    for p, row in zip(SMOLLM2_PROMPTS, logits):
-        top = torch.topk(row.softmax(-1), 3)
-        print(f"  {p!r}: " + ", ".join(f"{tok.decode([int(i)])!r} {v:.3f}" for v, i in zip(top.values, top.indices)))
-    save_pt(
-        {"input_ids": ids_t.to(torch.int64), "attention_mask": mask.to(torch.int64),
-         "position_ids": pos.to(torch.int64), "last_logits": logits.contiguous()},
-        str(out / "smollm2-reference.safetensors"),
-        metadata={"prompts": json.dumps(SMOLLM2_PROMPTS), "start_token": "<|endoftext|>",
-                  "transformers": transformers.__version__, "torch": torch.__version__,
-                  "model": "SmolLM2-135M-Instruct.Q4_1.gguf (sha256 b179c952...db53), dequantized to f32"},
-    )
+    last_logits_reference(model, tok, rows, start, SMOLLM2_PROMPTS, out / "smollm2-reference.safetensors",
+                          {"start_token": "<|endoftext|>", "model": "SmolLM2-135M-Instruct.Q4_1.gguf (sha256 b179c952...db53), dequantized to f32"})
 
 
 def main():
