@@ -160,45 +160,42 @@ impl Attention {
     /// General attention: `x [B, T_q, D]` attends to `kv [B, T_k, D]` (the same tensor for
     /// self-attention, another for cross-attention), with RoPE tables `[B, 1, T, hd]` for the
     /// queries and the keys and an additive `mask` broadcastable to `[B, H, T_q, T_k]`.
+    ///
+    /// When `kv` is a constant (the frozen target's hidden states, read by the hypernetwork)
+    /// and the key/value projections are trainable, projections and attention run as one node,
+    /// [`kernels::cross_attention`], whose backward gives only the weight gradients the graph
+    /// needs: the keys and values `[B, Hkv, T_k, hd]` (`T_k` = tokens × (L+1) there, the
+    /// hypernetwork's largest tensors) never become graph nodes.
     pub fn attend(&self, x: &Tensor, kv: &Tensor, q_rope: (&Tensor, &Tensor), k_rope: (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
+        let (k_w, v_w) = (&self.k_proj.weight, &self.v_proj.weight);
+        let plain = self.k_proj.bias.is_none() && self.v_proj.bias.is_none() && self.k_norm.is_none();
+        if plain && !kv.track_op() && k_w.track_op() && v_w.track_op() && kernels::fusable(&[x, kv, k_w, v_w, k_rope.0, k_rope.1]) {
+            let q = self.queries(x, q_rope)?; // [B, H, Tq, hd]
+            let mask = Self::score_mask(mask, &q, kv.dim(1)?)?; // [B, 1, Tq|1, Tk]
+            if let Some(out) = kernels::cross_attention(&q, k_w, v_w, kv, k_rope, &mask, self.n_kv_heads)? {
+                return self.o_proj.forward(&out); // [B, Tq, D]
+            }
+        }
         let (k, v) = self.keys_values(kv, k_rope)?;
         self.attend_kv(x, &k, &v, q_rope, mask)
     }
 
     /// RoPE'd keys and values of `kv [B, T_k, D]`: `[B, Hkv, T_k, hd]` each.
-    ///
-    /// When `kv` is a constant (the frozen target's hidden states, read by the hypernetwork)
-    /// and the projections are trainable, each of `k` and `v` is one graph node whose backward
-    /// gives only the weight gradient, `dW = (rope⁻¹ dk)ᵀ kv`: candle's own ops would also
-    /// compute the unused gradient of `kv` and route the large key tensors through several
-    /// more nodes (reshape, transpose, copy, RoPE), each allocating its gradient.
     pub fn keys_values(&self, kv: &Tensor, k_rope: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
-        let (b, tk, d) = kv.dims3()?;
+        let (b, tk, _) = kv.dims3()?;
         let (hkv, hd) = (self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, tk, hkv, hd))?.transpose(1, 2)?.contiguous()?) }; // [B, Hkv, T_k, hd]
-        let trainable = self.k_proj.weight.track_op() && self.v_proj.weight.track_op();
-        let no_bias = self.k_proj.bias.is_none() && self.v_proj.bias.is_none();
-        if kv.track_op() || !trainable || !no_bias || self.k_norm.is_some() || !kernels::fused_enabled() {
-            let mut k = heads(self.k_proj.forward(kv)?)?; // [B, Hkv, T_k, hd]
-            if let Some(n) = &self.k_norm {
-                k = n.forward(&k)?; // [B, Hkv, T_k, hd]
-            }
-            let k = kernels::rope(&k, k_rope.0, k_rope.1)?; // [B, Hkv, T_k, hd]
-            let v = heads(self.v_proj.forward(kv)?)?;
-            return Ok((k, v));
+        let mut k = heads(self.k_proj.forward(kv)?)?; // [B, Hkv, T_k, hd]
+        if let Some(n) = &self.k_norm {
+            k = n.forward(&k)?; // [B, Hkv, T_k, hd]
         }
-        let e = kv.detach().reshape((b * tk, d))?; // [B·T_k, D]
-        let k_val = kernels::rope(&heads(e.matmul(&self.k_proj.weight.detach().t()?)?)?, &k_rope.0.detach(), &k_rope.1.detach())?; // [B, Hkv, T_k, hd]
-        let v_val = heads(e.matmul(&self.v_proj.weight.detach().t()?)?)?; // [B, Hkv, T_k, hd]
-        let flat = move |g: &Tensor| -> Result<Tensor> { Ok(g.transpose(1, 2)?.reshape((b * tk, hkv * hd))?) }; // [B·T_k, Hkv·hd]
-        let (e_k, cos, sin) = (e.clone(), k_rope.0.detach(), k_rope.1.detach());
-        let k = kernels::graft(&self.k_proj.weight, k_val, move |dk| Ok(flat(&kernels::rope_inverse(dk, &cos, &sin)?)?.t()?.matmul(&e_k)?))?;
-        let v = kernels::graft(&self.v_proj.weight, v_val, move |dv| Ok(flat(dv)?.t()?.matmul(&e)?))?;
+        let k = kernels::rope(&k, k_rope.0, k_rope.1)?; // [B, Hkv, T_k, hd]
+        let v = heads(self.v_proj.forward(kv)?)?; // [B, Hkv, T_k, hd]
         Ok((k, v))
     }
 
-    /// Attention of `x [B, T_q, D]` over prepared keys and values `[B, Hkv, T_k, hd]`.
-    pub fn attend_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor, q_rope: (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
+    /// The queries of `x [B, T_q, D]`: projected, normed (Gemma 3), RoPE'd, scaled: `[B, H, T_q, hd]`.
+    fn queries(&self, x: &Tensor, q_rope: (&Tensor, &Tensor)) -> Result<Tensor> {
         let (b, tq, _) = x.dims3()?;
         let (h, hd) = (self.n_heads, self.head_dim);
         let mut q = self.q_proj.forward(x)?.reshape((b, tq, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, Tq, hd]
@@ -209,7 +206,18 @@ impl Attention {
         if let Some(s) = self.q_scale {
             q = (q * s)?; // [B, H, Tq, hd]: scores come out scaled by 1/√query_pre_attn_scalar
         }
-        let mask = mask.to_dtype(accum_dtype(q.dtype()))?.broadcast_as((b, 1, mask.dim(2)?, k.dim(2)?))?; // [B, 1, Tq|1, Tk]
+        Ok(q)
+    }
+
+    /// The additive mask in the scores' dtype, broadcast to `[B, 1, T_q|1, T_k]`.
+    fn score_mask(mask: &Tensor, q: &Tensor, tk: usize) -> Result<Tensor> {
+        Ok(mask.to_dtype(accum_dtype(q.dtype()))?.broadcast_as((q.dim(0)?, 1, mask.dim(2)?, tk))?)
+    }
+
+    /// Attention of `x [B, T_q, D]` over prepared keys and values `[B, Hkv, T_k, hd]`.
+    pub fn attend_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor, q_rope: (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
+        let q = self.queries(x, q_rope)?; // [B, H, Tq, hd]
+        let mask = Self::score_mask(mask, &q, k.dim(2)?)?; // [B, 1, Tq|1, Tk]
         let out = kernels::attention(&q, k, v, &mask)?; // [B, Tq, H·hd]
         self.o_proj.forward(&out) // [B, Tq, D]
     }
