@@ -53,7 +53,7 @@ pub fn fused_enabled() -> bool {
 }
 
 /// Whether the fused path handles tensors of this device and dtype.
-pub(crate) fn fusable(ts: &[&Tensor]) -> bool {
+fn fusable(ts: &[&Tensor]) -> bool {
     fused_enabled() && ts.iter().all(|t| t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)) && ts.windows(2).all(|w| w[0].dtype() == w[1].dtype())
 }
 
@@ -979,14 +979,7 @@ impl CustomOp3 for CrossAttnOp {
     }
 
     fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, _s2: &CpuStorage, _l2: &Layout, _s3: &CpuStorage, _l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (st, l) = self.out.storage_and_layout();
-        let Storage::Cpu(s) = &*st else { return Err(cpu_only()) };
-        let out = match s.dtype() {
-            DType::F32 => to_storage(slice::<f32>(s, l)?.to_vec()),
-            DType::F64 => to_storage(slice::<f64>(s, l)?.to_vec()),
-            _ => return Err(cpu_only()),
-        };
-        Ok((out, self.out.shape().clone()))
+        host_copy(&self.out)
     }
 
     fn bwd(&self, q: &Tensor, wk: &Tensor, _wv: &Tensor, _out: &Tensor, dout: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -1038,8 +1031,7 @@ pub fn cross_attention(q: &Tensor, wk: &Tensor, wv: &Tensor, e: &Tensor, k_rope:
     let k = rope(&kv.narrow(1, 0, hkv)?, &cos, &sin)?; // [B, Hkv, Tk, hd]
     let v = kv.narrow(1, hkv, hkv)?.contiguous()?; // [B, Hkv, Tk, hd]
     let mask = mask.detach();
-    let q_val = q.detach();
-    let Some((out, p)) = attention_forward_saved(&q_val, &k, &v, &mask)? else { return Ok(None) };
+    let Some((out, p)) = attention_forward_saved(&q.detach(), &k, &v, &mask)? else { return Ok(None) };
     let op = CrossAttnOp { e, k, v, p, out, cos, sin, mask };
     Ok(Some(q.contiguous()?.apply_op3(&wk.contiguous()?, &wv.contiguous()?, op)?))
 }
@@ -1141,6 +1133,21 @@ pub fn gelu_mul_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor,
 // ---------------------------------------------------------------------------------------------
 // Grafting a value computed outside the graph.
 
+/// A fresh host copy of a value computed outside the graph: the storage of an op that returns it.
+fn host_copy(value: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let v = value.contiguous()?;
+    let (st, l) = v.storage_and_layout();
+    let Storage::Cpu(s) = &*st else { return Err(cpu_only()) };
+    let out = match s.dtype() {
+        DType::F32 => to_storage(slice::<f32>(s, l)?.to_vec()),
+        DType::F64 => to_storage(slice::<f64>(s, l)?.to_vec()),
+        DType::BF16 => to_storage(slice::<half::bf16>(s, l)?.to_vec()),
+        DType::F16 => to_storage(slice::<half::f16>(s, l)?.to_vec()),
+        other => candle_core::bail!("fused kernel: unsupported dtype {other:?}"),
+    };
+    Ok((out, v.shape().clone()))
+}
+
 type Backward = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
 struct GraftOp {
@@ -1154,17 +1161,7 @@ impl CustomOp1 for GraftOp {
     }
 
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let v = self.value.contiguous()?;
-        let (st, l) = v.storage_and_layout();
-        let Storage::Cpu(s) = &*st else { return Err(cpu_only()) };
-        let out = match s.dtype() {
-            DType::F32 => to_storage(slice::<f32>(s, l)?.to_vec()),
-            DType::F64 => to_storage(slice::<f64>(s, l)?.to_vec()),
-            DType::BF16 => to_storage(slice::<half::bf16>(s, l)?.to_vec()),
-            DType::F16 => to_storage(slice::<half::f16>(s, l)?.to_vec()),
-            other => candle_core::bail!("graft: unsupported dtype {other:?}"),
-        };
-        Ok((out, v.shape().clone()))
+        host_copy(&self.value)
     }
 
     fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {

@@ -167,21 +167,23 @@ impl Attention {
     /// needs: the keys and values `[B, Hkv, T_k, hd]` (`T_k` = tokens × (L+1) there, the
     /// hypernetwork's largest tensors) never become graph nodes.
     pub fn attend(&self, x: &Tensor, kv: &Tensor, q_rope: (&Tensor, &Tensor), k_rope: (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
+        let q = self.queries(x, q_rope)?; // [B, H, Tq, hd]
+        let mask = mask.to_dtype(accum_dtype(q.dtype()))?.broadcast_as((q.dim(0)?, 1, mask.dim(2)?, kv.dim(1)?))?; // [B, 1, Tq|1, Tk]
         let (k_w, v_w) = (&self.k_proj.weight, &self.v_proj.weight);
         let plain = self.k_proj.bias.is_none() && self.v_proj.bias.is_none() && self.k_norm.is_none();
-        if plain && !kv.track_op() && k_w.track_op() && v_w.track_op() && kernels::fusable(&[x, kv, k_w, v_w, k_rope.0, k_rope.1]) {
-            let q = self.queries(x, q_rope)?; // [B, H, Tq, hd]
-            let mask = Self::score_mask(mask, &q, kv.dim(1)?)?; // [B, 1, Tq|1, Tk]
-            if let Some(out) = kernels::cross_attention(&q, k_w, v_w, kv, k_rope, &mask, self.n_kv_heads)? {
-                return self.o_proj.forward(&out); // [B, Tq, D]
+        let fused = if plain && !kv.track_op() && k_w.track_op() && v_w.track_op() { kernels::cross_attention(&q, k_w, v_w, kv, k_rope, &mask, self.n_kv_heads)? } else { None };
+        let out = match fused {
+            Some(out) => out, // [B, Tq, H·hd]
+            None => {
+                let (k, v) = self.keys_values(kv, k_rope)?; // [B, Hkv, Tk, hd] each
+                kernels::attention(&q, &k, &v, &mask)? // [B, Tq, H·hd]
             }
-        }
-        let (k, v) = self.keys_values(kv, k_rope)?;
-        self.attend_kv(x, &k, &v, q_rope, mask)
+        };
+        self.o_proj.forward(&out) // [B, Tq, D]
     }
 
     /// RoPE'd keys and values of `kv [B, T_k, D]`: `[B, Hkv, T_k, hd]` each.
-    pub fn keys_values(&self, kv: &Tensor, k_rope: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
+    fn keys_values(&self, kv: &Tensor, k_rope: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
         let (b, tk, _) = kv.dims3()?;
         let (hkv, hd) = (self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, tk, hkv, hd))?.transpose(1, 2)?.contiguous()?) }; // [B, Hkv, T_k, hd]
@@ -207,19 +209,6 @@ impl Attention {
             q = (q * s)?; // [B, H, Tq, hd]: scores come out scaled by 1/√query_pre_attn_scalar
         }
         Ok(q)
-    }
-
-    /// The additive mask in the scores' dtype, broadcast to `[B, 1, T_q|1, T_k]`.
-    fn score_mask(mask: &Tensor, q: &Tensor, tk: usize) -> Result<Tensor> {
-        Ok(mask.to_dtype(accum_dtype(q.dtype()))?.broadcast_as((q.dim(0)?, 1, mask.dim(2)?, tk))?)
-    }
-
-    /// Attention of `x [B, T_q, D]` over prepared keys and values `[B, Hkv, T_k, hd]`.
-    pub fn attend_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor, q_rope: (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
-        let q = self.queries(x, q_rope)?; // [B, H, Tq, hd]
-        let mask = Self::score_mask(mask, &q, k.dim(2)?)?; // [B, 1, Tq|1, Tk]
-        let out = kernels::attention(&q, k, v, &mask)?; // [B, Tq, H·hd]
-        self.o_proj.forward(&out) // [B, Tq, D]
     }
 }
 
