@@ -58,6 +58,44 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// What a benchmark ran on, for its first line: the CPU's model name (`/proc/cpuinfo`, Linux;
+/// "unknown CPU" elsewhere), its logical cores and the widest SIMD level gemm's kernels can use
+/// here (AVX-512 runs gemm's `x86-v4` kernels, about 1.7× the AVX2 ones on the training shapes;
+/// docs/benchmarks.md). Figures from machines with different lines are not comparable.
+pub fn machine_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    // The first processor's `key : value` line.
+    let field = |key: &str| info.lines().find(|l| l.split(':').next().map(str::trim) == Some(key)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string());
+    let mut model = field("model name").unwrap_or_else(|| "unknown CPU".into());
+    // Cloud VMs often report a bare "AMD EPYC": the family tells Zen 3 (25) from Zen 5 (26).
+    if let (Some(f), Some(m)) = (field("cpu family"), field("model")) {
+        model = format!("{model} (family {f}, model {m})");
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("{model}, {cores} logical cores, {}", simd_level())
+}
+
+fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            "AVX-512"
+        } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            "AVX2+FMA"
+        } else {
+            "SSE only"
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "NEON"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -70,5 +108,12 @@ mod tests {
         let phases = r.finish();
         assert_eq!(phases.iter().map(|p| p.0).collect::<Vec<_>>(), ["a", "b"]);
         assert!(phases.iter().all(|p| p.1 >= 0.0));
+    }
+
+    #[test]
+    fn machine_description_names_cores_and_simd() {
+        let m = super::machine_description();
+        assert!(m.contains("logical cores"), "{m}");
+        assert!(["AVX-512", "AVX2+FMA", "SSE only", "NEON", "scalar"].iter().any(|s| m.ends_with(s)), "{m}");
     }
 }

@@ -182,6 +182,17 @@ fn token_rows(seed: u64, b: usize, t: usize, vocab: usize) -> Vec<Vec<u32>> {
 }
 
 pub fn run(c: &BenchCommand) -> Result<()> {
+    let json = match c {
+        BenchCommand::Forward(a) => a.json,
+        BenchCommand::Toy(a) => a.json,
+        BenchCommand::Train(a) => a.json,
+        BenchCommand::Eval(a) => a.json,
+        BenchCommand::Matmul(a) => a.json,
+    };
+    if !json {
+        // Figures depend on the CPU far more than on anything else (docs/benchmarks.md).
+        eprintln!("machine: {}", crate::profile::machine_description());
+    }
     match c {
         BenchCommand::Forward(a) => forward(a),
         BenchCommand::Toy(a) => toy(a),
@@ -222,7 +233,7 @@ fn toy(a: &ToyBenchArgs) -> Result<()> {
     let (wall, train) = (median(&mut walls), median(&mut trains));
     let meets = last.as_ref().is_some_and(|r| r.meets_targets());
     if a.json {
-        println!("{}", serde_json::json!({"bench": "toy", "tiny": a.tiny, "runs": a.runs, "threads": threads, "median_wall_s": wall, "median_train_s": train, "steps": cfg.steps, "meets_targets": meets}));
+        println!("{}", serde_json::json!({"bench": "toy", "tiny": a.tiny, "runs": a.runs, "threads": threads, "machine": crate::profile::machine_description(), "median_wall_s": wall, "median_train_s": train, "steps": cfg.steps, "meets_targets": meets}));
     } else {
         println!("toy model ({}): median {wall:.1} s in all ({train:.1} s training, {} steps) over {} runs, {threads} threads (RAYON_NUM_THREADS={env}); targets met: {meets}", if a.tiny { "tiny" } else { "standard" }, cfg.steps, a.runs);
     }
@@ -289,7 +300,7 @@ fn forward(a: &ForwardArgs) -> Result<()> {
             serde_json::json!({
                 "bench": "forward", "model": a.model.model, "dtype": a.model.load.dtype, "batch": a.batch, "seq": a.seq,
                 "backward_from": a.backward_from,
-                "runs": a.runs, "threads": threads, "median_s": median, "min_s": sorted[0], "max_s": sorted[sorted.len() - 1],
+                "runs": a.runs, "threads": threads, "machine": crate::profile::machine_description(), "median_s": median, "min_s": sorted[0], "max_s": sorted[sorted.len() - 1],
                 "tokens_per_s_median": tokens / median,
             })
         );
@@ -349,7 +360,7 @@ fn matmul(a: &MatmulArgs) -> Result<()> {
         rows.push(serde_json::json!({"m": m, "k": k, "n": n, "gflops": g, "best_gflops": best, "what": what}));
     }
     if a.json {
-        println!("{}", serde_json::json!({"bench": "matmul", "threads": threads, "shapes": rows}));
+        println!("{}", serde_json::json!({"bench": "matmul", "threads": threads, "machine": crate::profile::machine_description(), "shapes": rows}));
     } else {
         println!("f32 matmul, median of {} runs, {threads} threads (RAYON_NUM_THREADS={})", a.runs, std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()));
     }
@@ -463,7 +474,7 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
     }
     let rss = crate::profile::peak_rss_bytes();
     if a.json {
-        println!("{}", serde_json::json!({"bench": "eval", "model": a.model.model, "batch": a.batch, "rows": rows.len(), "layer": a.interp.layer, "blocks": a.interp.blocks, "threads": threads, "results": out, "peak_rss_bytes": rss}));
+        println!("{}", serde_json::json!({"bench": "eval", "model": a.model.model, "batch": a.batch, "rows": rows.len(), "layer": a.interp.layer, "blocks": a.interp.blocks, "threads": threads, "machine": crate::profile::machine_description(), "results": out, "peak_rss_bytes": rss}));
     } else {
         println!("peak RSS {}", rss.map(|b| format!("{:.2} GB", b as f64 / 1e9)).unwrap_or_else(|| "unknown".into()));
     }
@@ -582,7 +593,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             "{}",
             serde_json::json!({
                 "bench": "train", "model": a.model.model, "dtype": a.model.load.dtype, "batch": a.batch, "layer": a.interp.layer, "blocks": a.interp.blocks,
-                "subspace": a.interp.subspace, "rank": a.interp.rank, "steps": a.steps, "threads": threads, "fused": crate::model::kernels::fused_enabled(),
+                "subspace": a.interp.subspace, "rank": a.interp.rank, "steps": a.steps, "threads": threads, "machine": crate::profile::machine_description(), "fused": crate::model::kernels::fused_enabled(),
                 "matmul_gflops": peak, "peak_rss_bytes": rss, "passes": passes,
                 "first_epoch_examples_per_s": first_epoch, "first_epoch_steps": per_pass,
             })
