@@ -11,6 +11,20 @@ fn hyperdas(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(args).env("RAYON_NUM_THREADS", "1").env("HF_HUB_OFFLINE", "1").output().expect("runs")
 }
 
+/// `hyperdas` with its model cache in `home` (a temporary directory), so a test's toy model is
+/// its own.
+fn hyperdas_in(home: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(args).env("RAYON_NUM_THREADS", "1").env("HF_HUB_OFFLINE", "1").env("HYPERDAS_HOME", home).output().expect("runs")
+}
+
+/// Builds the tiny toy model in `home` and returns its directory (the `use it: --model` line).
+fn tiny_toy(home: &std::path::Path) -> String {
+    let o = hyperdas_in(home, &["toy", "--tiny", "--quiet"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    out.lines().find_map(|l| l.strip_prefix("use it: --model ")).expect("the toy's directory").trim().to_string()
+}
+
 fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
 }
@@ -258,7 +272,7 @@ fn toy_tiny_trains_once_then_comes_from_the_cache() {
     let run = |extra: &[&str]| {
         let mut args = vec!["toy", "--tiny", "--quiet"];
         args.extend(extra);
-        Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(&args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs")
+        hyperdas_in(home.path(), &args)
     };
     let o = run(&[]);
     let (out, err) = text(&o);
@@ -293,11 +307,8 @@ fn toy_tiny_trains_once_then_comes_from_the_cache() {
 fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
     let home = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let cmd = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs");
-    let o = cmd(&["toy", "--tiny", "--quiet"]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "{err}");
-    let toy = out.lines().find_map(|l| l.strip_prefix("use it: --model ")).unwrap().trim().to_string();
+    let cmd = |args: &[&str]| hyperdas_in(home.path(), args);
+    let toy = tiny_toy(home.path());
     let data = work.path().join("data");
     let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"]);
     assert!(o.status.success(), "{}", text(&o).1);
@@ -432,9 +443,8 @@ fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
 fn baselines_compare_and_a_resumable_sweep_on_the_tiny_toy() {
     let home = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let cmd = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(args).env("RAYON_NUM_THREADS", "1").env("HYPERDAS_HOME", home.path()).output().expect("runs");
-    let o = cmd(&["toy", "--tiny", "--quiet"]);
-    let toy = text(&o).0.lines().find_map(|l| l.strip_prefix("use it: --model ")).unwrap().trim().to_string();
+    let cmd = |args: &[&str]| hyperdas_in(home.path(), args);
+    let toy = tiny_toy(home.path());
     let data = work.path().join("data");
     let o = cmd(&["data", "build", "--kb-dir", &format!("{toy}/ravel"), "-m", &toy, "--causal", "24", "--isolate", "4", "--out", data.to_str().unwrap(), "--quiet"]);
     assert!(o.status.success(), "{}", text(&o).1);

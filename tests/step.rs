@@ -21,6 +21,36 @@ const LIMIT: usize = 3;
 const CAUSAL: f32 = 3.5;
 const ISOLATE: f32 = 0.5;
 
+/// The naive loss: log-softmax over the logits of every position, then the weighted mean of
+/// the log-probabilities of the first `LIMIT` label tokens of each row (row `bi` weighted
+/// `weight(bi)`), each read at the position before its label.
+fn naive_label_loss(logits: &Tensor, batch: &hyperdas::data::CollatedBatch, weight: impl Fn(usize) -> f32) -> Tensor {
+    let (b, tb, v) = logits.dims3().unwrap(); // [B, T_b, V]
+    let logp = softmax_last_dim(logits).unwrap().log().unwrap(); // [B, T_b, V], a different formulation on purpose
+    let mut weights = vec![0f32; b * tb * v];
+    let mut count = 0f32;
+    for bi in 0..b {
+        let row = &batch.labels[bi * tb..(bi + 1) * tb];
+        let mut taken = 0;
+        for t in 0..tb {
+            if row[t] != IGNORE_INDEX && taken < LIMIT {
+                weights[(bi * tb + t - 1) * v + row[t] as usize] = weight(bi);
+                count += 1.0;
+                taken += 1;
+            }
+        }
+    }
+    let weights = Tensor::from_vec(weights, (b, tb, v), logits.device()).unwrap(); // [B, T_b, V]
+    (logp * weights).unwrap().sum_all().unwrap().affine(-1.0 / count as f64, 0.0).unwrap()
+}
+
+/// (max |fast − naive|, max |naive|) of one variable's gradient.
+fn gradient_gap(fast: &candle_core::backprop::GradStore, naive: &candle_core::backprop::GradStore, var: &Tensor) -> (f64, f64) {
+    let (gf, gn) = (fast.get(var).unwrap(), naive.get(var).unwrap());
+    let scale = gn.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    (max_abs_diff(gf, gn), scale)
+}
+
 #[test]
 fn efficient_step_equals_the_naive_full_model_step() {
     let lm = load(&fixture("tiny-llama"), DType::F32);
@@ -66,33 +96,13 @@ fn efficient_step_equals_the_naive_full_model_step() {
             })
             .unwrap();
         let logits = target.logits(&final_normed).unwrap(); // [B, T, V]
-        let v = logits.dim(2).unwrap();
-        let logp = softmax_last_dim(&logits).unwrap().log().unwrap(); // [B, T, V], a different formulation on purpose
-        let mut weights = vec![0f32; b * tb * v];
-        let mut count = 0f32;
-        for bi in 0..b {
-            let row = &batch.labels[bi * tb..(bi + 1) * tb];
-            let mut taken = 0;
-            for t in 0..tb {
-                if row[t] != IGNORE_INDEX && taken < LIMIT {
-                    let w = if batch.is_causal[bi] { CAUSAL } else { ISOLATE };
-                    weights[(bi * tb + t - 1) * v + row[t] as usize] = w;
-                    count += 1.0;
-                    taken += 1;
-                }
-            }
-        }
-        let weights = Tensor::from_vec(weights, (b, tb, v), dev).unwrap();
-        let loss_naive = (logp * weights).unwrap().sum_all().unwrap().affine(-1.0 / count as f64, 0.0).unwrap();
+        let loss_naive = naive_label_loss(&logits, &batch, |bi| if batch.is_causal[bi] { CAUSAL } else { ISOLATE });
         let grads_naive = loss_naive.backward().unwrap();
 
         let (lf, ln) = (loss_fast.to_scalar::<f32>().unwrap(), loss_naive.to_scalar::<f32>().unwrap());
         assert!((lf - ln).abs() <= 1e-5 * (1.0 + ln.abs()), "{kind:?}: loss {lf} vs naive {ln}");
         for (name, var) in ps.iter() {
-            let gf = grads_fast.get(var.as_tensor()).unwrap();
-            let gn = grads_naive.get(var.as_tensor()).unwrap();
-            let diff = (gf - gn).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            let scale = gn.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let (diff, scale) = gradient_gap(&grads_fast, &grads_naive, var.as_tensor());
             assert!(diff <= 1e-5 * (1.0 + scale), "{kind:?}: gradient of {name} differs by {diff} (scale {scale})");
         }
     }
@@ -159,30 +169,12 @@ fn baseline_step_equals_a_naive_hooked_pass_at_the_last_entity_token() {
             })
             .unwrap();
         let logits = target.logits(&final_normed).unwrap(); // [B, T, V]
-        let (b, tb, v) = logits.dims3().unwrap();
-        let logp = softmax_last_dim(&logits).unwrap().log().unwrap();
-        let mut weights = vec![0f32; b * tb * v];
-        let mut count = 0f32;
-        for bi in 0..b {
-            let row = &batch.labels[bi * tb..(bi + 1) * tb];
-            let mut taken = 0;
-            for t in 0..tb {
-                if row[t] != IGNORE_INDEX && taken < LIMIT {
-                    weights[(bi * tb + t - 1) * v + row[t] as usize] = 1.0;
-                    count += 1.0;
-                    taken += 1;
-                }
-            }
-        }
-        let weights = Tensor::from_vec(weights, (b, tb, v), dev).unwrap();
-        let loss_naive = (logp * weights).unwrap().sum_all().unwrap().affine(-1.0 / count as f64, 0.0).unwrap();
+        let loss_naive = naive_label_loss(&logits, &batch, |_| 1.0);
         let grads_naive = loss_naive.backward().unwrap();
         let (lf, ln) = (loss_fast.to_scalar::<f32>().unwrap(), loss_naive.to_scalar::<f32>().unwrap());
         assert!((lf - ln).abs() <= 1e-5 * (1.0 + ln.abs()), "{method:?}: loss {lf} vs naive {ln}");
         let var = ps.get("subspace.rotation").unwrap();
-        let (gf, gn) = (grads_fast.get(var.as_tensor()).unwrap(), grads_naive.get(var.as_tensor()).unwrap());
-        let diff = (gf - gn).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let scale = gn.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let (diff, scale) = gradient_gap(&grads_fast, &grads_naive, var.as_tensor());
         assert!(scale > 0.0 && diff <= 1e-5 * (1.0 + scale), "{method:?}: rotation gradient differs by {diff} (scale {scale})");
     }
 }
