@@ -36,6 +36,7 @@ pub mod profile;
 pub mod progress;
 pub mod report;
 pub mod rng;
+pub mod threads;
 pub mod toy;
 pub mod train;
 

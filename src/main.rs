@@ -1,4 +1,5 @@
 fn main() {
+    hyperdas::threads::settle();
     hyperdas::alloc::tune();
     std::process::exit(hyperdas::cli::main());
 }

@@ -213,7 +213,7 @@ fn toy(a: &ToyBenchArgs) -> Result<()> {
     }
     let cfg = if a.tiny { crate::toy::ToyConfig::tiny() } else { crate::toy::ToyConfig::standard() };
     let threads = candle_core::utils::get_num_threads();
-    let env = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into());
+    let env = crate::threads::user_setting();
     let (mut walls, mut trains) = (Vec::new(), Vec::new());
     let mut last = None;
     for run in 0..a.runs {
@@ -256,7 +256,7 @@ fn forward(a: &ForwardArgs) -> Result<()> {
     let rows = token_rows(a.seed, a.batch, a.seq, lm.model.config.vocab_size);
     let batch = TokenBatch::left_padded(&rows, 0, lm.model.device())?;
     let threads = candle_core::utils::get_num_threads();
-    let env = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into());
+    let env = crate::threads::user_setting();
     if !a.json {
         eprintln!("batch {} x {} tokens, {} warm-up + {} timed runs, {threads} threads (RAYON_NUM_THREADS={env})", a.batch, a.seq, a.warmup, a.runs);
     }
@@ -362,7 +362,7 @@ fn matmul(a: &MatmulArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::json!({"bench": "matmul", "threads": threads, "machine": crate::profile::machine_description(), "shapes": rows}));
     } else {
-        println!("f32 matmul, median of {} runs, {threads} threads (RAYON_NUM_THREADS={})", a.runs, std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()));
+        println!("f32 matmul, median of {} runs, {threads} threads (RAYON_NUM_THREADS={})", a.runs, crate::threads::user_setting());
     }
     Ok(())
 }
@@ -444,7 +444,7 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
             a.interp.blocks,
             a.interp.subspace,
             a.interp.rank,
-            std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
+            crate::threads::user_setting()
         );
     }
     // Warm-up: one batch, so allocator and thread pool are in their steady state.
@@ -521,7 +521,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             a.interp.rank,
             a.warmup,
             a.steps,
-            std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
+            crate::threads::user_setting(),
             if a.no_cache { "no state cache".to_string() } else { format!("pass 1 without a state cache, pass 2 = a first epoch with an empty {} GB cache, pass 3 = the same batches again (steady state)", a.cache_gb) }
         );
     }

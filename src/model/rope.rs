@@ -61,15 +61,17 @@ impl Rope {
     /// cos and sin tables for per-row positions `[B, T]` (row-major), each `[B, 1, T, head_dim]`.
     pub fn cos_sin(&self, positions: &[u32], b: usize, t: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
+        // Rows repeat the same positions (every row of a batch, every flattened hypernetwork
+        // state), so each distinct position's `half` angles are computed once, and copied into
+        // both halves of each of its rows: the same values as computing every entry.
+        let mut rows: std::collections::HashMap<u32, (Vec<f32>, Vec<f32>)> = std::collections::HashMap::new();
         let mut cos = Vec::with_capacity(b * t * 2 * half);
         let mut sin = Vec::with_capacity(b * t * 2 * half);
         for &p in positions {
-            for _rep in 0..2 {
-                for &w in &self.inv_freq {
-                    let angle = p as f32 * w;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
+            let (c, s) = rows.entry(p).or_insert_with(|| self.inv_freq.iter().map(|&w| ((p as f32 * w).cos(), (p as f32 * w).sin())).unzip());
+            for _half in 0..2 {
+                cos.extend_from_slice(c);
+                sin.extend_from_slice(s);
             }
         }
         let shape = (b, 1, t, 2 * half);
@@ -118,6 +120,22 @@ mod tests {
         for (a, b) in from_factors.inv_freq().iter().zip(scaled.inv_freq()) {
             assert!((a - b).abs() <= 1e-6 * b.abs());
         }
+    }
+
+    #[test]
+    fn tables_equal_the_per_entry_formula_with_repeated_positions() -> Result<()> {
+        let rope = Rope::new(&RopeConfig { theta: 10_000.0, scaling: RopeScaling::None }, 8);
+        let positions = [3u32, 0, 3, 7, 7, 1]; // [2, 3], positions repeat within and across rows
+        let (cos, sin) = rope.cos_sin(&positions, 2, 3, DType::F32, &Device::Cpu)?;
+        let (cos, sin) = (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
+        for (i, &p) in positions.iter().enumerate() {
+            for j in 0..8 {
+                let angle = p as f32 * rope.inv_freq()[j % 4];
+                assert_eq!(cos[i * 8 + j].to_bits(), angle.cos().to_bits(), "cos at row {i}, dim {j}");
+                assert_eq!(sin[i * 8 + j].to_bits(), angle.sin().to_bits(), "sin at row {i}, dim {j}");
+            }
+        }
+        Ok(())
     }
 
     #[test]
