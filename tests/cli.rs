@@ -103,6 +103,35 @@ fn bench_forward_reports_tokens_per_second() {
     assert_eq!(o.status.code(), Some(1));
 }
 
+/// Every bench names its machine, and reports the user's thread setting (not the value the
+/// binary settles at start-up, src/threads.rs) with the count candle used.
+#[test]
+fn bench_names_the_machine_and_the_users_thread_setting() {
+    let matmul = |threads: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hyperdas"));
+        c.args(["bench", "matmul", "--runs", "1"]).env("HF_HUB_OFFLINE", "1");
+        match threads {
+            Some(n) => c.env("RAYON_NUM_THREADS", n),
+            None => c.env_remove("RAYON_NUM_THREADS"),
+        };
+        let o = c.output().expect("runs");
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{out}\n{err}");
+        assert!(err.starts_with("machine: ") && err.contains("logical cores"), "{err}");
+        out
+    };
+    let out = matmul(Some("1"));
+    assert!(out.contains(", 1 threads (RAYON_NUM_THREADS=1)"), "{out}");
+    let out = matmul(None);
+    assert!(out.contains("threads (RAYON_NUM_THREADS=unset)"), "{out}");
+    let o = hyperdas(&["bench", "matmul", "--runs", "1", "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    assert!(v["machine"].as_str().is_some_and(|m| m.contains("logical cores")), "{out}");
+    assert_eq!(v["threads"], 1);
+}
+
 #[test]
 fn demo_and_fetch_list_run() {
     // The demo's pipeline end to end on the tiny toy (the full demo takes minutes: docs/results.md).
