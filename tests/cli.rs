@@ -6,15 +6,22 @@ use std::process::{Command, Output};
 
 use common::*;
 
+/// The binary with `args`, one thread, and never the network (with the `hub` feature a hub id
+/// would try).
+fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hyperdas"));
+    c.args(args).env("RAYON_NUM_THREADS", "1").env("HF_HUB_OFFLINE", "1");
+    c
+}
+
 fn hyperdas(args: &[&str]) -> Output {
-    // Never touch the network from tests (with the `hub` feature a hub id would try).
-    Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(args).env("RAYON_NUM_THREADS", "1").env("HF_HUB_OFFLINE", "1").output().expect("runs")
+    command(args).output().expect("runs")
 }
 
 /// `hyperdas` with its model cache in `home` (a temporary directory), so a test's toy model is
 /// its own.
 fn hyperdas_in(home: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(args).env("RAYON_NUM_THREADS", "1").env("HF_HUB_OFFLINE", "1").env("HYPERDAS_HOME", home).output().expect("runs")
+    command(args).env("HYPERDAS_HOME", home).output().expect("runs")
 }
 
 /// Builds the tiny toy model in `home` and returns its directory (the `use it: --model` line).
@@ -108,8 +115,7 @@ fn bench_forward_reports_tokens_per_second() {
 #[test]
 fn bench_names_the_machine_and_the_users_thread_setting() {
     let matmul = |threads: Option<&str>| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_hyperdas"));
-        c.args(["bench", "matmul", "--runs", "1"]).env("HF_HUB_OFFLINE", "1");
+        let mut c = command(&["bench", "matmul", "--runs", "1"]);
         match threads {
             Some(n) => c.env("RAYON_NUM_THREADS", n),
             None => c.env_remove("RAYON_NUM_THREADS"),
