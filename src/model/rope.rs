@@ -68,7 +68,15 @@ impl Rope {
         let mut cos = Vec::with_capacity(b * t * 2 * half);
         let mut sin = Vec::with_capacity(b * t * 2 * half);
         for &p in positions {
-            let (c, s) = rows.entry(p).or_insert_with(|| self.inv_freq.iter().map(|&w| ((p as f32 * w).cos(), (p as f32 * w).sin())).unzip());
+            let (c, s) = rows.entry(p).or_insert_with(|| {
+                self.inv_freq
+                    .iter()
+                    .map(|&w| {
+                        let angle = p as f32 * w;
+                        (angle.cos(), angle.sin())
+                    })
+                    .unzip()
+            });
             for _half in 0..2 {
                 cos.extend_from_slice(c);
                 sin.extend_from_slice(s);
