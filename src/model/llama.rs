@@ -182,6 +182,28 @@ impl Attention {
         self.o_proj.forward(&out) // [B, Tq, D]
     }
 
+    /// Self-attention of `x [B, T, D]` that also sees `past` keys and values (`[B|1, Hkv, P, hd]`
+    /// each, RoPE'd, from an earlier stretch of the same sequences: a shared prompt prefix).
+    /// `rope` holds the tables of `x`'s own positions `[B, 1, T, hd]`, `mask` is additive
+    /// `[B, 1, T, P + T]`. Returns the output `[B, T, D]` and `x`'s own keys and values
+    /// `[B, Hkv, T, hd]`, so a prefix run once can serve many continuations
+    /// ([`super::prefix`]). With `past = None` this is [`forward`](Self::forward) on the composed path.
+    pub fn forward_with_past(&self, x: &Tensor, rope: (&Tensor, &Tensor), mask: &Tensor, past: Option<(&Tensor, &Tensor)>) -> Result<(Tensor, (Tensor, Tensor))> {
+        let b = x.dim(0)?;
+        let q = self.queries(x, rope)?; // [B, H, T, hd]
+        let (k_new, v_new) = self.keys_values(x, rope)?; // [B, Hkv, T, hd] each
+        let (k, v) = match past {
+            None => (k_new.clone(), v_new.clone()),
+            Some((pk, pv)) => {
+                let widen = |p: &Tensor| -> Result<Tensor> { Ok(p.broadcast_as((b, p.dim(1)?, p.dim(2)?, p.dim(3)?))?) }; // [B, Hkv, P, hd]
+                (Tensor::cat(&[&widen(pk)?, &k_new], 2)?, Tensor::cat(&[&widen(pv)?, &v_new], 2)?) // [B, Hkv, P+T, hd] each
+            }
+        };
+        let mask = mask.to_dtype(accum_dtype(q.dtype()))?; // [B, 1, T, P+T]
+        let out = kernels::attention(&q, &k, &v, &mask)?; // [B, T, H·hd]
+        Ok((self.o_proj.forward(&out)?, (k_new, v_new))) // [B, T, D]
+    }
+
     /// RoPE'd keys and values of `kv [B, T_k, D]`: `[B, Hkv, T_k, hd]` each.
     fn keys_values(&self, kv: &Tensor, k_rope: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
         let (b, tk, _) = kv.dims3()?;
@@ -291,8 +313,28 @@ impl Block {
     /// `[B, T, D]` → `[B, T, D]`.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
         let (mask, cos, sin) = ctx.tables(self.sliding);
+        self.around_attention(x, |h| self.self_attn.attend(h, h, (cos, sin), (cos, sin), mask))
+    }
+
+    /// [`forward`](Self::forward) after `past` keys and values of this block (see
+    /// [`Attention::forward_with_past`]); `tables` are `(mask [B, 1, T, P+T], cos, sin)` for this
+    /// block's kind (global or sliding). Returns the output `[B, T, D]` and `x`'s own keys and values.
+    pub fn forward_with_past(&self, x: &Tensor, tables: (&Tensor, &Tensor, &Tensor), past: Option<(&Tensor, &Tensor)>) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (mask, cos, sin) = tables;
+        let mut kv = None;
+        let out = self.around_attention(x, |h| {
+            let (a, new) = self.self_attn.forward_with_past(h, (cos, sin), mask, past)?; // [B, T, D]
+            kv = Some(new);
+            Ok(a)
+        })?;
+        let kv = kv.ok_or_else(|| Error::invalid("attention produced no keys"))?;
+        Ok((out, kv))
+    }
+
+    /// The block around its attention: `x + norms(attend(RMSNorm_in(x)))`, then the MLP residual.
+    fn around_attention(&self, x: &Tensor, attend: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?; // [B, T, D]
-        let mut a = self.self_attn.attend(&h, &h, (cos, sin), (cos, sin), mask)?; // [B, T, D]
+        let mut a = attend(&h)?; // [B, T, D]
         if let Some(n) = &self.attn_output_norm {
             a = n.forward(&a)?; // [B, T, D]
         }
@@ -388,6 +430,11 @@ impl Llama {
         &self.rope
     }
 
+    /// Gemma 3's sliding layers: their RoPE and window (`None` for models without them).
+    pub fn local_attention(&self) -> Option<(&Rope, usize)> {
+        self.local.as_ref().map(|(r, w)| (r, *w))
+    }
+
     /// Attention mask and rotary tables for a batch (compute once, reuse for every block).
     pub fn context(&self, batch: &TokenBatch) -> Result<ForwardContext> {
         let ctx = ForwardContext::new(batch, &self.rope, self.dtype, accum_dtype(self.dtype), &self.device)?;
@@ -460,7 +507,7 @@ impl Llama {
 
     /// Embeddings of a batch, after checking its ids against the vocabulary on the host (the
     /// batch knows its largest id, so this costs no device work).
-    fn embed_batch(&self, batch: &TokenBatch) -> Result<Tensor> {
+    pub(crate) fn embed_batch(&self, batch: &TokenBatch) -> Result<Tensor> {
         let max = batch.max_id();
         if max as usize >= self.config.vocab_size {
             return Err(Error::invalid(format!("token id {max} is outside the vocabulary of {} tokens", self.config.vocab_size)));
