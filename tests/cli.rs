@@ -190,16 +190,18 @@ fn data_build_without_filter_writes_jsonl_arrow_and_summaries() {
     let o = hyperdas(&["data", "build", "--no-filter", "--causal", "10", "--isolate", "2", "--out", out]);
     let (stdout, err) = text(&o);
     assert!(o.status.success(), "{err}");
-    assert!(stdout.contains("wrote 20 rows (10 causal, 10 isolate)"), "{stdout}");
-    for split in ["train", "test"] {
+    assert!(stdout.contains("wrote 12 rows (10 causal, 2 isolate)"), "{stdout}");
+    for split in ["train", "val", "test"] {
         let rows = std::fs::read_to_string(dir.path().join(format!("city_country_{split}.jsonl"))).unwrap();
-        assert_eq!(rows.lines().count(), 20);
+        assert_eq!(rows.lines().count(), 12);
         let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(format!("city_country_{split}.summary.json"))).unwrap()).unwrap();
         assert_eq!(s["split"], split);
+        assert_eq!(s["template_splits"], serde_json::json!([split]));
         assert_eq!(s["seed"], 42);
-        assert_eq!(s["rows"], 20);
+        assert_eq!(s["rows"], 12);
         assert_eq!(s["causal_rows"], 10);
-        assert!(s["filter"].is_null() && s["model"].is_null());
+        assert!(s["knowledge"].is_null() && s["model"].is_null());
+        assert!(s["balance"]["max_template_share"].as_f64().is_some());
     }
     // No silent overwrite.
     let o = hyperdas(&["data", "build", "--no-filter", "--causal", "10", "--isolate", "2", "--out", out]);
@@ -207,7 +209,7 @@ fn data_build_without_filter_writes_jsonl_arrow_and_summaries() {
     assert_eq!(o.status.code(), Some(1));
     assert!(err.contains("exists") && err.contains("--force"), "{err}");
     // Arrow output, then read it back.
-    let o = hyperdas(&["data", "build", "--no-filter", "--split", "test", "--causal", "6", "--isolate", "1", "--format", "arrow", "--out", out, "--force"]);
+    let o = hyperdas(&["data", "build", "--no-filter", "--split", "test", "--causal", "6", "--isolate", "5", "--format", "arrow", "--out", out, "--force"]);
     assert!(o.status.success(), "{}", text(&o).1);
     let arrow = dir.path().join("city_country_test");
     assert!(arrow.join("state.json").is_file());
@@ -238,13 +240,26 @@ fn data_build_errors_are_clear() {
         }
         assert!(!err.contains("panicked"), "{err}");
     }
-    // A random tiny model knows no facts: a clear message, nothing written.
+    // A random tiny model knows no facts: a clear message, nothing written; its knowledge
+    // table says so too.
     let model = fixture("tiny-llama");
-    let o = hyperdas(&["data", "build", "-m", model.to_str().unwrap(), "--split", "test", "--causal", "4", "--isolate", "1", "--out", out, "--quiet"]);
+    let tables = dir.path().join("tables");
+    let tables = tables.to_str().unwrap();
+    let args = ["-m", model.to_str().unwrap(), "--split", "test", "--pilot", "2", "--max-entities", "3", "--table-dir", tables, "--quiet"];
+    let o = hyperdas(&[&["data", "build", "--causal", "4", "--isolate", "1", "--out", out][..], &args[..]].concat());
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("causal/Country") && err.contains("no row survived the filter"), "{err}");
+    assert!(err.contains("no known city cell for causal rows of Country"), "{err}");
+    assert!(err.contains("Latitude: skipped for isolate rows"), "{err}");
     assert!(!dir.path().join("city_country_test.jsonl").exists());
+    let o = hyperdas(&["data", "knowledge", "-m", model.to_str().unwrap(), "-a", "Country,Latitude", "--table-dir", tables, "--per-template"]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(stdout.contains("Country      train         22") && stdout.contains("Latitude"), "{stdout}");
+    let empty = dir.path().join("no-tables");
+    let o = hyperdas(&["data", "knowledge", "-m", model.to_str().unwrap(), "-a", "Language", "--table-dir", empty.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o).0));
+    assert!(v["tables"][0]["path"].is_null(), "Language was never evaluated: {v}");
 }
 
 #[test]
@@ -281,21 +296,40 @@ fn data_show_and_convert_round_trip_and_report_bad_rows() {
 }
 
 #[test]
-fn data_build_filters_with_smollm2() {
+fn data_build_samples_from_smollm2s_knowledge_table() {
     let Some(path) = smollm2() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let o = hyperdas(&["data", "build", "-m", path.to_str().unwrap(), "--split", "train", "--causal", "40", "--isolate", "8", "--out", dir.path().to_str().unwrap(), "--quiet"]);
+    let tables = dir.path().join("tables");
+    let args = |out: &str| -> Vec<String> {
+        ["data", "build", "-m", path.to_str().unwrap(), "--split", "val", "--causal", "40", "--isolate", "0", "--pilot", "4", "--max-entities", "6", "--table-dir", tables.to_str().unwrap(), "--out", out, "--quiet"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let out = dir.path().join("a");
+    let o = command(&args(out.to_str().unwrap()).iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
     let (stdout, err) = text(&o);
     assert!(o.status.success(), "{stdout}\n{err}");
-    assert!(err.contains("pass rate") && err.contains("causal/Country") && err.contains("isolate/Timezone"), "{err}");
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("city_country_train.summary.json")).unwrap()).unwrap();
-    let g = &s["filter"]["groups"]["causal/Country"];
-    assert_eq!(g["candidates"], 40);
-    let kept = g["kept"].as_u64().unwrap();
-    assert!(kept > 0 && kept < 40, "SmolLM2 knows some countries, not all: {kept}");
+    assert!(err.contains("Country: pilot:") && err.contains("6 evaluated in full") && err.contains("causal/Country"), "{err}");
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("city_country_val.summary.json")).unwrap()).unwrap();
+    assert_eq!(s["rows"], 40);
+    assert_eq!(s["knowledge"]["max_entities"], 6);
+    let t = &s["knowledge_tables"][0];
+    assert_eq!(t["attribute"], "Country");
+    assert_eq!(t["full_entities"], 6);
+    assert!(t["screen_recall"].as_f64().is_some() && t["pilot_rate"].as_f64().unwrap() > 0.05, "SmolLM2 knows some countries: {t}");
     assert!(s["model"].as_str().unwrap().contains("Llama, 30 blocks"));
-    let rows = std::fs::read_to_string(dir.path().join("city_country_train.jsonl")).unwrap();
-    assert_eq!(rows.lines().count() as u64, s["rows"].as_u64().unwrap());
+    let rows = std::fs::read_to_string(out.join("city_country_val.jsonl")).unwrap();
+    assert_eq!(rows.lines().count(), 40);
+    // The second build (another seed) reads the cached table and runs no prompt.
+    let out2 = dir.path().join("b");
+    let mut again = args(out2.to_str().unwrap());
+    again.extend(["--seed".to_string(), "7".to_string()]);
+    let o = command(&again.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("cached, nothing to evaluate") && !err.contains("Country: pilot:"), "{err}");
+    assert_ne!(std::fs::read_to_string(out2.join("city_country_val.jsonl")).unwrap(), rows);
 }
 
 // ---------------------------------------------------------------------------------------------

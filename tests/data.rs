@@ -23,7 +23,7 @@ fn opts(kb: &KnowledgeBase, split: DataSplit, seed: u64) -> GenerateOptions {
 fn generation_follows_the_reference_protocol() {
     let kb = KnowledgeBase::builtin("city").unwrap();
     let country = kb.attribute("Country").unwrap();
-    for split in [DataSplit::Train, DataSplit::Test] {
+    for split in [DataSplit::Train, DataSplit::Heldout] {
         let g = generate(&kb, &opts(&kb, split, 42)).unwrap();
         assert_eq!(g.rows.len(), 300 + 5 * 40);
         let distinct: HashSet<&RavelRow> = g.rows.iter().collect();
@@ -80,7 +80,7 @@ fn generation_is_deterministic_for_a_seed() {
     assert_eq!(a.rows, b.rows);
     assert_ne!(a.rows, c.rows);
     // Train and test prompts are disjoint (different template splits).
-    let test = generate(&kb, &opts(&kb, DataSplit::Test, 42)).unwrap();
+    let test = generate(&kb, &opts(&kb, DataSplit::Heldout, 42)).unwrap();
     let train_prompts: HashSet<String> = a.rows.iter().map(|r| r.base_prompt()).collect();
     assert!(test.rows.iter().all(|r| !train_prompts.contains(&r.base_prompt())));
 }
@@ -88,7 +88,7 @@ fn generation_is_deterministic_for_a_seed() {
 #[test]
 fn held_out_entities_stay_in_their_split() {
     let kb = KnowledgeBase::builtin("city").unwrap();
-    for (split, ok) in [(DataSplit::Train, &[Split::Train][..]), (DataSplit::Test, &[Split::Val, Split::Test][..])] {
+    for (split, ok) in [(DataSplit::Train, &[Split::Train][..]), (DataSplit::Heldout, &[Split::Val, Split::Test][..])] {
         let o = GenerateOptions { entities: EntityPolicy::BySplit, ..opts(&kb, split, 1) };
         for r in generate(&kb, &o).unwrap().rows {
             for e in [&r.entity, &r.counterfactual_entity] {
@@ -121,8 +121,8 @@ fn asking_for_more_rows_than_exist_is_a_clear_error() {
     let e = generate(&kb, &GenerateOptions { causal: 50, ..o.clone() }).unwrap_err().to_string();
     assert!(e.contains("distinct causal rows for Color") && e.contains("ask for fewer rows"), "{e}");
     // No test templates at all for the test split.
-    let e = generate(&kb, &GenerateOptions { split: DataSplit::Test, ..o }).unwrap_err().to_string();
-    assert!(e.contains("no test templates for Color"), "{e}");
+    let e = generate(&kb, &GenerateOptions { split: DataSplit::Heldout, ..o }).unwrap_err().to_string();
+    assert!(e.contains("no heldout templates for Color"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ fn check(name: &str, prefix: &[u32], rows: &[Vec<u32>], tol: f64) {
     assert_eq!(cont.dim(1).unwrap(), rows.iter().map(Vec::len).max().unwrap());
     for (i, row) in rows.iter().enumerate() {
         let full: Vec<u32> = prefix.iter().chain(row).copied().collect();
-        let batch = TokenBatch::left_padded(&[full.clone()], lm.tokenizer.padding_id(), m.device()).unwrap();
+        let batch = TokenBatch::left_padded(std::slice::from_ref(&full), lm.tokenizer.padding_id(), m.device()).unwrap();
         let alone = m.forward_hidden(&batch, Some(&[])).unwrap().final_normed; // [1, P+r, D]
         let want = alone.narrow(1, prefix.len(), row.len()).unwrap().squeeze(0).unwrap(); // [r, D]
         let got = cont.get(i).unwrap().narrow(0, 0, row.len()).unwrap(); // [r, D]

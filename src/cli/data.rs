@@ -9,16 +9,20 @@ use serde::Serialize;
 
 use super::LoadArgs;
 use crate::data::collate::{CollateOptions, encode_rows};
-use crate::data::filter::{FilterOptions, FilterStats, filter_rows, group_counts};
-use crate::data::generate::{DataSplit, EntityPolicy, GenerateOptions, Generated, GroupPlan, generate};
+use crate::data::filter::group_counts;
+use crate::data::generate::{DataSplit, EntityPolicy};
+use crate::data::knowledge::{AttributeReport, Evaluator, Knowledge, KnowledgeOptions, KnowledgeTable, TableKey, cache_root, ensure, load_or_new};
+use crate::data::sample::{Balance, GroupStats, SampleOptions, Sampled, sample};
 use crate::data::io::{ReadOptions, read_dataset, write_dataset};
 use crate::data::ravel::{KnowledgeBase, Split, builtin_domains, column_name};
 
 #[derive(Subcommand, Debug)]
 #[allow(clippy::large_enum_variant)] // parsed once per process; boxing would only add noise
 pub enum DataCommand {
-    /// Build RAVEL counterfactual train/test sets: generate pairs, filter them with the target model, write JSONL (or Arrow) + a summary.
+    /// Build RAVEL counterfactual train/val/test sets from what the target model knows (its knowledge table), write JSONL (or Arrow) + a summary.
     Build(BuildArgs),
+    /// The knowledge table of a model: which entity × template facts it knows, per attribute and split (cached; --build fills it).
+    Knowledge(KnowledgeCmdArgs),
     /// Show the knowledge base: domains, attributes, entities and templates per split.
     Kb(KbArgs),
     /// Read and check a dataset (.jsonl or a datasets save_to_disk directory); print counts and rows; with --model, the tokenisation.
@@ -39,7 +43,7 @@ pub struct KbArgs {
 
 #[derive(Args, Debug)]
 pub struct BuildArgs {
-    /// Target model for filtering: HF dir, .gguf, fetched name (smollm2-135m), `toy`, `toy:tiny` or hub id. Required unless --no-filter.
+    /// Target model whose knowledge decides the rows: HF dir, .gguf, fetched name (smollm2-135m), `toy`, `toy:tiny` or hub id. Required unless --no-filter.
     #[arg(long, short)]
     model: Option<String>,
     #[command(flatten)]
@@ -50,21 +54,25 @@ pub struct BuildArgs {
     /// Read the domain from a directory (entities.tsv, templates.json, template_splits.json) instead of the embedded data (default with `-m toy`: the toy world's).
     #[arg(long)]
     kb_dir: Option<PathBuf>,
-    /// Attribute(s) the instruction names (repeat or comma-separate), e.g. Country. Default: Country.
+    /// Attribute(s) the instruction names (repeat or comma-separate), e.g. Country,Continent.
     #[arg(long = "attribute", short = 'a', value_delimiter = ',', default_value = "Country")]
     attributes: Vec<String>,
-    /// Split(s) to build: train (RAVEL train templates), test (val + test templates). Repeat or comma-separate.
-    #[arg(long, value_delimiter = ',', default_value = "train,test")]
+    /// Split(s) to build, each from its own RAVEL templates: train, val, test, or heldout (val + test). Repeat or comma-separate.
+    #[arg(long, value_delimiter = ',', default_value = "train,val,test")]
     split: Vec<String>,
-    /// Causal rows per target attribute, before filtering.
+    /// Causal rows per target attribute and split.
     #[arg(long, default_value_t = 1000)]
     causal: usize,
-    /// Isolate rows per (target attribute, other attribute), before filtering.
-    #[arg(long, default_value_t = 200)]
+    /// Isolate rows per target attribute and split, spread over the other attributes in proportion to their known cells.
+    #[arg(long, default_value_t = 1000)]
     isolate: usize,
-    /// Entities: `all` (the reference; only templates are held out) or `by-split` (train entities for train, val+test entities for test).
+    /// Attributes isolate rows ask for (repeat or comma-separate; default: every attribute but the target).
+    #[arg(long, value_delimiter = ',')]
+    isolate_from: Vec<String>,
+    /// Entities: `all` (the reference; only templates are held out) or `by-split` (each split uses its own RAVEL entities).
     #[arg(long, default_value = "all")]
     entities: String,
+    /// Seed of the sampled rows (the knowledge table does not depend on it).
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Output directory; files are named {domain}_{attribute}_{split}.jsonl (or a directory with --format arrow).
@@ -73,15 +81,81 @@ pub struct BuildArgs {
     /// Output format: jsonl, or arrow (a datasets save_to_disk directory, as the reference ships).
     #[arg(long, default_value = "jsonl")]
     format: String,
-    /// Keep every generated row (no model, no knowledge filter).
+    /// Treat every fact as known (no model, no knowledge table).
     #[arg(long)]
     no_filter: bool,
-    /// Prompts per forward pass while filtering.
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
+    #[command(flatten)]
+    knowledge: KnowledgeArgs,
     /// Overwrite existing output files.
     #[arg(long)]
     force: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// How the knowledge table chooses the cells it evaluates (docs/data.md).
+#[derive(Args, Debug, Clone)]
+pub struct KnowledgeArgs {
+    /// Screening templates per attribute (0: no screen; entities are evaluated in full in a fixed order).
+    #[arg(long, default_value_t = 1)]
+    screen: usize,
+    /// Entities evaluated under every train template to choose the screening template and estimate its recall.
+    #[arg(long, default_value_t = 32)]
+    pilot: usize,
+    /// Entities evaluated under every template per attribute (0: every entity that passes the screen).
+    #[arg(long, default_value_t = 300)]
+    max_entities: usize,
+    /// Skip an attribute that only supplies isolate rows when the pilot knows less than this share of its cells.
+    #[arg(long, default_value_t = 0.02)]
+    min_pilot_rate: f64,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Directory of knowledge tables (default: <cache>/knowledge, see `hyperdas fetch --help` for <cache>).
+    #[arg(long)]
+    table_dir: Option<PathBuf>,
+}
+
+impl KnowledgeArgs {
+    fn options(&self, splits: Vec<Split>, progress: bool) -> KnowledgeOptions {
+        KnowledgeOptions { splits, screen: self.screen, pilot: self.pilot, max_entities: self.max_entities, min_pilot_rate: self.min_pilot_rate, batch_size: self.batch_size, progress }
+    }
+    fn root(&self) -> Result<PathBuf> {
+        Ok(match &self.table_dir {
+            Some(d) => d.clone(),
+            None => cache_root()?,
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct KnowledgeCmdArgs {
+    #[command(flatten)]
+    model: super::ModelArgs,
+    /// RAVEL domain: city or nobel_prize_winner (alias nobel).
+    #[arg(long, default_value = "city")]
+    domain: String,
+    /// Read the domain from a directory instead of the embedded data (default with `-m toy`: the toy world's).
+    #[arg(long)]
+    kb_dir: Option<PathBuf>,
+    /// Attribute(s) to show (default: every attribute of the domain).
+    #[arg(long = "attribute", short = 'a', value_delimiter = ',')]
+    attributes: Vec<String>,
+    /// Evaluate missing cells first (for the given splits), as `data build` would for these attributes as targets; without it, only the cached tables are read.
+    #[arg(long)]
+    build: bool,
+    /// Template splits to complete with --build.
+    #[arg(long, value_delimiter = ',', default_value = "train,val,test")]
+    split: Vec<String>,
+    #[command(flatten)]
+    knowledge: KnowledgeArgs,
+    /// Also list every template with its known / evaluated cells.
+    #[arg(long)]
+    per_template: bool,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
     /// No progress bars.
     #[arg(long, short)]
     quiet: bool,
@@ -127,6 +201,7 @@ pub struct ConvertArgs {
 pub fn run(cmd: &DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Build(a) => build(a),
+        DataCommand::Knowledge(a) => knowledge(a),
         DataCommand::Kb(a) => kb(a),
         DataCommand::Show(a) => show(a),
         DataCommand::Convert(a) => convert(a),
@@ -174,11 +249,18 @@ struct BuildSummary<'a> {
     entities: EntityPolicy,
     seed: u64,
     causal_per_target: usize,
-    isolate_per_pair: usize,
+    isolate_per_target: usize,
     model: Option<String>,
     start_token: Option<String>,
-    generated: &'a [GroupPlan],
-    filter: Option<&'a FilterStats>,
+    /// How the knowledge tables chose their cells (absent with --no-filter).
+    knowledge: Option<&'a KnowledgeOptions>,
+    knowledge_tables: &'a [AttributeReport],
+    /// Seconds to complete the knowledge tables (once for every split of the command).
+    knowledge_seconds: f64,
+    /// Seconds to sample and write this split.
+    sample_seconds: f64,
+    groups: &'a [GroupStats],
+    balance: &'a Balance,
     /// Rows written, per `attribute_type/attribute`.
     kept: std::collections::BTreeMap<String, usize>,
     rows: usize,
@@ -186,23 +268,62 @@ struct BuildSummary<'a> {
     isolate_rows: usize,
 }
 
-fn build(a: &BuildArgs) -> Result<()> {
-    // `-m toy` without `--kb-dir`: the toy world's own knowledge base.
-    let toy_kb = match (&a.model, &a.kb_dir) {
+/// The knowledge base of `--domain`/`--kb-dir`, or with `-m toy` (and no `--kb-dir`) the toy world's.
+fn kb_for(model: Option<&str>, domain: &str, kb_dir: Option<&Path>) -> Result<KnowledgeBase> {
+    let toy_kb = match (model, kb_dir) {
         (Some(m), None) if crate::train::run::toy_config(m).is_some() => Some(PathBuf::from(crate::train::run::model_spec(m, true)?).join("ravel")),
         _ => None,
     };
-    let kb = load_kb(&a.domain, a.kb_dir.as_deref().or(toy_kb.as_deref()))?;
+    load_kb(domain, kb_dir.or(toy_kb.as_deref()))
+}
+
+/// The RAVEL template splits that data splits read.
+fn template_splits_of(splits: &[DataSplit]) -> Vec<Split> {
+    let mut out: Vec<Split> = splits.iter().flat_map(|s| s.template_splits().iter().copied()).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// One line per attribute: what its table holds and what evaluating it cost.
+fn print_report(r: &AttributeReport) {
+    let cost = r.total();
+    let run = if cost.cells == 0 {
+        "cached, nothing to evaluate".to_string()
+    } else {
+        format!("{} prompts, {} tokens in {:.1} s ({:.0} prompts/s)", cost.cells, cost.tokens, cost.seconds, cost.cells as f64 / cost.seconds.max(1e-9))
+    };
+    if let Some(why) = &r.skipped {
+        eprintln!("  {}: skipped for isolate rows: {why}; {run}", r.attribute);
+        return;
+    }
+    let screen = match (r.screen_templates.first(), r.screen_recall) {
+        (Some(t), recall) => format!(
+            "pilot {} entities ({:.1}% of cells known), screen {t:?} (recall {}), {} screened, {} in; ",
+            r.pilot_entities,
+            100.0 * r.pilot_rate.unwrap_or(0.0),
+            recall.map_or("n/a".into(), |x| format!("{x:.2}")),
+            r.screened,
+            r.screened_in
+        ),
+        (None, _) => String::new(),
+    };
+    eprintln!("  {}: {} entities with a value; {screen}{} evaluated in full; {run}", r.attribute, r.entities_with_value, r.full_entities);
+}
+
+fn build(a: &BuildArgs) -> Result<()> {
+    let kb = kb_for(a.model.as_deref(), &a.domain, a.kb_dir.as_deref())?;
     let targets: Vec<usize> = a.attributes.iter().map(|x| kb.attribute(x)).collect::<crate::Result<_>>()?;
     let splits: Vec<DataSplit> = a.split.iter().map(|s| DataSplit::parse(s)).collect::<crate::Result<_>>()?;
     let entities = EntityPolicy::parse(&a.entities)?;
+    let isolate_from: Option<Vec<usize>> = if a.isolate_from.is_empty() { None } else { Some(a.isolate_from.iter().map(|x| kb.attribute(x)).collect::<crate::Result<_>>()?) };
     let arrow = match a.format.as_str() {
         "jsonl" => false,
         "arrow" => true,
         f => bail!("unknown --format `{f}`: use jsonl or arrow"),
     };
     if a.model.is_none() && !a.no_filter {
-        bail!("--model is required to filter rows by what the model knows (e.g. --model smollm2-135m); pass --no-filter to keep every generated row");
+        bail!("--model is required to sample rows from what the model knows (e.g. --model smollm2-135m); pass --no-filter to treat every fact as known");
     }
     // Output paths first: refuse to overwrite before spending minutes on the model.
     let stem = format!("{}_{}", kb.domain, targets.iter().map(|&t| column_name(&kb.attributes[t])).collect::<Vec<_>>().join("+"));
@@ -216,40 +337,46 @@ fn build(a: &BuildArgs) -> Result<()> {
         }
     }
     let lm = match (&a.model, a.no_filter) {
-        (Some(m), false) => Some(
-            a.load.load(m)?,
-        ),
+        (Some(m), false) => Some(a.load.load(m)?),
         _ => None,
     };
+    // The knowledge tables: the targets (causal rows), and the other attributes (isolate rows).
+    let t0 = Instant::now();
+    let mut attributes: Vec<(usize, bool)> = targets.iter().map(|&t| (t, false)).collect();
+    if a.isolate > 0 {
+        let isolate_ok = |o: &usize| isolate_from.as_ref().is_none_or(|f| f.contains(o));
+        attributes.extend((0..kb.attributes.len()).filter(|o| !targets.contains(o) && isolate_ok(o)).map(|o| (o, true)));
+    }
+    let kopts = a.knowledge.options(template_splits_of(&splits), !a.quiet);
+    let (knowledge, reports) = match &lm {
+        Some(lm) => {
+            let ev = Evaluator { model: &lm.model, tokenizer: &lm.tokenizer, batch_size: kopts.batch_size, progress: kopts.progress };
+            let sha = lm.source.fingerprint()?;
+            eprintln!("knowledge tables of {} (model sha256 {}), {} domain:", lm.description, &sha[..16], kb.domain);
+            let (k, reports) = Knowledge::build(&ev, &kb, &attributes, &sha, &a.knowledge.root()?, &kopts)?;
+            reports.iter().for_each(print_report);
+            (Some(k), reports)
+        }
+        None => (None, Vec::new()),
+    };
+    let knowledge_seconds = t0.elapsed().as_secs_f64();
+    let known = |t: usize, e: usize| knowledge.as_ref().is_none_or(|k| k.known(t, e));
     for (split, path) in outputs {
-        let t0 = Instant::now();
-        let opts = GenerateOptions { targets: targets.clone(), split, causal: a.causal, isolate: a.isolate, seed: a.seed, entities };
-        let Generated { rows: candidates, groups: generated } = generate(&kb, &opts)?;
-        eprintln!("{} {}: generated {} candidate rows", kb.domain, split.name(), candidates.len());
-        let (rows, stats) = match &lm {
-            Some(lm) => {
-                let (rows, stats) = filter_rows(&lm.model, &lm.tokenizer, candidates, &FilterOptions { batch_size: a.batch_size, progress: !a.quiet })?;
-                (rows, Some(stats))
-            }
-            None => (candidates, None),
-        };
-        if let Some(s) = &stats {
-            eprintln!(
-                "  filter: {} distinct prompts, {} tokens in {:.1} s ({:.0} tok/s)",
-                s.unique_checks,
-                s.tokens,
-                s.seconds,
-                s.tokens as f64 / s.seconds.max(1e-9)
-            );
-            eprintln!("  {:<28} {:>10} {:>6} {:>9}", "group", "candidates", "kept", "pass rate");
-            for (g, c) in &s.groups {
-                eprintln!("  {:<28} {:>10} {:>6} {:>8.1}%", g, c.candidates, c.kept, 100.0 * c.pass_rate);
-            }
-        }
-        if rows.is_empty() {
-            bail!("no row survived the filter for {} {}: the model knows none of these facts (try another model or attribute; --no-filter keeps all rows)", kb.domain, split.name());
-        }
+        let t1 = Instant::now();
+        let opts = SampleOptions { targets: targets.clone(), split, causal: a.causal, isolate: a.isolate, isolate_from: isolate_from.clone(), seed: a.seed, entities };
+        let Sampled { rows, groups, balance } = sample(&kb, &known, &opts).with_context(|| format!("{} {} split", kb.domain, split.name()))?;
         write_dataset(&path, &rows, arrow)?;
+        eprintln!("{} {}: {:<40} {:>7} {:>11} {:>10}", kb.domain, split.name(), "group", "rows", "known cells", "cells used");
+        for g in &groups {
+            eprintln!("  {:<47} {:>7} {:>11} {:>10}", format!("{}/{} (instruction: {})", g.attribute_type, g.attribute, g.target), g.rows, g.known_cells, g.cells_used);
+        }
+        eprintln!(
+            "  balance: {} entities (largest share {:.2}%), {} templates (largest share {:.2}%)",
+            balance.entities,
+            100.0 * balance.max_entity_share,
+            balance.templates,
+            100.0 * balance.max_template_share
+        );
         let kept = group_counts(&rows);
         let causal_rows = rows.iter().filter(|r| r.is_causal()).count();
         let summary = BuildSummary {
@@ -262,11 +389,15 @@ fn build(a: &BuildArgs) -> Result<()> {
             entities,
             seed: a.seed,
             causal_per_target: a.causal,
-            isolate_per_pair: a.isolate,
+            isolate_per_target: a.isolate,
             model: lm.as_ref().map(|l| l.description.clone()),
             start_token: lm.as_ref().map(|l| l.tokenizer.start_token_reason.clone()),
-            generated: &generated,
-            filter: stats.as_ref(),
+            knowledge: lm.as_ref().map(|_| &kopts),
+            knowledge_tables: &reports,
+            knowledge_seconds,
+            sample_seconds: t1.elapsed().as_secs_f64(),
+            groups: &groups,
+            balance: &balance,
             kept,
             rows: rows.len(),
             causal_rows,
@@ -280,9 +411,69 @@ fn build(a: &BuildArgs) -> Result<()> {
             causal_rows,
             rows.len() - causal_rows,
             path.display(),
-            t0.elapsed().as_secs_f64(),
+            t1.elapsed().as_secs_f64(),
             summary_path.display()
         );
+    }
+    println!("data build: {:.1} s in all ({:.1} s for the knowledge tables)", t0.elapsed().as_secs_f64(), knowledge_seconds);
+    Ok(())
+}
+
+fn knowledge(a: &KnowledgeCmdArgs) -> Result<()> {
+    let kb = kb_for(Some(&a.model.model), &a.domain, a.kb_dir.as_deref())?;
+    let attributes: Vec<usize> = if a.attributes.is_empty() { (0..kb.attributes.len()).collect() } else { a.attributes.iter().map(|x| kb.attribute(x)).collect::<crate::Result<_>>()? };
+    let splits: Vec<DataSplit> = a.split.iter().map(|s| DataSplit::parse(s)).collect::<crate::Result<_>>()?;
+    let lm = a.model.load.load(&a.model.model)?;
+    let sha = lm.source.fingerprint()?;
+    let root = a.knowledge.root()?;
+    let mut tables = Vec::new();
+    if a.build {
+        let kopts = a.knowledge.options(template_splits_of(&splits), !a.quiet);
+        let ev = Evaluator { model: &lm.model, tokenizer: &lm.tokenizer, batch_size: kopts.batch_size, progress: kopts.progress };
+        for &x in &attributes {
+            let (t, r) = ensure(&ev, &kb, x, TableKey::new(&sha, lm.model.dtype(), &lm.tokenizer, &kb, x), &root, &kopts, false)?;
+            print_report(&r);
+            tables.push((x, Some(t)));
+        }
+    } else {
+        for &x in &attributes {
+            let key = TableKey::new(&sha, lm.model.dtype(), &lm.tokenizer, &kb, x);
+            let path = key.path(&root);
+            let (t, why) = load_or_new(&path, KnowledgeTable::new(&kb, x, key));
+            if let Some(why) = why {
+                eprintln!("{why}");
+            }
+            tables.push((x, path.exists().then_some(t)));
+        }
+    }
+    let all = [Split::Train, Split::Val, Split::Test];
+    if a.json {
+        let out: Vec<serde_json::Value> = tables
+            .iter()
+            .map(|(x, t)| match t {
+                Some(t) => serde_json::json!({"attribute": kb.attributes[*x], "path": t.key.path(&root), "splits": all.iter().map(|&s| t.summary(s)).collect::<Vec<_>>()}),
+                None => serde_json::json!({"attribute": kb.attributes[*x], "path": null}),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": lm.description, "model_sha256": sha, "domain": kb.domain, "tables": out}))?);
+        return Ok(());
+    }
+    println!("knowledge of {} (sha256 {}), {} domain, start token {}", lm.description, &sha[..16], kb.domain, lm.tokenizer.start_token_reason);
+    println!("{:<12} {:<6} {:>9} {:>14} {:>14} {:>16}", "attribute", "split", "templates", "cells checked", "cells known", "entities known");
+    for (x, t) in &tables {
+        let Some(t) = t else {
+            println!("{:<12} not built yet (hyperdas data knowledge --build -a {0}, or data build)", kb.attributes[*x]);
+            continue;
+        };
+        for s in all {
+            let m = t.summary(s);
+            println!("{:<12} {:<6} {:>9} {:>14} {:>14} {:>16}", kb.attributes[*x], m.split, m.templates, m.cells_checked, m.cells_known, m.entities_known);
+            if a.per_template {
+                for (text, known, checked) in &m.per_template {
+                    println!("    {known:>6} / {checked:<6} {text:?}");
+                }
+            }
+        }
     }
     Ok(())
 }

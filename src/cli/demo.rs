@@ -58,8 +58,9 @@ fn fresh_dir(base: &Path) -> PathBuf {
     (2..).map(|n| PathBuf::from(format!("{}-{n}", base.display()))).find(|p| !p.exists()).unwrap_or_else(|| base.to_path_buf())
 }
 
-/// (train, test) row counts before filtering: causal per target, isolate per other attribute.
-const SIZES: [(DataSplit, usize, usize); 2] = [(DataSplit::Train, 2000, 400), (DataSplit::Test, 300, 60)];
+/// (split, file label, causal per target, isolate per other attribute) before filtering; the
+/// test set uses the val + test templates.
+const SIZES: [(DataSplit, &str, usize, usize); 2] = [(DataSplit::Train, "train", 2000, 400), (DataSplit::Heldout, "test", 300, 60)];
 
 pub fn demo(a: &DemoArgs) -> Result<()> {
     let t0 = Instant::now();
@@ -114,7 +115,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let data_dir = out.join("data");
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let mut paths = Vec::new();
-    for (split, causal, isolate) in SIZES {
+    for (split, label, causal, isolate) in SIZES {
         let (causal, isolate) = match (toy.is_some(), tiny) {
             (_, true) => (causal / 20, isolate / 20),
             (true, false) => (causal / targets.len(), isolate / targets.len()),
@@ -124,12 +125,12 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         let g = generate(&kb, &GenerateOptions { targets: targets.clone(), split, causal, isolate, seed: 42, entities: EntityPolicy::All })?;
         let (rows, _) = filter_rows(&lm.model, &lm.tokenizer, g.rows, &FilterOptions { batch_size: 32, progress })?;
         if rows.is_empty() {
-            bail!("{}: the model answers none of the {} prompts correctly, so there is nothing to intervene on", a.model, split.name());
+            bail!("{}: the model answers none of the {label} prompts correctly, so there is nothing to intervene on", a.model);
         }
-        let path = data_dir.join(format!("{stem}_{}.jsonl", split.name()));
+        let path = data_dir.join(format!("{stem}_{label}.jsonl"));
         write_jsonl(&path, &rows)?;
         let n_causal = rows.iter().filter(|r| r.is_causal()).count();
-        println!("      {} rows: {} causal, {} isolate -> {}", split.name(), n_causal, rows.len() - n_causal, path.display());
+        println!("      {label} rows: {} causal, {} isolate -> {}", n_causal, rows.len() - n_causal, path.display());
         paths.push(path);
     }
     println!("[2/5] data built in {:.1} s", t.elapsed().as_secs_f64());

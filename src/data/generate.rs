@@ -30,33 +30,44 @@ use super::row::RavelRow;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
-/// Which data split to build.
+/// Which data split to build: its templates are RAVEL's context split of the same name, so
+/// train, val and test prompts are disjoint. `heldout` is val + test together (the split the
+/// demo and earlier versions called `test`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataSplit {
     Train,
+    Val,
     Test,
+    Heldout,
 }
 
 impl DataSplit {
     pub fn parse(s: &str) -> Result<DataSplit> {
         match s {
             "train" => Ok(DataSplit::Train),
+            "val" => Ok(DataSplit::Val),
             "test" => Ok(DataSplit::Test),
-            _ => Err(Error::invalid(format!("unknown split `{s}`: use train or test"))),
+            "heldout" => Ok(DataSplit::Heldout),
+            _ => Err(Error::invalid(format!("unknown split `{s}`: use train, val, test or heldout (val + test)"))),
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             DataSplit::Train => "train",
+            DataSplit::Val => "val",
             DataSplit::Test => "test",
+            DataSplit::Heldout => "heldout",
         }
     }
-    /// RAVEL template (context) splits used by this data split.
+    /// RAVEL template (context) splits used by this data split; with
+    /// [`EntityPolicy::BySplit`], also the entity splits.
     pub fn template_splits(self) -> &'static [Split] {
         match self {
             DataSplit::Train => &[Split::Train],
-            DataSplit::Test => &[Split::Val, Split::Test],
+            DataSplit::Val => &[Split::Val],
+            DataSplit::Test => &[Split::Test],
+            DataSplit::Heldout => &[Split::Val, Split::Test],
         }
     }
 }
@@ -65,10 +76,21 @@ impl DataSplit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum EntityPolicy {
-    /// All entities in both splits (the reference: only templates are held out).
+    /// All entities in every split (the reference: only templates are held out).
     All,
-    /// Train data uses RAVEL `train` entities, test data `val` + `test` entities.
+    /// Each data split uses the RAVEL entities of its own split(s) (train data `train`
+    /// entities, val data `val`, test data `test`, heldout `val` + `test`).
     BySplit,
+}
+
+impl EntityPolicy {
+    /// Whether an entity of RAVEL split `s` may appear in data split `split`.
+    pub fn allows(self, split: DataSplit, s: Split) -> bool {
+        match self {
+            EntityPolicy::All => true,
+            EntityPolicy::BySplit => split.template_splits().contains(&s),
+        }
+    }
 }
 
 impl EntityPolicy {
@@ -110,11 +132,7 @@ struct Pools<'a> {
 
 impl<'a> Pools<'a> {
     fn new(kb: &'a KnowledgeBase, opts: &GenerateOptions) -> Pools<'a> {
-        let entity_ok = |s: Split| match (opts.entities, opts.split) {
-            (EntityPolicy::All, _) => true,
-            (EntityPolicy::BySplit, DataSplit::Train) => s == Split::Train,
-            (EntityPolicy::BySplit, DataSplit::Test) => s != Split::Train,
-        };
+        let entity_ok = |s: Split| opts.entities.allows(opts.split, s);
         let n_attr = kb.attributes.len();
         let with_value = (0..n_attr)
             .map(|a| kb.entities.iter().enumerate().filter(|(_, e)| entity_ok(e.split) && !e.values[a].is_empty()).map(|(i, _)| i).collect())
@@ -145,30 +163,37 @@ impl<'a> Pools<'a> {
 
     /// One row: base prompt asks for `asked`, the instruction names `target`.
     fn row(&self, target: usize, asked: usize, rng: &mut Rng) -> Option<RavelRow> {
-        let kb = self.kb;
         let (b, s) = self.pair(asked, rng)?;
-        let (base, source) = (&kb.entities[b], &kb.entities[s]);
         let base_t = *rng.choose(&self.templates[asked])?;
         let source_t = self.source_template(rng)?;
-        let (input_prefix, input_suffix) = base_t.fill_split(&base.name);
-        let (cf_prefix, cf_suffix) = source_t.fill_split(&source.name);
-        let causal = target == asked;
-        let verify_text = if causal { base_t.fill(&source.name) } else { format!("{input_prefix}{input_suffix}") };
-        Some(RavelRow {
-            input_prefix,
-            input_suffix,
-            counterfactual_input_prefix: cf_prefix,
-            counterfactual_input_suffix: cf_suffix,
-            edit_instruction: format!("{} ; {} - {}", base.name, source.name, kb.attributes[target]),
-            entity: base.name.clone(),
-            counterfactual_entity: source.name.clone(),
-            target: base.values[asked].clone(),
-            counterfactual_target: source.values[asked].clone(),
-            attribute_type: if causal { "causal" } else { "isolate" }.into(),
-            domain: kb.domain.clone(),
-            attribute: kb.attributes[asked].clone(),
-            verify_text,
-        })
+        Some(make_row(self.kb, target, asked, b, s, base_t, source_t))
+    }
+}
+
+/// The row whose base prompt is `base_t` filled with entity `b` (asking for attribute `asked`),
+/// whose source prompt is `source_t` filled with entity `s`, and whose instruction names
+/// `target`: causal when `target == asked` (label: the source's value, checked on
+/// `base_t(s)`), isolate otherwise (label: the base's own value, checked on the base prompt).
+pub fn make_row(kb: &KnowledgeBase, target: usize, asked: usize, b: usize, s: usize, base_t: &Template, source_t: &Template) -> RavelRow {
+    let (base, source) = (&kb.entities[b], &kb.entities[s]);
+    let (input_prefix, input_suffix) = base_t.fill_split(&base.name);
+    let (cf_prefix, cf_suffix) = source_t.fill_split(&source.name);
+    let causal = target == asked;
+    let verify_text = if causal { base_t.fill(&source.name) } else { format!("{input_prefix}{input_suffix}") };
+    RavelRow {
+        input_prefix,
+        input_suffix,
+        counterfactual_input_prefix: cf_prefix,
+        counterfactual_input_suffix: cf_suffix,
+        edit_instruction: format!("{} ; {} - {}", base.name, source.name, kb.attributes[target]),
+        entity: base.name.clone(),
+        counterfactual_entity: source.name.clone(),
+        target: base.values[asked].clone(),
+        counterfactual_target: source.values[asked].clone(),
+        attribute_type: if causal { "causal" } else { "isolate" }.into(),
+        domain: kb.domain.clone(),
+        attribute: kb.attributes[asked].clone(),
+        verify_text,
     }
 }
 

@@ -15,8 +15,10 @@ pub mod collate;
 pub mod filter;
 pub mod generate;
 pub mod io;
+pub mod knowledge;
 pub mod ravel;
 pub mod row;
+pub mod sample;
 
 pub use collate::{CollateOptions, CollatedBatch, EncodedRow, EncodedSet, collate, encode_rows};
 pub use generate::{DataSplit, EntityPolicy, GenerateOptions, generate};

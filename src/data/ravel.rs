@@ -14,7 +14,8 @@ use std::path::Path;
 use crate::error::{Error, Result};
 
 /// A RAVEL split (entity split or template/context split).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Split {
     Train,
     Val,
@@ -210,6 +211,31 @@ impl KnowledgeBase {
     /// Entity by exact name.
     pub fn entity(&self, name: &str) -> Option<&Entity> {
         self.entities.binary_search_by(|e| e.name.as_str().cmp(name)).ok().map(|i| &self.entities[i]).or_else(|| self.entities.iter().find(|e| e.name == name))
+    }
+
+    /// sha256 (hex) of the domain's content: its name, attributes, entities (name, split,
+    /// values) and templates (attribute, text, split), so caches built from it (the knowledge
+    /// table) notice any edit.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut field = |s: &str| {
+            h.update(s.as_bytes());
+            h.update([0u8]);
+        };
+        field(&self.domain);
+        self.attributes.iter().for_each(|a| field(a));
+        for e in &self.entities {
+            field(&e.name);
+            field(e.split.name());
+            e.values.iter().for_each(|v| field(v));
+        }
+        for t in &self.templates {
+            field(&self.attributes[t.attribute]);
+            field(&t.text);
+            field(t.split.name());
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Number of distinct non-empty values of attribute `a`.

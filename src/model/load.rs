@@ -31,6 +31,39 @@ impl std::fmt::Display for ModelSource {
     }
 }
 
+impl ModelSource {
+    /// sha256 (hex) of what decides the model's outputs: the GGUF file; for an HF directory,
+    /// `config.json`, every `*.safetensors` and the tokenizer files, each hashed by name and
+    /// content in name order. Caches of model outputs (the knowledge table) are keyed by it.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let files: Vec<PathBuf> = match self {
+            ModelSource::Gguf(p) => vec![p.clone()],
+            ModelSource::HfDir(dir) => {
+                let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+                let mut files = Vec::new();
+                for entry in entries {
+                    let path = entry.map_err(|e| Error::io(dir, e))?.path();
+                    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                    let counts = name == "config.json" || name.ends_with(".safetensors") || (name.starts_with("tokenizer") && name.ends_with(".json"));
+                    if counts && path.is_file() {
+                        files.push(path);
+                    }
+                }
+                files.sort();
+                files
+            }
+        };
+        let mut h = Sha256::new();
+        for f in &files {
+            h.update(f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default().as_bytes());
+            h.update([0u8]);
+            h.update(crate::fetch::sha256_file(f)?.as_bytes());
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+}
+
 /// Turn a `--model` argument into a local source.
 pub fn resolve(spec: &str) -> Result<ModelSource> {
     let p = Path::new(spec);
