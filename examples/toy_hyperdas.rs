@@ -92,6 +92,8 @@ fn main() -> Result<()> {
         hypernet: HyperConfig { num_blocks: 2.min(toy_cfg.layers), layer, from_scratch: std::env::var("SCRATCH").is_ok(), ablate_source: false, ablate_base: false, seed: 0 },
         subspace: SubspaceKind::parse(&std::env::var("SUBSPACE").unwrap_or_else(|_| "reflect_select".into()))?,
         rank, method: hyperdas::hypernet::interpreter::Method::HyperDas,
+            init: Default::default(),
+            rotation: Default::default(),
     };
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg)?;

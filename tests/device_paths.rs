@@ -56,7 +56,7 @@ fn bf16_target_with_f32_parameters_trains_on_the_composed_path() {
             assert_eq!(v.as_tensor().dtype(), DType::F32, "{name}: trainable {n} must stay f32");
         }
         let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
-        let mut opt = s.optimizer(&ps).unwrap();
+        let mut opt = s.optimizer(&ps, interp.subspace.kind).unwrap();
         let schedule = s.schedule(2);
         let batch = collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id());
         // Step 0 also checks that every parameter receives a gradient through the bf16 target.

@@ -22,7 +22,7 @@ fn steps_on_tiny_gemma(method: Method) -> Vec<f64> {
         assert!(names.iter().any(|n| n.ends_with("self_attn.q_norm.weight")), "{names:?}");
     }
     let s = TrainSettings { batch_size: 4, lr: 3e-3, ..Default::default() };
-    let mut opt = s.optimizer(&ps).unwrap();
+    let mut opt = s.optimizer(&ps, interp.subspace.kind).unwrap();
     let schedule = s.schedule(6);
     let batches: Vec<_> = [&rows[..4], &rows[4..8]].iter().map(|rows| collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
     // Step 0 checks that every parameter receives a gradient (train_step fails otherwise). The

@@ -65,6 +65,8 @@ fn efficient_step_equals_the_naive_full_model_step() {
             hypernet: HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 11 },
             subspace: kind,
             rank: 4, method: hyperdas::hypernet::interpreter::Method::HyperDas,
+            init: Default::default(),
+            rotation: Default::default(),
         };
         let interp = Interpreter::new(&mut ps, target, &cfg).unwrap();
 
@@ -127,6 +129,8 @@ fn baseline_step_equals_a_naive_hooked_pass_at_the_last_entity_token() {
             subspace: SubspaceKind::ReflectSelect, // ignored: a baseline always uses one shared basis
             rank: 4,
             method,
+            init: Default::default(),
+            rotation: Default::default(),
         };
         let interp = Interpreter::new(&mut ps, target, &cfg).unwrap();
         let names: Vec<String> = ps.iter().map(|(n, _)| n.to_string()).collect();

@@ -130,7 +130,7 @@ fn hyperdas_params_after(cache: bool, prewarm: bool) -> (Vec<Vec<f32>>, Option<h
         interp.register_prompts(&rows);
     }
     let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
-    let mut opt = s.optimizer(&ps).unwrap();
+    let mut opt = s.optimizer(&ps, interp.subspace.kind).unwrap();
     let schedule = s.schedule(6);
     // Batches of different compositions, so cached rows are reassembled with other padding.
     let orders: [&[usize]; 6] = [&[0, 1, 2, 3], &[4, 5, 6, 7], &[8, 9, 10, 11], &[3, 8, 0, 5], &[11, 2, 6, 9], &[7, 1, 10, 4]];

@@ -52,6 +52,8 @@ impl InterpreterArgs {
             subspace: crate::hypernet::subspace::SubspaceKind::parse(&self.subspace)?,
             rank: self.rank,
             method: crate::hypernet::interpreter::Method::HyperDas,
+            init: Default::default(),
+            rotation: Default::default(),
         })
     }
 }
@@ -502,7 +504,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     let mut interp = Interpreter::new(&mut ps, target, &icfg)?;
 
     let settings = TrainSettings { batch_size: a.batch, ..Default::default() };
-    let mut opt = settings.optimizer(&ps)?;
+    let mut opt = settings.optimizer(&ps, interp.subspace.kind)?;
     let per_pass = a.steps + a.warmup;
     // Pass 0: no cache (every clean pass computed). Pass 1: a first epoch with an empty cache
     // (canonical groups are computed as their first prompt is needed). Pass 2: the same batches

@@ -15,7 +15,7 @@
 
 use candle_core::Tensor;
 
-use super::subspace::{SubspaceKind, SubspaceModule};
+use super::subspace::{RotationParam, SubspaceInit, SubspaceKind, SubspaceModule};
 use super::{HyperConfig, HyperInput, HyperNetwork, Registrar};
 use crate::data::collate::CollatedBatch;
 use crate::error::{Error, Result};
@@ -93,6 +93,12 @@ pub struct InterpreterConfig {
     pub rank: usize,
     #[serde(default)]
     pub method: Method,
+    /// How the subspace module's new weights are initialised.
+    #[serde(default)]
+    pub init: SubspaceInit,
+    /// How the rotation stays orthonormal.
+    #[serde(default)]
+    pub rotation: RotationParam,
 }
 
 /// The intervened forward pass of a batch.
@@ -130,7 +136,7 @@ impl Interpreter {
         };
         let c = &target.config;
         let mut r = Registrar { ps, rng: Rng::derive(config.hypernet.seed, "subspace/init"), device: target.device().clone() };
-        let subspace = SubspaceModule::new(&mut r, config.subspace, c.hidden_size, c.intermediate_size, config.rank, config.hypernet.seed, c.rms_norm_eps)?;
+        let subspace = SubspaceModule::new(&mut r, config.subspace, c.hidden_size, c.intermediate_size, config.rank, config.hypernet.seed, c.rms_norm_eps, config.init, config.rotation)?;
         Ok(Interpreter { config, hypernet, subspace, cache: std::cell::RefCell::new(None) })
     }
 

@@ -122,6 +122,13 @@ impl Registrar<'_> {
         Ok(self.ps.add(name, t)?.as_tensor().clone())
     }
 
+    /// Register a U(−bound, bound) matrix `[rows, cols]` from the seeded generator.
+    pub fn uniform(&mut self, name: &str, rows: usize, cols: usize, bound: f64) -> Result<Tensor> {
+        let v: Vec<f32> = (0..rows * cols).map(|_| ((2.0 * self.rng.uniform() - 1.0) * bound) as f32).collect();
+        let t = Tensor::from_vec(v, (rows, cols), &self.device)?;
+        Ok(self.ps.add(name, t)?.as_tensor().clone())
+    }
+
     pub fn ones(&mut self, name: &str, n: usize) -> Result<Tensor> {
         let t = Tensor::ones(n, DType::F32, &self.device)?;
         Ok(self.ps.add(name, t)?.as_tensor().clone())

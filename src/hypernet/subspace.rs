@@ -10,9 +10,25 @@
 //! | `boundless` | `R [D, D]`, boundary β (init 0.5) | `h + R diag(σ((βD − i)/T)) Rᵀ (m − h)` |
 //! | `none` | — | `m` |
 //!
-//! F is the target's MLP width (the reference hard-codes Llama-3-8B's 14336 for every model).
-//! `R` is orthonormal at initialisation (seeded QR) and after every optimizer step
-//! ([`SubspaceModule::retract`]).
+//! F is the target's MLP width with `init = "ours"`; `init = "reference"` uses the reference's
+//! hard-coded 14336 (Llama-3-8B's width, whatever the model) and PyTorch's default
+//! `U(±1/√fan_in)` weights, with its RMSNorm ε of 1e-5.
+//!
+//! `R` is orthonormal at initialisation (seeded QR). Two ways keep it so under AdamW:
+//! `retraction` (ours: `R` is the parameter, replaced by its polar factor after every step,
+//! [`SubspaceModule::retract`]) and `householder` (the reference's
+//! `torch.nn.utils.parametrizations.orthogonal` on a tall matrix):
+//!
+//! ```text
+//! A [D, k] trainable (only its strictly lower triangle is live), init 0
+//! V = tril(A, −1) + I[D, k];  τ_j = 2 / ‖V_j‖²;  H_j = I − τ_j V_j V_jᵀ
+//! R = base · (−H_1 H_2 ⋯ H_k I[D, k])      base [D, D] orthonormal, base[:, :k] = R_0
+//! ```
+//!
+//! so that `R = R_0` at `A = 0` (the reference keeps `A`'s diagonal at −1 and multiplies by its
+//! sign; with no weight decay on the rotation it never moves, so the sign is the constant −1
+//! here). `base` is the seeded orthonormal completion of `R_0`, rebuilt from the seed when a run
+//! is loaded. The two parametrisations learn at different speeds from the same gradients.
 
 use candle_core::{DType, Tensor, Var};
 
@@ -57,23 +73,69 @@ impl SubspaceKind {
     }
 }
 
+/// How the subspace module's new weights are initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubspaceInit {
+    /// MLP width = the target's FFN width, weights N(0, 1/√fan_in), the target's RMSNorm ε.
+    #[default]
+    Ours,
+    /// The reference: width 14336, weights U(±1/√fan_in) (PyTorch's `nn.Linear` default), ε 1e-5.
+    Reference,
+}
+
+/// How the rotation stays orthonormal (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationParam {
+    /// `R` itself is trained and retracted to its polar factor after every step.
+    #[default]
+    Retraction,
+    /// The reference's Householder parametrisation (`subspace.rotation_householder`).
+    Householder,
+}
+
+/// The reference's hard-coded MLP width (Llama-3-8B's FFN width).
+pub const REFERENCE_MLP_WIDTH: usize = 14336;
+
+/// The rotation's parameters.
+pub enum Rotation {
+    /// `subspace.rotation [D, k]`, retracted after each step.
+    Direct(Var),
+    /// `subspace.rotation_householder [D, k]` and the fixed completion `base [D, D]`.
+    Householder { a: Var, base: Tensor },
+}
+
 /// The module and its parameters.
 pub struct SubspaceModule {
     pub kind: SubspaceKind,
     /// `[D, k]` (`[D, D]` for boundless); absent for `none`.
-    pub rotation: Option<Var>,
+    pub rotation: Option<Rotation>,
     /// Conditioning on the hypernetwork state (reflect_select, mask_select).
     pub norm: Option<RmsNorm>,
     pub mlp: Option<Mlp>,
     /// Boundless DAS's boundary β ∈ [0, 1] (clamped at use).
     pub boundary: Option<Var>,
-    /// Mask temperature (mask_select, boundless), set by the schedule each step.
+    /// Mask temperature (mask_select, boundless), set by the schedule before each step
+    /// ([`temperature`]).
     pub temperature: f64,
 }
 
+/// The reference's mask temperature at `step` of `total`: `linspace(start, end, total + 1)[step]`
+/// (50 → 0.1 by default), so evaluation after training uses `end`.
+pub fn temperature(step: usize, total: usize, start: f64, end: f64) -> f64 {
+    if total == 0 {
+        return end;
+    }
+    let t = step.min(total) as f64 / total as f64;
+    start + (end - start) * t
+}
+
 impl SubspaceModule {
-    /// Register the module's parameters. `d` hidden size, `f` MLP width, `k` rank.
-    pub(crate) fn new(r: &mut Registrar, kind: SubspaceKind, d: usize, f: usize, k: usize, seed: u64, eps: f64) -> Result<Self> {
+    /// Register the module's parameters. `d` hidden size, `f` MLP width (with `init = ours`),
+    /// `k` rank.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(r: &mut Registrar, kind: SubspaceKind, d: usize, f: usize, k: usize, seed: u64, eps: f64, init: SubspaceInit, param: RotationParam) -> Result<Self> {
         if kind != SubspaceKind::None && kind != SubspaceKind::Boundless && (k == 0 || k > d) {
             return Err(Error::invalid(format!("subspace rank k must be in 1..={d}, got {k}")));
         }
@@ -81,17 +143,36 @@ impl SubspaceModule {
         let mut rotation = None;
         if kind != SubspaceKind::None {
             let cols = if kind == SubspaceKind::Boundless { d } else { k };
-            let init = random_orthonormal(d, cols, seed, DType::F32, &dev)?;
-            r.copy("subspace.rotation", &init)?;
-            rotation = r.ps.get("subspace.rotation").cloned();
+            rotation = Some(match param {
+                RotationParam::Retraction => {
+                    let init = random_orthonormal(d, cols, seed, DType::F32, &dev)?;
+                    r.copy("subspace.rotation", &init)?;
+                    Rotation::Direct(r.ps.get("subspace.rotation").cloned().ok_or_else(|| Error::invalid("subspace.rotation not registered"))?)
+                }
+                RotationParam::Householder => {
+                    // The first `cols` columns of the full draw are R_0 (the same draw as `retraction`).
+                    let base = random_orthonormal(d, d, seed, DType::F32, &dev)?; // [D, D]
+                    let a = r.ps.add("subspace.rotation_householder", Tensor::zeros((d, cols), DType::F32, &dev)?)?;
+                    Rotation::Householder { a, base }
+                }
+            });
         }
         let (mut norm, mut mlp) = (None, None);
         if matches!(kind, SubspaceKind::ReflectSelect | SubspaceKind::MaskSelect) {
             let out = if kind == SubspaceKind::ReflectSelect { d } else { k };
+            let (f, eps) = match init {
+                SubspaceInit::Ours => (f, eps),
+                SubspaceInit::Reference => (REFERENCE_MLP_WIDTH, 1e-5),
+            };
             norm = Some(RmsNorm { weight: r.ones("subspace.norm.weight", d)?, eps });
             let lin = |r: &mut Registrar, name: &str, o: usize, i: usize| -> Result<Linear> {
-                // Kaiming-uniform-like scale 1/√in, drawn from the seeded normal.
-                Ok(Linear { weight: r.normal(&format!("subspace.mlp.{name}.weight"), o, i, 1.0 / (i as f64).sqrt())?, bias: None })
+                let name = format!("subspace.mlp.{name}.weight");
+                let scale = 1.0 / (i as f64).sqrt();
+                let weight = match init {
+                    SubspaceInit::Ours => r.normal(&name, o, i, scale)?,
+                    SubspaceInit::Reference => r.uniform(&name, o, i, scale)?,
+                };
+                Ok(Linear { weight, bias: None })
             };
             mlp = Some(Mlp { gate_proj: lin(r, "gate_proj", f, d)?, up_proj: lin(r, "up_proj", f, d)?, down_proj: lin(r, "down_proj", out, f)?, act: crate::model::Activation::Silu });
         }
@@ -104,6 +185,15 @@ impl SubspaceModule {
         Ok(SubspaceModule { kind, rotation, norm, mlp, boundary, temperature: 1.0 })
     }
 
+    /// The orthonormal basis `R [D, k]` (a graph node: gradients reach its parameters).
+    pub fn rotation(&self) -> Result<Tensor> {
+        match &self.rotation {
+            None => Err(Error::invalid("subspace module has no rotation")),
+            Some(Rotation::Direct(v)) => Ok(v.as_tensor().clone()),
+            Some(Rotation::Householder { a, base }) => householder_basis(a.as_tensor(), base),
+        }
+    }
+
     fn conditioned(&self, z: &Tensor) -> Result<Tensor> {
         let (Some(norm), Some(mlp)) = (&self.norm, &self.mlp) else { return Err(Error::invalid("subspace module has no conditioning MLP")) };
         mlp.forward(&norm.forward(&z.unsqueeze(1)?)?)?.squeeze(1).map_err(Into::into) // [B, out]
@@ -111,33 +201,54 @@ impl SubspaceModule {
 
     /// `h, m [B, T, D]`, `z [B, D]` → `[B, T, D]`.
     pub fn apply(&self, h: &Tensor, m: &Tensor, z: &Tensor) -> Result<Tensor> {
-        let r = || self.rotation.as_ref().map(|v| v.as_tensor()).ok_or_else(|| Error::invalid("subspace module has no rotation"));
         match self.kind {
             SubspaceKind::None => full(h, m),
-            SubspaceKind::Das => das(h, m, r()?),
+            SubspaceKind::Das => das(h, m, &self.rotation()?),
             SubspaceKind::ReflectSelect => {
                 let u = unit_last_dim(&self.conditioned(z)?)?; // [B, D] unit rows
-                reflect_select(h, m, r()?, &u)
+                reflect_select(h, m, &self.rotation()?, &u)
             }
             SubspaceKind::MaskSelect => {
                 let logits = self.conditioned(z)?; // [B, k]
-                let mask = candle_nn::ops::sigmoid(&logits.affine(1.0 / self.temperature, 0.0)?)?;
-                masked_rotation(h, m, r()?, &mask)
+                let mask = candle_nn::ops::sigmoid(&logits.affine(1.0 / self.temperature, 0.0)?)?; // [B, k]
+                masked_rotation(h, m, &self.rotation()?, &mask)
             }
             SubspaceKind::Boundless => {
                 let beta = self.boundary.as_ref().ok_or_else(|| Error::invalid("boundless module has no boundary"))?.as_tensor().clamp(0f32, 1f32)?;
-                let rot = r()?;
-                let mask = boundary_mask(&beta.squeeze(0)?, rot.dim(1)?, self.temperature)?;
-                masked_rotation(h, m, rot, &mask)
+                let rot = self.rotation()?; // [D, D]
+                let mask = boundary_mask(&beta.squeeze(0)?, rot.dim(1)?, self.temperature)?; // [D]
+                masked_rotation(h, m, &rot, &mask)
             }
         }
     }
 
-    /// Re-orthonormalise the rotation (call after every optimizer step).
+    /// Re-orthonormalise the rotation (call after every optimizer step; the Householder
+    /// parametrisation is orthonormal by construction).
     pub fn retract(&self) -> Result<()> {
-        if let Some(r) = &self.rotation {
+        if let Some(Rotation::Direct(r)) = &self.rotation {
             retract(r)?;
         }
         Ok(())
     }
+}
+
+/// `base · (−H_1 ⋯ H_k I[D, k])` from `a [D, k]` (its strictly lower triangle) and `base [D, D]`:
+/// torch's `householder_product` for the reference's orthogonal parametrisation, from
+/// differentiable ops.
+pub fn householder_basis(a: &Tensor, base: &Tensor) -> Result<Tensor> {
+    let (d, k) = a.dims2()?;
+    let dev = a.device();
+    let below: Vec<f32> = (0..d * k).map(|i| if i / k > i % k { 1.0 } else { 0.0 }).collect();
+    let below = Tensor::from_vec(below, (d, k), dev)?.to_dtype(a.dtype())?; // [D, k]
+    let eye = Tensor::eye(d, a.dtype(), dev)?.narrow(1, 0, k)?; // [D, k]
+    let v = ((a * below)? + &eye)?; // [D, k]: column j is (0…0, 1, a_{j+1..D, j})
+    let tau = v.sqr()?.sum(0)?.recip()?.affine(2.0, 0.0)?; // [k]
+    let mut q = eye.clone(); // [D, k]
+    for j in (0..k).rev() {
+        let vj = v.narrow(1, j, 1)?; // [D, 1]
+        let tj = tau.narrow(0, j, 1)?; // [1]
+        let proj = vj.t()?.matmul(&q)?; // [1, k]
+        q = (q - vj.matmul(&proj)?.broadcast_mul(&tj)?)?; // [D, k]: H_j q
+    }
+    Ok(base.matmul(&q.neg()?)?) // [D, k]
 }

@@ -19,6 +19,7 @@ use super::{AdamW, AdamWConfig, Decay, Group, MetricsLog, Schedule};
 use crate::data::collate::{EncodedRow, collate};
 use crate::error::{Error, Result};
 use crate::hypernet::interpreter::{Interpreter, prediction_loss};
+use crate::hypernet::subspace::{SubspaceKind, temperature};
 use crate::intervention::selection::{InferenceMode, argmax, entropy_loss, sparsity_loss, sparsity_weight};
 use crate::model::Llama;
 use crate::params::ParamStore;
@@ -50,7 +51,22 @@ pub struct TrainSettings {
     pub sparsity_end: f64,
     pub sparsity_warmup_ratio: f64,
     pub entropy_weight: f64,
+    /// Label tokens scored per row (evaluation, and the training loss unless
+    /// `loss_label_limit` says otherwise).
     pub label_limit: usize,
+    /// Label tokens the training loss reads per row (0: every label token, as the reference;
+    /// default: `label_limit`'s 3).
+    pub loss_label_limit: usize,
+    /// Mask temperature of mask_select and boundless: linear from `temperature_start` at step 0
+    /// to `temperature_end` at the last step (the reference's 50 → 0.1); evaluation after
+    /// training uses `temperature_end`.
+    pub temperature_start: f64,
+    pub temperature_end: f64,
+    /// Fixed learning rate of the mask parameters (mask_select's MLP, boundless's boundary; the
+    /// reference's `boundary_lr`).
+    pub mask_lr: f64,
+    /// Apply weight decay to vectors (norm gains) too, as the reference (default: matrices only).
+    pub decay_norms: bool,
     pub eval_every: usize,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: usize,
@@ -81,12 +97,29 @@ impl TrainSettings {
         rows.div_ceil(self.batch_size.max(1)) * self.epochs.max(1)
     }
 
-    /// AdamW over `ps` with HyperDAS's groups: the rotation at the fixed `rotation_lr` without
-    /// weight decay, everything else at the scheduled rate with `weight_decay`.
-    pub fn optimizer(&self, ps: &ParamStore) -> Result<AdamW> {
-        let adam = AdamWConfig { weight_decay: self.weight_decay, grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip), ..Default::default() };
+    /// AdamW over `ps` with HyperDAS's groups: the rotation (either parametrisation) at the
+    /// fixed `rotation_lr` without weight decay; the mask parameters of `kind` (mask_select's
+    /// MLP, boundless's boundary) at the fixed `mask_lr`; everything else at the scheduled rate
+    /// with `weight_decay`.
+    pub fn optimizer(&self, ps: &ParamStore, kind: SubspaceKind) -> Result<AdamW> {
+        let adam = AdamWConfig { weight_decay: self.weight_decay, grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip), decay_vectors: self.decay_norms, ..Default::default() };
         let rotation_group = Group { lr: self.rotation_lr, weight_decay: 0.0 };
-        AdamW::with_groups(ps, adam, |name| (name == "subspace.rotation").then_some(rotation_group))
+        let mask_group = Group { lr: self.mask_lr, weight_decay: self.weight_decay };
+        let is_mask = |name: &str| match kind {
+            SubspaceKind::MaskSelect => name.starts_with("subspace.mlp."),
+            SubspaceKind::Boundless => name == "subspace.boundary",
+            _ => false,
+        };
+        AdamW::with_groups(ps, adam, |name| match name {
+            "subspace.rotation" | "subspace.rotation_householder" => Some(rotation_group),
+            n if is_mask(n) => Some(mask_group),
+            _ => None,
+        })
+    }
+
+    /// The training loss's label-token limit (`usize::MAX` for every token).
+    pub fn loss_label_tokens(&self) -> usize {
+        if self.loss_label_limit == 0 { usize::MAX } else { self.loss_label_limit }
     }
 
     /// The state cache these settings ask for (`None` when `state_cache_gb` is 0).
@@ -131,6 +164,11 @@ impl Default for TrainSettings {
             sparsity_warmup_ratio: 0.5,
             entropy_weight: 0.0,
             label_limit: 3,
+            loss_label_limit: 3,
+            temperature_start: 50.0,
+            temperature_end: 0.1,
+            mask_lr: 1e-2,
+            decay_norms: false,
             eval_every: 200,
             checkpoint_every: 0,
             stop_after_steps: 0,
@@ -324,7 +362,8 @@ pub fn train_step(
     // The baselines' positions are fixed: no W to learn, nothing to regularise.
     let baseline = interp.method().is_baseline();
     let mode = if baseline { InferenceMode::GroundTruth } else { s.train_mode };
-    let out = interp.forward(target, batch, mode, s.label_limit)?;
+    interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
+    let out = interp.forward(target, batch, mode, s.loss_label_tokens())?;
     let pred = prediction_loss(&out, &batch.is_causal, s.causal_weight, s.isolate_weight)?;
     let (lambda, reg) = match s.regularizer.as_str() {
         _ if baseline => (0.0, None),
@@ -390,7 +429,7 @@ pub fn train(
         return Err(Error::invalid(format!("train.regularizer `{}`: use sparsity, entropy or none", s.regularizer)));
     }
     let total = s.total_steps(train.len());
-    let mut opt = s.optimizer(ps)?;
+    let mut opt = s.optimizer(ps, interp.subspace.kind)?;
     let schedule = s.schedule(total);
     let mut rng = Rng::derive(s.seed, "hyperdas/batches");
     // Resume: parameters, AdamW moments and the step; the data order is replayed from the seed.
@@ -427,6 +466,7 @@ pub fn train(
     let mut last = None;
     if start == 0 && s.eval_every > 0 {
         // The untrained interpreter's scores: the baseline that training must beat.
+        interp.subspace.temperature = temperature(0, total, s.temperature_start, s.temperature_end);
         let sc = evaluate(target, interp, test, eval_mode, s.batch_size, s.label_limit, pad)?;
         log.log(&serde_json::json!({"step": 0, eval_key.as_str(): sc, "seconds": t0.elapsed().as_secs_f64()}))?;
         pb.set_message(format!("step 0: cause {:.2} iso {:.2}", sc.causal, sc.isolate));
@@ -464,6 +504,7 @@ pub fn train(
                 rec["state_cache_hit_rate"] = serde_json::json!(c.hit_rate());
             }
             if step % s.eval_every.max(1) == 0 || step == total {
+                interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
                 let sc = evaluate(target, interp, test, eval_mode, s.batch_size, s.label_limit, pad)?;
                 rec[eval_key.as_str()] = serde_json::to_value(sc).map_err(|e| Error::invalid(e.to_string()))?;
                 pb.set_message(format!("loss {value:.3} | cause {:.2} iso {:.2}", sc.causal, sc.isolate));

@@ -27,11 +27,13 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
     /// Clip gradients to this global L2 norm (None: no clipping).
     pub grad_clip: Option<f64>,
+    /// Decay vectors too (norm gains, biases), as the reference's single AdamW group does.
+    pub decay_vectors: bool,
 }
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_clip: Some(1.0) }
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, grad_clip: Some(1.0), decay_vectors: false }
     }
 }
 
@@ -172,7 +174,7 @@ impl AdamW {
     pub fn with_groups(params: &ParamStore, config: AdamWConfig, group: impl Fn(&str) -> Option<Group>) -> Result<Self> {
         let mut slots = Vec::with_capacity(params.len());
         for (name, var) in params.iter() {
-            slots.push(Slot { name: name.to_string(), var: var.clone(), moments: Moments::new(var)?, decay: var.rank() >= 2, group: group(name) });
+            slots.push(Slot { name: name.to_string(), var: var.clone(), moments: Moments::new(var)?, decay: config.decay_vectors || var.rank() >= 2, group: group(name) });
         }
         Ok(AdamW { config, step: 0, slots })
     }
@@ -339,7 +341,7 @@ mod tests {
         let mut ps = ParamStore::new();
         let w = ps.add("w", Tensor::new(&[[1.0f32, -2.0], [0.5, 3.0]], &Device::Cpu).unwrap()).unwrap();
         let b = ps.add("b", Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap()).unwrap();
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, grad_clip: None };
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1, grad_clip: None, decay_vectors: false };
         let mut opt = AdamW::new(&ps, cfg).unwrap();
         let (mut wr, mut br) = (vec![1.0f64, -2.0, 0.5, 3.0], vec![1.0f64, -1.0]);
         let (mut m, mut v) = (vec![0.0f64; 6], vec![0.0f64; 6]);

@@ -23,7 +23,7 @@ use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
 use crate::hypernet::HyperConfig;
 use crate::hypernet::interpreter::{Interpreter, InterpreterConfig, Method};
-use crate::hypernet::subspace::SubspaceKind;
+use crate::hypernet::subspace::{RotationParam, SubspaceInit, SubspaceKind};
 use crate::intervention::selection::InferenceMode;
 use crate::model::{LoadOptions, StartToken};
 use crate::params::ParamStore;
@@ -81,6 +81,12 @@ pub struct InterpreterSection {
     /// `hidden_states[layer]`) or `block_output` (pyvene's, as the reference MDAS: the output
     /// of block `layer`, `hidden_states[layer + 1]` = our `layer + 1`).
     pub layer_convention: String,
+    /// The subspace module's new weights: `ours` (MLP width = the target's FFN width,
+    /// N(0, 1/√in)) or `reference` (width 14336, U(±1/√in), as the authors' code).
+    pub init: SubspaceInit,
+    /// How the rotation stays orthonormal: `retraction` (ours: polar factor after each step) or
+    /// `householder` (the authors' `torch` orthogonal parametrisation).
+    pub rotation: RotationParam,
 }
 
 impl Default for InterpreterSection {
@@ -96,6 +102,8 @@ impl Default for InterpreterSection {
             seed: 0,
             method: "hyperdas".into(),
             layer_convention: "resid_pre".into(),
+            init: SubspaceInit::Ours,
+            rotation: RotationParam::Retraction,
         }
     }
 }
@@ -224,6 +232,8 @@ impl InterpreterSection {
             subspace: SubspaceKind::parse(&self.subspace)?,
             rank: self.rank,
             method: self.method()?,
+            init: self.init,
+            rotation: self.rotation,
         })
     }
 
@@ -528,9 +538,11 @@ pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
     let config: RunConfig = crate::config::load(Some(&cfg_path), &[])?;
     let lm = config.model.load(progress)?;
     let mut params = ParamStore::new();
-    let interpreter = Interpreter::new(&mut params, &lm.model, &config.interpreter.config(lm.model.num_layers())?)?;
+    let mut interpreter = Interpreter::new(&mut params, &lm.model, &config.interpreter.config(lm.model.num_layers())?)?;
     interpreter.set_cache(config.train.state_cache()?);
     crate::train::checkpoint::load_latest(&dir.join("checkpoint"), &params, None, lm.model.device())?;
+    // A trained mask (mask_select, boundless) is used at the temperature training ended at.
+    interpreter.subspace.temperature = config.train.temperature_end;
     Ok(LoadedRun { config, lm, params, interpreter })
 }
 

@@ -111,6 +111,8 @@ pub fn interpreter_config(method: hyperdas::hypernet::interpreter::Method, layer
         subspace: hyperdas::hypernet::subspace::SubspaceKind::ReflectSelect,
         rank,
         method,
+        init: Default::default(),
+        rotation: Default::default(),
     }
 }
 
