@@ -14,6 +14,7 @@ use hyperdas::train::hyperdas::{TrainSettings, train_step};
 
 /// `base · (−H_1 ⋯ H_k)[:, :k]` with every `H_j` a full D × D matrix (the definition of
 /// torch's `householder_product`), in f64.
+#[allow(clippy::needless_range_loop)] // index loops mirror the matrix definition
 fn naive(a: &[Vec<f64>], base: &[Vec<f64>]) -> Vec<Vec<f64>> {
     let (d, k) = (a.len(), a[0].len());
     let mut p: Vec<Vec<f64>> = (0..d).map(|i| (0..d).map(|j| f64::from(u8::from(i == j))).collect()).collect();

@@ -116,6 +116,11 @@ mod common;
 /// it (its canonical groups registered from all rows; `prewarm` first serves every batch once
 /// without training, so the cache is full before step 1).
 fn hyperdas_params_after(cache: bool, prewarm: bool) -> (Vec<Vec<f32>>, Option<hyperdas::train::cache::CacheStats>) {
+    hyperdas_params_with_budget(cache.then_some(1 << 30), prewarm)
+}
+
+/// [`hyperdas_params_after`] with a cache of `budget` bytes (`None`: no cache).
+fn hyperdas_params_with_budget(budget: Option<usize>, prewarm: bool) -> (Vec<Vec<f32>>, Option<hyperdas::train::cache::CacheStats>) {
     use hyperdas::data::collate::collate;
     use hyperdas::hypernet::interpreter::Interpreter;
     use hyperdas::intervention::selection::InferenceMode;
@@ -125,8 +130,8 @@ fn hyperdas_params_after(cache: bool, prewarm: bool) -> (Vec<Vec<f32>>, Option<h
     let cfg = common::interpreter_config(hyperdas::hypernet::interpreter::Method::HyperDas, 1, 1, 4, 3);
     let mut ps = hyperdas::params::ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
-    if cache {
-        interp.set_cache(Some(hyperdas::train::cache::StateCache::new(1 << 30, candle_core::DType::F32).unwrap()));
+    if let Some(budget) = budget {
+        interp.set_cache(Some(hyperdas::train::cache::StateCache::new(budget, candle_core::DType::F32).unwrap()));
         interp.register_prompts(&rows);
     }
     let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
@@ -160,6 +165,29 @@ fn cached_states_are_canonical_and_agree_with_the_uncached_path() {
     assert_eq!(cold, warm);
     // Against the uncached path (states computed inside each training batch): equal to float
     // tolerance (a matmul's rounding may depend on how many rows it runs on).
+    for (a, b) in cold.iter().zip(&plain) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn a_cache_smaller_than_the_prompts_keeps_the_most_used_and_computes_each_needed_prompt_once() {
+    // tiny-llama: 4 hidden states of 64 floats = 1 KiB per token; fixture prompts are about
+    // 20–40 tokens, so 60 KiB holds a couple of prompts and most must be recomputed.
+    let budget = 60 << 10;
+    let (cold, stats) = hyperdas_params_with_budget(Some(budget), false);
+    let (warm, _) = hyperdas_params_with_budget(Some(budget), true);
+    let (plain, _) = hyperdas_params_with_budget(None, false);
+    let stats = stats.unwrap();
+    assert!(stats.bytes <= budget && stats.entries > 0, "{stats:?}");
+    // Each look-up that misses runs its prompt once, plus at most one run of each kept prompt
+    // (computed with its group); before, every miss ran a whole group of up to 16 prompts.
+    assert!(stats.computed <= stats.misses + stats.entries as u64, "{stats:?}");
+    // Deterministic whatever was served before (a resumed run replays the same batches), and
+    // equal to the uncached path to float tolerance.
+    assert_eq!(cold, warm);
     for (a, b) in cold.iter().zip(&plain) {
         for (x, y) in a.iter().zip(b) {
             assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{x} vs {y}");

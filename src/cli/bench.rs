@@ -42,6 +42,24 @@ pub struct InterpreterArgs {
     /// Subspace module (reflect_select, das, mask_select, boundless, none).
     #[arg(long, default_value = "reflect_select")]
     subspace: String,
+    /// The subspace module's initialisation: ours, or reference (the authors' 14336-wide MLP).
+    #[arg(long, value_enum, default_value_t = InitArg::Ours)]
+    init: InitArg,
+    /// The rotation's parametrisation: retraction (ours) or householder (the authors').
+    #[arg(long, value_enum, default_value_t = RotationArg::Retraction)]
+    rotation: RotationArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum InitArg {
+    Ours,
+    Reference,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum RotationArg {
+    Retraction,
+    Householder,
 }
 
 impl InterpreterArgs {
@@ -52,8 +70,14 @@ impl InterpreterArgs {
             subspace: crate::hypernet::subspace::SubspaceKind::parse(&self.subspace)?,
             rank: self.rank,
             method: crate::hypernet::interpreter::Method::HyperDas,
-            init: Default::default(),
-            rotation: Default::default(),
+            init: match self.init {
+                InitArg::Ours => crate::hypernet::subspace::SubspaceInit::Ours,
+                InitArg::Reference => crate::hypernet::subspace::SubspaceInit::Reference,
+            },
+            rotation: match self.rotation {
+                RotationArg::Retraction => crate::hypernet::subspace::RotationParam::Retraction,
+                RotationArg::Householder => crate::hypernet::subspace::RotationParam::Householder,
+            },
         })
     }
 }

@@ -19,10 +19,17 @@
 //! batches do. Prompts that were not registered are computed alone (also canonical).
 //! `f16` / `bf16` entries halve the memory at the cost of rounding the states.
 //!
-//! Policy: entries are added until the memory budget is full, then no more (an epoch revisits
-//! prompts in a new order each time, for which least-recently-used eviction would evict exactly
-//! what comes next); a prompt that does not fit is recomputed with its group when needed. The
-//! hit rate is reported.
+//! Policy: the budget goes to the prompts used most. Before the first pass the registered
+//! prompts are ranked by how many registered rows use them (then shorter first, then by ids)
+//! and taken while their states fit the budget: those are *cacheable*, and only they form
+//! canonical groups. A cacheable prompt is computed with its group once and kept. A registered
+//! prompt that does not fit is computed together with the batch's other such prompts whenever it
+//! is needed, and not kept (deterministic given the batch, so a resumed run, which replays the
+//! same batches and makes the same plan, still continues bit for bit). A prompt registered after
+//! the plan was made, or never, is computed alone and kept while budget remains. (Before,
+//! every missed prompt computed its whole group of [`GROUP`]; with more distinct prompts than
+//! the budget holds, as in the paper's data regime, that ran the target up to 16 times per
+//! needed prompt.) The hit rate is reported.
 
 use std::collections::HashMap;
 
@@ -58,9 +65,17 @@ pub struct StateCache {
     budget: usize,
     dtype: DType,
     map: HashMap<Vec<u32>, Tensor>,
-    /// Registered prompts: their group index.
+    /// Registered prompts and how many registered rows use each, in registration order.
+    uses: HashMap<Vec<u32>, usize>,
+    registered: Vec<Vec<u32>>,
+    /// The plan (made at the first pass): each cacheable prompt's group.
     group_of: HashMap<Vec<u32>, usize>,
     groups: Vec<Vec<Vec<u32>>>,
+    planned: bool,
+    /// Bytes the plan reserves for cacheable prompts.
+    reserved: usize,
+    /// Bytes of prompts kept outside the plan.
+    extra: usize,
     stats: CacheStats,
 }
 
@@ -70,34 +85,73 @@ impl StateCache {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
             return Err(Error::invalid(format!("state cache dtype {dtype:?}: use f32, f16 or bf16")));
         }
-        Ok(StateCache { budget: budget_bytes, dtype, map: HashMap::new(), group_of: HashMap::new(), groups: Vec::new(), stats: CacheStats::default() })
+        Ok(StateCache {
+            budget: budget_bytes,
+            dtype,
+            map: HashMap::new(),
+            uses: HashMap::new(),
+            registered: Vec::new(),
+            group_of: HashMap::new(),
+            groups: Vec::new(),
+            planned: false,
+            reserved: 0,
+            extra: 0,
+            stats: CacheStats::default(),
+        })
     }
 
     pub fn stats(&self) -> CacheStats {
         self.stats
     }
 
-    /// Register prompts (token ids with the start token) that will be asked for: the new ones,
-    /// deduplicated and sorted by length and then ids, form new canonical groups. Register every
-    /// dataset of a run, in a fixed order, before its first step.
+    /// Register prompts (token ids with the start token) that will be asked for, once per row
+    /// that uses them (the count ranks them for the budget). Register every dataset of a run,
+    /// in a fixed order, before its first step.
     pub fn register<'a>(&mut self, prompts: impl IntoIterator<Item = &'a [u32]>) {
-        let mut fresh: Vec<Vec<u32>> = prompts.into_iter().filter(|p| !self.group_of.contains_key(*p)).map(|p| p.to_vec()).collect();
-        fresh.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
-        fresh.dedup();
-        for chunk in fresh.chunks(GROUP) {
+        if self.planned {
+            return; // the plan is made: later prompts are treated as unregistered
+        }
+        for p in prompts {
+            match self.uses.get_mut(p) {
+                Some(n) => *n += 1,
+                None => {
+                    self.uses.insert(p.to_vec(), 1);
+                    self.registered.push(p.to_vec());
+                }
+            }
+        }
+    }
+
+    /// Choose the cacheable prompts (most used first, then shorter, then by ids, while they fit
+    /// at `bytes_per_token`) and group them canonically (by length, then ids, [`GROUP`] a group).
+    fn plan(&mut self, bytes_per_token: usize) {
+        let mut ranked: Vec<&Vec<u32>> = self.registered.iter().collect();
+        ranked.sort_by(|a, b| self.uses[*b].cmp(&self.uses[*a]).then_with(|| a.len().cmp(&b.len())).then_with(|| a.cmp(b)));
+        let mut chosen: Vec<Vec<u32>> = Vec::new();
+        for p in ranked {
+            let bytes = p.len() * bytes_per_token;
+            if self.reserved + bytes <= self.budget {
+                self.reserved += bytes;
+                chosen.push(p.clone());
+            }
+        }
+        chosen.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+        for chunk in chosen.chunks(GROUP) {
             let g = self.groups.len();
             for p in chunk {
                 self.group_of.insert(p.clone(), g);
             }
             self.groups.push(chunk.to_vec());
         }
+        self.planned = true;
     }
 
-    /// Canonical states `[len, L+1, D]` of every prompt in `prompts`' groups (each group run once).
+    /// States `[len, L+1, D]` of `prompts`: a cacheable prompt with its whole group (canonical),
+    /// the registered ones that do not fit together, and the others alone.
     fn compute(&mut self, target: &Llama, prompts: &[&Vec<u32>]) -> Result<HashMap<Vec<u32>, Tensor>> {
-        let mut computed = 0;
         let mut todo: Vec<Vec<Vec<u32>>> = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        let mut uncacheable: Vec<Vec<u32>> = Vec::new();
         for p in prompts {
             match self.group_of.get(*p) {
                 Some(&g) => {
@@ -105,12 +159,16 @@ impl StateCache {
                         todo.push(self.groups[g].clone());
                     }
                 }
+                None if self.uses.contains_key(*p) => uncacheable.push(p.to_vec()),
                 None => todo.push(vec![p.to_vec()]), // unregistered: alone
             }
         }
+        if !uncacheable.is_empty() {
+            todo.push(uncacheable);
+        }
         let mut out = HashMap::new();
         for group in todo {
-            computed += group.len() as u64;
+            self.stats.computed += group.len() as u64;
             let batch = TokenBatch::left_padded(&group, 0, target.device())?; // the pad id is never read
             let all = target.forward_hidden(&batch, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states"))?; // [G, Tg, L+1, D]
             let tg = batch.dims().1;
@@ -119,7 +177,6 @@ impl StateCache {
                 out.insert(p, states);
             }
         }
-        self.stats.computed += computed;
         Ok(out)
     }
 
@@ -139,6 +196,9 @@ impl StateCache {
                 missing.push(r.clone());
             }
         }
+        if !self.planned {
+            self.plan((target.num_layers() + 1) * target.hidden_size() * self.dtype.size_in_bytes());
+        }
         let fresh = if missing.is_empty() { HashMap::new() } else { self.compute(target, &missing.iter().collect::<Vec<_>>())? };
         for (p, states) in &fresh {
             if self.map.contains_key(p) {
@@ -146,7 +206,15 @@ impl StateCache {
             }
             let stored = states.to_dtype(self.dtype)?.contiguous()?;
             let bytes = stored.elem_count() * stored.dtype().size_in_bytes();
-            if self.stats.bytes + bytes <= self.budget {
+            let keep = if self.group_of.contains_key(p) {
+                true // reserved by the plan
+            } else if !self.uses.contains_key(p) && self.reserved + self.extra + bytes <= self.budget {
+                self.extra += bytes; // outside the plan, while budget remains
+                true
+            } else {
+                false
+            };
+            if keep {
                 self.stats.bytes += bytes;
                 self.map.insert(p.clone(), stored);
                 self.stats.entries = self.map.len();

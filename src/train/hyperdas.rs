@@ -67,6 +67,8 @@ pub struct TrainSettings {
     pub mask_lr: f64,
     /// Apply weight decay to vectors (norm gains) too, as the reference (default: matrices only).
     pub decay_norms: bool,
+    /// Score the test set (soft mode; a baseline at its fixed positions) at step 0 and every
+    /// this many steps (0: only after the last step).
     pub eval_every: usize,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: usize,
@@ -503,7 +505,7 @@ pub fn train(
             if let Some(c) = interp.cache_stats() {
                 rec["state_cache_hit_rate"] = serde_json::json!(c.hit_rate());
             }
-            if step % s.eval_every.max(1) == 0 || step == total {
+            if (s.eval_every > 0 && step % s.eval_every == 0) || step == total {
                 interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
                 let sc = evaluate(target, interp, test, eval_mode, s.batch_size, s.label_limit, pad)?;
                 rec[eval_key.as_str()] = serde_json::to_value(sc).map_err(|e| Error::invalid(e.to_string()))?;
