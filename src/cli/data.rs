@@ -57,8 +57,8 @@ pub struct BuildArgs {
     /// Attribute(s) the instruction names (repeat or comma-separate), e.g. Country,Continent.
     #[arg(long = "attribute", short = 'a', value_delimiter = ',', default_value = "Country")]
     attributes: Vec<String>,
-    /// Split(s) to build, each from its own RAVEL templates: train, val, test, or heldout (val + test). Repeat or comma-separate.
-    #[arg(long, value_delimiter = ',', default_value = "train,val,test")]
+    /// Split(s) to build, each from its own RAVEL templates: train, val, test, or heldout (val + test). Repeat or comma-separate. Default: train, val and test (those the knowledge base has templates for).
+    #[arg(long, value_delimiter = ',')]
     split: Vec<String>,
     /// Causal rows per target attribute and split.
     #[arg(long, default_value_t = 1000)]
@@ -277,6 +277,23 @@ fn kb_for(model: Option<&str>, domain: &str, kb_dir: Option<&Path>) -> Result<Kn
     load_kb(domain, kb_dir.or(toy_kb.as_deref()))
 }
 
+/// The `--split` values, or by default train, val and test, leaving out (with a note) a split
+/// for which some target attribute has no templates (the toy world has no val templates).
+fn splits_or_default(kb: &KnowledgeBase, targets: &[usize], asked: &[String]) -> Result<Vec<DataSplit>> {
+    if !asked.is_empty() {
+        return Ok(asked.iter().map(|s| DataSplit::parse(s)).collect::<crate::Result<_>>()?);
+    }
+    let mut out = Vec::new();
+    for split in [DataSplit::Train, DataSplit::Val, DataSplit::Test] {
+        if targets.iter().all(|&t| !kb.templates_of(t, split.template_splits()).is_empty()) {
+            out.push(split);
+        } else {
+            eprintln!("note: the {} knowledge base has no {} templates for every target; not building that split", kb.domain, split.name());
+        }
+    }
+    Ok(out)
+}
+
 /// The RAVEL template splits that data splits read.
 fn template_splits_of(splits: &[DataSplit]) -> Vec<Split> {
     let mut out: Vec<Split> = splits.iter().flat_map(|s| s.template_splits().iter().copied()).collect();
@@ -314,7 +331,7 @@ fn print_report(r: &AttributeReport) {
 fn build(a: &BuildArgs) -> Result<()> {
     let kb = kb_for(a.model.as_deref(), &a.domain, a.kb_dir.as_deref())?;
     let targets: Vec<usize> = a.attributes.iter().map(|x| kb.attribute(x)).collect::<crate::Result<_>>()?;
-    let splits: Vec<DataSplit> = a.split.iter().map(|s| DataSplit::parse(s)).collect::<crate::Result<_>>()?;
+    let splits = splits_or_default(&kb, &targets, &a.split)?;
     let entities = EntityPolicy::parse(&a.entities)?;
     let isolate_from: Option<Vec<usize>> = if a.isolate_from.is_empty() { None } else { Some(a.isolate_from.iter().map(|x| kb.attribute(x)).collect::<crate::Result<_>>()?) };
     let arrow = match a.format.as_str() {
