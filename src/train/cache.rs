@@ -65,9 +65,10 @@ pub struct StateCache {
     budget: usize,
     dtype: DType,
     map: HashMap<Vec<u32>, Tensor>,
-    /// Registered prompts and how many registered rows use each, in registration order.
+    /// Registered prompts and how many registered rows use each.
     uses: HashMap<Vec<u32>, usize>,
-    registered: Vec<Vec<u32>>,
+    /// The new prompts of each `register` call, in call order.
+    registered: Vec<Vec<Vec<u32>>>,
     /// The plan (made at the first pass): each cacheable prompt's group.
     group_of: HashMap<Vec<u32>, usize>,
     groups: Vec<Vec<Vec<u32>>>,
@@ -111,38 +112,45 @@ impl StateCache {
         if self.planned {
             return; // the plan is made: later prompts are treated as unregistered
         }
+        let mut fresh = Vec::new();
         for p in prompts {
             match self.uses.get_mut(p) {
                 Some(n) => *n += 1,
                 None => {
                     self.uses.insert(p.to_vec(), 1);
-                    self.registered.push(p.to_vec());
+                    fresh.push(p.to_vec());
                 }
             }
         }
+        self.registered.push(fresh);
     }
 
     /// Choose the cacheable prompts (most used first, then shorter, then by ids, while they fit
-    /// at `bytes_per_token`) and group them canonically (by length, then ids, [`GROUP`] a group).
+    /// at `bytes_per_token`) and group them canonically: per `register` call, by length, then
+    /// ids, [`GROUP`] a group (when everything fits, the groups are those of the calls alone).
     fn plan(&mut self, bytes_per_token: usize) {
-        let mut ranked: Vec<&Vec<u32>> = self.registered.iter().collect();
+        let mut ranked: Vec<&Vec<u32>> = self.registered.iter().flatten().collect();
         ranked.sort_by(|a, b| self.uses[*b].cmp(&self.uses[*a]).then_with(|| a.len().cmp(&b.len())).then_with(|| a.cmp(b)));
-        let mut chosen: Vec<Vec<u32>> = Vec::new();
+        let mut chosen: std::collections::HashSet<&Vec<u32>> = std::collections::HashSet::new();
         for p in ranked {
             let bytes = p.len() * bytes_per_token;
             if self.reserved + bytes <= self.budget {
                 self.reserved += bytes;
-                chosen.push(p.clone());
+                chosen.insert(p);
             }
         }
-        chosen.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
-        for chunk in chosen.chunks(GROUP) {
-            let g = self.groups.len();
+        let mut groups = Vec::new();
+        for call in &self.registered {
+            let mut kept: Vec<Vec<u32>> = call.iter().filter(|p| chosen.contains(p)).cloned().collect();
+            kept.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+            groups.extend(kept.chunks(GROUP).map(|c| c.to_vec()));
+        }
+        for (g, chunk) in groups.iter().enumerate() {
             for p in chunk {
                 self.group_of.insert(p.clone(), g);
             }
-            self.groups.push(chunk.to_vec());
         }
+        self.groups = groups;
         self.planned = true;
     }
 
