@@ -27,7 +27,7 @@ use hyperdas::model::{LoadOptions, load};
 use hyperdas::params::ParamStore;
 use hyperdas::toy::{ToyConfig, ensure};
 use hyperdas::train::MetricsLog;
-use hyperdas::train::hyperdas::{CheckpointPlan, TrainSettings, evaluate, train};
+use hyperdas::experiment::trainer::{CheckpointPlan, TrainSettings, evaluate, train};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -124,8 +124,8 @@ fn main() -> Result<()> {
         // Where the soft and the one-to-one selections put the source's tokens, for causal rows
         // the one-to-one mode gets wrong.
         let tok = |ids: &[u32], i: usize| lm.tokenizer.decode(&ids[i..=i]).unwrap_or_default();
-        let soft = hyperdas::train::hyperdas::evaluate_detailed(&lm.model, &interp, &sets[1], InferenceMode::Soft, 64, 3, pad, true)?;
-        let bid = hyperdas::train::hyperdas::evaluate_detailed(&lm.model, &interp, &sets[1], InferenceMode::parse("bidding_argmax")?, 64, 3, pad, true)?;
+        let soft = hyperdas::experiment::trainer::evaluate_detailed(&lm.model, &interp, &sets[1], InferenceMode::Soft, 64, 3, pad, true)?;
+        let bid = hyperdas::experiment::trainer::evaluate_detailed(&lm.model, &interp, &sets[1], InferenceMode::parse("bidding_argmax")?, 64, 3, pad, true)?;
         let mut shown = 0;
         for (i, (s, b)) in soft.selections.iter().zip(&bid.selections).enumerate() {
             if !b.causal || b.correct || shown >= 8 {
@@ -141,7 +141,7 @@ fn main() -> Result<()> {
         }
     }
     for mode in ["soft", "groundtruth"] {
-        let e = hyperdas::train::hyperdas::evaluate_detailed(&lm.model, &interp, &asked, InferenceMode::parse(mode)?, 64, 3, pad, false)?;
+        let e = hyperdas::experiment::trainer::evaluate_detailed(&lm.model, &interp, &asked, InferenceMode::parse(mode)?, 64, 3, pad, false)?;
         for g in e.groups {
             println!("  {mode:<12} {:<16} cause {:.3} ({}) isolate {:.3} ({})", g.attribute, g.causal, g.causal_rows, g.isolate, g.isolate_rows);
         }

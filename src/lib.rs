@@ -24,11 +24,10 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod experiment;
 pub mod fetch;
 pub mod hypernet;
 pub mod intervention;
-#[cfg(feature = "hub")]
-pub mod hub;
 pub mod model;
 pub mod params;
 pub mod parity;

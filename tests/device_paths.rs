@@ -44,7 +44,7 @@ fn bf16_target_with_f32_parameters_trains_on_the_composed_path() {
     // Mixed precision as on a GPU: the frozen target in bf16, the trainable interpreter in f32.
     use hyperdas::data::collate::collate;
     use hyperdas::hypernet::interpreter::{Interpreter, Method};
-    use hyperdas::train::hyperdas::{TrainSettings, train_step};
+    use hyperdas::experiment::trainer::{TrainSettings, train_step};
     composed();
     for name in ["tiny-llama", "tiny-gemma3"] {
         let lm = load(&fixture(name), DType::BF16);

@@ -182,7 +182,8 @@ fn gradients_match_finite_differences() {
 // ---------------------------------------------------------------------------------------------
 // Position selection
 
-use hyperdas::intervention::selection::{InferenceMode, discretize, entropy_loss, ground_truth, sparsity_loss, sparsity_weight};
+use hyperdas::experiment::loss::{entropy_loss, sparsity_loss, sparsity_weight};
+use hyperdas::intervention::selection::{InferenceMode, discretize, ground_truth};
 
 /// W for B = 1, T_s = 2, T_b = 3 (rows: source 0, source 1, self; each column sums to 1).
 fn w_example() -> Tensor {

@@ -10,7 +10,7 @@ use hyperdas::hypernet::interpreter::{Interpreter, Method};
 use hyperdas::hypernet::subspace::{REFERENCE_MLP_WIDTH, RotationParam, SubspaceInit, SubspaceKind, householder_basis, temperature};
 use hyperdas::intervention::orthonormal::{orthonormality_error, random_orthonormal};
 use hyperdas::params::ParamStore;
-use hyperdas::train::hyperdas::{TrainSettings, train_step};
+use hyperdas::experiment::trainer::{TrainSettings, train_step};
 
 /// `base · (−H_1 ⋯ H_k)[:, :k]` with every `H_j` a full D × D matrix (the definition of
 /// torch's `householder_product`), in f64.

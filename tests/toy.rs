@@ -5,7 +5,8 @@ mod common;
 
 use candle_core::DType;
 use hyperdas::data::ravel::KnowledgeBase;
-use hyperdas::toy::train::{encode_examples, evaluate};
+use hyperdas::toy::train::evaluate;
+use hyperdas::toy::world::encode_examples;
 use hyperdas::toy::world::World;
 use hyperdas::toy::{ToyConfig, build_into};
 

@@ -96,7 +96,7 @@ fn a_checkpoint_that_does_not_fit_is_a_clear_error() {
 fn the_shipped_toy_run_config_loads_and_names_the_standard_toy() {
     // configs/toy.toml is the documented toy run (README, docs/hyperdas.md): it must parse
     // against the current settings (unknown keys are errors) and keep its documented values.
-    let cfg: hyperdas::train::run::RunConfig = hyperdas::config::load(Some(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/toy.toml"))), &[]).unwrap();
+    let cfg: hyperdas::experiment::run::RunConfig = hyperdas::config::load(Some(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/toy.toml"))), &[]).unwrap();
     assert_eq!(cfg.model.path, "toy");
     assert_eq!(cfg.interpreter.config(3).unwrap().hypernet.layer, 1);
     assert!(cfg.interpreter.from_scratch);
@@ -115,23 +115,23 @@ mod common;
 /// Parameters after six HyperDAS steps on the fixture rows: without the state cache, or with
 /// it (its canonical groups registered from all rows; `prewarm` first serves every batch once
 /// without training, so the cache is full before step 1).
-fn hyperdas_params_after(cache: bool, prewarm: bool) -> (Vec<Vec<f32>>, Option<hyperdas::train::cache::CacheStats>) {
+fn hyperdas_params_after(cache: bool, prewarm: bool) -> (Vec<Vec<f32>>, Option<hyperdas::model::cache::CacheStats>) {
     hyperdas_params_with_budget(cache.then_some(1 << 30), prewarm)
 }
 
 /// [`hyperdas_params_after`] with a cache of `budget` bytes (`None`: no cache).
-fn hyperdas_params_with_budget(budget: Option<usize>, prewarm: bool) -> (Vec<Vec<f32>>, Option<hyperdas::train::cache::CacheStats>) {
+fn hyperdas_params_with_budget(budget: Option<usize>, prewarm: bool) -> (Vec<Vec<f32>>, Option<hyperdas::model::cache::CacheStats>) {
     use hyperdas::data::collate::collate;
     use hyperdas::hypernet::interpreter::Interpreter;
     use hyperdas::intervention::selection::InferenceMode;
-    use hyperdas::train::hyperdas::{TrainSettings, train_step};
+    use hyperdas::experiment::trainer::{TrainSettings, train_step};
     let lm = common::load(&common::fixture("tiny-llama"), candle_core::DType::F32);
     let rows = common::fixture_rows(&lm, 12);
     let cfg = common::interpreter_config(hyperdas::hypernet::interpreter::Method::HyperDas, 1, 1, 4, 3);
     let mut ps = hyperdas::params::ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
     if let Some(budget) = budget {
-        interp.set_cache(Some(hyperdas::train::cache::StateCache::new(budget, candle_core::DType::F32).unwrap()));
+        interp.set_cache(Some(hyperdas::model::cache::StateCache::new(budget, candle_core::DType::F32).unwrap()));
         interp.register_prompts(&rows);
     }
     let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
@@ -248,7 +248,7 @@ fn the_shipped_smollm2_config_loads_for_every_method() {
     use hyperdas::hypernet::interpreter::Method;
     let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/smollm2-city.toml"));
     for m in [Method::HyperDas, Method::Mdas, Method::Das] {
-        let cfg: hyperdas::train::run::RunConfig = hyperdas::config::load_over(&hyperdas::train::run::RunConfig::preset(m), Some(path), &[]).unwrap();
+        let cfg: hyperdas::experiment::run::RunConfig = hyperdas::config::load_over(&hyperdas::experiment::run::RunConfig::preset(m), Some(path), &[]).unwrap();
         assert_eq!(cfg.model.path, "smollm2-135m");
         assert_eq!(cfg.interpreter.method().unwrap(), m);
         assert_eq!(cfg.train.epochs, if m.is_baseline() { 5 } else { 3 }, "each method keeps its preset's length");

@@ -13,7 +13,7 @@ use hyperdas::data::io::{ReadOptions, read_arrow_dir, read_dataset};
 use hyperdas::model::gguf::GgufFile;
 use hyperdas::model::weights::{SafetensorsWeights, Weights};
 use hyperdas::model::{LoadOptions, ModelSource, TextTokenizer};
-use hyperdas::train::run::RunConfig;
+use hyperdas::experiment::run::RunConfig;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

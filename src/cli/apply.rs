@@ -56,7 +56,7 @@ pub fn run(a: &ApplyArgs) -> Result<()> {
     let source_entity = a.source_entity.clone().or_else(|| names.get(1).cloned()).context("no source entity: pass --source-entity or an instruction like \"Paris ; Tokyo - Country\"")?;
     let (bp, bs) = split_at_entity(&a.base, &base_entity, "base")?;
     let (sp, ss) = split_at_entity(&a.source, &source_entity, "source")?;
-    let run = crate::train::run::load_run(&a.run, true)?;
+    let run = crate::experiment::run::load_run(&a.run, true)?;
     let cfg = &run.config;
     // A baseline (DAS, MDAS) has one mode: its fixed last-entity-token positions.
     let mode = if run.interpreter.supports(mode) { mode } else { run.interpreter.native_mode() };

@@ -400,7 +400,7 @@ struct PassTimes {
     gflops: Vec<f64>,
     flops: Vec<f64>,
     phases: Vec<(&'static str, Vec<f64>)>,
-    shapes: Vec<crate::train::flops::StepShapes>,
+    shapes: Vec<crate::experiment::flops::StepShapes>,
     hit_rate: Option<f64>,
 }
 
@@ -409,7 +409,7 @@ impl PassTimes {
         let med = median(&mut self.secs.clone());
         let (min, max) = (self.secs.iter().copied().fold(f64::INFINITY, f64::min), self.secs.iter().copied().fold(0.0, f64::max));
         let n = self.shapes.len().max(1) as f64;
-        let mean = |f: &dyn Fn(&crate::train::flops::StepShapes) -> usize| self.shapes.iter().map(f).sum::<usize>() as f64 / n;
+        let mean = |f: &dyn Fn(&crate::experiment::flops::StepShapes) -> usize| self.shapes.iter().map(f).sum::<usize>() as f64 / n;
         serde_json::json!({
             "median_s": med, "min_s": min, "max_s": max, "examples_per_s": batch as f64 / med,
             "gflop_per_step": median(&mut self.flops.clone()) / 1e9, "gflops": median(&mut self.gflops.clone()),
@@ -445,8 +445,8 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
     use crate::hypernet::interpreter::Interpreter;
     use crate::intervention::selection::InferenceMode;
     use crate::params::ParamStore;
-    use crate::train::cache::StateCache;
-    use crate::train::hyperdas::{TrainSettings, evaluate};
+    use crate::model::cache::StateCache;
+    use crate::experiment::trainer::{TrainSettings, evaluate};
 
     if a.batch == 0 || a.rows == 0 {
         bail!("--batch and --rows must be positive");
@@ -511,8 +511,8 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     use crate::data::collate::collate;
     use crate::hypernet::interpreter::Interpreter;
     use crate::params::ParamStore;
-    use crate::train::cache::StateCache;
-    use crate::train::hyperdas::{TrainSettings, train_step};
+    use crate::model::cache::StateCache;
+    use crate::experiment::trainer::{TrainSettings, train_step};
 
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be positive");
@@ -571,8 +571,8 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             let dt = t0.elapsed().as_secs_f64();
             let ph = rec.finish();
             step += 1;
-            let sh = crate::train::flops::StepShapes { batch: batch.len(), base_len: batch.base_len, source_len: batch.source_len, instruction_len: batch.instruction_len, labels: batch.max_label_tokens().min(settings.label_limit) };
-            let mut f = crate::train::flops::hyperdas_step(&target.config, a.interp.layer, a.interp.blocks, a.interp.rank, conditioned, &sh);
+            let sh = crate::experiment::flops::StepShapes { batch: batch.len(), base_len: batch.base_len, source_len: batch.source_len, instruction_len: batch.instruction_len, labels: batch.max_label_tokens().min(settings.label_limit) };
+            let mut f = crate::experiment::flops::hyperdas_step(&target.config, a.interp.layer, a.interp.blocks, a.interp.rank, conditioned, &sh);
             if pass >= 1 {
                 // Cached passes: clean states come from the cache (pass 3) or are computed in
                 // whole canonical groups at a miss (pass 2, counted in the epoch's average), so

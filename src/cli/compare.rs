@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 use crate::report::compare;
-use crate::train::sweep::{self, Axis, SweepPlan};
+use crate::experiment::sweep::{self, Axis, SweepPlan};
 
 #[derive(Args, Debug)]
 pub struct CompareArgs {
@@ -85,8 +85,9 @@ pub fn sweep(a: &SweepArgs) -> Result<()> {
         axes.insert(0, Axis::parse(&format!("method={}", a.methods.join(",")))?);
     }
     crate::intervention::selection::InferenceMode::parse(&a.mode)?;
-    let plan = SweepPlan { config: a.config.as_deref(), sets: &a.set, axes: &axes, out: &a.out, hyperdas_mode: a.mode.clone(), progress: !a.quiet };
-    let runs = sweep::sweep(&plan)?;
+    let plan = SweepPlan { config: a.config.as_deref(), sets: &a.set, axes: &axes, out: &a.out, progress: !a.quiet };
+    let points = sweep::run(&plan)?;
+    let runs = crate::report::sweep::write(&crate::report::sweep::SweepSummary { axes: &axes, points: &points, out: &a.out, hyperdas_mode: &a.mode, progress: !a.quiet })?;
     print!("{}", std::fs::read_to_string(a.out.join("summary.md"))?);
     println!("{} runs in {}; sweep.csv, summary.md, sweep.html and the plots are there", runs.len(), a.out.display());
     Ok(())

@@ -22,9 +22,9 @@ use crate::data::io::{ReadOptions, read_dataset, write_jsonl};
 use crate::data::ravel::KnowledgeBase;
 use crate::hypernet::interpreter::Method;
 use crate::intervention::selection::InferenceMode;
-use crate::train::hyperdas::Selection;
+use crate::experiment::trainer::Selection;
 use crate::report::svg::esc;
-use crate::train::run::RunConfig;
+use crate::experiment::run::RunConfig;
 
 /// The toy run's settings, as shipped in `configs/toy.toml`.
 const TOY_RUN: &str = include_str!("../../configs/toy.toml");
@@ -73,12 +73,12 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("{} exists and is not empty: choose another --out or remove it", out.display());
     }
-    let target_name = if tiny || crate::train::run::toy_config(&a.model).is_some() { "the toy world".to_string() } else { a.model.clone() };
+    let target_name = if tiny || crate::experiment::run::toy_config(&a.model).is_some() { "the toy world".to_string() } else { a.model.clone() };
     println!("hyperdas {} demo: HyperDAS (Sun et al., ICLR 2025) on {target_name}, RAVEL city", env!("CARGO_PKG_VERSION"));
     println!("run directory: {}", out.display());
 
     // 1. The target: the toy world (cached after the first time) or a real model.
-    let toy_target = tiny || crate::train::run::toy_config(&a.model).is_some();
+    let toy_target = tiny || crate::experiment::run::toy_config(&a.model).is_some();
     let toy_cfg = if tiny { crate::toy::ToyConfig::tiny() } else { crate::toy::ToyConfig::standard() };
     let t = Instant::now();
     let (lm, kb, toy) = if toy_target {
@@ -149,13 +149,13 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     sets.extend(a.sets.iter().cloned());
     let cfg: RunConfig = if toy.is_some() { crate::config::load_text(TOY_RUN, "configs/toy.toml (embedded)", &sets)? } else { crate::config::load(None, &sets)? };
     let run_dir = out.join("hyperdas");
-    crate::train::run::run(&cfg, &run_dir, false, progress)?.context("the run stopped before its end")?;
+    crate::experiment::run::run(&cfg, &run_dir, false, progress)?.context("the run stopped before its end")?;
     println!("[3/5] HyperDAS trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
 
     // 4. The MDAS baseline on the same data, layer and rank (RAVEL's multi-task DAS).
     let t = Instant::now();
     let mdas_dir = out.join("mdas");
-    crate::train::run::run(&cfg.as_baseline(Method::Mdas), &mdas_dir, false, progress)?.context("the MDAS run stopped before its end")?;
+    crate::experiment::run::run(&cfg.as_baseline(Method::Mdas), &mdas_dir, false, progress)?.context("the MDAS run stopped before its end")?;
     let runs = [crate::report::compare::read_run(&run_dir)?, crate::report::compare::read_run(&mdas_dir)?];
     let comparison = crate::report::compare::compare(&runs, &["soft".into(), "bidding_argmax".into()])?;
     println!("[4/5] MDAS baseline trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
@@ -163,7 +163,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     // 5. Where the chosen positions land, against the answer key (the city's last token), and the report.
     let t = Instant::now();
     let modes = [InferenceMode::Soft, InferenceMode::parse("bidding_argmax")?];
-    crate::train::run::eval_run(&run_dir, &paths[1], &modes, false, false)?;
+    crate::experiment::run::eval_run(&run_dir, &paths[1], &modes, false, false)?;
     let landing = entity_landing(&run_dir, &paths[1], &lm.tokenizer, &cfg)?;
     let layer = cfg.interpreter.config(lm.model.num_layers())?.hypernet.layer;
     let target = match &toy {
@@ -186,7 +186,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
 
     println!();
     println!("{:<16} {:<10} {:>6} {:>8} {:>12}   ({what}, RAVEL city, {} test rows)", "mode", "attribute", "Cause", "Isolate", "Disentangle", landing.rows);
-    let by_attr: std::collections::BTreeMap<String, Vec<crate::train::hyperdas::GroupScores>> = {
+    let by_attr: std::collections::BTreeMap<String, Vec<crate::experiment::trainer::GroupScores>> = {
         let p = run_dir.join("results.by_attribute.json");
         serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?).with_context(|| format!("{}", p.display()))?
     };

@@ -27,7 +27,7 @@ pub struct EvalArgs {
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     let modes: Vec<InferenceMode> = a.modes.iter().map(|m| InferenceMode::parse(m)).collect::<crate::Result<_>>()?;
-    let results = crate::train::run::eval_run(&a.run, &a.data, &modes, a.skip_bad_rows, !a.quiet)?;
+    let results = crate::experiment::run::eval_run(&a.run, &a.data, &modes, a.skip_bad_rows, !a.quiet)?;
     println!("{:<16} {:>7} {:>8} {:>12} {:>10}", "mode", "cause", "isolate", "disentangle", "test loss");
     for (mode, r) in &results {
         println!("{mode:<16} {:>7.3} {:>8.3} {:>12.3} {:>10.3}", r.accs["causal"], r.accs["isolate"], r.accs["disentangle"], r.test_loss);

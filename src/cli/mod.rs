@@ -102,7 +102,7 @@ impl LoadArgs {
             progress: true,
         };
         let t0 = std::time::Instant::now();
-        let resolved = crate::train::run::model_spec(model, true)?;
+        let resolved = crate::experiment::run::model_spec(model, true)?;
         let model = resolved.as_str();
         eprintln!("loading {model} ...");
         let lm = crate::model::load(model, &opts).with_context(|| format!("cannot load model `{model}`"))?;

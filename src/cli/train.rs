@@ -1,4 +1,4 @@
-//! `hyperdas train`: one HyperDAS run from a TOML configuration (src/train/run.rs);
+//! `hyperdas train`: one HyperDAS run from a TOML configuration (src/experiment/run.rs);
 //! `hyperdas baseline das|mdas`: the same run with a baseline's method and preset.
 
 use std::path::PathBuf;
@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::hypernet::interpreter::Method;
-use crate::train::run::{RunConfig, run as run_config};
+use crate::experiment::run::{RunConfig, run as run_config};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {

@@ -24,7 +24,7 @@ use crate::intervention::selection::{InferenceMode, discretize, ground_truth};
 use crate::model::Llama;
 use crate::params::ParamStore;
 use crate::rng::Rng;
-use crate::train::cache::{CacheStats, StateCache};
+use crate::model::cache::{CacheStats, StateCache};
 
 /// What learns the intervention (hyperdas-method.md §9 for the baselines).
 ///
@@ -281,12 +281,4 @@ fn intervened(
     let logits = target.logits_from(l, new, ctx, &positions)?.to_dtype(candle_core::DType::F32)?; // [B, K, V]
     crate::profile::mark("intervened");
     Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w, w_soft })
-}
-
-/// HyperDAS's prediction loss: `(1/#label tokens) Σ w_row · CE`, `w_row` = `causal_weight` on
-/// causal rows and `isolate_weight` on isolate rows.
-pub fn prediction_loss(out: &Intervened, is_causal: &[bool], causal_weight: f32, isolate_weight: f32) -> Result<Tensor> {
-    let weights: Vec<f32> = out.valid.iter().enumerate().map(|(i, &v)| v * if is_causal[i / out.k] { causal_weight } else { isolate_weight }).collect();
-    let n: f32 = out.valid.iter().sum();
-    crate::train::loss::weighted_cross_entropy(&out.logits, &out.targets, &weights, n.max(1.0))
 }

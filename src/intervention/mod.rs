@@ -14,7 +14,7 @@
 //!
 //! Position selection ([`selection`]): the inference modes (soft, column_argmax, bidding_argmax,
 //! global_argmax, groundtruth) that turn the pointer's `W` into discrete choices, and the
-//! sparsity / entropy regularisers on `W` with the sparsity weight schedule.
+//! ground-truth `W` of fixed positions.
 //!
 //! Orthonormality ([`orthonormal`]): `R` starts as the Q of a QR of a seeded Gaussian (never
 //! uninitialised memory) and is kept orthonormal under AdamW by a polar retraction after every

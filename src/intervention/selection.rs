@@ -1,6 +1,6 @@
 //! Token-position selection: the inference modes that turn the pointer head's soft weights
-//! `W [B, T_s+1, T_b]` into discrete choices, the ground-truth weights, and the regularisers on
-//! `W` (hyperdas-method.md §3). Row `T_s` of `W` is "self" (keep the base vector); each column
+//! `W [B, T_s+1, T_b]` into discrete choices, and the ground-truth weights (docs/method.md §3;
+//! the regularisers on `W` are part of the objective, in `experiment::loss`). Row `T_s` of `W` is "self" (keep the base vector); each column
 //! `j` is a distribution over {source tokens} ∪ {self}.
 //!
 //! Every mode works at batch size 1 (the reference's argmax branches crash there). Ties break
@@ -132,32 +132,4 @@ pub fn ground_truth(b: usize, ts: usize, tb: usize, base_pos: &[u32], source_pos
         }
     }
     Ok(Tensor::from_vec(out, (b, rows, tb), device)?.to_dtype(dtype)?)
-}
-
-/// Reference A's sparsity regulariser: with `r[b,i] = Σ_j W[b,i,j]` over the source rows,
-/// `mean_b Σ_i r[b,i] · [r[b,i] > 1]` (the whole row sum once it exceeds 1).
-pub fn sparsity_loss(w: &Tensor) -> Result<Tensor> {
-    let ts = w.dim(1)? - 1;
-    let r = w.narrow(1, 0, ts)?.sum(2)?; // [B, T_s]
-    let over = r.gt(1.0)?.to_dtype(r.dtype())?.detach(); // [B, T_s], constant indicator
-    Ok((r * over)?.sum(1)?.mean(0)?)
-}
-
-/// Reference B's entropy penalty: `mean_{b,i} (−Σ_j W[b,i,j] log(W[b,i,j] + 1e-8))` over source rows.
-pub fn entropy_loss(w: &Tensor) -> Result<Tensor> {
-    let ts = w.dim(1)? - 1;
-    let ws = w.narrow(1, 0, ts)?; // [B, T_s, T_b]
-    Ok((ws.clone() * (ws + 1e-8)?.log()?)?.sum(2)?.neg()?.mean_all()?)
-}
-
-/// The sparsity weight at `step` of `total`: `linspace(start, end, total + 1)[step]`, zero for
-/// the first `⌊warmup_ratio · total⌋` steps (reference defaults 0.15 → 1.5, warm-up 0.5).
-pub fn sparsity_weight(step: usize, total: usize, start: f64, end: f64, warmup_ratio: f64) -> f64 {
-    if (step as f64) < (warmup_ratio * total as f64).floor() {
-        return 0.0;
-    }
-    if total == 0 {
-        return start;
-    }
-    start + (end - start) * (step.min(total) as f64 / total as f64)
 }

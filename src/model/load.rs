@@ -105,7 +105,7 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
 
 #[cfg(feature = "hub")]
 fn resolve_hub(spec: &str) -> Result<ModelSource> {
-    crate::hub::resolve(spec)
+    Ok(ModelSource::HfDir(super::hub::resolve(spec)?))
 }
 
 #[cfg(not(feature = "hub"))]

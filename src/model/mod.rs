@@ -20,8 +20,11 @@
 //! through all later blocks.
 
 pub mod batch;
+pub mod cache;
 pub mod config;
 pub mod gguf;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod kernels;
 pub mod llama;
 pub mod prefix;

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::hypernet::interpreter::Method;
-use crate::train::hyperdas::GroupScores;
-use crate::train::run::RunInfo;
+use crate::experiment::trainer::GroupScores;
+use crate::experiment::run::RunInfo;
 
 use super::svg::esc;
 

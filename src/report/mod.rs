@@ -6,6 +6,7 @@
 
 pub mod compare;
 pub mod svg;
+pub mod sweep;
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -18,7 +19,7 @@ use crate::data::collate::{EncodedRow, collate, encode_rows};
 use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
 use crate::intervention::selection::InferenceMode;
-use crate::train::run::{LoadedRun, ModeResult, load_run};
+use crate::experiment::run::{LoadedRun, ModeResult, load_run};
 use svg::esc;
 
 /// One heatmap: the weights `W[source token or SELF][base token]` of one test row.
@@ -183,7 +184,7 @@ code{{background:#f5f5f5;padding:1px 4px}}</style></head><body>
         let _ = write!(h, "<p>{n}</p>");
     }
     // Scores: per (domain, attribute) and mode when the run wrote them, else per mode.
-    let by_attr: Option<BTreeMap<String, Vec<crate::train::hyperdas::GroupScores>>> = read_json(&run_dir.join("results.by_attribute.json")).ok();
+    let by_attr: Option<BTreeMap<String, Vec<crate::experiment::trainer::GroupScores>>> = read_json(&run_dir.join("results.by_attribute.json")).ok();
     let _ = write!(h, "<h2>Scores (test set, {} rows)</h2><table><tr><th>method · inference mode</th><th>attribute</th><th>Cause</th><th>Isolate</th><th>Disentangle</th><th>rows (causal / isolate)</th></tr>", enc.rows.len());
     match &by_attr {
         Some(groups) => {

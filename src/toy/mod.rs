@@ -13,6 +13,7 @@
 //! It is cached under `<cache>/toy/<key>`, the key a hash of the settings, so later commands
 //! reuse it.
 
+pub mod config;
 pub mod plant;
 pub mod train;
 pub mod world;
@@ -24,7 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::{LlamaConfig, TextTokenizer};
-pub use train::{AttributeAccuracy, ToyConfig};
+pub use config::ToyConfig;
+pub use train::AttributeAccuracy;
 use world::World;
 
 /// Bumped whenever the world, the tokenizer or the training code changes what a config produces.
@@ -165,7 +167,7 @@ fn write_toy(cfg: &ToyConfig, dir: &Path, key: &str, progress: bool) -> Result<T
     train::save_hf(dir, &config_json, &params, &frozen)?;
     let mut planted = Vec::new();
     if let Some(p) = plant::Plant::new(cfg, &world, model.device())? {
-        let held = train::encode_examples(&tok, &world.examples(false))?;
+        let held = world::encode_examples(&tok, &world.examples(false))?;
         let pairs = plant::draw_pairs(&mut crate::rng::Rng::derive(cfg.seed, "toy/plant-report"), &held, world.cities.len(), &p.attributes, 1000 * p.attributes.len());
         let acc = plant::interchange_accuracy(&model, &p, &held, &pairs, tok.padding_id())?;
         let path = dir.join("planted_basis.safetensors");

@@ -21,7 +21,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::train::{Encoded, ToyConfig};
+use super::config::ToyConfig;
+use super::world::Encoded;
 use super::world::World;
 use crate::data::collate::{LabelBatch, label_batch};
 use crate::error::{Error, Result};

@@ -17,7 +17,9 @@ use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, PreTokenizerWrapper, Tokenizer};
 
+use crate::data::collate::encode_prompt_with_label;
 use crate::data::ravel::KnowledgeBase;
+use crate::model::TextTokenizer;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -255,4 +257,26 @@ fn pre_tokenizer() -> Result<PreTokenizerWrapper> {
     let split = Split::new(SplitPattern::Regex(PUNCTUATION.into()), tokenizers::SplitDelimiterBehavior::Isolated, false)
         .map_err(|e| Error::invalid(format!("pre-tokenizer: {e}")))?;
     Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![PreTokenizerWrapper::WhitespaceSplit(WhitespaceSplit), PreTokenizerWrapper::Split(split)])))
+}
+
+/// A tokenised example: ids (with the start token), first value token index, last city token.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub label_start: usize,
+    pub attribute: usize,
+    /// Index in `ids` of the city's last token.
+    pub entity_pos: usize,
+}
+
+pub fn encode_examples(tok: &TextTokenizer, examples: &[Example]) -> Result<Vec<Encoded>> {
+    examples
+        .iter()
+        .map(|e| {
+            let p = encode_prompt_with_label(tok, &e.prompt, &e.value)?;
+            let (s0, e0) = e.entity;
+            let entity_pos = p.spans.iter().rposition(|&(s, end)| s < e0 && end > s0).ok_or_else(|| Error::invalid(format!("no token covers the city in {:?}", e.prompt)))?;
+            Ok(Encoded { ids: p.ids, label_start: p.label_start, attribute: e.attribute, entity_pos })
+        })
+        .collect()
 }

@@ -7,16 +7,11 @@
 //! * [`checkpoint`]: parameters and optimizer state as safetensors, step and settings as JSON.
 //! * [`metrics::MetricsLog`]: one JSON object per line (`metrics.jsonl`).
 
-pub mod cache;
 pub mod checkpoint;
-pub mod flops;
-pub mod hyperdas;
 pub mod loss;
 pub mod metrics;
-pub mod run;
 pub mod optim;
 pub mod schedule;
-pub mod sweep;
 
 pub use metrics::MetricsLog;
 pub use optim::{AdamW, AdamWConfig, Group};

@@ -15,12 +15,13 @@ use std::time::Instant;
 use candle_core::D;
 use serde::{Deserialize, Serialize};
 
-use super::{AdamW, AdamWConfig, Decay, Group, MetricsLog, Schedule};
+use crate::train::{AdamW, AdamWConfig, Decay, Group, MetricsLog, Schedule};
 use crate::data::collate::{EncodedRow, collate};
 use crate::error::{Error, Result};
-use crate::hypernet::interpreter::{Interpreter, prediction_loss};
+use super::loss::{Regularizer, Terms, objective, prediction_loss};
+use crate::hypernet::interpreter::Interpreter;
 use crate::hypernet::subspace::{SubspaceKind, temperature};
-use crate::intervention::selection::{InferenceMode, argmax, entropy_loss, sparsity_loss, sparsity_weight};
+use crate::intervention::selection::{InferenceMode, argmax};
 use crate::model::Llama;
 use crate::params::ParamStore;
 use crate::rng::Rng;
@@ -45,7 +46,7 @@ pub struct TrainSettings {
     pub isolate_weight: f32,
     /// Regulariser on the source rows of W: `sparsity` (reference A, scheduled), `entropy`
     /// (reference B, constant `entropy_weight`) or `none`.
-    pub regularizer: String,
+    pub regularizer: Regularizer,
     /// Sparsity weight: linear from start to end, zero for the first `warmup_ratio` of steps.
     pub sparsity_start: f64,
     pub sparsity_end: f64,
@@ -125,7 +126,20 @@ impl TrainSettings {
     }
 
     /// The state cache these settings ask for (`None` when `state_cache_gb` is 0).
-    pub fn state_cache(&self) -> Result<Option<crate::train::cache::StateCache>> {
+    /// The objective's weights.
+    pub fn terms(&self) -> Terms {
+        Terms {
+            causal_weight: self.causal_weight,
+            isolate_weight: self.isolate_weight,
+            regularizer: self.regularizer,
+            sparsity_start: self.sparsity_start,
+            sparsity_end: self.sparsity_end,
+            sparsity_warmup_ratio: self.sparsity_warmup_ratio,
+            entropy_weight: self.entropy_weight,
+        }
+    }
+
+    pub fn state_cache(&self) -> Result<Option<crate::model::cache::StateCache>> {
         if !(self.state_cache_gb >= 0.0 && self.state_cache_gb.is_finite()) {
             return Err(Error::invalid(format!("train.state_cache_gb = {}: use a size in GB (0 turns the cache off)", self.state_cache_gb)));
         }
@@ -138,7 +152,7 @@ impl TrainSettings {
             "bf16" => candle_core::DType::BF16,
             other => return Err(Error::invalid(format!("train.state_cache_dtype = {other:?}: use f32, f16 or bf16"))),
         };
-        Ok(Some(crate::train::cache::StateCache::new((self.state_cache_gb * 1e9) as usize, dtype)?))
+        Ok(Some(crate::model::cache::StateCache::new((self.state_cache_gb * 1e9) as usize, dtype)?))
     }
 
     /// The learning-rate schedule of a run of `total` steps.
@@ -160,7 +174,7 @@ impl Default for TrainSettings {
             grad_clip: 4.0,
             causal_weight: 3.5,
             isolate_weight: 0.5,
-            regularizer: "sparsity".into(),
+            regularizer: Regularizer::Sparsity,
             sparsity_start: 0.15,
             sparsity_end: 1.5,
             sparsity_warmup_ratio: 0.5,
@@ -366,17 +380,8 @@ pub fn train_step(
     let mode = if baseline { InferenceMode::GroundTruth } else { s.train_mode };
     interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
     let out = interp.forward(target, batch, mode, s.loss_label_tokens())?;
-    let pred = prediction_loss(&out, &batch.is_causal, s.causal_weight, s.isolate_weight)?;
-    let (lambda, reg) = match s.regularizer.as_str() {
-        _ if baseline => (0.0, None),
-        "sparsity" => (sparsity_weight(step, total, s.sparsity_start, s.sparsity_end, s.sparsity_warmup_ratio), Some(sparsity_loss as fn(&candle_core::Tensor) -> Result<candle_core::Tensor>)),
-        "entropy" => (s.entropy_weight, Some(entropy_loss as fn(&candle_core::Tensor) -> Result<candle_core::Tensor>)),
-        _ => (0.0, None),
-    };
-    let loss = match reg {
-        Some(f) if lambda > 0.0 => (&pred + f(&out.w_soft)?.affine(lambda, 0.0)?)?,
-        _ => pred.clone(),
-    };
+    let obj = objective(&out, &batch.is_causal, step, total, &s.terms(), baseline)?;
+    let (loss, pred, lambda) = (obj.loss, obj.prediction, obj.lambda);
     let value = loss.to_scalar::<f32>()? as f64;
     if !value.is_finite() {
         return Err(Error::NonFinite(format!(
@@ -426,9 +431,6 @@ pub fn train(
 ) -> Result<(Option<Scores>, AdamW)> {
     if train.is_empty() {
         return Err(Error::invalid("no training rows"));
-    }
-    if !["sparsity", "entropy", "none"].contains(&s.regularizer.as_str()) {
-        return Err(Error::invalid(format!("train.regularizer `{}`: use sparsity, entropy or none", s.regularizer)));
     }
     let total = s.total_steps(train.len());
     let mut opt = s.optimizer(ps, interp.subspace.kind)?;

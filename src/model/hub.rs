@@ -10,7 +10,6 @@ use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo};
 
 use crate::error::{Error, Result};
-use crate::model::load::ModelSource;
 
 const OPTIONAL: &[&str] = &["tokenizer_config.json"];
 
@@ -19,7 +18,7 @@ fn offline() -> bool {
 }
 
 /// Resolve a hub id to a local HF directory (a snapshot in the HF cache).
-pub fn resolve(id: &str) -> Result<ModelSource> {
+pub fn resolve(id: &str) -> Result<PathBuf> {
     let fail = |msg: String| Error::ModelSpec { spec: id.to_string(), msg: format!("{msg}; pass a local model directory or .gguf file instead") };
     let cache = Cache::from_env();
     let cached = cache.repo(Repo::model(id.to_string()));
@@ -76,6 +75,5 @@ pub fn resolve(id: &str) -> Result<ModelSource> {
             None => return Err(fail(format!("the repository has no `{f}`"))),
         }
     }
-    let dir = dir.ok_or_else(|| fail("nothing found".to_string()))?;
-    Ok(ModelSource::HfDir(dir))
+    dir.ok_or_else(|| fail("nothing found".to_string()))
 }

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::MetricsLog;
-use super::hyperdas::{CheckpointPlan, GroupScores, Selection, TrainSettings, evaluate_detailed, train};
+use crate::train::MetricsLog;
+use super::trainer::{CheckpointPlan, GroupScores, Selection, TrainSettings, evaluate_detailed, train};
 use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
@@ -169,7 +169,7 @@ impl RunConfig {
             c.train.epochs = 5;
             c.train.causal_weight = 1.0;
             c.train.isolate_weight = 1.0;
-            c.train.regularizer = "none".into();
+            c.train.regularizer = super::loss::Regularizer::None;
             c.train.grad_clip = 0.0;
             c.eval.modes = vec!["groundtruth".into()];
         }
@@ -301,7 +301,7 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
 }
 
 /// A state cache handed from run to run (a sweep), with the settings it was made for.
-pub type SharedCache = Option<((ModelSection, String, String), crate::train::cache::StateCache)>;
+pub type SharedCache = Option<((ModelSection, String, String), crate::model::cache::StateCache)>;
 
 /// [`run`], reusing `shared`'s clean states when it was made for the same model and cache
 /// settings (the cache holds every layer, so any method and layer may use it; results are

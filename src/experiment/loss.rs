@@ -1,0 +1,106 @@
+//! The HyperDAS objective, in one place (docs/method.md §5):
+//!
+//! `L = L_pred + λ(step) · R(W)`, with
+//!
+//! * `L_pred = (1/#label tokens) Σ_rows w_row Σ_t CE(logits_t, label_t)`, `w_row` =
+//!   `causal_weight` on causal rows and `isolate_weight` on isolate rows ([`prediction_loss`]);
+//! * `R` the regulariser on the pointer's soft weights `W [B, T_s+1, T_b]` ([`Regularizer`]):
+//!   `sparsity` (the authors' code: `mean_b Σ_i r_bi · [r_bi > 1]`, `r_bi = Σ_j W[b,i,j]` over
+//!   source rows, weight scheduled by [`sparsity_weight`]), `entropy` (a constant weight on the
+//!   mean row entropy) or `none`. The baselines' positions are fixed: their objective is `L_pred`.
+//!
+//! To add a loss term: a function of [`Intervened`] here, its weight in [`Terms`] (filled from
+//! a `train.*` setting in `TrainSettings::terms`), and one line in [`objective`].
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::hypernet::interpreter::Intervened;
+
+/// The regulariser on `W`'s source rows (`train.regularizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Regularizer {
+    /// The authors' code: scheduled `sparsity_start → sparsity_end`, zero for the first
+    /// `sparsity_warmup_ratio` of the steps.
+    Sparsity,
+    /// A co-author's fork: a constant `entropy_weight` on the mean entropy of the source rows.
+    Entropy,
+    None,
+}
+
+/// `(1/#label tokens) Σ w_row · CE`, `w_row` = `causal_weight` on causal rows and
+/// `isolate_weight` on isolate rows.
+pub fn prediction_loss(out: &Intervened, is_causal: &[bool], causal_weight: f32, isolate_weight: f32) -> Result<Tensor> {
+    let weights: Vec<f32> = out.valid.iter().enumerate().map(|(i, &v)| v * if is_causal[i / out.k] { causal_weight } else { isolate_weight }).collect();
+    let n: f32 = out.valid.iter().sum();
+    crate::train::loss::weighted_cross_entropy(&out.logits, &out.targets, &weights, n.max(1.0)) // []
+}
+
+/// The sparsity regulariser: with `r[b,i] = Σ_j W[b,i,j]` over the source rows,
+/// `mean_b Σ_i r[b,i] · [r[b,i] > 1]` (the whole row sum once it exceeds 1).
+pub fn sparsity_loss(w: &Tensor) -> Result<Tensor> {
+    let ts = w.dim(1)? - 1;
+    let r = w.narrow(1, 0, ts)?.sum(2)?; // [B, T_s]
+    let over = r.gt(1.0)?.to_dtype(r.dtype())?.detach(); // [B, T_s], constant indicator
+    Ok((r * over)?.sum(1)?.mean(0)?) // []
+}
+
+/// The entropy penalty: `mean_{b,i} (−Σ_j W[b,i,j] log(W[b,i,j] + 1e-8))` over source rows.
+pub fn entropy_loss(w: &Tensor) -> Result<Tensor> {
+    let ts = w.dim(1)? - 1;
+    let ws = w.narrow(1, 0, ts)?; // [B, T_s, T_b]
+    Ok((ws.clone() * (ws + 1e-8)?.log()?)?.sum(2)?.neg()?.mean_all()?) // []
+}
+
+/// The sparsity weight at `step` of `total`: `linspace(start, end, total + 1)[step]`, zero for
+/// the first `⌊warmup_ratio · total⌋` steps (the authors' defaults 0.15 → 1.5, warm-up 0.5).
+pub fn sparsity_weight(step: usize, total: usize, start: f64, end: f64, warmup_ratio: f64) -> f64 {
+    if (step as f64) < (warmup_ratio * total as f64).floor() {
+        return 0.0;
+    }
+    if total == 0 {
+        return start;
+    }
+    start + (end - start) * (step.min(total) as f64 / total as f64)
+}
+
+/// The weights of the objective's terms (from the `train.*` settings of the same names).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Terms {
+    pub causal_weight: f32,
+    pub isolate_weight: f32,
+    pub regularizer: Regularizer,
+    pub sparsity_start: f64,
+    pub sparsity_end: f64,
+    pub sparsity_warmup_ratio: f64,
+    pub entropy_weight: f64,
+}
+
+/// One step's objective.
+pub struct Objective {
+    /// `L`, with its graph.
+    pub loss: Tensor,
+    /// `L_pred`, with its graph.
+    pub prediction: Tensor,
+    /// `λ(step)` (0 when there is no regulariser).
+    pub lambda: f64,
+}
+
+/// The objective of step `step` of `total` on the intervened pass `out`. `fixed_positions`
+/// (the baselines): `L_pred` alone.
+pub fn objective(out: &Intervened, is_causal: &[bool], step: usize, total: usize, s: &Terms, fixed_positions: bool) -> Result<Objective> {
+    let prediction = prediction_loss(out, is_causal, s.causal_weight, s.isolate_weight)?; // []
+    let (lambda, reg): (f64, Option<fn(&Tensor) -> Result<Tensor>>) = match s.regularizer {
+        _ if fixed_positions => (0.0, None),
+        Regularizer::Sparsity => (sparsity_weight(step, total, s.sparsity_start, s.sparsity_end, s.sparsity_warmup_ratio), Some(sparsity_loss)),
+        Regularizer::Entropy => (s.entropy_weight, Some(entropy_loss)),
+        Regularizer::None => (0.0, None),
+    };
+    let loss = match reg {
+        Some(f) if lambda > 0.0 => (&prediction + f(&out.w_soft)?.affine(lambda, 0.0)?)?, // []
+        _ => prediction.clone(),
+    };
+    Ok(Objective { loss, prediction, lambda: if reg.is_some() { lambda } else { 0.0 } })
+}
