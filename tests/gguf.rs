@@ -110,11 +110,7 @@ fn unsupported_tensor_types_fail_only_when_needed_and_name_the_tensor() {
 fn loading_a_gguf_model_with_missing_metadata_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("m.gguf");
-    GgufBuilder::new()
-        .string("general.architecture", "llama")
-        .u32("llama.embedding_length", 8)
-        .f32_tensor("token_embd.weight", &[4, 8], &[0.0; 32])
-        .write(&p);
+    GgufBuilder::new().string("general.architecture", "llama").u32("llama.embedding_length", 8).f32_tensor("token_embd.weight", &[4, 8], &[0.0; 32]).write(&p);
     let e = load_err(&p);
     assert!(e.contains("m.gguf") && e.contains("llama.attention.head_count") && e.contains("missing"), "{e}");
 

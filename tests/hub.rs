@@ -37,12 +37,7 @@ fn hub_ids_resolve_from_the_local_cache_offline() {
     assert!(o.status.success(), "{out}\n{err}");
     assert!(out.contains("identical to the reference") && !out.contains("NOT OK"), "{out}");
 
-    let o = Command::new(env!("CARGO_BIN_EXE_hyperdas"))
-        .args(["info", "--model", "test-org/not-downloaded"])
-        .env("HF_HOME", home.path())
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_hyperdas")).args(["info", "--model", "test-org/not-downloaded"]).env("HF_HOME", home.path()).env("HF_HUB_OFFLINE", "1").output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("test-org/not-downloaded") && err.contains("HF_HUB_OFFLINE") && err.contains("local model directory"), "{err}");

@@ -91,11 +91,7 @@ fn mixing_follows_the_position_weights() {
     let m = mix_positions(&w, &s, &h).unwrap();
     let s0 = s.get(0).unwrap();
     let h0 = h.get(0).unwrap();
-    let expect = Tensor::stack(
-        &[s0.get(1).unwrap(), ((s0.get(0).unwrap() * 0.5).unwrap() + (h0.get(1).unwrap() * 0.5).unwrap()).unwrap(), h0.get(2).unwrap()],
-        0,
-    )
-    .unwrap();
+    let expect = Tensor::stack(&[s0.get(1).unwrap(), ((s0.get(0).unwrap() * 0.5).unwrap() + (h0.get(1).unwrap() * 0.5).unwrap()).unwrap(), h0.get(2).unwrap()], 0).unwrap();
     assert!(max_diff(&m.get(0).unwrap(), &expect) < 1e-15);
     let e = mix_positions(&Tensor::zeros((1, 2, 3), DType::F64, &DEV).unwrap(), &s, &h).unwrap_err().to_string();
     assert!(e.contains("do not fit"), "{e}");

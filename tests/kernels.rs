@@ -238,7 +238,6 @@ fn taped_upper_blocks_equal_autograd_in_value_and_gradient() {
     }
 }
 
-
 #[test]
 fn attention_matches_composed_and_finite_differences() {
     // GQA (4 query heads on 2 kv heads), a causal mask with left padding (row 1) and a key mask.
@@ -258,10 +257,14 @@ fn attention_matches_composed_and_finite_differences() {
         }
     }
     let causal = Tensor::from_vec(causal, (b, 1, t, t), &DEV).unwrap();
-    check_gradients("attention causal", &[q.clone(), k.clone(), v.clone()], &|x| kernels::attention(&x[0], &x[1], &x[2], &causal).unwrap(), &|x| kernels::attention_composed(&x[0], &x[1], &x[2], &causal).unwrap());
+    check_gradients("attention causal", &[q.clone(), k.clone(), v.clone()], &|x| kernels::attention(&x[0], &x[1], &x[2], &causal).unwrap(), &|x| {
+        kernels::attention_composed(&x[0], &x[1], &x[2], &causal).unwrap()
+    });
     let keys = Tensor::new(&[0f64, -1e9, 0.0, 0.0, 0.0, -1e9, 0.0, 0.0, 0.0, -1e9], &DEV).unwrap().reshape((b, 1, 1, t)).unwrap();
     let q1 = randn(&[b, h, 3, hd], 24);
-    check_gradients("attention key mask", &[q1, k.clone(), v.clone()], &|x| kernels::attention(&x[0], &x[1], &x[2], &keys).unwrap(), &|x| kernels::attention_composed(&x[0], &x[1], &x[2], &keys).unwrap());
+    check_gradients("attention key mask", &[q1, k.clone(), v.clone()], &|x| kernels::attention(&x[0], &x[1], &x[2], &keys).unwrap(), &|x| {
+        kernels::attention_composed(&x[0], &x[1], &x[2], &keys).unwrap()
+    });
     // The saved-probabilities path (the taped blocks) gives the same gradients.
     let (out, p) = kernels::attention_forward_saved(&q, &k, &v, &causal).unwrap().unwrap();
     assert!(max_diff(&out, &kernels::attention_composed(&q, &k, &v, &causal).unwrap()) < 1e-12);

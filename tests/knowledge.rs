@@ -124,7 +124,8 @@ fn sampled_rows_pass_the_filter_and_are_deterministic_distinct_and_stratified() 
         assert_eq!(kept.len(), s.rows.len(), "{split:?}: the filter rejects sampled rows");
         // Distinct rows; templates of the split only.
         assert_eq!(s.rows.iter().collect::<HashSet<_>>().len(), s.rows.len());
-        let allowed: HashSet<(String, String)> = kb.templates.iter().filter(|t| split.template_splits().contains(&t.split)).map(|t| (t.text[..t.slot].to_string(), t.text[t.slot + 2..].to_string())).collect();
+        let allowed: HashSet<(String, String)> =
+            kb.templates.iter().filter(|t| split.template_splits().contains(&t.split)).map(|t| (t.text[..t.slot].to_string(), t.text[t.slot + 2..].to_string())).collect();
         for r in &s.rows {
             let base = (r.input_prefix[..r.input_prefix.len() - r.entity.len()].to_string(), r.input_suffix.clone());
             assert!(allowed.contains(&base), "{split:?}: {r:?}");
@@ -242,7 +243,9 @@ fn nobel_and_no_filter_use_the_same_path() {
     let opts = KnowledgeOptions { splits: vec![Split::Val], pilot: 3, max_entities: 4, batch_size: 32, ..Default::default() };
     let (k, reports) = Knowledge::build(&evaluator(&lm, 32), &kb, &[(0, false)], &lm.source.fingerprint().unwrap(), root.path(), &opts).unwrap();
     assert_eq!(reports[0].attribute, "Field");
-    let e = sample(&kb, &|t, e| k.known(t, e), &SampleOptions { targets: vec![0], split: DataSplit::Val, causal: 5, isolate: 0, isolate_from: None, seed: 0, entities: EntityPolicy::All }).unwrap_err().to_string();
+    let e = sample(&kb, &|t, e| k.known(t, e), &SampleOptions { targets: vec![0], split: DataSplit::Val, causal: 5, isolate: 0, isolate_from: None, seed: 0, entities: EntityPolicy::All })
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no known nobel_prize_winner cell for causal rows of Field"), "{e}");
 }
 

@@ -186,10 +186,7 @@ fn sites_hooks_and_forward_from_agree() {
     let stacked = hs.stacked.unwrap();
     // Replace the residual entering block 1 with a constant via the hook, and via forward_from.
     let replacement = Tensor::full(0.5f32, (3, batch.dims().1, 64), &Device::Cpu).unwrap();
-    let hooked = lm
-        .model
-        .forward_with_hook(&batch, |l, _x| Ok(if l == 1 { Some(replacement.clone()) } else { None }))
-        .unwrap();
+    let hooked = lm.model.forward_with_hook(&batch, |l, _x| Ok(if l == 1 { Some(replacement.clone()) } else { None })).unwrap();
     let direct = lm.model.forward_from_site("blocks.1.hook_resid_pre".parse::<Site>().unwrap(), &replacement, &ctx).unwrap();
     assert_eq!(max_abs_diff(&hooked, &direct), 0.0);
     let via_pyvene = lm.model.forward_from_site("block_output.0".parse::<Site>().unwrap(), &replacement, &ctx).unwrap();

@@ -6,11 +6,11 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use hyperdas::data::collate::collate;
+use hyperdas::experiment::trainer::{TrainSettings, train_step};
 use hyperdas::hypernet::interpreter::{Interpreter, Method};
 use hyperdas::hypernet::subspace::{REFERENCE_MLP_WIDTH, RotationParam, SubspaceInit, SubspaceKind, householder_basis, temperature};
 use hyperdas::intervention::orthonormal::{orthonormality_error, random_orthonormal};
 use hyperdas::params::ParamStore;
-use hyperdas::experiment::trainer::{TrainSettings, train_step};
 
 /// `base · (−H_1 ⋯ H_k)[:, :k]` with every `H_j` a full D × D matrix (the definition of
 /// torch's `householder_product`), in f64.
@@ -19,7 +19,17 @@ fn naive(a: &[Vec<f64>], base: &[Vec<f64>]) -> Vec<Vec<f64>> {
     let (d, k) = (a.len(), a[0].len());
     let mut p: Vec<Vec<f64>> = (0..d).map(|i| (0..d).map(|j| f64::from(u8::from(i == j))).collect()).collect();
     for j in 0..k {
-        let v: Vec<f64> = (0..d).map(|i| if i == j { 1.0 } else if i > j { a[i][j] } else { 0.0 }).collect();
+        let v: Vec<f64> = (0..d)
+            .map(|i| {
+                if i == j {
+                    1.0
+                } else if i > j {
+                    a[i][j]
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let tau = 2.0 / v.iter().map(|x| x * x).sum::<f64>();
         // p ← p (I − τ v vᵀ)
         let pv: Vec<f64> = (0..d).map(|r| (0..d).map(|c| p[r][c] * v[c]).sum()).collect();

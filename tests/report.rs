@@ -11,19 +11,12 @@ fn chromium() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("HYPERDAS_CHROMIUM") {
         return Some(PathBuf::from(p));
     }
-    ["chromium", "chromium-browser", "google-chrome"].iter().find_map(|name| {
-        std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
-    })
+    ["chromium", "chromium-browser", "google-chrome"].iter().find_map(|name| std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file())))
 }
 
 fn headless(browser: &Path, args: &[&str], page: &Path) -> (String, String) {
     let url = format!("file://{}", page.display());
-    let o = Command::new(browser)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr", "--v=0"])
-        .args(args)
-        .arg(&url)
-        .output()
-        .expect("chromium runs");
+    let o = Command::new(browser).args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]).args(args).arg(&url).output().expect("chromium runs");
     assert!(o.status.success(), "chromium failed: {}", String::from_utf8_lossy(&o.stderr));
     (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
 }

@@ -65,7 +65,8 @@ fn efficient_step_equals_the_naive_full_model_step() {
         let cfg = InterpreterConfig {
             hypernet: HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 11 },
             subspace: kind,
-            rank: 4, method: hyperdas::hypernet::interpreter::Method::HyperDas,
+            rank: 4,
+            method: hyperdas::hypernet::interpreter::Method::HyperDas,
             init: Default::default(),
             rotation: Default::default(),
         };

@@ -6,8 +6,8 @@ mod common;
 use candle_core::DType;
 use hyperdas::data::ravel::KnowledgeBase;
 use hyperdas::toy::train::evaluate;
-use hyperdas::toy::world::encode_examples;
 use hyperdas::toy::world::World;
+use hyperdas::toy::world::encode_examples;
 use hyperdas::toy::{ToyConfig, build_into};
 
 use common::*;
@@ -18,7 +18,18 @@ fn tiny_toy_trains_exports_and_reloads_with_the_same_accuracy() {
     let out = dir.path().join("toy");
     let cfg = ToyConfig::tiny();
     let report = build_into(&cfg, &out, false).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "toy.json", "metrics.jsonl", "world.json", "ravel/entities.tsv", "ravel/templates.json", "ravel/template_splits.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "toy.json",
+        "metrics.jsonl",
+        "world.json",
+        "ravel/entities.tsv",
+        "ravel/templates.json",
+        "ravel/template_splits.json",
+    ] {
         assert!(out.join(f).is_file(), "{f}");
     }
     // The tiny variant learns its facts (measured here: 100% / 95.8–100%; the margin allows
@@ -182,7 +193,8 @@ fn planted_subspace_swap_equals_a_hooked_full_run_and_is_learned() {
                 }
                 let h = x.squeeze(0)?.get(base.entity_pos)?; // [D]
                 let delta = (&s - &h)?.unsqueeze(0)?.matmul(basis)?.matmul(&basis.t()?)?.squeeze(0)?; // [D]
-                let rows: Vec<candle_core::Tensor> = (0..ids.len()).map(|t| if t == base.entity_pos { (x.squeeze(0).unwrap().get(t).unwrap() + &delta).unwrap() } else { x.squeeze(0).unwrap().get(t).unwrap() }).collect();
+                let rows: Vec<candle_core::Tensor> =
+                    (0..ids.len()).map(|t| if t == base.entity_pos { (x.squeeze(0).unwrap().get(t).unwrap() + &delta).unwrap() } else { x.squeeze(0).unwrap().get(t).unwrap() }).collect();
                 Ok(Some(candle_core::Tensor::stack(&rows, 0)?.unsqueeze(0)?))
             })
             .unwrap(); // [1, T, D]

@@ -122,9 +122,9 @@ fn hyperdas_params_after(cache: bool, prewarm: bool) -> (Vec<Vec<f32>>, Option<h
 /// [`hyperdas_params_after`] with a cache of `budget` bytes (`None`: no cache).
 fn hyperdas_params_with_budget(budget: Option<usize>, prewarm: bool) -> (Vec<Vec<f32>>, Option<hyperdas::model::cache::CacheStats>) {
     use hyperdas::data::collate::collate;
+    use hyperdas::experiment::trainer::{TrainSettings, train_step};
     use hyperdas::hypernet::interpreter::Interpreter;
     use hyperdas::intervention::selection::InferenceMode;
-    use hyperdas::experiment::trainer::{TrainSettings, train_step};
     let lm = common::load(&common::fixture("tiny-llama"), candle_core::DType::F32);
     let rows = common::fixture_rows(&lm, 12);
     let cfg = common::interpreter_config(hyperdas::hypernet::interpreter::Method::HyperDas, 1, 1, 4, 3);
@@ -250,7 +250,7 @@ fn the_shipped_smollm2_config_loads_for_every_method() {
     for m in [Method::HyperDas, Method::Mdas, Method::Das] {
         let cfg: hyperdas::experiment::run::RunConfig = hyperdas::config::load_over(&hyperdas::experiment::run::RunConfig::preset(m), Some(path), &[]).unwrap();
         assert_eq!(cfg.model.path, "smollm2-135m");
-        assert_eq!(cfg.interpreter.method().unwrap(), m);
+        assert_eq!(cfg.interpreter.method, m);
         assert_eq!(cfg.train.epochs, if m.is_baseline() { 5 } else { 3 }, "each method keeps its preset's length");
     }
 }

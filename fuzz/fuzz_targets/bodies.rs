@@ -10,10 +10,10 @@
 
 use candle_core::{DType, Device};
 use hyperdas::data::io::{ReadOptions, read_arrow_dir, read_dataset};
+use hyperdas::experiment::run::RunConfig;
 use hyperdas::model::gguf::GgufFile;
 use hyperdas::model::weights::{SafetensorsWeights, Weights};
 use hyperdas::model::{LoadOptions, ModelSource, TextTokenizer};
-use hyperdas::experiment::run::RunConfig;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -193,7 +193,7 @@ pub fn toml_config(data: &[u8]) {
         Ok(c) => c,
         Err(e) => return check_names(&e, Some("fuzz.toml")),
     };
-    let _ = cfg.interpreter.method();
+    let _ = cfg.interpreter.site(30);
     let _ = cfg.interpreter.resolved_layer(30);
     // What is written into a run directory must read back as the same config.
     if let Ok(out) = toml::to_string(&cfg) {

@@ -33,9 +33,9 @@ pub struct ApplyArgs {
     /// The source entity. Default: the instruction's second name.
     #[arg(long)]
     source_entity: Option<String>,
-    /// Inference mode: soft, column_argmax, bidding_argmax, global_argmax, groundtruth.
-    #[arg(long, default_value = "soft")]
-    mode: String,
+    /// Inference mode (a wrong name lists the valid ones).
+    #[arg(long, default_value = "soft", value_parser = InferenceMode::parse)]
+    mode: InferenceMode,
     /// Tokens to show before and after.
     #[arg(long, default_value_t = 5)]
     top: usize,
@@ -50,7 +50,7 @@ fn split_at_entity(prompt: &str, entity: &str, what: &str) -> Result<(String, St
 
 #[allow(clippy::needless_range_loop)] // j indexes W's columns and the base tokens alike
 pub fn run(a: &ApplyArgs) -> Result<()> {
-    let mode = InferenceMode::parse(&a.mode)?;
+    let mode = a.mode;
     let names = a.instruction.rsplit_once(" - ").map(|(ents, _)| ents.split(" ; ").map(str::trim).map(String::from).collect::<Vec<_>>()).unwrap_or_default();
     let base_entity = a.base_entity.clone().or_else(|| names.first().cloned()).context("no base entity: pass --base-entity or an instruction like \"Paris ; Tokyo - Country\"")?;
     let source_entity = a.source_entity.clone().or_else(|| names.get(1).cloned()).context("no source entity: pass --source-entity or an instruction like \"Paris ; Tokyo - Country\"")?;

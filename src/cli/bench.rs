@@ -125,9 +125,9 @@ pub struct EvalBenchArgs {
     /// Rows evaluated per pass.
     #[arg(long, default_value_t = 256)]
     rows: usize,
-    /// Inference modes (comma-separated: soft, column_argmax, bidding_argmax, global_argmax, groundtruth).
-    #[arg(long, default_value = "soft,bidding_argmax", value_delimiter = ',')]
-    modes: Vec<String>,
+    /// Inference modes, comma-separated (a wrong name lists the valid ones).
+    #[arg(long, default_value = "soft,bidding_argmax", value_delimiter = ',', value_parser = |s: &str| crate::intervention::selection::InferenceMode::parse(s.trim()))]
+    modes: Vec<crate::intervention::selection::InferenceMode>,
     #[command(flatten)]
     interp: InterpreterArgs,
     /// Use only rows whose base and source have at most this many tokens.
@@ -250,7 +250,13 @@ fn toy(a: &ToyBenchArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
         if !a.json {
             let worst = report.accuracy.iter().map(|x| x.held_out).fold(1.0, f64::min);
-            eprintln!("run {}: {wall:.1} s in all, {:.1} s training ({:.1} steps/s), lowest held-out accuracy {:.1}%", run + 1, report.train_seconds, cfg.steps as f64 / report.train_seconds, 100.0 * worst);
+            eprintln!(
+                "run {}: {wall:.1} s in all, {:.1} s training ({:.1} steps/s), lowest held-out accuracy {:.1}%",
+                run + 1,
+                report.train_seconds,
+                cfg.steps as f64 / report.train_seconds,
+                100.0 * worst
+            );
         }
         walls.push(wall);
         trains.push(report.train_seconds);
@@ -259,9 +265,17 @@ fn toy(a: &ToyBenchArgs) -> Result<()> {
     let (wall, train) = (median(&mut walls), median(&mut trains));
     let meets = last.as_ref().is_some_and(|r| r.meets_targets());
     if a.json {
-        println!("{}", serde_json::json!({"bench": "toy", "tiny": a.tiny, "runs": a.runs, "threads": threads, "machine": crate::profile::machine_description(), "median_wall_s": wall, "median_train_s": train, "steps": cfg.steps, "meets_targets": meets}));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "toy", "tiny": a.tiny, "runs": a.runs, "threads": threads, "machine": crate::profile::machine_description(), "median_wall_s": wall, "median_train_s": train, "steps": cfg.steps, "meets_targets": meets})
+        );
     } else {
-        println!("toy model ({}): median {wall:.1} s in all ({train:.1} s training, {} steps) over {} runs, {threads} threads (RAYON_NUM_THREADS={env}); targets met: {meets}", if a.tiny { "tiny" } else { "standard" }, cfg.steps, a.runs);
+        println!(
+            "toy model ({}): median {wall:.1} s in all ({train:.1} s training, {} steps) over {} runs, {threads} threads (RAYON_NUM_THREADS={env}); targets met: {meets}",
+            if a.tiny { "tiny" } else { "standard" },
+            cfg.steps,
+            a.runs
+        );
     }
     Ok(())
 }
@@ -287,9 +301,10 @@ fn forward(a: &ForwardArgs) -> Result<()> {
         eprintln!("batch {} x {} tokens, {} warm-up + {} timed runs, {threads} threads (RAYON_NUM_THREADS={env})", a.batch, a.seq, a.warmup, a.runs);
     }
     if let Some(l) = a.backward_from
-        && l >= lm.model.num_layers() {
-            bail!("--backward-from {l}: the model has {} blocks", lm.model.num_layers());
-        }
+        && l >= lm.model.num_layers()
+    {
+        bail!("--backward-from {l}: the model has {} blocks", lm.model.num_layers());
+    }
     let ctx = lm.model.context(&batch)?;
     let step = || -> Result<()> {
         let hs = lm.model.forward_hidden(&batch, None)?;
@@ -335,15 +350,7 @@ fn forward(a: &ForwardArgs) -> Result<()> {
             None => "forward (all hidden states)".to_string(),
             Some(l) => format!("forward (all hidden states) + forward_from({l}) + backward"),
         };
-        println!(
-            "{what}, {} x {}: median {:.3} s = {:.0} tokens/s (min {:.3} s, max {:.3} s; {threads} threads)",
-            a.batch,
-            a.seq,
-            median,
-            tokens / median,
-            sorted[0],
-            sorted[sorted.len() - 1]
-        );
+        println!("{what}, {} x {}: median {:.3} s = {:.0} tokens/s (min {:.3} s, max {:.3} s; {threads} threads)", a.batch, a.seq, median, tokens / median, sorted[0], sorted[sorted.len() - 1]);
     }
     Ok(())
 }
@@ -368,12 +375,8 @@ fn matmul_gflops(m: usize, k: usize, n: usize, runs: usize) -> Result<(f64, f64)
 }
 
 /// SmolLM2-135M's training-step shapes (batch 16 × ~29 tokens, d = 576, F = 1536).
-const MATMUL_SHAPES: [(usize, usize, usize, &str); 4] = [
-    (464, 576, 1536, "MLP up / gate"),
-    (464, 1536, 576, "MLP down"),
-    (464, 576, 576, "attention q / o"),
-    (14_384, 576, 192, "hypernetwork key / value (16 × 29 tokens × 31 states)"),
-];
+const MATMUL_SHAPES: [(usize, usize, usize, &str); 4] =
+    [(464, 576, 1536, "MLP up / gate"), (464, 1536, 576, "MLP down"), (464, 576, 576, "attention q / o"), (14_384, 576, 192, "hypernetwork key / value (16 × 29 tokens × 31 states)")];
 
 fn matmul(a: &MatmulArgs) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
@@ -442,16 +445,16 @@ fn bench_rows(lm: &crate::model::LoadedModel, need: usize, max_tokens: usize, se
 }
 
 fn eval(a: &EvalBenchArgs) -> Result<()> {
+    use crate::experiment::trainer::{TrainSettings, evaluate};
     use crate::hypernet::interpreter::Interpreter;
     use crate::intervention::selection::InferenceMode;
-    use crate::params::ParamStore;
     use crate::model::cache::StateCache;
-    use crate::experiment::trainer::{TrainSettings, evaluate};
+    use crate::params::ParamStore;
 
     if a.batch == 0 || a.rows == 0 {
         bail!("--batch and --rows must be positive");
     }
-    let modes: Vec<InferenceMode> = a.modes.iter().map(|m| InferenceMode::parse(m.trim())).collect::<std::result::Result<_, _>>()?;
+    let modes: Vec<InferenceMode> = a.modes.clone();
     let lm = a.model.load()?;
     let target = &lm.model;
     let threads = candle_core::utils::get_num_threads();
@@ -500,7 +503,10 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
     }
     let rss = crate::profile::peak_rss_bytes();
     if a.json {
-        println!("{}", serde_json::json!({"bench": "eval", "model": a.model.model, "batch": a.batch, "rows": rows.len(), "layer": a.interp.layer, "blocks": a.interp.blocks, "threads": threads, "machine": crate::profile::machine_description(), "results": out, "peak_rss_bytes": rss}));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "eval", "model": a.model.model, "batch": a.batch, "rows": rows.len(), "layer": a.interp.layer, "blocks": a.interp.blocks, "threads": threads, "machine": crate::profile::machine_description(), "results": out, "peak_rss_bytes": rss})
+        );
     } else {
         println!("peak RSS {}", rss.map(|b| format!("{:.2} GB", b as f64 / 1e9)).unwrap_or_else(|| "unknown".into()));
     }
@@ -509,10 +515,10 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
 
 fn train(a: &TrainBenchArgs) -> Result<()> {
     use crate::data::collate::collate;
-    use crate::hypernet::interpreter::Interpreter;
-    use crate::params::ParamStore;
-    use crate::model::cache::StateCache;
     use crate::experiment::trainer::{TrainSettings, train_step};
+    use crate::hypernet::interpreter::Interpreter;
+    use crate::model::cache::StateCache;
+    use crate::params::ParamStore;
 
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be positive");
@@ -548,7 +554,11 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             a.warmup,
             a.steps,
             crate::threads::user_setting(),
-            if a.no_cache { "no state cache".to_string() } else { format!("pass 1 without a state cache, pass 2 = a first epoch with an empty {} GB cache, pass 3 = the same batches again (steady state)", a.cache_gb) }
+            if a.no_cache {
+                "no state cache".to_string()
+            } else {
+                format!("pass 1 without a state cache, pass 2 = a first epoch with an empty {} GB cache, pass 3 = the same batches again (steady state)", a.cache_gb)
+            }
         );
     }
     let conditioned = matches!(subspace, crate::hypernet::subspace::SubspaceKind::ReflectSelect | crate::hypernet::subspace::SubspaceKind::MaskSelect);
@@ -571,7 +581,13 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             let dt = t0.elapsed().as_secs_f64();
             let ph = rec.finish();
             step += 1;
-            let sh = crate::experiment::flops::StepShapes { batch: batch.len(), base_len: batch.base_len, source_len: batch.source_len, instruction_len: batch.instruction_len, labels: batch.max_label_tokens().min(settings.label_limit) };
+            let sh = crate::experiment::flops::StepShapes {
+                batch: batch.len(),
+                base_len: batch.base_len,
+                source_len: batch.source_len,
+                instruction_len: batch.instruction_len,
+                labels: batch.max_label_tokens().min(settings.label_limit),
+            };
             let mut f = crate::experiment::flops::hyperdas_step(&target.config, a.interp.layer, a.interp.blocks, a.interp.rank, conditioned, &sh);
             if pass >= 1 {
                 // Cached passes: clean states come from the cache (pass 3) or are computed in
@@ -584,7 +600,17 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             }
             if !a.json {
                 let parts: Vec<String> = ph.iter().map(|(n, t)| format!("{n} {t:.2}")).collect();
-                eprintln!("  pass {} step {}: {dt:.2} s = {:.1} examples/s, {:.0} GFLOP/s (T_b {}, T_s {}; loss {:.3}) [{}]", pass + 1, i - a.warmup + 1, a.batch as f64 / dt, f.total() / dt / 1e9, sh.base_len, sh.source_len, o.loss, parts.join(", "));
+                eprintln!(
+                    "  pass {} step {}: {dt:.2} s = {:.1} examples/s, {:.0} GFLOP/s (T_b {}, T_s {}; loss {:.3}) [{}]",
+                    pass + 1,
+                    i - a.warmup + 1,
+                    a.batch as f64 / dt,
+                    f.total() / dt / 1e9,
+                    sh.base_len,
+                    sh.source_len,
+                    o.loss,
+                    parts.join(", ")
+                );
             }
             times.secs.push(dt);
             times.gflops.push(f.total() / dt / 1e9);
@@ -645,7 +671,8 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
                 100.0 * g("matmul_share"),
                 s["state_cache_hit_rate"].as_f64().map(|h| format!("; state cache hit rate {:.0}%", 100.0 * h)).unwrap_or_default()
             );
-            let phases: Vec<String> = s["phases"].as_array().into_iter().flatten().map(|p| format!("{} {:.2}", p["phase"].as_str().unwrap_or("?"), p["median_s"].as_f64().unwrap_or(f64::NAN))).collect();
+            let phases: Vec<String> =
+                s["phases"].as_array().into_iter().flatten().map(|p| format!("{} {:.2}", p["phase"].as_str().unwrap_or("?"), p["median_s"].as_f64().unwrap_or(f64::NAN))).collect();
             println!("  phases (median s): {}", phases.join(", "));
         }
         if let Some(x) = first_epoch {

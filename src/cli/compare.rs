@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::report::compare;
 use crate::experiment::sweep::{self, Axis, SweepPlan};
+use crate::report::compare;
 
 #[derive(Args, Debug)]
 pub struct CompareArgs {

@@ -11,10 +11,10 @@ use super::LoadArgs;
 use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::filter::group_counts;
 use crate::data::generate::{DataSplit, EntityPolicy};
-use crate::data::knowledge::{AttributeReport, Evaluator, Knowledge, KnowledgeOptions, KnowledgeTable, TableKey, cache_root, ensure, load_or_new};
-use crate::data::sample::{Balance, GroupStats, SampleOptions, Sampled, sample};
 use crate::data::io::{ReadOptions, read_dataset, write_dataset};
+use crate::data::knowledge::{AttributeReport, Evaluator, Knowledge, KnowledgeOptions, KnowledgeTable, TableKey, cache_root, ensure, load_or_new};
 use crate::data::ravel::{KnowledgeBase, Split, builtin_domains, column_name};
+use crate::data::sample::{Balance, GroupStats, SampleOptions, Sampled, sample};
 
 #[derive(Subcommand, Debug)]
 #[allow(clippy::large_enum_variant)] // parsed once per process; boxing would only add noise
@@ -344,10 +344,7 @@ fn build(a: &BuildArgs) -> Result<()> {
     }
     // Output paths first: refuse to overwrite before spending minutes on the model.
     let stem = format!("{}_{}", kb.domain, targets.iter().map(|&t| column_name(&kb.attributes[t])).collect::<Vec<_>>().join("+"));
-    let outputs: Vec<(DataSplit, PathBuf)> = splits
-        .iter()
-        .map(|&s| (s, a.out.join(if arrow { format!("{stem}_{}", s.name()) } else { format!("{stem}_{}.jsonl", s.name()) })))
-        .collect();
+    let outputs: Vec<(DataSplit, PathBuf)> = splits.iter().map(|&s| (s, a.out.join(if arrow { format!("{stem}_{}", s.name()) } else { format!("{stem}_{}.jsonl", s.name()) }))).collect();
     for (_, p) in &outputs {
         if p.exists() && !a.force {
             bail!("{} exists; pass --force to overwrite it or choose another --out", p.display());
@@ -527,7 +524,15 @@ fn show(a: &ShowArgs) -> Result<()> {
                 let mut s = String::new();
                 for (t, &id) in ids.iter().enumerate() {
                     let piece = lm.tokenizer.decode(&[id])?;
-                    let role = if t >= label_start { "L" } else if t == entity { "E" } else if t >= visible { "·" } else { "" };
+                    let role = if t >= label_start {
+                        "L"
+                    } else if t == entity {
+                        "E"
+                    } else if t >= visible {
+                        "·"
+                    } else {
+                        ""
+                    };
                     s += &format!("[{piece:?}{role}]");
                 }
                 Ok(s)

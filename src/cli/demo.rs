@@ -20,11 +20,11 @@ use crate::data::filter::{FilterOptions, filter_rows};
 use crate::data::generate::{DataSplit, EntityPolicy, GenerateOptions, generate};
 use crate::data::io::{ReadOptions, read_dataset, write_jsonl};
 use crate::data::ravel::KnowledgeBase;
+use crate::experiment::run::RunConfig;
+use crate::experiment::trainer::Selection;
 use crate::hypernet::interpreter::Method;
 use crate::intervention::selection::InferenceMode;
-use crate::experiment::trainer::Selection;
 use crate::report::svg::esc;
-use crate::experiment::run::RunConfig;
 
 /// The toy run's settings, as shipped in `configs/toy.toml`.
 const TOY_RUN: &str = include_str!("../../configs/toy.toml");
@@ -173,9 +173,19 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             toy.report.cities,
             if toy.report.planted.is_empty() { String::new() } else { format!(", with {}, each in a known subspace (the answer key)", crate::toy::planted_summary(&toy.report.planted)) },
         ),
-        None => format!("Target: {} ({}). HyperDAS intervenes on the residual entering block {layer} of {}, with the real-model defaults and 2 epochs.", esc(&a.model), esc(&lm.description), lm.model.num_layers()),
+        None => format!(
+            "Target: {} ({}). HyperDAS intervenes on the residual entering block {layer} of {}, with the real-model defaults and 2 epochs.",
+            esc(&a.model),
+            esc(&lm.description),
+            lm.model.num_layers()
+        ),
     };
-    let mut notes = vec![format!("{target} Data: {} training and {} test rows of city {} counterfactuals (causal and isolate) that the model answers correctly.", landing.train_rows, landing.rows, target_names.join(" and "))];
+    let mut notes = vec![format!(
+        "{target} Data: {} training and {} test rows of city {} counterfactuals (causal and isolate) that the model answers correctly.",
+        landing.train_rows,
+        landing.rows,
+        target_names.join(" and ")
+    )];
     for l in &landing.by_mode {
         notes.push(l.sentence());
     }

@@ -15,9 +15,9 @@ pub struct EvalArgs {
     /// A .jsonl file or datasets save_to_disk directory.
     #[arg(long)]
     data: PathBuf,
-    /// Inference modes (comma-separated): soft, column_argmax, bidding_argmax, global_argmax, groundtruth.
-    #[arg(long, value_delimiter = ',', default_value = "soft,column_argmax,bidding_argmax,global_argmax,groundtruth")]
-    modes: Vec<String>,
+    /// Inference modes, comma-separated (default: every mode; a wrong name lists the valid ones).
+    #[arg(long, value_delimiter = ',', value_parser = InferenceMode::parse)]
+    modes: Vec<InferenceMode>,
     /// Skip (and count) malformed or over-long rows instead of failing.
     #[arg(long)]
     skip_bad_rows: bool,
@@ -26,7 +26,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: &EvalArgs) -> Result<()> {
-    let modes: Vec<InferenceMode> = a.modes.iter().map(|m| InferenceMode::parse(m)).collect::<crate::Result<_>>()?;
+    let modes: Vec<InferenceMode> = if a.modes.is_empty() { InferenceMode::ALL.to_vec() } else { a.modes.clone() };
     let results = crate::experiment::run::eval_run(&a.run, &a.data, &modes, a.skip_bad_rows, !a.quiet)?;
     println!("{:<16} {:>7} {:>8} {:>12} {:>10}", "mode", "cause", "isolate", "disentangle", "test loss");
     for (mode, r) in &results {

@@ -27,9 +27,7 @@ pub fn run(a: &ModelArgs) -> Result<()> {
     }
     println!("biases               qkv {}, o {}, mlp {}", c.qkv_bias, c.o_bias, c.mlp_bias);
     println!("parameters           {:.2}M", c.num_parameters() as f64 / 1e6);
-    let name = |id: Option<u32>| -> String {
-        id.map(|i| format!("{:?} (id {i})", tok.decode(&[i]).unwrap_or_default())).unwrap_or_else(|| "none".into())
-    };
+    let name = |id: Option<u32>| -> String { id.map(|i| format!("{:?} (id {i})", tok.decode(&[i]).unwrap_or_default())).unwrap_or_else(|| "none".into()) };
     println!("bos / eos / pad      {} / {} / {}", name(tok.bos_id), name(tok.eos_id), name(tok.pad_id));
     println!("start token          {}: {}", name(tok.start_token), tok.start_token_reason);
     let l = c.num_hidden_layers;

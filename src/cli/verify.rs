@@ -11,12 +11,7 @@ use super::ModelArgs;
 use crate::model::TokenBatch;
 use crate::parity::{self, Reference};
 
-const DEFAULT_PROMPTS: &[&str] = &[
-    "Paris is a city in the country of",
-    "Berlin is a city in the country of",
-    "The capital of France is",
-    "Tokyo is the capital of",
-];
+const DEFAULT_PROMPTS: &[&str] = &["Paris is a city in the country of", "Berlin is a city in the country of", "The capital of France is", "Tokyo is the capital of"];
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
@@ -82,14 +77,7 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
         for d in &report.diffs {
             let ok = d.within(a.tolerance);
             failed |= !ok;
-            println!(
-                "  {:<16} max|diff| {:.3e}   max|ref| {:.3e}   {} values   {}",
-                d.name,
-                d.max_abs_diff,
-                d.max_abs_ref,
-                d.compared,
-                if ok { "OK" } else { "NOT OK" }
-            );
+            println!("  {:<16} max|diff| {:.3e}   max|ref| {:.3e}   {} values   {}", d.name, d.max_abs_diff, d.max_abs_ref, d.compared, if ok { "OK" } else { "NOT OK" });
         }
         match &report.token_mismatches {
             None => println!("  token ids        (no prompts recorded in the reference)"),

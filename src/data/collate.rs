@@ -92,11 +92,7 @@ pub fn encode_prompt_with_label(tok: &TextTokenizer, prompt: &str, label: &str) 
     if n0 + first_label == 0 {
         return Err(Error::invalid(format!("the prompt before the label {label:?} is empty and there is no start token: nothing predicts the first label token")));
     }
-    Ok(PromptWithLabel {
-        ids: start.0.into_iter().chain(ids).collect(),
-        label_start: n0 + first_label,
-        spans: start.1.into_iter().chain(spans).collect(),
-    })
+    Ok(PromptWithLabel { ids: start.0.into_iter().chain(ids).collect(), label_start: n0 + first_label, spans: start.1.into_iter().chain(spans).collect() })
 }
 
 /// A left-padded teacher-forcing batch of `prompt + label` sequences.
@@ -142,10 +138,7 @@ fn prefix_roles(spans: &[(usize, usize)], prefix: &str, entity: &str) -> Result<
     let prefix_end = prefix.len();
     let entity_start = prefix_end - entity.len();
     let in_prefix = spans.iter().take_while(|&&(s, _)| s < prefix_end).count();
-    let entity_pos = spans
-        .iter()
-        .rposition(|&(s, e)| s < prefix_end && e > entity_start)
-        .ok_or_else(|| Error::invalid(format!("no token covers the entity {entity:?} at the end of {prefix:?}")))?;
+    let entity_pos = spans.iter().rposition(|&(s, e)| s < prefix_end && e > entity_start).ok_or_else(|| Error::invalid(format!("no token covers the entity {entity:?} at the end of {prefix:?}")))?;
     Ok((in_prefix, entity_pos))
 }
 

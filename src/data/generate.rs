@@ -134,9 +134,7 @@ impl<'a> Pools<'a> {
     fn new(kb: &'a KnowledgeBase, opts: &GenerateOptions) -> Pools<'a> {
         let entity_ok = |s: Split| opts.entities.allows(opts.split, s);
         let n_attr = kb.attributes.len();
-        let with_value = (0..n_attr)
-            .map(|a| kb.entities.iter().enumerate().filter(|(_, e)| entity_ok(e.split) && !e.values[a].is_empty()).map(|(i, _)| i).collect())
-            .collect();
+        let with_value = (0..n_attr).map(|a| kb.entities.iter().enumerate().filter(|(_, e)| entity_ok(e.split) && !e.values[a].is_empty()).map(|(i, _)| i).collect()).collect();
         let templates: Vec<Vec<&Template>> = (0..n_attr).map(|a| kb.templates_of(a, opts.split.template_splits())).collect();
         let source_attrs = (0..n_attr).filter(|&a| !templates[a].is_empty()).collect();
         Pools { kb, with_value, templates, source_attrs }

@@ -145,12 +145,7 @@ fn arrow_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if state.is_file() {
         let v = crate::error::read_json(&state)?;
         let files = v.get("_data_files").and_then(|f| f.as_array()).ok_or_else(|| Error::file(&state, "no `_data_files` list"))?;
-        files
-            .iter()
-            .map(|f| {
-                f.get("filename").and_then(|n| n.as_str()).map(|n| dir.join(n)).ok_or_else(|| Error::file(&state, "a `_data_files` entry has no `filename`"))
-            })
-            .collect()
+        files.iter().map(|f| f.get("filename").and_then(|n| n.as_str()).map(|n| dir.join(n)).ok_or_else(|| Error::file(&state, "a `_data_files` entry has no `filename`"))).collect()
     } else {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::file(dir, format!("cannot list: {e}")))?
@@ -218,10 +213,12 @@ fn ipc_batches(bytes: &[u8], path: &Path) -> Result<Vec<RecordBatch>> {
         if len == 0 {
             break; // end of stream
         }
-        let meta_end = pos.checked_add(len as usize).filter(|&e| e <= bytes.len()).ok_or_else(|| ferr(format!("the message at byte {pos} claims {len} bytes of metadata, past the end of the file")))?;
+        let meta_end =
+            pos.checked_add(len as usize).filter(|&e| e <= bytes.len()).ok_or_else(|| ferr(format!("the message at byte {pos} claims {len} bytes of metadata, past the end of the file")))?;
         let message = arrow_ipc::root_as_message(&bytes[pos..meta_end]).map_err(|e| ferr(format!("invalid message at byte {pos}: {e}")))?;
         let body_len = usize::try_from(message.bodyLength()).map_err(|_| ferr(format!("the message at byte {pos} has a negative body length")))?;
-        let body_end = meta_end.checked_add(body_len).filter(|&e| e <= bytes.len()).ok_or_else(|| ferr(format!("the message at byte {pos} claims a {body_len}-byte body, past the end of the file")))?;
+        let body_end =
+            meta_end.checked_add(body_len).filter(|&e| e <= bytes.len()).ok_or_else(|| ferr(format!("the message at byte {pos} claims a {body_len}-byte body, past the end of the file")))?;
         match message.header_type() {
             MessageHeader::Schema => {
                 let fb = message.header_as_schema().ok_or_else(|| ferr(format!("the schema message at byte {pos} has no schema")))?;
@@ -233,11 +230,7 @@ fn ipc_batches(bytes: &[u8], path: &Path) -> Result<Vec<RecordBatch>> {
                 for (i, b) in batch.buffers().into_iter().flatten().enumerate() {
                     let inside = b.offset() >= 0 && b.length() >= 0 && (b.offset() as u64).checked_add(b.length() as u64).is_some_and(|e| e <= body_len as u64);
                     if !inside {
-                        return Err(ferr(format!(
-                            "buffer {i} of the record batch at byte {pos} (offset {}, length {}) lies outside its {body_len}-byte body",
-                            b.offset(),
-                            b.length()
-                        )));
+                        return Err(ferr(format!("buffer {i} of the record batch at byte {pos} (offset {}, length {}) lies outside its {body_len}-byte body", b.offset(), b.length())));
                     }
                 }
                 check_layout(&schema, &batch).map_err(|m| ferr(format!("the record batch at byte {pos}: {m}")))?;
@@ -245,8 +238,7 @@ fn ipc_batches(bytes: &[u8], path: &Path) -> Result<Vec<RecordBatch>> {
                     return Err(ferr(format!("the record batch at byte {pos} is compressed; save the dataset uncompressed")));
                 }
                 let body = arrow_buffer::Buffer::from(bytes[meta_end..body_end].to_vec());
-                let rb = arrow_ipc::reader::read_record_batch(&body, batch, schema, &HashMap::new(), None, &message.version())
-                    .map_err(|e| ferr(format!("record batch at byte {pos}: {e}")))?;
+                let rb = arrow_ipc::reader::read_record_batch(&body, batch, schema, &HashMap::new(), None, &message.version()).map_err(|e| ferr(format!("record batch at byte {pos}: {e}")))?;
                 out.push(rb);
             }
             MessageHeader::DictionaryBatch => {
@@ -318,7 +310,10 @@ fn read_arrow_file(path: &Path, opts: ReadOptions, ds: &mut Dataset) -> Result<(
         if !schema_checked {
             let missing: Vec<&str> = COLUMNS.iter().copied().filter(|c| schema.column_with_name(c).is_none()).collect();
             if !missing.is_empty() {
-                return Err(Error::file(path, format!("missing column(s) {} (columns present: {})", missing.join(", "), schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "))));
+                return Err(Error::file(
+                    path,
+                    format!("missing column(s) {} (columns present: {})", missing.join(", "), schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")),
+                ));
             }
             for f in schema.fields() {
                 if !COLUMNS.contains(&f.name().as_str()) && !ds.extra_columns.contains(f.name()) {

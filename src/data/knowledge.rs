@@ -168,11 +168,7 @@ impl KnowledgeTable {
             .templates
             .iter()
             .filter(|t| t.attribute == a)
-            .map(|t| TableTemplate {
-                text: t.text.clone(),
-                split: t.split,
-                cells: kb.entities.iter().map(|e| if e.values[a].is_empty() { Cell::NoValue } else { Cell::Unchecked }).collect(),
-            })
+            .map(|t| TableTemplate { text: t.text.clone(), split: t.split, cells: kb.entities.iter().map(|e| if e.values[a].is_empty() { Cell::NoValue } else { Cell::Unchecked }).collect() })
             .collect();
         KnowledgeTable { key, entities: kb.entities.iter().map(|e| e.name.clone()).collect(), templates }
     }
@@ -192,11 +188,7 @@ impl KnowledgeTable {
         let body = FileBody {
             key: self.key.clone(),
             entities: self.entities.clone(),
-            templates: self
-                .templates
-                .iter()
-                .map(|t| FileTemplate { text: t.text.clone(), split: t.split.name().into(), cells: t.cells.iter().map(|c| c.char()).collect() })
-                .collect(),
+            templates: self.templates.iter().map(|t| FileTemplate { text: t.text.clone(), split: t.split.name().into(), cells: t.cells.iter().map(|c| c.char()).collect() }).collect(),
         };
         let json = serde_json::to_string(&body).map_err(|e| Error::invalid(format!("cannot serialise a knowledge table: {e}")))?;
         Ok(format!("{FORMAT} sha256={}\n{json}\n", sha256_hex(json.as_bytes())))
@@ -285,15 +277,7 @@ pub struct KnowledgeOptions {
 
 impl Default for KnowledgeOptions {
     fn default() -> Self {
-        KnowledgeOptions {
-            splits: vec![Split::Train, Split::Val, Split::Test],
-            screen: 1,
-            pilot: 32,
-            max_entities: 300,
-            min_pilot_rate: 0.02,
-            batch_size: 64,
-            progress: false,
-        }
+        KnowledgeOptions { splits: vec![Split::Train, Split::Val, Split::Test], screen: 1, pilot: 32, max_entities: 300, min_pilot_rate: 0.02, batch_size: 64, progress: false }
     }
 }
 

@@ -89,12 +89,7 @@ pub struct KnowledgeBase {
 
 /// The embedded domains: (name, entities.tsv, templates.json, template_splits.json).
 const BUILTIN: &[(&str, &str, &str, &str)] = &[
-    (
-        "city",
-        include_str!("../../data/ravel/entities.tsv"),
-        include_str!("../../data/ravel/templates.json"),
-        include_str!("../../data/ravel/template_splits.json"),
-    ),
+    ("city", include_str!("../../data/ravel/entities.tsv"), include_str!("../../data/ravel/templates.json"), include_str!("../../data/ravel/template_splits.json")),
     (
         "nobel_prize_winner",
         include_str!("../../data/ravel/nobel_prize_winner/entities.tsv"),
@@ -145,10 +140,8 @@ impl KnowledgeBase {
     /// Parse the three files; `src` names them in errors.
     pub fn parse(domain: &str, tsv: &str, templates_json: &str, splits_json: &str, src: &str) -> Result<KnowledgeBase> {
         let bad = |file: &str, msg: String| Error::invalid(format!("{src}/{file}: {msg}"));
-        let templates_map: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(templates_json).map_err(|e| bad("templates.json", format!("not a JSON object: {e}")))?;
-        let splits_map: BTreeMap<String, String> =
-            serde_json::from_str(splits_json).map_err(|e| bad("template_splits.json", format!("not a JSON object of strings: {e}")))?;
+        let templates_map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(templates_json).map_err(|e| bad("templates.json", format!("not a JSON object: {e}")))?;
+        let splits_map: BTreeMap<String, String> = serde_json::from_str(splits_json).map_err(|e| bad("template_splits.json", format!("not a JSON object of strings: {e}")))?;
 
         let mut lines = tsv.lines();
         let header: Vec<&str> = lines.next().ok_or_else(|| bad("entities.tsv", "empty file".into()))?.split('\t').collect();
@@ -158,9 +151,10 @@ impl KnowledgeBase {
         // Map each TSV column to its RAVEL attribute name through templates.json's keys.
         let mut attributes = Vec::new();
         for col in &header[2..] {
-            let name = templates_map.keys().find(|k| column_name(k) == *col).ok_or_else(|| {
-                bad("entities.tsv", format!("column `{col}` has no templates in templates.json (its keys: {})", templates_map.keys().cloned().collect::<Vec<_>>().join(", ")))
-            })?;
+            let name = templates_map
+                .keys()
+                .find(|k| column_name(k) == *col)
+                .ok_or_else(|| bad("entities.tsv", format!("column `{col}` has no templates in templates.json (its keys: {})", templates_map.keys().cloned().collect::<Vec<_>>().join(", "))))?;
             attributes.push(name.clone());
         }
         let mut entities = Vec::new();
@@ -198,9 +192,10 @@ impl KnowledgeBase {
     /// Index of an attribute by RAVEL name, any case, or TSV column name.
     pub fn attribute(&self, name: &str) -> Result<usize> {
         let want = column_name(name);
-        self.attributes.iter().position(|a| column_name(a) == want).ok_or_else(|| {
-            Error::invalid(format!("unknown attribute `{name}` for domain {}; valid attributes: {}", self.domain, self.attributes.join(", ")))
-        })
+        self.attributes
+            .iter()
+            .position(|a| column_name(a) == want)
+            .ok_or_else(|| Error::invalid(format!("unknown attribute `{name}` for domain {}; valid attributes: {}", self.domain, self.attributes.join(", "))))
     }
 
     /// Templates of attribute `a` whose split is in `splits`.

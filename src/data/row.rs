@@ -81,10 +81,7 @@ impl RavelRow {
             return Some(format!("input_prefix {:?} does not end with the entity {:?}", self.input_prefix, self.entity));
         }
         if !self.counterfactual_input_prefix.ends_with(&self.counterfactual_entity) {
-            return Some(format!(
-                "counterfactual_input_prefix {:?} does not end with the counterfactual_entity {:?}",
-                self.counterfactual_input_prefix, self.counterfactual_entity
-            ));
+            return Some(format!("counterfactual_input_prefix {:?} does not end with the counterfactual_entity {:?}", self.counterfactual_input_prefix, self.counterfactual_entity));
         }
         if self.label().trim().is_empty() {
             let col = if self.is_causal() { "counterfactual_target" } else { "target" };
@@ -117,7 +114,21 @@ impl RavelRow {
 
     /// Build from column values in [`COLUMNS`] order.
     pub fn from_values(v: [String; 13]) -> RavelRow {
-        let [input_prefix, input_suffix, counterfactual_input_prefix, counterfactual_input_suffix, edit_instruction, entity, counterfactual_entity, target, counterfactual_target, attribute_type, domain, attribute, verify_text] = v;
+        let [
+            input_prefix,
+            input_suffix,
+            counterfactual_input_prefix,
+            counterfactual_input_suffix,
+            edit_instruction,
+            entity,
+            counterfactual_entity,
+            target,
+            counterfactual_target,
+            attribute_type,
+            domain,
+            attribute,
+            verify_text,
+        ] = v;
         RavelRow {
             input_prefix,
             input_suffix,

@@ -107,7 +107,12 @@ pub fn sample(kb: &KnowledgeBase, known: &dyn Fn(usize, usize) -> bool, opts: &S
                 (0..n_attr).filter(|&a| a != target && opts.isolate_from.as_ref().is_none_or(|f| f.contains(&a))).flat_map(|a| cells[a].iter().map(move |&(t, e)| (a, t, e))).collect()
             };
             if templates[target].is_empty() {
-                return Err(Error::invalid(format!("the {} knowledge base has no {} templates for {name} (templates of splits {:?})", kb.domain, opts.split.name(), splits.iter().map(|s| s.name()).collect::<Vec<_>>())));
+                return Err(Error::invalid(format!(
+                    "the {} knowledge base has no {} templates for {name} (templates of splits {:?})",
+                    kb.domain,
+                    opts.split.name(),
+                    splits.iter().map(|s| s.name()).collect::<Vec<_>>()
+                )));
             }
             if group.is_empty() {
                 let what = if kind == "causal" { name.clone() } else { format!("any attribute but {name}") };

@@ -57,8 +57,7 @@ pub fn block_forward(c: &LlamaConfig, b: usize, t: usize) -> f64 {
 /// subspace rank `rank` (with the ReflectSelect MLP when `conditioned`).
 pub fn hyperdas_step(c: &LlamaConfig, layer: usize, blocks: usize, rank: usize, conditioned: bool, s: &StepShapes) -> FlopCount {
     let l_total = c.num_hidden_layers;
-    let (d, hd, h, hkv, f, v) =
-        (c.hidden_size as f64, c.head_dim as f64, c.num_attention_heads as f64, c.num_key_value_heads as f64, c.intermediate_size as f64, c.vocab_size as f64);
+    let (d, hd, h, hkv, f, v) = (c.hidden_size as f64, c.head_dim as f64, c.num_attention_heads as f64, c.num_key_value_heads as f64, c.intermediate_size as f64, c.vocab_size as f64);
     let b = s.batch as f64;
     let clean = l_total as f64 * (block_forward(c, s.batch, s.base_len) + block_forward(c, s.batch, s.source_len));
     let upper = (l_total - layer.min(l_total)) as f64 * block_forward(c, s.batch, s.base_len);

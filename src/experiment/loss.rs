@@ -78,6 +78,9 @@ pub struct Terms {
     pub entropy_weight: f64,
 }
 
+/// A regulariser on `W [B, T_s+1, T_b]`, giving a scalar.
+type Penalty = fn(&Tensor) -> Result<Tensor>;
+
 /// One step's objective.
 pub struct Objective {
     /// `L`, with its graph.
@@ -92,15 +95,15 @@ pub struct Objective {
 /// (the baselines): `L_pred` alone.
 pub fn objective(out: &Intervened, is_causal: &[bool], step: usize, total: usize, s: &Terms, fixed_positions: bool) -> Result<Objective> {
     let prediction = prediction_loss(out, is_causal, s.causal_weight, s.isolate_weight)?; // []
-    let (lambda, reg): (f64, Option<fn(&Tensor) -> Result<Tensor>>) = match s.regularizer {
+    let (lambda, penalty): (f64, Option<Penalty>) = match s.regularizer {
         _ if fixed_positions => (0.0, None),
         Regularizer::Sparsity => (sparsity_weight(step, total, s.sparsity_start, s.sparsity_end, s.sparsity_warmup_ratio), Some(sparsity_loss)),
         Regularizer::Entropy => (s.entropy_weight, Some(entropy_loss)),
         Regularizer::None => (0.0, None),
     };
-    let loss = match reg {
-        Some(f) if lambda > 0.0 => (&prediction + f(&out.w_soft)?.affine(lambda, 0.0)?)?, // []
+    let loss = match penalty {
+        Some(r) if lambda > 0.0 => (&prediction + r(&out.w_soft)?.affine(lambda, 0.0)?)?, // []
         _ => prediction.clone(),
     };
-    Ok(Objective { loss, prediction, lambda: if reg.is_some() { lambda } else { 0.0 } })
+    Ok(Objective { loss, prediction, lambda })
 }

@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::train::MetricsLog;
 use super::trainer::{CheckpointPlan, GroupScores, Selection, TrainSettings, evaluate_detailed, train};
 use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::io::{ReadOptions, read_dataset};
@@ -25,8 +24,9 @@ use crate::hypernet::HyperConfig;
 use crate::hypernet::interpreter::{Interpreter, InterpreterConfig, Method};
 use crate::hypernet::subspace::{RotationParam, SubspaceInit, SubspaceKind};
 use crate::intervention::selection::InferenceMode;
-use crate::model::{LoadOptions, StartToken};
+use crate::model::{LoadOptions, Site, StartToken};
 use crate::params::ParamStore;
+use crate::train::MetricsLog;
 
 /// `[model]`: the frozen target.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,8 +67,12 @@ pub struct InterpreterSection {
     /// ⌊(L − 1) / 2⌋ of the target's L blocks (15 for Llama-3-8B, the paper's layer; 14 for
     /// SmolLM2-135M; 0 for the 2-block toy).
     pub layer: LayerChoice,
+    /// The intervention site in the [`Site`] vocabulary (`blocks.15.hook_resid_pre`,
+    /// `block_output.14`, `hidden_states.15`, …); when given, it replaces `layer` and
+    /// `layer_convention`. Empty: use `layer`.
+    pub site: String,
     pub from_scratch: bool,
-    pub subspace: String,
+    pub subspace: SubspaceKind,
     pub rank: usize,
     pub ablate_source: bool,
     pub ablate_base: bool,
@@ -76,11 +80,11 @@ pub struct InterpreterSection {
     /// `hyperdas`, or a baseline: `das` (causal rows only) or `mdas` (causal + isolate rows),
     /// which intervene at the last entity token with one learned basis of rank `rank`
     /// (`hyperdas baseline das|mdas` sets this).
-    pub method: String,
+    pub method: Method,
     /// How `layer` counts: `resid_pre` (ours: the residual entering block `layer`,
     /// `hidden_states[layer]`) or `block_output` (pyvene's, as the reference MDAS: the output
     /// of block `layer`, `hidden_states[layer + 1]` = our `layer + 1`).
-    pub layer_convention: String,
+    pub layer_convention: LayerConvention,
     /// The subspace module's new weights: `ours` (MLP width = the target's FFN width,
     /// N(0, 1/√in)) or `reference` (width 14336, U(±1/√in), as the authors' code).
     pub init: SubspaceInit,
@@ -94,18 +98,29 @@ impl Default for InterpreterSection {
         InterpreterSection {
             num_blocks: 2,
             layer: LayerChoice::Name("middle".into()),
+            site: String::new(),
             from_scratch: false,
-            subspace: "reflect_select".into(),
+            subspace: SubspaceKind::ReflectSelect,
             rank: 32,
             ablate_source: false,
             ablate_base: false,
             seed: 0,
-            method: "hyperdas".into(),
-            layer_convention: "resid_pre".into(),
+            method: Method::HyperDas,
+            layer_convention: LayerConvention::ResidPre,
             init: SubspaceInit::Ours,
             rotation: RotationParam::Retraction,
         }
     }
+}
+
+/// `interpreter.layer_convention`: how `interpreter.layer` counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerConvention {
+    /// Ours and TransformerLens's: the residual entering block `layer` (`hidden_states[layer]`).
+    ResidPre,
+    /// pyvene's (the reference MDAS): the output of block `layer` = our `layer + 1`.
+    BlockOutput,
 }
 
 /// `interpreter.layer`: an index or a name.
@@ -131,7 +146,7 @@ impl LayerChoice {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalSection {
-    pub modes: Vec<String>,
+    pub modes: Vec<InferenceMode>,
     /// Rows per evaluation batch. 16 (the training batch): on SmolLM2-135M, 64 took 3× the
     /// memory (7.96 GB against 2.49 GB peak RSS) and was slower (66 s against 46 s for 272 rows).
     pub batch_size: usize,
@@ -139,7 +154,7 @@ pub struct EvalSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { modes: ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"].map(String::from).to_vec(), batch_size: 16 }
+        EvalSection { modes: InferenceMode::ALL.to_vec(), batch_size: 16 }
     }
 }
 
@@ -164,14 +179,14 @@ impl RunConfig {
     pub fn preset(method: Method) -> RunConfig {
         let mut c = RunConfig::default();
         if method.is_baseline() {
-            c.interpreter.method = method.name().into();
-            c.interpreter.subspace = "das".into();
+            c.interpreter.method = method;
+            c.interpreter.subspace = SubspaceKind::Das;
             c.train.epochs = 5;
             c.train.causal_weight = 1.0;
             c.train.isolate_weight = 1.0;
             c.train.regularizer = super::loss::Regularizer::None;
             c.train.grad_clip = 0.0;
-            c.eval.modes = vec!["groundtruth".into()];
+            c.eval.modes = vec![InferenceMode::GroundTruth];
         }
         c
     }
@@ -229,26 +244,42 @@ impl InterpreterSection {
                 ablate_base: self.ablate_base,
                 seed: self.seed,
             },
-            subspace: SubspaceKind::parse(&self.subspace)?,
+            subspace: self.subspace,
             rank: self.rank,
-            method: self.method()?,
+            method: self.method,
             init: self.init,
             rotation: self.rotation,
         })
     }
 
-    pub fn method(&self) -> Result<Method> {
-        Method::parse(&self.method).map_err(|e| Error::invalid(format!("interpreter.method: {e}")))
+    /// The intervention site for a target of `num_layers` blocks: `site` when given, else
+    /// `layer` read in `layer_convention`. Always a `blocks.{l}.hook_resid_pre` (the
+    /// residual entering block l, l < num_layers).
+    pub fn site(&self, num_layers: usize) -> Result<Site> {
+        let site = if self.site.is_empty() {
+            let l = self.layer.resolve(num_layers)?;
+            match self.layer_convention {
+                LayerConvention::ResidPre => Site::ResidPre(l),
+                LayerConvention::BlockOutput => Site::ResidPost(l),
+            }
+        } else {
+            self.site.parse::<Site>().map_err(|e| Error::invalid(format!("interpreter.site: {e}")))?
+        };
+        let resid_pre = match site {
+            Site::ResidPre(l) | Site::HiddenState(l) => l,
+            Site::ResidPost(l) => l + 1,
+            Site::FinalNorm => return Err(Error::invalid(format!("interpreter.site = {site}: the final norm's output is not a residual the blocks run from; use blocks.{{l}}.hook_resid_pre"))),
+        };
+        Ok(Site::ResidPre(resid_pre))
     }
 
-    /// `layer` in our convention (the residual entering that block), whatever
-    /// `layer_convention` it was given in.
+    /// The intervention layer in our convention (the residual entering that block): see
+    /// [`InterpreterSection::site`]. Whether the target has that block is checked when the
+    /// interpreter is built.
     pub fn resolved_layer(&self, num_layers: usize) -> Result<usize> {
-        let l = self.layer.resolve(num_layers)?;
-        match self.layer_convention.as_str() {
-            "resid_pre" => Ok(l),
-            "block_output" => Ok(l + 1),
-            other => Err(Error::invalid(format!("interpreter.layer_convention = {other:?}: use resid_pre (ours) or block_output (pyvene's: block l's output = our l + 1)"))),
+        match self.site(num_layers)? {
+            Site::ResidPre(l) => Ok(l),
+            s => Err(Error::invalid(format!("interpreter.site = {s}: not an intervention layer"))),
         }
     }
 }
@@ -301,7 +332,7 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
 }
 
 /// A state cache handed from run to run (a sweep), with the settings it was made for.
-pub type SharedCache = Option<((ModelSection, String, String), crate::model::cache::StateCache)>;
+pub type SharedCache = Option<((ModelSection, String, super::trainer::CacheDtype), crate::model::cache::StateCache)>;
 
 /// [`run`], reusing `shared`'s clean states when it was made for the same model and cache
 /// settings (the cache holds every layer, so any method and layer may use it; results are
@@ -331,14 +362,17 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     if cfg.data.train.is_empty() || cfg.data.test.is_empty() {
         return Err(Error::invalid("data.train and data.test must name datasets (JSONL files or save_to_disk directories; `hyperdas data build` makes them)"));
     }
-    let method = cfg.interpreter.method()?;
+    let method = cfg.interpreter.method;
     let modes = modes_for(method, &cfg.eval.modes)?;
     cfg.interpreter.resolved_layer(0)?; // a bad layer name or convention fails before the model loads
     if resume {
         let saved: RunConfig = crate::config::load(Some(&out.join("config.resolved.toml")), &[])?;
         let same = |c: &RunConfig| RunConfig { train: TrainSettings { stop_after_steps: 0, checkpoint_every: 0, ..c.train.clone() }, ..c.clone() };
         if same(&saved) != same(cfg) {
-            return Err(Error::file(out.join("config.resolved.toml"), "differs from this run's configuration; resume with the same settings (only train.stop_after_steps and train.checkpoint_every may change)"));
+            return Err(Error::file(
+                out.join("config.resolved.toml"),
+                "differs from this run's configuration; resume with the same settings (only train.stop_after_steps and train.checkpoint_every may change)",
+            ));
         }
     } else {
         if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
@@ -362,7 +396,12 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
         let ds = read_dataset(&PathBuf::from(path), read)?;
         let enc = encode_rows(&lm.tokenizer, &ds.rows, &collate, path)?;
         if progress {
-            eprintln!("{}; {} encoded{}", ds.describe(), enc.rows.len(), if enc.skipped.is_empty() { String::new() } else { format!(", {} skipped (first: row {}: {})", enc.skipped.len(), enc.skipped[0].0 + 1, enc.skipped[0].1) });
+            eprintln!(
+                "{}; {} encoded{}",
+                ds.describe(),
+                enc.rows.len(),
+                if enc.skipped.is_empty() { String::new() } else { format!(", {} skipped (first: row {}: {})", enc.skipped.len(), enc.skipped[0].0 + 1, enc.skipped[0].1) }
+            );
         }
         if enc.rows.is_empty() {
             return Err(Error::file(path, if ds.rows.is_empty() { "has no rows" } else { "has no usable rows (every row was skipped; see the messages above)" }));
@@ -388,7 +427,7 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     }
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &icfg)?;
-    let key = (cfg.model.clone(), format!("{}", cfg.train.state_cache_gb), cfg.train.state_cache_dtype.clone());
+    let key = (cfg.model.clone(), format!("{}", cfg.train.state_cache_gb), cfg.train.state_cache_dtype);
     match shared.take() {
         Some((k, c)) if k == key => interp.set_cache(Some(c)),
         _ => interp.set_cache(cfg.train.state_cache()?),
@@ -425,7 +464,14 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     if progress {
         eprint!("{}", scored.table());
         if let Some(c) = interp.cache_stats() {
-            eprintln!("state cache (since it was made): {:.1}% of {} prompt look-ups served from {} cached prompts ({:.2} GB); {} prompts run through the target", 100.0 * c.hit_rate(), c.hits + c.misses, c.entries, c.bytes as f64 / 1e9, c.computed);
+            eprintln!(
+                "state cache (since it was made): {:.1}% of {} prompt look-ups served from {} cached prompts ({:.2} GB); {} prompts run through the target",
+                100.0 * c.hit_rate(),
+                c.hits + c.misses,
+                c.entries,
+                c.bytes as f64 / 1e9,
+                c.computed
+            );
         }
     }
     *shared = interp.take_cache().map(|c| (key, c));
@@ -434,15 +480,14 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
 
 /// The inference modes `names` asks for, as a `method` can be scored: every mode for HyperDAS;
 /// for a baseline only `groundtruth` (its fixed last-entity-token positions), whatever the list.
-pub fn modes_for(method: Method, names: &[String]) -> Result<Vec<InferenceMode>> {
-    let modes: Vec<InferenceMode> = names.iter().map(|m| InferenceMode::parse(m)).collect::<Result<_>>()?;
+pub fn modes_for(method: Method, modes: &[InferenceMode]) -> Result<Vec<InferenceMode>> {
     if method.is_baseline() {
         return Ok(vec![InferenceMode::GroundTruth]);
     }
     if modes.is_empty() {
-        return Err(Error::invalid("eval.modes is empty: name at least one inference mode (soft, column_argmax, bidding_argmax, global_argmax, groundtruth)"));
+        return Err(Error::invalid(format!("eval.modes is empty: name at least one inference mode ({})", InferenceMode::all_names())));
     }
-    Ok(modes)
+    Ok(modes.to_vec())
 }
 
 /// Every mode's scores on one dataset.
@@ -470,15 +515,7 @@ impl Scored {
 }
 
 /// Score `rows` in every mode.
-fn score_modes(
-    target: &crate::model::Llama,
-    interp: &Interpreter,
-    rows: &[crate::data::collate::EncodedRow],
-    modes: &[InferenceMode],
-    cfg: &RunConfig,
-    pad: u32,
-    selections: bool,
-) -> Result<Scored> {
+fn score_modes(target: &crate::model::Llama, interp: &Interpreter, rows: &[crate::data::collate::EncodedRow], modes: &[InferenceMode], cfg: &RunConfig, pad: u32, selections: bool) -> Result<Scored> {
     let mut scored = Scored { results: BTreeMap::new(), groups: BTreeMap::new(), selections: Vec::new() };
     for &mode in modes {
         let e = evaluate_detailed(target, interp, rows, mode, cfg.eval.batch_size, cfg.train.label_limit, pad, selections)?;
@@ -551,8 +588,7 @@ pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
 pub fn eval_run(dir: &Path, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
     let run = load_run(dir, progress)?;
     let cfg = &run.config;
-    let asked: Vec<String> = modes.iter().map(|m| m.name().to_string()).collect();
-    let modes = &modes_for(run.interpreter.method(), &asked)?[..];
+    let modes = &modes_for(run.interpreter.method(), modes)?[..];
     let ds = read_dataset(data, ReadOptions { skip_bad_rows })?;
     let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &cfg.data.collate_options(skip_bad_rows), &data.display().to_string())?;
     if progress {
@@ -592,8 +628,17 @@ mod tests {
         // pyvene's convention (the reference MDAS): block_output of l is our l + 1.
         let pyvene = crate::config::load::<RunConfig>(None, &["interpreter.layer=15".into(), "interpreter.layer_convention=block_output".into()]).unwrap();
         assert_eq!(pyvene.interpreter.resolved_layer(30).unwrap(), 16);
-        let bad = crate::config::load::<RunConfig>(None, &["interpreter.layer_convention=pyvene".into()]).unwrap();
-        assert!(bad.interpreter.resolved_layer(30).unwrap_err().to_string().contains("block_output"));
+        let bad = crate::config::load::<RunConfig>(None, &["interpreter.layer_convention=pyvene".into()]).unwrap_err().to_string();
+        assert!(bad.contains("layer_convention") && bad.contains("block_output"), "{bad}");
+        // The site vocabulary: the same layer three ways; it replaces `layer`.
+        for s in ["blocks.15.hook_resid_pre", "block_output.14", "hidden_states.15", "blocks.14.hook_resid_post"] {
+            let c = crate::config::load::<RunConfig>(None, &["interpreter.layer=3".into(), format!("interpreter.site={s}")]).unwrap();
+            assert_eq!(c.interpreter.resolved_layer(30).unwrap(), 15, "{s}");
+        }
+        let final_norm = crate::config::load::<RunConfig>(None, &["interpreter.site=ln_final.hook_normalized".into()]).unwrap();
+        assert!(final_norm.interpreter.resolved_layer(30).is_err());
+        let typo = crate::config::load::<RunConfig>(None, &["interpreter.site=blocks.3.resid".into()]).unwrap();
+        assert!(typo.interpreter.resolved_layer(30).unwrap_err().to_string().contains("interpreter.site"));
         let err = load("top").unwrap().interpreter.layer.resolve(30).unwrap_err().to_string();
         assert!(err.contains("interpreter.layer") && err.contains("middle"), "{err}");
     }

@@ -15,9 +15,9 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use super::run::RunConfig;
 use crate::error::{Error, Result};
 use crate::hypernet::interpreter::Method;
-use super::run::RunConfig;
 
 /// One axis of the grid: a full config key and its values (TOML literals).
 #[derive(Debug, Clone, PartialEq)]
@@ -165,15 +165,19 @@ pub fn run(plan: &SweepPlan) -> Result<Vec<(Point, PathBuf)>> {
             return Err(Error::invalid(format!("{}: stopped early (train.stop_after_steps); rerun the sweep to continue", p.name)));
         }
     }
-    Ok(pts.into_iter().map(|p| {
-        let dir = runs_dir.join(&p.name);
-        (p, dir)
-    }).collect())
+    Ok(pts
+        .into_iter()
+        .map(|p| {
+            let dir = runs_dir.join(&p.name);
+            (p, dir)
+        })
+        .collect())
 }
 
 /// Every run directory under `dir` (for `hyperdas compare OUT/runs/*`-like use).
 pub fn run_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).map_err(|e| Error::file(dir, format!("cannot list: {e}")))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("run.json").is_file()).collect();
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(dir).map_err(|e| Error::file(dir, format!("cannot list: {e}")))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("run.json").is_file()).collect();
     v.sort();
     Ok(v)
 }

@@ -15,19 +15,28 @@ use std::time::Instant;
 use candle_core::D;
 use serde::{Deserialize, Serialize};
 
-use crate::train::{AdamW, AdamWConfig, Decay, Group, MetricsLog, Schedule};
+use super::loss::{Regularizer, Terms, objective, prediction_loss};
 use crate::data::collate::{EncodedRow, collate};
 use crate::error::{Error, Result};
-use super::loss::{Regularizer, Terms, objective, prediction_loss};
 use crate::hypernet::interpreter::Interpreter;
 use crate::hypernet::subspace::{SubspaceKind, temperature};
 use crate::intervention::selection::{InferenceMode, argmax};
 use crate::model::Llama;
 use crate::params::ParamStore;
 use crate::rng::Rng;
+use crate::train::{AdamW, AdamWConfig, Decay, Group, MetricsLog, Schedule};
 
-/// Training settings (defaults: docs once the `train` command exists; the reference's values
-/// where they agree).
+/// How the state cache stores hidden states (`train.state_cache_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheDtype {
+    /// Exact: training is bit-identical with and without the cache.
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Training settings (`[train]`; docs/hyperdas.md lists the defaults and their sources).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSettings {
@@ -83,7 +92,7 @@ pub struct TrainSettings {
     pub state_cache_gb: f64,
     /// How cached states are stored: `f32` (exact: training is bit-identical with and without
     /// the cache), or `f16` / `bf16` (half the memory, rounded states).
-    pub state_cache_dtype: String,
+    pub state_cache_dtype: CacheDtype,
     /// On a NaN/inf loss or gradient: `false` stops the run (naming the step and the
     /// parameters; the last good checkpoint is kept), `true` skips the batch without an update
     /// and counts it (`skipped_nonfinite` in metrics.jsonl).
@@ -146,11 +155,10 @@ impl TrainSettings {
         if self.state_cache_gb == 0.0 {
             return Ok(None);
         }
-        let dtype = match self.state_cache_dtype.as_str() {
-            "f32" => candle_core::DType::F32,
-            "f16" => candle_core::DType::F16,
-            "bf16" => candle_core::DType::BF16,
-            other => return Err(Error::invalid(format!("train.state_cache_dtype = {other:?}: use f32, f16 or bf16"))),
+        let dtype = match self.state_cache_dtype {
+            CacheDtype::F32 => candle_core::DType::F32,
+            CacheDtype::F16 => candle_core::DType::F16,
+            CacheDtype::Bf16 => candle_core::DType::BF16,
         };
         Ok(Some(crate::model::cache::StateCache::new((self.state_cache_gb * 1e9) as usize, dtype)?))
     }
@@ -190,7 +198,7 @@ impl Default for TrainSettings {
             stop_after_steps: 0,
             seed: 0,
             state_cache_gb: 2.0,
-            state_cache_dtype: "f32".into(),
+            state_cache_dtype: CacheDtype::F32,
             skip_nonfinite: false,
             train_mode: InferenceMode::Soft,
         }
@@ -291,16 +299,7 @@ pub struct Selection {
 
 /// [`evaluate`], optionally with each row's [`Selection`].
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // j indexes W's columns and the positions alike
-pub fn evaluate_detailed(
-    target: &Llama,
-    interp: &Interpreter,
-    rows: &[EncodedRow],
-    mode: InferenceMode,
-    batch_size: usize,
-    label_limit: usize,
-    pad: u32,
-    selections: bool,
-) -> Result<Evaluation> {
+pub fn evaluate_detailed(target: &Llama, interp: &Interpreter, rows: &[EncodedRow], mode: InferenceMode, batch_size: usize, label_limit: usize, pad: u32, selections: bool) -> Result<Evaluation> {
     // (domain, attribute) → (hits, rows), each [causal, isolate].
     type Tally = ([usize; 2], [usize; 2]);
     let mut by_group: std::collections::BTreeMap<(&str, &str), Tally> = Default::default();
@@ -517,7 +516,8 @@ pub fn train(
                 pb.set_message(format!("loss {value:.3}"));
             }
             log.log(&rec)?;
-            if s.checkpoint_every > 0 && step % s.checkpoint_every == 0
+            if s.checkpoint_every > 0
+                && step % s.checkpoint_every == 0
                 && let Err(e) = save(&opt)
             {
                 // The run's state is in memory and intact: report, keep training, retry at the

@@ -22,9 +22,9 @@ use crate::error::{Error, Result};
 use crate::intervention::mix::mix_positions;
 use crate::intervention::selection::{InferenceMode, discretize, ground_truth};
 use crate::model::Llama;
+use crate::model::cache::{CacheStats, StateCache};
 use crate::params::ParamStore;
 use crate::rng::Rng;
-use crate::model::cache::{CacheStats, StateCache};
 
 /// What learns the intervention (hyperdas-method.md §9 for the baselines).
 ///
@@ -36,7 +36,7 @@ use crate::model::cache::{CacheStats, StateCache};
 ///
 /// The baselines have no hypernetwork: their only parameter is `subspace.rotation`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String", into = "String")]
 pub enum Method {
     #[default]
     HyperDas,
@@ -79,6 +79,19 @@ impl Method {
     /// Whether training uses the isolate rows (all but DAS).
     pub fn trains_on_isolate_rows(self) -> bool {
         self != Method::Das
+    }
+}
+
+impl TryFrom<String> for Method {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        Method::parse(&s)
+    }
+}
+
+impl From<Method> for String {
+    fn from(m: Method) -> String {
+        m.name().to_string()
     }
 }
 
@@ -230,11 +243,7 @@ impl Interpreter {
     /// clean passes run (a baseline reads no other layer).
     fn forward_baseline(&self, target: &Llama, batch: &CollatedBatch, mode: InferenceMode, label_limit: usize) -> Result<Intervened> {
         if mode != InferenceMode::GroundTruth {
-            return Err(Error::invalid(format!(
-                "{} intervenes at the last entity token only: score it in the `groundtruth` mode, not `{}`",
-                self.config.method.label(),
-                mode.name()
-            )));
+            return Err(Error::invalid(format!("{} intervenes at the last entity token only: score it in the `groundtruth` mode, not `{}`", self.config.method.label(), mode.name())));
         }
         let dev = target.device();
         let l = self.config.hypernet.layer;
@@ -266,16 +275,7 @@ impl Interpreter {
 /// The shared tail of both forwards: blocks `l..L` from the edited residual `new [B, T_b, D]`
 /// and the logits at the label positions.
 #[allow(clippy::too_many_arguments)]
-fn intervened(
-    target: &Llama,
-    l: usize,
-    new: &Tensor,
-    ctx: &crate::model::ForwardContext,
-    batch: &CollatedBatch,
-    label_limit: usize,
-    w: Tensor,
-    w_soft: Tensor,
-) -> Result<Intervened> {
+fn intervened(target: &Llama, l: usize, new: &Tensor, ctx: &crate::model::ForwardContext, batch: &CollatedBatch, label_limit: usize, w: Tensor, w_soft: Tensor) -> Result<Intervened> {
     let (k, pos, targets, valid) = batch.label_targets(label_limit);
     let positions = Tensor::from_vec(pos, (batch.len(), k), target.device())?; // [B, K]
     let logits = target.logits_from(l, new, ctx, &positions)?.to_dtype(candle_core::DType::F32)?; // [B, K, V]

@@ -25,8 +25,8 @@
 //! `hypernet.*`.
 
 pub mod attention;
-pub mod pointer;
 pub mod interpreter;
+pub mod pointer;
 pub mod subspace;
 
 use candle_core::{DType, Device, Tensor};

@@ -40,7 +40,7 @@ use crate::model::llama::{Linear, Mlp, RmsNorm};
 
 /// Which subspace module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String", into = "String")]
 pub enum SubspaceKind {
     ReflectSelect,
     Das,
@@ -70,6 +70,19 @@ impl SubspaceKind {
             SubspaceKind::Boundless => "boundless",
             SubspaceKind::None => "none",
         }
+    }
+}
+
+impl TryFrom<String> for SubspaceKind {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        SubspaceKind::parse(&s)
+    }
+}
+
+impl From<SubspaceKind> for String {
+    fn from(k: SubspaceKind) -> String {
+        k.name().to_string()
     }
 }
 

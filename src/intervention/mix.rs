@@ -12,12 +12,7 @@ pub fn mix_positions(w: &Tensor, source: &Tensor, base: &Tensor) -> Result<Tenso
     let (bs, ts, d) = source.dims3()?;
     let (bb, tbb, db) = base.dims3()?;
     if bs != b || bb != b || ts1 != ts + 1 || tbb != tb || db != d {
-        return Err(Error::invalid(format!(
-            "mix_positions: W {:?}, source {:?}, base {:?} do not fit ([B, T_s+1, T_b], [B, T_s, D], [B, T_b, D])",
-            w.dims(),
-            source.dims(),
-            base.dims()
-        )));
+        return Err(Error::invalid(format!("mix_positions: W {:?}, source {:?}, base {:?} do not fit ([B, T_s+1, T_b], [B, T_s, D], [B, T_b, D])", w.dims(), source.dims(), base.dims())));
     }
     let from_source = w.narrow(1, 0, ts)?.transpose(1, 2)?.contiguous()?.matmul(source)?; // [B, T_b, D]
     let self_weight = w.narrow(1, ts, 1)?.transpose(1, 2)?; // [B, T_b, 1]

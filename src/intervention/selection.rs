@@ -10,8 +10,10 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 
-/// How `W` is used at evaluation.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+/// How `W` is used at evaluation. In configurations and on the command line it is its name
+/// ([`InferenceMode::parse`] reads the aliases too).
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum InferenceMode {
     /// `W` as computed ("Soft Intervention", the paper's main table).
     #[default]
@@ -28,6 +30,14 @@ pub enum InferenceMode {
 }
 
 impl InferenceMode {
+    /// Every mode, in the order tables list them (the one list: defaults and help texts use it).
+    pub const ALL: [InferenceMode; 5] = [InferenceMode::Soft, InferenceMode::ColumnArgmax, InferenceMode::BiddingArgmax { threshold: 0.1 }, InferenceMode::GlobalArgmax, InferenceMode::GroundTruth];
+
+    /// The names of [`InferenceMode::ALL`], comma-separated (for help texts and errors).
+    pub fn all_names() -> String {
+        InferenceMode::ALL.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")
+    }
+
     /// Names accepted on the command line (the reference's, and the paper's).
     pub fn parse(s: &str) -> Result<InferenceMode> {
         Ok(match s {
@@ -37,9 +47,7 @@ impl InferenceMode {
             "global_argmax" => InferenceMode::GlobalArgmax,
             "groundtruth" | "ground-truth" => InferenceMode::GroundTruth,
             _ => {
-                return Err(Error::invalid(format!(
-                    "unknown inference mode `{s}`; valid: soft, column_argmax (one-to-many), bidding_argmax (one-to-one), global_argmax, groundtruth"
-                )));
+                return Err(Error::invalid(format!("unknown inference mode `{s}`; valid: {} (one-to-many = column_argmax, one-to-one = bidding_argmax)", InferenceMode::all_names())));
             }
         })
     }
@@ -52,6 +60,19 @@ impl InferenceMode {
             InferenceMode::GlobalArgmax => "global_argmax",
             InferenceMode::GroundTruth => "groundtruth",
         }
+    }
+}
+
+impl TryFrom<String> for InferenceMode {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        InferenceMode::parse(&s)
+    }
+}
+
+impl From<InferenceMode> for String {
+    fn from(m: InferenceMode) -> String {
+        m.name().to_string()
     }
 }
 

@@ -87,12 +87,7 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// `rope_type: llama3` (Llama-3.1 and later): low frequencies divided by `factor`, high
     /// frequencies kept, a smooth ramp in between.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: f64,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
     /// Per-frequency divisors, as llama.cpp stores them in the GGUF tensor `rope_freqs.weight`.
     Factors(Vec<f32>),
 }
@@ -164,10 +159,7 @@ impl LlamaConfig {
             Some("qwen2") => Architecture::Qwen2,
             Some("mistral") => {
                 if !matches!(obj.get("sliding_window"), None | Some(Value::Null)) {
-                    return Err(obj.err(
-                        "sliding_window",
-                        "Mistral with a sliding attention window is not supported (only full attention is implemented)",
-                    ));
+                    return Err(obj.err("sliding_window", "Mistral with a sliding attention window is not supported (only full attention is implemented)"));
                 }
                 Architecture::Llama
             }
@@ -176,12 +168,7 @@ impl LlamaConfig {
             other => {
                 return Err(obj.err(
                     "model_type",
-                    format!(
-                        "unsupported architecture {} (architectures {:?}); supported: {}",
-                        other.map_or("<missing>".to_string(), |s| format!("`{s}`")),
-                        archs,
-                        Architecture::SUPPORTED
-                    ),
+                    format!("unsupported architecture {} (architectures {:?}); supported: {}", other.map_or("<missing>".to_string(), |s| format!("`{s}`")), archs, Architecture::SUPPORTED),
                 ));
             }
         };
@@ -189,9 +176,10 @@ impl LlamaConfig {
             return Err(obj.err("use_sliding_window", "sliding-window attention is not supported"));
         }
         if let Some(act) = obj.opt_str("hidden_act")?
-            && act != "silu" {
-                return Err(obj.err("hidden_act", format!("`{act}` is not supported (only `silu`, the SwiGLU of Llama)")));
-            }
+            && act != "silu"
+        {
+            return Err(obj.err("hidden_act", format!("`{act}` is not supported (only `silu`, the SwiGLU of Llama)")));
+        }
 
         let hidden_size = obj.usize("hidden_size")?;
         let num_attention_heads = obj.usize("num_attention_heads")?;
@@ -204,10 +192,7 @@ impl LlamaConfig {
             Some(h) => h,
             None => {
                 if hidden_size % num_attention_heads != 0 {
-                    return Err(obj.err(
-                        "num_attention_heads",
-                        format!("hidden_size {hidden_size} is not divisible by {num_attention_heads} heads and no head_dim is given"),
-                    ));
+                    return Err(obj.err("num_attention_heads", format!("hidden_size {hidden_size} is not divisible by {num_attention_heads} heads and no head_dim is given")));
                 }
                 hidden_size / num_attention_heads
             }
@@ -274,10 +259,7 @@ impl LlamaConfig {
             return Err(("head_dim", format!("{} heads × head_dim {} is implausibly large", self.num_attention_heads, self.head_dim)));
         }
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
-            return Err((
-                "num_key_value_heads",
-                format!("{} query heads are not a multiple of {} key/value heads", self.num_attention_heads, self.num_key_value_heads),
-            ));
+            return Err(("num_key_value_heads", format!("{} query heads are not a multiple of {} key/value heads", self.num_attention_heads, self.num_key_value_heads)));
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(("head_dim", format!("{} is odd; rotary embeddings need an even head size", self.head_dim)));
@@ -303,9 +285,10 @@ impl LlamaConfig {
             }
             for (key, cap) in [("attn_logit_softcapping", g.attn_logit_softcapping), ("final_logit_softcapping", g.final_logit_softcapping)] {
                 if let Some(c) = cap
-                    && !(c > 0.0 && c.is_finite()) {
-                        return Err((key, format!("{c} is not a positive number")));
-                    }
+                    && !(c > 0.0 && c.is_finite())
+                {
+                    return Err((key, format!("{c} is not a positive number")));
+                }
             }
             check_scaling(&g.local_rope.scaling, self.head_dim)?;
         }
@@ -321,31 +304,31 @@ impl LlamaConfig {
 
 /// Check one RoPE scaling rule; returns the offending key.
 fn check_scaling(scaling: &RopeScaling, head_dim: usize) -> std::result::Result<(), (&'static str, String)> {
-        match scaling {
-            RopeScaling::None => {}
-            RopeScaling::Linear { factor } => {
-                if !factor.is_finite() || *factor <= 0.0 {
-                    return Err(("rope_parameters.factor", format!("{factor} is not positive")));
-                }
-            }
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                if !(*factor > 0.0 && *original_max_position_embeddings > 0.0 && *low_freq_factor > 0.0) {
-                    return Err(("rope_parameters", "llama3 scaling needs positive factor, low_freq_factor and original_max_position_embeddings".into()));
-                }
-                if high_freq_factor.partial_cmp(low_freq_factor) != Some(std::cmp::Ordering::Greater) {
-                    return Err(("rope_parameters.high_freq_factor", format!("{high_freq_factor} must exceed low_freq_factor {low_freq_factor}")));
-                }
-            }
-            RopeScaling::Factors(f) => {
-                if f.len() != head_dim / 2 {
-                    return Err(("rope_freqs", format!("{} factors for head_dim {} (need {})", f.len(), head_dim, head_dim / 2)));
-                }
-                if f.iter().any(|x| !(*x > 0.0 && x.is_finite())) {
-                    return Err(("rope_freqs", "factors must be positive and finite".into()));
-                }
+    match scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            if !factor.is_finite() || *factor <= 0.0 {
+                return Err(("rope_parameters.factor", format!("{factor} is not positive")));
             }
         }
-        Ok(())
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            if !(*factor > 0.0 && *original_max_position_embeddings > 0.0 && *low_freq_factor > 0.0) {
+                return Err(("rope_parameters", "llama3 scaling needs positive factor, low_freq_factor and original_max_position_embeddings".into()));
+            }
+            if high_freq_factor.partial_cmp(low_freq_factor) != Some(std::cmp::Ordering::Greater) {
+                return Err(("rope_parameters.high_freq_factor", format!("{high_freq_factor} must exceed low_freq_factor {low_freq_factor}")));
+            }
+        }
+        RopeScaling::Factors(f) => {
+            if f.len() != head_dim / 2 {
+                return Err(("rope_freqs", format!("{} factors for head_dim {} (need {})", f.len(), head_dim, head_dim / 2)));
+            }
+            if f.iter().any(|x| !(*x > 0.0 && x.is_finite())) {
+                return Err(("rope_freqs", "factors must be positive and finite".into()));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl LlamaConfig {
@@ -389,10 +372,7 @@ fn parse_rope(obj: &Obj) -> Result<RopeConfig> {
     let nested_theta = p.opt_f64("rope_theta")?;
     let theta = match (top_theta, nested_theta) {
         (Some(a), Some(b)) if (a - b).abs() > 1e-9 * a.abs().max(1.0) => {
-            return Err(obj.err(
-                "rope_theta",
-                format!("top-level rope_theta {a} disagrees with {params_key}.rope_theta {b}"),
-            ));
+            return Err(obj.err("rope_theta", format!("top-level rope_theta {a} disagrees with {params_key}.rope_theta {b}")));
         }
         (Some(a), _) => a,
         (None, Some(b)) => b,
@@ -418,10 +398,7 @@ fn scaling_of(p: &Obj) -> Result<RopeScaling> {
             original_max_position_embeddings: p.f64("original_max_position_embeddings")?,
         },
         other => {
-            return Err(p.err(
-                "rope_type",
-                format!("`{other}` is not supported (supported: default, linear, llama3)"),
-            ));
+            return Err(p.err("rope_type", format!("`{other}` is not supported (supported: default, linear, llama3)")));
         }
     })
 }
@@ -429,9 +406,11 @@ fn scaling_of(p: &Obj) -> Result<RopeScaling> {
 /// Gemma 3 (`gemma3_text`) from its HF config, transformers 4 or 5 spelling.
 fn gemma3_from_hf(obj: &Obj) -> Result<LlamaConfig> {
     if let Some(act) = obj.opt_str("hidden_activation")?.or(obj.opt_str("hidden_act")?)
-        && act != "gelu_pytorch_tanh" && act != "gelu_tanh" {
-            return Err(obj.err("hidden_activation", format!("`{act}` is not supported for Gemma 3 (only `gelu_pytorch_tanh`)")));
-        }
+        && act != "gelu_pytorch_tanh"
+        && act != "gelu_tanh"
+    {
+        return Err(obj.err("hidden_activation", format!("`{act}` is not supported for Gemma 3 (only `gelu_pytorch_tanh`)")));
+    }
     if obj.opt_bool("use_bidirectional_attention")?.unwrap_or(false) {
         return Err(obj.err("use_bidirectional_attention", "bidirectional (encoder) Gemma 3 is not supported; this is a causal-LM runtime"));
     }
@@ -519,7 +498,6 @@ fn gemma3_from_hf(obj: &Obj) -> Result<LlamaConfig> {
     })
 }
 
-
 /// A JSON object with the file (and key prefix) it came from, for precise errors.
 pub(crate) struct Obj<'a> {
     map: &'a Map<String, Value>,
@@ -557,11 +535,7 @@ impl<'a> Obj<'a> {
     pub(crate) fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .and_then(|u| usize::try_from(u).ok())
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().and_then(|u| usize::try_from(u).ok()).map(Some).ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
         }
     }
 

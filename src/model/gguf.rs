@@ -245,8 +245,20 @@ impl<R: Read> HeaderReader<R> {
                     2 | 3 => 2,
                     4..=6 => 4,
                     10..=12 => 8,
-                    8 => if self.v1 { 4 } else { 8 },
-                    9 => if self.v1 { 8 } else { 12 },
+                    8 => {
+                        if self.v1 {
+                            4
+                        } else {
+                            8
+                        }
+                    }
+                    9 => {
+                        if self.v1 {
+                            8
+                        } else {
+                            12
+                        }
+                    }
                     t => return Err(Error::key(&self.path, key, format!("unknown array element type {t}"))),
                 };
                 if n.saturating_mul(min_size) > self.remaining() {
@@ -329,10 +341,7 @@ impl GgufFile {
             if let Some(dtype) = supported_ggml_type(info.ggml_type) {
                 let (start, len) = file.byte_range(name, info, dtype)?;
                 if start.saturating_add(len) > size {
-                    return Err(Error::tensor(path, name, format!(
-                        "data at bytes {start}..{} lies past the end of the file ({size} bytes): the file is truncated",
-                        start.saturating_add(len)
-                    )));
+                    return Err(Error::tensor(path, name, format!("data at bytes {start}..{} lies past the end of the file ({size} bytes): the file is truncated", start.saturating_add(len))));
                 }
             }
         }
@@ -406,11 +415,9 @@ impl GgufFile {
     /// A numeric array (scores, token types) as f64.
     pub fn num_array(&self, key: &str) -> Result<Vec<f64>> {
         match self.get(key)? {
-            Value::Array(a) => a
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_f64().ok_or_else(|| Error::key(&self.path, format!("{key}[{i}]"), format!("expected a number, found {}", v.type_name()))))
-                .collect(),
+            Value::Array(a) => {
+                a.iter().enumerate().map(|(i, v)| v.as_f64().ok_or_else(|| Error::key(&self.path, format!("{key}[{i}]"), format!("expected a number, found {}", v.type_name())))).collect()
+            }
             v => Err(Error::key(&self.path, key, format!("expected an array, found {}", v.type_name()))),
         }
     }
@@ -423,9 +430,8 @@ impl GgufFile {
     /// Read one tensor and dequantize it to f32 on the CPU (shape in PyTorch order).
     pub fn dequantize(&self, name: &str) -> Result<Tensor> {
         let info = self.tensors.get(name).ok_or_else(|| Error::tensor(&self.path, name, "missing from the GGUF file"))?;
-        let dtype = supported_ggml_type(info.ggml_type).ok_or_else(|| {
-            Error::tensor(&self.path, name, format!("type {} is not supported (supported: {SUPPORTED_TYPES})", ggml_type_name(info.ggml_type)))
-        })?;
+        let dtype =
+            supported_ggml_type(info.ggml_type).ok_or_else(|| Error::tensor(&self.path, name, format!("type {} is not supported (supported: {SUPPORTED_TYPES})", ggml_type_name(info.ggml_type))))?;
         let (start, len) = self.byte_range(name, info, dtype)?;
         if start.saturating_add(len) > self.file_size {
             return Err(Error::tensor(&self.path, name, "data lies past the end of the file: the file is truncated"));
@@ -475,16 +481,16 @@ pub fn gguf_name_for(hf: &str, gemma: bool) -> Option<String> {
         ("self_attn.q_norm", true) => "attn_q_norm",
         ("self_attn.k_norm", true) => "attn_k_norm",
         (module, _) => match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
+            "input_layernorm" => "attn_norm",
+            "post_attention_layernorm" => "ffn_norm",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            _ => return None,
         },
     };
     Some(format!("blk.{layer}.{m}.{kind}"))

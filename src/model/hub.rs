@@ -27,11 +27,7 @@ pub fn resolve(id: &str) -> Result<PathBuf> {
     // Weights: a sharded index names its shards; otherwise a single model.safetensors.
     let index_name = "model.safetensors.index.json";
     let get_cached = |f: &str| cached.get(f);
-    let api = if offline() {
-        None
-    } else {
-        Some(ApiBuilder::from_env().with_progress(true).build().map_err(|e| fail(format!("cannot start the hub client: {e}")))?)
-    };
+    let api = if offline() { None } else { Some(ApiBuilder::from_env().with_progress(true).build().map_err(|e| fail(format!("cannot start the hub client: {e}")))?) };
     // `Ok(None)`: not in the cache and (offline or) absent from the repository.
     let fetch_one = |f: &str, optional: bool| -> Result<Option<PathBuf>> {
         if let Some(p) = get_cached(f) {
@@ -49,11 +45,7 @@ pub fn resolve(id: &str) -> Result<PathBuf> {
     match fetch_one(index_name, true)? {
         Some(index) => {
             let v = crate::error::read_json(&index)?;
-            let mut shards: Vec<String> = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
-                .unwrap_or_default();
+            let mut shards: Vec<String> = v.get("weight_map").and_then(|m| m.as_object()).map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect()).unwrap_or_default();
             shards.sort();
             shards.dedup();
             required.extend(shards);

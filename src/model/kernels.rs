@@ -598,11 +598,7 @@ pub fn unit_rows(x: &Tensor) -> Result<Tensor> {
         });
         y
     }
-    host_dispatch!(
-        x.dtype(),
-        Ok(Tensor::from_vec(with_host::<f32, _>(x, |v| run(v, d))?, shape, &Device::Cpu)?),
-        Ok(Tensor::from_vec(with_host::<f64, _>(x, |v| run(v, d))?, shape, &Device::Cpu)?)
-    )
+    host_dispatch!(x.dtype(), Ok(Tensor::from_vec(with_host::<f32, _>(x, |v| run(v, d))?, shape, &Device::Cpu)?), Ok(Tensor::from_vec(with_host::<f64, _>(x, |v| run(v, d))?, shape, &Device::Cpu)?))
 }
 
 // ---------------------------------------------------------------------------------------------

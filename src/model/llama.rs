@@ -28,8 +28,8 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::batch::{ForwardContext, TokenBatch};
-use super::kernels;
 use super::config::{Activation, LayerKind, LlamaConfig};
+use super::kernels;
 use super::rope::Rope;
 use super::site::Site;
 use super::weights::Weights;
@@ -258,7 +258,7 @@ impl Mlp {
         let g = self.gate_proj.forward(x)?; // [B, T, F]
         let u = self.up_proj.forward(x)?; // [B, T, F]
         let h = match self.act {
-            Activation::Silu => kernels::silu_mul(&g, &u)?, // [B, T, F]
+            Activation::Silu => kernels::silu_mul(&g, &u)?,     // [B, T, F]
             Activation::GeluTanh => kernels::gelu_mul(&g, &u)?, // [B, T, F]
         };
         self.down_proj.forward(&h) // [B, T, D]
@@ -397,11 +397,7 @@ impl Llama {
         } else if w.contains("lm_head.weight") {
             w.get("lm_head.weight", &[v, d], dtype, device)?
         } else {
-            return Err(Error::tensor(
-                w.path_of("lm_head.weight"),
-                "lm_head.weight",
-                "missing, and the config does not tie it to the embedding (tie_word_embeddings is false)",
-            ));
+            return Err(Error::tensor(w.path_of("lm_head.weight"), "lm_head.weight", "missing, and the config does not tie it to the embedding (tie_word_embeddings is false)"));
         };
         let norm = RmsNorm::load_for(w, "model.norm.weight", d, config, dtype, device)?;
         let local = config.gemma.as_ref().map(|g| (Rope::new(&g.local_rope, config.head_dim), g.sliding_window));
@@ -606,11 +602,7 @@ impl Llama {
     /// Forward pass with a hook on the residual stream: `hook(l, x)` sees `x [B, T, D]` entering
     /// block `l` (and `l = L` for the output of the last block, before the final norm) and may
     /// return a replacement. Returns the final-norm output `[B, T, D]`.
-    pub fn forward_with_hook(
-        &self,
-        batch: &TokenBatch,
-        mut hook: impl FnMut(usize, &Tensor) -> Result<Option<Tensor>>,
-    ) -> Result<Tensor> {
+    pub fn forward_with_hook(&self, batch: &TokenBatch, mut hook: impl FnMut(usize, &Tensor) -> Result<Option<Tensor>>) -> Result<Tensor> {
         let ctx = self.context(batch)?;
         let mut x = self.embed_batch(batch)?; // [B, T, D]
         for l in 0..=self.num_layers() {

@@ -78,9 +78,10 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
             return Ok(ModelSource::Gguf(p.to_path_buf()));
         }
         if p.file_name().is_some_and(|n| n == "config.json")
-            && let Some(dir) = p.parent() {
-                return resolve(&dir.to_string_lossy());
-            }
+            && let Some(dir) = p.parent()
+        {
+            return resolve(&dir.to_string_lossy());
+        }
         return Err(Error::ModelSpec { spec: spec.into(), msg: "is a file but not a .gguf file (pass an HF model directory or a .gguf file)".into() });
     }
     if let Some(known) = crate::fetch::known_model(spec) {
@@ -96,10 +97,7 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
     }
     Err(Error::ModelSpec {
         spec: spec.into(),
-        msg: format!(
-            "no such file or directory, and not a known model ({}) or a hub id (org/name)",
-            crate::fetch::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
-        ),
+        msg: format!("no such file or directory, and not a known model ({}) or a hub id (org/name)", crate::fetch::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")),
     })
 }
 
@@ -178,9 +176,7 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedMode
         ));
     }
     if let Some(cap) = config.gemma.as_ref().and_then(|g| g.attn_logit_softcapping) {
-        eprintln!(
-            "note: {source}: attn_logit_softcapping = {cap} is ignored, as transformers and llama.cpp ignore it for Gemma 3 (only Gemma 2 applies it)"
-        );
+        eprintln!("note: {source}: attn_logit_softcapping = {cap} is ignored, as transformers and llama.cpp ignore it for Gemma 3 (only Gemma 2 applies it)");
     }
     tokenizer.set_start_token(&opts.start_token)?;
     let pb = crate::progress::bar(config.num_hidden_layers as u64, "loading blocks [{bar:30}] {pos}/{len} {elapsed}", opts.progress);
@@ -225,9 +221,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         None => return Err(Error::key(path, format!("{arch}.attention.head_count"), format!("embedding_length {hidden_size} is not divisible by {heads} heads"))),
     };
     if let Some(rot) = opt("rope.dimension_count")?
-        && rot != head_dim {
-            return Err(Error::key(path, format!("{arch}.rope.dimension_count"), format!("partial rotary embeddings ({rot} of {head_dim} dims) are not supported")));
-        }
+        && rot != head_dim
+    {
+        return Err(Error::key(path, format!("{arch}.rope.dimension_count"), format!("partial rotary embeddings ({rot} of {head_dim} dims) are not supported")));
+    }
     let embd = g.shape("token_embd.weight")?;
     if embd.len() != 2 || embd[1] != hidden_size {
         return Err(Error::tensor(path, "token_embd.weight", format!("shape {embd:?} does not match embedding_length {hidden_size}")));

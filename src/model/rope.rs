@@ -32,8 +32,7 @@ impl Rope {
             RopeScaling::Linear { factor } => inv_freq.iter().map(|w| w / *factor as f32).collect(),
             RopeScaling::Factors(f) => inv_freq.iter().zip(f).map(|(w, f)| w / f).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                let (factor, lo, hi, old) =
-                    (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32, *original_max_position_embeddings as f32);
+                let (factor, lo, hi, old) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32, *original_max_position_embeddings as f32);
                 let (lo_wavelen, hi_wavelen) = (old / lo, old / hi);
                 inv_freq
                     .iter()
@@ -104,10 +103,7 @@ mod tests {
     fn llama3_scaling_matches_hand_computation() {
         // head_dim 16, θ = 10 000, factor 8, low 1, high 4, original context 16: one frequency
         // of each kind (high: kept, medium: smoothed, low: divided by 8).
-        let cfg = RopeConfig {
-            theta: 10_000.0,
-            scaling: RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 16.0 },
-        };
+        let cfg = RopeConfig { theta: 10_000.0, scaling: RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 16.0 } };
         let plain = Rope::new(&RopeConfig { theta: 10_000.0, scaling: RopeScaling::None }, 16);
         let scaled = Rope::new(&cfg, 16);
         for (i, (&w, &s)) in plain.inv_freq().iter().zip(scaled.inv_freq()).enumerate() {

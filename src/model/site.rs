@@ -59,8 +59,7 @@ impl Site {
     }
 
     /// Every spelling this parser accepts, for help texts.
-    pub const SPELLINGS: &'static str =
-        "blocks.{l}.hook_resid_pre, blocks.{l}.hook_resid_post, ln_final.hook_normalized, hidden_states.{i}, block_input.{l}, block_output.{l}";
+    pub const SPELLINGS: &'static str = "blocks.{l}.hook_resid_pre, blocks.{l}.hook_resid_post, ln_final.hook_normalized, hidden_states.{i}, block_input.{l}, block_output.{l}";
 }
 
 impl fmt::Display for Site {

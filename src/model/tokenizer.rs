@@ -86,11 +86,7 @@ pub struct TextTokenizer {
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextTokenizer")
-            .field("source", &self.source)
-            .field("vocab_size", &self.vocab_size())
-            .field("start_token", &self.start_token)
-            .finish()
+        f.debug_struct("TextTokenizer").field("source", &self.source).field("vocab_size", &self.vocab_size()).field("start_token", &self.start_token).finish()
     }
 }
 
@@ -123,10 +119,7 @@ impl TextTokenizer {
         let id_of = |k: &str| -> Result<Option<u32>> {
             match special_token_string(get(k)) {
                 None => Ok(None),
-                Some(s) => inner
-                    .token_to_id(&s)
-                    .map(Some)
-                    .ok_or_else(|| Error::key(&cfg_path, k, format!("token `{s}` is not in the vocabulary of {}", path.display()))),
+                Some(s) => inner.token_to_id(&s).map(Some).ok_or_else(|| Error::key(&cfg_path, k, format!("token `{s}` is not in the vocabulary of {}", path.display()))),
             }
         };
         let bos_id = id_of("bos_token")?;
@@ -141,11 +134,7 @@ impl TextTokenizer {
                 let with = inner.encode("a", true).map_err(|e| tk_err(&path, "cannot encode", e))?;
                 let without = inner.encode("a", false).map_err(|e| tk_err(&path, "cannot encode", e))?;
                 let (w, wo) = (with.get_ids(), without.get_ids());
-                if w.len() > wo.len() && w.ends_with(wo) {
-                    (Some(w[0]), "the tokenizer's post-processor prepends it".to_string())
-                } else {
-                    (None, "the tokenizer adds no start token".to_string())
-                }
+                if w.len() > wo.len() && w.ends_with(wo) { (Some(w[0]), "the tokenizer's post-processor prepends it".to_string()) } else { (None, "the tokenizer adds no start token".to_string()) }
             }
         };
         let mut t = TextTokenizer { inner, source: path, bos_id, eos_id, pad_id, start_token: declared, start_token_reason: reason, declared_start: declared };
@@ -196,8 +185,7 @@ impl TextTokenizer {
         let gemma = model == "llama" && g.opt_str("general.architecture")?.is_some_and(|a| a.starts_with("gemma"));
         let mut inner = match model.as_str() {
             "llama" if gemma => {
-                let respelled: Vec<String> =
-                    tokens.iter().map(|t| if t.contains(' ') && t.trim().is_empty() { "▁".repeat(t.chars().count()) } else { t.clone() }).collect();
+                let respelled: Vec<String> = tokens.iter().map(|t| if t.contains(' ') && t.trim().is_empty() { "▁".repeat(t.chars().count()) } else { t.clone() }).collect();
                 let merges = match file_merges {
                     Some(m) => m,
                     None => {
@@ -241,22 +229,14 @@ impl TextTokenizer {
         if !control.is_empty() {
             inner.add_special_tokens(control).map_err(|e| tk_err(path, "cannot add control tokens", e))?;
         }
-        let user: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(t, ty)| **ty == 4 && inner.token_to_id(t).is_some())
-            .map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false))
-            .collect();
+        let user: Vec<AddedToken> =
+            tokens.iter().zip(&types).filter(|(t, ty)| **ty == 4 && inner.token_to_id(t).is_some()).map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false)).collect();
         if !user.is_empty() {
             inner.add_tokens(user).map_err(|e| tk_err(path, "cannot add user-defined tokens", e))?;
         }
         // llama.cpp adds BOS to a sentencepiece vocabulary unless the file says otherwise.
         let add_bos = g.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(model == "llama");
-        let (declared, reason) = if add_bos {
-            (bos_id, "the GGUF sets tokenizer.ggml.add_bos_token".to_string())
-        } else {
-            (None, "the GGUF does not ask for a BOS token".to_string())
-        };
+        let (declared, reason) = if add_bos { (bos_id, "the GGUF sets tokenizer.ggml.add_bos_token".to_string()) } else { (None, "the GGUF does not ask for a BOS token".to_string()) };
         let mut t = TextTokenizer { inner, source: path.clone(), bos_id, eos_id, pad_id, start_token: declared, start_token_reason: reason, declared_start: declared };
         t.apply_model_rules();
         Ok(t)
@@ -267,10 +247,7 @@ impl TextTokenizer {
         // SmolLM2: declares <|im_start|> (id 1) as BOS; measured, <|endoftext|> (id 0, its
         // pretraining document separator) gives far better factual recall (Paris→France 0.89
         // vs 0.05). Fingerprint: vocab of 49 152 with these two tokens at ids 0 and 1.
-        if self.inner.get_vocab_size(true) == 49_152
-            && self.inner.token_to_id("<|endoftext|>") == Some(0)
-            && self.inner.token_to_id("<|im_start|>") == Some(1)
-        {
+        if self.inner.get_vocab_size(true) == 49_152 && self.inner.token_to_id("<|endoftext|>") == Some(0) && self.inner.token_to_id("<|im_start|>") == Some(1) {
             self.start_token = Some(0);
             self.start_token_reason = "SmolLM2 rule: <|endoftext|>, its pretraining document separator (the declared <|im_start|> hurts recall; docs/models.md)".into();
         }
@@ -285,9 +262,10 @@ impl TextTokenizer {
                 self.start_token_reason = "--start-token none".into();
             }
             StartToken::Token(s) => {
-                let id = self.inner.token_to_id(s).ok_or_else(|| {
-                    Error::invalid(format!("--start-token `{s}` is not a token of {} (give a token string such as <|endoftext|>, or `none`)", self.source.display()))
-                })?;
+                let id = self
+                    .inner
+                    .token_to_id(s)
+                    .ok_or_else(|| Error::invalid(format!("--start-token `{s}` is not a token of {} (give a token string such as <|endoftext|>, or `none`)", self.source.display())))?;
                 self.start_token = Some(id);
                 self.start_token_reason = format!("--start-token {s}");
             }
@@ -377,9 +355,10 @@ fn check_tokenizer_json(text: &str, path: &Path) -> Result<()> {
             for which in ["single", "pair"] {
                 for (i, piece) in o.get(which).and_then(|p| p.as_array()).into_iter().flatten().enumerate() {
                     if let Some(id) = piece.get("SpecialToken").and_then(|s| s.get("id")).and_then(|s| s.as_str())
-                        && !defined.is_some_and(|d| d.contains_key(id)) {
-                            return Err(Error::key(path, format!("{at}.{which}[{i}]"), format!("special token `{id}` is not defined in {at}.special_tokens")));
-                        }
+                        && !defined.is_some_and(|d| d.contains_key(id))
+                    {
+                        return Err(Error::key(path, format!("{at}.{which}[{i}]"), format!("special token `{id}` is not defined in {at}.special_tokens")));
+                    }
                 }
             }
             Ok(())
@@ -417,14 +396,10 @@ fn byte_level_bpe(tokens: &[String], merges: Merges, pre: &str, path: &Path) -> 
             (spelled, i as u32)
         })
         .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| Error::key(path, "tokenizer.ggml.merges", format!("invalid byte-level BPE: {e}")))?;
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| Error::key(path, "tokenizer.ggml.merges", format!("invalid byte-level BPE: {e}")))?;
     let mut tk = Tokenizer::new(bpe);
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
-        let s = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| tk_err(path, "cannot compile the split regex", e))?;
+        let s = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false).map_err(|e| tk_err(path, "cannot compile the split regex", e))?;
         Ok(PreSequence::new(vec![s.into(), ByteLevel::new(false, true, false).into()]).into())
     };
     let pre_tok: PreTokenizerWrapper = if LLAMA3_PRES.contains(&pre) {
@@ -443,12 +418,8 @@ fn byte_level_bpe(tokens: &[String], merges: Merges, pre: &str, path: &Path) -> 
 
 fn sentencepiece_bpe(tokens: &[String], merges: Merges, path: &Path) -> Result<Tokenizer> {
     let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .fuse_unk(true)
-        .byte_fallback(true)
-        .build()
-        .map_err(|e| Error::key(path, "tokenizer.ggml.tokens", format!("invalid sentencepiece BPE: {e}")))?;
+    let bpe =
+        BPE::builder().vocab_and_merges(vocab, merges).fuse_unk(true).byte_fallback(true).build().map_err(|e| Error::key(path, "tokenizer.ggml.tokens", format!("invalid sentencepiece BPE: {e}")))?;
     let mut tk = Tokenizer::new(bpe);
     tk.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
     let replace = Replace::new("▁", " ").map_err(|e| tk_err(path, "decoder", e))?;
@@ -473,15 +444,10 @@ fn gemma_bpe(tokens: &[String], merges: Merges, unk: Option<String>, path: &Path
     let bpe = builder.build().map_err(|e| Error::key(path, "tokenizer.ggml.tokens", format!("invalid Gemma BPE: {e}")))?;
     let mut tk = Tokenizer::new(bpe);
     tk.with_normalizer(Some(Replace::new(" ", "▁").map_err(|e| tk_err(path, "normalizer", e))?)).map_err(|e| tk_err(path, "normalizer", e))?;
-    let split = Split::new(SplitPattern::String(" ".into()), SplitDelimiterBehavior::MergedWithPrevious, false)
-        .map_err(|e| tk_err(path, "pre-tokenizer", e))?;
+    let split = Split::new(SplitPattern::String(" ".into()), SplitDelimiterBehavior::MergedWithPrevious, false).map_err(|e| tk_err(path, "pre-tokenizer", e))?;
     tk.with_pre_tokenizer(Some(split));
     let replace = Replace::new("▁", " ").map_err(|e| tk_err(path, "decoder", e))?;
-    let decoder = DecoderSequence::new(vec![
-        DecoderWrapper::Replace(replace),
-        DecoderWrapper::ByteFallback(ByteFallback::new()),
-        DecoderWrapper::Fuse(Fuse::new()),
-    ]);
+    let decoder = DecoderSequence::new(vec![DecoderWrapper::Replace(replace), DecoderWrapper::ByteFallback(ByteFallback::new()), DecoderWrapper::Fuse(Fuse::new())]);
     tk.with_decoder(Some(decoder));
     Ok(tk)
 }
@@ -542,14 +508,6 @@ mod tests {
         let scores = [0.0, 0.0, 0.0, -1.0, -2.0, -0.5];
         let m = merges_from_scores(&toks, &scores);
         // "abc" (score -0.5) splits as a+bc and ab+c; then ab (-1), then bc (-2).
-        assert_eq!(
-            m,
-            vec![
-                ("ab".to_string(), "c".to_string()),
-                ("a".to_string(), "bc".to_string()),
-                ("a".to_string(), "b".to_string()),
-                ("b".to_string(), "c".to_string()),
-            ]
-        );
+        assert_eq!(m, vec![("ab".to_string(), "c".to_string()), ("a".to_string(), "bc".to_string()), ("a".to_string(), "b".to_string()), ("b".to_string(), "c".to_string()),]);
     }
 }

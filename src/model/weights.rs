@@ -90,11 +90,8 @@ impl SafetensorsWeights {
         if single.is_file() {
             return Self::open_files(std::slice::from_ref(&single), &single);
         }
-        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
+        let mut found: Vec<PathBuf> =
+            std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
         found.sort();
         match found.len() {
             0 => Err(Error::file(dir, "no model.safetensors, no model.safetensors.index.json and no other *.safetensors file")),
@@ -107,10 +104,7 @@ impl SafetensorsWeights {
     pub fn open_index(index: &Path) -> Result<Self> {
         let dir = index.parent().unwrap_or(Path::new("."));
         let v = crate::error::read_json(index)?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::key(index, "weight_map", "missing or not an object"))?;
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::key(index, "weight_map", "missing or not an object"))?;
         let mut shard_names: BTreeMap<String, usize> = BTreeMap::new();
         let mut wanted: Vec<(String, String)> = Vec::with_capacity(map.len());
         for (tensor, file) in map {
@@ -149,8 +143,7 @@ impl SafetensorsWeights {
         for (i, p) in paths.iter().enumerate() {
             // SAFETY: the file is memory-mapped read-only; modifying it while hyperdas runs is
             // undefined behaviour, as for every mmap-based loader (safetensors, candle, torch).
-            let st = unsafe { MmapedSafetensors::new(p) }
-                .map_err(|e| Error::file(p, format!("not a valid safetensors file: {}", root_message(&e))))?;
+            let st = unsafe { MmapedSafetensors::new(p) }.map_err(|e| Error::file(p, format!("not a valid safetensors file: {}", root_message(&e))))?;
             for (name, _) in st.tensors() {
                 if let Some(&prev) = routing.get(&name) {
                     let prev_path: &PathBuf = &paths[prev];

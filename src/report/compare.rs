@@ -11,9 +11,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::hypernet::interpreter::Method;
-use crate::experiment::trainer::GroupScores;
 use crate::experiment::run::RunInfo;
+use crate::experiment::trainer::GroupScores;
+use crate::hypernet::interpreter::Method;
 
 use super::svg::esc;
 

@@ -18,8 +18,8 @@ use serde::Serialize;
 use crate::data::collate::{EncodedRow, collate, encode_rows};
 use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
-use crate::intervention::selection::InferenceMode;
 use crate::experiment::run::{LoadedRun, ModeResult, load_run};
+use crate::intervention::selection::InferenceMode;
 use svg::esc;
 
 /// One heatmap: the weights `W[source token or SELF][base token]` of one test row.
@@ -185,7 +185,11 @@ code{{background:#f5f5f5;padding:1px 4px}}</style></head><body>
     }
     // Scores: per (domain, attribute) and mode when the run wrote them, else per mode.
     let by_attr: Option<BTreeMap<String, Vec<crate::experiment::trainer::GroupScores>>> = read_json(&run_dir.join("results.by_attribute.json")).ok();
-    let _ = write!(h, "<h2>Scores (test set, {} rows)</h2><table><tr><th>method · inference mode</th><th>attribute</th><th>Cause</th><th>Isolate</th><th>Disentangle</th><th>rows (causal / isolate)</th></tr>", enc.rows.len());
+    let _ = write!(
+        h,
+        "<h2>Scores (test set, {} rows)</h2><table><tr><th>method · inference mode</th><th>attribute</th><th>Cause</th><th>Isolate</th><th>Disentangle</th><th>rows (causal / isolate)</th></tr>",
+        enc.rows.len()
+    );
     match &by_attr {
         Some(groups) => {
             let n_attr = groups.values().next().map(|g| g.iter().filter(|x| x.attribute != "mean").count()).unwrap_or(0);
@@ -211,7 +215,15 @@ code{{background:#f5f5f5;padding:1px 4px}}</style></head><body>
         None => {
             for (mode, r) in &results {
                 let acc = |k: &str| r.accs.get(k).copied().unwrap_or(f64::NAN);
-                let _ = write!(h, "<tr><td>{} · {}</td><td>all</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td></td></tr>", run.interpreter.method().label(), esc(mode), acc("causal"), acc("isolate"), acc("disentangle"));
+                let _ = write!(
+                    h,
+                    "<tr><td>{} · {}</td><td>all</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td></td></tr>",
+                    run.interpreter.method().label(),
+                    esc(mode),
+                    acc("causal"),
+                    acc("isolate"),
+                    acc("disentangle")
+                );
             }
         }
     }
@@ -236,7 +248,13 @@ code{{background:#f5f5f5;padding:1px 4px}}</style></head><body>
         let kind = if m.causal { "causal" } else { "isolate" };
         let title = vec![format!("{} · {kind} row {} · {}", m.instruction, m.row, m.mode), format!("label {:?} · prediction {:?} {}", m.label, m.prediction, if m.correct { "✓" } else { "✗" })];
         let key = if m.source_entity_pos < m.source_tokens.len() - 1 && m.base_entity_pos < m.base_tokens.len() { vec![(m.source_entity_pos, m.base_entity_pos)] } else { Vec::new() };
-        let _ = write!(h, "<figure>{}<figcaption>base: {} · source: {}</figcaption></figure>", svg::heatmap(&title, &m.source_tokens, &m.base_tokens, &m.weights, &key), esc(&m.base_text), esc(&m.source_text));
+        let _ = write!(
+            h,
+            "<figure>{}<figcaption>base: {} · source: {}</figcaption></figure>",
+            svg::heatmap(&title, &m.source_tokens, &m.base_tokens, &m.weights, &key),
+            esc(&m.base_text),
+            esc(&m.source_text)
+        );
     }
     h.push_str("</div>");
     // Curves.

@@ -37,10 +37,17 @@ pub fn heatmap(title: &[String], row_labels: &[String], col_labels: &[String], w
         let _ = write!(s, r#"<text x="{:.1}" y="{y:.1}" text-anchor="end">{}</text>"#, left - 4.0, esc(&truncate(l, 18)));
         for (j, &v) in w.get(i).map(|r| r.as_slice()).unwrap_or(&[]).iter().enumerate() {
             let (x, y0) = (left + cw * j as f64, top + ch * i as f64);
-            let _ = write!(s, r##"<rect x="{x:.1}" y="{y0:.1}" width="{cw}" height="{ch}" fill="{}" stroke="#ddd" stroke-width="0.5"><title>{} ← {}: {v:.3}</title></rect>"##, blue(v), esc(&col_labels[j]), esc(l));
+            let _ = write!(
+                s,
+                r##"<rect x="{x:.1}" y="{y0:.1}" width="{cw}" height="{ch}" fill="{}" stroke="#ddd" stroke-width="0.5"><title>{} ← {}: {v:.3}</title></rect>"##,
+                blue(v),
+                esc(&col_labels[j]),
+                esc(l)
+            );
             if v >= 0.005 {
                 let colour = if v > 0.55 { "white" } else { "#222" };
-                let _ = write!(s, r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9" fill="{colour}">{}</text>"##, x + cw / 2.0, y0 + ch * 0.7, format!("{v:.2}").trim_start_matches('0'));
+                let _ =
+                    write!(s, r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9" fill="{colour}">{}</text>"##, x + cw / 2.0, y0 + ch * 0.7, format!("{v:.2}").trim_start_matches('0'));
             }
         }
     }
@@ -89,7 +96,16 @@ pub fn line_chart(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>
         let f = k as f64 / 4.0;
         let (xv, yv) = (x0 + f * (x1 - x0), y0 + f * (y1 - y0));
         let _ = write!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, px(xv), h - b + 14.0, fmt_tick(xv));
-        let _ = write!(s, r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><line x1="{l}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#eee"/>"##, l - 4.0, py(yv) + 4.0, fmt_tick(yv), py(yv), w - r, py(yv));
+        let _ = write!(
+            s,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><line x1="{l}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#eee"/>"##,
+            l - 4.0,
+            py(yv) + 4.0,
+            fmt_tick(yv),
+            py(yv),
+            w - r,
+            py(yv)
+        );
     }
     let _ = write!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, (l + w - r) / 2.0, h - 6.0, esc(x_label));
     for (n, (name, p)) in series.iter().enumerate() {
@@ -101,7 +117,15 @@ pub fn line_chart(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>
             let _ = write!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.6" points="{}"/>"#, path.join(" "));
         }
         let ly = t + 14.0 * n as f64 + 6.0;
-        let _ = write!(s, r#"<line x1="{:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{c}" stroke-width="2"/><text x="{:.1}" y="{:.1}">{}</text>"#, w - r + 10.0, w - r + 26.0, w - r + 30.0, ly + 4.0, esc(name));
+        let _ = write!(
+            s,
+            r#"<line x1="{:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{c}" stroke-width="2"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            w - r + 10.0,
+            w - r + 26.0,
+            w - r + 30.0,
+            ly + 4.0,
+            esc(name)
+        );
     }
     s.push_str("</svg>");
     s

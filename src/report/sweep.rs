@@ -138,4 +138,3 @@ fn write_outputs(plan: &SweepSummary, pts: &[Point], runs: &[RunSummary]) -> Res
     }
     Ok(())
 }
-

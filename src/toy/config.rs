@@ -80,19 +80,51 @@ impl ToyConfig {
 
     /// A smaller variant of the same code path, for tests.
     pub fn tiny() -> Self {
-        ToyConfig { seed: 0, cities: 24, hidden_size: 64, layers: 1, heads: 4, intermediate_size: 256, steps: 300, batch_size: 32, lr: 5e-3, warmup_steps: 20, weight_decay: 0.0, eval_every: 50, countries: 0, token_local_blocks: 0, attention_only_blocks: 0, plant_attributes: Vec::new(), plant_layer: 0, plant_dims: 0, plant_weight: 0.0 }
+        ToyConfig {
+            seed: 0,
+            cities: 24,
+            hidden_size: 64,
+            layers: 1,
+            heads: 4,
+            intermediate_size: 256,
+            steps: 300,
+            batch_size: 32,
+            lr: 5e-3,
+            warmup_steps: 20,
+            weight_decay: 0.0,
+            eval_every: 50,
+            countries: 0,
+            token_local_blocks: 0,
+            attention_only_blocks: 0,
+            plant_attributes: Vec::new(),
+            plant_layer: 0,
+            plant_dims: 0,
+            plant_weight: 0.0,
+        }
     }
 
     /// Reject settings that cannot train (each error names the setting).
     pub fn validate(&self) -> Result<()> {
-        let positive = [("cities", self.cities), ("hidden_size", self.hidden_size), ("layers", self.layers), ("heads", self.heads), ("intermediate_size", self.intermediate_size), ("steps", self.steps), ("batch_size", self.batch_size), ("eval_every", self.eval_every)];
+        let positive = [
+            ("cities", self.cities),
+            ("hidden_size", self.hidden_size),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("intermediate_size", self.intermediate_size),
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+            ("eval_every", self.eval_every),
+        ];
         for (k, v) in positive {
             if v == 0 {
                 return Err(Error::invalid(format!("toy setting `{k}` must be at least 1")));
             }
         }
         if self.token_local_blocks >= self.layers {
-            return Err(Error::invalid(format!("toy setting `token_local_blocks` ({}) must be below `layers` ({}): some block must move information between positions", self.token_local_blocks, self.layers)));
+            return Err(Error::invalid(format!(
+                "toy setting `token_local_blocks` ({}) must be below `layers` ({}): some block must move information between positions",
+                self.token_local_blocks, self.layers
+            )));
         }
         if self.token_local_blocks + self.attention_only_blocks > self.layers || self.attention_only_blocks >= self.layers {
             return Err(Error::invalid(format!(

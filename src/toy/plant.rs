@@ -124,11 +124,7 @@ pub fn interchange_logits(model: &Llama, plant: &Plant, examples: &[Encoded], pa
         .iter()
         .map(|&(bi, si, w)| {
             let (base, src) = (&examples[bi], &examples[si]);
-            if base.attribute == plant.attributes[w] {
-                base.ids[..base.label_start].iter().chain(&src.ids[src.label_start..]).copied().collect()
-            } else {
-                base.ids.clone()
-            }
+            if base.attribute == plant.attributes[w] { base.ids[..base.label_start].iter().chain(&src.ids[src.label_start..]).copied().collect() } else { base.ids.clone() }
         })
         .collect();
     let with_start: Vec<(&[u32], usize)> = seqs.iter().zip(pairs).map(|(s, &(bi, _, _))| (s.as_slice(), examples[bi].label_start)).collect();

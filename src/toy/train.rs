@@ -22,7 +22,6 @@ use crate::params::ParamStore;
 use crate::rng::Rng;
 use crate::train::{AdamW, AdamWConfig, Decay, MetricsLog, Schedule};
 
-
 /// Accuracy of one attribute.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AttributeAccuracy {
@@ -150,14 +149,7 @@ pub type Frozen = Vec<(String, Tensor)>;
 
 /// Train on `world` and return the parameters, the held-at-zero weights and the model; `log`
 /// receives the curve.
-pub fn pretrain(
-    cfg: &ToyConfig,
-    world: &World,
-    tok: &TextTokenizer,
-    llama: &LlamaConfig,
-    log: &mut MetricsLog,
-    progress: bool,
-) -> Result<(ParamStore, Frozen, Llama)> {
+pub fn pretrain(cfg: &ToyConfig, world: &World, tok: &TextTokenizer, llama: &LlamaConfig, log: &mut MetricsLog, progress: bool) -> Result<(ParamStore, Frozen, Llama)> {
     let device = Device::Cpu;
     let train = encode_examples(tok, &world.examples(true))?;
     let held = encode_examples(tok, &world.examples(false))?;

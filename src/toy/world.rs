@@ -19,8 +19,8 @@ use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer
 
 use crate::data::collate::encode_prompt_with_label;
 use crate::data::ravel::KnowledgeBase;
-use crate::model::TextTokenizer;
 use crate::error::{Error, Result};
+use crate::model::TextTokenizer;
 use crate::rng::Rng;
 
 pub const BOS: &str = "<|begin_of_text|>";
@@ -170,8 +170,7 @@ impl World {
             chosen.truncate(n.max(exemplars.len()));
         }
         chosen.sort_unstable();
-        let cities: Vec<(String, Vec<String>)> =
-            chosen.iter().map(|&i| (kb.entities[i].name.clone(), attr_idx.iter().map(|&a| kb.entities[i].values[a].clone()).collect())).collect();
+        let cities: Vec<(String, Vec<String>)> = chosen.iter().map(|&i| (kb.entities[i].name.clone(), attr_idx.iter().map(|&a| kb.entities[i].values[a].clone()).collect())).collect();
         let mut templates = Vec::new();
         for (a, (name, keyword, _)) in ATTRIBUTES.iter().enumerate() {
             let x = &kb.entities[exemplars[a]];
@@ -233,11 +232,8 @@ impl World {
             let id = vocab.len() as u32;
             vocab.entry(w).or_insert(id);
         }
-        let model = tokenizers::models::wordlevel::WordLevel::builder()
-            .vocab(vocab.into_iter().collect())
-            .unk_token(UNK.into())
-            .build()
-            .map_err(|e| Error::invalid(format!("word-level model: {e}")))?;
+        let model =
+            tokenizers::models::wordlevel::WordLevel::builder().vocab(vocab.into_iter().collect()).unk_token(UNK.into()).build().map_err(|e| Error::invalid(format!("word-level model: {e}")))?;
         let mut tok = Tokenizer::new(model);
         tok.with_pre_tokenizer(Some(pre));
         let post = TemplateProcessing::builder()
@@ -254,8 +250,7 @@ impl World {
 }
 
 fn pre_tokenizer() -> Result<PreTokenizerWrapper> {
-    let split = Split::new(SplitPattern::Regex(PUNCTUATION.into()), tokenizers::SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| Error::invalid(format!("pre-tokenizer: {e}")))?;
+    let split = Split::new(SplitPattern::Regex(PUNCTUATION.into()), tokenizers::SplitDelimiterBehavior::Isolated, false).map_err(|e| Error::invalid(format!("pre-tokenizer: {e}")))?;
     Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![PreTokenizerWrapper::WhitespaceSplit(WhitespaceSplit), PreTokenizerWrapper::Split(split)])))
 }
 

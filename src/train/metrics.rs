@@ -30,10 +30,8 @@ impl MetricsLog {
     pub fn keep_through(&mut self, step: usize) -> Result<()> {
         self.out.flush().map_err(|e| Error::file(&self.path, format!("cannot write: {e}")))?;
         let text = std::fs::read_to_string(&self.path).map_err(|e| Error::file(&self.path, format!("cannot read: {e}")))?;
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s as usize <= step))
-            .collect();
+        let kept: Vec<&str> =
+            text.lines().filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s as usize <= step)).collect();
         if kept.len() == text.lines().count() {
             return Ok(());
         }
