@@ -43,7 +43,7 @@ fn gemma3_on_the_composed_path_matches_transformers() {
 fn bf16_target_with_f32_parameters_trains_on_the_composed_path() {
     // Mixed precision as on a GPU: the frozen target in bf16, the trainable interpreter in f32.
     use hyperdas::data::collate::collate;
-    use hyperdas::experiment::trainer::{TrainSettings, train_step};
+    use hyperdas::experiment::trainer::{TrainSettings, Trainer};
     use hyperdas::hypernet::interpreter::{Interpreter, Method};
     composed();
     for name in ["tiny-llama", "tiny-gemma3"] {
@@ -56,12 +56,11 @@ fn bf16_target_with_f32_parameters_trains_on_the_composed_path() {
             assert_eq!(v.as_tensor().dtype(), DType::F32, "{name}: trainable {n} must stay f32");
         }
         let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
-        let mut opt = s.optimizer(&ps, interp.subspace.kind).unwrap();
-        let schedule = s.schedule(2);
+        let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 2).unwrap();
         let batch = collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id());
         // Step 0 also checks that every parameter receives a gradient through the bf16 target.
-        for step in 0..2 {
-            let out = train_step(&lm.model, &mut interp, &ps, &mut opt, &schedule, &batch, step, 2, &s).unwrap();
+        for _ in 0..2 {
+            let out = tr.step(&batch).unwrap();
             assert!(out.loss.is_finite() && out.grad_norm.is_finite() && out.grad_norm > 0.0, "{name}: {out:?}");
         }
     }

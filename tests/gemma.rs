@@ -6,7 +6,7 @@ mod common;
 use candle_core::DType;
 use common::*;
 use hyperdas::data::collate::collate;
-use hyperdas::experiment::trainer::{TrainSettings, train_step};
+use hyperdas::experiment::trainer::{TrainSettings, Trainer};
 use hyperdas::hypernet::interpreter::{Interpreter, Method};
 
 fn steps_on_tiny_gemma(method: Method) -> Vec<f64> {
@@ -22,12 +22,11 @@ fn steps_on_tiny_gemma(method: Method) -> Vec<f64> {
         assert!(names.iter().any(|n| n.ends_with("self_attn.q_norm.weight")), "{names:?}");
     }
     let s = TrainSettings { batch_size: 4, lr: 3e-3, ..Default::default() };
-    let mut opt = s.optimizer(&ps, interp.subspace.kind).unwrap();
-    let schedule = s.schedule(6);
+    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 6).unwrap();
     let batches: Vec<_> = [&rows[..4], &rows[4..8]].iter().map(|rows| collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
-    // Step 0 checks that every parameter receives a gradient (train_step fails otherwise). The
+    // Step 0 checks that every parameter receives a gradient (the step fails otherwise). The
     // prediction loss, not the total: the sparsity weight grows over the steps.
-    (0..6).map(|step| train_step(&lm.model, &mut interp, &ps, &mut opt, &schedule, &batches[step % 2], step, 6, &s).unwrap().prediction_loss).collect()
+    (0..6).map(|step| tr.step(&batches[step % 2]).unwrap().prediction_loss).collect()
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use hyperdas::data::collate::collate;
-use hyperdas::experiment::trainer::{TrainSettings, train_step};
+use hyperdas::experiment::trainer::{TrainSettings, Trainer};
 use hyperdas::hypernet::interpreter::{Interpreter, Method};
 use hyperdas::hypernet::subspace::{REFERENCE_MLP_WIDTH, RotationParam, SubspaceInit, SubspaceKind, householder_basis, temperature};
 use hyperdas::intervention::orthonormal::{orthonormality_error, random_orthonormal};
@@ -99,14 +99,13 @@ fn the_mask_temperature_anneals_as_the_reference() {
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
     let s = TrainSettings { batch_size: 4, lr: 1e-5, mask_lr: 1e-2, ..Default::default() };
-    let mut opt = s.optimizer(&ps, interp.subspace.kind).unwrap();
-    let schedule = s.schedule(4);
     let snap = |name: &str| ps.get(name).unwrap().as_tensor().copy().unwrap();
     let (mlp0, q0) = (snap("subspace.mlp.down_proj.weight"), snap("hypernet.pointer.q_proj.weight"));
+    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 4).unwrap();
     for step in 0..4 {
         let batch = collate(&rows[4 * (step % 2)..4 * (step % 2) + 4].iter().collect::<Vec<_>>(), lm.tokenizer.padding_id());
-        train_step(&lm.model, &mut interp, &ps, &mut opt, &schedule, &batch, step, 4, &s).unwrap();
-        assert_eq!(interp.subspace.temperature, temperature(step, 4, 50.0, 0.1));
+        tr.step(&batch).unwrap();
+        assert_eq!(tr.interp.subspace.temperature, temperature(step, 4, 50.0, 0.1));
         if step == 0 {
             let moved = |a: &Tensor, name: &str| common::max_abs_diff(a, ps.get(name).unwrap().as_tensor());
             let (m, q) = (moved(&mlp0, "subspace.mlp.down_proj.weight"), moved(&q0, "hypernet.pointer.q_proj.weight"));
@@ -140,11 +139,10 @@ fn reference_init_and_householder_rotation_train() {
     // Training moves R and keeps it orthonormal without any retraction; step 0 checks that
     // every parameter (the Householder one included) gets a gradient.
     let s = TrainSettings { batch_size: 4, lr: 1e-4, decay_norms: true, ..Default::default() };
-    let mut opt = s.optimizer(&ps, interp.subspace.kind).unwrap();
-    let schedule = s.schedule(3);
+    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 3).unwrap();
     for step in 0..3 {
         let batch = collate(&rows[4 * (step % 2)..4 * (step % 2) + 4].iter().collect::<Vec<_>>(), lm.tokenizer.padding_id());
-        train_step(&lm.model, &mut interp, &ps, &mut opt, &schedule, &batch, step, 3, &s).unwrap();
+        tr.step(&batch).unwrap();
     }
     let r = interp.subspace.rotation().unwrap();
     assert!(common::max_abs_diff(&r, &r0) > 1e-4, "the rotation learned");

@@ -88,7 +88,7 @@ fn efficient_step_equals_the_naive_full_model_step() {
         let bm = hyperdas::data::CollatedBatch::mask_tensor(&batch.base_intervention_mask, b, tb, dev).unwrap();
         let sm = hyperdas::data::CollatedBatch::mask_tensor(&batch.source_intervention_mask, b, ts, dev).unwrap();
         let instr = batch.instruction_batch(dev).unwrap();
-        let hyper = interp.hypernet.as_ref().unwrap().forward(&HyperInput { instruction: &instr, base_states: &hb, base_mask: &bm, source_states: &hs, source_mask: &sm }).unwrap();
+        let hyper = interp.positions.hypernet().unwrap().forward(&HyperInput { instruction: &instr, base_states: &hb, base_mask: &bm, source_states: &hs, source_mask: &sm }).unwrap();
         let s_again = target.forward_hidden(&source, Some(&[1])).unwrap().stacked.unwrap().squeeze(2).unwrap(); // source pass again
         let final_normed = target
             .forward_with_hook(&base, |layer, x| {

@@ -122,7 +122,7 @@ fn hyperdas_params_after(cache: bool, prewarm: bool) -> (Vec<Vec<f32>>, Option<h
 /// [`hyperdas_params_after`] with a cache of `budget` bytes (`None`: no cache).
 fn hyperdas_params_with_budget(budget: Option<usize>, prewarm: bool) -> (Vec<Vec<f32>>, Option<hyperdas::model::cache::CacheStats>) {
     use hyperdas::data::collate::collate;
-    use hyperdas::experiment::trainer::{TrainSettings, train_step};
+    use hyperdas::experiment::trainer::{TrainSettings, Trainer};
     use hyperdas::hypernet::interpreter::Interpreter;
     use hyperdas::intervention::selection::InferenceMode;
     let lm = common::load(&common::fixture("tiny-llama"), candle_core::DType::F32);
@@ -135,8 +135,6 @@ fn hyperdas_params_with_budget(budget: Option<usize>, prewarm: bool) -> (Vec<Vec
         interp.register_prompts(&rows);
     }
     let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
-    let mut opt = s.optimizer(&ps, interp.subspace.kind).unwrap();
-    let schedule = s.schedule(6);
     // Batches of different compositions, so cached rows are reassembled with other padding.
     let orders: [&[usize]; 6] = [&[0, 1, 2, 3], &[4, 5, 6, 7], &[8, 9, 10, 11], &[3, 8, 0, 5], &[11, 2, 6, 9], &[7, 1, 10, 4]];
     let batches: Vec<_> = orders.iter().map(|o| collate(&o.iter().map(|&i| &rows[i]).collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
@@ -145,8 +143,9 @@ fn hyperdas_params_with_budget(budget: Option<usize>, prewarm: bool) -> (Vec<Vec
             interp.forward(&lm.model, batch, InferenceMode::Soft, 3).unwrap();
         }
     }
-    for (step, batch) in batches.iter().enumerate() {
-        train_step(&lm.model, &mut interp, &ps, &mut opt, &schedule, batch, step, 6, &s).unwrap();
+    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 6).unwrap();
+    for batch in &batches {
+        tr.step(batch).unwrap();
     }
     (snapshot(&ps), interp.cache_stats())
 }

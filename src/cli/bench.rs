@@ -515,7 +515,7 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
 
 fn train(a: &TrainBenchArgs) -> Result<()> {
     use crate::data::collate::collate;
-    use crate::experiment::trainer::{TrainSettings, train_step};
+    use crate::experiment::trainer::{TrainSettings, Trainer};
     use crate::hypernet::interpreter::Interpreter;
     use crate::model::cache::StateCache;
     use crate::params::ParamStore;
@@ -534,14 +534,12 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     let mut interp = Interpreter::new(&mut ps, target, &icfg)?;
 
     let settings = TrainSettings { batch_size: a.batch, ..Default::default() };
-    let mut opt = settings.optimizer(&ps, interp.subspace.kind)?;
     let per_pass = a.steps + a.warmup;
     // Pass 0: no cache (every clean pass computed). Pass 1: a first epoch with an empty cache
     // (canonical groups are computed as their first prompt is needed). Pass 2: the same batches
     // again, every clean state cached (steady state).
     let passes = if a.no_cache { 1 } else { 3 };
     let total = per_pass * passes;
-    let schedule = settings.schedule(total);
     let pad = lm.tokenizer.padding_id();
     if !a.json {
         eprintln!(
@@ -564,23 +562,22 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     let conditioned = matches!(subspace, crate::hypernet::subspace::SubspaceKind::ReflectSelect | crate::hypernet::subspace::SubspaceKind::MaskSelect);
     let batches: Vec<_> = rows.chunks(a.batch).take(per_pass).map(|chunk| collate(&chunk.iter().collect::<Vec<_>>(), pad)).collect();
     let mut results: Vec<PassTimes> = Vec::new();
-    let mut step = 0;
     let mut epoch_seconds = None;
+    let mut tr = Trainer::new(target, &mut interp, &ps, &settings, total)?;
     for pass in 0..passes {
         if pass == 1 {
-            interp.set_cache(Some(StateCache::new((a.cache_gb * 1e9) as usize, candle_core::DType::F32)?));
-            interp.register_prompts(&rows[..need]);
+            tr.interp.set_cache(Some(StateCache::new((a.cache_gb * 1e9) as usize, candle_core::DType::F32)?));
+            tr.interp.register_prompts(&rows[..need]);
         }
         let mut times = PassTimes::default();
-        let before = interp.cache_stats();
+        let before = tr.interp.cache_stats();
         let pass_start = Instant::now();
         for (i, batch) in batches.iter().enumerate() {
             let rec = crate::profile::Recording::start();
             let t0 = Instant::now();
-            let o = train_step(target, &mut interp, &ps, &mut opt, &schedule, batch, step, total, &settings)?;
+            let o = tr.step(batch)?;
             let dt = t0.elapsed().as_secs_f64();
             let ph = rec.finish();
-            step += 1;
             let sh = crate::experiment::flops::StepShapes {
                 batch: batch.len(),
                 base_len: batch.base_len,
@@ -623,7 +620,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             }
             times.shapes.push(sh);
         }
-        if let (Some(b), Some(c)) = (before, interp.cache_stats()) {
+        if let (Some(b), Some(c)) = (before, tr.interp.cache_stats()) {
             let (h, m) = (c.hits - b.hits, c.misses - b.misses);
             times.hit_rate = Some(if h + m == 0 { 0.0 } else { h as f64 / (h + m) as f64 });
         }

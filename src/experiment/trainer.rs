@@ -16,7 +16,7 @@ use candle_core::D;
 use serde::{Deserialize, Serialize};
 
 use super::loss::{Regularizer, Terms, objective, prediction_loss};
-use crate::data::collate::{EncodedRow, collate};
+use crate::data::collate::{CollatedBatch, EncodedRow, collate};
 use crate::error::{Error, Result};
 use crate::hypernet::interpreter::Interpreter;
 use crate::hypernet::subspace::{SubspaceKind, temperature};
@@ -358,49 +358,81 @@ pub struct StepOutcome {
     pub grad_norm: f64,
 }
 
-/// One optimizer step (step index `step` of `total`) on `batch`: the intervened forward pass,
-/// the loss with its regulariser, the backward pass, AdamW and the rotation's retraction.
-/// A non-finite loss is an error naming the step (nothing is updated). At step 0 of soft-mode
-/// training every registered parameter must receive a gradient.
-#[allow(clippy::too_many_arguments)]
-pub fn train_step(
-    target: &Llama,
-    interp: &mut Interpreter,
-    ps: &ParamStore,
-    opt: &mut AdamW,
-    schedule: &Schedule,
-    batch: &crate::data::collate::CollatedBatch,
-    step: usize,
-    total: usize,
-    s: &TrainSettings,
-) -> Result<StepOutcome> {
-    // The baselines' positions are fixed: no W to learn, nothing to regularise.
-    let baseline = interp.method().is_baseline();
-    let mode = if baseline { InferenceMode::GroundTruth } else { s.train_mode };
-    interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
-    let out = interp.forward(target, batch, mode, s.loss_label_tokens())?;
-    let obj = objective(&out, &batch.is_causal, step, total, &s.terms(), baseline)?;
-    let (loss, pred, lambda) = (obj.loss, obj.prediction, obj.lambda);
-    let value = loss.to_scalar::<f32>()? as f64;
-    if !value.is_finite() {
-        return Err(Error::NonFinite(format!(
-            "the loss became {value} at step {}; nothing was updated. The last good checkpoint (if any) is kept; lower the learning rate and resume or restart, or set train.skip_nonfinite = true to skip such batches",
-            step + 1
-        )));
+/// A training run in progress: the frozen target, the interpreter and its parameters, the
+/// optimizer and schedule, and the step counter. A training step is one call,
+/// [`Trainer::step`]`(batch)`.
+pub struct Trainer<'a> {
+    pub target: &'a Llama,
+    pub interp: &'a mut Interpreter,
+    pub ps: &'a ParamStore,
+    pub settings: &'a TrainSettings,
+    pub opt: AdamW,
+    pub schedule: Schedule,
+    /// Steps done: the index of the next step.
+    pub step: usize,
+    /// Steps in the whole run (the schedules' horizon).
+    pub total: usize,
+}
+
+impl<'a> Trainer<'a> {
+    /// A trainer at step 0 of `total`, with the optimizer groups and the learning-rate schedule
+    /// of `settings`.
+    pub fn new(target: &'a Llama, interp: &'a mut Interpreter, ps: &'a ParamStore, settings: &'a TrainSettings, total: usize) -> Result<Self> {
+        let opt = settings.optimizer(ps, interp.subspace.kind)?;
+        let schedule = settings.schedule(total);
+        Ok(Trainer { target, interp, ps, settings, opt, schedule, step: 0, total })
     }
-    crate::profile::mark("loss");
-    let grads = loss.backward()?;
-    crate::profile::mark("backward (hypernetwork)");
-    // Fixed positions (ground-truth training) leave the pointer head out of the loss; a
-    // baseline has no pointer head, so all its parameters must get gradients.
-    if step == 0 && (mode == InferenceMode::Soft || baseline) {
-        ps.check_gradients(&grads)?;
+
+    /// One optimizer step on `batch`: the intervened forward pass, the objective
+    /// ([`objective`]), the backward pass, AdamW and the rotation's retraction; then the
+    /// counter moves on. A non-finite loss is an error naming the step (nothing is updated and
+    /// the counter stays: [`Trainer::skip`] moves past it). At step 0 of soft-mode training
+    /// every registered parameter must receive a gradient.
+    pub fn step(&mut self, batch: &CollatedBatch) -> Result<StepOutcome> {
+        let (s, step, total) = (self.settings, self.step, self.total);
+        // Fixed positions (the baselines): no W to learn, nothing to regularise.
+        let fixed = self.interp.positions.is_fixed();
+        let mode = if fixed { InferenceMode::GroundTruth } else { s.train_mode };
+        self.interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
+        let out = self.interp.forward(self.target, batch, mode, s.loss_label_tokens())?;
+        let obj = objective(&out, &batch.is_causal, step, total, &s.terms(), fixed)?;
+        let value = obj.loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "the loss became {value} at step {}; nothing was updated. The last good checkpoint (if any) is kept; lower the learning rate and resume or restart, or set train.skip_nonfinite = true to skip such batches",
+                step + 1
+            )));
+        }
+        crate::profile::mark("loss");
+        let grads = obj.loss.backward()?;
+        crate::profile::mark("backward (hypernetwork)");
+        // Fixed positions (ground-truth training) leave the pointer head out of the loss; a
+        // baseline has no pointer head, so all its parameters must get gradients.
+        if step == 0 && (mode == InferenceMode::Soft || fixed) {
+            self.ps.check_gradients(&grads)?;
+        }
+        let lr = self.schedule.lr(step);
+        let info = self.opt.step(&grads, lr)?;
+        self.interp.subspace.retract()?;
+        crate::profile::mark("optimizer");
+        self.step += 1;
+        Ok(StepOutcome { loss: value, prediction_loss: obj.prediction.to_scalar::<f32>()? as f64, sparsity_weight: obj.lambda, lr, grad_norm: info.grad_norm })
     }
-    let lr = schedule.lr(step);
-    let info = opt.step(&grads, lr)?;
-    interp.subspace.retract()?;
-    crate::profile::mark("optimizer");
-    Ok(StepOutcome { loss: value, prediction_loss: pred.to_scalar::<f32>()? as f64, sparsity_weight: lambda, lr, grad_norm: info.grad_norm })
+
+    /// Count a step without an update (a skipped non-finite batch): the data order and the
+    /// schedules stay those of a run without the fault.
+    pub fn skip(&mut self) {
+        self.opt.skip_step();
+        self.step += 1;
+    }
+
+    /// Scores on `rows` in the interpreter's native mode (soft; a baseline at its fixed
+    /// positions), with the mask temperature of the current step.
+    pub fn evaluate(&mut self, rows: &[EncodedRow], pad: u32) -> Result<Scores> {
+        let s = self.settings;
+        self.interp.subspace.temperature = temperature(self.step, self.total, s.temperature_start, s.temperature_end);
+        evaluate(self.target, self.interp, rows, self.interp.native_mode(), s.batch_size, s.label_limit, pad)
+    }
 }
 
 /// Where checkpoints go, and whether to start from the latest one.
@@ -432,8 +464,7 @@ pub fn train(
         return Err(Error::invalid("no training rows"));
     }
     let total = s.total_steps(train.len());
-    let mut opt = s.optimizer(ps, interp.subspace.kind)?;
-    let schedule = s.schedule(total);
+    let mut tr = Trainer::new(target, interp, ps, s, total)?;
     let mut rng = Rng::derive(s.seed, "hyperdas/batches");
     // Resume: parameters, AdamW moments and the step; the data order is replayed from the seed.
     let mut start = 0;
@@ -442,8 +473,9 @@ pub fn train(
         if !crate::train::checkpoint::exists(dir) {
             return Err(Error::file(dir, "no checkpoint to resume from"));
         }
-        crate::train::checkpoint::load_latest(dir, ps, Some(&mut opt), target.device())?;
-        start = opt.step;
+        crate::train::checkpoint::load_latest(dir, ps, Some(&mut tr.opt), target.device())?;
+        start = tr.opt.step;
+        tr.step = start;
         log.keep_through(start)?;
         if start > total {
             return Err(Error::file(dir, format!("the checkpoint is at step {start}, past this run's {total} steps")));
@@ -456,59 +488,56 @@ pub fn train(
             None => Ok(()),
         }
     };
-    let what = interp.method().label();
+    let what = tr.interp.method().label();
     let pb = crate::progress::bar(total as u64, &format!("training {what} [{{bar:30}}] {{pos}}/{{len}} steps ({{per_sec}}) {{elapsed}} (eta {{eta}}) {{msg}}"), progress);
     let t0 = Instant::now();
     // Periodic scores: soft mode for HyperDAS, the fixed positions for a baseline
     // (`eval_soft` / `eval_groundtruth` in metrics.jsonl).
-    let eval_mode = interp.native_mode();
-    let eval_key = format!("eval_{}", eval_mode.name());
+    let eval_key = format!("eval_{}", tr.interp.native_mode().name());
     pb.set_position(start as u64);
-    let mut step = 0;
     let mut skipped = 0usize;
     let mut last = None;
     if start == 0 && s.eval_every > 0 {
         // The untrained interpreter's scores: the baseline that training must beat.
-        interp.subspace.temperature = temperature(0, total, s.temperature_start, s.temperature_end);
-        let sc = evaluate(target, interp, test, eval_mode, s.batch_size, s.label_limit, pad)?;
+        let sc = tr.evaluate(test, pad)?;
         log.log(&serde_json::json!({"step": 0, eval_key.as_str(): sc, "seconds": t0.elapsed().as_secs_f64()}))?;
         pb.set_message(format!("step 0: cause {:.2} iso {:.2}", sc.causal, sc.isolate));
     }
+    let mut seen = 0; // batches of the replayed order, including those done before a resume
     'epochs: for _epoch in 0..s.epochs.max(1) {
         let mut order: Vec<usize> = (0..train.len()).collect();
         rng.shuffle(&mut order);
         for chunk in order.chunks(s.batch_size.max(1)) {
-            if step < start {
-                step += 1; // already done before the checkpoint: same data order, skipped
+            if seen < start {
+                seen += 1; // already done before the checkpoint: same data order, skipped
                 continue;
             }
-            if step >= stop {
+            if tr.step >= stop {
                 break 'epochs;
             }
+            seen += 1;
             let rows: Vec<&EncodedRow> = chunk.iter().map(|&i| &train[i]).collect();
             let batch = collate(&rows, pad);
-            let o = match train_step(target, interp, ps, &mut opt, &schedule, &batch, step, total, s) {
+            let o = match tr.step(&batch) {
                 Err(Error::NonFinite(msg)) if s.skip_nonfinite => {
                     // No update: the step still counts (the data order and the schedule stay
                     // those of a run without the fault), and so does the skip.
                     skipped += 1;
-                    step += 1;
-                    opt.skip_step();
-                    log.log(&serde_json::json!({"step": step, "skipped_nonfinite": skipped, "reason": msg, "seconds": t0.elapsed().as_secs_f64()}))?;
+                    tr.skip();
+                    log.log(&serde_json::json!({"step": tr.step, "skipped_nonfinite": skipped, "reason": msg, "seconds": t0.elapsed().as_secs_f64()}))?;
                     pb.inc(1);
                     continue;
                 }
                 other => other?,
             };
-            step += 1;
+            let step = tr.step;
             let (value, lambda, lr) = (o.loss, o.sparsity_weight, o.lr);
             let mut rec = serde_json::json!({"step": step, "loss": value, "prediction_loss": o.prediction_loss, "sparsity_weight": lambda, "lr": lr, "grad_norm": o.grad_norm, "seconds": t0.elapsed().as_secs_f64()});
-            if let Some(c) = interp.cache_stats() {
+            if let Some(c) = tr.interp.cache_stats() {
                 rec["state_cache_hit_rate"] = serde_json::json!(c.hit_rate());
             }
             if (s.eval_every > 0 && step % s.eval_every == 0) || step == total {
-                interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
-                let sc = evaluate(target, interp, test, eval_mode, s.batch_size, s.label_limit, pad)?;
+                let sc = tr.evaluate(test, pad)?;
                 rec[eval_key.as_str()] = serde_json::to_value(sc).map_err(|e| Error::invalid(e.to_string()))?;
                 pb.set_message(format!("loss {value:.3} | cause {:.2} iso {:.2}", sc.causal, sc.isolate));
                 last = Some(sc);
@@ -518,7 +547,7 @@ pub fn train(
             log.log(&rec)?;
             if s.checkpoint_every > 0
                 && step % s.checkpoint_every == 0
-                && let Err(e) = save(&opt)
+                && let Err(e) = save(&tr.opt)
             {
                 // The run's state is in memory and intact: report, keep training, retry at the
                 // next interval (the previous checkpoint on disk is still complete). The final
@@ -529,9 +558,9 @@ pub fn train(
             pb.inc(1);
         }
     }
-    save(&opt)?;
+    save(&tr.opt)?;
     pb.finish_and_clear();
-    Ok((last, opt))
+    Ok((last, tr.opt))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! The reference runs the full target four times and lm_head over every position; the result
 //! is the same (tested against a naive full-model implementation).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::subspace::{RotationParam, SubspaceInit, SubspaceKind, SubspaceModule};
 use super::{HyperConfig, HyperInput, HyperNetwork, Registrar};
@@ -21,8 +21,8 @@ use crate::data::collate::CollatedBatch;
 use crate::error::{Error, Result};
 use crate::intervention::mix::mix_positions;
 use crate::intervention::selection::{InferenceMode, discretize, ground_truth};
-use crate::model::Llama;
 use crate::model::cache::{CacheStats, StateCache};
+use crate::model::{Llama, Site, Target};
 use crate::params::ParamStore;
 use crate::rng::Rng;
 
@@ -128,10 +128,48 @@ pub struct Intervened {
     pub w_soft: Tensor,
 }
 
+/// Where an interpreter intervenes.
+pub enum Positions {
+    /// HyperDAS: a hypernetwork's pointer head chooses, per example, which source tokens mix
+    /// into which base tokens (`W [B, T_s+1, T_b]`).
+    Pointer(Box<HyperNetwork>),
+    /// DAS / MDAS: the last entity token of the source into the last entity token of the base.
+    LastEntity,
+}
+
+impl Positions {
+    /// The mode training evaluates in and a run is scored in first: soft for a pointer, the
+    /// fixed positions (`groundtruth`) otherwise.
+    pub fn native_mode(&self) -> InferenceMode {
+        match self {
+            Positions::Pointer(_) => InferenceMode::Soft,
+            Positions::LastEntity => InferenceMode::GroundTruth,
+        }
+    }
+
+    /// The inference modes it can be scored in: all for a pointer; only the fixed positions
+    /// otherwise (there is no `W` to discretise).
+    pub fn supports(&self, mode: InferenceMode) -> bool {
+        matches!(self, Positions::Pointer(_)) || mode == InferenceMode::GroundTruth
+    }
+
+    /// Whether the positions are fixed (nothing to learn or regularise about them).
+    pub fn is_fixed(&self) -> bool {
+        matches!(self, Positions::LastEntity)
+    }
+
+    /// The hypernetwork, for a pointer.
+    pub fn hypernet(&self) -> Option<&HyperNetwork> {
+        match self {
+            Positions::Pointer(h) => Some(h.as_ref()),
+            Positions::LastEntity => None,
+        }
+    }
+}
+
 pub struct Interpreter {
     pub config: InterpreterConfig,
-    /// `None` for the baselines (DAS, MDAS).
-    pub hypernet: Option<HyperNetwork>,
+    pub positions: Positions,
     pub subspace: SubspaceModule,
     /// Clean hidden states per prompt, reused across steps ([`Interpreter::set_cache`]).
     cache: std::cell::RefCell<Option<StateCache>>,
@@ -141,16 +179,16 @@ impl Interpreter {
     /// Build and register every trainable parameter in `ps`.
     pub fn new(ps: &mut ParamStore, target: &Llama, config: &InterpreterConfig) -> Result<Self> {
         let mut config = config.clone();
-        let hypernet = if config.method.is_baseline() {
+        let positions = if config.method.is_baseline() {
             config.subspace = SubspaceKind::Das;
-            None
+            Positions::LastEntity
         } else {
-            Some(HyperNetwork::new(ps, target, &config.hypernet)?)
+            Positions::Pointer(Box::new(HyperNetwork::new(ps, target, &config.hypernet)?))
         };
         let c = &target.config;
         let mut r = Registrar { ps, rng: Rng::derive(config.hypernet.seed, "subspace/init"), device: target.device().clone() };
         let subspace = SubspaceModule::new(&mut r, config.subspace, c.hidden_size, c.intermediate_size, config.rank, config.hypernet.seed, c.rms_norm_eps, config.init, config.rotation)?;
-        Ok(Interpreter { config, hypernet, subspace, cache: std::cell::RefCell::new(None) })
+        Ok(Interpreter { config, positions, subspace, cache: std::cell::RefCell::new(None) })
     }
 
     pub fn method(&self) -> Method {
@@ -160,13 +198,13 @@ impl Interpreter {
     /// The mode training evaluates in and the baselines are scored in: soft for HyperDAS, the
     /// fixed last-entity-token positions (`groundtruth`) for DAS and MDAS.
     pub fn native_mode(&self) -> InferenceMode {
-        if self.config.method.is_baseline() { InferenceMode::GroundTruth } else { InferenceMode::Soft }
+        self.positions.native_mode()
     }
 
     /// The inference modes this interpreter can be scored in: all for HyperDAS; only the fixed
     /// positions for a baseline (it has no `W` to discretise).
     pub fn supports(&self, mode: InferenceMode) -> bool {
-        !self.config.method.is_baseline() || mode == InferenceMode::GroundTruth
+        self.positions.supports(mode)
     }
 
     /// Serve the clean passes from `cache` from now on (`None`: compute every batch).
@@ -192,93 +230,63 @@ impl Interpreter {
         self.cache.borrow().as_ref().map(|c| c.stats())
     }
 
-    /// The efficient intervened pass; `label_limit` caps the label tokens scored per row.
+    /// The intervened pass of `batch`: clean states, positions (`mode` applied to the pointer's
+    /// `W`, or the fixed last-entity positions), the subspace intervention at the layer, the
+    /// rest of the target, logits at the first `label_limit` label tokens of each row.
     pub fn forward(&self, target: &Llama, batch: &CollatedBatch, mode: InferenceMode, label_limit: usize) -> Result<Intervened> {
         let dev = target.device();
         let l = self.config.hypernet.layer;
         if l >= target.num_layers() {
             return Err(Error::invalid(format!("intervention layer {l}: the target has {} blocks (use 0..{})", target.num_layers(), target.num_layers())));
         }
-        let Some(hypernet) = &self.hypernet else { return self.forward_baseline(target, batch, mode, label_limit) };
+        if !self.supports(mode) {
+            return Err(Error::invalid(format!("{} intervenes at the last entity token only: score it in the `groundtruth` mode, not `{}`", self.config.method.label(), mode.name())));
+        }
+        let site = Site::ResidPre(l);
         let base = batch.base_batch(dev)?;
         let source = batch.source_batch(dev)?;
         let ctx = target.context(&base)?;
         let (b, ts, tb) = (batch.len(), batch.source_len, batch.base_len);
         let mut cache = self.cache.borrow_mut();
-        let hb = match cache.as_mut() {
-            Some(c) => c.states(target, &batch.base_ids, &batch.base_attention, b, tb)?,
-            None => target.forward_hidden(&base, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states"))?,
-        }
-        .detach(); // [B, T_b, L+1, D]
-        crate::profile::mark("clean base");
-        let hs = match cache.as_mut() {
-            Some(c) => c.states(target, &batch.source_ids, &batch.source_attention, b, ts)?,
-            None => target.forward_hidden(&source, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states"))?,
-        }
-        .detach(); // [B, T_s, L+1, D]
-        drop(cache);
-        crate::profile::mark("clean source");
-        let base_mask = CollatedBatch::mask_tensor(&batch.base_intervention_mask, b, tb, dev)?;
-        let source_mask = CollatedBatch::mask_tensor(&batch.source_intervention_mask, b, ts, dev)?;
-        let instruction = batch.instruction_batch(dev)?;
-        let out = hypernet.forward(&HyperInput { instruction: &instruction, base_states: &hb, base_mask: &base_mask, source_states: &hs, source_mask: &source_mask })?;
-        crate::profile::mark("hypernetwork");
-        let w = match mode {
-            InferenceMode::Soft => out.w.clone(),
-            InferenceMode::GroundTruth => ground_truth(b, ts, tb, &batch.base_entity_pos, &batch.source_entity_pos, out.w.dtype(), dev)?,
-            other => discretize(&out.w, other)?,
+        let mut t = Target::new(target, cache.as_mut());
+        let (h, s, w, w_soft, z) = match &self.positions {
+            Positions::Pointer(hypernet) => {
+                let hb = t.clean(&base)?; // [B, T_b, L+1, D]
+                crate::profile::mark("clean base");
+                let hs = t.clean(&source)?; // [B, T_s, L+1, D]
+                crate::profile::mark("clean source");
+                let base_mask = CollatedBatch::mask_tensor(&batch.base_intervention_mask, b, tb, dev)?; // [B, T_b]
+                let source_mask = CollatedBatch::mask_tensor(&batch.source_intervention_mask, b, ts, dev)?; // [B, T_s]
+                let instruction = batch.instruction_batch(dev)?;
+                let out = hypernet.forward(&HyperInput { instruction: &instruction, base_states: &hb, base_mask: &base_mask, source_states: &hs, source_mask: &source_mask })?;
+                crate::profile::mark("hypernetwork");
+                let w = match mode {
+                    InferenceMode::Soft => out.w.clone(),
+                    InferenceMode::GroundTruth => ground_truth(b, ts, tb, &batch.base_entity_pos, &batch.source_entity_pos, out.w.dtype(), dev)?,
+                    other => discretize(&out.w, other)?,
+                }; // [B, T_s+1, T_b]
+                let h = hb.narrow(2, l, 1)?.squeeze(2)?.to_dtype(DType::F32)?; // [B, T_b, D]
+                let s = hs.narrow(2, l, 1)?.squeeze(2)?.to_dtype(DType::F32)?; // [B, T_s, D]
+                (h, s, w, out.w, out.z)
+            }
+            // DAS / MDAS: `h'[p_b] = h[p_b] + R Rᵀ (s[p_s] − h[p_b])`, every other position
+            // untouched. Without a cache only blocks `0..l` of the clean passes run.
+            Positions::LastEntity => {
+                let h = t.clean_at(&base, site)?.to_dtype(DType::F32)?; // [B, T_b, D]
+                crate::profile::mark("clean base");
+                let s = t.clean_at(&source, site)?.to_dtype(DType::F32)?; // [B, T_s, D]
+                crate::profile::mark("clean source");
+                let w = ground_truth(b, ts, tb, &batch.base_entity_pos, &batch.source_entity_pos, DType::F32, dev)?; // [B, T_s+1, T_b]
+                let z = Tensor::zeros((b, h.dim(2)?), DType::F32, dev)?; // [B, D], unused by DAS
+                (h, s, w.clone(), w, z)
+            }
         };
-        let h = hb.narrow(2, l, 1)?.squeeze(2)?.to_dtype(candle_core::DType::F32)?; // [B, T_b, D]
-        let s = hs.narrow(2, l, 1)?.squeeze(2)?.to_dtype(candle_core::DType::F32)?; // [B, T_s, D]
         let m = mix_positions(&w, &s, &h)?; // [B, T_b, D]
-        let new = self.subspace.apply(&h, &m, &out.z)?.to_dtype(target.dtype())?; // [B, T_b, D]
-        intervened(target, l, &new, &ctx, batch, label_limit, w, out.w)
-    }
-}
-
-impl Interpreter {
-    /// DAS / MDAS: `h'[p_b] = h[p_b] + R Rᵀ (s[p_s] − h[p_b])` at the last entity token of base
-    /// (`p_b`) and source (`p_s`), every other position untouched; then blocks `l..L` and the
-    /// logits at the label positions, as for HyperDAS. Without a cache only blocks `0..l` of the
-    /// clean passes run (a baseline reads no other layer).
-    fn forward_baseline(&self, target: &Llama, batch: &CollatedBatch, mode: InferenceMode, label_limit: usize) -> Result<Intervened> {
-        if mode != InferenceMode::GroundTruth {
-            return Err(Error::invalid(format!("{} intervenes at the last entity token only: score it in the `groundtruth` mode, not `{}`", self.config.method.label(), mode.name())));
-        }
-        let dev = target.device();
-        let l = self.config.hypernet.layer;
-        let base = batch.base_batch(dev)?;
-        let source = batch.source_batch(dev)?;
-        let (b, ts, tb) = (batch.len(), batch.source_len, batch.base_len);
-        let mut cache = self.cache.borrow_mut();
-        let (h, ctx) = match cache.as_mut() {
-            Some(c) => (c.states(target, &batch.base_ids, &batch.base_attention, b, tb)?.narrow(2, l, 1)?.squeeze(2)?, target.context(&base)?),
-            None => target.forward_to(&base, l)?,
-        };
-        let h = h.detach().to_dtype(candle_core::DType::F32)?; // [B, T_b, D]
-        crate::profile::mark("clean base");
-        let s = match cache.as_mut() {
-            Some(c) => c.states(target, &batch.source_ids, &batch.source_attention, b, ts)?.narrow(2, l, 1)?.squeeze(2)?,
-            None => target.forward_to(&source, l)?.0,
-        };
-        let s = s.detach().to_dtype(candle_core::DType::F32)?; // [B, T_s, D]
-        drop(cache);
-        crate::profile::mark("clean source");
-        let w = ground_truth(b, ts, tb, &batch.base_entity_pos, &batch.source_entity_pos, candle_core::DType::F32, dev)?; // [B, T_s+1, T_b]
-        let m = mix_positions(&w, &s, &h)?; // [B, T_b, D]: s[p_s] at p_b, h elsewhere
-        let z = Tensor::zeros((b, h.dim(2)?), candle_core::DType::F32, dev)?; // unused by DAS
         let new = self.subspace.apply(&h, &m, &z)?.to_dtype(target.dtype())?; // [B, T_b, D]
-        intervened(target, l, &new, &ctx, batch, label_limit, w.clone(), w)
+        let (k, pos, targets, valid) = batch.label_targets(label_limit);
+        let positions = Tensor::from_vec(pos, (b, k), dev)?; // [B, K]
+        let logits = t.run_from(site, &new, &ctx, &positions)?.to_dtype(DType::F32)?; // [B, K, V]
+        crate::profile::mark("intervened");
+        Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w, w_soft })
     }
-}
-
-/// The shared tail of both forwards: blocks `l..L` from the edited residual `new [B, T_b, D]`
-/// and the logits at the label positions.
-#[allow(clippy::too_many_arguments)]
-fn intervened(target: &Llama, l: usize, new: &Tensor, ctx: &crate::model::ForwardContext, batch: &CollatedBatch, label_limit: usize, w: Tensor, w_soft: Tensor) -> Result<Intervened> {
-    let (k, pos, targets, valid) = batch.label_targets(label_limit);
-    let positions = Tensor::from_vec(pos, (batch.len(), k), target.device())?; // [B, K]
-    let logits = target.logits_from(l, new, ctx, &positions)?.to_dtype(candle_core::DType::F32)?; // [B, K, V]
-    crate::profile::mark("intervened");
-    Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w, w_soft })
 }

@@ -19,6 +19,7 @@ pub struct TokenBatch {
     pub input_ids: Tensor,
     /// `[B, T]` u32, 1 for real tokens and 0 for padding.
     pub attention_mask: Tensor,
+    ids_host: Vec<u32>,
     mask_host: Vec<u8>,
     max_id: u32,
     b: usize,
@@ -57,10 +58,10 @@ impl TokenBatch {
             return Err(Error::invalid(format!("attention mask entry {i} is {}, expected 0 or 1", mask[i])));
         }
         let max_id = ids.iter().copied().max().unwrap_or(0);
-        let input_ids = Tensor::from_vec(ids, (b, t), device)?;
+        let input_ids = Tensor::from_slice(&ids, (b, t), device)?; // [B, T]
         let m32: Vec<u32> = mask.iter().map(|&m| m as u32).collect();
-        let attention_mask = Tensor::from_vec(m32, (b, t), device)?;
-        Ok(TokenBatch { input_ids, attention_mask, mask_host: mask, max_id, b, t })
+        let attention_mask = Tensor::from_vec(m32, (b, t), device)?; // [B, T]
+        Ok(TokenBatch { input_ids, attention_mask, ids_host: ids, mask_host: mask, max_id, b, t })
     }
 
     /// From `[B, T]` integer tensors (e.g. a fixture).
@@ -77,6 +78,11 @@ impl TokenBatch {
     /// `(B, T)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.b, self.t)
+    }
+
+    /// Row-major token ids on the host.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids_host
     }
 
     /// Row-major padding mask on the host.

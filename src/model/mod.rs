@@ -13,6 +13,7 @@
 //! | [`Llama::forward_from`]`(l, &resid, &ctx)` | blocks `l..L` + final norm from a residual `[B, T, D]` entering block l: an intervention at l never recomputes blocks `0..l` |
 //! | [`Llama::forward_with_hook`]`(&batch, \|l, x\| ..)` | a full pass that may replace the residual entering any block |
 //! | [`Llama::logits_at`]`(&final_normed, &positions [B, K])` | `[B, K, V]`, never the full `[B, T, V]` |
+//! | [`Target`] | the frozen model as a method sees it: clean states (cached), `run_from(site, residual)`, logits at positions |
 //! | [`Site`] | the site vocabulary (`blocks.{l}.hook_resid_pre`, pyvene's `block_output.{l}`, ...) |
 //!
 //! The model's weights are plain tensors (frozen: no gradient is ever stored for them), but
@@ -32,6 +33,7 @@ pub mod prefix;
 pub mod rope;
 pub mod site;
 pub mod tape;
+pub mod target;
 pub mod tokenizer;
 pub mod weights;
 
@@ -41,4 +43,5 @@ pub use llama::{HiddenStates, Llama};
 pub use load::{LoadOptions, LoadedModel, ModelSource, load};
 pub use prefix::PrefixCache;
 pub use site::Site;
+pub use target::Target;
 pub use tokenizer::{StartToken, TextTokenizer};

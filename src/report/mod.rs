@@ -136,7 +136,7 @@ pub fn write_report(run_dir: &Path, test: &Path, extras: &ReportExtras) -> Resul
     let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &run.config.data.collate_options(false), &test.display().to_string())?;
     let picked = pick_examples(&enc.rows, 4, 2);
     let mut maps = heatmaps(&run, &picked, run.interpreter.native_mode())?;
-    if !run.interpreter.method().is_baseline() {
+    if !run.interpreter.positions.is_fixed() {
         // A baseline's positions are fixed: one set of maps says all.
         maps.extend(heatmaps(&run, &picked[..picked.len().min(2)], InferenceMode::parse("bidding_argmax")?)?);
     }
