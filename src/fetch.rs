@@ -53,7 +53,7 @@ pub struct KnownModel {
     pub size: u64,
 }
 
-/// The registry of fetchable models (see ../shared/design/small-models.md for provenance).
+/// The registry of fetchable models (docs/models.md gives each one's provenance and license).
 pub const KNOWN_MODELS: &[KnownModel] = &[
     KnownModel {
         name: "smollm2-135m",

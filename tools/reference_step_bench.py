@@ -2,8 +2,8 @@
 """Time the reference implementation's HyperDAS training step on this machine, for comparison
 with `hyperdas bench train` (docs/benchmarks.md). Run by hand, never by CI.
 
-The step below is the authors' algorithm as ../shared/design/hyperdas-method.md specifies it
-(Appendix A, repo A `LlamaInterpreter.forward` + `run_train`), written against the same
+The step below is the authors' algorithm as docs/method.md specifies it
+(the authors' `LlamaInterpreter.forward` + `run_train`), written against the same
 transformers version (4.40.2) and torch (2.4.1), in fp32 on the CPU:
 
 * four target passes: clean base and clean source with all hidden states (no grad), the source

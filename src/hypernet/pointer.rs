@@ -6,7 +6,7 @@
 //! row-major flattened pairs, one query from the last instruction state, scores averaged over
 //! heads, the pair mask `m_b[j]·m_s[i]` (self row always visible), softmax over the T_s+1 rows.
 //!
-//! Factorised (performance-notes.md §4): `q_combine = [A | C]` and `k_proj` are linear, so
+//! Factorised: `q_combine = [A | C]` and `k_proj` are linear, so
 //! `k_proj(P[i,j]) = k_proj(A h_b[j]) + k_proj(C h_s[i])`: two `[T, D]` projections and a
 //! broadcast sum instead of a `[T_s·T_b, 2D] × [2D, D]` matmul. Equal to the naive pair
 //! construction (tested). The reference's unused v_proj/o_proj are not created.

@@ -14,7 +14,7 @@
 //! key/value head h / (H / H_kv)) with a padding mask; softmax in f32 for half inputs.
 //!
 //! Why composed ops: candle's fused `softmax_last_dim`, `rms_norm` and `rope` have no backward
-//! and silently drop gradients (../shared/design/rust-ml-notes.md). The weights here are plain
+//! and silently drop gradients (docs/parity.md, "Gradients"). The weights here are plain
 //! tensors, not `Var`s, so the model is frozen, but gradients flow *through* it to any `Var`
 //! mixed into the residual stream (tests/gradients.rs checks this by finite differences).
 //!
