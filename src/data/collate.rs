@@ -1,5 +1,5 @@
 //! Tokenisation and batching of [`RavelRow`]s for training and evaluation
-//! (the reference's `get_ravel_collate_fn`, hyperdas-method.md §8.3, with one start token).
+//! (the reference's `get_ravel_collate_fn`, docs/method.md §8.3, with one start token).
 //!
 //! Per row, with `label = counterfactual_target` (causal) or `target` (isolate):
 //!

@@ -1,5 +1,5 @@
 //! Counterfactual pair generation from the RAVEL knowledge base (the reference's
-//! `generate_ravel_dataset`, hyperdas-method.md §8.5, without Wikipedia source prompts, which
+//! `generate_ravel_dataset`, docs/method.md §8.5, without Wikipedia source prompts, which
 //! RAVEL's license situation keeps out of the repo).
 //!
 //! For each target attribute `A` (the attribute the instruction names):

@@ -3,7 +3,7 @@
 //! multiply-add); element-wise work (norms, softmax, RoPE, AdamW) is not, so the counts are a
 //! slight underestimate of the work done.
 //!
-//! The work the efficient step needs (hyperdas-method.md §1.2 without the reference's redundant
+//! The work the efficient step needs (docs/method.md §1.2 without the reference's redundant
 //! passes):
 //!
 //! * **clean**: one forward pass of base and of source through all L blocks (no backward);

@@ -171,7 +171,7 @@ pub struct RunConfig {
 
 impl RunConfig {
     /// The defaults for `method`: [`RunConfig::default`] for HyperDAS; for DAS and MDAS the
-    /// reference MDAS trainer's settings (hyperdas-method.md §9.1): 5 epochs of batch 16,
+    /// reference MDAS trainer's settings (docs/method.md §9.1): 5 epochs of batch 16,
     /// weights 1 / 1, no regulariser, no clipping, the rotation's learning rate constant; one
     /// mode (`groundtruth`, the last entity token). The rotation lr stays 1e-3 (ours, with the
     /// polar retraction), not pyvene's 1e-4 for its Householder parametrisation: set

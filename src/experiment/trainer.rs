@@ -1,4 +1,4 @@
-//! HyperDAS training and evaluation loops over encoded RAVEL rows (hyperdas-method.md §5–7).
+//! HyperDAS training and evaluation loops over encoded RAVEL rows (docs/method.md §5–7).
 //!
 //! Loss per step: `L = L_pred + λ_sp(step) · sparsity(W)` with
 //! `L_pred = (1/#label tokens) Σ w_row CE` (causal rows `causal_weight`, isolate rows

@@ -1,7 +1,7 @@
 //! The interpreter: hypernetwork + subspace module acting on a frozen target, and the
 //! efficient intervened forward pass used for training and evaluation.
 //!
-//! Per batch (hyperdas-method.md §1.2, without the reference's redundant work):
+//! Per batch (docs/method.md §1.2, without the reference's redundant work):
 //!
 //! 1. one clean pass of the base and one of the source, keeping every hidden state
 //!    `[B, T, L+1, D]` (read by the hypernetwork; the target is frozen, so these carry no
@@ -26,7 +26,7 @@ use crate::model::{Llama, Site, Target};
 use crate::params::ParamStore;
 use crate::rng::Rng;
 
-/// What learns the intervention (hyperdas-method.md §9 for the baselines).
+/// What learns the intervention (docs/method.md §9 for the baselines).
 ///
 /// | method | positions | subspace | trained on |
 /// |---|---|---|---|

@@ -1,4 +1,4 @@
-//! The HyperDAS hypernetwork (hyperdas-method.md §2): N decoder blocks over the instruction,
+//! The HyperDAS hypernetwork (docs/method.md §2): N decoder blocks over the instruction,
 //! each with self-attention, cross-attention to the source's hidden states, cross-attention to
 //! the base's, and a SwiGLU MLP (four RMSNorms), then a final norm and the pointer head.
 //!

@@ -1,4 +1,4 @@
-//! The pointer head (hyperdas-method.md §2.2): for every base position j, a distribution over
+//! The pointer head (docs/method.md §2.2): for every base position j, a distribution over
 //! the source positions and "self", `W [B, T_s+1, T_b]`.
 //!
 //! Pair features `P[i,j] = q_combine([h_b[j]; h_s[i]])` (unit-normalised layer-l states), a

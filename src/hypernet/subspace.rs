@@ -1,4 +1,4 @@
-//! The subspace module of HyperDAS (hyperdas-method.md §4): its parameters, registered under
+//! The subspace module of HyperDAS (docs/method.md §4): its parameters, registered under
 //! `subspace.*`, and how it turns `(h, m, z)` into the intervened residual with the pure
 //! functions of [`crate::intervention::subspace`].
 //!

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 
 /// `Σ_t weight_t · CE(logits_t, target_t) / normalizer` over `logits [B, K, V]` flattened to
 /// `B·K` tokens. A weight of 0 drops a token (padding of the label dimension). HyperDAS uses
-/// `normalizer` = the number of supervised tokens, not the weight sum (hyperdas-method.md §5).
+/// `normalizer` = the number of supervised tokens, not the weight sum (docs/method.md §5).
 pub fn weighted_cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32], normalizer: f32) -> Result<Tensor> {
     let (b, k, v) = logits.dims3()?;
     if targets.len() != b * k || weights.len() != b * k {
