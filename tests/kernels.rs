@@ -1,4 +1,4 @@
-//! The fused CPU kernels and the hand-written backward passes (src/model/kernels.rs,
+//! The fused CPU kernels and the hand-written backward passes (src/model/kernels/,
 //! src/model/tape.rs): every fused op equals its composed version, and every hand-written
 //! backward equals central finite differences in f64 and candle's autograd through the
 //! composed ops.
