@@ -21,12 +21,14 @@
 //! through all later blocks.
 
 pub mod batch;
+pub mod block;
 pub mod cache;
 pub mod config;
 pub mod gguf;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod kernels;
+pub mod layers;
 pub mod llama;
 pub mod load;
 pub mod prefix;

@@ -1,0 +1,220 @@
+//! One pre-norm decoder block, with both of its passes side by side:
+//!
+//! ```text
+//! a = x + norm_a(o_proj(Attn(RMSNorm_in(x))))        norm_a: Gemma 3's post-attention norm, else identity
+//! y = a + norm_m(Mlp(RMSNorm_post(a)))               norm_m: Gemma 3's post-feed-forward norm, else identity
+//! ```
+//!
+//! * [`Block::forward`] (and [`Block::forward_with_past`] for a shared prefix): composed ops,
+//!   ordinary autograd; every architecture.
+//! * [`Block::forward_taped`] and [`Block::backward_taped`]: the same block of a frozen Llama
+//!   (plain pre-norm, SwiGLU) run outside the graph with a tape, and its hand-written backward to
+//!   the input (no weight gradients), which `Llama::logits_from` chains over blocks `l..L`:
+//!
+//! ```text
+//! forward:   h1 = rms(x; w_in)   q,k,v = h1 W_{q,k,v}ᵀ   q,k = rope(q,k)
+//!            p = softmax(s q kᵀ + mask)   a = (p v) W_oᵀ   y1 = x + a
+//!            h2 = rms(y1; w_post)   g,u = h2 W_{g,u}ᵀ   y = y1 + (silu(g) ⊙ u) W_dᵀ
+//! backward:  dm = dy W_d   (dg, du) = silu_mul'   dy1 = dy + rms'(y1; dg W_g + du W_u)
+//!            do = dy1 W_o   dp = do vᵀ   dv = pᵀ do   ds = s · softmax'(p, dp)
+//!            dq = rope⁻¹(ds k)   dk = rope⁻¹(dsᵀ q)   dx = dy1 + rms'(x; dq W_q + dk W_k + dv W_v)
+//! ```
+//!
+//! A new architecture whose block differs (norm placement, activation, attention variant) adds
+//! its variant here, both passes together; until it has a taped pass,
+//! `LlamaConfig::is_llama_block` is false for it and training runs through autograd over the
+//! composed ops.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::batch::ForwardContext;
+use super::config::{LayerKind, LlamaConfig};
+use super::kernels;
+use super::layers::{Attention, Linear, Mlp, RmsNorm};
+use super::weights::Weights;
+use crate::error::{Error, Result};
+
+/// One pre-norm decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    /// The norm before the MLP: HF `post_attention_layernorm` in Llama, `pre_feedforward_layernorm` in Gemma 3.
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+    /// Gemma 3: the norm on the attention output before the residual add (HF `post_attention_layernorm`).
+    pub attn_output_norm: Option<RmsNorm>,
+    /// Gemma 3: the norm on the MLP output (HF `post_feedforward_layernorm`).
+    pub mlp_output_norm: Option<RmsNorm>,
+    /// Sliding-window attention (Gemma 3's local layers).
+    pub sliding: bool,
+}
+
+impl Block {
+    pub(super) fn load(w: &Weights, l: usize, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let p = format!("model.layers.{l}");
+        let d = c.hidden_size;
+        let norm = |name: &str| RmsNorm::load_for(w, &format!("{p}.{name}.weight"), d, c, dtype, dev);
+        let self_attn = Attention::load(w, &format!("{p}.self_attn"), c, dtype, dev)?;
+        let mlp = Mlp::load(w, &format!("{p}.mlp"), c, dtype, dev)?;
+        Ok(match &c.gemma {
+            None => Block {
+                input_layernorm: norm("input_layernorm")?,
+                self_attn,
+                post_attention_layernorm: norm("post_attention_layernorm")?,
+                mlp,
+                attn_output_norm: None,
+                mlp_output_norm: None,
+                sliding: false,
+            },
+            Some(g) => Block {
+                input_layernorm: norm("input_layernorm")?,
+                self_attn,
+                post_attention_layernorm: norm("pre_feedforward_layernorm")?,
+                mlp,
+                attn_output_norm: Some(norm("post_attention_layernorm")?),
+                mlp_output_norm: Some(norm("post_feedforward_layernorm")?),
+                sliding: g.layer_types[l] == LayerKind::Sliding,
+            },
+        })
+    }
+
+    /// `[B, T, D]` → `[B, T, D]`.
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        let (mask, cos, sin) = ctx.tables(self.sliding);
+        self.around_attention(x, |h| self.self_attn.attend(h, h, (cos, sin), (cos, sin), mask))
+    }
+
+    /// [`forward`](Self::forward) after `past` keys and values of this block (see
+    /// [`Attention::forward_with_past`]); `tables` are `(mask [B, 1, T, P+T], cos, sin)` for this
+    /// block's kind (global or sliding). Returns the output `[B, T, D]` and `x`'s own keys and values.
+    pub fn forward_with_past(&self, x: &Tensor, tables: (&Tensor, &Tensor, &Tensor), past: Option<(&Tensor, &Tensor)>) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (mask, cos, sin) = tables;
+        let mut kv = None;
+        let out = self.around_attention(x, |h| {
+            let (a, new) = self.self_attn.forward_with_past(h, (cos, sin), mask, past)?; // [B, T, D]
+            kv = Some(new);
+            Ok(a)
+        })?;
+        let kv = kv.ok_or_else(|| Error::invalid("attention produced no keys"))?;
+        Ok((out, kv))
+    }
+
+    /// The block around its attention: `x + norms(attend(RMSNorm_in(x)))`, then the MLP residual.
+    fn around_attention(&self, x: &Tensor, attend: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?; // [B, T, D]
+        let mut a = attend(&h)?; // [B, T, D]
+        if let Some(n) = &self.attn_output_norm {
+            a = n.forward(&a)?; // [B, T, D]
+        }
+        let a = (x + a)?; // [B, T, D]
+        let mut m = self.mlp.forward(&self.post_attention_layernorm.forward(&a)?)?; // [B, T, D]
+        if let Some(n) = &self.mlp_output_norm {
+            m = n.forward(&m)?; // [B, T, D]
+        }
+        Ok((&a + m)?) // [B, T, D]
+    }
+}
+
+/// What one block's backward needs.
+pub struct BlockTape {
+    x: Tensor,  // [B, T, D] input
+    y1: Tensor, // [B, T, D] after attention
+    q: Tensor,  // [B, H, T, hd] after RoPE
+    k: Tensor,  // [B, Hkv, T, hd] after RoPE
+    v: Tensor,  // [B, Hkv, T, hd]
+    p: Tensor,  // [B, H, T, T] attention probabilities
+    g: Tensor,  // [B, T, F] gate pre-activation
+    u: Tensor,  // [B, T, F] up projection
+}
+
+/// `x Wᵀ + b` outside any graph.
+fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    l.forward(&x.detach())
+}
+
+/// `dy W` for `dy [.., out]`, `W [out, in]` → `[.., in]`.
+fn lin_back(l: &Linear, dy: &Tensor) -> Result<Tensor> {
+    let dims = dy.dims().to_vec();
+    let out_f = *dims.last().ok_or_else(|| Error::invalid("linear backward on a scalar"))?;
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let dx = dy.reshape((rows, out_f))?.matmul(&l.weight)?; // [N, in]
+    let mut out_dims = dims;
+    let last = out_dims.len() - 1;
+    out_dims[last] = l.weight.dim(1)?;
+    Ok(dx.reshape(out_dims)?)
+}
+
+impl Block {
+    /// [`Block::forward`] of a plain Llama block outside the graph, keeping what
+    /// [`Block::backward_taped`] needs. `[B, T, D]` → `[B, T, D]`.
+    pub fn forward_taped(&self, x: &Tensor, ctx: &ForwardContext) -> Result<(Tensor, BlockTape)> {
+        let blk = self;
+        let a = &blk.self_attn;
+        let (b, t, _) = x.dims3()?;
+        let (h, hkv, hd) = (a.n_heads, a.n_kv_heads, a.head_dim);
+        let rep = h / hkv;
+        let h1 = kernels::rms_norm(x, &blk.input_layernorm.weight, blk.input_layernorm.eps)?; // [B, T, D]
+        let q = lin(&a.q_proj, &h1)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, T, hd]
+        let k = lin(&a.k_proj, &h1)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
+        let v = lin(&a.v_proj, &h1)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
+        let q = kernels::rope(&q, &ctx.cos, &ctx.sin)?; // [B, H, T, hd]
+        let k = kernels::rope(&k, &ctx.cos, &ctx.sin)?; // [B, Hkv, T, hd]
+        let (o, p) = match kernels::attention_forward_saved(&q, &k, &v, &ctx.mask)? {
+            Some(saved) => saved, // [B, T, H·hd], [B, H, T, T]
+            None => {
+                let scale = 1.0 / (hd as f64).sqrt();
+                let qs = (&q * scale)?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
+                let s = qs.matmul(&k.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
+                let s = s.to_dtype(kernels::accum_dtype(s.dtype()))?;
+                let p = kernels::softmax_masked(&s, Some(&ctx.mask.to_dtype(s.dtype())?))?.to_dtype(v.dtype())?; // [B, H, T, T]
+                let o = p.reshape((b, hkv, rep * t, t))?.matmul(&v)?; // [B, Hkv, rep·T, hd]
+                (o.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?, p) // [B, T, H·hd]
+            }
+        };
+        let y1 = (x + lin(&a.o_proj, &o)?)?; // [B, T, D]
+        let h2 = kernels::rms_norm(&y1, &blk.post_attention_layernorm.weight, blk.post_attention_layernorm.eps)?; // [B, T, D]
+        let g = lin(&blk.mlp.gate_proj, &h2)?; // [B, T, F]
+        let u = lin(&blk.mlp.up_proj, &h2)?; // [B, T, F]
+        let y = (&y1 + lin(&blk.mlp.down_proj, &kernels::silu_mul(&g, &u)?)?)?; // [B, T, D]
+        Ok((y, BlockTape { x: x.clone(), y1, q, k, v, p, g, u }))
+    }
+
+    /// The backward of [`Block::forward_taped`] to its input: `dy [B, T, D]` → `dx [B, T, D]`.
+    pub fn backward_taped(&self, tape: &BlockTape, dy: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        let blk = self;
+        let a = &blk.self_attn;
+        let (b, t, _) = dy.dims3()?;
+        let (h, hkv, hd) = (a.n_heads, a.n_kv_heads, a.head_dim);
+        let rep = h / hkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // MLP.
+        let dm = lin_back(&blk.mlp.down_proj, dy)?; // [B, T, F]
+        let (dg, du) = kernels::silu_mul_backward(&tape.g, &tape.u, &dm)?; // [B, T, F] each
+        let dh2 = (lin_back(&blk.mlp.gate_proj, &dg)? + lin_back(&blk.mlp.up_proj, &du)?)?; // [B, T, D]
+        let post = &blk.post_attention_layernorm;
+        let dy1 = (dy + kernels::rms_norm_backward(&tape.y1, &post.weight, &dh2, post.eps, false)?.0)?; // [B, T, D]
+        // Attention.
+        let d_o = lin_back(&a.o_proj, &dy1)?; // [B, T, H·hd]
+        let (dq, dk, dv) = if kernels::attention_forward_saved_applies(&tape.q, &tape.k, &tape.v, &ctx.mask) {
+            kernels::attention_backward(&tape.q, &tape.k, &tape.v, Some(&tape.p), &ctx.mask, &d_o)? // [B, H, T, hd], [B, Hkv, T, hd] ×2
+        } else {
+            let d_o = d_o.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
+            let p = tape.p.reshape((b, hkv, rep * t, t))?; // [B, Hkv, rep·T, T]
+            let dp = d_o.matmul(&tape.v.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
+            let dv = p.t()?.matmul(&d_o)?; // [B, Hkv, T, hd] (sums the rep query heads)
+            let acc = kernels::accum_dtype(dp.dtype());
+            let ds = kernels::softmax_backward(&tape.p.to_dtype(acc)?, &dp.to_dtype(acc)?)?; // [B, H, T, T]
+            let ds = (ds * scale)?.to_dtype(d_o.dtype())?.reshape((b, hkv, rep * t, t))?; // [B, Hkv, rep·T, T]
+            let dq = ds.matmul(&tape.k)?.reshape((b, h, t, hd))?; // [B, H, T, hd]
+            let dk = ds.t()?.matmul(&tape.q.reshape((b, hkv, rep * t, hd))?)?; // [B, Hkv, T, hd]
+            (dq, dk, dv)
+        };
+        let dq = kernels::rope_inverse(&dq, &ctx.cos, &ctx.sin)?; // [B, H, T, hd]
+        let dk = kernels::rope_inverse(&dk, &ctx.cos, &ctx.sin)?; // [B, Hkv, T, hd]
+        let flat = |x: &Tensor, heads: usize| -> Result<Tensor> { Ok(x.transpose(1, 2)?.reshape((b, t, heads * hd))?) };
+        let dh1 = ((lin_back(&a.q_proj, &flat(&dq, h)?)? + lin_back(&a.k_proj, &flat(&dk, hkv)?)?)? + lin_back(&a.v_proj, &flat(&dv, hkv)?)?)?; // [B, T, D]
+        let inp = &blk.input_layernorm;
+        Ok((dy1 + kernels::rms_norm_backward(&tape.x, &inp.weight, &dh1, inp.eps, false)?.0)?) // [B, T, D]
+    }
+}

@@ -1,0 +1,246 @@
+//! The layers a decoder block is made of, each a `load` (HF tensor names) and a `forward`
+//! from differentiable ops:
+//!
+//! ```text
+//! Linear:    y = x Wᵀ + b                                        W [out, in]
+//! RmsNorm:   y = w ⊙ x / √(mean(x²) + ε)                          (f32 for half inputs, as transformers)
+//! Attention: softmax(rope(q) rope(k)ᵀ / √hd + mask) v, then o_proj; causal GQA (query head h
+//!            reads key/value head h / (H / H_kv)); optional per-head q/k norms (Gemma 3)
+//! Mlp:       down(act(gate(x)) ⊙ up(x)),  act = silu (SwiGLU) or gelu_tanh (GeGLU)
+//! ```
+
+use candle_core::{DType, Device, Tensor};
+
+use super::batch::ForwardContext;
+use super::config::{Activation, LlamaConfig};
+use super::kernels::{self, accum_dtype};
+use super::weights::Weights;
+use crate::error::{Error, Result};
+
+/// Softmax over the last dimension ([`kernels::softmax_masked`] without a mask: fused on the
+/// CPU, composed elsewhere; both have a backward).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    kernels::softmax_masked(x, None)
+}
+
+/// `y = x Wᵀ + b` over the last dimension, with `W` stored `[out, in]` as in PyTorch.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Weights, prefix: &str, out_f: usize, in_f: usize, bias: bool, dtype: DType, dev: &Device) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[out_f, in_f], dtype, dev)?;
+        let bias = if bias { Some(w.get(&format!("{prefix}.bias"), &[out_f], dtype, dev)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_f = *dims.last().ok_or_else(|| Error::invalid("linear layer on a scalar"))?;
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, in_f))?; // [N, in]
+        let mut y = kernels::matmul_t(&x2, &self.weight)?; // [N, out]
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?; // [N, out]
+        }
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?) // [.., out]
+    }
+}
+
+/// Root-mean-square layer norm with a learned scale (no bias).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// The multiplier: HF's `weight` for Llama, `1 + weight` for Gemma (the GGUF spelling).
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(w: &Weights, name: &str, d: usize, eps: f64, dtype: DType, dev: &Device) -> Result<Self> {
+        Ok(RmsNorm { weight: w.get(name, &[d], dtype, dev)?, eps })
+    }
+
+    /// Load a norm of the model `c`: Gemma's `(1 + w)` scale is formed once here (in f32,
+    /// as transformers does, then cast).
+    pub fn load_for(w: &Weights, name: &str, d: usize, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        if c.gemma.is_none() {
+            return Self::load(w, name, d, c.rms_norm_eps, dtype, dev);
+        }
+        let raw = w.get(name, &[d], DType::F32, dev)?; // [d]
+        Ok(RmsNorm { weight: raw.affine(1.0, 1.0)?.to_dtype(dtype)?, eps: c.rms_norm_eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        kernels::rms_norm(x, &self.weight, self.eps) // [.., D]
+    }
+}
+
+/// Causal multi-head attention with grouped key/value heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Gemma 3: RMSNorm over each head of q and k `[.., hd]`, before RoPE.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    /// Extra factor on q when the score scale is not `1/√hd` (Gemma 3: `√(hd / query_pre_attn_scalar)`).
+    pub q_scale: Option<f64>,
+}
+
+impl Attention {
+    /// A Llama attention from its four projections (no q/k norms, `1/√hd` scores, no cap).
+    pub fn plain(q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        Attention { q_proj, k_proj, v_proj, o_proj, n_heads, n_kv_heads, head_dim, q_norm: None, k_norm: None, q_scale: None }
+    }
+
+    pub(super) fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let (q_norm, k_norm, q_scale) = match &c.gemma {
+            None => (None, None, None),
+            Some(g) => {
+                let s = (hd as f64 / g.query_pre_attn_scalar).sqrt();
+                (
+                    Some(RmsNorm::load_for(w, &format!("{prefix}.q_norm.weight"), hd, c, dtype, dev)?),
+                    Some(RmsNorm::load_for(w, &format!("{prefix}.k_norm.weight"), hd, c, dtype, dev)?),
+                    (s != 1.0).then_some(s),
+                )
+            }
+        };
+        Ok(Attention {
+            q_norm,
+            k_norm,
+            q_scale,
+            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, d, c.qkv_bias, dtype, dev)?,
+            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv, d, c.qkv_bias, dtype, dev)?,
+            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv, d, c.qkv_bias, dtype, dev)?,
+            o_proj: Linear::load(w, &format!("{prefix}.o_proj"), d, q, c.o_bias, dtype, dev)?,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// Causal self-attention over a left-padded batch: `[B, T, D]` → `[B, T, D]`.
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        self.attend(x, x, (&ctx.cos, &ctx.sin), (&ctx.cos, &ctx.sin), &ctx.mask)
+    }
+
+    /// General attention: `x [B, T_q, D]` attends to `kv [B, T_k, D]` (the same tensor for
+    /// self-attention, another for cross-attention), with RoPE tables `[B, 1, T, hd]` for the
+    /// queries and the keys and an additive `mask` broadcastable to `[B, H, T_q, T_k]`.
+    ///
+    /// When `kv` is a constant (the frozen target's hidden states, read by the hypernetwork)
+    /// and the key/value projections are trainable, projections and attention run as one node,
+    /// [`kernels::cross_attention`], whose backward gives only the weight gradients the graph
+    /// needs: the keys and values `[B, Hkv, T_k, hd]` (`T_k` = tokens × (L+1) there, the
+    /// hypernetwork's largest tensors) never become graph nodes.
+    pub fn attend(&self, x: &Tensor, kv: &Tensor, q_rope: (&Tensor, &Tensor), k_rope: (&Tensor, &Tensor), mask: &Tensor) -> Result<Tensor> {
+        let q = self.queries(x, q_rope)?; // [B, H, Tq, hd]
+        let mask = mask.to_dtype(accum_dtype(q.dtype()))?.broadcast_as((q.dim(0)?, 1, mask.dim(2)?, kv.dim(1)?))?; // [B, 1, Tq|1, Tk]
+        let (k_w, v_w) = (&self.k_proj.weight, &self.v_proj.weight);
+        let plain = self.k_proj.bias.is_none() && self.v_proj.bias.is_none() && self.k_norm.is_none();
+        let fused = if plain && !kv.track_op() && k_w.track_op() && v_w.track_op() { kernels::cross_attention(&q, k_w, v_w, kv, k_rope, &mask, self.n_kv_heads)? } else { None };
+        let out = match fused {
+            Some(out) => out, // [B, Tq, H·hd]
+            None => {
+                let (k, v) = self.keys_values(kv, k_rope)?; // [B, Hkv, Tk, hd] each
+                kernels::attention(&q, &k, &v, &mask)? // [B, Tq, H·hd]
+            }
+        };
+        self.o_proj.forward(&out) // [B, Tq, D]
+    }
+
+    /// Self-attention of `x [B, T, D]` that also sees `past` keys and values (`[B|1, Hkv, P, hd]`
+    /// each, RoPE'd, from an earlier stretch of the same sequences: a shared prompt prefix).
+    /// `rope` holds the tables of `x`'s own positions `[B, 1, T, hd]`, `mask` is additive
+    /// `[B, 1, T, P + T]`. Returns the output `[B, T, D]` and `x`'s own keys and values
+    /// `[B, Hkv, T, hd]`, so a prefix run once can serve many continuations
+    /// ([`super::prefix`]). With `past = None` this is [`forward`](Self::forward) on the composed path.
+    pub fn forward_with_past(&self, x: &Tensor, rope: (&Tensor, &Tensor), mask: &Tensor, past: Option<(&Tensor, &Tensor)>) -> Result<(Tensor, (Tensor, Tensor))> {
+        let b = x.dim(0)?;
+        let q = self.queries(x, rope)?; // [B, H, T, hd]
+        let (k_new, v_new) = self.keys_values(x, rope)?; // [B, Hkv, T, hd] each
+        let (k, v) = match past {
+            None => (k_new.clone(), v_new.clone()),
+            Some((pk, pv)) => {
+                let widen = |p: &Tensor| -> Result<Tensor> { Ok(p.broadcast_as((b, p.dim(1)?, p.dim(2)?, p.dim(3)?))?) }; // [B, Hkv, P, hd]
+                (Tensor::cat(&[&widen(pk)?, &k_new], 2)?, Tensor::cat(&[&widen(pv)?, &v_new], 2)?) // [B, Hkv, P+T, hd] each
+            }
+        };
+        let mask = mask.to_dtype(accum_dtype(q.dtype()))?; // [B, 1, T, P+T]
+        let out = kernels::attention(&q, &k, &v, &mask)?; // [B, T, H·hd]
+        Ok((self.o_proj.forward(&out)?, (k_new, v_new))) // [B, T, D]
+    }
+
+    /// RoPE'd keys and values of `kv [B, T_k, D]`: `[B, Hkv, T_k, hd]` each.
+    fn keys_values(&self, kv: &Tensor, k_rope: (&Tensor, &Tensor)) -> Result<(Tensor, Tensor)> {
+        let (b, tk, _) = kv.dims3()?;
+        let (hkv, hd) = (self.n_kv_heads, self.head_dim);
+        let heads = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, tk, hkv, hd))?.transpose(1, 2)?.contiguous()?) }; // [B, Hkv, T_k, hd]
+        let mut k = heads(self.k_proj.forward(kv)?)?; // [B, Hkv, T_k, hd]
+        if let Some(n) = &self.k_norm {
+            k = n.forward(&k)?; // [B, Hkv, T_k, hd]
+        }
+        let k = kernels::rope(&k, k_rope.0, k_rope.1)?; // [B, Hkv, T_k, hd]
+        let v = heads(self.v_proj.forward(kv)?)?; // [B, Hkv, T_k, hd]
+        Ok((k, v))
+    }
+
+    /// The queries of `x [B, T_q, D]`: projected, normed (Gemma 3), RoPE'd, scaled: `[B, H, T_q, hd]`.
+    fn queries(&self, x: &Tensor, q_rope: (&Tensor, &Tensor)) -> Result<Tensor> {
+        let (b, tq, _) = x.dims3()?;
+        let (h, hd) = (self.n_heads, self.head_dim);
+        let mut q = self.q_proj.forward(x)?.reshape((b, tq, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, Tq, hd]
+        if let Some(n) = &self.q_norm {
+            q = n.forward(&q)?; // [B, H, Tq, hd]
+        }
+        let mut q = kernels::rope(&q, q_rope.0, q_rope.1)?; // [B, H, Tq, hd]
+        if let Some(s) = self.q_scale {
+            q = (q * s)?; // [B, H, Tq, hd]: scores come out scaled by 1/√query_pre_attn_scalar
+        }
+        Ok(q)
+    }
+}
+
+/// Gated feed-forward: `down(act(gate(x)) ⊙ up(x))`, SwiGLU (`act = silu`) or GeGLU (`gelu_tanh`).
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    pub act: Activation,
+}
+
+impl Mlp {
+    pub(super) fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        Ok(Mlp {
+            act: c.hidden_act,
+            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), f, d, c.mlp_bias, dtype, dev)?,
+            up_proj: Linear::load(w, &format!("{prefix}.up_proj"), f, d, c.mlp_bias, dtype, dev)?,
+            down_proj: Linear::load(w, &format!("{prefix}.down_proj"), d, f, c.mlp_bias, dtype, dev)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?; // [B, T, F]
+        let u = self.up_proj.forward(x)?; // [B, T, F]
+        let h = match self.act {
+            Activation::Silu => kernels::silu_mul(&g, &u)?,     // [B, T, F]
+            Activation::GeluTanh => kernels::gelu_mul(&g, &u)?, // [B, T, F]
+        };
+        self.down_proj.forward(&h) // [B, T, D]
+    }
+}
