@@ -19,7 +19,7 @@ use hyperdas::data::collate::{CollateOptions, encode_rows};
 use hyperdas::data::filter::{FilterOptions, filter_rows};
 use hyperdas::data::generate::{DataSplit, EntityPolicy, GenerateOptions, generate};
 use hyperdas::data::ravel::KnowledgeBase;
-use hyperdas::experiment::trainer::{CheckpointPlan, TrainSettings, evaluate, train};
+use hyperdas::experiment::trainer::{CheckpointPlan, TrainData, TrainSettings, Trainer, evaluate};
 use hyperdas::hypernet::HyperConfig;
 use hyperdas::hypernet::interpreter::{Interpreter, InterpreterConfig};
 use hyperdas::hypernet::subspace::SubspaceKind;
@@ -135,7 +135,8 @@ fn main() -> Result<()> {
     let mut log = MetricsLog::create(Path::new("/tmp/toy_hyperdas_metrics.jsonl"))?;
     let t0 = std::time::Instant::now();
     let plan = CheckpointPlan { dir: None, resume: false, meta: serde_json::Value::Null };
-    train(&lm.model, &mut interp, &ps, &sets[0], &sets[1], &settings, pad, &mut log, &plan, true)?;
+    let total = settings.total_steps(sets[0].len());
+    Trainer::new(&lm.model, &mut interp, &ps, &settings, total)?.fit(&TrainData { train: &sets[0], test: &sets[1], pad }, &mut log, &plan, true)?;
     eprintln!("trained in {:.1} s", t0.elapsed().as_secs_f64());
     for mode in ["soft", "column_argmax", "bidding_argmax", "global_argmax", "groundtruth"] {
         let s = evaluate(&lm.model, &interp, &sets[1], InferenceMode::parse(mode)?, 64, 3, pad)?;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::trainer::{CheckpointPlan, GroupScores, Selection, TrainSettings, evaluate_detailed, train};
+use super::trainer::{CheckpointPlan, GroupScores, Selection, TrainData, TrainSettings, Trainer, evaluate_detailed};
 use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
@@ -437,8 +437,9 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     let pad = lm.tokenizer.padding_id();
     let mut log = if resume { MetricsLog::append(&out.join("metrics.jsonl"))? } else { MetricsLog::create(&out.join("metrics.jsonl"))? };
     let plan = CheckpointPlan { dir: Some(&out.join("checkpoint")), resume, meta: serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))? };
-    let (_, opt) = train(&lm.model, &mut interp, &ps, &sets[0], &sets[1], &cfg.train, pad, &mut log, &plan, progress)?;
     let total = cfg.train.total_steps(sets[0].len());
+    let trainer = Trainer::new(&lm.model, &mut interp, &ps, &cfg.train, total)?;
+    let (_, opt) = trainer.fit(&TrainData { train: &sets[0], test: &sets[1], pad }, &mut log, &plan, progress)?;
     if opt.step < total {
         if progress {
             eprintln!("stopped after step {} of {total} (train.stop_after_steps); continue with --resume", opt.step);

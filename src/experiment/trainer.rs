@@ -444,123 +444,127 @@ pub struct CheckpointPlan<'a> {
     pub meta: serde_json::Value,
 }
 
-/// Train `interp` (parameters in `ps`) on `train`, evaluating (soft mode; a baseline at its
-/// fixed positions) on `test` every `eval_every` steps and at the end. Returns the final soft-mode scores and the optimizer (for
-/// the checkpoint).
-#[allow(clippy::too_many_arguments)]
-pub fn train(
-    target: &Llama,
-    interp: &mut Interpreter,
-    ps: &ParamStore,
-    train: &[EncodedRow],
-    test: &[EncodedRow],
-    s: &TrainSettings,
-    pad: u32,
-    log: &mut MetricsLog,
-    plan: &CheckpointPlan,
-    progress: bool,
-) -> Result<(Option<Scores>, AdamW)> {
-    if train.is_empty() {
-        return Err(Error::invalid("no training rows"));
-    }
-    let total = s.total_steps(train.len());
-    let mut tr = Trainer::new(target, interp, ps, s, total)?;
-    let mut rng = Rng::derive(s.seed, "hyperdas/batches");
-    // Resume: parameters, AdamW moments and the step; the data order is replayed from the seed.
-    let mut start = 0;
-    if plan.resume {
-        let dir = plan.dir.ok_or_else(|| Error::invalid("--resume needs a run directory"))?;
-        if !crate::train::checkpoint::exists(dir) {
-            return Err(Error::file(dir, "no checkpoint to resume from"));
+/// The rows of a training run: what it trains on, what it scores on, and the padding id.
+pub struct TrainData<'a> {
+    pub train: &'a [EncodedRow],
+    pub test: &'a [EncodedRow],
+    pub pad: u32,
+}
+
+impl Trainer<'_> {
+    /// The whole run: every epoch of `data.train` in the seeded order (from the checkpoint's
+    /// step with `plan.resume`), scoring `data.test` (soft mode; a baseline at its fixed
+    /// positions) at step 0, every `eval_every` steps and at the end, logging each step to `log`
+    /// and checkpointing as `plan` says. Returns the last scores and the optimizer (for the
+    /// checkpoint). The trainer's horizon must be `settings.total_steps(data.train.len())`.
+    pub fn fit(self, data: &TrainData, log: &mut MetricsLog, plan: &CheckpointPlan, progress: bool) -> Result<(Option<Scores>, AdamW)> {
+        let mut tr = self;
+        let (train, test, pad, s) = (data.train, data.test, data.pad, tr.settings);
+        let (target, ps) = (tr.target, tr.ps);
+        if train.is_empty() {
+            return Err(Error::invalid("no training rows"));
         }
-        crate::train::checkpoint::load_latest(dir, ps, Some(&mut tr.opt), target.device())?;
-        start = tr.opt.step;
-        tr.step = start;
-        log.keep_through(start)?;
-        if start > total {
-            return Err(Error::file(dir, format!("the checkpoint is at step {start}, past this run's {total} steps")));
+        let total = s.total_steps(train.len());
+        if tr.total != total {
+            return Err(Error::invalid(format!("the trainer's horizon is {} steps, but {} rows in batches of {} for {} epochs take {total}", tr.total, train.len(), s.batch_size, s.epochs)));
         }
-    }
-    let stop = if s.stop_after_steps == 0 { total } else { s.stop_after_steps.min(total) };
-    let save = |opt: &AdamW| -> Result<()> {
-        match plan.dir {
-            Some(dir) => crate::train::checkpoint::save(dir, ps, Some(opt), &plan.meta),
-            None => Ok(()),
-        }
-    };
-    let what = tr.interp.method().label();
-    let pb = crate::progress::bar(total as u64, &format!("training {what} [{{bar:30}}] {{pos}}/{{len}} steps ({{per_sec}}) {{elapsed}} (eta {{eta}}) {{msg}}"), progress);
-    let t0 = Instant::now();
-    // Periodic scores: soft mode for HyperDAS, the fixed positions for a baseline
-    // (`eval_soft` / `eval_groundtruth` in metrics.jsonl).
-    let eval_key = format!("eval_{}", tr.interp.native_mode().name());
-    pb.set_position(start as u64);
-    let mut skipped = 0usize;
-    let mut last = None;
-    if start == 0 && s.eval_every > 0 {
-        // The untrained interpreter's scores: the baseline that training must beat.
-        let sc = tr.evaluate(test, pad)?;
-        log.log(&serde_json::json!({"step": 0, eval_key.as_str(): sc, "seconds": t0.elapsed().as_secs_f64()}))?;
-        pb.set_message(format!("step 0: cause {:.2} iso {:.2}", sc.causal, sc.isolate));
-    }
-    let mut seen = 0; // batches of the replayed order, including those done before a resume
-    'epochs: for _epoch in 0..s.epochs.max(1) {
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        rng.shuffle(&mut order);
-        for chunk in order.chunks(s.batch_size.max(1)) {
-            if seen < start {
-                seen += 1; // already done before the checkpoint: same data order, skipped
-                continue;
+        let mut rng = Rng::derive(s.seed, "hyperdas/batches");
+        // Resume: parameters, AdamW moments and the step; the data order is replayed from the seed.
+        let mut start = 0;
+        if plan.resume {
+            let dir = plan.dir.ok_or_else(|| Error::invalid("--resume needs a run directory"))?;
+            if !crate::train::checkpoint::exists(dir) {
+                return Err(Error::file(dir, "no checkpoint to resume from"));
             }
-            if tr.step >= stop {
-                break 'epochs;
+            crate::train::checkpoint::load_latest(dir, ps, Some(&mut tr.opt), target.device())?;
+            start = tr.opt.step;
+            tr.step = start;
+            log.keep_through(start)?;
+            if start > total {
+                return Err(Error::file(dir, format!("the checkpoint is at step {start}, past this run's {total} steps")));
             }
-            seen += 1;
-            let rows: Vec<&EncodedRow> = chunk.iter().map(|&i| &train[i]).collect();
-            let batch = collate(&rows, pad);
-            let o = match tr.step(&batch) {
-                Err(Error::NonFinite(msg)) if s.skip_nonfinite => {
-                    // No update: the step still counts (the data order and the schedule stay
-                    // those of a run without the fault), and so does the skip.
-                    skipped += 1;
-                    tr.skip();
-                    log.log(&serde_json::json!({"step": tr.step, "skipped_nonfinite": skipped, "reason": msg, "seconds": t0.elapsed().as_secs_f64()}))?;
-                    pb.inc(1);
+        }
+        let stop = if s.stop_after_steps == 0 { total } else { s.stop_after_steps.min(total) };
+        let save = |opt: &AdamW| -> Result<()> {
+            match plan.dir {
+                Some(dir) => crate::train::checkpoint::save(dir, ps, Some(opt), &plan.meta),
+                None => Ok(()),
+            }
+        };
+        let what = tr.interp.method().label();
+        let pb = crate::progress::bar(total as u64, &format!("training {what} [{{bar:30}}] {{pos}}/{{len}} steps ({{per_sec}}) {{elapsed}} (eta {{eta}}) {{msg}}"), progress);
+        let t0 = Instant::now();
+        // Periodic scores: soft mode for HyperDAS, the fixed positions for a baseline
+        // (`eval_soft` / `eval_groundtruth` in metrics.jsonl).
+        let eval_key = format!("eval_{}", tr.interp.native_mode().name());
+        pb.set_position(start as u64);
+        let mut skipped = 0usize;
+        let mut last = None;
+        if start == 0 && s.eval_every > 0 {
+            // The untrained interpreter's scores: the baseline that training must beat.
+            let sc = tr.evaluate(test, pad)?;
+            log.log(&serde_json::json!({"step": 0, eval_key.as_str(): sc, "seconds": t0.elapsed().as_secs_f64()}))?;
+            pb.set_message(format!("step 0: cause {:.2} iso {:.2}", sc.causal, sc.isolate));
+        }
+        let mut seen = 0; // batches of the replayed order, including those done before a resume
+        'epochs: for _epoch in 0..s.epochs.max(1) {
+            let mut order: Vec<usize> = (0..train.len()).collect();
+            rng.shuffle(&mut order);
+            for chunk in order.chunks(s.batch_size.max(1)) {
+                if seen < start {
+                    seen += 1; // already done before the checkpoint: same data order, skipped
                     continue;
                 }
-                other => other?,
-            };
-            let step = tr.step;
-            let (value, lambda, lr) = (o.loss, o.sparsity_weight, o.lr);
-            let mut rec = serde_json::json!({"step": step, "loss": value, "prediction_loss": o.prediction_loss, "sparsity_weight": lambda, "lr": lr, "grad_norm": o.grad_norm, "seconds": t0.elapsed().as_secs_f64()});
-            if let Some(c) = tr.interp.cache_stats() {
-                rec["state_cache_hit_rate"] = serde_json::json!(c.hit_rate());
+                if tr.step >= stop {
+                    break 'epochs;
+                }
+                seen += 1;
+                let rows: Vec<&EncodedRow> = chunk.iter().map(|&i| &train[i]).collect();
+                let batch = collate(&rows, pad);
+                let o = match tr.step(&batch) {
+                    Err(Error::NonFinite(msg)) if s.skip_nonfinite => {
+                        // No update: the step still counts (the data order and the schedule stay
+                        // those of a run without the fault), and so does the skip.
+                        skipped += 1;
+                        tr.skip();
+                        log.log(&serde_json::json!({"step": tr.step, "skipped_nonfinite": skipped, "reason": msg, "seconds": t0.elapsed().as_secs_f64()}))?;
+                        pb.inc(1);
+                        continue;
+                    }
+                    other => other?,
+                };
+                let step = tr.step;
+                let (value, lambda, lr) = (o.loss, o.sparsity_weight, o.lr);
+                let mut rec = serde_json::json!({"step": step, "loss": value, "prediction_loss": o.prediction_loss, "sparsity_weight": lambda, "lr": lr, "grad_norm": o.grad_norm, "seconds": t0.elapsed().as_secs_f64()});
+                if let Some(c) = tr.interp.cache_stats() {
+                    rec["state_cache_hit_rate"] = serde_json::json!(c.hit_rate());
+                }
+                if (s.eval_every > 0 && step.is_multiple_of(s.eval_every)) || step == total {
+                    let sc = tr.evaluate(test, pad)?;
+                    rec[eval_key.as_str()] = serde_json::to_value(sc).map_err(|e| Error::invalid(e.to_string()))?;
+                    pb.set_message(format!("loss {value:.3} | cause {:.2} iso {:.2}", sc.causal, sc.isolate));
+                    last = Some(sc);
+                } else if step.is_multiple_of(5) {
+                    pb.set_message(format!("loss {value:.3}"));
+                }
+                log.log(&rec)?;
+                if s.checkpoint_every > 0
+                    && step.is_multiple_of(s.checkpoint_every)
+                    && let Err(e) = save(&tr.opt)
+                {
+                    // The run's state is in memory and intact: report, keep training, retry at the
+                    // next interval (the previous checkpoint on disk is still complete). The final
+                    // checkpoint, below, must succeed.
+                    pb.suspend(|| eprintln!("warning: the checkpoint at step {step} could not be written ({e}); training continues and retries at step {}", step + s.checkpoint_every));
+                    log.log(&serde_json::json!({"step": step, "checkpoint_error": e.to_string()}))?;
+                }
+                pb.inc(1);
             }
-            if (s.eval_every > 0 && step % s.eval_every == 0) || step == total {
-                let sc = tr.evaluate(test, pad)?;
-                rec[eval_key.as_str()] = serde_json::to_value(sc).map_err(|e| Error::invalid(e.to_string()))?;
-                pb.set_message(format!("loss {value:.3} | cause {:.2} iso {:.2}", sc.causal, sc.isolate));
-                last = Some(sc);
-            } else if step % 5 == 0 {
-                pb.set_message(format!("loss {value:.3}"));
-            }
-            log.log(&rec)?;
-            if s.checkpoint_every > 0
-                && step % s.checkpoint_every == 0
-                && let Err(e) = save(&tr.opt)
-            {
-                // The run's state is in memory and intact: report, keep training, retry at the
-                // next interval (the previous checkpoint on disk is still complete). The final
-                // checkpoint, below, must succeed.
-                pb.suspend(|| eprintln!("warning: the checkpoint at step {step} could not be written ({e}); training continues and retries at step {}", step + s.checkpoint_every));
-                log.log(&serde_json::json!({"step": step, "checkpoint_error": e.to_string()}))?;
-            }
-            pb.inc(1);
         }
+        save(&tr.opt)?;
+        pb.finish_and_clear();
+        Ok((last, tr.opt))
     }
-    save(&tr.opt)?;
-    pb.finish_and_clear();
-    Ok((last, tr.opt))
 }
 
 #[cfg(test)]
