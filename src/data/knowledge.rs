@@ -158,7 +158,7 @@ struct FileTemplate {
 
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    crate::fetch::hex(&Sha256::digest(bytes))
 }
 
 impl KnowledgeTable {

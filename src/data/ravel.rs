@@ -230,7 +230,7 @@ impl KnowledgeBase {
             field(&t.text);
             field(t.split.name());
         }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        crate::fetch::hex(&h.finalize())
     }
 
     /// Number of distinct non-empty values of attribute `a`.

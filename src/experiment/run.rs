@@ -252,10 +252,16 @@ impl InterpreterSection {
         })
     }
 
-    /// The intervention site for a target of `num_layers` blocks: `site` when given, else
-    /// `layer` read in `layer_convention`. Always a `blocks.{l}.hook_resid_pre` (the
-    /// residual entering block l, l < num_layers).
+    /// The intervention site for a target of `num_layers` blocks: `blocks.{l}.hook_resid_pre`
+    /// with `l` = [`InterpreterSection::resolved_layer`].
     pub fn site(&self, num_layers: usize) -> Result<Site> {
+        Ok(Site::ResidPre(self.resolved_layer(num_layers)?))
+    }
+
+    /// The intervention layer in our convention (the residual entering that block): from
+    /// `site` when given, else `layer` read in `layer_convention`. Whether the target has that
+    /// block is checked when the interpreter is built.
+    pub fn resolved_layer(&self, num_layers: usize) -> Result<usize> {
         let site = if self.site.is_empty() {
             let l = self.layer.resolve(num_layers)?;
             match self.layer_convention {
@@ -265,21 +271,10 @@ impl InterpreterSection {
         } else {
             self.site.parse::<Site>().map_err(|e| Error::invalid(format!("interpreter.site: {e}")))?
         };
-        let resid_pre = match site {
-            Site::ResidPre(l) | Site::HiddenState(l) => l,
-            Site::ResidPost(l) => l + 1,
-            Site::FinalNorm => return Err(Error::invalid(format!("interpreter.site = {site}: the final norm's output is not a residual the blocks run from; use blocks.{{l}}.hook_resid_pre"))),
-        };
-        Ok(Site::ResidPre(resid_pre))
-    }
-
-    /// The intervention layer in our convention (the residual entering that block): see
-    /// [`InterpreterSection::site`]. Whether the target has that block is checked when the
-    /// interpreter is built.
-    pub fn resolved_layer(&self, num_layers: usize) -> Result<usize> {
-        match self.site(num_layers)? {
-            Site::ResidPre(l) => Ok(l),
-            s => Err(Error::invalid(format!("interpreter.site = {s}: not an intervention layer"))),
+        match site {
+            Site::ResidPre(l) | Site::HiddenState(l) => Ok(l),
+            Site::ResidPost(l) => Ok(l + 1),
+            Site::FinalNorm => Err(Error::invalid(format!("interpreter.site = {site}: the final norm's output is not a residual the blocks run from; use blocks.{{l}}.hook_resid_pre"))),
         }
     }
 }

@@ -188,12 +188,11 @@ impl StateCache {
         Ok(out)
     }
 
-    /// Every hidden state `[B, T, L+1, D]` of a left-padded batch given by its host buffers
-    /// `ids`, `mask` (`[B, T]` row-major), zeros at padded positions, in the target's dtype.
-    pub fn states(&mut self, target: &Llama, ids: &[u32], mask: &[u8], b: usize, t: usize) -> Result<Tensor> {
-        if ids.len() != b * t || mask.len() != b * t {
-            return Err(Error::invalid(format!("state cache: {} ids and {} mask entries for a batch of [{b}, {t}]", ids.len(), mask.len())));
-        }
+    /// Every hidden state `[B, T, L+1, D]` of a padded batch, zeros at padded positions, in the
+    /// target's dtype.
+    pub fn states(&mut self, target: &Llama, batch: &TokenBatch) -> Result<Tensor> {
+        let (b, t) = batch.dims();
+        let (ids, mask) = (batch.ids(), batch.mask());
         let rows: Vec<Vec<u32>> = ids.chunks(t).zip(mask.chunks(t)).map(|(r, m)| r.iter().zip(m).filter(|(_, m)| **m == 1).map(|(&id, _)| id).collect()).collect();
         let mut missing: Vec<Vec<u32>> = Vec::new();
         for r in &rows {

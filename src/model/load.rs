@@ -60,7 +60,7 @@ impl ModelSource {
             h.update([0u8]);
             h.update(crate::fetch::sha256_file(f)?.as_bytes());
         }
-        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        Ok(crate::fetch::hex(&h.finalize()))
     }
 }
 

@@ -33,9 +33,8 @@ impl<'a> Target<'a> {
 
     /// The clean residual stream at every site, `[B, T, L+1, D]`, detached.
     pub fn clean(&mut self, batch: &TokenBatch) -> Result<Tensor> {
-        let (b, t) = batch.dims();
         let states = match self.cache.as_deref_mut() {
-            Some(c) => c.states(self.model, batch.ids(), batch.mask(), b, t)?,                                          // [B, T, L+1, D]
+            Some(c) => c.states(self.model, batch)?,                                                                    // [B, T, L+1, D]
             None => self.model.forward_hidden(batch, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states"))?, // [B, T, L+1, D]
         };
         Ok(states.detach())
@@ -45,10 +44,9 @@ impl<'a> Target<'a> {
     /// detached. Without a cache only the blocks before it run.
     pub fn clean_at(&mut self, batch: &TokenBatch, site: Site) -> Result<Tensor> {
         let l = self.resid_index(site)?;
-        let (b, t) = batch.dims();
         let h = match self.cache.as_deref_mut() {
-            Some(c) => c.states(self.model, batch.ids(), batch.mask(), b, t)?.narrow(2, l, 1)?.squeeze(2)?, // [B, T, D]
-            None => self.model.forward_to(batch, l)?.0,                                                     // [B, T, D]
+            Some(c) => c.states(self.model, batch)?.narrow(2, l, 1)?.squeeze(2)?, // [B, T, D]
+            None => self.model.forward_to(batch, l)?.0,                           // [B, T, D]
         };
         Ok(h.detach())
     }

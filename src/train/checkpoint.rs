@@ -40,7 +40,7 @@ pub fn save(dir: &Path, params: &ParamStore, optimizer: Option<&AdamW>, meta: &s
 fn sha256_file(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::fetch::hex(&Sha256::digest(&bytes)))
 }
 
 /// Check a checkpoint's files against the sha256 sums in its `state.json` (checkpoints from
