@@ -3,18 +3,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
-use serde::Serialize;
 
 use super::LoadArgs;
+use crate::data::build::{BuildRequest, attribute_indices, build as build_sets, output_paths, splits_or_default, stem, summary_path, template_splits_of};
 use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::filter::group_counts;
 use crate::data::generate::{DataSplit, EntityPolicy};
 use crate::data::io::{ReadOptions, read_dataset, write_dataset};
-use crate::data::knowledge::{AttributeReport, Evaluator, Knowledge, KnowledgeOptions, KnowledgeTable, TableKey, cache_root, ensure, load_or_new};
-use crate::data::ravel::{KnowledgeBase, Split, builtin_domains, column_name};
-use crate::data::sample::{Balance, GroupStats, SampleOptions, Sampled, sample};
+use crate::data::knowledge::{AttributeReport, Evaluator, KnowledgeOptions, KnowledgeTable, TableKey, cache_root, ensure, load_or_new};
+use crate::data::ravel::{KnowledgeBase, Split, builtin_domains};
 
 #[derive(Subcommand, Debug)]
 #[allow(clippy::large_enum_variant)] // parsed once per process; boxing would only add noise
@@ -237,37 +236,6 @@ fn kb(a: &KbArgs) -> Result<()> {
     Ok(())
 }
 
-/// The summary written next to each built dataset.
-#[derive(Serialize)]
-struct BuildSummary<'a> {
-    tool: String,
-    output: String,
-    domain: &'a str,
-    targets: Vec<String>,
-    split: &'a str,
-    template_splits: Vec<&'static str>,
-    entities: EntityPolicy,
-    seed: u64,
-    causal_per_target: usize,
-    isolate_per_target: usize,
-    model: Option<String>,
-    start_token: Option<String>,
-    /// How the knowledge tables chose their cells (absent with --no-filter).
-    knowledge: Option<&'a KnowledgeOptions>,
-    knowledge_tables: &'a [AttributeReport],
-    /// Seconds to complete the knowledge tables (once for every split of the command).
-    knowledge_seconds: f64,
-    /// Seconds to sample and write this split.
-    sample_seconds: f64,
-    groups: &'a [GroupStats],
-    balance: &'a Balance,
-    /// Rows written, per `attribute_type/attribute`.
-    kept: std::collections::BTreeMap<String, usize>,
-    rows: usize,
-    causal_rows: usize,
-    isolate_rows: usize,
-}
-
 /// The knowledge base of `--domain`/`--kb-dir`, or with `-m toy` (and no `--kb-dir`) the toy world's.
 fn kb_for(model: Option<&str>, domain: &str, kb_dir: Option<&Path>) -> Result<KnowledgeBase> {
     let toy_kb = match (model, kb_dir) {
@@ -275,31 +243,6 @@ fn kb_for(model: Option<&str>, domain: &str, kb_dir: Option<&Path>) -> Result<Kn
         _ => None,
     };
     load_kb(domain, kb_dir.or(toy_kb.as_deref()))
-}
-
-/// The `--split` values, or by default train, val and test, leaving out (with a note) a split
-/// for which some target attribute has no templates (the toy world has no val templates).
-fn splits_or_default(kb: &KnowledgeBase, targets: &[usize], asked: &[String]) -> Result<Vec<DataSplit>> {
-    if !asked.is_empty() {
-        return Ok(asked.iter().map(|s| DataSplit::parse(s)).collect::<crate::Result<_>>()?);
-    }
-    let mut out = Vec::new();
-    for split in [DataSplit::Train, DataSplit::Val, DataSplit::Test] {
-        if targets.iter().all(|&t| !kb.templates_of(t, split.template_splits()).is_empty()) {
-            out.push(split);
-        } else {
-            eprintln!("note: the {} knowledge base has no {} templates for every target; not building that split", kb.domain, split.name());
-        }
-    }
-    Ok(out)
-}
-
-/// The RAVEL template splits that data splits read.
-fn template_splits_of(splits: &[DataSplit]) -> Vec<Split> {
-    let mut out: Vec<Split> = splits.iter().flat_map(|s| s.template_splits().iter().copied()).collect();
-    out.sort();
-    out.dedup();
-    out
 }
 
 /// One line per attribute: what its table holds and what evaluating it cost.
@@ -330,10 +273,11 @@ fn print_report(r: &AttributeReport) {
 
 fn build(a: &BuildArgs) -> Result<()> {
     let kb = kb_for(a.model.as_deref(), &a.domain, a.kb_dir.as_deref())?;
-    let targets: Vec<usize> = a.attributes.iter().map(|x| kb.attribute(x)).collect::<crate::Result<_>>()?;
-    let splits = splits_or_default(&kb, &targets, &a.split)?;
-    let entities = EntityPolicy::parse(&a.entities)?;
-    let isolate_from: Option<Vec<usize>> = if a.isolate_from.is_empty() { None } else { Some(a.isolate_from.iter().map(|x| kb.attribute(x)).collect::<crate::Result<_>>()?) };
+    let targets = attribute_indices(&kb, &a.attributes)?;
+    let asked: Vec<DataSplit> = a.split.iter().map(|s| DataSplit::parse(s)).collect::<crate::Result<_>>()?;
+    let mut notes = Vec::new();
+    let splits = splits_or_default(&kb, &targets, &asked, &mut notes);
+    notes.iter().for_each(|n| eprintln!("note: {n}"));
     let arrow = match a.format.as_str() {
         "jsonl" => false,
         "arrow" => true,
@@ -343,93 +287,47 @@ fn build(a: &BuildArgs) -> Result<()> {
         bail!("--model is required to sample rows from what the model knows (e.g. --model smollm2-135m); pass --no-filter to treat every fact as known");
     }
     // Output paths first: refuse to overwrite before spending minutes on the model.
-    let stem = format!("{}_{}", kb.domain, targets.iter().map(|&t| column_name(&kb.attributes[t])).collect::<Vec<_>>().join("+"));
-    let outputs: Vec<(DataSplit, PathBuf)> = splits.iter().map(|&s| (s, a.out.join(if arrow { format!("{stem}_{}", s.name()) } else { format!("{stem}_{}.jsonl", s.name()) }))).collect();
-    for (_, p) in &outputs {
-        if p.exists() && !a.force {
-            bail!("{} exists; pass --force to overwrite it or choose another --out", p.display());
-        }
-    }
+    output_paths(&a.out, &stem(&kb, &targets), &splits, arrow, a.force)?;
     let lm = match (&a.model, a.no_filter) {
         (Some(m), false) => Some(a.load.load(m)?),
         _ => None,
     };
-    // The knowledge tables: the targets (causal rows), and the other attributes (isolate rows).
-    let t0 = Instant::now();
-    let mut attributes: Vec<(usize, bool)> = targets.iter().map(|&t| (t, false)).collect();
-    if a.isolate > 0 {
-        let isolate_ok = |o: &usize| isolate_from.as_ref().is_none_or(|f| f.contains(o));
-        attributes.extend((0..kb.attributes.len()).filter(|o| !targets.contains(o) && isolate_ok(o)).map(|o| (o, true)));
-    }
-    let kopts = a.knowledge.options(template_splits_of(&splits), !a.quiet);
-    let (knowledge, reports) = match &lm {
-        Some(lm) => {
-            let ev = Evaluator { model: &lm.model, tokenizer: &lm.tokenizer, batch_size: kopts.batch_size, progress: kopts.progress };
-            let sha = lm.source.fingerprint()?;
-            eprintln!("knowledge tables of {} (model sha256 {}), {} domain:", lm.description, &sha[..16], kb.domain);
-            let (k, reports) = Knowledge::build(&ev, &kb, &attributes, &sha, &a.knowledge.root()?, &kopts)?;
-            reports.iter().for_each(print_report);
-            (Some(k), reports)
-        }
-        None => (None, Vec::new()),
+    let req = BuildRequest {
+        attributes: a.attributes.clone(),
+        splits: splits.clone(),
+        causal: a.causal,
+        isolate: a.isolate,
+        isolate_from: a.isolate_from.clone(),
+        entities: EntityPolicy::parse(&a.entities)?,
+        seed: a.seed,
+        knowledge: a.knowledge.options(template_splits_of(&splits), !a.quiet),
+        table_dir: a.knowledge.table_dir.clone(),
     };
-    let knowledge_seconds = t0.elapsed().as_secs_f64();
-    let known = |t: usize, e: usize| knowledge.as_ref().is_none_or(|k| k.known(t, e));
-    for (split, path) in outputs {
-        let t1 = Instant::now();
-        let opts = SampleOptions { targets: targets.clone(), split, causal: a.causal, isolate: a.isolate, isolate_from: isolate_from.clone(), seed: a.seed, entities };
-        let Sampled { rows, groups, balance } = sample(&kb, &known, &opts).with_context(|| format!("{} {} split", kb.domain, split.name()))?;
-        write_dataset(&path, &rows, arrow)?;
-        eprintln!("{} {}: {:<40} {:>7} {:>11} {:>10}", kb.domain, split.name(), "group", "rows", "known cells", "cells used");
-        for g in &groups {
+    if let Some(lm) = &lm {
+        eprintln!("knowledge tables of {} (model sha256 {}), {} domain:", lm.description, &lm.source.fingerprint()?[..16], kb.domain);
+    }
+    let t0 = Instant::now();
+    let built = build_sets(&kb, lm.as_ref(), &req)?;
+    built.reports.iter().for_each(print_report);
+    let paths = built.write(&a.out, arrow, a.force)?;
+    for (s, path) in built.splits.iter().zip(&paths) {
+        eprintln!("{} {}: {:<40} {:>7} {:>11} {:>10}", kb.domain, s.split.name(), "group", "rows", "known cells", "cells used");
+        for g in &s.groups {
             eprintln!("  {:<47} {:>7} {:>11} {:>10}", format!("{}/{} (instruction: {})", g.attribute_type, g.attribute, g.target), g.rows, g.known_cells, g.cells_used);
         }
-        eprintln!(
-            "  balance: {} entities (largest share {:.2}%), {} templates (largest share {:.2}%)",
-            balance.entities,
-            100.0 * balance.max_entity_share,
-            balance.templates,
-            100.0 * balance.max_template_share
-        );
-        let kept = group_counts(&rows);
-        let causal_rows = rows.iter().filter(|r| r.is_causal()).count();
-        let summary = BuildSummary {
-            tool: format!("hyperdas {} data build", env!("CARGO_PKG_VERSION")),
-            output: path.display().to_string(),
-            domain: &kb.domain,
-            targets: targets.iter().map(|&t| kb.attributes[t].clone()).collect(),
-            split: split.name(),
-            template_splits: split.template_splits().iter().map(|s| s.name()).collect(),
-            entities,
-            seed: a.seed,
-            causal_per_target: a.causal,
-            isolate_per_target: a.isolate,
-            model: lm.as_ref().map(|l| l.description.clone()),
-            start_token: lm.as_ref().map(|l| l.tokenizer.start_token_reason.clone()),
-            knowledge: lm.as_ref().map(|_| &kopts),
-            knowledge_tables: &reports,
-            knowledge_seconds,
-            sample_seconds: t1.elapsed().as_secs_f64(),
-            groups: &groups,
-            balance: &balance,
-            kept,
-            rows: rows.len(),
-            causal_rows,
-            isolate_rows: rows.len() - causal_rows,
-        };
-        let summary_path = summary_path(&path);
-        std::fs::write(&summary_path, serde_json::to_string_pretty(&summary)?).with_context(|| format!("cannot write {}", summary_path.display()))?;
+        eprintln!("  balance: {} entities (largest share {:.2}%), {} templates (largest share {:.2}%)", s.balance.entities, 100.0 * s.balance.max_entity_share, s.balance.templates, 100.0 * s.balance.max_template_share);
+        let causal_rows = s.rows.iter().filter(|r| r.is_causal()).count();
         println!(
             "wrote {} rows ({} causal, {} isolate) to {} in {:.1} s; summary: {}",
-            rows.len(),
+            s.rows.len(),
             causal_rows,
-            rows.len() - causal_rows,
+            s.rows.len() - causal_rows,
             path.display(),
-            t1.elapsed().as_secs_f64(),
-            summary_path.display()
+            s.sample_seconds,
+            summary_path(path).display()
         );
     }
-    println!("data build: {:.1} s in all ({:.1} s for the knowledge tables)", t0.elapsed().as_secs_f64(), knowledge_seconds);
+    println!("data build: {:.1} s in all ({:.1} s for the knowledge tables)", t0.elapsed().as_secs_f64(), built.knowledge_seconds);
     Ok(())
 }
 
@@ -490,13 +388,6 @@ fn knowledge(a: &KnowledgeCmdArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// `x.jsonl` → `x.summary.json`; a directory `x` → `x.summary.json` beside it.
-pub fn summary_path(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let stem = name.strip_suffix(".jsonl").unwrap_or(&name);
-    out.with_file_name(format!("{stem}.summary.json"))
 }
 
 fn show(a: &ShowArgs) -> Result<()> {

@@ -11,6 +11,7 @@
 //!
 //! `hyperdas data build` runs the first three and writes the fourth (docs/data.md).
 
+pub mod build;
 pub mod collate;
 pub mod filter;
 pub mod generate;

@@ -9,7 +9,9 @@
 //! * [`loss`]: the objective, `L = L_pred + λ(step) · R(W)`, and its terms.
 //! * [`sweep`]: a grid of runs (methods × layers × ranks × any setting), resumable.
 //! * [`flops`]: analytic matmul FLOP counts of a training step.
+//! * [`apply`]: a trained run on one new (base, source, instruction): positions, predictions, basis.
 
+pub mod apply;
 pub mod flops;
 pub mod loss;
 pub mod run;

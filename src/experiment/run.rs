@@ -326,6 +326,12 @@ pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<
     run_sharing(cfg, out, resume, progress, &mut None)
 }
 
+/// [`run`], handing every `metrics.jsonl` record (each step's loss, each evaluation) to
+/// `observer` as it is written: a notebook's progress callback.
+pub fn run_observed(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, observer: crate::train::metrics::Observer) -> Result<Option<BTreeMap<String, ModeResult>>> {
+    guarded(out, resume, || run_in(cfg, out, resume, progress, &mut None, Some(observer)))
+}
+
 /// A state cache handed from run to run (a sweep), with the settings it was made for.
 pub type SharedCache = Option<((ModelSection, String, super::trainer::CacheDtype), crate::model::cache::StateCache)>;
 
@@ -334,8 +340,13 @@ pub type SharedCache = Option<((ModelSection, String, super::trainer::CacheDtype
 /// identical to a fresh cache's, since its groups are canonical), and leaving this run's cache
 /// in `shared` afterwards.
 pub fn run_sharing(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mut SharedCache) -> Result<Option<BTreeMap<String, ModeResult>>> {
+    guarded(out, resume, || run_in(cfg, out, resume, progress, shared, None))
+}
+
+/// Run `f`, removing `out` again when `f` created it and failed before training anything.
+fn guarded<T>(out: &Path, resume: bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let created_here = !resume && !out.exists();
-    let result = run_in(cfg, out, resume, progress, shared);
+    let result = f();
     if result.is_err() && created_here && out.is_dir() {
         // Failed before anything worth keeping (no optimizer step logged, no checkpoint): a
         // bad input leaves no half-made run directory behind.
@@ -347,7 +358,7 @@ pub fn run_sharing(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, sh
     result
 }
 
-fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mut SharedCache) -> Result<Option<BTreeMap<String, ModeResult>>> {
+fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mut SharedCache, observer: Option<crate::train::metrics::Observer>) -> Result<Option<BTreeMap<String, ModeResult>>> {
     if cfg.train.batch_size == 0 || cfg.train.epochs == 0 || cfg.eval.batch_size == 0 || cfg.train.label_limit == 0 {
         return Err(Error::invalid(format!(
             "train.batch_size, train.epochs, eval.batch_size and train.label_limit must be at least 1 (got {}, {}, {}, {})",
@@ -431,8 +442,16 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     interp.register_prompts(&sets[1]);
     let pad = lm.tokenizer.padding_id();
     let mut log = if resume { MetricsLog::append(&out.join("metrics.jsonl"))? } else { MetricsLog::create(&out.join("metrics.jsonl"))? };
-    let plan = CheckpointPlan { dir: Some(&out.join("checkpoint")), resume, meta: serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))? };
     let total = cfg.train.total_steps(sets[0].len());
+    if let Some(mut f) = observer {
+        // The observer also learns the horizon (`total_steps`, not written to the file).
+        log = log.observe(Box::new(move |r| {
+            let mut r = r.clone();
+            r["total_steps"] = total.into();
+            f(&r)
+        }));
+    }
+    let plan = CheckpointPlan { dir: Some(&out.join("checkpoint")), resume, meta: serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))? };
     let trainer = Trainer::new(&lm.model, &mut interp, &ps, &cfg.train, total)?;
     let (_, opt) = trainer.fit(&TrainData { train: &sets[0], test: &sets[1], pad }, &mut log, &plan, progress)?;
     if opt.step < total {

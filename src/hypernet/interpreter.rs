@@ -128,6 +128,23 @@ pub struct Intervened {
     pub w_soft: Tensor,
 }
 
+/// The hypernetwork's reading of a batch: the clean states of base `[B, T_b, L+1, D]` and
+/// source `[B, T_s, L+1, D]`, and its output (`z`, `W`).
+fn pointer_pass(hypernet: &HyperNetwork, t: &mut Target, batch: &CollatedBatch, base: &crate::model::TokenBatch, source: &crate::model::TokenBatch) -> Result<(Tensor, Tensor, super::HyperOutput)> {
+    let dev = base.input_ids.device().clone();
+    let (b, ts, tb) = (batch.len(), batch.source_len, batch.base_len);
+    let hb = t.clean(base)?; // [B, T_b, L+1, D]
+    crate::profile::mark("clean base");
+    let hs = t.clean(source)?; // [B, T_s, L+1, D]
+    crate::profile::mark("clean source");
+    let base_mask = CollatedBatch::mask_tensor(&batch.base_intervention_mask, b, tb, &dev)?; // [B, T_b]
+    let source_mask = CollatedBatch::mask_tensor(&batch.source_intervention_mask, b, ts, &dev)?; // [B, T_s]
+    let instruction = batch.instruction_batch(&dev)?;
+    let out = hypernet.forward(&HyperInput { instruction: &instruction, base_states: &hb, base_mask: &base_mask, source_states: &hs, source_mask: &source_mask })?;
+    crate::profile::mark("hypernetwork");
+    Ok((hb, hs, out))
+}
+
 /// Where an interpreter intervenes.
 pub enum Positions {
     /// HyperDAS: a hypernetwork's pointer head chooses, per example, which source tokens mix
@@ -251,15 +268,7 @@ impl Interpreter {
         let mut t = Target::new(target, cache.as_mut());
         let (h, s, w, w_soft, z) = match &self.positions {
             Positions::Pointer(hypernet) => {
-                let hb = t.clean(&base)?; // [B, T_b, L+1, D]
-                crate::profile::mark("clean base");
-                let hs = t.clean(&source)?; // [B, T_s, L+1, D]
-                crate::profile::mark("clean source");
-                let base_mask = CollatedBatch::mask_tensor(&batch.base_intervention_mask, b, tb, dev)?; // [B, T_b]
-                let source_mask = CollatedBatch::mask_tensor(&batch.source_intervention_mask, b, ts, dev)?; // [B, T_s]
-                let instruction = batch.instruction_batch(dev)?;
-                let out = hypernet.forward(&HyperInput { instruction: &instruction, base_states: &hb, base_mask: &base_mask, source_states: &hs, source_mask: &source_mask })?;
-                crate::profile::mark("hypernetwork");
+                let (hb, hs, out) = pointer_pass(hypernet, &mut t, batch, &base, &source)?;
                 let w = match mode {
                     InferenceMode::Soft => out.w.clone(),
                     InferenceMode::GroundTruth => ground_truth(b, ts, tb, &batch.base_entity_pos, &batch.source_entity_pos, out.w.dtype(), dev)?,
@@ -288,5 +297,23 @@ impl Interpreter {
         let logits = t.run_from(site, &new, &ctx, &positions)?.to_dtype(DType::F32)?; // [B, K, V]
         crate::profile::mark("intervened");
         Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w, w_soft })
+    }
+
+    /// The instruction-conditioned basis each example of `batch` intervenes in, `[B, D, k]`
+    /// (docs/method.md §3): `R` for DAS and MDAS (the same for every example), `(I − 2uuᵀ) R`
+    /// for ReflectSelect, `R diag(σ)` for MaskSelect and Boundless DAS (the mask scales the
+    /// columns). An error for `subspace = none`, which has no basis.
+    pub fn basis(&self, target: &Llama, batch: &CollatedBatch) -> Result<Tensor> {
+        let z = match &self.positions {
+            Positions::Pointer(hypernet) => {
+                let dev = target.device();
+                let (base, source) = (batch.base_batch(dev)?, batch.source_batch(dev)?);
+                let mut cache = self.cache.borrow_mut();
+                let mut t = Target::new(target, cache.as_mut());
+                Some(pointer_pass(hypernet, &mut t, batch, &base, &source)?.2.z) // [B, D]
+            }
+            Positions::LastEntity => None,
+        };
+        self.subspace.basis(z.as_ref(), batch.len())
     }
 }

@@ -235,6 +235,35 @@ impl SubspaceModule {
         }
     }
 
+    /// The basis each of `b` examples intervenes in, `[B, D, k]`: `R`; `(I − 2uuᵀ) R` for
+    /// ReflectSelect; `R diag(σ)` for MaskSelect and Boundless DAS. `z [B, D]` is the
+    /// hypernetwork state the conditioned modules read (None for the baselines).
+    pub fn basis(&self, z: Option<&Tensor>, b: usize) -> Result<Tensor> {
+        let r = self.rotation()?; // [D, k]
+        let (d, k) = r.dims2()?;
+        let need_z = || z.ok_or_else(|| Error::invalid(format!("the {} subspace is conditioned on the instruction: it needs the hypernetwork's state", self.kind.name())));
+        match self.kind {
+            SubspaceKind::None => Err(Error::invalid("subspace = none intervenes on the whole residual: there is no basis")),
+            SubspaceKind::Das => Ok(r.unsqueeze(0)?.broadcast_as((b, d, k))?.contiguous()?),
+            SubspaceKind::ReflectSelect => {
+                let u = unit_last_dim(&self.conditioned(need_z()?)?)?; // [B, D]
+                let s = u.matmul(&r)?; // [B, k]  uᵀR
+                let outer = u.unsqueeze(2)?.matmul(&s.unsqueeze(1)?)?; // [B, D, k]  u (uᵀR)
+                Ok(r.unsqueeze(0)?.broadcast_sub(&outer.affine(2.0, 0.0)?)?) // [B, D, k]
+            }
+            SubspaceKind::MaskSelect => {
+                let logits = self.conditioned(need_z()?)?; // [B, k]
+                let mask = candle_nn::ops::sigmoid(&logits.affine(1.0 / self.temperature, 0.0)?)?; // [B, k]
+                Ok(r.unsqueeze(0)?.broadcast_mul(&mask.unsqueeze(1)?)?) // [B, D, k]
+            }
+            SubspaceKind::Boundless => {
+                let beta = self.boundary.as_ref().ok_or_else(|| Error::invalid("boundless module has no boundary"))?.as_tensor().clamp(0f32, 1f32)?;
+                let mask = boundary_mask(&beta.squeeze(0)?, k, self.temperature)?; // [k]
+                Ok(r.broadcast_mul(&mask.unsqueeze(0)?)?.unsqueeze(0)?.broadcast_as((b, d, k))?.contiguous()?) // [B, D, k]
+            }
+        }
+    }
+
     /// Re-orthonormalise the rotation (call after every optimizer step; the Householder
     /// parametrisation is orthonormal by construction).
     pub fn retract(&self) -> Result<()> {

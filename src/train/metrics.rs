@@ -9,19 +9,24 @@ use crate::error::{Error, Result};
 pub struct MetricsLog {
     path: PathBuf,
     out: BufWriter<File>,
+    observer: Option<Observer>,
 }
+
+/// Called with every record after it is written (a notebook's progress callback); an error
+/// stops the run as a failed write would.
+pub type Observer = Box<dyn FnMut(&serde_json::Value) -> Result<()>>;
 
 impl MetricsLog {
     /// Create (truncate) `path`.
     pub fn create(path: &Path) -> Result<Self> {
         let f = File::create(path).map_err(|e| Error::file(path, format!("cannot create: {e}")))?;
-        Ok(MetricsLog { path: path.to_path_buf(), out: BufWriter::new(f) })
+        Ok(MetricsLog { path: path.to_path_buf(), out: BufWriter::new(f), observer: None })
     }
 
     /// Append to `path` (resuming a run).
     pub fn append(path: &Path) -> Result<Self> {
         let f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-        Ok(MetricsLog { path: path.to_path_buf(), out: BufWriter::new(f) })
+        Ok(MetricsLog { path: path.to_path_buf(), out: BufWriter::new(f), observer: None })
     }
 
     /// Keep only the records of steps ≤ `step` (resuming from a checkpoint at `step` after a
@@ -41,7 +46,9 @@ impl MetricsLog {
             }
             Ok(())
         })?;
+        let observer = self.observer.take();
         *self = MetricsLog::append(&self.path)?;
+        self.observer = observer;
         Ok(())
     }
 
@@ -49,6 +56,16 @@ impl MetricsLog {
         let err = |e: &dyn std::fmt::Display| Error::file(&self.path, format!("cannot write: {e}"));
         serde_json::to_writer(&mut self.out, record).map_err(|e| err(&e))?;
         self.out.write_all(b"\n").map_err(|e| err(&e))?;
-        self.out.flush().map_err(|e| err(&e))
+        self.out.flush().map_err(|e| err(&e))?;
+        match &mut self.observer {
+            Some(f) => f(record),
+            None => Ok(()),
+        }
+    }
+
+    /// Also hand every record to `f`.
+    pub fn observe(mut self, f: Observer) -> Self {
+        self.observer = Some(f);
+        self
     }
 }
