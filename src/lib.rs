@@ -25,6 +25,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod experiment;
+pub mod export;
 pub mod fetch;
 pub mod hypernet;
 pub mod intervention;

@@ -39,6 +39,8 @@ const LAYERS: &[&str] = &[
     "experiment",
     // pages and tables over finished runs
     "report",
+    // finished runs in other tools' formats (pyvene, torch)
+    "export",
     // the command line
     "cli",
 ];

@@ -315,7 +315,13 @@ fn build(a: &BuildArgs) -> Result<()> {
         for g in &s.groups {
             eprintln!("  {:<47} {:>7} {:>11} {:>10}", format!("{}/{} (instruction: {})", g.attribute_type, g.attribute, g.target), g.rows, g.known_cells, g.cells_used);
         }
-        eprintln!("  balance: {} entities (largest share {:.2}%), {} templates (largest share {:.2}%)", s.balance.entities, 100.0 * s.balance.max_entity_share, s.balance.templates, 100.0 * s.balance.max_template_share);
+        eprintln!(
+            "  balance: {} entities (largest share {:.2}%), {} templates (largest share {:.2}%)",
+            s.balance.entities,
+            100.0 * s.balance.max_entity_share,
+            s.balance.templates,
+            100.0 * s.balance.max_template_share
+        );
         let causal_rows = s.rows.iter().filter(|r| r.is_causal()).count();
         println!(
             "wrote {} rows ({} causal, {} isolate) to {} in {:.1} s; summary: {}",

@@ -7,6 +7,7 @@ mod compare;
 mod data;
 mod demo;
 mod eval;
+mod export;
 mod info;
 mod toy;
 mod train;
@@ -54,6 +55,9 @@ enum Command {
     Report(eval::ReportArgs),
     /// Apply a trained run to one new base/source/instruction: chosen positions and the prediction before/after.
     Apply(apply::ApplyArgs),
+    /// Write a trained run in another tool's format: `export pyvene` (a DAS/MDAS rotation pyvene loads; HyperDAS's per-example bases as safetensors).
+    #[command(subcommand)]
+    Export(export::ExportCommand),
     /// RAVEL data: build counterfactual train/test sets, inspect the knowledge base, show and convert datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -157,6 +161,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(&a),
         Command::VerifyModel(a) => verify::run(&a),
         Command::Data(c) => data::run(&c),
+        Command::Export(c) => export::run(&c),
         Command::Toy(a) => toy::run(&a),
         Command::Train(a) => train::run(&a),
         Command::Baseline(a) => train::baseline(&a),
