@@ -43,6 +43,22 @@ pub fn load_text<T: Serialize + DeserializeOwned + Default>(text: &str, name: &s
     resolve(to_table(&T::default())?, Some((user, name.to_string())), sets)
 }
 
+/// [`load_over`] with the user's settings as a table (a notebook's dict) named `name` in errors.
+/// Top-level dotted keys (`"train.lr"`) are set like `--set` keys.
+pub fn load_table_over<T: Serialize + DeserializeOwned>(base: &T, user: Table, name: &str, sets: &[String]) -> Result<T> {
+    let mut nested = Table::new();
+    let mut all_sets = Vec::new();
+    for (k, v) in user {
+        if k.contains('.') {
+            all_sets.push(format!("{k}={v}")); // a TOML literal, read back by `parse_value`
+        } else {
+            nested.insert(k, v);
+        }
+    }
+    all_sets.extend_from_slice(sets);
+    resolve(to_table(base)?, Some((nested, name.to_string())), &all_sets)
+}
+
 /// `table` (the defaults or a preset), then the `user` table from `source`, then `sets`.
 fn resolve<T: DeserializeOwned>(mut table: Table, user: Option<(Table, String)>, sets: &[String]) -> Result<T> {
     let source = match user {

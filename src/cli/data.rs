@@ -238,11 +238,7 @@ fn kb(a: &KbArgs) -> Result<()> {
 
 /// The knowledge base of `--domain`/`--kb-dir`, or with `-m toy` (and no `--kb-dir`) the toy world's.
 fn kb_for(model: Option<&str>, domain: &str, kb_dir: Option<&Path>) -> Result<KnowledgeBase> {
-    let toy_kb = match (model, kb_dir) {
-        (Some(m), None) if crate::experiment::run::toy_config(m).is_some() => Some(PathBuf::from(crate::experiment::run::model_spec(m, true)?).join("ravel")),
-        _ => None,
-    };
-    load_kb(domain, kb_dir.or(toy_kb.as_deref()))
+    Ok(crate::experiment::run::knowledge_base(model, domain, kb_dir)?)
 }
 
 /// One line per attribute: what its table holds and what evaluating it cost.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::experiment::run::{RunConfig, run as run_config};
+use crate::experiment::run::{resolve_config, run as run_config};
 use crate::hypernet::interpreter::Method;
 
 #[derive(Args, Debug)]
@@ -52,18 +52,7 @@ pub fn baseline(a: &BaselineArgs) -> Result<()> {
 }
 
 fn run_with(a: &TrainArgs, method: Method) -> Result<()> {
-    let preset = RunConfig::preset(method);
-    let mut cfg: RunConfig = crate::config::load_over(&preset, a.config.as_deref(), &a.set)?;
-    let asked = cfg.interpreter.method;
-    if asked != method {
-        anyhow::bail!(
-            "interpreter.method = {:?} (from --config/--set) contradicts the command, which trains {}; drop the setting or use {}",
-            asked.name(),
-            method.label(),
-            if asked.is_baseline() { format!("hyperdas baseline {}", asked.name()) } else { "hyperdas train".into() }
-        );
-    }
-    cfg.interpreter.method = method;
+    let cfg = resolve_config(method, a.config.as_deref(), None, &a.set)?;
     if a.show_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());

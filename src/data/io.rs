@@ -106,8 +106,25 @@ pub fn read_jsonl(path: &Path, opts: ReadOptions) -> Result<Dataset> {
     Ok(ds)
 }
 
+/// Rows given as JSON objects (a notebook's list of dicts), checked as a JSONL file's are;
+/// `source` names them in errors and row numbers count from 1.
+pub fn read_json_rows(source: &Path, rows: &[serde_json::Value], opts: ReadOptions) -> Result<Dataset> {
+    let mut ds = Dataset { source: source.to_path_buf(), ..Default::default() };
+    let mut extra = std::collections::BTreeSet::new();
+    for (i, v) in rows.iter().enumerate() {
+        let row = parse_json_value(v, &mut extra);
+        admit(&mut ds, source, i + 1, row, opts)?;
+    }
+    ds.extra_columns = extra.into_iter().collect();
+    Ok(ds)
+}
+
 fn parse_json_row(line: &str, extra: &mut std::collections::BTreeSet<String>) -> std::result::Result<RavelRow, String> {
     let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    parse_json_value(&v, extra)
+}
+
+fn parse_json_value(v: &serde_json::Value, extra: &mut std::collections::BTreeSet<String>) -> std::result::Result<RavelRow, String> {
     let obj = v.as_object().ok_or("not a JSON object")?;
     let mut vals: [String; 13] = Default::default();
     for (slot, col) in vals.iter_mut().zip(COLUMNS) {

@@ -598,34 +598,86 @@ pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
     Ok(LoadedRun { config, lm, params, interpreter })
 }
 
-/// Evaluate a run on `data` with `modes`; writes `eval/<data name>.{results.json,csv,positions.jsonl}`
-/// into the run directory and returns the scores.
-pub fn eval_run(dir: &Path, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
-    let run = load_run(dir, progress)?;
+/// Score `ds` with a loaded run in `modes` (a baseline: its own mode), keeping each row's
+/// selected positions.
+pub fn evaluate(run: &LoadedRun, ds: &crate::data::io::Dataset, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<Scored> {
     let cfg = &run.config;
     let modes = &modes_for(run.interpreter.method(), modes)?[..];
-    let ds = read_dataset(data, ReadOptions { skip_bad_rows })?;
-    let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &cfg.data.collate_options(skip_bad_rows), &data.display().to_string())?;
+    let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &cfg.data.collate_options(skip_bad_rows), &ds.source.display().to_string())?;
     if progress {
         eprintln!("{}; {} encoded, {} skipped", ds.describe(), enc.rows.len(), enc.skipped.len());
     }
+    if enc.rows.is_empty() {
+        return Err(Error::file(&ds.source, "no rows to evaluate"));
+    }
     run.interpreter.register_prompts(&enc.rows);
-    let name = data.file_name().map(|n| n.to_string_lossy().trim_end_matches(".jsonl").to_string()).unwrap_or_else(|| "data".into());
-    let out = dir.join("eval");
-    std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, format!("cannot create: {e}")))?;
     let scored = score_modes(&run.lm.model, &run.interpreter, &enc.rows, modes, cfg, run.lm.tokenizer.padding_id(), true)?;
-    write_results(&out, &format!("{name}."), &scored)?;
     if progress {
         eprint!("{}", scored.table());
     }
+    Ok(scored)
+}
+
+/// Write `scored` as `{dir}/eval/{name}.{results.json,csv,by_attribute.*,positions.jsonl}`.
+pub fn write_eval(dir: &Path, name: &str, scored: &Scored) -> Result<()> {
+    let out = dir.join("eval");
+    std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, format!("cannot create: {e}")))?;
+    write_results(&out, &format!("{name}."), scored)?;
     let mut positions = String::new();
     for p in &scored.selections {
         positions += &serde_json::to_string(&p).map_err(|e| Error::invalid(e.to_string()))?;
         positions.push('\n');
     }
-    let pj = out.join(format!("{name}.positions.jsonl"));
-    std::fs::write(&pj, positions).map_err(|e| Error::file(&pj, format!("cannot write: {e}")))?;
+    crate::atomic::write_text(&out.join(format!("{name}.positions.jsonl")), &positions)
+}
+
+/// The name a dataset's results go under in `eval/`: its file name without `.jsonl`.
+pub fn eval_name(data: &Path) -> String {
+    data.file_name().map(|n| n.to_string_lossy().trim_end_matches(".jsonl").to_string()).unwrap_or_else(|| "data".into())
+}
+
+/// Evaluate a run on `data` with `modes`; writes `eval/<data name>.{results.json,csv,positions.jsonl}`
+/// into the run directory and returns the scores.
+pub fn eval_run(dir: &Path, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
+    let run = load_run(dir, progress)?;
+    let ds = read_dataset(data, ReadOptions { skip_bad_rows })?;
+    let scored = evaluate(&run, &ds, modes, skip_bad_rows, progress)?;
+    write_eval(dir, &eval_name(data), &scored)?;
     Ok(scored.results)
+}
+
+/// The configuration of a `method` run: its preset, then `file`, then `user` (a table, e.g. a
+/// notebook's dict), then `sets`. An `interpreter.method` naming another method is an error.
+pub fn resolve_config(method: Method, file: Option<&Path>, user: Option<toml::Table>, sets: &[String]) -> Result<RunConfig> {
+    let preset = RunConfig::preset(method);
+    let mut cfg: RunConfig = match user {
+        Some(table) => {
+            let over_file: RunConfig = crate::config::load_over(&preset, file, &[])?;
+            crate::config::load_table_over(&over_file, table, "the configuration given", sets)?
+        }
+        None => crate::config::load_over(&preset, file, sets)?,
+    };
+    let asked = cfg.interpreter.method;
+    if asked != method {
+        let other =
+            if asked.is_baseline() { format!("`hyperdas baseline {}` (Python: hyperdas.baseline({:?}, ...))", asked.name(), asked.name()) } else { "`hyperdas train` (Python: hyperdas.train)".into() };
+        return Err(Error::invalid(format!("interpreter.method = {:?} contradicts the command, which trains {}; drop the setting or use {other}", asked.name(), method.label())));
+    }
+    cfg.interpreter.method = method;
+    Ok(cfg)
+}
+
+/// The knowledge base of `domain` (or the one in `kb_dir`); with a toy model (`toy`,
+/// `toy:tiny`) and no `kb_dir`, the toy world's own.
+pub fn knowledge_base(model: Option<&str>, domain: &str, kb_dir: Option<&Path>) -> Result<crate::data::KnowledgeBase> {
+    let toy_kb = match (model, kb_dir) {
+        (Some(m), None) if toy_config(m).is_some() => Some(PathBuf::from(model_spec(m, true)?).join("ravel")),
+        _ => None,
+    };
+    match kb_dir.or(toy_kb.as_deref()) {
+        Some(dir) => crate::data::KnowledgeBase::from_dir(dir, domain),
+        None => crate::data::KnowledgeBase::builtin(domain),
+    }
 }
 
 #[cfg(test)]
