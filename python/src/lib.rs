@@ -202,11 +202,14 @@ impl Model {
         let mut wanted: Vec<(String, Option<usize>)> = Vec::new();
         for s in &names {
             let site = s.parse::<Site>().and_then(|x| x.resolve(n)).map_err(err)?;
-            wanted.push((s.clone(), match site {
-                Site::ResidPre(l) => Some(l),
-                Site::ResidPost(l) => Some(l + 1),
-                _ => None,
-            }));
+            wanted.push((
+                s.clone(),
+                match site {
+                    Site::ResidPre(l) => Some(l),
+                    Site::ResidPost(l) => Some(l + 1),
+                    _ => None,
+                },
+            ));
         }
         let (batch, _) = self.batch(&prompts)?;
         let mut seen: Vec<Option<Tensor>> = vec![None; n + 1];
@@ -296,7 +299,17 @@ impl Run {
     /// Positions chosen, predictions before and after, `W`, tokens (a dict).
     #[pyo3(signature = (base, source, instruction, mode = "soft", top = 5, base_entity = None, source_entity = None))]
     #[allow(clippy::too_many_arguments)]
-    fn apply<'py>(&self, py: Python<'py>, base: &str, source: &str, instruction: &str, mode: &str, top: usize, base_entity: Option<String>, source_entity: Option<String>) -> PyResult<Bound<'py, PyAny>> {
+    fn apply<'py>(
+        &self,
+        py: Python<'py>,
+        base: &str,
+        source: &str,
+        instruction: &str,
+        mode: &str,
+        top: usize,
+        base_entity: Option<String>,
+        source_entity: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let mode = InferenceMode::parse(mode).map_err(err)?;
         let a = apply(&self.run, &Run::query(base, source, instruction, base_entity, source_entity), mode, top).map_err(err)?;
         let mut v = serde_json::to_value(&a).map_err(err)?;
@@ -332,7 +345,8 @@ fn config_for(py: Python<'_>, method: &str, config: Option<&Bound<'_, PyAny>>) -
             if let Ok(path) = c.extract::<PathBuf>() {
                 return resolve_config(method, Some(&path), None, &[]).map_err(err);
             }
-            let table: toml::Table = toml::Value::try_from(to_json(py, c)?).map_err(|e| err(format!("the configuration dict: {e}")))?.try_into().map_err(|e| err(format!("the configuration dict: {e}")))?;
+            let table: toml::Table =
+                toml::Value::try_from(to_json(py, c)?).map_err(|e| err(format!("the configuration dict: {e}")))?.try_into().map_err(|e| err(format!("the configuration dict: {e}")))?;
             resolve_config(method, None, Some(table), &[]).map_err(err)
         }
     }
