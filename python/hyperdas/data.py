@@ -35,13 +35,16 @@ def build(
     format: str = "jsonl",
     force: bool = False,
     progress: bool = False,
+    max_entities: int = 300,
 ) -> Union[List[Row], Dict[str, List[Row]]]:
     """Sample causal and isolate rows from the facts ``model`` knows (its knowledge table,
     computed once and cached), as ``hyperdas data build`` does; ``model=None`` treats every fact
     as known. ``split``: ``train``, ``val``, ``test``, ``heldout`` or a list (default: train, val
     and test). Returns the rows of a single split as a list, of several as ``{split: rows}``.
     With ``out``, also writes ``{domain}_{attribute}_{split}.jsonl`` (or ``datasets``
-    directories with ``format="arrow"``) and a ``.summary.json`` per split into ``out``."""
+    directories with ``format="arrow"``) and a ``.summary.json`` per split into ``out``.
+    ``max_entities``: entities whose facts are checked under every template, per attribute
+    (fewer is faster; 0 checks every entity that passes the screen)."""
     if isinstance(model, str):
         model = Model.load(model)
     names = [attributes] if isinstance(attributes, str) else list(attributes)
@@ -61,6 +64,7 @@ def build(
         format,
         force,
         progress,
+        max_entities,
     )
     return sets[split] if isinstance(split, str) else sets
 

