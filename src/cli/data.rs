@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 
 use super::LoadArgs;
-use crate::data::build::{BuildRequest, attribute_indices, build as build_sets, output_paths, splits_or_default, stem, summary_path, template_splits_of};
+use crate::data::build::{BuildRequest, attribute_indices, output_paths, prepare, splits_or_default, stem, summary_path, template_splits_of};
 use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::filter::group_counts;
 use crate::data::generate::{DataSplit, EntityPolicy};
@@ -303,8 +303,9 @@ fn build(a: &BuildArgs) -> Result<()> {
         eprintln!("knowledge tables of {} (model sha256 {}), {} domain:", lm.description, &lm.source.fingerprint()?[..16], kb.domain);
     }
     let t0 = Instant::now();
-    let built = build_sets(&kb, lm.as_ref(), &req)?;
-    built.reports.iter().for_each(print_report);
+    let prepared = prepare(&kb, lm.as_ref(), &req)?;
+    prepared.reports.iter().for_each(print_report);
+    let built = prepared.sample()?;
     let paths = built.write(&a.out, arrow, a.force)?;
     for (s, path) in built.splits.iter().zip(&paths) {
         eprintln!("{} {}: {:<40} {:>7} {:>11} {:>10}", kb.domain, s.split.name(), "group", "rows", "known cells", "cells used");

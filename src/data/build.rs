@@ -152,8 +152,25 @@ pub fn attribute_indices(kb: &KnowledgeBase, names: &[String]) -> Result<Vec<usi
     names.iter().map(|x| kb.attribute(x)).collect()
 }
 
-/// Build `req` from `kb`, keeping only facts `lm` knows (every fact with `lm = None`).
-pub fn build(kb: &KnowledgeBase, lm: Option<&LoadedModel>, req: &BuildRequest) -> Result<Built> {
+/// The knowledge tables done, the sampling still to come ([`prepare`], then [`Prepared::sample`]):
+/// a caller can report the tables before sampling fails for lack of known facts.
+pub struct Prepared<'a> {
+    kb: &'a KnowledgeBase,
+    request: BuildRequest,
+    targets: Vec<usize>,
+    isolate_from: Option<Vec<usize>>,
+    knowledge: Option<Knowledge>,
+    model: Option<(String, String)>,
+    /// The knowledge tables' reports (empty without a model).
+    pub reports: Vec<AttributeReport>,
+    pub knowledge_seconds: f64,
+    /// Notes for the user (a split left out, ...).
+    pub notes: Vec<String>,
+}
+
+/// Complete the knowledge tables `req` needs from `kb` for `lm` (none with `lm = None`: every
+/// fact counts as known).
+pub fn prepare<'a>(kb: &'a KnowledgeBase, lm: Option<&LoadedModel>, req: &BuildRequest) -> Result<Prepared<'a>> {
     if req.attributes.is_empty() {
         return Err(Error::invalid("no target attribute: name at least one (e.g. Country)"));
     }
@@ -168,8 +185,10 @@ pub fn build(kb: &KnowledgeBase, lm: Option<&LoadedModel>, req: &BuildRequest) -
         let isolate_ok = |o: &usize| isolate_from.as_ref().is_none_or(|f| f.contains(o));
         attributes.extend((0..kb.attributes.len()).filter(|o| !targets.contains(o) && isolate_ok(o)).map(|o| (o, true)));
     }
-    let mut kopts = req.knowledge.clone();
-    kopts.splits = template_splits_of(&splits);
+    let mut request = req.clone();
+    request.splits = splits;
+    request.knowledge.splits = template_splits_of(&request.splits);
+    let kopts = &request.knowledge;
     let (knowledge, reports) = match lm {
         Some(lm) => {
             let ev = Evaluator { model: &lm.model, tokenizer: &lm.tokenizer, batch_size: kopts.batch_size, progress: kopts.progress };
@@ -178,33 +197,55 @@ pub fn build(kb: &KnowledgeBase, lm: Option<&LoadedModel>, req: &BuildRequest) -
                 Some(d) => d.clone(),
                 None => cache_root()?,
             };
-            let (k, reports) = Knowledge::build(&ev, kb, &attributes, &sha, &root, &kopts)?;
+            let (k, reports) = Knowledge::build(&ev, kb, &attributes, &sha, &root, kopts)?;
             (Some(k), reports)
         }
         None => (None, Vec::new()),
     };
-    let knowledge_seconds = t0.elapsed().as_secs_f64();
-    let known = |t: usize, e: usize| knowledge.as_ref().is_none_or(|k| k.known(t, e));
-    let mut built = Vec::new();
-    for split in splits {
-        let t1 = Instant::now();
-        let opts = SampleOptions { targets: targets.clone(), split, causal: req.causal, isolate: req.isolate, isolate_from: isolate_from.clone(), seed: req.seed, entities: req.entities };
-        let s = sample(kb, &known, &opts).map_err(|e| Error::invalid(format!("{} {} split: {e}", kb.domain, split.name())))?;
-        built.push(BuiltSplit { split, rows: s.rows, groups: s.groups, balance: s.balance, sample_seconds: t1.elapsed().as_secs_f64() });
-    }
-    let mut request = req.clone();
-    request.knowledge = kopts;
-    Ok(Built {
-        domain: kb.domain.clone(),
-        targets: targets.iter().map(|&t| kb.attributes[t].clone()).collect(),
-        stem: stem(kb, &targets),
+    Ok(Prepared {
+        kb,
+        targets,
+        isolate_from,
+        knowledge,
+        model: lm.map(|l| (l.description.clone(), l.tokenizer.start_token_reason.clone())),
         reports,
-        knowledge_seconds,
-        splits: built,
+        knowledge_seconds: t0.elapsed().as_secs_f64(),
         notes,
         request,
-        model: lm.map(|l| (l.description.clone(), l.tokenizer.start_token_reason.clone())),
     })
+}
+
+impl Prepared<'_> {
+    /// Sample every split from the known cells.
+    pub fn sample(self) -> Result<Built> {
+        let kb = self.kb;
+        let req = &self.request;
+        let known = |t: usize, e: usize| self.knowledge.as_ref().is_none_or(|k| k.known(t, e));
+        let mut built = Vec::new();
+        for &split in &req.splits {
+            let t1 = Instant::now();
+            let opts =
+                SampleOptions { targets: self.targets.clone(), split, causal: req.causal, isolate: req.isolate, isolate_from: self.isolate_from.clone(), seed: req.seed, entities: req.entities };
+            let s = sample(kb, &known, &opts).map_err(|e| Error::invalid(format!("{} {} split: {e}", kb.domain, split.name())))?;
+            built.push(BuiltSplit { split, rows: s.rows, groups: s.groups, balance: s.balance, sample_seconds: t1.elapsed().as_secs_f64() });
+        }
+        Ok(Built {
+            domain: kb.domain.clone(),
+            targets: self.targets.iter().map(|&t| kb.attributes[t].clone()).collect(),
+            stem: stem(kb, &self.targets),
+            reports: self.reports,
+            knowledge_seconds: self.knowledge_seconds,
+            splits: built,
+            notes: self.notes,
+            request: self.request,
+            model: self.model,
+        })
+    }
+}
+
+/// Build `req` from `kb`, keeping only facts `lm` knows ([`prepare`] then [`Prepared::sample`]).
+pub fn build(kb: &KnowledgeBase, lm: Option<&LoadedModel>, req: &BuildRequest) -> Result<Built> {
+    prepare(kb, lm, req)?.sample()
 }
 
 /// `{stem}_{split}.jsonl`, or `{stem}_{split}` (a directory) for Arrow.
