@@ -11,10 +11,11 @@ export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-1}"
 
 cargo test --features hub
 
-venv=target/pytest-venv
+venv="$PWD/target/pytest-venv"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
+export PATH="$venv/bin:$PATH" # maturin's build hook runs the `maturin` of the environment
 "$venv/bin/python" -m pip install -q --upgrade "maturin>=1.9,<2" "numpy>=1.21" "pytest>=7"
 MATURIN_PEP517_ARGS="--profile dev" "$venv/bin/python" -m pip install -q --no-build-isolation --force-reinstall --no-deps .
 "$venv/bin/python" -m pytest -q
