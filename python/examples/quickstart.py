@@ -1,5 +1,6 @@
-"""hyperdas from Python, top to bottom, on SmolLM2-135M (CPU, about 10 minutes on 2 cores the
-first time: a 93 MB download, the model's knowledge table, two short trainings).
+"""hyperdas from Python, top to bottom, on SmolLM2-135M (CPU, 10 to 15 minutes on 2 cores the
+first time: a 93 MB download, the model's knowledge table, two short trainings, every
+inference mode scored).
 
     pip install .            # from a clone of the repository (builds the Rust core)
     pip install matplotlib   # optional: the heatmap at the end
@@ -58,7 +59,8 @@ query = ("city: Paris, country:", "city: Tokyo, country:", "Paris ; Tokyo - Coun
 applied = hyper.apply(*query, mode="bidding_argmax")
 for c in applied["choices"]:
     src = "self" if c["source_index"] is None else f"<- source {c['source_index']} {c['source_token']!r}"
-    print(f"  {c['base_index']:>2} {c['base_token']!r:>12} {src} ({c['weight']:.2f})")
+    note = "" if c["intervenable"] else " (after the entity: not intervenable)"
+    print(f"  {c['base_index']:>2} {c['base_token']!r:>12} {src} ({c['weight']:.2f}){note}")
 print("before:", applied["before"][:3])
 print("after: ", applied["after"][:3])
 basis = hyper.subspace(*query)  # [D, k]

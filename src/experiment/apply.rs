@@ -50,7 +50,8 @@ pub struct Applied {
     /// Next-token top-k before and after the intervention, with probabilities.
     pub before: Vec<(String, f32)>,
     pub after: Vec<(String, f32)>,
-    /// `W [T_s+1, T_b]`: row `i < T_s` is source token `i`, the last row "keep the base".
+    /// `W [T_s+1, T_b]` over the base prompt's tokens: row `i < T_s` is source token `i`, the
+    /// last row "keep the base".
     pub weights: Vec<Vec<f32>>,
     pub base_tokens: Vec<String>,
     pub source_tokens: Vec<String>,
@@ -146,8 +147,9 @@ pub fn apply(run: &LoadedRun, q: &Query, mode: InferenceMode, top: usize) -> Res
         choices,
         before: top_tokens(run, &before, top)?,
         after: top_tokens(run, &after, top)?,
-        weights,
-        base_tokens: enc.base_ids.iter().map(|&i| decode(i)).collect::<Result<_>>()?,
+        // The base prompt's columns only (the query's placeholder label is not shown).
+        weights: weights.into_iter().map(|row| row[..enc.label_start].to_vec()).collect(),
+        base_tokens: enc.base_ids[..enc.label_start].iter().map(|&i| decode(i)).collect::<Result<_>>()?,
         source_tokens: enc.source_ids.iter().map(|&i| decode(i)).collect::<Result<_>>()?,
     })
 }
