@@ -11,6 +11,7 @@ pyvene (not dependencies of hyperdas), and the hyperdas package (`pip install .`
 """
 
 import argparse
+import importlib.metadata
 import json
 import sys
 
@@ -70,7 +71,8 @@ def main() -> int:
         "top1_agreement": agree / max(checked, 1),
         "max_abs_prob_diff_top5": float(max(dp)) if dp else None,
         "max_abs_logprob_diff_top5": float(max(dlogp)) if dlogp else None,
-        "pyvene": getattr(pv, "__version__", "?"),
+        "pyvene": importlib.metadata.version("pyvene"),
+        "transformers": importlib.metadata.version("transformers"),
         "torch": torch.__version__,
     }
     print(json.dumps(report, indent=2))
