@@ -21,6 +21,7 @@ pub struct EvalArgs {
     /// Skip (and count) malformed or over-long rows instead of failing.
     #[arg(long)]
     skip_bad_rows: bool,
+    /// No progress bars, and no per-attribute table on stderr.
     #[arg(long, short)]
     quiet: bool,
 }

@@ -61,7 +61,7 @@ enum Command {
     /// RAVEL data: build counterfactual train/test sets, inspect the knowledge base, show and convert datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
-    /// Benchmarks.
+    /// Benchmarks: `bench forward`, `bench train`, `bench eval`, `bench toy`, `bench matmul` (each has --help).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }

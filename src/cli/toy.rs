@@ -12,12 +12,13 @@ pub struct ToyArgs {
     /// Also copy the model directory here (it is always kept in the cache).
     #[arg(long, short)]
     out: Option<PathBuf>,
+    /// Seed of the world's facts and of the model's training [default: 0].
     #[arg(long)]
     seed: Option<u64>,
-    /// Cities in the world (default 200).
+    /// Cities in the world [default: 200; 24 with --tiny].
     #[arg(long)]
     cities: Option<usize>,
-    /// Training steps (default 1500).
+    /// Training steps [default: 500; 300 with --tiny].
     #[arg(long)]
     steps: Option<usize>,
     /// The small test variant (24 cities, one block; seconds to train).
