@@ -111,7 +111,8 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     // train on several attributes). A real model: Country only, to keep the run short.
     let target_names: Vec<&str> = if toy.is_some() && !tiny { vec!["Country", "Continent"] } else { vec!["Country"] };
     let targets: Vec<usize> = target_names.iter().map(|n| kb.attribute(n)).collect::<crate::Result<_>>()?;
-    let stem = format!("city_{}", target_names.join("_").to_lowercase());
+    // One naming rule with `data build`: `city_country+continent_train.jsonl`.
+    let stem = crate::data::build::stem(&kb, &targets);
     let data_dir = out.join("data");
     std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let mut paths = Vec::new();
