@@ -483,6 +483,13 @@ fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
     let o = cmd(&["eval", "--run", work.path().to_str().unwrap(), "--data", test.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("not a run directory"), "{}", text(&o).1);
+    // Without --data, eval scores the run's own test set (data.test): the same scores.
+    let o = cmd(&["eval", "--quiet", "--run", run.to_str().unwrap(), "--modes", "soft"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let again: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("eval/city_country_test.results.json")).unwrap()).unwrap();
+    assert_eq!(again["soft"], results["soft"]);
+    let o = cmd(&["eval", "--run", work.path().to_str().unwrap()]);
+    assert!(text(&o).1.contains("not a run directory"), "{}", text(&o).1);
 
     // Apply the run to a new triple: chosen positions and the prediction before/after.
     let o = cmd(&["apply", "--run", run.to_str().unwrap(), "--base", "city: Paris, country:", "--source", "city: Tokyo, country:", "--instruction", "Paris ; Tokyo - Country"]);

@@ -12,9 +12,9 @@ pub struct EvalArgs {
     /// The run directory (`hyperdas train --out`).
     #[arg(long)]
     run: PathBuf,
-    /// A .jsonl file or datasets save_to_disk directory.
+    /// A .jsonl file or datasets save_to_disk directory [default: the run's own test set, data.test].
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
     /// Inference modes, comma-separated (default: every mode; a wrong name lists the valid ones).
     #[arg(long, value_delimiter = ',', value_parser = InferenceMode::parse)]
     modes: Vec<InferenceMode>,
@@ -28,7 +28,11 @@ pub struct EvalArgs {
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     let modes: Vec<InferenceMode> = if a.modes.is_empty() { InferenceMode::ALL.to_vec() } else { a.modes.clone() };
-    let results = crate::experiment::run::eval_run(&a.run, &a.data, &modes, a.skip_bad_rows, !a.quiet)?;
+    let data = match &a.data {
+        Some(d) => d.clone(),
+        None => crate::experiment::run::run_test_set(&a.run)?,
+    };
+    let results = crate::experiment::run::eval_run(&a.run, &data, &modes, a.skip_bad_rows, !a.quiet)?;
     println!("{:<16} {:>7} {:>8} {:>12} {:>10}", "mode", "cause", "isolate", "disentangle", "test loss");
     for (mode, r) in &results {
         println!("{mode:<16} {:>7.3} {:>8.3} {:>12.3} {:>10.3}", r.accs["causal"], r.accs["isolate"], r.accs["disentangle"], r.test_loss);
@@ -42,9 +46,9 @@ pub struct ReportArgs {
     /// The run directory (`hyperdas train --out`).
     #[arg(long)]
     run: PathBuf,
-    /// The test set to draw heatmap examples from (a .jsonl file or save_to_disk directory).
+    /// The test set to draw heatmap examples from (a .jsonl file or save_to_disk directory) [default: the run's own test set, data.test].
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
     /// Heading of the page.
     #[arg(long, default_value = "")]
     title: String,
@@ -62,7 +66,11 @@ pub fn report(a: &ReportArgs) -> Result<()> {
         let runs: Vec<_> = std::iter::once(&a.run).chain(&a.compare).map(|d| crate::report::compare::read_run(d)).collect::<std::result::Result<_, _>>()?;
         crate::report::compare::html(&crate::report::compare::compare(&runs, &["soft".into(), "bidding_argmax".into()])?)
     };
-    let path = crate::report::write_report(&a.run, &a.data, &crate::report::ReportExtras { title: a.title.clone(), notes: Vec::new(), comparison })?;
+    let data = match &a.data {
+        Some(d) => d.clone(),
+        None => crate::experiment::run::run_test_set(&a.run)?,
+    };
+    let path = crate::report::write_report(&a.run, &data, &crate::report::ReportExtras { title: a.title.clone(), notes: Vec::new(), comparison })?;
     println!("report: {}", path.display());
     Ok(())
 }

@@ -636,6 +636,25 @@ pub fn eval_name(data: &Path) -> String {
     data.file_name().map(|n| n.to_string_lossy().trim_end_matches(".jsonl").to_string()).unwrap_or_else(|| "data".into())
 }
 
+/// The test set a run was trained with (its `data.test`), for commands that default to it. A
+/// relative path is read from the current directory, as the run read it; when it is not there,
+/// the error says so and how to name the data instead.
+pub fn run_test_set(dir: &Path) -> Result<PathBuf> {
+    let cfg_path = dir.join("config.resolved.toml");
+    if !cfg_path.is_file() {
+        return Err(Error::file(dir, "not a run directory (no config.resolved.toml)"));
+    }
+    let config: RunConfig = crate::config::load(Some(&cfg_path), &[])?;
+    if config.data.test.is_empty() {
+        return Err(Error::file(&cfg_path, "the run names no test set (data.test): pass --data"));
+    }
+    let p = PathBuf::from(&config.data.test);
+    if !p.exists() {
+        return Err(Error::file(&cfg_path, format!("the run's test set {} (data.test) is not found from this directory: pass --data", p.display())));
+    }
+    Ok(p)
+}
+
 /// Evaluate a run on `data` with `modes`; writes `eval/<data name>.{results.json,csv,positions.jsonl}`
 /// into the run directory and returns the scores.
 pub fn eval_run(dir: &Path, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
