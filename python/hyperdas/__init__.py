@@ -199,12 +199,12 @@ class Run:
         p = self.dir / "results.json"
         return json.loads(p.read_text()) if p.is_file() else None
 
-    def evaluate(self, data: Union[PathLike, Sequence[Mapping[str, str]]], modes: Optional[Sequence[str]] = None, skip_bad_rows: bool = False, progress: bool = False) -> Dict[str, Dict[str, Any]]:
-        """Score ``data`` (a path, or rows as dicts) per inference mode (default: every mode; a
+    def evaluate(self, data: Union[None, PathLike, Sequence[Mapping[str, str]]] = None, modes: Optional[Sequence[str]] = None, skip_bad_rows: bool = False, progress: bool = False) -> Dict[str, Dict[str, Any]]:
+        """Score ``data`` (a path, rows as dicts, or by default the run's own test set) per inference mode (default: every mode; a
         baseline has only ``groundtruth``). Returns ``{mode: {"accs": {"causal", "isolate",
         "disentangle"}, "test_loss"}}``, the shape of ``results.json``. A path's results are also
         written into the run's ``eval/`` directory, as ``hyperdas eval`` does."""
-        arg: Any = os.fspath(data) if isinstance(data, (str, os.PathLike)) else list(data)
+        arg: Any = None if data is None else os.fspath(data) if isinstance(data, (str, os.PathLike)) else list(data)
         return self._r.evaluate(arg, None if modes is None else list(modes), skip_bad_rows, progress)
 
     def apply(self, base: str, source: str, instruction: str, mode: str = "soft", top: int = 5, base_entity: Optional[str] = None, source_entity: Optional[str] = None) -> Dict[str, Any]:

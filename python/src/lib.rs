@@ -284,11 +284,17 @@ impl Run {
         from_json(py, &self.run.config)
     }
 
-    /// `{mode: {"accs": {causal, isolate, disentangle}, "test_loss"}}`, as results.json. With a
-    /// path, results are also written into the run's `eval/` as `hyperdas eval` writes them.
-    #[pyo3(signature = (data, modes = None, skip_bad_rows = false, progress = false))]
-    fn evaluate<'py>(&self, py: Python<'py>, data: &Bound<'py, PyAny>, modes: Option<Vec<String>>, skip_bad_rows: bool, progress: bool) -> PyResult<Bound<'py, PyAny>> {
-        let (ds, path) = dataset(py, data, skip_bad_rows)?;
+    /// `{mode: {"accs": {causal, isolate, disentangle}, "test_loss"}}`, as results.json, on
+    /// `data` (default: the run's own test set). With a path, results are also written into the run's `eval/` as `hyperdas eval` writes them.
+    #[pyo3(signature = (data = None, modes = None, skip_bad_rows = false, progress = false))]
+    fn evaluate<'py>(&self, py: Python<'py>, data: Option<&Bound<'py, PyAny>>, modes: Option<Vec<String>>, skip_bad_rows: bool, progress: bool) -> PyResult<Bound<'py, PyAny>> {
+        let (ds, path) = match data {
+            Some(d) => dataset(py, d, skip_bad_rows)?,
+            None => {
+                let p = hyperdas::experiment::run::run_test_set(&self.dir).map_err(err)?;
+                (read_dataset(&p, ReadOptions { skip_bad_rows }).map_err(err)?, Some(p))
+            }
+        };
         let scored = evaluate(&self.run, &ds, &parse_modes(modes)?, skip_bad_rows, progress).map_err(err)?;
         if let Some(p) = path {
             write_eval(&self.dir, &eval_name(&p), &scored).map_err(err)?;

@@ -30,6 +30,7 @@ def test_evaluate_equals_the_training_runs_own_scores(runs, rows_path):
     rows = hyperdas.data.read(rows_path)
     assert h.evaluate(rows, modes=["soft"])["soft"] == h.results["soft"]
     assert runs["mdas"].evaluate(rows_path)["groundtruth"] == runs["mdas"].results["groundtruth"]
+    assert runs["mdas"].evaluate()["groundtruth"] == runs["mdas"].results["groundtruth"]  # its own test set
     with pytest.raises(hyperdas.HyperdasError, match="sofft"):
         h.evaluate(rows_path, modes=["sofft"])
 
