@@ -90,9 +90,6 @@ impl Model {
             return Err(err("no prompts"));
         }
         let ids: Vec<Vec<u32>> = prompts.iter().map(|p| self.lm.tokenizer.encode_prompt(p).map_err(err)).collect::<PyResult<_>>()?;
-        if let Some(i) = ids.iter().position(|r| r.is_empty()) {
-            return Err(err(format!("prompt {i} has no tokens")));
-        }
         let t = ids.iter().map(Vec::len).max().unwrap_or(0);
         let pads = ids.iter().map(|r| t - r.len()).collect();
         Ok((TokenBatch::left_padded(&ids, self.lm.tokenizer.padding_id(), self.lm.model.device()).map_err(err)?, pads))
@@ -159,7 +156,7 @@ impl Model {
     #[pyo3(signature = (prompts, indices = None))]
     fn _hidden_states<'py>(&self, py: Python<'py>, prompts: Vec<String>, indices: Option<Vec<usize>>) -> PyResult<(Array<'py>, Array<'py>)> {
         let (batch, _) = self.batch(&prompts)?;
-        let h = self.lm.model.forward_hidden(&batch, Some(&indices.unwrap_or_else(|| (0..=self.lm.model.num_layers()).collect::<Vec<_>>()))).map_err(err)?;
+        let h = self.lm.model.forward_hidden(&batch, indices.as_deref()).map_err(err)?; // None: all L + 1
         let stacked = h.stacked.ok_or_else(|| err("no hidden-state index asked for"))?; // [B, T, n, D]
         let mask = batch.attention_mask.to_dtype(DType::U8).map_err(err)?; // [B, T]
         Ok((array(py, &stacked)?, array(py, &mask)?))
@@ -197,7 +194,7 @@ impl Model {
     #[pyo3(signature = (prompts, sites = None))]
     fn _run_with_cache<'py>(&self, py: Python<'py>, prompts: Vec<String>, sites: Option<Vec<String>>) -> PyResult<Cached<'py>> {
         let n = self.lm.model.num_layers();
-        let names: Vec<String> = sites.unwrap_or_else(|| (0..n).map(|l| format!("blocks.{l}.hook_resid_pre")).chain(["ln_final.hook_normalized".to_string()]).collect());
+        let names: Vec<String> = sites.unwrap_or_else(|| (0..n).map(Site::ResidPre).chain([Site::FinalNorm]).map(|s| s.to_string()).collect());
         // Each site as the hook index that sees it (l: entering block l; n: after the last block) or the final norm.
         let mut wanted: Vec<(String, Option<usize>)> = Vec::new();
         for s in &names {
@@ -241,7 +238,7 @@ impl Model {
     /// The site vocabulary of this model, each spelling with its shape.
     fn sites(&self) -> Vec<String> {
         let n = self.lm.model.num_layers();
-        (0..n).map(|l| format!("blocks.{l}.hook_resid_pre")).chain((0..n).map(|l| format!("blocks.{l}.hook_resid_post"))).chain(["ln_final.hook_normalized".to_string()]).collect()
+        (0..n).map(Site::ResidPre).chain((0..n).map(Site::ResidPost)).chain([Site::FinalNorm]).map(|s| s.to_string()).collect()
     }
 
     fn __repr__(&self) -> String {

@@ -28,10 +28,7 @@ pub struct EvalArgs {
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     let modes: Vec<InferenceMode> = if a.modes.is_empty() { InferenceMode::ALL.to_vec() } else { a.modes.clone() };
-    let data = match &a.data {
-        Some(d) => d.clone(),
-        None => crate::experiment::run::run_test_set(&a.run)?,
-    };
+    let data = crate::experiment::run::data_or_test_set(&a.run, a.data.as_deref())?;
     let results = crate::experiment::run::eval_run(&a.run, &data, &modes, a.skip_bad_rows, !a.quiet)?;
     println!("{:<16} {:>7} {:>8} {:>12} {:>10}", "mode", "cause", "isolate", "disentangle", "test loss");
     for (mode, r) in &results {
@@ -66,10 +63,7 @@ pub fn report(a: &ReportArgs) -> Result<()> {
         let runs: Vec<_> = std::iter::once(&a.run).chain(&a.compare).map(|d| crate::report::compare::read_run(d)).collect::<std::result::Result<_, _>>()?;
         crate::report::compare::html(&crate::report::compare::compare(&runs, &["soft".into(), "bidding_argmax".into()])?)
     };
-    let data = match &a.data {
-        Some(d) => d.clone(),
-        None => crate::experiment::run::run_test_set(&a.run)?,
-    };
+    let data = crate::experiment::run::data_or_test_set(&a.run, a.data.as_deref())?;
     let path = crate::report::write_report(&a.run, &data, &crate::report::ReportExtras { title: a.title.clone(), notes: Vec::new(), comparison })?;
     println!("report: {}", path.display());
     Ok(())

@@ -96,5 +96,5 @@ pub fn run(a: &InfoArgs) -> Result<()> {
 /// as `1e-5`.
 fn short_float(x: f64) -> String {
     let f = x as f32;
-    if (f as f64 - x).abs() <= f64::EPSILON * x.abs() * 4.0 || x == f as f64 { format!("{f:e}") } else { format!("{x:e}") }
+    if f as f64 == x { format!("{f:e}") } else { format!("{x:e}") }
 }

@@ -75,7 +75,7 @@ pub struct Built {
     pub domain: String,
     /// The target attributes' names, as the knowledge base spells them.
     pub targets: Vec<String>,
-    /// `{domain}_{target+target}`: the stem of every file name ([`Built::file_name`]).
+    /// `{domain}_{target+target}`: the stem of every file name ([`file_name`]).
     pub stem: String,
     /// The knowledge tables' reports (empty without a model).
     pub reports: Vec<AttributeReport>,

@@ -581,13 +581,18 @@ pub struct LoadedRun {
     pub interpreter: Interpreter,
 }
 
-/// Reload a run from `dir` (its `config.resolved.toml` and `checkpoint/`), nothing else needed.
-pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
+/// The resolved configuration of the run in `dir` (its `config.resolved.toml`).
+pub fn run_config(dir: &Path) -> Result<RunConfig> {
     let cfg_path = dir.join("config.resolved.toml");
     if !cfg_path.is_file() {
         return Err(Error::file(dir, "not a run directory (no config.resolved.toml)"));
     }
-    let config: RunConfig = crate::config::load(Some(&cfg_path), &[])?;
+    crate::config::load(Some(&cfg_path), &[])
+}
+
+/// Reload a run from `dir` (its `config.resolved.toml` and `checkpoint/`), nothing else needed.
+pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
+    let config = run_config(dir)?;
     let lm = config.model.load(progress)?;
     let mut params = ParamStore::new();
     let mut interpreter = Interpreter::new(&mut params, &lm.model, &config.interpreter.config(lm.model.num_layers())?)?;
@@ -640,11 +645,8 @@ pub fn eval_name(data: &Path) -> String {
 /// relative path is read from the current directory, as the run read it; when it is not there,
 /// the error says so and how to name the data instead.
 pub fn run_test_set(dir: &Path) -> Result<PathBuf> {
+    let config = run_config(dir)?;
     let cfg_path = dir.join("config.resolved.toml");
-    if !cfg_path.is_file() {
-        return Err(Error::file(dir, "not a run directory (no config.resolved.toml)"));
-    }
-    let config: RunConfig = crate::config::load(Some(&cfg_path), &[])?;
     if config.data.test.is_empty() {
         return Err(Error::file(&cfg_path, "the run names no test set (data.test): pass --data"));
     }
@@ -653,6 +655,14 @@ pub fn run_test_set(dir: &Path) -> Result<PathBuf> {
         return Err(Error::file(&cfg_path, format!("the run's test set {} (data.test) is not found from this directory: pass --data", p.display())));
     }
     Ok(p)
+}
+
+/// `data` when given, else the run's own test set ([`run_test_set`]).
+pub fn data_or_test_set(dir: &Path, data: Option<&Path>) -> Result<PathBuf> {
+    match data {
+        Some(d) => Ok(d.to_path_buf()),
+        None => run_test_set(dir),
+    }
 }
 
 /// Evaluate a run on `data` with `modes`; writes `eval/<data name>.{results.json,csv,positions.jsonl}`

@@ -144,11 +144,7 @@ pub fn export(run: &LoadedRun, run_dir: &Path, out: &Path, data: Option<&Path>, 
         if sub == SubspaceKind::None {
             return Err(Error::invalid("this run's subspace is `none`: it intervenes on the whole residual and has no basis to export"));
         }
-        let data = match data {
-            Some(p) => p.to_path_buf(),
-            None if cfg.data.test.is_empty() => return Err(Error::invalid("the run names no test set: pass a dataset (--data)")),
-            None => PathBuf::from(&cfg.data.test),
-        };
+        let data = crate::experiment::run::data_or_test_set(run_dir, data)?;
         let ds = read_dataset(&data, ReadOptions::default())?;
         let rows: Vec<_> = if limit > 0 { ds.rows.into_iter().take(limit).collect() } else { ds.rows };
         let enc = crate::data::collate::encode_rows(&run.lm.tokenizer, &rows, &cfg.data.collate_options(false), &data.display().to_string())?;
