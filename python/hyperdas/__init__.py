@@ -264,7 +264,7 @@ class _Printer:
 
     def __call__(self, rec: Dict[str, Any]) -> None:
         total, step = rec.get("total_steps"), rec.get("step", 0)
-        evals = {k: v for k, v in rec.items() if k.startswith("eval_")}
+        evals = _evaluations(rec)
         if self.tqdm is not None:
             if self.bar is None:
                 self.bar = self.tqdm(total=total, desc=self.label, unit="step")
@@ -285,6 +285,17 @@ class _Printer:
             for k, v in evals.items():
                 parts.append(f"{k}: cause {v['causal']:.3f} iso {v['isolate']:.3f} dis {v['disentangle']:.3f}")
             print(", ".join(parts), file=sys.stderr, flush=True)
+
+
+def _evaluations(rec: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+    """The periodic evaluations in a metrics record, by mode: flat keys (``eval/soft/causal``)
+    grouped back into ``{"soft": {"causal": ...}}``."""
+    out: Dict[str, Dict[str, float]] = {}
+    for k, v in rec.items():
+        parts = k.split("/")
+        if len(parts) == 3 and parts[0] == "eval":
+            out.setdefault(parts[1], {})[parts[2]] = v
+    return out
 
 
 def train(config: Config = None, out: Optional[PathLike] = None, *, method: str = "hyperdas", resume: bool = False, progress: Union[bool, Callable[[Dict[str, Any]], None]] = True) -> Run:

@@ -481,6 +481,9 @@ fn inference_modes() -> Vec<&'static str> {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The library's messages (loading, data read, scores) on stderr at info level; each
+    // call's `progress=False` silences them as before.
+    hyperdas::progress::init_logging(hyperdas::progress::level(false, 0));
     m.add("HyperdasError", m.py().get_type::<HyperdasError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Model>()?;

@@ -15,7 +15,7 @@ def test_training_reports_progress_and_writes_the_run(runs):
     steps = [r for r in recs if "loss" in r]
     assert len(steps) == 4 and all(r["total_steps"] == 4 for r in recs)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
-    assert any("eval_groundtruth" in r for r in recs)
+    assert any("eval/groundtruth/causal" in r for r in recs)
     mdas = runs["mdas"]
     assert mdas.method == "mdas" and mdas.config["interpreter"]["rank"] == 4
     assert set(mdas.results) == {"groundtruth"}

@@ -217,7 +217,7 @@ pub fn run(c: &BenchCommand) -> Result<()> {
     };
     if !json {
         // Figures depend on the CPU far more than on anything else (docs/benchmarks.md).
-        eprintln!("machine: {}", crate::profile::machine_description());
+        tracing::info!("machine: {}", crate::profile::machine_description());
     }
     match c {
         BenchCommand::Forward(a) => forward(a),
@@ -250,7 +250,7 @@ fn toy(a: &ToyBenchArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
         if !a.json {
             let worst = report.accuracy.iter().map(|x| x.held_out).fold(1.0, f64::min);
-            eprintln!(
+            tracing::info!(
                 "run {}: {wall:.1} s in all, {:.1} s training ({:.1} steps/s), lowest held-out accuracy {:.1}%",
                 run + 1,
                 report.train_seconds,
@@ -298,7 +298,7 @@ fn forward(a: &ForwardArgs) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let env = crate::threads::user_setting();
     if !a.json {
-        eprintln!("batch {} x {} tokens, {} warm-up + {} timed runs, {threads} threads (RAYON_NUM_THREADS={env})", a.batch, a.seq, a.warmup, a.runs);
+        tracing::info!("batch {} x {} tokens, {} warm-up + {} timed runs, {threads} threads (RAYON_NUM_THREADS={env})", a.batch, a.seq, a.warmup, a.runs);
     }
     if let Some(l) = a.backward_from
         && l >= lm.model.num_layers()
@@ -327,7 +327,7 @@ fn forward(a: &ForwardArgs) -> Result<()> {
         step()?;
         let dt = t0.elapsed().as_secs_f64();
         if !a.json {
-            eprintln!("  run {}: {:.3} s ({:.0} tokens/s)", i + 1, dt, (a.batch * a.seq) as f64 / dt);
+            tracing::info!("  run {}: {:.3} s ({:.0} tokens/s)", i + 1, dt, (a.batch * a.seq) as f64 / dt);
         }
         secs.push(dt);
     }
@@ -465,7 +465,7 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
     let label_limit = TrainSettings::default().label_limit;
     let pad = lm.tokenizer.padding_id();
     if !a.json {
-        eprintln!(
+        tracing::info!(
             "HyperDAS evaluation: {} rows in batches of {}, layer {}, {} blocks, {} rank {}, {threads} threads (RAYON_NUM_THREADS={}); untrained interpreter (throughput does not depend on the weights)",
             rows.len(),
             a.batch,
@@ -542,7 +542,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     let total = per_pass * passes;
     let pad = lm.tokenizer.padding_id();
     if !a.json {
-        eprintln!(
+        tracing::info!(
             "HyperDAS training step: batch {}, layer {}, {} blocks, {} rank {}, {} warm-up + {} timed steps per pass, {threads} threads (RAYON_NUM_THREADS={}); {}",
             a.batch,
             a.interp.layer,
@@ -597,7 +597,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             }
             if !a.json {
                 let parts: Vec<String> = ph.iter().map(|(n, t)| format!("{n} {t:.2}")).collect();
-                eprintln!(
+                tracing::info!(
                     "  pass {} step {}: {dt:.2} s = {:.1} examples/s, {:.0} GFLOP/s (T_b {}, T_s {}; loss {:.3}) [{}]",
                     pass + 1,
                     i - a.warmup + 1,

@@ -70,9 +70,6 @@ pub struct SweepArgs {
     /// Sweep directory: runs/<name>/ per point, sweep.csv, summary.md, sweep.html, *.svg.
     #[arg(long, short, default_value = "runs/sweep")]
     out: PathBuf,
-    /// No progress bars.
-    #[arg(long, short)]
-    quiet: bool,
 }
 
 pub fn sweep(a: &SweepArgs) -> Result<()> {
@@ -85,9 +82,9 @@ pub fn sweep(a: &SweepArgs) -> Result<()> {
         axes.insert(0, Axis::parse(&format!("method={}", a.methods.join(",")))?);
     }
     crate::intervention::selection::InferenceMode::parse(&a.mode)?;
-    let plan = SweepPlan { config: a.config.as_deref(), sets: &a.set, axes: &axes, out: &a.out, progress: !a.quiet };
+    let plan = SweepPlan { config: a.config.as_deref(), sets: &a.set, axes: &axes, out: &a.out, progress: super::progress() };
     let points = sweep::run(&plan)?;
-    let runs = crate::report::sweep::write(&crate::report::sweep::SweepSummary { axes: &axes, points: &points, out: &a.out, hyperdas_mode: &a.mode, progress: !a.quiet })?;
+    let runs = crate::report::sweep::write(&crate::report::sweep::SweepSummary { axes: &axes, points: &points, out: &a.out, hyperdas_mode: &a.mode, progress: super::progress() })?;
     print!("{}", std::fs::read_to_string(a.out.join("summary.md"))?);
     println!("{} runs in {}; sweep.csv, summary.md, sweep.html and the plots are there", runs.len(), a.out.display());
     Ok(())

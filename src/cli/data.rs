@@ -88,9 +88,6 @@ pub struct BuildArgs {
     /// Overwrite existing output files.
     #[arg(long)]
     force: bool,
-    /// No progress bars.
-    #[arg(long, short)]
-    quiet: bool,
 }
 
 /// How the knowledge table chooses the cells it evaluates (docs/data.md).
@@ -155,9 +152,6 @@ pub struct KnowledgeCmdArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
-    /// No progress bars.
-    #[arg(long, short)]
-    quiet: bool,
 }
 
 #[derive(Args, Debug)]
@@ -250,7 +244,7 @@ fn print_report(r: &AttributeReport) {
         format!("{} prompts, {} tokens in {:.1} s ({:.0} prompts/s)", cost.cells, cost.tokens, cost.seconds, cost.cells as f64 / cost.seconds.max(1e-9))
     };
     if let Some(why) = &r.skipped {
-        eprintln!("  {}: skipped for isolate rows: {why}; {run}", r.attribute);
+        tracing::info!("  {}: skipped for isolate rows: {why}; {run}", r.attribute);
         return;
     }
     let screen = match (r.screen_templates.first(), r.screen_recall) {
@@ -264,7 +258,7 @@ fn print_report(r: &AttributeReport) {
         ),
         (None, _) => String::new(),
     };
-    eprintln!("  {}: {} entities with a value; {screen}{} evaluated in full; {run}", r.attribute, r.entities_with_value, r.full_entities);
+    tracing::info!("  {}: {} entities with a value; {screen}{} evaluated in full; {run}", r.attribute, r.entities_with_value, r.full_entities);
 }
 
 fn build(a: &BuildArgs) -> Result<()> {
@@ -273,7 +267,7 @@ fn build(a: &BuildArgs) -> Result<()> {
     let asked: Vec<DataSplit> = a.split.iter().map(|s| DataSplit::parse(s)).collect::<crate::Result<_>>()?;
     let mut notes = Vec::new();
     let splits = splits_or_default(&kb, &targets, &asked, &mut notes);
-    notes.iter().for_each(|n| eprintln!("note: {n}"));
+    notes.iter().for_each(|n| tracing::info!("note: {n}"));
     let arrow = match a.format.as_str() {
         "jsonl" => false,
         "arrow" => true,
@@ -296,11 +290,11 @@ fn build(a: &BuildArgs) -> Result<()> {
         isolate_from: a.isolate_from.clone(),
         entities: EntityPolicy::parse(&a.entities)?,
         seed: a.seed,
-        knowledge: a.knowledge.options(template_splits_of(&splits), !a.quiet),
+        knowledge: a.knowledge.options(template_splits_of(&splits), super::progress()),
         table_dir: a.knowledge.table_dir.clone(),
     };
     if let Some(lm) = &lm {
-        eprintln!("knowledge tables of {} (model sha256 {}), {} domain:", lm.description, &lm.source.fingerprint()?[..16], kb.domain);
+        tracing::info!("knowledge tables of {} (model sha256 {}), {} domain:", lm.description, &lm.source.fingerprint()?[..16], kb.domain);
     }
     let t0 = Instant::now();
     let prepared = prepare(&kb, lm.as_ref(), &req)?;
@@ -308,11 +302,11 @@ fn build(a: &BuildArgs) -> Result<()> {
     let built = prepared.sample()?;
     let paths = built.write(&a.out, arrow, a.force)?;
     for (s, path) in built.splits.iter().zip(&paths) {
-        eprintln!("{} {}: {:<40} {:>7} {:>11} {:>10}", kb.domain, s.split.name(), "group", "rows", "known cells", "cells used");
+        tracing::info!("{} {}: {:<40} {:>7} {:>11} {:>10}", kb.domain, s.split.name(), "group", "rows", "known cells", "cells used");
         for g in &s.groups {
-            eprintln!("  {:<47} {:>7} {:>11} {:>10}", format!("{}/{} (instruction: {})", g.attribute_type, g.attribute, g.target), g.rows, g.known_cells, g.cells_used);
+            tracing::info!("  {:<47} {:>7} {:>11} {:>10}", format!("{}/{} (instruction: {})", g.attribute_type, g.attribute, g.target), g.rows, g.known_cells, g.cells_used);
         }
-        eprintln!(
+        tracing::info!(
             "  balance: {} entities (largest share {:.2}%), {} templates (largest share {:.2}%)",
             s.balance.entities,
             100.0 * s.balance.max_entity_share,
@@ -343,7 +337,7 @@ fn knowledge(a: &KnowledgeCmdArgs) -> Result<()> {
     let root = a.knowledge.root()?;
     let mut tables = Vec::new();
     if a.build {
-        let kopts = a.knowledge.options(template_splits_of(&splits), !a.quiet);
+        let kopts = a.knowledge.options(template_splits_of(&splits), super::progress());
         let ev = Evaluator { model: &lm.model, tokenizer: &lm.tokenizer, batch_size: kopts.batch_size, progress: kopts.progress };
         for &x in &attributes {
             let (t, r) = ensure(&ev, &kb, x, TableKey::new(&sha, lm.model.dtype(), &lm.tokenizer, &kb, x), &root, &kopts, false)?;
@@ -356,7 +350,7 @@ fn knowledge(a: &KnowledgeCmdArgs) -> Result<()> {
             let path = key.path(&root);
             let (t, why) = load_or_new(&path, KnowledgeTable::new(&kb, x, key));
             if let Some(why) = why {
-                eprintln!("{why}");
+                tracing::info!("{why}");
             }
             tables.push((x, path.exists().then_some(t)));
         }

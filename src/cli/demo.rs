@@ -45,9 +45,6 @@ pub struct DemoArgs {
     /// a few seconds; its scores mean nothing).
     #[arg(long)]
     tiny: bool,
-    /// No progress bars.
-    #[arg(long, short)]
-    quiet: bool,
 }
 
 /// A fresh run directory: `runs/demo`, else the first free `runs/demo-N`.
@@ -64,7 +61,7 @@ const SIZES: [(DataSplit, &str, usize, usize); 2] = [(DataSplit::Train, "train",
 
 pub fn demo(a: &DemoArgs) -> Result<()> {
     let t0 = Instant::now();
-    let progress = !a.quiet;
+    let progress = super::progress();
     let tiny = a.tiny || a.model == "toy:tiny";
     let out = match &a.out {
         Some(p) => p.clone(),
@@ -97,7 +94,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         if let Some(known) = crate::fetch::known_model(&a.model)
             && !crate::fetch::cached_path(known)?.is_file()
         {
-            eprintln!("fetching {} ...", known.name);
+            tracing::info!("fetching {} ...", known.name);
             crate::fetch::fetch(known, None, progress)?;
         }
         let lm = crate::model::load(&a.model, &crate::model::LoadOptions { progress, ..Default::default() }).with_context(|| format!("cannot load model `{}`", a.model))?;

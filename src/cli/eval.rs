@@ -21,15 +21,12 @@ pub struct EvalArgs {
     /// Skip (and count) malformed or over-long rows instead of failing.
     #[arg(long)]
     skip_bad_rows: bool,
-    /// No progress bars, and no per-attribute table on stderr.
-    #[arg(long, short)]
-    quiet: bool,
 }
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     let modes: Vec<InferenceMode> = if a.modes.is_empty() { InferenceMode::ALL.to_vec() } else { a.modes.clone() };
     let data = crate::experiment::run::data_or_test_set(&a.run, a.data.as_deref())?;
-    let results = crate::experiment::run::eval_run(&a.run, &data, &modes, a.skip_bad_rows, !a.quiet)?;
+    let results = crate::experiment::run::eval_run(&a.run, &data, &modes, a.skip_bad_rows, super::progress())?;
     println!("{:<16} {:>7} {:>8} {:>12} {:>10}", "mode", "cause", "isolate", "disentangle", "test loss");
     for (mode, r) in &results {
         println!("{mode:<16} {:>7.3} {:>8.3} {:>12.3} {:>10.3}", r.accs["causal"], r.accs["isolate"], r.accs["disentangle"], r.test_loss);

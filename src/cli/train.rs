@@ -26,9 +26,6 @@ pub struct TrainArgs {
     /// Print the resolved configuration as TOML and exit.
     #[arg(long)]
     show_config: bool,
-    /// No progress bars.
-    #[arg(long, short)]
-    quiet: bool,
 }
 
 #[derive(Args, Debug)]
@@ -58,7 +55,7 @@ fn run_with(a: &TrainArgs, method: Method) -> Result<()> {
         return Ok(());
     }
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(method.name()));
-    let Some(results) = run_config(&cfg, &out, a.resume, !a.quiet)? else {
+    let Some(results) = run_config(&cfg, &out, a.resume, super::progress())? else {
         let cmd = if method.is_baseline() { format!("baseline {}", method.name()) } else { "train".into() };
         println!("stopped early (train.stop_after_steps); continue with: hyperdas {cmd} --resume --out {} [same --config/--set]", out.display());
         return Ok(());

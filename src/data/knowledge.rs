@@ -360,7 +360,7 @@ pub fn ensure(ev: &Evaluator, kb: &KnowledgeBase, a: usize, key: TableKey, root:
     let path = key.path(root);
     let (mut table, rebuilt) = load_or_new(&path, KnowledgeTable::new(kb, a, key));
     if let Some(why) = &rebuilt {
-        eprintln!("knowledge table: {why}");
+        tracing::info!("knowledge table: {why}");
     }
     let name = kb.attributes[a].clone();
     let mut order: Vec<usize> = (0..kb.entities.len()).filter(|&e| !kb.entities[e].values[a].is_empty()).collect();
@@ -539,13 +539,13 @@ fn evaluate(ev: &Evaluator, kb: &KnowledgeBase, a: usize, table: &mut KnowledgeT
         // Without a visible bar (a batch job's log), a line every half minute.
         if pb.is_hidden() && last_line.elapsed().as_secs() >= 30 && done < total {
             let rate = done as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-            eprintln!("{what}: {done}/{total} prompts, {rate:.0} prompts/s, about {:.0} s left", (total - done) as f64 / rate.max(1e-9));
+            tracing::info!("{what}: {done}/{total} prompts, {rate:.0} prompts/s, about {:.0} s left", (total - done) as f64 / rate.max(1e-9));
             last_line = Instant::now();
         }
     }
     pb.finish_and_clear();
     cost.seconds = t0.elapsed().as_secs_f64();
-    eprintln!("{what}: {} prompts, {} tokens in {:.1} s ({:.0} prompts/s)", cost.cells, cost.tokens, cost.seconds, cost.cells as f64 / cost.seconds.max(1e-9));
+    tracing::info!("{what}: {} prompts, {} tokens in {:.1} s ({:.0} prompts/s)", cost.cells, cost.tokens, cost.seconds, cost.cells as f64 / cost.seconds.max(1e-9));
     Ok(cost)
 }
 

@@ -402,7 +402,7 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
         let ds = read_dataset(&PathBuf::from(path), read)?;
         let enc = encode_rows(&lm.tokenizer, &ds.rows, &collate, path)?;
         if progress {
-            eprintln!(
+            tracing::info!(
                 "{}; {} encoded{}",
                 ds.describe(),
                 enc.rows.len(),
@@ -418,7 +418,7 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
         let before = sets[0].len();
         sets[0].retain(|r| r.is_causal);
         if progress {
-            eprintln!("{}: training on the {} causal rows of {before} (isolate rows are scored, not trained on)", method.label(), sets[0].len());
+            tracing::info!("{}: training on the {} causal rows of {before} (isolate rows are scored, not trained on)", method.label(), sets[0].len());
         }
         if sets[0].is_empty() {
             return Err(Error::file(&cfg.data.train, "DAS trains on causal rows and this dataset has none"));
@@ -427,8 +427,8 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     let icfg = cfg.interpreter.config(lm.model.num_layers())?;
     if progress {
         match method {
-            Method::HyperDas => eprintln!("intervention layer {} of {} blocks; {} hypernetwork blocks", icfg.hypernet.layer, lm.model.num_layers(), icfg.hypernet.num_blocks),
-            _ => eprintln!("{}: intervention layer {} of {} blocks (the residual entering it), last entity token, rank {}", method.label(), icfg.hypernet.layer, lm.model.num_layers(), icfg.rank),
+            Method::HyperDas => tracing::info!("intervention layer {} of {} blocks; {} hypernetwork blocks", icfg.hypernet.layer, lm.model.num_layers(), icfg.hypernet.num_blocks),
+            _ => tracing::info!("{}: intervention layer {} of {} blocks (the residual entering it), last entity token, rank {}", method.label(), icfg.hypernet.layer, lm.model.num_layers(), icfg.rank),
         }
     }
     let mut ps = ParamStore::new();
@@ -456,7 +456,7 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     let (_, opt) = trainer.fit(&TrainData { train: &sets[0], test: &sets[1], pad }, &mut log, &plan, progress)?;
     if opt.step < total {
         if progress {
-            eprintln!("stopped after step {} of {total} (train.stop_after_steps); continue with --resume", opt.step);
+            tracing::info!("stopped after step {} of {total} (train.stop_after_steps); continue with --resume", opt.step);
         }
         return Ok(None);
     }
@@ -477,9 +477,9 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     let text = serde_json::to_string_pretty(&info).map_err(|e| Error::invalid(e.to_string()))?;
     crate::atomic::write_text(&info_path, &text)?;
     if progress {
-        eprint!("{}", scored.table());
+        tracing::info!("{}", scored.table().trim_end());
         if let Some(c) = interp.cache_stats() {
-            eprintln!(
+            tracing::info!(
                 "state cache (since it was made): {:.1}% of {} prompt look-ups served from {} cached prompts ({:.2} GB); {} prompts run through the target",
                 100.0 * c.hit_rate(),
                 c.hits + c.misses,
@@ -610,7 +610,7 @@ pub fn evaluate(run: &LoadedRun, ds: &crate::data::io::Dataset, modes: &[Inferen
     let modes = &modes_for(run.interpreter.method(), modes)?[..];
     let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &cfg.data.collate_options(skip_bad_rows), &ds.source.display().to_string())?;
     if progress {
-        eprintln!("{}; {} encoded, {} skipped", ds.describe(), enc.rows.len(), enc.skipped.len());
+        tracing::info!("{}; {} encoded, {} skipped", ds.describe(), enc.rows.len(), enc.skipped.len());
     }
     if enc.rows.is_empty() {
         return Err(Error::file(&ds.source, "no rows to evaluate"));
@@ -618,7 +618,7 @@ pub fn evaluate(run: &LoadedRun, ds: &crate::data::io::Dataset, modes: &[Inferen
     run.interpreter.register_prompts(&enc.rows);
     let scored = score_modes(&run.lm.model, &run.interpreter, &enc.rows, modes, cfg, run.lm.tokenizer.padding_id(), true)?;
     if progress {
-        eprint!("{}", scored.table());
+        tracing::info!("{}", scored.table().trim_end());
     }
     Ok(scored)
 }

@@ -156,7 +156,7 @@ pub fn run(plan: &SweepPlan) -> Result<Vec<(Point, PathBuf)>> {
                 "resume" => "resuming from its checkpoint",
                 _ => "starting",
             };
-            eprintln!("sweep run {}/{}: {} ({what}; {:.0} s so far)", i + 1, pts.len(), p.name, t0.elapsed().as_secs_f64());
+            tracing::info!("sweep run {}/{}: {} ({what}; {:.0} s so far)", i + 1, pts.len(), p.name, t0.elapsed().as_secs_f64());
         }
         if status == "done" {
             continue;

@@ -82,6 +82,9 @@ pub struct TrainSettings {
     pub eval_every: usize,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: usize,
+    /// When stderr is not a terminal (a batch job): one log line every this many steps (step,
+    /// loss, lr, examples/s, ETA) and one at each evaluation (0: only the evaluations).
+    pub log_every: usize,
     /// Stop after this many steps in total (0: run all epochs). For time-boxed runs: continue
     /// later with `--resume`; the result equals an uninterrupted run.
     pub stop_after_steps: usize,
@@ -194,6 +197,7 @@ impl Default for TrainSettings {
             mask_lr: 1e-2,
             decay_norms: false,
             eval_every: 200,
+            log_every: 10,
             checkpoint_every: 0,
             stop_after_steps: 0,
             seed: 0,
@@ -494,17 +498,24 @@ impl Trainer<'_> {
         let what = tr.interp.method().label();
         let pb = crate::progress::bar(total as u64, &format!("training {what} [{{bar:30}}] {{pos}}/{{len}} steps ({{per_sec}}) {{elapsed}} (eta {{eta}}) {{msg}}"), progress);
         let t0 = Instant::now();
+        let batch_log = progress && crate::progress::batch_log();
+        let line = StepLine { what, total, start, batch_size: s.batch_size, t0 };
         // Periodic scores: soft mode for HyperDAS, the fixed positions for a baseline
-        // (`eval_soft` / `eval_groundtruth` in metrics.jsonl).
-        let eval_key = format!("eval_{}", tr.interp.native_mode().name());
+        // (`eval/soft/causal`, … / `eval/groundtruth/causal`, … in metrics.jsonl).
+        let eval_key = format!("eval/{}", tr.interp.native_mode().name());
         pb.set_position(start as u64);
         let mut skipped = 0usize;
         let mut last = None;
         if start == 0 && s.eval_every > 0 {
             // The untrained interpreter's scores: the baseline that training must beat.
             let sc = tr.evaluate(test, pad)?;
-            log.log(&serde_json::json!({"step": 0, eval_key.as_str(): sc, "seconds": t0.elapsed().as_secs_f64()}))?;
+            let mut rec = serde_json::json!({"step": 0, "seconds": t0.elapsed().as_secs_f64()});
+            crate::train::metrics::put_scores(&mut rec, &eval_key, &sc);
+            log.log(&rec)?;
             pb.set_message(format!("step 0: cause {:.2} iso {:.2}", sc.causal, sc.isolate));
+            if batch_log {
+                tracing::info!("{}", line.eval(0, &eval_key, &sc));
+            }
         }
         let mut seen = 0; // batches of the replayed order, including those done before a resume
         'epochs: for _epoch in 0..s.epochs.max(1) {
@@ -541,13 +552,21 @@ impl Trainer<'_> {
                 }
                 if (s.eval_every > 0 && step.is_multiple_of(s.eval_every)) || step == total {
                     let sc = tr.evaluate(test, pad)?;
-                    rec[eval_key.as_str()] = serde_json::to_value(sc).map_err(|e| Error::invalid(e.to_string()))?;
+                    crate::train::metrics::put_scores(&mut rec, &eval_key, &sc);
                     pb.set_message(format!("loss {value:.3} | cause {:.2} iso {:.2}", sc.causal, sc.isolate));
                     last = Some(sc);
                 } else if step.is_multiple_of(5) {
                     pb.set_message(format!("loss {value:.3}"));
                 }
                 log.log(&rec)?;
+                if batch_log && s.log_every > 0 && (step.is_multiple_of(s.log_every) || step == total) {
+                    tracing::info!("{}", line.step(step, value, lr));
+                } else {
+                    tracing::debug!("{}", line.step(step, value, lr));
+                }
+                if let (true, Some(sc)) = (batch_log, rec.get(format!("{eval_key}/causal")).and(last)) {
+                    tracing::info!("{}", line.eval(step, &eval_key, &sc));
+                }
                 if s.checkpoint_every > 0
                     && step.is_multiple_of(s.checkpoint_every)
                     && let Err(e) = save(&tr.opt)
@@ -555,7 +574,7 @@ impl Trainer<'_> {
                     // The run's state is in memory and intact: report, keep training, retry at the
                     // next interval (the previous checkpoint on disk is still complete). The final
                     // checkpoint, below, must succeed.
-                    pb.suspend(|| eprintln!("warning: the checkpoint at step {step} could not be written ({e}); training continues and retries at step {}", step + s.checkpoint_every));
+                    pb.suspend(|| tracing::warn!("the checkpoint at step {step} could not be written ({e}); training continues and retries at step {}", step + s.checkpoint_every));
                     log.log(&serde_json::json!({"step": step, "checkpoint_error": e.to_string()}))?;
                 }
                 pb.inc(1);
@@ -564,6 +583,32 @@ impl Trainer<'_> {
         save(&tr.opt)?;
         pb.finish_and_clear();
         Ok((last, tr.opt))
+    }
+}
+
+/// The log lines of a training run without a terminal (see [`TrainSettings::log_every`]).
+struct StepLine<'a> {
+    what: &'a str,
+    total: usize,
+    /// The step this process started from (a resumed run's rate counts its own steps only).
+    start: usize,
+    batch_size: usize,
+    t0: Instant,
+}
+
+impl StepLine<'_> {
+    /// `training HyperDAS step 120/375 loss 2.3141 lr 3.20e-5 | 13.8 examples/s, eta 4 min`
+    fn step(&self, step: usize, loss: f64, lr: f64) -> String {
+        let secs = self.t0.elapsed().as_secs_f64();
+        let done = step.saturating_sub(self.start);
+        let rate = (done * self.batch_size) as f64 / secs.max(1e-9);
+        let eta = secs / done.max(1) as f64 * self.total.saturating_sub(step) as f64;
+        format!("training {} step {step}/{} loss {loss:.4} lr {lr:.2e} | {rate:.1} examples/s, eta {}", self.what, self.total, crate::progress::duration(eta))
+    }
+
+    /// `evaluation at step 120 (eval/soft): cause 0.812 isolate 0.644 disentangle 0.728 loss 1.204`
+    fn eval(&self, step: usize, key: &str, sc: &Scores) -> String {
+        format!("evaluation at step {step} ({key}): cause {:.3} isolate {:.3} disentangle {:.3} loss {:.3}", sc.causal, sc.isolate, sc.disentangle, sc.loss)
     }
 }
 

@@ -176,7 +176,7 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedMode
         ));
     }
     if let Some(cap) = config.gemma.as_ref().and_then(|g| g.attn_logit_softcapping) {
-        eprintln!("note: {source}: attn_logit_softcapping = {cap} is ignored, as transformers and llama.cpp ignore it for Gemma 3 (only Gemma 2 applies it)");
+        tracing::info!("note: {source}: attn_logit_softcapping = {cap} is ignored, as transformers and llama.cpp ignore it for Gemma 3 (only Gemma 2 applies it)");
     }
     tokenizer.set_start_token(&opts.start_token)?;
     let pb = crate::progress::bar(config.num_hidden_layers as u64, "loading blocks [{bar:30}] {pos}/{len} {elapsed}", opts.progress);

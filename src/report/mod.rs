@@ -158,7 +158,7 @@ pub fn write_report(run_dir: &Path, test: &Path, extras: &ReportExtras) -> Resul
             pred_loss.push((step, l));
         }
         for k in ["causal", "isolate", "disentangle"] {
-            if let Some(x) = v["eval_soft"][k].as_f64().or_else(|| v["eval_groundtruth"][k].as_f64()) {
+            if let Some((_, x)) = crate::train::metrics::eval_metric(&v, k) {
                 eval.entry(k).or_default().push((step, x));
             }
         }

@@ -134,7 +134,7 @@ fn write_outputs(plan: &SweepSummary, pts: &[Point], runs: &[RunSummary]) -> Res
     page += "</div><p>Scores: the domain mean over attributes (or the one attribute); HyperDAS in the mode given by --mode, baselines at the last entity token. Every run: <code>runs/</code>; all groups: <code>sweep.csv</code>; table: <code>summary.md</code>.</p></body></html>";
     write("sweep.html", &page)?;
     if plan.progress {
-        eprintln!("sweep: {} runs; wrote sweep.csv, summary.md, sweep.html and {} plots in {}", runs.len(), svgs.len(), plan.out.display());
+        tracing::info!("sweep: {} runs; wrote sweep.csv, summary.md, sweep.html and {} plots in {}", runs.len(), svgs.len(), plan.out.display());
     }
     Ok(())
 }

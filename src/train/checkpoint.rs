@@ -79,7 +79,7 @@ pub fn load_latest(dir: &Path, params: &ParamStore, mut optimizer: Option<&mut A
             if !prev.join("state.json").is_file() {
                 return Err(e);
             }
-            eprintln!("warning: the latest checkpoint cannot be used ({e}); falling back to the previous one, {}", prev.display());
+            tracing::warn!("the latest checkpoint cannot be used ({e}); falling back to the previous one, {}", prev.display());
             verify(&prev)?;
             load(&prev, params, optimizer, device)
         }

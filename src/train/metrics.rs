@@ -1,10 +1,38 @@
 //! `metrics.jsonl`: one JSON object per line, flushed as written (safe to tail while training).
+//!
+//! Keys are flat, as wandb and TensorBoard name scalars: `step`, `loss`, `lr`, `grad_norm`, …
+//! and each periodic evaluation as `eval/<mode>/<metric>` (`eval/soft/causal`). Runs written
+//! before 0.2 nest the evaluation (`"eval_soft": {"causal": …}`); [`eval_metric`] reads both.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+
+/// Write `scores` into `record` as flat keys under `prefix` (`eval/soft` → `eval/soft/causal`,
+/// `…/isolate`, `…/disentangle`, `…/loss`, `…/rows`).
+pub fn put_scores<S: serde::Serialize>(record: &mut serde_json::Value, prefix: &str, scores: &S) {
+    if let (Some(obj), Ok(serde_json::Value::Object(fields))) = (record.as_object_mut(), serde_json::to_value(scores)) {
+        for (k, v) in fields {
+            obj.insert(format!("{prefix}/{k}"), v);
+        }
+    }
+}
+
+/// The periodic evaluation's `metric` (`causal`, `isolate`, `disentangle`, `loss`) in a record,
+/// with the mode it was scored in: flat (`eval/soft/causal`) or the nested form of older runs
+/// (`eval_soft.causal`).
+pub fn eval_metric(record: &serde_json::Value, metric: &str) -> Option<(String, f64)> {
+    let obj = record.as_object()?;
+    obj.iter().find_map(|(k, v)| {
+        if let Some(mode) = k.strip_prefix("eval/").and_then(|r| r.strip_suffix(metric)).and_then(|r| r.strip_suffix('/')) {
+            return Some((mode.to_string(), v.as_f64()?));
+        }
+        let mode = k.strip_prefix("eval_")?;
+        Some((mode.to_string(), v.get(metric)?.as_f64()?))
+    })
+}
 
 pub struct MetricsLog {
     path: PathBuf,
@@ -67,5 +95,21 @@ impl MetricsLog {
     pub fn observe(mut self, f: Observer) -> Self {
         self.observer = Some(f);
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_keys_and_the_old_nested_form() {
+        let mut rec = serde_json::json!({"step": 5, "loss": 1.5});
+        put_scores(&mut rec, "eval/soft", &serde_json::json!({"causal": 0.75, "isolate": 0.5}));
+        assert_eq!(rec["eval/soft/causal"], 0.75);
+        assert_eq!(eval_metric(&rec, "isolate"), Some(("soft".into(), 0.5)));
+        let old = serde_json::json!({"step": 5, "eval_groundtruth": {"causal": 0.25, "isolate": 1.0}});
+        assert_eq!(eval_metric(&old, "causal"), Some(("groundtruth".into(), 0.25)));
+        assert_eq!(eval_metric(&serde_json::json!({"step": 1, "loss": 2.0}), "causal"), None);
     }
 }
