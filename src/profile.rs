@@ -75,6 +75,18 @@ pub fn machine_description() -> String {
     format!("{model}, {cores} logical cores, {}", simd_level())
 }
 
+/// This machine's host name (Linux: the kernel's; else `$HOSTNAME` / `$COMPUTERNAME`), for
+/// run provenance and TensorBoard's file names.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| std::env::var("COMPUTERNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
 fn simd_level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {

@@ -321,7 +321,7 @@ pub fn model_spec(path: &str, progress: bool) -> Result<String> {
 
 /// Run `cfg` into the directory `out` (which must not exist yet, or be empty). With `resume`,
 /// continue the run in `out` from its checkpoint (its `config.resolved.toml` must equal `cfg`
-/// apart from `train.stop_after_steps` and `train.checkpoint_every`).
+/// apart from `train.stop_after_steps`, `train.checkpoint_every` and `train.log_every`).
 pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<Option<BTreeMap<String, ModeResult>>> {
     run_sharing(cfg, out, resume, progress, &mut None)
 }
@@ -373,11 +373,11 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     cfg.interpreter.resolved_layer(0)?; // a bad layer name or convention fails before the model loads
     if resume {
         let saved: RunConfig = crate::config::load(Some(&out.join("config.resolved.toml")), &[])?;
-        let same = |c: &RunConfig| RunConfig { train: TrainSettings { stop_after_steps: 0, checkpoint_every: 0, ..c.train.clone() }, ..c.clone() };
+        let same = |c: &RunConfig| RunConfig { train: TrainSettings { stop_after_steps: 0, checkpoint_every: 0, log_every: 0, ..c.train.clone() }, ..c.clone() };
         if same(&saved) != same(cfg) {
             return Err(Error::file(
                 out.join("config.resolved.toml"),
-                "differs from this run's configuration; resume with the same settings (only train.stop_after_steps and train.checkpoint_every may change)",
+                "differs from this run's configuration; resume with the same settings (only train.stop_after_steps, train.checkpoint_every and train.log_every may change)",
             ));
         }
     } else {
@@ -441,7 +441,8 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     interp.register_prompts(&sets[0]);
     interp.register_prompts(&sets[1]);
     let pad = lm.tokenizer.padding_id();
-    let mut log = if resume { MetricsLog::append(&out.join("metrics.jsonl"))? } else { MetricsLog::create(&out.join("metrics.jsonl"))? };
+    let log = if resume { MetricsLog::append(&out.join("metrics.jsonl"))? } else { MetricsLog::create(&out.join("metrics.jsonl"))? };
+    let mut log = log.with_tensorboard(out)?;
     let total = cfg.train.total_steps(sets[0].len());
     if let Some(mut f) = observer {
         // The observer also learns the horizon (`total_steps`, not written to the file).

@@ -38,6 +38,7 @@ pub struct MetricsLog {
     path: PathBuf,
     out: BufWriter<File>,
     observer: Option<Observer>,
+    tensorboard: Option<super::tensorboard::EventWriter>,
 }
 
 /// Called with every record after it is written (a notebook's progress callback); an error
@@ -48,13 +49,13 @@ impl MetricsLog {
     /// Create (truncate) `path`.
     pub fn create(path: &Path) -> Result<Self> {
         let f = File::create(path).map_err(|e| Error::file(path, format!("cannot create: {e}")))?;
-        Ok(MetricsLog { path: path.to_path_buf(), out: BufWriter::new(f), observer: None })
+        Ok(MetricsLog { path: path.to_path_buf(), out: BufWriter::new(f), observer: None, tensorboard: None })
     }
 
     /// Append to `path` (resuming a run).
     pub fn append(path: &Path) -> Result<Self> {
         let f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-        Ok(MetricsLog { path: path.to_path_buf(), out: BufWriter::new(f), observer: None })
+        Ok(MetricsLog { path: path.to_path_buf(), out: BufWriter::new(f), observer: None, tensorboard: None })
     }
 
     /// Keep only the records of steps ≤ `step` (resuming from a checkpoint at `step` after a
@@ -74,9 +75,9 @@ impl MetricsLog {
             }
             Ok(())
         })?;
-        let observer = self.observer.take();
+        let (observer, tensorboard) = (self.observer.take(), self.tensorboard.take());
         *self = MetricsLog::append(&self.path)?;
-        self.observer = observer;
+        (self.observer, self.tensorboard) = (observer, tensorboard);
         Ok(())
     }
 
@@ -85,10 +86,21 @@ impl MetricsLog {
         serde_json::to_writer(&mut self.out, record).map_err(|e| err(&e))?;
         self.out.write_all(b"\n").map_err(|e| err(&e))?;
         self.out.flush().map_err(|e| err(&e))?;
+        if let (Some(tb), Some(step), Some(fields)) = (&mut self.tensorboard, record.get("step").and_then(|s| s.as_i64()), record.as_object()) {
+            let scalars: Vec<(&str, f32)> = fields.iter().filter(|(k, _)| !matches!(k.as_str(), "step" | "seconds")).filter_map(|(k, v)| Some((k.as_str(), v.as_f64()? as f32))).collect();
+            tb.scalars(step, &scalars)?;
+        }
         match &mut self.observer {
             Some(f) => f(record),
             None => Ok(()),
         }
+    }
+
+    /// Also write every record's numeric fields (but `step` and `seconds`) as TensorBoard
+    /// scalars at its step, into a new event file in `dir`.
+    pub fn with_tensorboard(mut self, dir: &Path) -> Result<Self> {
+        self.tensorboard = Some(super::tensorboard::EventWriter::create(dir)?);
+        Ok(self)
     }
 
     /// Also hand every record to `f`.

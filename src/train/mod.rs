@@ -5,13 +5,15 @@
 //!   global-norm gradient clipping; its moments are saved in checkpoints, so runs resume exactly.
 //! * [`schedule::Schedule`]: linear warm-up, then constant / linear / cosine decay.
 //! * [`checkpoint`]: parameters and optimizer state as safetensors, step and settings as JSON.
-//! * [`metrics::MetricsLog`]: one JSON object per line (`metrics.jsonl`).
+//! * [`metrics::MetricsLog`]: one JSON object per line (`metrics.jsonl`), and optionally the same
+//!   scalars as TensorBoard events ([`tensorboard`]).
 
 pub mod checkpoint;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+pub mod tensorboard;
 
 pub use metrics::MetricsLog;
 pub use optim::{AdamW, AdamWConfig, Group};
