@@ -110,7 +110,8 @@ pub(crate) struct LoadArgs {
 impl LoadArgs {
     /// Load `model` (a directory, .gguf, fetched name or hub id) with these options.
     pub(crate) fn load(&self, model: &str) -> Result<LoadedModel> {
-        let opts = LoadOptions { dtype: crate::model::load::parse_dtype(&self.dtype)?, device: parse_device(&self.device)?, start_token: self.start_token.parse::<StartToken>()?, progress: progress() };
+        let opts =
+            LoadOptions { dtype: crate::model::load::parse_dtype(&self.dtype)?, device: parse_device(&self.device)?, start_token: self.start_token.parse::<StartToken>()?, progress: progress() };
         let t0 = std::time::Instant::now();
         let resolved = crate::experiment::run::model_spec(model, progress())?;
         let model = resolved.as_str();

@@ -55,6 +55,33 @@ impl Dataset {
 }
 
 /// Read a dataset: a `.jsonl` file or a `save_to_disk` directory (or a single `.arrow` file).
+/// sha256 (hex) of a dataset: of the file, or for a save_to_disk directory of its files, each
+/// hashed by relative name and content in name order. A run records it to tell later whether
+/// it is being evaluated on the same data.
+pub fn fingerprint(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    if !path.is_dir() {
+        return crate::fetch::sha256_file(path);
+    }
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let p = entry.map_err(|e| Error::io(dir, e))?.path();
+            if p.is_dir() { walk(&p, out)? } else { out.push(p) }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(path, &mut files)?;
+    files.sort();
+    let mut h = Sha256::new();
+    for f in &files {
+        h.update(f.strip_prefix(path).unwrap_or(f).to_string_lossy().as_bytes());
+        h.update([0u8]);
+        h.update(crate::fetch::sha256_file(f)?.as_bytes());
+    }
+    Ok(crate::fetch::hex(&h.finalize()))
+}
+
 pub fn read_dataset(path: &Path, opts: ReadOptions) -> Result<Dataset> {
     if path.is_dir() {
         read_arrow_dir(path, opts)

@@ -56,6 +56,14 @@ pub struct DataSection {
     pub max_len: usize,
     pub base_suffix_visible: bool,
     pub source_suffix_visible: bool,
+    /// sha256 of `train` (of a save_to_disk directory's files by name), recorded by the run in
+    /// `config.resolved.toml`; set in a configuration, the run checks the data against it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub train_sha256: String,
+    /// sha256 of `test`, as `train_sha256`; `eval` and `report` on the run's own test set warn
+    /// when the file there no longer matches it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub test_sha256: String,
 }
 
 /// `[interpreter]`: the hypernetwork and the subspace module.
@@ -220,6 +228,25 @@ impl ModelSection {
 }
 
 impl DataSection {
+    /// These paths made absolute (from the current directory, as the run reads them) with each
+    /// dataset's sha256 recorded; a sha256 already set must match the data.
+    pub fn pinned(&self) -> Result<DataSection> {
+        let mut d = self.clone();
+        for (path, sha, key) in [(&mut d.train, &mut d.train_sha256, "data.train"), (&mut d.test, &mut d.test_sha256, "data.test")] {
+            let p = std::path::absolute(Path::new(path.as_str())).map_err(|e| Error::file(path.as_str(), format!("{key}: {e}")))?;
+            if !p.exists() {
+                return Err(Error::file(&p, format!("{key}: not found")));
+            }
+            let now = crate::data::io::fingerprint(&p)?;
+            if !sha.is_empty() && *sha != now {
+                return Err(Error::file(&p, format!("{key} has sha256 {now}, not the {key}_sha256 = {sha} the configuration expects (the data changed)")));
+            }
+            *path = p.display().to_string();
+            *sha = now;
+        }
+        Ok(d)
+    }
+
     /// Collation settings of this run; `skip_unusable` from the caller (training uses
     /// `skip_bad_rows`, `hyperdas eval` its own flag).
     pub fn collate_options(&self, skip_unusable: bool) -> CollateOptions {
@@ -292,6 +319,55 @@ pub struct RunInfo {
     pub model: String,
     pub train_rows: usize,
     pub test_rows: usize,
+    /// Who made the run, where and when (absent in runs from before 0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+}
+
+/// `run.json`'s `provenance`: what a reader of a shared run directory needs to reproduce it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Provenance {
+    /// hyperdas's version.
+    pub version: String,
+    /// The git commit the tool was built from (`-dirty`: with uncommitted changes), when known.
+    pub commit: Option<String>,
+    /// When this process started the run (RFC 3339, UTC), and when it finished.
+    pub started: String,
+    pub finished: String,
+    /// The step this process started from (> 0: resumed from a checkpoint).
+    pub resumed_from_step: usize,
+    pub host: String,
+    /// CPU model, logical cores and SIMD level.
+    pub cpu: String,
+    /// Where the target ran (`cpu`, `cuda:0`).
+    pub device: String,
+    /// Compute threads (rayon's pool: `RAYON_NUM_THREADS`, else every core).
+    pub threads: usize,
+    /// The full command line (under Python: the interpreter's).
+    pub command: Vec<String>,
+}
+
+impl Provenance {
+    /// This process, for a run that started at `started` from `resumed_from_step`.
+    pub fn now(started: chrono::DateTime<chrono::Utc>, resumed_from_step: usize, device: &candle_core::Device) -> Provenance {
+        let rfc = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        Provenance {
+            version: env!("CARGO_PKG_VERSION").into(),
+            commit: option_env!("HYPERDAS_GIT_COMMIT").map(str::to_string),
+            started: rfc(started),
+            finished: rfc(chrono::Utc::now()),
+            resumed_from_step,
+            host: crate::profile::host_name(),
+            cpu: crate::profile::machine_description(),
+            device: match device.location() {
+                candle_core::DeviceLocation::Cpu => "cpu".into(),
+                candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+                candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+            },
+            threads: rayon::current_num_threads(),
+            command: std::env::args().collect(),
+        }
+    }
 }
 
 /// Scores of one mode in the reference's `results.json` shape.
@@ -359,6 +435,7 @@ fn guarded<T>(out: &Path, resume: bool, f: impl FnOnce() -> Result<T>) -> Result
 }
 
 fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mut SharedCache, observer: Option<crate::train::metrics::Observer>) -> Result<Option<BTreeMap<String, ModeResult>>> {
+    let started = chrono::Utc::now();
     if cfg.train.batch_size == 0 || cfg.train.epochs == 0 || cfg.eval.batch_size == 0 || cfg.train.label_limit == 0 {
         return Err(Error::invalid(format!(
             "train.batch_size, train.epochs, eval.batch_size and train.label_limit must be at least 1 (got {}, {}, {}, {})",
@@ -371,9 +448,25 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     let method = cfg.interpreter.method;
     let modes = modes_for(method, &cfg.eval.modes)?;
     cfg.interpreter.resolved_layer(0)?; // a bad layer name or convention fails before the model loads
+    let cfg = &RunConfig { data: cfg.data.pinned()?, ..cfg.clone() };
     if resume {
         let saved: RunConfig = crate::config::load(Some(&out.join("config.resolved.toml")), &[])?;
-        let same = |c: &RunConfig| RunConfig { train: TrainSettings { stop_after_steps: 0, checkpoint_every: 0, log_every: 0, ..c.train.clone() }, ..c.clone() };
+        for (key, was, now) in [("data.train", &saved.data.train_sha256, &cfg.data.train_sha256), ("data.test", &saved.data.test_sha256, &cfg.data.test_sha256)] {
+            if !was.is_empty() && was != now {
+                return Err(Error::file(out.join("config.resolved.toml"), format!("{key} changed since the run started (sha256 {was}, now {now}); resume with the same data")));
+            }
+        }
+        // Runs from before data paths were absolute and hashed compare by their absolute paths.
+        let same = |c: &RunConfig| {
+            let data = DataSection {
+                train: std::path::absolute(&c.data.train).map(|p| p.display().to_string()).unwrap_or_default(),
+                test: std::path::absolute(&c.data.test).map(|p| p.display().to_string()).unwrap_or_default(),
+                train_sha256: String::new(),
+                test_sha256: String::new(),
+                ..c.data.clone()
+            };
+            RunConfig { data, train: TrainSettings { stop_after_steps: 0, checkpoint_every: 0, log_every: 0, ..c.train.clone() }, ..c.clone() }
+        };
         if same(&saved) != same(cfg) {
             return Err(Error::file(
                 out.join("config.resolved.toml"),
@@ -453,6 +546,7 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
         }));
     }
     let plan = CheckpointPlan { dir: Some(&out.join("checkpoint")), resume, meta: serde_json::to_value(cfg).map_err(|e| Error::invalid(e.to_string()))? };
+    let resumed_from = if resume { crate::train::checkpoint::step_of_latest(&out.join("checkpoint")).unwrap_or(0) } else { 0 };
     let trainer = Trainer::new(&lm.model, &mut interp, &ps, &cfg.train, total)?;
     let (_, opt) = trainer.fit(&TrainData { train: &sets[0], test: &sets[1], pad }, &mut log, &plan, progress)?;
     if opt.step < total {
@@ -473,6 +567,7 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
         model: cfg.model.path.clone(),
         train_rows: sets[0].len(),
         test_rows: sets[1].len(),
+        provenance: Some(Provenance::now(started, resumed_from, lm.model.device())),
     };
     let info_path = out.join("run.json");
     let text = serde_json::to_string_pretty(&info).map_err(|e| Error::invalid(e.to_string()))?;
@@ -654,6 +749,12 @@ pub fn run_test_set(dir: &Path) -> Result<PathBuf> {
     let p = PathBuf::from(&config.data.test);
     if !p.exists() {
         return Err(Error::file(&cfg_path, format!("the run's test set {} (data.test) is not found from this directory: pass --data", p.display())));
+    }
+    if !config.data.test_sha256.is_empty() {
+        let now = crate::data::io::fingerprint(&p)?;
+        if now != config.data.test_sha256 {
+            tracing::warn!("{} has changed since the run was trained (sha256 {now}, the run recorded {}): the scores are not on the run's own test set", p.display(), config.data.test_sha256);
+        }
     }
     Ok(p)
 }

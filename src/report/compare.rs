@@ -180,7 +180,7 @@ mod tests {
     }
 
     fn run(method: Method, modes: &[&str]) -> RunSummary {
-        let info = RunInfo { method: method.name().into(), layer: 3, num_layers: 6, rank: 8, subspace: "das".into(), model: "m".into(), train_rows: 1, test_rows: 1 };
+        let info = RunInfo { method: method.name().into(), layer: 3, num_layers: 6, rank: 8, subspace: "das".into(), model: "m".into(), provenance: None, train_rows: 1, test_rows: 1 };
         let groups = modes.iter().map(|m| (m.to_string(), vec![g("Country", 0.8, 0.6), g("Continent", 0.4, 0.9), g("mean", 0.6, 0.75)])).collect();
         RunSummary { dir: PathBuf::from(method.name()), info, method, groups }
     }

@@ -67,6 +67,12 @@ pub fn exists(dir: &Path) -> bool {
     dir.join("state.json").is_file() || crate::atomic::previous(dir).join("state.json").is_file()
 }
 
+/// The step the checkpoint in `dir` was written at (its `state.json`), if one is readable.
+pub fn step_of_latest(dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join("state.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?.get("step")?.as_u64().map(|s| s as usize)
+}
+
 /// [`load`] from `dir` after [`verify`]ing it; when the latest checkpoint is missing, corrupt
 /// or does not load, the previous one (`dir.prev`) with a warning on stderr. Returns the state
 /// of the checkpoint used.
