@@ -620,12 +620,12 @@ fn baselines_compare_and_a_resumable_sweep_on_the_tiny_toy() {
 
     // One table per attribute, a row per method.
     let cmp = dir("cmp");
-    let o = cmd(&["compare", &dir("hyperdas"), &dir("mdas"), &dir("das"), "--modes", "soft,bidding_argmax", "--out", &cmp]);
+    let o = cmd(&["compare", "--run", &dir("hyperdas"), "--run", &dir("mdas"), "--run", &dir("das"), "--modes", "soft,bidding_argmax", "--out", &cmp]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("### city / Country") && out.contains("| HyperDAS · soft | 0 | 4 |") && out.contains("| MDAS | 0 | 4 |") && out.contains("| DAS | 0 | 4 |"), "{out}");
     assert!(std::fs::read_to_string(work.path().join("cmp/compare.html")).unwrap().contains("<td>DAS</td>"));
-    let o = cmd(&["compare", &dir("data")]);
+    let o = cmd(&["compare", "--run", &dir("data")]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("not a run directory"), "{}", text(&o).1);
 
@@ -655,7 +655,7 @@ fn baselines_compare_and_a_resumable_sweep_on_the_tiny_toy() {
     assert_eq!(std::fs::read_to_string(work.path().join("sweep/sweep.csv")).unwrap(), csv, "a rerun gives the same table");
     assert!(out.contains("Best Disentangle"));
     // A sweep's directory works as compare input.
-    let o = cmd(&["compare", &sw, "--out", &dir("cmp2")]);
+    let o = cmd(&["compare", "--run", &sw, "--out", &dir("cmp2")]);
     assert!(o.status.success() && text(&o).0.contains("| MDAS | 0 | 2 |"), "{}", text(&o).0);
     // Bad grids fail before anything runs.
     let o = cmd(&["sweep", "--grid", "layer=3:1", "--out", &dir("bad")]);

@@ -30,9 +30,9 @@ pub struct ApplyArgs {
     /// The source entity. Default: the instruction's second name.
     #[arg(long)]
     source_entity: Option<String>,
-    /// Inference mode (a wrong name lists the valid ones).
-    #[arg(long, default_value = "soft", value_parser = InferenceMode::parse)]
-    mode: InferenceMode,
+    /// Inference modes, comma-separated, each shown in turn (a wrong name lists the valid ones).
+    #[arg(long, default_value = "soft", value_delimiter = ',', value_parser = InferenceMode::parse)]
+    modes: Vec<InferenceMode>,
     /// Tokens to show before and after.
     #[arg(long, default_value_t = 5)]
     top: usize,
@@ -41,7 +41,17 @@ pub struct ApplyArgs {
 pub fn run(a: &ApplyArgs) -> Result<()> {
     let run = crate::experiment::run::load_run(&a.run, true)?;
     let q = Query { base: a.base.clone(), source: a.source.clone(), instruction: a.instruction.clone(), base_entity: a.base_entity.clone(), source_entity: a.source_entity.clone() };
-    let r = apply(&run, &q, a.mode, a.top)?;
+    let applied: Vec<_> = a.modes.iter().map(|&m| apply(&run, &q, m, a.top)).collect::<std::result::Result<_, _>>()?;
+    if super::json() {
+        return super::print_json(&serde_json::to_value(&applied)?);
+    }
+    for r in &applied {
+        print_applied(r);
+    }
+    Ok(())
+}
+
+fn print_applied(r: &crate::experiment::apply::Applied) {
     println!("mode {}; base tokens with their chosen source (weight), 'self' = unchanged:", r.mode.name());
     for c in &r.choices {
         let mark = if c.intervenable { "" } else { " (not intervenable)" };
@@ -56,5 +66,4 @@ pub fn run(a: &ApplyArgs) -> Result<()> {
     if !r.changed() {
         println!("(the top prediction did not change)");
     }
-    Ok(())
 }

@@ -110,9 +110,6 @@ pub struct TrainBenchArgs {
     /// The state cache's budget in GB.
     #[arg(long, default_value_t = 2.0)]
     cache_gb: f64,
-    /// Print one JSON line instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -139,9 +136,6 @@ pub struct EvalBenchArgs {
     /// The state cache's budget in GB (0: no cached pass).
     #[arg(long, default_value_t = 2.0)]
     cache_gb: f64,
-    /// Print one JSON line instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -149,9 +143,6 @@ pub struct MatmulArgs {
     /// Timed runs per shape (the median is reported).
     #[arg(long, default_value_t = 20)]
     runs: usize,
-    /// Print one JSON line instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -162,9 +153,6 @@ pub struct ToyBenchArgs {
     /// The small test variant instead of the standard toy model.
     #[arg(long)]
     tiny: bool,
-    /// Print one JSON line instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -190,9 +178,6 @@ pub struct ForwardArgs {
     /// entering this block, through blocks `layer..L` (what intervention training does).
     #[arg(long)]
     backward_from: Option<usize>,
-    /// Print one JSON line instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 /// xorshift64*: random token ids without another dependency.
@@ -208,14 +193,7 @@ fn token_rows(seed: u64, b: usize, t: usize, vocab: usize) -> Vec<Vec<u32>> {
 }
 
 pub fn run(c: &BenchCommand) -> Result<()> {
-    let json = match c {
-        BenchCommand::Forward(a) => a.json,
-        BenchCommand::Toy(a) => a.json,
-        BenchCommand::Train(a) => a.json,
-        BenchCommand::Eval(a) => a.json,
-        BenchCommand::Matmul(a) => a.json,
-    };
-    if !json {
+    if !super::json() {
         // Figures depend on the CPU far more than on anything else (docs/benchmarks.md).
         tracing::info!("machine: {}", crate::profile::machine_description());
     }
@@ -245,10 +223,10 @@ fn toy(a: &ToyBenchArgs) -> Result<()> {
     for run in 0..a.runs {
         let tmp = tempfile_dir()?;
         let t0 = Instant::now();
-        let report = crate::toy::build_into(&cfg, &tmp.join("toy"), !a.json)?;
+        let report = crate::toy::build_into(&cfg, &tmp.join("toy"), !super::json())?;
         let wall = t0.elapsed().as_secs_f64();
         let _ = std::fs::remove_dir_all(&tmp);
-        if !a.json {
+        if !super::json() {
             let worst = report.accuracy.iter().map(|x| x.held_out).fold(1.0, f64::min);
             tracing::info!(
                 "run {}: {wall:.1} s in all, {:.1} s training ({:.1} steps/s), lowest held-out accuracy {:.1}%",
@@ -264,7 +242,7 @@ fn toy(a: &ToyBenchArgs) -> Result<()> {
     }
     let (wall, train) = (median(&mut walls), median(&mut trains));
     let meets = last.as_ref().is_some_and(|r| r.meets_targets());
-    if a.json {
+    if super::json() {
         println!(
             "{}",
             serde_json::json!({"bench": "toy", "tiny": a.tiny, "runs": a.runs, "threads": threads, "machine": crate::profile::machine_description(), "median_wall_s": wall, "median_train_s": train, "steps": cfg.steps, "meets_targets": meets})
@@ -297,7 +275,7 @@ fn forward(a: &ForwardArgs) -> Result<()> {
     let batch = TokenBatch::left_padded(&rows, 0, lm.model.device())?;
     let threads = candle_core::utils::get_num_threads();
     let env = crate::threads::user_setting();
-    if !a.json {
+    if !super::json() {
         tracing::info!("batch {} x {} tokens, {} warm-up + {} timed runs, {threads} threads (RAYON_NUM_THREADS={env})", a.batch, a.seq, a.warmup, a.runs);
     }
     if let Some(l) = a.backward_from
@@ -326,7 +304,7 @@ fn forward(a: &ForwardArgs) -> Result<()> {
         let t0 = Instant::now();
         step()?;
         let dt = t0.elapsed().as_secs_f64();
-        if !a.json {
+        if !super::json() {
             tracing::info!("  run {}: {:.3} s ({:.0} tokens/s)", i + 1, dt, (a.batch * a.seq) as f64 / dt);
         }
         secs.push(dt);
@@ -335,7 +313,7 @@ fn forward(a: &ForwardArgs) -> Result<()> {
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
     let tokens = (a.batch * a.seq) as f64;
-    if a.json {
+    if super::json() {
         println!(
             "{}",
             serde_json::json!({
@@ -383,12 +361,12 @@ fn matmul(a: &MatmulArgs) -> Result<()> {
     let mut rows = Vec::new();
     for (m, k, n, what) in MATMUL_SHAPES {
         let (g, best) = matmul_gflops(m, k, n, a.runs)?;
-        if !a.json {
+        if !super::json() {
             println!("{m:>6} x {k:>4} x {n:>4}  {g:6.1} GFLOP/s median, {best:6.1} fastest run  ({what})");
         }
         rows.push(serde_json::json!({"m": m, "k": k, "n": n, "gflops": g, "best_gflops": best, "what": what}));
     }
-    if a.json {
+    if super::json() {
         println!("{}", serde_json::json!({"bench": "matmul", "threads": threads, "machine": crate::profile::machine_description(), "shapes": rows}));
     } else {
         println!("f32 matmul, median of {} runs, {threads} threads (RAYON_NUM_THREADS={})", a.runs, crate::threads::user_setting());
@@ -464,7 +442,7 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
     let interp = Interpreter::new(&mut ps, target, &icfg)?;
     let label_limit = TrainSettings::default().label_limit;
     let pad = lm.tokenizer.padding_id();
-    if !a.json {
+    if !super::json() {
         tracing::info!(
             "HyperDAS evaluation: {} rows in batches of {}, layer {}, {} blocks, {} rank {}, {threads} threads (RAYON_NUM_THREADS={}); untrained interpreter (throughput does not depend on the weights)",
             rows.len(),
@@ -495,14 +473,14 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
             evaluate(target, &interp, &rows, mode, a.batch, label_limit, pad)?;
             let dt = t0.elapsed().as_secs_f64();
             let x = rows.len() as f64 / dt;
-            if !a.json {
+            if !super::json() {
                 println!("{name:<9} {:<15} {dt:6.2} s for {} rows = {x:6.2} examples/s", mode.name(), rows.len());
             }
             out.push(serde_json::json!({"pass": name, "mode": mode.name(), "seconds": dt, "examples_per_s": x}));
         }
     }
     let rss = crate::profile::peak_rss_bytes();
-    if a.json {
+    if super::json() {
         println!(
             "{}",
             serde_json::json!({"bench": "eval", "model": a.model.model, "batch": a.batch, "rows": rows.len(), "layer": a.interp.layer, "blocks": a.interp.blocks, "threads": threads, "machine": crate::profile::machine_description(), "results": out, "peak_rss_bytes": rss})
@@ -541,7 +519,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     let passes = if a.no_cache { 1 } else { 3 };
     let total = per_pass * passes;
     let pad = lm.tokenizer.padding_id();
-    if !a.json {
+    if !super::json() {
         tracing::info!(
             "HyperDAS training step: batch {}, layer {}, {} blocks, {} rank {}, {} warm-up + {} timed steps per pass, {threads} threads (RAYON_NUM_THREADS={}); {}",
             a.batch,
@@ -595,7 +573,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             if i < a.warmup {
                 continue;
             }
-            if !a.json {
+            if !super::json() {
                 let parts: Vec<String> = ph.iter().map(|(n, t)| format!("{n} {t:.2}")).collect();
                 tracing::info!(
                     "  pass {} step {}: {dt:.2} s = {:.1} examples/s, {:.0} GFLOP/s (T_b {}, T_s {}; loss {:.3}) [{}]",
@@ -636,7 +614,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     let names = if a.no_cache { vec!["uncached"] } else { vec!["uncached", "first epoch (empty cache)", "steady state (cached)"] };
     let first_epoch = epoch_seconds.map(|s| (a.batch * per_pass) as f64 / s);
     let summaries: Vec<serde_json::Value> = results.iter_mut().map(|r| r.summary(a.batch, peak)).collect();
-    if a.json {
+    if super::json() {
         let passes: Vec<serde_json::Value> = names.iter().zip(&summaries).enumerate().filter(|(i, _)| *i != 1).map(|(_, (n, s))| serde_json::json!({"pass": n, "result": s})).collect();
         println!(
             "{}",

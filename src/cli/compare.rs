@@ -10,9 +10,9 @@ use crate::report::compare;
 
 #[derive(Args, Debug)]
 pub struct CompareArgs {
-    /// Finished run directories (`hyperdas train`, `hyperdas baseline`), or a sweep's directory
-    /// (its runs/ are taken).
-    #[arg(required = true)]
+    /// A finished run directory (`hyperdas train`, `hyperdas baseline`) or a sweep's directory
+    /// (its runs/ are taken); repeat for each: `--run runs/a --run runs/b`.
+    #[arg(long = "run", value_name = "DIR", required = true)]
     runs: Vec<PathBuf>,
     /// HyperDAS inference modes to show (comma-separated); baselines have one (the last entity token).
     #[arg(long, default_value = "soft", value_delimiter = ',')]
@@ -37,7 +37,9 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     }
     let rows = compare::compare(&runs, &a.modes)?;
     let md = compare::markdown(&rows);
-    print!("{md}");
+    if !super::json() {
+        print!("{md}");
+    }
     std::fs::create_dir_all(&a.out)?;
     let note = format!(
         "Runs: {}. Cause / Isolate / Disentangle on each run's test set; layer = the residual entering that block; HyperDAS rows per inference mode, DAS and MDAS at the last entity token.",
@@ -45,6 +47,9 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     );
     std::fs::write(a.out.join("compare.md"), format!("# Comparison\n\n{note}\n\n{md}"))?;
     std::fs::write(a.out.join("compare.html"), compare::html_page("Comparison", &rows, &note))?;
+    if super::json() {
+        return super::print_json(&serde_json::json!({"rows": rows, "written": [a.out.join("compare.md"), a.out.join("compare.html")]}));
+    }
     println!("wrote {} and {}", a.out.join("compare.md").display(), a.out.join("compare.html").display());
     Ok(())
 }
@@ -64,9 +69,9 @@ pub struct SweepArgs {
     /// configuration key with comma-separated values.
     #[arg(long = "grid", value_name = "KEY=VALUES")]
     grid: Vec<String>,
-    /// HyperDAS's inference mode in the CSV and plots.
-    #[arg(long, default_value = "soft")]
-    mode: String,
+    /// HyperDAS's inference modes in sweep.csv, comma-separated (the first one in the plots and summary).
+    #[arg(long, default_value = "soft", value_delimiter = ',')]
+    modes: Vec<String>,
     /// Sweep directory: runs/<name>/ per point, sweep.csv, summary.md, sweep.html, *.svg.
     #[arg(long, short, default_value = "runs/sweep")]
     out: PathBuf,
@@ -81,10 +86,16 @@ pub fn sweep(a: &SweepArgs) -> Result<()> {
     } else {
         axes.insert(0, Axis::parse(&format!("method={}", a.methods.join(",")))?);
     }
-    crate::intervention::selection::InferenceMode::parse(&a.mode)?;
+    for m in &a.modes {
+        crate::intervention::selection::InferenceMode::parse(m)?;
+    }
     let plan = SweepPlan { config: a.config.as_deref(), sets: &a.set, axes: &axes, out: &a.out, progress: super::progress() };
     let points = sweep::run(&plan)?;
-    let runs = crate::report::sweep::write(&crate::report::sweep::SweepSummary { axes: &axes, points: &points, out: &a.out, hyperdas_mode: &a.mode, progress: super::progress() })?;
+    let runs = crate::report::sweep::write(&crate::report::sweep::SweepSummary { axes: &axes, points: &points, out: &a.out, hyperdas_modes: &a.modes, progress: super::progress() })?;
+    if super::json() {
+        let runs: Vec<serde_json::Value> = points.iter().zip(&runs).map(|((p, dir), r)| serde_json::json!({"name": p.name, "method": p.method.name(), "values": p.values.iter().map(|(_, v)| v).collect::<Vec<_>>(), "dir": dir, "layer": r.info.layer, "rank": r.info.rank, "scores": r.groups})).collect();
+        return super::print_json(&serde_json::json!({"sweep": a.out, "axes": axes.iter().map(|x| &x.key).collect::<Vec<_>>(), "runs": runs}));
+    }
     print!("{}", std::fs::read_to_string(a.out.join("summary.md"))?);
     println!("{} runs in {}; sweep.csv, summary.md, sweep.html and the plots are there", runs.len(), a.out.display());
     Ok(())

@@ -149,9 +149,6 @@ pub struct KnowledgeCmdArgs {
     /// Also list every template with its known / evaluated cells.
     #[arg(long)]
     per_template: bool,
-    /// Print JSON instead of tables.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -214,9 +211,26 @@ fn kb(a: &KbArgs) -> Result<()> {
         None if a.kb_dir.is_some() => bail!("--kb-dir needs --domain (the name to give the domain)"),
         None => builtin_domains().into_iter().map(String::from).collect(),
     };
+    let mut out = Vec::new();
     for d in domains {
         let kb = load_kb(&d, a.kb_dir.as_deref())?;
         let n = |s: Split| kb.entities.iter().filter(|e| e.split == s).count();
+        if super::json() {
+            let attrs: Vec<serde_json::Value> = kb
+                .attributes
+                .iter()
+                .enumerate()
+                .map(|(i, attr)| {
+                    let t = |s: Split| kb.templates_of(i, &[s]).len();
+                    let known = kb.entities.iter().filter(|e| !e.values[i].is_empty()).count();
+                    serde_json::json!({"attribute": attr, "values": kb.num_values(i), "entities_with_value": known, "templates": {"train": t(Split::Train), "val": t(Split::Val), "test": t(Split::Test)}})
+                })
+                .collect();
+            out.push(
+                serde_json::json!({"domain": kb.domain, "entities": {"train": n(Split::Train), "val": n(Split::Val), "test": n(Split::Test)}, "templates": kb.templates.len(), "attributes": attrs}),
+            );
+            continue;
+        }
         println!("{}: {} entities (train {} / val {} / test {}), {} templates", kb.domain, kb.entities.len(), n(Split::Train), n(Split::Val), n(Split::Test), kb.templates.len());
         println!("  {:<18} {:>7} {:>9}  templates train/val/test  example template", "attribute", "values", "entities");
         for (i, attr) in kb.attributes.iter().enumerate() {
@@ -225,6 +239,9 @@ fn kb(a: &KbArgs) -> Result<()> {
             let example = kb.templates_of(i, &[Split::Train]).first().map(|t| t.text.clone()).unwrap_or_default();
             println!("  {:<18} {:>7} {:>9}  {:>5}/{}/{:<12} {:?}", attr, kb.num_values(i), known, t(Split::Train), t(Split::Val), t(Split::Test), example);
         }
+    }
+    if super::json() {
+        return super::print_json(&serde_json::json!({"domains": out, "source": "RAVEL (Huang et al., ACL 2024), MIT license"}));
     }
     println!("\nsource: RAVEL (Huang et al., ACL 2024), MIT license; see data/ravel/PROVENANCE.md");
     Ok(())
@@ -301,6 +318,7 @@ fn build(a: &BuildArgs) -> Result<()> {
     prepared.reports.iter().for_each(print_report);
     let built = prepared.sample()?;
     let paths = built.write(&a.out, arrow, a.force)?;
+    let mut written = Vec::new();
     for (s, path) in built.splits.iter().zip(&paths) {
         tracing::info!("{} {}: {:<40} {:>7} {:>11} {:>10}", kb.domain, s.split.name(), "group", "rows", "known cells", "cells used");
         for g in &s.groups {
@@ -314,6 +332,10 @@ fn build(a: &BuildArgs) -> Result<()> {
             100.0 * s.balance.max_template_share
         );
         let causal_rows = s.rows.iter().filter(|r| r.is_causal()).count();
+        written.push(serde_json::json!({"split": s.split.name(), "path": path, "summary": summary_path(path), "rows": s.rows.len(), "causal": causal_rows, "isolate": s.rows.len() - causal_rows}));
+        if super::json() {
+            continue;
+        }
         println!(
             "wrote {} rows ({} causal, {} isolate) to {} in {:.1} s; summary: {}",
             s.rows.len(),
@@ -323,6 +345,9 @@ fn build(a: &BuildArgs) -> Result<()> {
             s.sample_seconds,
             summary_path(path).display()
         );
+    }
+    if super::json() {
+        return super::print_json(&serde_json::json!({"domain": built.domain, "targets": built.targets, "splits": written, "notes": built.notes, "seconds": t0.elapsed().as_secs_f64()}));
     }
     println!("data build: {:.1} s in all ({:.1} s for the knowledge tables)", t0.elapsed().as_secs_f64(), built.knowledge_seconds);
     Ok(())
@@ -356,7 +381,7 @@ fn knowledge(a: &KnowledgeCmdArgs) -> Result<()> {
         }
     }
     let all = [Split::Train, Split::Val, Split::Test];
-    if a.json {
+    if super::json() {
         let out: Vec<serde_json::Value> = tables
             .iter()
             .map(|(x, t)| match t {
@@ -389,6 +414,13 @@ fn knowledge(a: &KnowledgeCmdArgs) -> Result<()> {
 
 fn show(a: &ShowArgs) -> Result<()> {
     let ds = read_dataset(&a.path, ReadOptions { skip_bad_rows: a.skip_bad_rows })?;
+    if super::json() {
+        let skipped: Vec<serde_json::Value> = ds.skipped.iter().map(|(n, why)| serde_json::json!({"row": n, "error": why})).collect();
+        return super::print_json(&serde_json::json!({
+            "path": a.path, "rows": ds.rows.len(), "groups": group_counts(&ds.rows), "extra_columns": ds.extra_columns,
+            "head": ds.rows.iter().take(a.head).collect::<Vec<_>>(), "skipped": skipped,
+        }));
+    }
     println!("{}", ds.describe());
     if !ds.extra_columns.is_empty() {
         println!("extra columns (ignored): {}", ds.extra_columns.join(", "));
@@ -448,6 +480,9 @@ fn convert(a: &ConvertArgs) -> Result<()> {
     }
     let jsonl = a.output.extension().is_some_and(|e| e == "jsonl");
     write_dataset(&a.output, &ds.rows, !jsonl)?;
+    if super::json() {
+        return super::print_json(&serde_json::json!({"input": a.input, "output": a.output, "rows": ds.rows.len(), "format": if jsonl { "jsonl" } else { "arrow" }}));
+    }
     println!("{}", ds.describe());
     println!("wrote {} rows to {} ({})", ds.rows.len(), a.output.display(), if jsonl { "JSONL" } else { "datasets save_to_disk directory" });
     Ok(())

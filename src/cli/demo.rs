@@ -26,6 +26,13 @@ use crate::hypernet::interpreter::Method;
 use crate::intervention::selection::InferenceMode;
 use crate::report::svg::esc;
 
+/// A step line: on stdout, or on stderr as a log line under `--json` (stdout is the result).
+macro_rules! say {
+    ($($t:tt)*) => {
+        if super::json() { tracing::info!($($t)*) } else { println!($($t)*) }
+    };
+}
+
 /// The toy run's settings, as shipped in `configs/toy.toml`.
 const TOY_RUN: &str = include_str!("../../configs/toy.toml");
 
@@ -35,7 +42,7 @@ pub struct DemoArgs {
     /// if needed), an HF directory, a .gguf file or a hub id. About 14 min for SmolLM2-135M on 2 cores.
     #[arg(long, short, default_value = "toy")]
     model: String,
-    /// Run directory (default: runs/demo, or runs/demo-2, -3, ... if that exists).
+    /// Run directory [default: runs/demo-<date>-N, the first N free].
     #[arg(long)]
     out: Option<PathBuf>,
     /// Override a run setting of configs/toy.toml (`train.epochs=3`); repeatable.
@@ -45,14 +52,6 @@ pub struct DemoArgs {
     /// a few seconds; its scores mean nothing).
     #[arg(long)]
     tiny: bool,
-}
-
-/// A fresh run directory: `runs/demo`, else the first free `runs/demo-N`.
-fn fresh_dir(base: &Path) -> PathBuf {
-    if !base.exists() {
-        return base.to_path_buf();
-    }
-    (2..).map(|n| PathBuf::from(format!("{}-{n}", base.display()))).find(|p| !p.exists()).unwrap_or_else(|| base.to_path_buf())
 }
 
 /// (split, file label, causal per target, isolate per other attribute) before filtering; the
@@ -65,14 +64,14 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let tiny = a.tiny || a.model == "toy:tiny";
     let out = match &a.out {
         Some(p) => p.clone(),
-        None => fresh_dir(Path::new("runs/demo")),
+        None => super::fresh_run_dir("demo"),
     };
     if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("{} exists and is not empty: choose another --out or remove it", out.display());
     }
     let target_name = if tiny || crate::experiment::run::toy_config(&a.model).is_some() { "the toy world".to_string() } else { a.model.clone() };
-    println!("hyperdas {} demo: HyperDAS (Sun et al., ICLR 2025) on {target_name}, RAVEL city", env!("CARGO_PKG_VERSION"));
-    println!("run directory: {}", out.display());
+    say!("hyperdas {} demo: HyperDAS (Sun et al., ICLR 2025) on {target_name}, RAVEL city", env!("CARGO_PKG_VERSION"));
+    say!("run directory: {}", out.display());
 
     // 1. The target: the toy world (cached after the first time) or a real model.
     let toy_target = tiny || crate::experiment::run::toy_config(&a.model).is_some();
@@ -80,7 +79,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let t = Instant::now();
     let (lm, kb, toy) = if toy_target {
         let toy = crate::toy::ensure(&toy_cfg, false, progress)?;
-        println!(
+        say!(
             "[1/5] toy model {} in {:.1} s: {} cities, {} blocks{}",
             if toy.cached { "loaded from the cache" } else { "trained" },
             t.elapsed().as_secs_f64(),
@@ -98,7 +97,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             crate::fetch::fetch(known, None, progress)?;
         }
         let lm = crate::model::load(&a.model, &crate::model::LoadOptions { progress, ..Default::default() }).with_context(|| format!("cannot load model `{}`", a.model))?;
-        println!("[1/5] model loaded in {:.1} s: {}", t.elapsed().as_secs_f64(), lm.description);
+        say!("[1/5] model loaded in {:.1} s: {}", t.elapsed().as_secs_f64(), lm.description);
         (lm, KnowledgeBase::builtin("city")?, None)
     };
 
@@ -128,10 +127,10 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         let path = data_dir.join(format!("{stem}_{label}.jsonl"));
         write_jsonl(&path, &rows)?;
         let n_causal = rows.iter().filter(|r| r.is_causal()).count();
-        println!("      {label} rows: {} causal, {} isolate -> {}", n_causal, rows.len() - n_causal, path.display());
+        say!("      {label} rows: {} causal, {} isolate -> {}", n_causal, rows.len() - n_causal, path.display());
         paths.push(path);
     }
-    println!("[2/5] data built in {:.1} s", t.elapsed().as_secs_f64());
+    say!("[2/5] data built in {:.1} s", t.elapsed().as_secs_f64());
 
     // 3. HyperDAS training and evaluation: configs/toy.toml on the toy; the real-model
     // defaults (2 epochs) otherwise. Data paths are set here.
@@ -148,7 +147,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let cfg: RunConfig = if toy.is_some() { crate::config::load_text(TOY_RUN, "configs/toy.toml (embedded)", &sets)? } else { crate::config::load(None, &sets)? };
     let run_dir = out.join("hyperdas");
     crate::experiment::run::run(&cfg, &run_dir, false, progress)?.context("the run stopped before its end")?;
-    println!("[3/5] HyperDAS trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
+    say!("[3/5] HyperDAS trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
 
     // 4. The MDAS baseline on the same data, layer and rank (RAVEL's multi-task DAS).
     let t = Instant::now();
@@ -156,7 +155,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     crate::experiment::run::run(&cfg.as_baseline(Method::Mdas), &mdas_dir, false, progress)?.context("the MDAS run stopped before its end")?;
     let runs = [crate::report::compare::read_run(&run_dir)?, crate::report::compare::read_run(&mdas_dir)?];
     let comparison = crate::report::compare::compare(&runs, &["soft".into(), "bidding_argmax".into()])?;
-    println!("[4/5] MDAS baseline trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
+    say!("[4/5] MDAS baseline trained and evaluated in {:.1} s", t.elapsed().as_secs_f64());
 
     // 5. Where the chosen positions land, against the answer key (the city's last token), and the report.
     let t = Instant::now();
@@ -190,14 +189,22 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let what = target_name;
     let extras = crate::report::ReportExtras { title: format!("hyperdas demo: HyperDAS on {what}, city {}", target_names.join(" and ")), notes, comparison: crate::report::compare::html(&comparison) };
     let report = crate::report::write_report(&run_dir, &paths[1], &extras)?;
-    println!("[5/5] positions checked and report written in {:.1} s", t.elapsed().as_secs_f64());
+    say!("[5/5] positions checked and report written in {:.1} s", t.elapsed().as_secs_f64());
 
-    println!();
-    println!("{:<16} {:<10} {:>6} {:>8} {:>12}   ({what}, RAVEL city, {} test rows)", "mode", "attribute", "Cause", "Isolate", "Disentangle", landing.rows);
     let by_attr: std::collections::BTreeMap<String, Vec<crate::experiment::trainer::GroupScores>> = {
         let p = run_dir.join("results.by_attribute.json");
         serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?).with_context(|| format!("{}", p.display()))?
     };
+    if super::json() {
+        let landing_json: Vec<serde_json::Value> = landing.by_mode.iter().map(|l| serde_json::json!({"sentence": l.sentence()})).collect();
+        return super::print_json(&serde_json::json!({
+            "run": run_dir, "mdas": mdas_dir, "report": report, "layer": layer, "rank": cfg.interpreter.rank,
+            "test_rows": landing.rows, "by_attribute": by_attr, "comparison": comparison, "positions": landing_json,
+            "seconds": t0.elapsed().as_secs_f64(),
+        }));
+    }
+    println!();
+    println!("{:<16} {:<10} {:>6} {:>8} {:>12}   ({what}, RAVEL city, {} test rows)", "mode", "attribute", "Cause", "Isolate", "Disentangle", landing.rows);
     // Per intervened attribute, and their mean when there are several.
     for (mode, groups) in &by_attr {
         for g in groups.iter().filter(|g| g.attribute != "mean" || target_names.len() > 1) {

@@ -27,10 +27,10 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     let modes: Vec<InferenceMode> = if a.modes.is_empty() { InferenceMode::ALL.to_vec() } else { a.modes.clone() };
     let data = crate::experiment::run::data_or_test_set(&a.run, a.data.as_deref())?;
     let results = crate::experiment::run::eval_run(&a.run, &data, &modes, a.skip_bad_rows, super::progress())?;
-    println!("{:<16} {:>7} {:>8} {:>12} {:>10}", "mode", "cause", "isolate", "disentangle", "test loss");
-    for (mode, r) in &results {
-        println!("{mode:<16} {:>7.3} {:>8.3} {:>12.3} {:>10.3}", r.accs["causal"], r.accs["isolate"], r.accs["disentangle"], r.test_loss);
+    if super::json() {
+        return super::print_json(&serde_json::json!({"run": a.run, "data": data, "results": results}));
     }
+    println!("{}", super::results_table(&results));
     println!("written to {}/eval/ (results.json, results.csv, positions.jsonl per dataset)", a.run.display());
     Ok(())
 }
@@ -62,6 +62,9 @@ pub fn report(a: &ReportArgs) -> Result<()> {
     };
     let data = crate::experiment::run::data_or_test_set(&a.run, a.data.as_deref())?;
     let path = crate::report::write_report(&a.run, &data, &crate::report::ReportExtras { title: a.title.clone(), notes: Vec::new(), comparison })?;
+    if super::json() {
+        return super::print_json(&serde_json::json!({"run": a.run, "data": data, "report": path}));
+    }
     println!("report: {}", path.display());
     Ok(())
 }

@@ -33,6 +33,9 @@ pub fn run(cmd: &ExportCommand) -> Result<()> {
         ExportCommand::Pyvene(a) => {
             let run = crate::experiment::run::load_run(&a.run, true)?;
             let files = crate::export::pyvene::export(&run, &a.run, &a.out, a.data.as_deref(), a.limit)?;
+            if super::json() {
+                return super::print_json(&serde_json::json!({"run": a.run, "written": files}));
+            }
             for f in files {
                 println!("wrote {}", f.display());
             }

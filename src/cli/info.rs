@@ -10,9 +10,6 @@ use crate::model::Site;
 pub struct InfoArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Print one JSON object instead of the text.
-    #[arg(long)]
-    json: bool,
 }
 
 pub fn run(a: &InfoArgs) -> Result<()> {
@@ -23,7 +20,7 @@ pub fn run(a: &InfoArgs) -> Result<()> {
     let l = c.num_hidden_layers;
     let d = c.hidden_size;
     let examples = [Site::ResidPre(0), Site::ResidPre(l / 2), Site::ResidPost(l / 2 - usize::from(l > 1)), Site::ResidPost(l - 1), Site::FinalNorm];
-    if a.json {
+    if super::json() {
         let sites: Vec<serde_json::Value> =
             examples.iter().map(|s| Ok(serde_json::json!({"site": s.to_string(), "hidden_states_index": s.hidden_state_index(l)?, "shape": ["B", "T", d]}))).collect::<Result<_>>()?;
         let v = serde_json::json!({

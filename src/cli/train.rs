@@ -17,7 +17,7 @@ pub struct TrainArgs {
     /// Override a setting: `--set train.lr=1e-4 --set data.train=x.jsonl`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Run directory (must not exist or be empty) [default: runs/hyperdas, runs/das, runs/mdas].
+    /// Run directory (must not exist or be empty) [default: runs/<method>-<date>-N, the first N free; --resume needs it].
     #[arg(long, short)]
     out: Option<PathBuf>,
     /// Continue the run in --out from its checkpoint (same configuration; the result equals an uninterrupted run).
@@ -54,16 +54,23 @@ fn run_with(a: &TrainArgs, method: Method) -> Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(method.name()));
+    let out = match (&a.out, a.resume) {
+        (Some(o), _) => o.clone(),
+        (None, true) => anyhow::bail!("--resume continues a run: name it with --out DIR"),
+        (None, false) => super::fresh_run_dir(method.name()),
+    };
     let Some(results) = run_config(&cfg, &out, a.resume, super::progress())? else {
         let cmd = if method.is_baseline() { format!("baseline {}", method.name()) } else { "train".into() };
+        if super::json() {
+            return super::print_json(&serde_json::json!({"run": out, "stopped_early": true, "results": null}));
+        }
         println!("stopped early (train.stop_after_steps); continue with: hyperdas {cmd} --resume --out {} [same --config/--set]", out.display());
         return Ok(());
     };
-    println!("{:<16} {:>7} {:>8} {:>12} {:>10}", "mode", "cause", "isolate", "disentangle", "test loss");
-    for (mode, r) in &results {
-        println!("{mode:<16} {:>7.3} {:>8.3} {:>12.3} {:>10.3}", r.accs["causal"], r.accs["isolate"], r.accs["disentangle"], r.test_loss);
+    if super::json() {
+        return super::print_json(&serde_json::json!({"run": out, "results": results}));
     }
+    println!("{}", super::results_table(&results));
     println!("run directory: {} (results.json, results.csv, results.by_attribute.{{json,csv}}, metrics.jsonl, config.resolved.toml, checkpoint/)", out.display());
     Ok(())
 }

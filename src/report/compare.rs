@@ -45,7 +45,7 @@ pub fn read_run(dir: &Path) -> Result<RunSummary> {
 }
 
 /// One row of a comparison table.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CompareRow {
     /// "HyperDAS · soft", "MDAS", ...
     pub label: String,

@@ -12,13 +12,13 @@ use crate::experiment::trainer::GroupScores;
 use crate::hypernet::interpreter::Method;
 
 /// What to summarise: the sweep's axes and points (as `experiment::sweep::run` returns them),
-/// where to write, and HyperDAS's inference mode in the CSV and plots (the baselines: their
-/// fixed positions).
+/// where to write, and HyperDAS's inference modes in the CSV (the first one in the plots and
+/// summary; the baselines: their fixed positions).
 pub struct SweepSummary<'a> {
     pub axes: &'a [Axis],
     pub points: &'a [(Point, PathBuf)],
     pub out: &'a Path,
-    pub hyperdas_mode: &'a str,
+    pub hyperdas_modes: &'a [String],
     pub progress: bool,
 }
 
@@ -42,22 +42,29 @@ fn headline(r: &RunSummary, hyperdas_mode: &str) -> Result<GroupScores> {
 
 fn write_outputs(plan: &SweepSummary, pts: &[Point], runs: &[RunSummary]) -> Result<()> {
     let axes: Vec<(usize, &Axis)> = plan.axes.iter().enumerate().filter(|(_, a)| a.key != "method").collect();
-    // CSV: every group of every run (the native mode of each method).
-    let mut csv = String::from("run,method");
-    for (_, a) in &axes {
-        let _ = write!(csv, ",{}", a.short());
-    }
-    csv += ",layer_resolved,rank_resolved,mode,domain,attribute,causal,isolate,disentangle,causal_rows,isolate_rows\n";
+    // CSV: every group of every run (HyperDAS in each mode asked for, a baseline at its fixed
+    // positions). Axis values and attribute names can come from user files: the csv crate quotes.
+    let mut header = vec!["run".to_string(), "method".into()];
+    header.extend(axes.iter().map(|(_, a)| a.short().to_string()));
+    header.extend(["layer_resolved", "rank_resolved", "mode", "domain", "attribute", "causal", "isolate", "disentangle", "causal_rows", "isolate_rows"].map(String::from));
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let csv_err = |e: csv::Error| Error::invalid(format!("sweep.csv: {e}"));
+    w.write_record(&header).map_err(csv_err)?;
+    let baseline_mode = ["groundtruth".to_string()];
     for (p, r) in pts.iter().zip(runs) {
-        let mode = if r.method.is_baseline() { "groundtruth" } else { plan.hyperdas_mode };
-        for g in r.groups.get(mode).into_iter().flatten() {
-            let _ = write!(csv, "{},{}", p.name, p.method.name());
-            for (_, v) in &p.values {
-                let _ = write!(csv, ",{v}");
+        let modes: &[String] = if r.method.is_baseline() { &baseline_mode } else { plan.hyperdas_modes };
+        for mode in modes {
+            for g in r.groups.get(mode).into_iter().flatten() {
+                let mut rec = vec![p.name.clone(), p.method.name().to_string()];
+                rec.extend(p.values.iter().map(|(_, v)| v.to_string()));
+                rec.extend([r.info.layer.to_string(), r.info.rank.to_string(), mode.clone(), g.domain.clone(), g.attribute.clone()]);
+                rec.extend([g.causal, g.isolate, g.disentangle].map(|x| x.to_string()));
+                rec.extend([g.causal_rows, g.isolate_rows].map(|x| x.to_string()));
+                w.write_record(&rec).map_err(csv_err)?;
             }
-            let _ = writeln!(csv, ",{},{},{mode},{},{},{},{},{},{},{}", r.info.layer, r.info.rank, g.domain, g.attribute, g.causal, g.isolate, g.disentangle, g.causal_rows, g.isolate_rows);
         }
     }
+    let csv = String::from_utf8(w.into_inner().map_err(|e| Error::invalid(format!("sweep.csv: {e}")))?).map_err(|e| Error::invalid(format!("sweep.csv: {e}")))?;
     let write = |name: &str, text: &str| -> Result<()> {
         let path = plan.out.join(name);
         crate::atomic::write_text(&path, text)
@@ -66,7 +73,8 @@ fn write_outputs(plan: &SweepSummary, pts: &[Point], runs: &[RunSummary]) -> Res
 
     // Plots: each metric against each numeric axis, one line per method (and per value of the
     // other axes, when there are several).
-    let heads: Vec<_> = runs.iter().map(|r| headline(r, plan.hyperdas_mode)).collect::<Result<_>>()?;
+    let first = plan.hyperdas_modes.first().map_or("soft", String::as_str);
+    let heads: Vec<_> = runs.iter().map(|r| headline(r, first)).collect::<Result<_>>()?;
     let mut svgs = Vec::new();
     for &(ai, axis) in &axes {
         let x_of = |p: &Point, r: &RunSummary| -> Option<f64> {
@@ -131,7 +139,7 @@ fn write_outputs(plan: &SweepSummary, pts: &[Point], runs: &[RunSummary]) -> Res
     for (_, svg) in &svgs {
         page += svg;
     }
-    page += "</div><p>Scores: the domain mean over attributes (or the one attribute); HyperDAS in the mode given by --mode, baselines at the last entity token. Every run: <code>runs/</code>; all groups: <code>sweep.csv</code>; table: <code>summary.md</code>.</p></body></html>";
+    page += "</div><p>Scores: the domain mean over attributes (or the one attribute); HyperDAS in the first mode given by --modes, baselines at the last entity token. Every run: <code>runs/</code>; all groups: <code>sweep.csv</code>; table: <code>summary.md</code>.</p></body></html>";
     write("sweep.html", &page)?;
     if plan.progress {
         tracing::info!("sweep: {} runs; wrote sweep.csv, summary.md, sweep.html and {} plots in {}", runs.len(), svgs.len(), plan.out.display());
