@@ -58,11 +58,9 @@ pub struct DataSection {
     pub source_suffix_visible: bool,
     /// sha256 of `train` (of a save_to_disk directory's files by name), recorded by the run in
     /// `config.resolved.toml`; set in a configuration, the run checks the data against it.
-    #[serde(skip_serializing_if = "String::is_empty")]
     pub train_sha256: String,
     /// sha256 of `test`, as `train_sha256`; `eval` and `report` on the run's own test set warn
     /// when the file there no longer matches it.
-    #[serde(skip_serializing_if = "String::is_empty")]
     pub test_sha256: String,
 }
 
@@ -645,16 +643,28 @@ fn score_modes(target: &crate::model::Llama, interp: &Interpreter, rows: &[crate
 
 /// Write `{stem}results.json`, `.csv`, `{stem}results.by_attribute.json` and `.csv` into `dir`.
 fn write_results(dir: &Path, stem: &str, scored: &Scored) -> Result<()> {
-    let mut csv = String::from("mode,causal,isolate,disentangle,test_loss\n");
+    // Attribute and domain names come from user files: the csv crate quotes what needs it.
+    let csv_text = |rows: Vec<Vec<String>>| -> Result<String> {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        for r in rows {
+            w.write_record(&r).map_err(|e| Error::invalid(format!("results CSV: {e}")))?;
+        }
+        String::from_utf8(w.into_inner().map_err(|e| Error::invalid(format!("results CSV: {e}")))?).map_err(|e| Error::invalid(format!("results CSV: {e}")))
+    };
+    let head = |h: &[&str]| h.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let mut rows = vec![head(&["mode", "causal", "isolate", "disentangle", "test_loss"])];
     for (mode, r) in &scored.results {
-        csv += &format!("{mode},{},{},{},{}\n", r.accs["causal"], r.accs["isolate"], r.accs["disentangle"], r.test_loss);
+        rows.push(vec![mode.clone(), r.accs["causal"].to_string(), r.accs["isolate"].to_string(), r.accs["disentangle"].to_string(), r.test_loss.to_string()]);
     }
-    let mut by_csv = String::from("mode,domain,attribute,causal,isolate,disentangle,causal_rows,isolate_rows\n");
+    let csv = csv_text(rows)?;
+    let mut rows = vec![head(&["mode", "domain", "attribute", "causal", "isolate", "disentangle", "causal_rows", "isolate_rows"])];
     for (mode, groups) in &scored.groups {
         for g in groups {
-            by_csv += &format!("{mode},{},{},{},{},{},{},{}\n", g.domain, g.attribute, g.causal, g.isolate, g.disentangle, g.causal_rows, g.isolate_rows);
+            let n = [g.causal, g.isolate, g.disentangle].map(|x| x.to_string());
+            rows.push(vec![mode.clone(), g.domain.clone(), g.attribute.clone(), n[0].clone(), n[1].clone(), n[2].clone(), g.causal_rows.to_string(), g.isolate_rows.to_string()]);
         }
     }
+    let by_csv = csv_text(rows)?;
     let to_text = |v: &dyn Fn() -> serde_json::Result<String>| v().map_err(|e| Error::invalid(e.to_string()));
     let files = [
         (format!("{stem}results.json"), to_text(&|| serde_json::to_string_pretty(&scored.results))?),
