@@ -46,7 +46,7 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
     );
     std::fs::write(a.out.join("compare.md"), format!("# Comparison\n\n{note}\n\n{md}"))?;
-    std::fs::write(a.out.join("compare.html"), compare::html_page("Comparison", &rows, &note))?;
+    std::fs::write(a.out.join("compare.html"), compare::html_page("Comparison", &rows, &note)?)?;
     if super::json() {
         return super::print_json(&serde_json::json!({"rows": rows, "written": [a.out.join("compare.md"), a.out.join("compare.html")]}));
     }

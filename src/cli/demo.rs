@@ -187,7 +187,8 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         notes.push(l.sentence());
     }
     let what = target_name;
-    let extras = crate::report::ReportExtras { title: format!("hyperdas demo: HyperDAS on {what}, city {}", target_names.join(" and ")), notes, comparison: crate::report::compare::html(&comparison) };
+    let extras =
+        crate::report::ReportExtras { title: format!("hyperdas demo: HyperDAS on {what}, city {}", target_names.join(" and ")), notes, comparison: crate::report::compare::html(&comparison)? };
     let report = crate::report::write_report(&run_dir, &paths[1], &extras)?;
     say!("[5/5] positions checked and report written in {:.1} s", t.elapsed().as_secs_f64());
 

@@ -58,7 +58,7 @@ pub fn report(a: &ReportArgs) -> Result<()> {
         String::new()
     } else {
         let runs: Vec<_> = std::iter::once(&a.run).chain(&a.compare).map(|d| crate::report::compare::read_run(d)).collect::<std::result::Result<_, _>>()?;
-        crate::report::compare::html(&crate::report::compare::compare(&runs, &["soft".into(), "bidding_argmax".into()])?)
+        crate::report::compare::html(&crate::report::compare::compare(&runs, &["soft".into(), "bidding_argmax".into()])?)?
     };
     let data = crate::experiment::run::data_or_test_set(&a.run, a.data.as_deref())?;
     let path = crate::report::write_report(&a.run, &data, &crate::report::ReportExtras { title: a.title.clone(), notes: Vec::new(), comparison })?;

@@ -15,8 +15,6 @@ use crate::experiment::run::RunInfo;
 use crate::experiment::trainer::GroupScores;
 use crate::hypernet::interpreter::Method;
 
-use super::svg::esc;
-
 /// One finished run.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
@@ -131,44 +129,28 @@ pub fn markdown(rows: &[CompareRow]) -> String {
 }
 
 /// The same tables as an HTML fragment (for report.html and compare.html).
-pub fn html(rows: &[CompareRow]) -> String {
-    let mut s = String::new();
-    for ((domain, attr), rs) in tables(rows) {
-        let title = if attr == "mean" { format!("{domain}: mean over attributes") } else { format!("{domain} / {attr}") };
-        let best = rs.iter().map(|r| r.scores.disentangle).filter(|x| !x.is_nan()).fold(f64::NEG_INFINITY, f64::max);
-        let _ = write!(s, "<h3>{}</h3><table><tr><th>method</th><th>layer</th><th>rank</th><th>Cause</th><th>Isolate</th><th>Disentangle</th><th>rows (causal / isolate)</th></tr>", esc(&title));
-        for r in rs {
-            let cls = if r.scores.disentangle == best { " class=\"best\"" } else { "" };
-            let _ = write!(
-                s,
-                "<tr{cls}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} / {}</td></tr>",
-                esc(&r.label),
-                r.layer,
-                r.rank,
-                num(r.scores.causal),
-                num(r.scores.isolate),
-                num(r.scores.disentangle),
-                r.scores.causal_rows,
-                r.scores.isolate_rows
-            );
-        }
-        s.push_str("</table>");
-    }
-    s
+pub fn html(rows: &[CompareRow]) -> Result<String> {
+    let tables: Vec<serde_json::Value> = tables(rows)
+        .into_iter()
+        .map(|((domain, attr), rs)| {
+            let title = if attr == "mean" { format!("{domain}: mean over attributes") } else { format!("{domain} / {attr}") };
+            let best = rs.iter().map(|r| r.scores.disentangle).filter(|x| !x.is_nan()).fold(f64::NEG_INFINITY, f64::max);
+            let rows: Vec<serde_json::Value> = rs
+                .iter()
+                .map(|r| {
+                    let s = &r.scores;
+                    serde_json::json!({"best": s.disentangle == best, "label": r.label, "layer": r.layer, "rank": r.rank, "causal": num(s.causal), "isolate": num(s.isolate), "disentangle": num(s.disentangle), "causal_rows": s.causal_rows, "isolate_rows": s.isolate_rows})
+                })
+                .collect();
+            serde_json::json!({"title": title, "rows": rows})
+        })
+        .collect();
+    super::html::render("compare_tables.html", serde_json::json!({ "tables": tables }))
 }
 
 /// A whole page around [`html`].
-pub fn html_page(title: &str, rows: &[CompareRow], note: &str) -> String {
-    format!(
-        r#"<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{t}</title><style>
-body{{font-family:sans-serif;max-width:1000px;margin:24px auto;padding:0 16px;color:#222}}
-table{{border-collapse:collapse;margin:8px 0 16px}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-th{{background:#f3f3f3}}td:first-child,th:first-child{{text-align:left}}.best{{font-weight:bold}}</style></head><body>
-<h1>{t}</h1><p>{n}</p>{body}</body></html>"#,
-        t = esc(title),
-        n = esc(note),
-        body = html(rows)
-    )
+pub fn html_page(title: &str, rows: &[CompareRow], note: &str) -> Result<String> {
+    super::html::render("compare.html", serde_json::json!({"title": title, "width": 1000, "note": note, "tables": html(rows)?}))
 }
 
 #[cfg(test)]
@@ -197,7 +179,7 @@ mod tests {
         assert_eq!(rows[11].scores.attribute, "mean");
         let md = markdown(&rows);
         assert!(md.contains("### city / Country") && md.contains("### city: mean over attributes") && md.contains("| MDAS | 3 | 8 | 0.800 | 0.600 | **0.700** | 10 / 10 |"), "{md}");
-        let h = html(&rows);
+        let h = html(&rows).unwrap();
         assert_eq!(h.matches("<table>").count(), 3);
         // A HyperDAS mode the run lacks is an error naming the run.
         let err = compare(&runs, &["global_argmax".into()]).unwrap_err().to_string();

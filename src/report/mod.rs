@@ -5,11 +5,11 @@
 //! `heatmaps.json`.
 
 pub mod compare;
+pub mod html;
 pub mod svg;
 pub mod sweep;
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::D;
@@ -20,7 +20,6 @@ use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
 use crate::experiment::run::{LoadedRun, ModeResult, load_run};
 use crate::intervention::selection::InferenceMode;
-use svg::esc;
 
 /// One heatmap: the weights `W[source token or SELF][base token]` of one test row.
 #[derive(Debug, Clone, Serialize)]
@@ -166,102 +165,52 @@ pub fn write_report(run_dir: &Path, test: &Path, extras: &ReportExtras) -> Resul
     let names = [("causal", "Cause"), ("isolate", "Isolate"), ("disentangle", "Disentangle")];
     let eval_series: Vec<(String, Vec<(f64, f64)>)> = names.iter().map(|(k, n)| (n.to_string(), eval.remove(k).unwrap_or_default())).collect();
 
-    let mut h = String::new();
     let title = if extras.title.is_empty() { format!("HyperDAS run {}", run_dir.display()) } else { extras.title.clone() };
-    let _ = write!(
-        h,
-        r#"<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{}</title><style>
-body{{font-family:sans-serif;max-width:1240px;margin:24px auto;padding:0 16px;color:#222}}
-table{{border-collapse:collapse;margin:8px 0 16px}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-th{{background:#f3f3f3}}td:first-child,th:first-child{{text-align:left}}.best{{font-weight:bold}}
-.maps{{display:flex;flex-wrap:wrap;gap:18px}}.maps figure{{margin:0}}figcaption{{font-size:12px;color:#555;max-width:520px}}
-code{{background:#f5f5f5;padding:1px 4px}}</style></head><body>
-<h1>{}</h1>"#,
-        esc(&title),
-        esc(&title)
-    );
-    for n in &extras.notes {
-        let _ = write!(h, "<p>{n}</p>");
-    }
     // Scores: per (domain, attribute) and mode when the run wrote them, else per mode.
+    let method = run.interpreter.method().label();
     let by_attr: Option<BTreeMap<String, Vec<crate::experiment::trainer::GroupScores>>> = read_json(&run_dir.join("results.by_attribute.json")).ok();
-    let _ = write!(
-        h,
-        "<h2>Scores (test set, {} rows)</h2><table><tr><th>method · inference mode</th><th>attribute</th><th>Cause</th><th>Isolate</th><th>Disentangle</th><th>rows (causal / isolate)</th></tr>",
-        enc.rows.len()
-    );
+    let f3 = |x: f64| format!("{x:.3}");
+    let mut scores = Vec::new();
     match &by_attr {
         Some(groups) => {
             let n_attr = groups.values().next().map(|g| g.iter().filter(|x| x.attribute != "mean").count()).unwrap_or(0);
             for (mode, gs) in groups {
                 for g in gs.iter().filter(|g| g.attribute != "mean" || n_attr > 1) {
-                    let cls = if g.attribute == "mean" { " class=\"best\"" } else { "" };
-                    let _ = write!(
-                        h,
-                        "<tr{cls}><td>{} · {}</td><td>{} {}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{} / {}</td></tr>",
-                        run.interpreter.method().label(),
-                        esc(mode),
-                        esc(&g.domain),
-                        esc(&g.attribute),
-                        g.causal,
-                        g.isolate,
-                        g.disentangle,
-                        g.causal_rows,
-                        g.isolate_rows
-                    );
+                    scores.push(serde_json::json!({
+                        "method": method, "mode": mode, "attribute": format!("{} {}", g.domain, g.attribute), "mean": g.attribute == "mean",
+                        "causal": f3(g.causal), "isolate": f3(g.isolate), "disentangle": f3(g.disentangle), "rows": format!("{} / {}", g.causal_rows, g.isolate_rows),
+                    }));
                 }
             }
         }
         None => {
             for (mode, r) in &results {
-                let acc = |k: &str| r.accs.get(k).copied().unwrap_or(f64::NAN);
-                let _ = write!(
-                    h,
-                    "<tr><td>{} · {}</td><td>all</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td></td></tr>",
-                    run.interpreter.method().label(),
-                    esc(mode),
-                    acc("causal"),
-                    acc("isolate"),
-                    acc("disentangle")
-                );
+                let acc = |k: &str| f3(r.accs.get(k).copied().unwrap_or(f64::NAN));
+                scores.push(serde_json::json!({"method": method, "mode": mode, "attribute": "all", "mean": false, "causal": acc("causal"), "isolate": acc("isolate"), "disentangle": acc("disentangle"), "rows": ""}));
             }
         }
     }
-    let _ = write!(
-        h,
-        "</table><p>Cause: share of causal rows whose first {} label tokens follow the source after the intervention; Isolate: share of isolate rows that keep the base's answer; Disentangle: their mean. An isolate row counts under the attribute the instruction names. <b>mean</b>: the mean over the attributes (each weighs the same).</p>",
-        run.config.train.label_limit
-    );
-    if !extras.comparison.is_empty() {
-        let _ = write!(
-            h,
-            "<h2>HyperDAS beside the baselines</h2><p>MDAS (RAVEL's multi-task DAS) learns one rank-k subspace at the same layer and intervenes at the last entity token of base and source, trained on the same causal and isolate rows; HyperDAS (soft mode) chooses its positions and conditions its subspace on the instruction. Bold: the best Disentangle.</p>{}",
-            extras.comparison
-        );
-    }
-    // Heatmaps.
-    let _ = write!(
-        h,
-        "<h2>Token selection</h2><p>Each map shows the hypernetwork's weights <code>W</code> for one test row: columns are the base prompt's tokens, rows the source prompt's tokens and SELF (keep the base's own state). A column's weights sum to 1. The red box marks the base city's last token ← the source city's last token (the groundtruth mode's choice; in the toy world, where Country is planted, the answer key). Raw matrices: <code>heatmaps.json</code>.</p><div class=\"maps\">"
-    );
-    for m in &maps {
-        let kind = if m.causal { "causal" } else { "isolate" };
-        let title = vec![format!("{} · {kind} row {} · {}", m.instruction, m.row, m.mode), format!("label {:?} · prediction {:?} {}", m.label, m.prediction, if m.correct { "✓" } else { "✗" })];
-        let key = if m.source_entity_pos < m.source_tokens.len() - 1 && m.base_entity_pos < m.base_tokens.len() { vec![(m.source_entity_pos, m.base_entity_pos)] } else { Vec::new() };
-        let _ = write!(
-            h,
-            "<figure>{}<figcaption>base: {} · source: {}</figcaption></figure>",
-            svg::heatmap(&title, &m.source_tokens, &m.base_tokens, &m.weights, &key),
-            esc(&m.base_text),
-            esc(&m.source_text)
-        );
-    }
-    h.push_str("</div>");
-    // Curves.
-    h.push_str("<h2>Training</h2><div class=\"maps\">");
-    h.push_str(&svg::line_chart("training loss", "step", &[("loss".into(), loss), ("prediction loss".into(), pred_loss)], None));
-    h.push_str(&svg::line_chart("test scores (soft mode)", "step", &eval_series, Some((0.0, 1.0))));
-    let _ = write!(h, "</div><p>Run directory: <code>{}</code> (config.resolved.toml, metrics.jsonl, results.json, checkpoint/).</p></body></html>", esc(&run_dir.display().to_string()));
+    let maps: Vec<serde_json::Value> = maps
+        .iter()
+        .map(|m| {
+            let kind = if m.causal { "causal" } else { "isolate" };
+            let title = vec![format!("{} · {kind} row {} · {}", m.instruction, m.row, m.mode), format!("label {:?} · prediction {:?} {}", m.label, m.prediction, if m.correct { "✓" } else { "✗" })];
+            let key = if m.source_entity_pos < m.source_tokens.len() - 1 && m.base_entity_pos < m.base_tokens.len() { vec![(m.source_entity_pos, m.base_entity_pos)] } else { Vec::new() };
+            serde_json::json!({"svg": svg::heatmap(&title, &m.source_tokens, &m.base_tokens, &m.weights, &key), "base_text": m.base_text, "source_text": m.source_text})
+        })
+        .collect();
+    let curves = [
+        svg::line_chart("training loss", "step", &[("loss".into(), loss), ("prediction loss".into(), pred_loss)], None),
+        svg::line_chart("test scores (soft mode)", "step", &eval_series, Some((0.0, 1.0))),
+    ];
+    let h = html::render(
+        "report.html",
+        serde_json::json!({
+            "title": title, "width": 1240, "notes": extras.notes, "test_rows": enc.rows.len(), "scores": scores,
+            "label_limit": run.config.train.label_limit, "comparison": extras.comparison, "maps": maps, "curves": curves,
+            "run_dir": run_dir.display().to_string(),
+        }),
+    )?;
     let path = run_dir.join("report.html");
     std::fs::write(&path, h).map_err(|e| Error::file(&path, format!("cannot write: {e}")))?;
     Ok(path)

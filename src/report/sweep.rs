@@ -133,13 +133,8 @@ fn write_outputs(plan: &SweepSummary, pts: &[Point], runs: &[RunSummary]) -> Res
         }
     }
     write("summary.md", &md)?;
-    let mut page = String::from(
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>hyperdas sweep</title><style>body{font-family:sans-serif;max-width:1240px;margin:24px auto;padding:0 16px}.maps{display:flex;flex-wrap:wrap;gap:18px}</style></head><body><h1>Sweep</h1><div class=\"maps\">",
-    );
-    for (_, svg) in &svgs {
-        page += svg;
-    }
-    page += "</div><p>Scores: the domain mean over attributes (or the one attribute); HyperDAS in the first mode given by --modes, baselines at the last entity token. Every run: <code>runs/</code>; all groups: <code>sweep.csv</code>; table: <code>summary.md</code>.</p></body></html>";
+    let plots: Vec<&String> = svgs.iter().map(|(_, svg)| svg).collect();
+    let page = super::html::render("sweep.html", serde_json::json!({"title": "Sweep", "width": 1240, "plots": plots}))?;
     write("sweep.html", &page)?;
     if plan.progress {
         tracing::info!("sweep: {} runs; wrote sweep.csv, summary.md, sweep.html and {} plots in {}", runs.len(), svgs.len(), plan.out.display());
