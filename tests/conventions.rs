@@ -79,7 +79,7 @@ fn toy_help_states_the_defaults_show_config_uses() {
         let line = help.lines().skip_while(|l| !l.trim_start().starts_with(&format!("--{flag} "))).take(3).collect::<Vec<_>>().join(" ");
         let d = line.split("[default: ").nth(1).unwrap_or_else(|| panic!("--{flag} states no default:\n{help}"));
         let (std_default, rest) = d.split_once(';').unwrap();
-        let tiny_default = rest.trim().split_whitespace().next().unwrap();
+        let tiny_default = rest.split_whitespace().next().unwrap();
         assert_eq!(std_default.trim(), standard[flag].to_string(), "--{flag}: help against toy --show-config");
         assert_eq!(tiny_default, tiny[flag].to_string(), "--{flag}: help against toy --tiny --show-config");
     }

@@ -205,18 +205,22 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         }));
     }
     println!();
-    println!("{:<16} {:<10} {:>6} {:>8} {:>12}   ({what}, RAVEL city, {} test rows)", "mode", "attribute", "Cause", "Isolate", "Disentangle", landing.rows);
+    println!("HyperDAS per inference mode ({what}, RAVEL city, {} test rows):", landing.rows);
+    let mut t = super::table(&["mode", "attribute", "Cause", "Isolate", "Disentangle"]);
     // Per intervened attribute, and their mean when there are several.
     for (mode, groups) in &by_attr {
         for g in groups.iter().filter(|g| g.attribute != "mean" || target_names.len() > 1) {
-            println!("{:<16} {:<10} {:>6.3} {:>8.3} {:>12.3}", mode, g.attribute, g.causal, g.isolate, g.disentangle);
+            t.add_row(vec![mode.clone(), g.attribute.clone(), format!("{:.3}", g.causal), format!("{:.3}", g.isolate), format!("{:.3}", g.disentangle)]);
         }
     }
+    println!("{t}");
     println!();
-    println!("{:<26} {:<10} {:>6} {:>8} {:>12}   (HyperDAS beside the MDAS baseline, layer {layer}, rank {})", "method", "attribute", "Cause", "Isolate", "Disentangle", cfg.interpreter.rank);
+    println!("HyperDAS beside the MDAS baseline (layer {layer}, rank {}):", cfg.interpreter.rank);
+    let mut t = super::table(&["method", "attribute", "Cause", "Isolate", "Disentangle"]);
     for r in comparison.iter().filter(|r| r.scores.attribute != "mean" || target_names.len() > 1) {
-        println!("{:<26} {:<10} {:>6.3} {:>8.3} {:>12.3}", r.label, r.scores.attribute, r.scores.causal, r.scores.isolate, r.scores.disentangle);
+        t.add_row(vec![r.label.clone(), r.scores.attribute.clone(), format!("{:.3}", r.scores.causal), format!("{:.3}", r.scores.isolate), format!("{:.3}", r.scores.disentangle)]);
     }
+    println!("{t}");
     println!();
     for l in &landing.by_mode {
         println!("{}", l.sentence());
