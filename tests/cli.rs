@@ -129,7 +129,7 @@ fn bench_names_the_machine_and_the_users_thread_setting() {
         let o = c.output().expect("runs");
         let (out, err) = text(&o);
         assert!(o.status.success(), "{out}\n{err}");
-        assert!(err.starts_with("machine: ") && err.contains("logical cores"), "{err}");
+        assert!(err.lines().next().is_some_and(|l| l.contains("machine: ")) && err.contains("logical cores"), "{err}");
         out
     };
     let out = matmul(Some("1"));
@@ -336,7 +336,6 @@ fn data_build_samples_from_smollm2s_knowledge_table() {
             tables.to_str().unwrap(),
             "--out",
             out,
-            "--quiet",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -402,7 +401,7 @@ fn toy_tiny_trains_once_then_comes_from_the_cache() {
     assert!(err.contains("`batch_size` must be at least 1"), "{err}");
     let o = run(&["--set", "steps=5", "--show-config"]);
     let (out, _) = text(&o);
-    assert!(out.contains("\"steps\": 5"), "{out}");
+    assert!(out.contains("steps = 5"), "{out}");
 }
 
 // ---------------------------------------------------------------------------------------------

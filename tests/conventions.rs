@@ -324,3 +324,17 @@ fn a_batch_job_gets_log_lines_json_results_provenance_and_tensorboard_events() {
     let o = run_cmd(&["train", "--resume"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--out"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn show_config_is_toml_with_dotted_set_keys_for_train_and_sweep() {
+    let home = tempfile::tempdir().unwrap();
+    let here = home.path();
+    let train: toml::Table = toml::from_str(&ok(&hyperdas(here, here, &["train", "--show-config", "--set", "train.lr=0.0005"]), "train --show-config").0).unwrap();
+    assert_eq!(train["train"]["lr"].as_float(), Some(0.0005));
+    let (out, _) = ok(&hyperdas(here, here, &["sweep", "--show-config", "--methods", "mdas,das", "--grid", "interpreter.rank=2,4", "--set", "train.epochs=3"]), "sweep --show-config");
+    let docs: Vec<toml::Table> = out.split("# run ").skip(1).map(|d| toml::from_str(d.split_once('\n').unwrap().1).unwrap()).collect();
+    assert_eq!(docs.len(), 4, "{out}");
+    assert!(docs.iter().all(|d| d["train"]["epochs"].as_integer() == Some(3)));
+    let ranks: Vec<i64> = docs.iter().map(|d| d["interpreter"]["rank"].as_integer().unwrap()).collect();
+    assert_eq!(ranks, [2, 4, 2, 4]);
+}

@@ -72,6 +72,9 @@ pub struct SweepArgs {
     /// HyperDAS's inference modes in sweep.csv, comma-separated (the first one in the plots and summary).
     #[arg(long, default_value = "soft", value_delimiter = ',')]
     modes: Vec<String>,
+    /// Print every point's resolved configuration as TOML (one document per run) and exit.
+    #[arg(long)]
+    show_config: bool,
     /// Sweep directory: runs/<name>/ per point, sweep.csv, summary.md, sweep.html, *.svg.
     #[arg(long, short, default_value = "runs/sweep")]
     out: PathBuf,
@@ -90,6 +93,12 @@ pub fn sweep(a: &SweepArgs) -> Result<()> {
         crate::intervention::selection::InferenceMode::parse(m)?;
     }
     let plan = SweepPlan { config: a.config.as_deref(), sets: &a.set, axes: &axes, out: &a.out, progress: super::progress() };
+    if a.show_config {
+        for p in sweep::points(&axes)? {
+            println!("# run {} ({})\n{}", p.name, p.method.label(), toml::to_string_pretty(&sweep::point_config(&plan, &p)?)?);
+        }
+        return Ok(());
+    }
     let points = sweep::run(&plan)?;
     let runs = crate::report::sweep::write(&crate::report::sweep::SweepSummary { axes: &axes, points: &points, out: &a.out, hyperdas_modes: &a.modes, progress: super::progress() })?;
     if super::json() {

@@ -261,7 +261,7 @@ fn print_report(r: &AttributeReport) {
         format!("{} prompts, {} tokens in {:.1} s ({:.0} prompts/s)", cost.cells, cost.tokens, cost.seconds, cost.cells as f64 / cost.seconds.max(1e-9))
     };
     if let Some(why) = &r.skipped {
-        tracing::info!("  {}: skipped for isolate rows: {why}; {run}", r.attribute);
+        tracing::warn!("{}: skipped for isolate rows: {why}; {run}", r.attribute);
         return;
     }
     let screen = match (r.screen_templates.first(), r.screen_recall) {

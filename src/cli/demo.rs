@@ -45,7 +45,7 @@ pub struct DemoArgs {
     /// Run directory [default: runs/demo-<date>-N, the first N free].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Override a run setting of configs/toy.toml (`train.epochs=3`); repeatable.
+    /// Override a run setting of configs/toy.toml (`train.epochs=3`; keys as `hyperdas train --config configs/toy.toml --show-config` prints them); repeatable.
     #[arg(long = "set")]
     sets: Vec<String>,
     /// The same pipeline on the tiny test toy with little data and one epoch (a smoke test of
