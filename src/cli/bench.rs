@@ -101,6 +101,11 @@ pub struct TrainBenchArgs {
     /// benchmark had prompts of about 28–30 tokens).
     #[arg(long, default_value_t = 30)]
     max_tokens: usize,
+    /// Time these rows instead of generated ones: a .jsonl file or save_to_disk directory, taken
+    /// in file order (consecutive batches, as the authors' timing harness takes them; --max-tokens
+    /// does not apply).
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
     /// Seed for the generated rows and the interpreter.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -130,6 +135,11 @@ pub struct EvalBenchArgs {
     /// Use only rows whose base and source have at most this many tokens.
     #[arg(long, default_value_t = 30)]
     max_tokens: usize,
+    /// Time these rows instead of generated ones: a .jsonl file or save_to_disk directory, taken
+    /// in file order (consecutive batches, as the authors' timing harness takes them; --max-tokens
+    /// does not apply).
+    #[arg(long)]
+    data: Option<std::path::PathBuf>,
     /// Seed for the generated rows and the interpreter.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -405,8 +415,17 @@ impl PassTimes {
 /// `need` encoded RAVEL city Country counterfactuals from the embedded knowledge base
 /// (unfiltered: throughput does not depend on whether the model knows the answer) whose base
 /// and source have at most `max_tokens` tokens, in a seeded order.
-fn bench_rows(lm: &crate::model::LoadedModel, need: usize, max_tokens: usize, seed: u64, fewer: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
+fn bench_rows(lm: &crate::model::LoadedModel, data: Option<&std::path::Path>, need: usize, max_tokens: usize, seed: u64, fewer: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
     use crate::data::collate::{CollateOptions, encode_rows};
+    if let Some(path) = data {
+        let ds = crate::data::io::read_dataset(path, crate::data::io::ReadOptions::default())?;
+        let mut rows = encode_rows(&lm.tokenizer, &ds.rows, &CollateOptions::default(), &path.display().to_string())?.rows;
+        if rows.len() < need {
+            bail!("{} has {} rows; need {need} (lower {fewer})", path.display(), rows.len());
+        }
+        rows.truncate(need);
+        return Ok(rows);
+    }
     use crate::data::generate::{DataSplit, EntityPolicy, GenerateOptions, generate};
     use crate::data::ravel::KnowledgeBase;
     let kb = KnowledgeBase::builtin("city")?;
@@ -436,7 +455,7 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
     let lm = a.model.load()?;
     let target = &lm.model;
     let threads = candle_core::utils::get_num_threads();
-    let rows = bench_rows(&lm, a.rows, a.max_tokens, a.seed, "--rows")?;
+    let rows = bench_rows(&lm, a.data.as_deref(), a.rows, a.max_tokens, a.seed, "--rows")?;
     let icfg = a.interp.config(a.seed)?;
     let mut ps = ParamStore::new();
     let interp = Interpreter::new(&mut ps, target, &icfg)?;
@@ -505,7 +524,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     let target = &lm.model;
     let threads = candle_core::utils::get_num_threads();
     let need = a.batch * (a.steps + a.warmup);
-    let rows = bench_rows(&lm, need, a.max_tokens, a.seed, "--steps")?;
+    let rows = bench_rows(&lm, a.data.as_deref(), need, a.max_tokens, a.seed, "--steps")?;
     let icfg = a.interp.config(a.seed)?;
     let subspace = icfg.subspace;
     let mut ps = ParamStore::new();
