@@ -112,6 +112,8 @@ fn num(x: f64) -> String {
 }
 
 /// Markdown: a heading and a table per (domain, attribute); the best Disentangle in bold.
+/// Written by hand: a Markdown table is a header, a rule and one `|`-joined line per row, and
+/// comfy-table's Markdown preset would only add column padding.
 pub fn markdown(rows: &[CompareRow]) -> String {
     let mut s = String::new();
     for ((domain, attr), rs) in tables(rows) {

@@ -10,6 +10,11 @@
 //!
 //! Gradients may first be clipped to a global L2 norm. Weight decay applies to matrices
 //! (rank ≥ 2) only, not to norms' gains or biases, as is usual for transformers.
+//!
+//! Our own rather than candle-nn's `AdamW`: that one has one learning rate and one decay for all
+//! its variables and no state to save, while a run needs parameter groups (the rotation's and the
+//! mask's learning rates, decay on matrices only), global clipping, and moments in checkpoints
+//! for an exact `--resume`.
 
 use std::collections::HashMap;
 
