@@ -47,6 +47,18 @@ fn tiny_qwen2_with_biases_and_tied_embeddings_matches_transformers() {
 }
 
 #[test]
+fn tiny_qwen3_with_per_head_qk_norms_matches_transformers() {
+    assert_parity(&fixture("tiny-qwen3"), "tiny-qwen3-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
+fn tiny_qwen3_gguf_matches_transformers() {
+    // llama.cpp's `qwen3`: no q/k row permutation, attn_q_norm / attn_k_norm, tied embeddings,
+    // head_dim from `attention.key_length`.
+    assert_parity(&fixture("tiny-qwen3.gguf"), "tiny-qwen3-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
 fn smollm2_matches_transformers_logits() {
     let Some(path) = smollm2() else { return };
     assert_parity(&path, "smollm2-reference.safetensors", 1e-3, &["last_logits"]);

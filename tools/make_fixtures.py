@@ -19,6 +19,9 @@ Outputs (all small):
   tiny-llama.gguf                the same model as llama.cpp writes it (q/k rows permuted,
                                  rope_freqs for llama3 scaling, byte-level BPE tokenizer metadata)
   tiny-qwen2/ + tiny-qwen2-reference.safetensors   Qwen2-style: q/k/v bias, tied embeddings
+  tiny-qwen3/ + tiny-qwen3.gguf + tiny-qwen3-reference.safetensors   Qwen 3: per-head q/k RMSNorm,
+                                 head_dim 16 ≠ 48/4, tied embeddings; the GGUF as llama.cpp's `qwen3`
+                                 (`--only qwen3` rewrites just these)
   ggml-types.gguf + ggml-types-reference.safetensors  one tensor per GGML type, dequantized by gguf-py
   spm-tokenizer.gguf + spm-tokenizer-ids.json   SentencePiece-style (`llama`) GGUF tokenizer and
                                  the ids transformers builds from it
@@ -392,6 +395,93 @@ def tiny_qwen2(out: Path):
                       "torch": torch.__version__, "model": "tiny-qwen2"})
 
 
+def write_tiny_qwen3_gguf(model, cfg, tokenizer_json: Path, path: Path):
+    """The tiny Qwen 3 as llama.cpp's converter writes a `qwen3` GGUF: no q/k row permutation,
+    per-head norms as `attn_q_norm` / `attn_k_norm`, tied embeddings (no `output.weight`), the
+    tiny-llama tokenizer (pre-tokenizer `llama-bpe`, as its tokenizer.json)."""
+    w = GGUFWriter(str(path), "qwen3")
+    w.add_name("tiny-qwen3 (hyperdas test fixture)")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    tokenizer_gguf_fields(w, tokenizer_json, "llama-bpe")
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_pad_token_id(cfg.pad_token_id)
+    w.add_add_bos_token(True)
+    per_layer = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    }
+    for name, t in model.state_dict().items():
+        arr = np.ascontiguousarray(t.detach().float().numpy())
+        if name == "model.embed_tokens.weight":
+            w.add_tensor("token_embd.weight", arr)
+        elif name == "model.norm.weight":
+            w.add_tensor("output_norm.weight", arr)
+        elif name == "lm_head.weight":
+            continue  # tied
+        else:
+            parts = name.split(".")  # model.layers.{i}.{mod}.{sub}.weight
+            w.add_tensor(f"blk.{int(parts[2])}.{per_layer['.'.join(parts[3:-1])]}.weight", arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def tiny_qwen3(out: Path):
+    """Qwen 3: the Llama block with a per-head RMSNorm on q and k before RoPE (standard `w`
+    weights, not Gemma's `1 + w`), no biases, an explicit head_dim that differs from
+    hidden_size / heads, tied embeddings."""
+    d = out / "tiny-qwen3"
+    d.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(out / "tiny-llama" / f, d / f)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    cfg = transformers.Qwen3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True,
+        attention_bias=False,
+        use_sliding_window=False,
+        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
+        eos_token_id=tok.token_to_id("<|end_of_text|>"),
+        pad_token_id=tok.token_to_id("<|pad|>"),
+    )
+    torch.manual_seed(3)
+    model = transformers.Qwen3ForCausalLM(cfg).float()
+    randomize(model, seed=3)
+    model.tie_weights()
+    model.save_pretrained(d, safe_serialization=True)
+    tok_fast = transformers.AutoTokenizer.from_pretrained(d)
+    tok_fast.padding_side = "left"
+    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
+    ref = reference_pass(model, ids, mask, pos, seed=3)
+    write_tiny_qwen3_gguf(model, cfg, d / "tokenizer.json", out / "tiny-qwen3.gguf")
+    save_pt(ref, str(out / "tiny-qwen3-reference.safetensors"),
+            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
+                      "torch": torch.__version__, "model": "tiny-qwen3"})
+
+
 GEMMA3_PROMPTS = SMOLLM2_PROMPTS
 # Gemma's control and user-defined tokens, and runs of spaces, tabs and newlines.
 GEMMA_TOKENIZER_STRINGS = TOKENIZER_STRINGS + ["<start_of_turn>user\nHi<end_of_turn>", "a  b   c    d\t\te\n\n\nf"]
@@ -724,11 +814,15 @@ def main():
     ap.add_argument("--ravel", type=Path, required=True, help="folder with entities.tsv and templates.json")
     ap.add_argument("--smollm2-gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf (skip SmolLM2 fixtures if absent)")
     ap.add_argument("--gemma3-gguf", type=Path, help="gemma-3-270m-q4_k_m.gguf (skip Gemma-3-270M fixtures if absent)")
-    ap.add_argument("--only", choices=["gemma3"], help="write only these fixtures")
+    ap.add_argument("--only", choices=["gemma3", "qwen3"], help="write only these fixtures")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.only == "qwen3":
+        print("tiny qwen3 ...")
+        tiny_qwen3(args.out)
+        return
     if args.only == "gemma3":
         print("tiny gemma3 ...")
         tiny_gemma3(args.ravel, args.out)
@@ -740,6 +834,8 @@ def main():
     tiny_llama(args.ravel, args.out)
     print("tiny qwen2 ...")
     tiny_qwen2(args.out)
+    print("tiny qwen3 ...")
+    tiny_qwen3(args.out)
     print("ggml types ...")
     ggml_types(args.out)
     print("sentencepiece tokenizer ...")

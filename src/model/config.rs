@@ -25,12 +25,16 @@ pub enum Architecture {
     Llama,
     /// Qwen2: bias on q/k/v projections, none on o_proj.
     Qwen2,
+    /// Qwen 3: the Llama block with a per-head RMSNorm on q and k before RoPE (no biases by
+    /// default; `head_dim` may differ from `hidden_size / heads`).
+    Qwen3,
     /// Gemma 3 text decoder (Gemma3ForCausalLM, `gemma3_text`; GGUF `gemma3`).
     Gemma3,
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM, without sliding window), qwen2 (Qwen2ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
+    pub const SUPPORTED: &'static str =
+        "llama (LlamaForCausalLM), mistral (MistralForCausalLM, without sliding window), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
 }
 
 /// The MLP's gate activation.
@@ -137,6 +141,9 @@ pub struct LlamaConfig {
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
     pub hidden_act: Activation,
+    /// RMSNorm over each head of q and k `[.., head_dim]` before RoPE (Qwen 3, Gemma 3):
+    /// `q ← RMSNorm_q(q)`, `k ← RMSNorm_k(k)`, one learned scale of size `head_dim` each.
+    pub qk_norm: bool,
     /// Gemma 3's extras; `None` for the Llama block.
     pub gemma: Option<Gemma3Config>,
 }
@@ -170,6 +177,7 @@ impl LlamaConfig {
         let architecture = match model_type.as_deref() {
             Some("llama") => Architecture::Llama,
             Some("qwen2") => Architecture::Qwen2,
+            Some("qwen3") => Architecture::Qwen3,
             Some("mistral") => {
                 if !matches!(obj.get("sliding_window"), None | Some(Value::Null)) {
                     return Err(obj.err("sliding_window", "Mistral with a sliding attention window is not supported (only full attention is implemented)"));
@@ -178,6 +186,7 @@ impl LlamaConfig {
             }
             None if archs.iter().any(|a| a == "LlamaForCausalLM") => Architecture::Llama,
             None if archs.iter().any(|a| a == "Qwen2ForCausalLM") => Architecture::Qwen2,
+            None if archs.iter().any(|a| a == "Qwen3ForCausalLM") => Architecture::Qwen3,
             other => {
                 return Err(obj.err(
                     "model_type",
@@ -185,7 +194,7 @@ impl LlamaConfig {
                 ));
             }
         };
-        if architecture == Architecture::Qwen2 && obj.opt_bool("use_sliding_window")?.unwrap_or(false) {
+        if matches!(architecture, Architecture::Qwen2 | Architecture::Qwen3) && obj.opt_bool("use_sliding_window")?.unwrap_or(false) {
             return Err(obj.err("use_sliding_window", "sliding-window attention is not supported"));
         }
         if let Some(act) = obj.opt_str("hidden_act")?
@@ -213,7 +222,7 @@ impl LlamaConfig {
         let rope = parse_rope(&obj)?;
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama | Architecture::Gemma3 => {
+            Architecture::Llama | Architecture::Qwen3 | Architecture::Gemma3 => {
                 let b = obj.opt_bool("attention_bias")?.unwrap_or(false);
                 (b, b)
             }
@@ -238,6 +247,7 @@ impl LlamaConfig {
             eos_token_ids: obj.opt_token_ids("eos_token_id")?,
             pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
             hidden_act: Activation::Silu,
+            qk_norm: architecture == Architecture::Qwen3,
             gemma: None,
         };
         cfg.validate().map_err(|(key, msg)| Error::key(path, key, msg))?;
@@ -311,7 +321,7 @@ impl LlamaConfig {
 
     /// Whether this is the plain Llama block (the one with a hand-written backward in `tape`).
     pub fn is_llama_block(&self) -> bool {
-        self.gemma.is_none() && self.hidden_act == Activation::Silu
+        self.gemma.is_none() && self.hidden_act == Activation::Silu && !self.qk_norm
     }
 }
 
@@ -361,8 +371,8 @@ impl LlamaConfig {
         if self.mlp_bias {
             mlp += 2 * self.intermediate_size + d;
         }
-        // Gemma 3: four norms a block plus the per-head q/k norms.
-        let norms = if self.gemma.is_some() { 4 * d + 2 * self.head_dim } else { 2 * d };
+        // Gemma 3: four norms a block; Qwen 3 and Gemma 3: the per-head q/k norms.
+        let norms = if self.gemma.is_some() { 4 * d } else { 2 * d } + if self.qk_norm { 2 * self.head_dim } else { 0 };
         let block = attn + mlp + norms;
         let embed = self.vocab_size * d;
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
@@ -500,6 +510,7 @@ fn gemma3_from_hf(obj: &Obj) -> Result<LlamaConfig> {
         eos_token_ids: obj.opt_token_ids("eos_token_id")?,
         pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
         hidden_act: Activation::GeluTanh,
+        qk_norm: true,
         gemma: Some(Gemma3Config {
             layer_types,
             sliding_window: obj.opt_usize("sliding_window")?.unwrap_or(4096),

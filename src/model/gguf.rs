@@ -478,8 +478,8 @@ pub fn gguf_name_for(hf: &str, gemma: bool) -> Option<String> {
         ("post_attention_layernorm", true) => "post_attention_norm",
         ("pre_feedforward_layernorm", true) => "ffn_norm",
         ("post_feedforward_layernorm", true) => "post_ffw_norm",
-        ("self_attn.q_norm", true) => "attn_q_norm",
-        ("self_attn.k_norm", true) => "attn_k_norm",
+        ("self_attn.q_norm", _) => "attn_q_norm",
+        ("self_attn.k_norm", _) => "attn_k_norm",
         (module, _) => match module {
             "input_layernorm" => "attn_norm",
             "post_attention_layernorm" => "ffn_norm",

@@ -91,7 +91,7 @@ pub struct Attention {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    /// Gemma 3: RMSNorm over each head of q and k `[.., hd]`, before RoPE.
+    /// Qwen 3, Gemma 3: RMSNorm over each head of q and k `[.., hd]`, before RoPE.
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
     /// Extra factor on q when the score scale is not `1/√hd` (Gemma 3: `√(hd / query_pre_attn_scalar)`).
@@ -107,17 +107,12 @@ impl Attention {
     pub(super) fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
         let (d, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let (q_norm, k_norm, q_scale) = match &c.gemma {
-            None => (None, None, None),
-            Some(g) => {
-                let s = (hd as f64 / g.query_pre_attn_scalar).sqrt();
-                (
-                    Some(RmsNorm::load_for(w, &format!("{prefix}.q_norm.weight"), hd, c, dtype, dev)?),
-                    Some(RmsNorm::load_for(w, &format!("{prefix}.k_norm.weight"), hd, c, dtype, dev)?),
-                    (s != 1.0).then_some(s),
-                )
-            }
+        let (q_norm, k_norm) = if c.qk_norm {
+            (Some(RmsNorm::load_for(w, &format!("{prefix}.q_norm.weight"), hd, c, dtype, dev)?), Some(RmsNorm::load_for(w, &format!("{prefix}.k_norm.weight"), hd, c, dtype, dev)?))
+        } else {
+            (None, None)
         };
+        let q_scale = c.gemma.as_ref().map(|g| (hd as f64 / g.query_pre_attn_scalar).sqrt()).filter(|&s| s != 1.0);
         Ok(Attention {
             q_norm,
             k_norm,

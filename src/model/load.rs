@@ -202,9 +202,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     let architecture = match arch.as_str() {
         "llama" => Architecture::Llama,
         "qwen2" => Architecture::Qwen2,
+        "qwen3" => Architecture::Qwen3,
         "gemma3" => Architecture::Gemma3,
         other => {
-            return Err(Error::key(path, "general.architecture", format!("`{other}` is not supported (supported GGUF architectures: llama, qwen2, gemma3)")));
+            return Err(Error::key(path, "general.architecture", format!("`{other}` is not supported (supported GGUF architectures: llama, qwen2, qwen3, gemma3)")));
         }
     };
     let need = |k: &str| -> Result<usize> {
@@ -284,6 +285,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         eos_token_ids: ids("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
         pad_token_id: ids("tokenizer.ggml.padding_token_id")?,
         hidden_act: if gemma.is_some() { Activation::GeluTanh } else { Activation::Silu },
+        qk_norm: g.tensors.contains_key("blk.0.attn_q_norm.weight"),
         gemma,
     };
     cfg.validate().map_err(|(key, msg)| Error::key(path, format!("{arch}.{key}"), msg))?;
