@@ -52,6 +52,12 @@ fn tiny_qwen3_with_per_head_qk_norms_matches_transformers() {
 }
 
 #[test]
+fn tiny_mistral_with_a_sliding_window_matches_transformers() {
+    // Window 3, shorter than the prompts: ignoring it would change every later position.
+    assert_parity(&fixture("tiny-mistral"), "tiny-mistral-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
 fn tiny_qwen3_gguf_matches_transformers() {
     // llama.cpp's `qwen3`: no q/k row permutation, attn_q_norm / attn_k_norm, tied embeddings,
     // head_dim from `attention.key_length`.

@@ -22,6 +22,8 @@ Outputs (all small):
   tiny-qwen3/ + tiny-qwen3.gguf + tiny-qwen3-reference.safetensors   Qwen 3: per-head q/k RMSNorm,
                                  head_dim 16 ≠ 48/4, tied embeddings; the GGUF as llama.cpp's `qwen3`
                                  (`--only qwen3` rewrites just these)
+  tiny-mistral/ + tiny-mistral-reference.safetensors   Mistral v0.1-style: every layer a sliding window
+                                 of 3 positions (shorter than the prompts), GQA, untied (`--only mistral`)
   ggml-types.gguf + ggml-types-reference.safetensors  one tensor per GGML type, dequantized by gguf-py
   spm-tokenizer.gguf + spm-tokenizer-ids.json   SentencePiece-style (`llama`) GGUF tokenizer and
                                  the ids transformers builds from it
@@ -440,6 +442,43 @@ def write_tiny_qwen3_gguf(model, cfg, tokenizer_json: Path, path: Path):
     w.close()
 
 
+def tiny_mistral(out: Path):
+    """Mistral v0.1-style: the Llama block with every layer's attention limited to a sliding
+    window (3 positions here, shorter than the prompts, so the window shows), GQA, untied."""
+    d = out / "tiny-mistral"
+    d.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(out / "tiny-llama" / f, d / f)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    cfg = transformers.MistralConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        sliding_window=3,
+        tie_word_embeddings=False,
+        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
+        eos_token_id=tok.token_to_id("<|end_of_text|>"),
+        pad_token_id=tok.token_to_id("<|pad|>"),
+    )
+    torch.manual_seed(4)
+    model = transformers.MistralForCausalLM(cfg).float()
+    randomize(model, seed=4)
+    model.save_pretrained(d, safe_serialization=True)
+    tok_fast = transformers.AutoTokenizer.from_pretrained(d)
+    tok_fast.padding_side = "left"
+    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
+    ref = reference_pass(model, ids, mask, pos, seed=4)
+    save_pt(ref, str(out / "tiny-mistral-reference.safetensors"),
+            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
+                      "torch": torch.__version__, "model": "tiny-mistral"})
+
+
 def tiny_qwen3(out: Path):
     """Qwen 3: the Llama block with a per-head RMSNorm on q and k before RoPE (standard `w`
     weights, not Gemma's `1 + w`), no biases, an explicit head_dim that differs from
@@ -814,11 +853,15 @@ def main():
     ap.add_argument("--ravel", type=Path, required=True, help="folder with entities.tsv and templates.json")
     ap.add_argument("--smollm2-gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf (skip SmolLM2 fixtures if absent)")
     ap.add_argument("--gemma3-gguf", type=Path, help="gemma-3-270m-q4_k_m.gguf (skip Gemma-3-270M fixtures if absent)")
-    ap.add_argument("--only", choices=["gemma3", "qwen3"], help="write only these fixtures")
+    ap.add_argument("--only", choices=["gemma3", "qwen3", "mistral"], help="write only these fixtures")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.only == "mistral":
+        print("tiny mistral ...")
+        tiny_mistral(args.out)
+        return
     if args.only == "qwen3":
         print("tiny qwen3 ...")
         tiny_qwen3(args.out)
@@ -836,6 +879,8 @@ def main():
     tiny_qwen2(args.out)
     print("tiny qwen3 ...")
     tiny_qwen3(args.out)
+    print("tiny mistral ...")
+    tiny_mistral(args.out)
     print("ggml types ...")
     ggml_types(args.out)
     print("sentencepiece tokenizer ...")

@@ -46,7 +46,7 @@ pub struct Block {
     pub attn_output_norm: Option<RmsNorm>,
     /// Gemma 3: the norm on the MLP output (HF `post_feedforward_layernorm`).
     pub mlp_output_norm: Option<RmsNorm>,
-    /// Sliding-window attention (Gemma 3's local layers).
+    /// Sliding-window attention (Gemma 3's local layers; every Mistral layer with a window).
     pub sliding: bool,
 }
 
@@ -65,7 +65,7 @@ impl Block {
                 mlp,
                 attn_output_norm: None,
                 mlp_output_norm: None,
-                sliding: false,
+                sliding: c.sliding_window.is_some(),
             },
             Some(g) => Block {
                 input_layernorm: norm("input_layernorm")?,

@@ -21,8 +21,11 @@ const MAX_DIM: usize = 1 << 24;
 /// scaled embeddings and sliding-window layers (see [`Gemma3Config`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
-    /// Llama-2/3/3.1, SmolLM2, TinyLlama, Mistral-without-sliding-window.
+    /// Llama-2/3/3.1, SmolLM2, TinyLlama.
     Llama,
+    /// Mistral (v0.1 with `sliding_window: 4096`, v0.3 without): the Llama block, every layer's
+    /// attention limited to the last `sliding_window` positions when one is set.
+    Mistral,
     /// Qwen2: bias on q/k/v projections, none on o_proj.
     Qwen2,
     /// Qwen 3: the Llama block with a per-head RMSNorm on q and k before RoPE (no biases by
@@ -33,8 +36,7 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str =
-        "llama (LlamaForCausalLM), mistral (MistralForCausalLM, without sliding window), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
+    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
 }
 
 /// The MLP's gate activation.
@@ -144,6 +146,10 @@ pub struct LlamaConfig {
     /// RMSNorm over each head of q and k `[.., head_dim]` before RoPE (Qwen 3, Gemma 3):
     /// `q ← RMSNorm_q(q)`, `k ← RMSNorm_k(k)`, one learned scale of size `head_dim` each.
     pub qk_norm: bool,
+    /// Mistral: every layer attends to the last `sliding_window` positions only (a query at
+    /// index q sees keys k with q − window < k ≤ q); `None`: the whole prefix. (Gemma 3's
+    /// per-layer windows are in [`Gemma3Config`].)
+    pub sliding_window: Option<usize>,
     /// Gemma 3's extras; `None` for the Llama block.
     pub gemma: Option<Gemma3Config>,
 }
@@ -178,13 +184,9 @@ impl LlamaConfig {
             Some("llama") => Architecture::Llama,
             Some("qwen2") => Architecture::Qwen2,
             Some("qwen3") => Architecture::Qwen3,
-            Some("mistral") => {
-                if !matches!(obj.get("sliding_window"), None | Some(Value::Null)) {
-                    return Err(obj.err("sliding_window", "Mistral with a sliding attention window is not supported (only full attention is implemented)"));
-                }
-                Architecture::Llama
-            }
+            Some("mistral") => Architecture::Mistral,
             None if archs.iter().any(|a| a == "LlamaForCausalLM") => Architecture::Llama,
+            None if archs.iter().any(|a| a == "MistralForCausalLM") => Architecture::Mistral,
             None if archs.iter().any(|a| a == "Qwen2ForCausalLM") => Architecture::Qwen2,
             None if archs.iter().any(|a| a == "Qwen3ForCausalLM") => Architecture::Qwen3,
             other => {
@@ -222,7 +224,7 @@ impl LlamaConfig {
         let rope = parse_rope(&obj)?;
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama | Architecture::Qwen3 | Architecture::Gemma3 => {
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen3 | Architecture::Gemma3 => {
                 let b = obj.opt_bool("attention_bias")?.unwrap_or(false);
                 (b, b)
             }
@@ -248,6 +250,7 @@ impl LlamaConfig {
             pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
             hidden_act: Activation::Silu,
             qk_norm: architecture == Architecture::Qwen3,
+            sliding_window: if architecture == Architecture::Mistral { obj.opt_usize("sliding_window")? } else { None },
             gemma: None,
         };
         cfg.validate().map_err(|(key, msg)| Error::key(path, key, msg))?;
@@ -293,6 +296,9 @@ impl LlamaConfig {
         if !(self.rope.theta > 0.0 && self.rope.theta.is_finite()) {
             return Err(("rope_theta", format!("{} is not a positive number", self.rope.theta)));
         }
+        if self.sliding_window == Some(0) {
+            return Err(("sliding_window", "must be positive (or null for full attention)".into()));
+        }
         if let Some(g) = &self.gemma {
             if g.layer_types.len() != self.num_hidden_layers {
                 return Err(("layer_types", format!("{} entries for {} layers", g.layer_types.len(), self.num_hidden_layers)));
@@ -321,7 +327,7 @@ impl LlamaConfig {
 
     /// Whether this is the plain Llama block (the one with a hand-written backward in `tape`).
     pub fn is_llama_block(&self) -> bool {
-        self.gemma.is_none() && self.hidden_act == Activation::Silu && !self.qk_norm
+        self.gemma.is_none() && self.hidden_act == Activation::Silu && !self.qk_norm && self.sliding_window.is_none()
     }
 }
 
@@ -511,6 +517,7 @@ fn gemma3_from_hf(obj: &Obj) -> Result<LlamaConfig> {
         pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
         hidden_act: Activation::GeluTanh,
         qk_norm: true,
+        sliding_window: None,
         gemma: Some(Gemma3Config {
             layer_types,
             sliding_window: obj.opt_usize("sliding_window")?.unwrap_or(4096),

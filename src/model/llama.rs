@@ -58,7 +58,8 @@ pub struct Llama {
     pub norm: RmsNorm,
     pub lm_head: Tensor, // [V, D] (the embedding itself when tied)
     rope: Rope,
-    /// Gemma 3's sliding layers: their RoPE and window.
+    /// Sliding layers (Gemma 3's local layers, every Mistral layer with a window): their RoPE
+    /// and window.
     local: Option<(Rope, usize)>,
     /// Gemma: embeddings are multiplied by √D (rounded to the model dtype, as transformers does).
     embed_scale: Option<f64>,
@@ -91,7 +92,11 @@ impl Llama {
             return Err(Error::tensor(w.path_of("lm_head.weight"), "lm_head.weight", "missing, and the config does not tie it to the embedding (tie_word_embeddings is false)"));
         };
         let norm = RmsNorm::load_for(w, "model.norm.weight", d, config, dtype, device)?;
-        let local = config.gemma.as_ref().map(|g| (Rope::new(&g.local_rope, config.head_dim), g.sliding_window));
+        let local = match (&config.gemma, config.sliding_window) {
+            (Some(g), _) => Some((Rope::new(&g.local_rope, config.head_dim), g.sliding_window)),
+            (None, Some(window)) => Some((Rope::new(&config.rope, config.head_dim), window)),
+            (None, None) => None,
+        };
         let embed_scale = config.gemma.as_ref().map(|_| (d as f64).sqrt());
         Ok(Llama { config: config.clone(), embed_tokens, layers, norm, lm_head, rope: Rope::new(&config.rope, config.head_dim), local, embed_scale, dtype, device: device.clone() })
     }
@@ -117,7 +122,7 @@ impl Llama {
         &self.rope
     }
 
-    /// Gemma 3's sliding layers: their RoPE and window (`None` for models without them).
+    /// The sliding layers' RoPE and window (`None` for models without them).
     pub fn local_attention(&self) -> Option<(&Rope, usize)> {
         self.local.as_ref().map(|(r, w)| (r, *w))
     }

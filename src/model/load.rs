@@ -286,6 +286,8 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         pad_token_id: ids("tokenizer.ggml.padding_token_id")?,
         hidden_act: if gemma.is_some() { Activation::GeluTanh } else { Activation::Silu },
         qk_norm: g.tensors.contains_key("blk.0.attn_q_norm.weight"),
+        // llama.cpp writes Mistral as `llama` and does not record its window.
+        sliding_window: None,
         gemma,
     };
     cfg.validate().map_err(|(key, msg)| Error::key(path, format!("{arch}.{key}"), msg))?;

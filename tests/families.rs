@@ -1,0 +1,96 @@
+//! The model families beyond Llama and Gemma 3 as HyperDAS targets (parity with transformers is
+//! in tests/parity.rs):
+//! * Qwen 3: the Llama block with per-head q/k RMSNorms and a head_dim that is not
+//!   hidden_size / heads;
+//! * Mistral v0.1: every layer's attention limited to a sliding window.
+//!
+//! Both run on the composed (autograd) path; the hypernetwork is initialised from the target's
+//! first blocks (q/k norms included), and the baselines train on them unchanged.
+
+mod common;
+
+use candle_core::DType;
+use common::*;
+use hyperdas::data::collate::collate;
+use hyperdas::experiment::trainer::{TrainSettings, Trainer};
+use hyperdas::hypernet::interpreter::{Interpreter, Method};
+
+/// Six steps on the tiny model `name`: the prediction losses.
+fn steps_on(name: &str, method: Method) -> Vec<f64> {
+    let lm = load(&fixture(name), DType::F32);
+    let c = &lm.model.config;
+    assert!(!c.is_llama_block(), "{name} runs on the composed path");
+    let rows = fixture_rows(&lm, 8);
+    let cfg = interpreter_config(method, 1, 1, 4, 5);
+    let mut ps = hyperdas::params::ParamStore::new();
+    let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
+    if method == Method::HyperDas && c.qk_norm {
+        let names: Vec<&str> = ps.iter().map(|(n, _)| n).collect();
+        assert!(names.iter().any(|n| n.ends_with("self_attn.q_norm.weight")), "{names:?}");
+    }
+    let s = TrainSettings { batch_size: 4, lr: 3e-3, ..Default::default() };
+    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 6).unwrap();
+    let batches: Vec<_> = [&rows[..4], &rows[4..8]].iter().map(|rows| collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
+    // Step 0 checks that every parameter receives a gradient (the step fails otherwise).
+    (0..6).map(|step| tr.step(&batches[step % 2]).unwrap().prediction_loss).collect()
+}
+
+fn assert_trains(name: &str, method: Method) {
+    let losses = steps_on(name, method);
+    assert!(losses.iter().all(|l| l.is_finite()), "{name} {method:?}: {losses:?}");
+    assert!(losses[4] < losses[0] && losses[5] < losses[1], "{name} {method:?}: the loss should fall on repeated batches: {losses:?}");
+}
+
+#[test]
+fn hyperdas_and_mdas_train_on_qwen3() {
+    let c = load(&fixture("tiny-qwen3"), DType::F32).model.config;
+    assert_eq!(c.architecture, hyperdas::model::Architecture::Qwen3);
+    assert!(c.qk_norm && c.head_dim == 16 && c.hidden_size == 48, "{c:?}");
+    assert_trains("tiny-qwen3", Method::HyperDas);
+    assert_trains("tiny-qwen3", Method::Mdas);
+}
+
+#[test]
+fn hyperdas_and_mdas_train_on_mistral_with_a_sliding_window() {
+    let c = load(&fixture("tiny-mistral"), DType::F32).model.config;
+    assert_eq!((c.architecture, c.sliding_window), (hyperdas::model::Architecture::Mistral, Some(3)));
+    assert_trains("tiny-mistral", Method::HyperDas);
+    assert_trains("tiny-mistral", Method::Mdas);
+}
+
+#[test]
+fn mistral_configs_v01_and_v03() {
+    let mut json = serde_json::json!({
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 100, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "sliding_window": 4096
+    });
+    let parse = |j: &serde_json::Value| hyperdas::model::LlamaConfig::from_hf_json(j, std::path::Path::new("config.json"));
+    let v01 = parse(&json).unwrap();
+    assert_eq!(v01.sliding_window, Some(4096));
+    assert!(!v01.is_llama_block());
+    json["sliding_window"] = serde_json::Value::Null; // v0.3
+    let v03 = parse(&json).unwrap();
+    assert_eq!(v03.sliding_window, None);
+    assert!(v03.is_llama_block(), "without a window Mistral is the plain Llama block (fast path)");
+    json["sliding_window"] = serde_json::json!(0);
+    assert!(parse(&json).unwrap_err().to_string().contains("sliding_window"));
+}
+
+#[test]
+fn a_qwen3_config_parses_and_counts_its_norms() {
+    let json = serde_json::json!({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 100, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true, "attention_bias": false
+    });
+    let c = hyperdas::model::LlamaConfig::from_hf_json(&json, std::path::Path::new("config.json")).unwrap();
+    assert!(c.qk_norm && !c.qkv_bias && c.head_dim == 32);
+    // Per block: q 64×128, k and v 64×64 each, o 128×64, MLP 3·64·128, two norms of 64, q/k norms of 32.
+    let block = 64 * 128 + 2 * 64 * 64 + 128 * 64 + 3 * 64 * 128 + 2 * 64 + 2 * 32;
+    assert_eq!(c.num_parameters(), 100 * 64 + 2 * block + 64);
+    let mut sw = json.clone();
+    sw["use_sliding_window"] = serde_json::json!(true);
+    let err = hyperdas::model::LlamaConfig::from_hf_json(&sw, std::path::Path::new("config.json")).unwrap_err().to_string();
+    assert!(err.contains("use_sliding_window"), "{err}");
+}
