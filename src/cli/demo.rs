@@ -206,7 +206,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     }
     println!();
     println!("HyperDAS per inference mode ({what}, RAVEL city, {} test rows):", landing.rows);
-    let mut t = super::table(&["mode", "attribute", "Cause", "Isolate", "Disentangle"]);
+    let mut t = super::table(&["mode", "attribute", "Cause", "Isolate", "Disentangle"], 2);
     // Per intervened attribute, and their mean when there are several.
     for (mode, groups) in &by_attr {
         for g in groups.iter().filter(|g| g.attribute != "mean" || target_names.len() > 1) {
@@ -216,7 +216,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     println!("{t}");
     println!();
     println!("HyperDAS beside the MDAS baseline (layer {layer}, rank {}):", cfg.interpreter.rank);
-    let mut t = super::table(&["method", "attribute", "Cause", "Isolate", "Disentangle"]);
+    let mut t = super::table(&["method", "attribute", "Cause", "Isolate", "Disentangle"], 2);
     for r in comparison.iter().filter(|r| r.scores.attribute != "mean" || target_names.len() > 1) {
         t.add_row(vec![r.label.clone(), r.scores.attribute.clone(), format!("{:.3}", r.scores.causal), format!("{:.3}", r.scores.isolate), format!("{:.3}", r.scores.disentangle)]);
     }

@@ -64,7 +64,7 @@ pub(crate) fn fresh_run_dir(prefix: &str) -> PathBuf {
 
 /// Cause / Isolate / Disentangle / test loss per inference mode, as a terminal table.
 pub(crate) fn results_table(results: &std::collections::BTreeMap<String, crate::experiment::run::ModeResult>) -> String {
-    let mut t = table(&["mode", "cause", "isolate", "disentangle", "test loss"]);
+    let mut t = table(&["mode", "cause", "isolate", "disentangle", "test loss"], 1);
     for (mode, r) in results {
         let acc = |k: &str| r.accs.get(k).map_or("-".into(), |x| format!("{x:.3}"));
         t.add_row(vec![mode.clone(), acc("causal"), acc("isolate"), acc("disentangle"), format!("{:.3}", r.test_loss)]);
@@ -72,11 +72,12 @@ pub(crate) fn results_table(results: &std::collections::BTreeMap<String, crate::
     t.to_string()
 }
 
-/// A plain terminal table with these headers, numbers right-aligned (every column but the first).
-pub(crate) fn table(headers: &[&str]) -> comfy_table::Table {
+/// A plain terminal table with these headers: the first `text` columns left-aligned, the rest
+/// (numbers) right-aligned.
+pub(crate) fn table(headers: &[&str], text: usize) -> comfy_table::Table {
     let mut t = comfy_table::Table::new();
     t.load_preset(comfy_table::presets::NOTHING).set_header(headers.to_vec());
-    for i in 1..headers.len() {
+    for i in text..headers.len() {
         if let Some(c) = t.column_mut(i) {
             c.set_cell_alignment(comfy_table::CellAlignment::Right);
         }
