@@ -2,7 +2,8 @@
 //! in tests/parity.rs):
 //! * Qwen 3: the Llama block with per-head q/k RMSNorms and a head_dim that is not
 //!   hidden_size / heads;
-//! * Mistral v0.1: every layer's attention limited to a sliding window.
+//! * Mistral v0.1: every layer's attention limited to a sliding window;
+//! * Gemma 2: Gemma 3's block without q/k norms, with soft-capped attention scores.
 //!
 //! Both run on the composed (autograd) path; the hypernetwork is initialised from the target's
 //! first blocks (q/k norms included), and the baselines train on them unchanged.
@@ -56,6 +57,16 @@ fn hyperdas_and_mdas_train_on_mistral_with_a_sliding_window() {
     assert_eq!((c.architecture, c.sliding_window), (hyperdas::model::Architecture::Mistral, Some(3)));
     assert_trains("tiny-mistral", Method::HyperDas);
     assert_trains("tiny-mistral", Method::Mdas);
+}
+
+#[test]
+fn hyperdas_and_mdas_train_on_gemma2() {
+    let c = load(&fixture("tiny-gemma2"), DType::F32).model.config;
+    assert_eq!(c.architecture, hyperdas::model::Architecture::Gemma2);
+    let g = c.gemma.as_ref().expect("Gemma extras");
+    assert!(!c.qk_norm && g.attn_logit_softcapping == Some(3.0) && g.final_logit_softcapping == Some(5.0), "{c:?}");
+    assert_trains("tiny-gemma2", Method::HyperDas);
+    assert_trains("tiny-gemma2", Method::Mdas);
 }
 
 #[test]

@@ -58,6 +58,13 @@ fn tiny_mistral_with_a_sliding_window_matches_transformers() {
 }
 
 #[test]
+fn tiny_gemma2_with_capped_scores_matches_transformers() {
+    // Scores capped at 3 and logits at 5 (both bind on these weights), sliding window 4 on
+    // alternate layers, (1 + w) norms, √D embeddings.
+    assert_parity(&fixture("tiny-gemma2"), "tiny-gemma2-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
 fn tiny_qwen3_gguf_matches_transformers() {
     // llama.cpp's `qwen3`: no q/k row permutation, attn_q_norm / attn_k_norm, tied embeddings,
     // head_dim from `attention.key_length`.

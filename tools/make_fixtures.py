@@ -24,6 +24,9 @@ Outputs (all small):
                                  (`--only qwen3` rewrites just these)
   tiny-mistral/ + tiny-mistral-reference.safetensors   Mistral v0.1-style: every layer a sliding window
                                  of 3 positions (shorter than the prompts), GQA, untied (`--only mistral`)
+  tiny-gemma2/ + tiny-gemma2-reference.safetensors   Gemma 2: soft-capped attention scores (cap 3) and
+                                 logits (cap 5), alternating sliding (window 4) / global layers, no q/k
+                                 norms (`--only gemma2`)
   ggml-types.gguf + ggml-types-reference.safetensors  one tensor per GGML type, dequantized by gguf-py
   spm-tokenizer.gguf + spm-tokenizer-ids.json   SentencePiece-style (`llama`) GGUF tokenizer and
                                  the ids transformers builds from it
@@ -479,6 +482,51 @@ def tiny_mistral(out: Path):
                       "torch": torch.__version__, "model": "tiny-mistral"})
 
 
+def tiny_gemma2(out: Path):
+    """Gemma 2: Gemma 3's four (1 + w) norms a block, √D embeddings and GeGLU, without q/k norms;
+    attention scores soft-capped (cap 3, which binds on these weights), final logits capped,
+    sliding (window 4) and global layers alternating, query_pre_attn_scalar 12 ≠ head_dim."""
+    d = out / "tiny-gemma2"
+    d.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(out / "tiny-llama" / f, d / f)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    cfg = transformers.Gemma2Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        query_pre_attn_scalar=12,
+        sliding_window=4,
+        attn_logit_softcapping=3.0,
+        final_logit_softcapping=5.0,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
+        eos_token_id=tok.token_to_id("<|end_of_text|>"),
+        pad_token_id=tok.token_to_id("<|pad|>"),
+    )
+    torch.manual_seed(5)
+    model = transformers.Gemma2ForCausalLM(cfg).float()
+    randomize(model, seed=5, norm_center=0.0)
+    model.tie_weights()
+    model.save_pretrained(d, safe_serialization=True)
+    tok_fast = transformers.AutoTokenizer.from_pretrained(d)
+    tok_fast.padding_side = "left"
+    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
+    ref = reference_pass(model, ids, mask, pos, seed=5)
+    save_pt(ref, str(out / "tiny-gemma2-reference.safetensors"),
+            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
+                      "torch": torch.__version__, "model": "tiny-gemma2"})
+
+
 def tiny_qwen3(out: Path):
     """Qwen 3: the Llama block with a per-head RMSNorm on q and k before RoPE (standard `w`
     weights, not Gemma's `1 + w`), no biases, an explicit head_dim that differs from
@@ -853,11 +901,15 @@ def main():
     ap.add_argument("--ravel", type=Path, required=True, help="folder with entities.tsv and templates.json")
     ap.add_argument("--smollm2-gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf (skip SmolLM2 fixtures if absent)")
     ap.add_argument("--gemma3-gguf", type=Path, help="gemma-3-270m-q4_k_m.gguf (skip Gemma-3-270M fixtures if absent)")
-    ap.add_argument("--only", choices=["gemma3", "qwen3", "mistral"], help="write only these fixtures")
+    ap.add_argument("--only", choices=["gemma3", "qwen3", "mistral", "gemma2"], help="write only these fixtures")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.only == "gemma2":
+        print("tiny gemma2 ...")
+        tiny_gemma2(args.out)
+        return
     if args.only == "mistral":
         print("tiny mistral ...")
         tiny_mistral(args.out)
@@ -881,6 +933,8 @@ def main():
     tiny_qwen3(args.out)
     print("tiny mistral ...")
     tiny_mistral(args.out)
+    print("tiny gemma2 ...")
+    tiny_gemma2(args.out)
     print("ggml types ...")
     ggml_types(args.out)
     print("sentencepiece tokenizer ...")

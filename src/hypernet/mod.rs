@@ -185,8 +185,9 @@ impl HyperNetwork {
                     )
                 };
                 let mut a = Attention::plain(q, k, v, o, h, hkv, hd);
-                // Gemma 3: keep the target's per-head q/k norms (trainable copies) and score
-                // scale, so a block copied from the target computes what the target's did.
+                // Qwen 3, Gemma 3: keep the target's per-head q/k norms (trainable copies); Gemma:
+                // its score scale and (Gemma 2) score cap, so a block copied from the target
+                // computes what the target's did.
                 let t = &src.self_attn;
                 if let (Some(qn), Some(kn)) = (&t.q_norm, &t.k_norm) {
                     let copy = |r: &mut Registrar, which: &str, from: &RmsNorm| -> Result<RmsNorm> {
@@ -198,6 +199,7 @@ impl HyperNetwork {
                     a.k_norm = Some(copy(r, "k_norm", kn)?);
                 }
                 a.q_scale = t.q_scale;
+                a.logit_cap = t.logit_cap;
                 Ok(a)
             };
             let self_attn = attn(&mut r, "self_attn")?;

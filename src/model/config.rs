@@ -33,10 +33,14 @@ pub enum Architecture {
     Qwen3,
     /// Gemma 3 text decoder (Gemma3ForCausalLM, `gemma3_text`; GGUF `gemma3`).
     Gemma3,
+    /// Gemma 2 (Gemma2ForCausalLM, `gemma2`): Gemma 3's block without q/k norms, with the
+    /// attention scores soft-capped, sliding and global layers alternating, one RoPE.
+    Gemma2,
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
+    pub const SUPPORTED: &'static str =
+        "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), gemma2 (Gemma2ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
 }
 
 /// The MLP's gate activation.
@@ -68,8 +72,10 @@ pub enum LayerKind {
 /// logits  = cap · tanh((h_final · Eᵀ) / cap)                          (cap only if configured)
 /// ```
 ///
-/// `attn_logit_softcapping` is read but, as in transformers' and llama.cpp's Gemma 3 (unlike
-/// Gemma 2), never applied; loading a config that sets it says so.
+/// `attn_logit_softcapping` is read but, as in transformers' and llama.cpp's Gemma 3, never
+/// applied for Gemma 3 (loading a config that sets it says so). Gemma 2 uses the same struct
+/// without q/k norms, applying the cap to the attention scores (`s ← cap · tanh(s / cap)`), with
+/// one RoPE for both layer kinds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gemma3Config {
     /// One entry per layer.
@@ -171,8 +177,8 @@ impl LlamaConfig {
                 "`gemma3` is the multimodal Gemma3ForConditionalGeneration; only the text decoder (`gemma3_text`, Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b) is supported",
             ));
         }
-        if model_type.as_deref() == Some("gemma3_text") {
-            let cfg = gemma3_from_hf(&obj)?;
+        if matches!(model_type.as_deref(), Some("gemma3_text") | Some("gemma2")) {
+            let cfg = gemma_from_hf(&obj, if model_type.as_deref() == Some("gemma2") { Architecture::Gemma2 } else { Architecture::Gemma3 })?;
             cfg.validate().map_err(|(key, msg)| Error::key(path, key, msg))?;
             return Ok(cfg);
         }
@@ -224,7 +230,7 @@ impl LlamaConfig {
         let rope = parse_rope(&obj)?;
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama | Architecture::Mistral | Architecture::Qwen3 | Architecture::Gemma3 => {
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen3 | Architecture::Gemma3 | Architecture::Gemma2 => {
                 let b = obj.opt_bool("attention_bias")?.unwrap_or(false);
                 (b, b)
             }
@@ -432,13 +438,14 @@ fn scaling_of(p: &Obj) -> Result<RopeScaling> {
     })
 }
 
-/// Gemma 3 (`gemma3_text`) from its HF config, transformers 4 or 5 spelling.
-fn gemma3_from_hf(obj: &Obj) -> Result<LlamaConfig> {
+/// Gemma 3 (`gemma3_text`) or Gemma 2 (`gemma2`) from its HF config, transformers 4 or 5 spelling.
+fn gemma_from_hf(obj: &Obj, architecture: Architecture) -> Result<LlamaConfig> {
+    let gemma2 = architecture == Architecture::Gemma2;
     if let Some(act) = obj.opt_str("hidden_activation")?.or(obj.opt_str("hidden_act")?)
         && act != "gelu_pytorch_tanh"
         && act != "gelu_tanh"
     {
-        return Err(obj.err("hidden_activation", format!("`{act}` is not supported for Gemma 3 (only `gelu_pytorch_tanh`)")));
+        return Err(obj.err("hidden_activation", format!("`{act}` is not supported for Gemma (only `gelu_pytorch_tanh`)")));
     }
     if obj.opt_bool("use_bidirectional_attention")?.unwrap_or(false) {
         return Err(obj.err("use_bidirectional_attention", "bidirectional (encoder) Gemma 3 is not supported; this is a causal-LM runtime"));
@@ -455,6 +462,8 @@ fn gemma3_from_hf(obj: &Obj) -> Result<LlamaConfig> {
             })
             .collect::<Result<Vec<_>>>()?,
         Some(v) => return Err(obj.err("layer_types", format!("expected a list, found {v}"))),
+        // Gemma 2 without layer_types: sliding and global alternate, starting with sliding.
+        None if gemma2 => (0..n_layers).map(|i| if i % 2 == 0 { LayerKind::Sliding } else { LayerKind::Full }).collect(),
         // transformers < 4.53: every `sliding_window_pattern`-th layer is global.
         None => {
             let pattern = obj.opt_usize("sliding_window_pattern")?.unwrap_or(6);
@@ -478,26 +487,37 @@ fn gemma3_from_hf(obj: &Obj) -> Result<LlamaConfig> {
                     }
                 }
             };
-            if p.get("full_attention").is_none() && p.get("sliding_attention").is_none() {
-                return Err(obj.err("rope_parameters", "Gemma 3 expects one entry per layer type (`full_attention`, `sliding_attention`)"));
+            if gemma2 {
+                // One parameter set for every layer.
+                let r = RopeConfig { theta: p.opt_f64("rope_theta")?.unwrap_or(10_000.0), scaling: scaling_of(&p)? };
+                (r.clone(), r)
+            } else {
+                if p.get("full_attention").is_none() && p.get("sliding_attention").is_none() {
+                    return Err(obj.err("rope_parameters", "Gemma 3 expects one entry per layer type (`full_attention`, `sliding_attention`)"));
+                }
+                (one("full_attention", 1_000_000.0)?, one("sliding_attention", 10_000.0)?)
             }
-            (one("full_attention", 1_000_000.0)?, one("sliding_attention", 10_000.0)?)
         }
         None => {
             let scaling = match obj.get("rope_scaling").filter(|v| !v.is_null()) {
                 Some(v) => scaling_of(&obj.child("rope_scaling", v)?)?,
                 None => RopeScaling::None,
             };
-            (
-                RopeConfig { theta: obj.opt_f64("rope_theta")?.unwrap_or(1_000_000.0), scaling },
-                RopeConfig { theta: obj.opt_f64("rope_local_base_freq")?.unwrap_or(10_000.0), scaling: RopeScaling::None },
-            )
+            if gemma2 {
+                let r = RopeConfig { theta: obj.opt_f64("rope_theta")?.unwrap_or(10_000.0), scaling };
+                (r.clone(), r)
+            } else {
+                (
+                    RopeConfig { theta: obj.opt_f64("rope_theta")?.unwrap_or(1_000_000.0), scaling },
+                    RopeConfig { theta: obj.opt_f64("rope_local_base_freq")?.unwrap_or(10_000.0), scaling: RopeScaling::None },
+                )
+            }
         }
     };
     let hidden_size = obj.usize("hidden_size")?;
     let bias = obj.opt_bool("attention_bias")?.unwrap_or(false);
     Ok(LlamaConfig {
-        architecture: Architecture::Gemma3,
+        architecture,
         vocab_size: obj.usize("vocab_size")?,
         hidden_size,
         intermediate_size: obj.usize("intermediate_size")?,
@@ -516,7 +536,7 @@ fn gemma3_from_hf(obj: &Obj) -> Result<LlamaConfig> {
         eos_token_ids: obj.opt_token_ids("eos_token_id")?,
         pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
         hidden_act: Activation::GeluTanh,
-        qk_norm: true,
+        qk_norm: !gemma2,
         sliding_window: None,
         gemma: Some(Gemma3Config {
             layer_types,

@@ -94,14 +94,16 @@ pub struct Attention {
     /// Qwen 3, Gemma 3: RMSNorm over each head of q and k `[.., hd]`, before RoPE.
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
-    /// Extra factor on q when the score scale is not `1/√hd` (Gemma 3: `√(hd / query_pre_attn_scalar)`).
+    /// Extra factor on q when the score scale is not `1/√hd` (Gemma: `√(hd / query_pre_attn_scalar)`).
     pub q_scale: Option<f64>,
+    /// Gemma 2: scores soft-capped, `s ← cap · tanh(s / cap)`, before the mask and softmax.
+    pub logit_cap: Option<f64>,
 }
 
 impl Attention {
     /// A Llama attention from its four projections (no q/k norms, `1/√hd` scores, no cap).
     pub fn plain(q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
-        Attention { q_proj, k_proj, v_proj, o_proj, n_heads, n_kv_heads, head_dim, q_norm: None, k_norm: None, q_scale: None }
+        Attention { q_proj, k_proj, v_proj, o_proj, n_heads, n_kv_heads, head_dim, q_norm: None, k_norm: None, q_scale: None, logit_cap: None }
     }
 
     pub(super) fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
@@ -113,10 +115,13 @@ impl Attention {
             (None, None)
         };
         let q_scale = c.gemma.as_ref().map(|g| (hd as f64 / g.query_pre_attn_scalar).sqrt()).filter(|&s| s != 1.0);
+        // Only Gemma 2 applies the attention cap (transformers and llama.cpp ignore it for Gemma 3).
+        let logit_cap = c.gemma.as_ref().and_then(|g| g.attn_logit_softcapping).filter(|_| c.architecture == super::config::Architecture::Gemma2);
         Ok(Attention {
             q_norm,
             k_norm,
             q_scale,
+            logit_cap,
             q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, d, c.qkv_bias, dtype, dev)?,
             k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv, d, c.qkv_bias, dtype, dev)?,
             v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv, d, c.qkv_bias, dtype, dev)?,
@@ -145,13 +150,13 @@ impl Attention {
         let q = self.queries(x, q_rope)?; // [B, H, Tq, hd]
         let mask = mask.to_dtype(accum_dtype(q.dtype()))?.broadcast_as((q.dim(0)?, 1, mask.dim(2)?, kv.dim(1)?))?; // [B, 1, Tq|1, Tk]
         let (k_w, v_w) = (&self.k_proj.weight, &self.v_proj.weight);
-        let plain = self.k_proj.bias.is_none() && self.v_proj.bias.is_none() && self.k_norm.is_none();
+        let plain = self.k_proj.bias.is_none() && self.v_proj.bias.is_none() && self.k_norm.is_none() && self.logit_cap.is_none();
         let fused = if plain && !kv.track_op() && k_w.track_op() && v_w.track_op() { kernels::cross_attention(&q, k_w, v_w, kv, k_rope, &mask, self.n_kv_heads)? } else { None };
         let out = match fused {
             Some(out) => out, // [B, Tq, H·hd]
             None => {
                 let (k, v) = self.keys_values(kv, k_rope)?; // [B, Hkv, Tk, hd] each
-                kernels::attention(&q, &k, &v, &mask)? // [B, Tq, H·hd]
+                self.scores_to_output(&q, &k, &v, &mask)? // [B, Tq, H·hd]
             }
         };
         self.o_proj.forward(&out) // [B, Tq, D]
@@ -175,8 +180,17 @@ impl Attention {
             }
         };
         let mask = mask.to_dtype(accum_dtype(q.dtype()))?; // [B, 1, T, P+T]
-        let out = kernels::attention(&q, &k, &v, &mask)?; // [B, T, H·hd]
+        let out = self.scores_to_output(&q, &k, &v, &mask)?; // [B, T, H·hd]
         Ok((self.o_proj.forward(&out)?, (k_new, v_new))) // [B, T, D]
+    }
+
+    /// Attention of `q [B, H, Tq, hd]` over `k`, `v [B, Hkv, Tk, hd]` with the additive `mask`:
+    /// `[B, Tq, H·hd]`; soft-capped scores (Gemma 2) take the composed path.
+    fn scores_to_output(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        match self.logit_cap {
+            Some(cap) => kernels::attention_capped(q, k, v, mask, cap), // [B, Tq, H·hd]
+            None => kernels::attention(q, k, v, mask),                  // [B, Tq, H·hd]
+        }
     }
 
     /// RoPE'd keys and values of `kv [B, T_k, D]`: `[B, Hkv, T_k, hd]` each.

@@ -175,7 +175,7 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedMode
             format!("tokenizer has {} tokens but the model's embedding has only {} rows (vocab_size): they do not belong together", tokenizer.vocab_size(), config.vocab_size),
         ));
     }
-    if let Some(cap) = config.gemma.as_ref().and_then(|g| g.attn_logit_softcapping) {
+    if let Some(cap) = config.gemma.as_ref().and_then(|g| g.attn_logit_softcapping).filter(|_| config.architecture == Architecture::Gemma3) {
         tracing::info!("note: {source}: attn_logit_softcapping = {cap} is ignored, as transformers and llama.cpp ignore it for Gemma 3 (only Gemma 2 applies it)");
     }
     tokenizer.set_start_token(&opts.start_token)?;

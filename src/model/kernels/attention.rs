@@ -273,6 +273,22 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> 
     Ok(out.reshape((b, h, tq, hd))?.transpose(1, 2)?.reshape((b, tq, h * hd))?) // [B, Tq, H·hd]
 }
 
+/// [`attention`] with Gemma 2's soft-capped scores, from candle ops (autograd):
+/// `s = q·k / √hd`, `s ← cap · tanh(s / cap)`, then the mask, softmax and `· v`. Same shapes as
+/// [`attention`].
+pub fn attention_capped(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, cap: f64) -> Result<Tensor> {
+    let (b, h, tq, hd) = q.dims4()?;
+    let (_, hkv, tk, _) = k.dims4()?;
+    let rep = h / hkv;
+    let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep * tq, hd))?; // [B, Hkv, rep·Tq, hd]
+    let scores = q.matmul(&k.t()?)?.reshape((b, h, tq, tk))?; // [B, H, Tq, Tk]
+    let scores = scores.to_dtype(accum_dtype(scores.dtype()))?; // [B, H, Tq, Tk]
+    let scores = ((scores / cap)?.tanh()? * cap)?; // [B, H, Tq, Tk], in (−cap, cap)
+    let probs = softmax_masked(&scores, Some(&mask.to_dtype(scores.dtype())?))?.to_dtype(v.dtype())?; // [B, H, Tq, Tk]
+    let out = probs.reshape((b, hkv, rep * tq, tk))?.matmul(v)?; // [B, Hkv, rep·Tq, hd]
+    Ok(out.reshape((b, h, tq, hd))?.transpose(1, 2)?.reshape((b, tq, h * hd))?) // [B, Tq, H·hd]
+}
+
 /// Attention forward outside any graph, keeping the probabilities for
 /// [`attention_backward`]: `(out [B, Tq, H·hd], p [B, H, Tq, Tk])`. CPU f32/f64 only.
 pub fn attention_forward_saved(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Option<(Tensor, Tensor)>> {

@@ -45,7 +45,7 @@ mod rope;
 mod softmax;
 mod unit_rows;
 
-pub use attention::{attention, attention_backward, attention_composed, attention_forward_saved, attention_forward_saved_applies};
+pub use attention::{attention, attention_backward, attention_capped, attention_composed, attention_forward_saved, attention_forward_saved_applies};
 pub use cross_attention::cross_attention;
 pub use gated::{gelu_mul, gelu_mul_backward, gelu_mul_composed, silu_mul, silu_mul_backward};
 pub use graft::{graft, matmul_t};
