@@ -3,7 +3,9 @@
 //! * Qwen 3: the Llama block with per-head q/k RMSNorms and a head_dim that is not
 //!   hidden_size / heads;
 //! * Mistral v0.1: every layer's attention limited to a sliding window;
-//! * Gemma 2: Gemma 3's block without q/k norms, with soft-capped attention scores.
+//! * Gemma 2: Gemma 3's block without q/k norms, with soft-capped attention scores;
+//! * OLMo 2: norms on the attention and MLP outputs instead of their inputs, q/k norms over the
+//!   whole projections.
 //!
 //! Both run on the composed (autograd) path; the hypernetwork is initialised from the target's
 //! first blocks (q/k norms included), and the baselines train on them unchanged.
@@ -15,6 +17,7 @@ use common::*;
 use hyperdas::data::collate::collate;
 use hyperdas::experiment::trainer::{TrainSettings, Trainer};
 use hyperdas::hypernet::interpreter::{Interpreter, Method};
+use hyperdas::model::QkNorm;
 
 /// Six steps on the tiny model `name`: the prediction losses.
 fn steps_on(name: &str, method: Method) -> Vec<f64> {
@@ -25,7 +28,7 @@ fn steps_on(name: &str, method: Method) -> Vec<f64> {
     let cfg = interpreter_config(method, 1, 1, 4, 5);
     let mut ps = hyperdas::params::ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
-    if method == Method::HyperDas && c.qk_norm {
+    if method == Method::HyperDas && c.qk_norm != QkNorm::None {
         let names: Vec<&str> = ps.iter().map(|(n, _)| n).collect();
         assert!(names.iter().any(|n| n.ends_with("self_attn.q_norm.weight")), "{names:?}");
     }
@@ -46,7 +49,7 @@ fn assert_trains(name: &str, method: Method) {
 fn hyperdas_and_mdas_train_on_qwen3() {
     let c = load(&fixture("tiny-qwen3"), DType::F32).model.config;
     assert_eq!(c.architecture, hyperdas::model::Architecture::Qwen3);
-    assert!(c.qk_norm && c.head_dim == 16 && c.hidden_size == 48, "{c:?}");
+    assert!(c.qk_norm == QkNorm::PerHead && c.head_dim == 16 && c.hidden_size == 48, "{c:?}");
     assert_trains("tiny-qwen3", Method::HyperDas);
     assert_trains("tiny-qwen3", Method::Mdas);
 }
@@ -64,9 +67,20 @@ fn hyperdas_and_mdas_train_on_gemma2() {
     let c = load(&fixture("tiny-gemma2"), DType::F32).model.config;
     assert_eq!(c.architecture, hyperdas::model::Architecture::Gemma2);
     let g = c.gemma.as_ref().expect("Gemma extras");
-    assert!(!c.qk_norm && g.attn_logit_softcapping == Some(3.0) && g.final_logit_softcapping == Some(5.0), "{c:?}");
+    assert!(c.qk_norm == QkNorm::None && g.attn_logit_softcapping == Some(3.0) && g.final_logit_softcapping == Some(5.0), "{c:?}");
     assert_trains("tiny-gemma2", Method::HyperDas);
     assert_trains("tiny-gemma2", Method::Mdas);
+}
+
+#[test]
+fn hyperdas_and_mdas_train_on_olmo2() {
+    let lm = load(&fixture("tiny-olmo2"), DType::F32);
+    let c = &lm.model.config;
+    assert_eq!((c.architecture, c.qk_norm), (hyperdas::model::Architecture::Olmo2, QkNorm::Whole));
+    let b = &lm.model.layers[0];
+    assert!(b.input_layernorm.is_none() && b.post_attention_layernorm.is_none() && b.attn_output_norm.is_some() && b.mlp_output_norm.is_some());
+    assert_trains("tiny-olmo2", Method::HyperDas);
+    assert_trains("tiny-olmo2", Method::Mdas);
 }
 
 #[test]
@@ -96,7 +110,7 @@ fn a_qwen3_config_parses_and_counts_its_norms() {
         "head_dim": 32, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true, "attention_bias": false
     });
     let c = hyperdas::model::LlamaConfig::from_hf_json(&json, std::path::Path::new("config.json")).unwrap();
-    assert!(c.qk_norm && !c.qkv_bias && c.head_dim == 32);
+    assert!(c.qk_norm == QkNorm::PerHead && !c.qkv_bias && c.head_dim == 32);
     // Per block: q 64×128, k and v 64×64 each, o 128×64, MLP 3·64·128, two norms of 64, q/k norms of 32.
     let block = 64 * 128 + 2 * 64 * 64 + 128 * 64 + 3 * 64 * 128 + 2 * 64 + 2 * 32;
     assert_eq!(c.num_parameters(), 100 * 64 + 2 * block + 64);

@@ -65,6 +65,11 @@ fn tiny_gemma2_with_capped_scores_matches_transformers() {
 }
 
 #[test]
+fn tiny_olmo2_with_output_norms_matches_transformers() {
+    assert_parity(&fixture("tiny-olmo2"), "tiny-olmo2-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
 fn tiny_qwen3_gguf_matches_transformers() {
     // llama.cpp's `qwen3`: no q/k row permutation, attn_q_norm / attn_k_norm, tied embeddings,
     // head_dim from `attention.key_length`.

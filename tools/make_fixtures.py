@@ -27,6 +27,8 @@ Outputs (all small):
   tiny-gemma2/ + tiny-gemma2-reference.safetensors   Gemma 2: soft-capped attention scores (cap 3) and
                                  logits (cap 5), alternating sliding (window 4) / global layers, no q/k
                                  norms (`--only gemma2`)
+  tiny-olmo2/ + tiny-olmo2-reference.safetensors   OLMo 2: output norms instead of input norms, q/k
+                                 norms over the whole projections (`--only olmo2`)
   ggml-types.gguf + ggml-types-reference.safetensors  one tensor per GGML type, dequantized by gguf-py
   spm-tokenizer.gguf + spm-tokenizer-ids.json   SentencePiece-style (`llama`) GGUF tokenizer and
                                  the ids transformers builds from it
@@ -527,6 +529,43 @@ def tiny_gemma2(out: Path):
                       "torch": torch.__version__, "model": "tiny-gemma2"})
 
 
+def tiny_olmo2(out: Path):
+    """OLMo 2: no norm before attention or the MLP; an RMSNorm on each one's output before the
+    residual add; RMSNorms over the whole q and k projections (not per head) before RoPE."""
+    d = out / "tiny-olmo2"
+    d.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(out / "tiny-llama" / f, d / f)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    cfg = transformers.Olmo2Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        attention_bias=False,
+        tie_word_embeddings=False,
+        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
+        eos_token_id=tok.token_to_id("<|end_of_text|>"),
+        pad_token_id=tok.token_to_id("<|pad|>"),
+    )
+    torch.manual_seed(6)
+    model = transformers.Olmo2ForCausalLM(cfg).float()
+    randomize(model, seed=6)
+    model.save_pretrained(d, safe_serialization=True)
+    tok_fast = transformers.AutoTokenizer.from_pretrained(d)
+    tok_fast.padding_side = "left"
+    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
+    ref = reference_pass(model, ids, mask, pos, seed=6)
+    save_pt(ref, str(out / "tiny-olmo2-reference.safetensors"),
+            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
+                      "torch": torch.__version__, "model": "tiny-olmo2"})
+
+
 def tiny_qwen3(out: Path):
     """Qwen 3: the Llama block with a per-head RMSNorm on q and k before RoPE (standard `w`
     weights, not Gemma's `1 + w`), no biases, an explicit head_dim that differs from
@@ -901,11 +940,15 @@ def main():
     ap.add_argument("--ravel", type=Path, required=True, help="folder with entities.tsv and templates.json")
     ap.add_argument("--smollm2-gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf (skip SmolLM2 fixtures if absent)")
     ap.add_argument("--gemma3-gguf", type=Path, help="gemma-3-270m-q4_k_m.gguf (skip Gemma-3-270M fixtures if absent)")
-    ap.add_argument("--only", choices=["gemma3", "qwen3", "mistral", "gemma2"], help="write only these fixtures")
+    ap.add_argument("--only", choices=["gemma3", "qwen3", "mistral", "gemma2", "olmo2"], help="write only these fixtures")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.only == "olmo2":
+        print("tiny olmo2 ...")
+        tiny_olmo2(args.out)
+        return
     if args.only == "gemma2":
         print("tiny gemma2 ...")
         tiny_gemma2(args.out)
@@ -935,6 +978,8 @@ def main():
     tiny_mistral(args.out)
     print("tiny gemma2 ...")
     tiny_gemma2(args.out)
+    print("tiny olmo2 ...")
+    tiny_olmo2(args.out)
     print("ggml types ...")
     ggml_types(args.out)
     print("sentencepiece tokenizer ...")

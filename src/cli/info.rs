@@ -39,7 +39,7 @@ pub fn run(a: &InfoArgs) -> Result<()> {
             "rope_scaling": c.rope.scaling.to_string(),
             "rms_norm_eps": c.rms_norm_eps,
             "tied_embeddings": c.tie_word_embeddings,
-            "qk_norm": c.qk_norm,
+            "qk_norm": c.qk_norm.to_string(),
             "training_path": if c.is_llama_block() { "fast" } else { "composed" },
             "parameters": c.num_parameters(),
             "bos_id": tok.bos_id,
@@ -74,7 +74,7 @@ pub fn run(a: &InfoArgs) -> Result<()> {
         );
     }
     println!("biases               qkv {}, o {}, mlp {}", c.qkv_bias, c.o_bias, c.mlp_bias);
-    println!("q/k norms            {}", if c.qk_norm { "per-head RMSNorm before RoPE" } else { "none" });
+    println!("q/k norms            {}", c.qk_norm);
     println!("training path        {}", if c.is_llama_block() { "fast (fused kernels, taped backward)" } else { "composed (autograd)" });
     println!("parameters           {:.2}M", c.num_parameters() as f64 / 1e6);
     println!("bos / eos / pad      {} / {} / {}", name(tok.bos_id), name(tok.eos_id), name(tok.pad_id));

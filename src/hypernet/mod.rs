@@ -185,18 +185,19 @@ impl HyperNetwork {
                     )
                 };
                 let mut a = Attention::plain(q, k, v, o, h, hkv, hd);
-                // Qwen 3, Gemma 3: keep the target's per-head q/k norms (trainable copies); Gemma:
+                // Qwen 3, Gemma 3, OLMo 2: keep the target's q/k norms (trainable copies); Gemma:
                 // its score scale and (Gemma 2) score cap, so a block copied from the target
                 // computes what the target's did.
                 let t = &src.self_attn;
                 if let (Some(qn), Some(kn)) = (&t.q_norm, &t.k_norm) {
                     let copy = |r: &mut Registrar, which: &str, from: &RmsNorm| -> Result<RmsNorm> {
                         let n = format!("{name}.{which}.weight");
-                        let weight = if config.from_scratch { r.ones(&n, hd)? } else { r.copy(&n, &from.weight)? };
+                        let weight = if config.from_scratch { r.ones(&n, from.weight.dim(0)?)? } else { r.copy(&n, &from.weight)? };
                         Ok(RmsNorm { weight, eps: from.eps })
                     };
                     a.q_norm = Some(copy(r, "q_norm", qn)?);
                     a.k_norm = Some(copy(r, "k_norm", kn)?);
+                    a.qk_norm = t.qk_norm;
                 }
                 a.q_scale = t.q_scale;
                 a.logit_cap = t.logit_cap;
@@ -205,15 +206,19 @@ impl HyperNetwork {
             let self_attn = attn(&mut r, "self_attn")?;
             let source_attn = attn(&mut r, "source_attn")?;
             let base_attn = attn(&mut r, "base_attn")?;
-            let norm = |r: &mut Registrar, which: &str, from: &RmsNorm| -> Result<RmsNorm> {
+            // The hypernetwork's blocks norm before attention and MLP (the Llama layout); a target
+            // without such norms (OLMo 2) gives nothing to copy, so they start at ones.
+            let norm = |r: &mut Registrar, which: &str, from: Option<&RmsNorm>| -> Result<RmsNorm> {
                 let name = format!("{p}.{which}.weight");
-                let weight = if config.from_scratch { r.ones(&name, d)? } else { r.copy(&name, &from.weight)? };
-                Ok(RmsNorm { weight, eps: from.eps })
+                match from {
+                    Some(from) if !config.from_scratch => Ok(RmsNorm { weight: r.copy(&name, &from.weight)?, eps: from.eps }),
+                    _ => Ok(RmsNorm { weight: r.ones(&name, d)?, eps: from.map_or(c.rms_norm_eps, |f| f.eps) }),
+                }
             };
-            let input_norm = norm(&mut r, "input_layernorm", &src.input_layernorm)?;
-            let source_norm = norm(&mut r, "source_layernorm", &src.input_layernorm)?;
-            let base_norm = norm(&mut r, "base_layernorm", &src.input_layernorm)?;
-            let post_norm = norm(&mut r, "post_attention_layernorm", &src.post_attention_layernorm)?;
+            let input_norm = norm(&mut r, "input_layernorm", src.input_layernorm.as_ref())?;
+            let source_norm = norm(&mut r, "source_layernorm", src.input_layernorm.as_ref())?;
+            let base_norm = norm(&mut r, "base_layernorm", src.input_layernorm.as_ref())?;
+            let post_norm = norm(&mut r, "post_attention_layernorm", src.post_attention_layernorm.as_ref())?;
             let mlp = if config.from_scratch {
                 Mlp {
                     gate_proj: r.linear_new(&format!("{p}.mlp.gate_proj"), f, d)?,

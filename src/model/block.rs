@@ -37,14 +37,16 @@ use crate::error::{Error, Result};
 /// One pre-norm decoder block.
 #[derive(Debug, Clone)]
 pub struct Block {
-    pub input_layernorm: RmsNorm,
+    /// The norm before attention (none in OLMo 2).
+    pub input_layernorm: Option<RmsNorm>,
     pub self_attn: Attention,
-    /// The norm before the MLP: HF `post_attention_layernorm` in Llama, `pre_feedforward_layernorm` in Gemma 3.
-    pub post_attention_layernorm: RmsNorm,
+    /// The norm before the MLP: HF `post_attention_layernorm` in Llama, `pre_feedforward_layernorm`
+    /// in Gemma (none in OLMo 2).
+    pub post_attention_layernorm: Option<RmsNorm>,
     pub mlp: Mlp,
-    /// Gemma 3: the norm on the attention output before the residual add (HF `post_attention_layernorm`).
+    /// Gemma, OLMo 2: the norm on the attention output before the residual add (HF `post_attention_layernorm`).
     pub attn_output_norm: Option<RmsNorm>,
-    /// Gemma 3: the norm on the MLP output (HF `post_feedforward_layernorm`).
+    /// Gemma, OLMo 2: the norm on the MLP output (HF `post_feedforward_layernorm`).
     pub mlp_output_norm: Option<RmsNorm>,
     /// Sliding-window attention (Gemma 3's local layers; every Mistral layer with a window).
     pub sliding: bool,
@@ -57,20 +59,32 @@ impl Block {
         let norm = |name: &str| RmsNorm::load_for(w, &format!("{p}.{name}.weight"), d, c, dtype, dev);
         let self_attn = Attention::load(w, &format!("{p}.self_attn"), c, dtype, dev)?;
         let mlp = Mlp::load(w, &format!("{p}.mlp"), c, dtype, dev)?;
+        if c.architecture == super::config::Architecture::Olmo2 {
+            // x + norm(attn(x)), then + norm(mlp(·)): no norm before either.
+            return Ok(Block {
+                input_layernorm: None,
+                self_attn,
+                post_attention_layernorm: None,
+                mlp,
+                attn_output_norm: Some(norm("post_attention_layernorm")?),
+                mlp_output_norm: Some(norm("post_feedforward_layernorm")?),
+                sliding: false,
+            });
+        }
         Ok(match &c.gemma {
             None => Block {
-                input_layernorm: norm("input_layernorm")?,
+                input_layernorm: Some(norm("input_layernorm")?),
                 self_attn,
-                post_attention_layernorm: norm("post_attention_layernorm")?,
+                post_attention_layernorm: Some(norm("post_attention_layernorm")?),
                 mlp,
                 attn_output_norm: None,
                 mlp_output_norm: None,
                 sliding: c.sliding_window.is_some(),
             },
             Some(g) => Block {
-                input_layernorm: norm("input_layernorm")?,
+                input_layernorm: Some(norm("input_layernorm")?),
                 self_attn,
-                post_attention_layernorm: norm("pre_feedforward_layernorm")?,
+                post_attention_layernorm: Some(norm("pre_feedforward_layernorm")?),
                 mlp,
                 attn_output_norm: Some(norm("post_attention_layernorm")?),
                 mlp_output_norm: Some(norm("post_feedforward_layernorm")?),
@@ -102,13 +116,20 @@ impl Block {
 
     /// The block around its attention: `x + norms(attend(RMSNorm_in(x)))`, then the MLP residual.
     fn around_attention(&self, x: &Tensor, attend: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
-        let h = self.input_layernorm.forward(x)?; // [B, T, D]
+        let h = match &self.input_layernorm {
+            Some(n) => n.forward(x)?, // [B, T, D]
+            None => x.clone(),        // [B, T, D]
+        };
         let mut a = attend(&h)?; // [B, T, D]
         if let Some(n) = &self.attn_output_norm {
             a = n.forward(&a)?; // [B, T, D]
         }
         let a = (x + a)?; // [B, T, D]
-        let mut m = self.mlp.forward(&self.post_attention_layernorm.forward(&a)?)?; // [B, T, D]
+        let m_in = match &self.post_attention_layernorm {
+            Some(n) => n.forward(&a)?, // [B, T, D]
+            None => a.clone(),         // [B, T, D]
+        };
+        let mut m = self.mlp.forward(&m_in)?; // [B, T, D]
         if let Some(n) = &self.mlp_output_norm {
             m = n.forward(&m)?; // [B, T, D]
         }
@@ -154,7 +175,8 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let (h, hkv, hd) = (a.n_heads, a.n_kv_heads, a.head_dim);
         let rep = h / hkv;
-        let h1 = kernels::rms_norm(x, &blk.input_layernorm.weight, blk.input_layernorm.eps)?; // [B, T, D]
+        let (inp, post) = blk.llama_norms()?;
+        let h1 = kernels::rms_norm(x, &inp.weight, inp.eps)?; // [B, T, D]
         let q = lin(&a.q_proj, &h1)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, T, hd]
         let k = lin(&a.k_proj, &h1)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
         let v = lin(&a.v_proj, &h1)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
@@ -173,11 +195,19 @@ impl Block {
             }
         };
         let y1 = (x + lin(&a.o_proj, &o)?)?; // [B, T, D]
-        let h2 = kernels::rms_norm(&y1, &blk.post_attention_layernorm.weight, blk.post_attention_layernorm.eps)?; // [B, T, D]
+        let h2 = kernels::rms_norm(&y1, &post.weight, post.eps)?; // [B, T, D]
         let g = lin(&blk.mlp.gate_proj, &h2)?; // [B, T, F]
         let u = lin(&blk.mlp.up_proj, &h2)?; // [B, T, F]
         let y = (&y1 + lin(&blk.mlp.down_proj, &kernels::silu_mul(&g, &u)?)?)?; // [B, T, D]
         Ok((y, BlockTape { x: x.clone(), y1, q, k, v, p, g, u }))
+    }
+
+    /// The Llama block's two norms (before attention, before the MLP), which the taped path needs.
+    fn llama_norms(&self) -> Result<(&RmsNorm, &RmsNorm)> {
+        match (&self.input_layernorm, &self.post_attention_layernorm) {
+            (Some(i), Some(p)) => Ok((i, p)),
+            _ => Err(Error::invalid("the taped backward covers the Llama block, which norms before attention and before the MLP; this block does not")),
+        }
     }
 
     /// The backward of [`Block::forward_taped`] to its input: `dy [B, T, D]` → `dx [B, T, D]`.
@@ -192,7 +222,7 @@ impl Block {
         let dm = lin_back(&blk.mlp.down_proj, dy)?; // [B, T, F]
         let (dg, du) = kernels::silu_mul_backward(&tape.g, &tape.u, &dm)?; // [B, T, F] each
         let dh2 = (lin_back(&blk.mlp.gate_proj, &dg)? + lin_back(&blk.mlp.up_proj, &du)?)?; // [B, T, D]
-        let post = &blk.post_attention_layernorm;
+        let (inp, post) = blk.llama_norms()?;
         let dy1 = (dy + kernels::rms_norm_backward(&tape.y1, &post.weight, &dh2, post.eps, false)?.0)?; // [B, T, D]
         // Attention.
         let d_o = lin_back(&a.o_proj, &dy1)?; // [B, T, H·hd]
@@ -214,7 +244,6 @@ impl Block {
         let dk = kernels::rope_inverse(&dk, &ctx.cos, &ctx.sin)?; // [B, Hkv, T, hd]
         let flat = |x: &Tensor, heads: usize| -> Result<Tensor> { Ok(x.transpose(1, 2)?.reshape((b, t, heads * hd))?) };
         let dh1 = ((lin_back(&a.q_proj, &flat(&dq, h)?)? + lin_back(&a.k_proj, &flat(&dk, hkv)?)?)? + lin_back(&a.v_proj, &flat(&dv, hkv)?)?)?; // [B, T, D]
-        let inp = &blk.input_layernorm;
         Ok((dy1 + kernels::rms_norm_backward(&tape.x, &inp.weight, &dh1, inp.eps, false)?.0)?) // [B, T, D]
     }
 }

@@ -31,6 +31,9 @@ pub enum Architecture {
     /// Qwen 3: the Llama block with a per-head RMSNorm on q and k before RoPE (no biases by
     /// default; `head_dim` may differ from `hidden_size / heads`).
     Qwen3,
+    /// OLMo 2: no norms before attention and MLP; instead a norm on each one's output before the
+    /// residual add, and RMSNorms on the whole q and k projections.
+    Olmo2,
     /// Gemma 3 text decoder (Gemma3ForCausalLM, `gemma3_text`; GGUF `gemma3`).
     Gemma3,
     /// Gemma 2 (Gemma2ForCausalLM, `gemma2`): Gemma 3's block without q/k norms, with the
@@ -39,8 +42,7 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str =
-        "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), gemma2 (Gemma2ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
+    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), olmo2 (Olmo2ForCausalLM), gemma2 (Gemma2ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
 }
 
 /// The MLP's gate activation.
@@ -50,6 +52,27 @@ pub enum Activation {
     Silu,
     /// GeGLU with the tanh approximation (Gemma, `gelu_pytorch_tanh`): `gelu_tanh(g) ⊙ u`.
     GeluTanh,
+}
+
+/// RMSNorms on the queries and keys before RoPE, each with a learned scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Over each head's `head_dim` values (Qwen 3, Gemma 3): scales of size `head_dim`.
+    PerHead,
+    /// Over the whole projection before it is split into heads (OLMo 2): scales of size
+    /// `heads · head_dim` for q and `kv_heads · head_dim` for k.
+    Whole,
+}
+
+impl std::fmt::Display for QkNorm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QkNorm::None => "none",
+            QkNorm::PerHead => "per-head RMSNorm before RoPE",
+            QkNorm::Whole => "RMSNorm over the whole q and k projections before RoPE",
+        })
+    }
 }
 
 /// Which attention a layer uses.
@@ -149,9 +172,8 @@ pub struct LlamaConfig {
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
     pub hidden_act: Activation,
-    /// RMSNorm over each head of q and k `[.., head_dim]` before RoPE (Qwen 3, Gemma 3):
-    /// `q ← RMSNorm_q(q)`, `k ← RMSNorm_k(k)`, one learned scale of size `head_dim` each.
-    pub qk_norm: bool,
+    /// RMSNorms on q and k before RoPE: `q ← RMSNorm_q(q)`, `k ← RMSNorm_k(k)`.
+    pub qk_norm: QkNorm,
     /// Mistral: every layer attends to the last `sliding_window` positions only (a query at
     /// index q sees keys k with q − window < k ≤ q); `None`: the whole prefix. (Gemma 3's
     /// per-layer windows are in [`Gemma3Config`].)
@@ -190,6 +212,7 @@ impl LlamaConfig {
             Some("llama") => Architecture::Llama,
             Some("qwen2") => Architecture::Qwen2,
             Some("qwen3") => Architecture::Qwen3,
+            Some("olmo2") => Architecture::Olmo2,
             Some("mistral") => Architecture::Mistral,
             None if archs.iter().any(|a| a == "LlamaForCausalLM") => Architecture::Llama,
             None if archs.iter().any(|a| a == "MistralForCausalLM") => Architecture::Mistral,
@@ -230,7 +253,7 @@ impl LlamaConfig {
         let rope = parse_rope(&obj)?;
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama | Architecture::Mistral | Architecture::Qwen3 | Architecture::Gemma3 | Architecture::Gemma2 => {
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen3 | Architecture::Olmo2 | Architecture::Gemma3 | Architecture::Gemma2 => {
                 let b = obj.opt_bool("attention_bias")?.unwrap_or(false);
                 (b, b)
             }
@@ -255,7 +278,11 @@ impl LlamaConfig {
             eos_token_ids: obj.opt_token_ids("eos_token_id")?,
             pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
             hidden_act: Activation::Silu,
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: match architecture {
+                Architecture::Qwen3 => QkNorm::PerHead,
+                Architecture::Olmo2 => QkNorm::Whole,
+                _ => QkNorm::None,
+            },
             sliding_window: if architecture == Architecture::Mistral { obj.opt_usize("sliding_window")? } else { None },
             gemma: None,
         };
@@ -333,7 +360,7 @@ impl LlamaConfig {
 
     /// Whether this is the plain Llama block (the one with a hand-written backward in `tape`).
     pub fn is_llama_block(&self) -> bool {
-        self.gemma.is_none() && self.hidden_act == Activation::Silu && !self.qk_norm && self.sliding_window.is_none()
+        self.gemma.is_none() && self.hidden_act == Activation::Silu && self.qk_norm == QkNorm::None && self.sliding_window.is_none() && self.architecture != Architecture::Olmo2
     }
 }
 
@@ -384,7 +411,12 @@ impl LlamaConfig {
             mlp += 2 * self.intermediate_size + d;
         }
         // Gemma 3: four norms a block; Qwen 3 and Gemma 3: the per-head q/k norms.
-        let norms = if self.gemma.is_some() { 4 * d } else { 2 * d } + if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let norms = if self.gemma.is_some() { 4 * d } else { 2 * d }
+            + match self.qk_norm {
+                QkNorm::None => 0,
+                QkNorm::PerHead => 2 * self.head_dim,
+                QkNorm::Whole => q + kv,
+            };
         let block = attn + mlp + norms;
         let embed = self.vocab_size * d;
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
@@ -536,7 +568,7 @@ fn gemma_from_hf(obj: &Obj, architecture: Architecture) -> Result<LlamaConfig> {
         eos_token_ids: obj.opt_token_ids("eos_token_id")?,
         pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
         hidden_act: Activation::GeluTanh,
-        qk_norm: !gemma2,
+        qk_norm: if gemma2 { QkNorm::None } else { QkNorm::PerHead },
         sliding_window: None,
         gemma: Some(Gemma3Config {
             layer_types,

@@ -12,7 +12,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::batch::ForwardContext;
-use super::config::{Activation, LlamaConfig};
+use super::config::{Activation, LlamaConfig, QkNorm};
 use super::kernels::{self, accum_dtype};
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -91,9 +91,11 @@ pub struct Attention {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    /// Qwen 3, Gemma 3: RMSNorm over each head of q and k `[.., hd]`, before RoPE.
+    /// RMSNorms on q and k before RoPE: over each head `[.., hd]` (Qwen 3, Gemma 3) or over the
+    /// whole projection `[.., H·hd]` (OLMo 2), as `qk_norm` says.
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
+    pub qk_norm: QkNorm,
     /// Extra factor on q when the score scale is not `1/√hd` (Gemma: `√(hd / query_pre_attn_scalar)`).
     pub q_scale: Option<f64>,
     /// Gemma 2: scores soft-capped, `s ← cap · tanh(s / cap)`, before the mask and softmax.
@@ -103,16 +105,17 @@ pub struct Attention {
 impl Attention {
     /// A Llama attention from its four projections (no q/k norms, `1/√hd` scores, no cap).
     pub fn plain(q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
-        Attention { q_proj, k_proj, v_proj, o_proj, n_heads, n_kv_heads, head_dim, q_norm: None, k_norm: None, q_scale: None, logit_cap: None }
+        Attention { q_proj, k_proj, v_proj, o_proj, n_heads, n_kv_heads, head_dim, q_norm: None, k_norm: None, qk_norm: QkNorm::None, q_scale: None, logit_cap: None }
     }
 
     pub(super) fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
         let (d, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let (q_norm, k_norm) = if c.qk_norm {
-            (Some(RmsNorm::load_for(w, &format!("{prefix}.q_norm.weight"), hd, c, dtype, dev)?), Some(RmsNorm::load_for(w, &format!("{prefix}.k_norm.weight"), hd, c, dtype, dev)?))
-        } else {
-            (None, None)
+        let norm = |name: &str, width: usize| -> Result<Option<RmsNorm>> { Ok(Some(RmsNorm::load_for(w, &format!("{prefix}.{name}.weight"), width, c, dtype, dev)?)) };
+        let (q_norm, k_norm) = match c.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (norm("q_norm", hd)?, norm("k_norm", hd)?),
+            QkNorm::Whole => (norm("q_norm", q)?, norm("k_norm", kv)?),
         };
         let q_scale = c.gemma.as_ref().map(|g| (hd as f64 / g.query_pre_attn_scalar).sqrt()).filter(|&s| s != 1.0);
         // Only Gemma 2 applies the attention cap (transformers and llama.cpp ignore it for Gemma 3).
@@ -120,6 +123,7 @@ impl Attention {
         Ok(Attention {
             q_norm,
             k_norm,
+            qk_norm: c.qk_norm,
             q_scale,
             logit_cap,
             q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, d, c.qkv_bias, dtype, dev)?,
@@ -198,8 +202,12 @@ impl Attention {
         let (b, tk, _) = kv.dims3()?;
         let (hkv, hd) = (self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor| -> Result<Tensor> { Ok(y.reshape((b, tk, hkv, hd))?.transpose(1, 2)?.contiguous()?) }; // [B, Hkv, T_k, hd]
-        let mut k = heads(self.k_proj.forward(kv)?)?; // [B, Hkv, T_k, hd]
-        if let Some(n) = &self.k_norm {
+        let mut k = self.k_proj.forward(kv)?; // [B, T_k, Hkv·hd]
+        if let (Some(n), QkNorm::Whole) = (&self.k_norm, self.qk_norm) {
+            k = n.forward(&k)?; // [B, T_k, Hkv·hd]
+        }
+        let mut k = heads(k)?; // [B, Hkv, T_k, hd]
+        if let (Some(n), QkNorm::PerHead) = (&self.k_norm, self.qk_norm) {
             k = n.forward(&k)?; // [B, Hkv, T_k, hd]
         }
         let k = kernels::rope(&k, k_rope.0, k_rope.1)?; // [B, Hkv, T_k, hd]
@@ -211,8 +219,12 @@ impl Attention {
     fn queries(&self, x: &Tensor, q_rope: (&Tensor, &Tensor)) -> Result<Tensor> {
         let (b, tq, _) = x.dims3()?;
         let (h, hd) = (self.n_heads, self.head_dim);
-        let mut q = self.q_proj.forward(x)?.reshape((b, tq, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, Tq, hd]
-        if let Some(n) = &self.q_norm {
+        let mut q = self.q_proj.forward(x)?; // [B, Tq, H·hd]
+        if let (Some(n), QkNorm::Whole) = (&self.q_norm, self.qk_norm) {
+            q = n.forward(&q)?; // [B, Tq, H·hd]
+        }
+        let mut q = q.reshape((b, tq, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, Tq, hd]
+        if let (Some(n), QkNorm::PerHead) = (&self.q_norm, self.qk_norm) {
             q = n.forward(&q)?; // [B, H, Tq, hd]
         }
         let mut q = kernels::rope(&q, q_rope.0, q_rope.1)?; // [B, H, Tq, hd]

@@ -147,14 +147,24 @@ impl Llama {
         let mut out: Vec<(String, &Tensor)> = vec![("model.embed_tokens.weight".into(), &self.embed_tokens)];
         for (i, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), &b.input_layernorm.weight));
+            if let Some(n) = &b.input_layernorm {
+                out.push((format!("{p}.input_layernorm.weight"), &n.weight));
+            }
             match (&b.attn_output_norm, &b.mlp_output_norm) {
+                // Gemma (with a pre-MLP norm) and OLMo 2 (without): HF's post_attention_layernorm
+                // is the attention-output norm.
                 (Some(post_attn), Some(post_ffw)) => {
                     out.push((format!("{p}.post_attention_layernorm.weight"), &post_attn.weight));
-                    out.push((format!("{p}.pre_feedforward_layernorm.weight"), &b.post_attention_layernorm.weight));
+                    if let Some(n) = &b.post_attention_layernorm {
+                        out.push((format!("{p}.pre_feedforward_layernorm.weight"), &n.weight));
+                    }
                     out.push((format!("{p}.post_feedforward_layernorm.weight"), &post_ffw.weight));
                 }
-                _ => out.push((format!("{p}.post_attention_layernorm.weight"), &b.post_attention_layernorm.weight)),
+                _ => {
+                    if let Some(n) = &b.post_attention_layernorm {
+                        out.push((format!("{p}.post_attention_layernorm.weight"), &n.weight));
+                    }
+                }
             }
             if let (Some(qn), Some(kn)) = (&b.self_attn.q_norm, &b.self_attn.k_norm) {
                 out.push((format!("{p}.self_attn.q_norm.weight"), &qn.weight));

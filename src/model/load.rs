@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::config::{Activation, Architecture, Gemma3Config, LayerKind, LlamaConfig, RopeConfig, RopeScaling};
+use super::config::{Activation, Architecture, Gemma3Config, LayerKind, LlamaConfig, QkNorm, RopeConfig, RopeScaling};
 use super::gguf::GgufFile;
 use super::llama::Llama;
 use super::tokenizer::{StartToken, TextTokenizer};
@@ -285,7 +285,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         eos_token_ids: ids("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
         pad_token_id: ids("tokenizer.ggml.padding_token_id")?,
         hidden_act: if gemma.is_some() { Activation::GeluTanh } else { Activation::Silu },
-        qk_norm: g.tensors.contains_key("blk.0.attn_q_norm.weight"),
+        qk_norm: if g.tensors.contains_key("blk.0.attn_q_norm.weight") { QkNorm::PerHead } else { QkNorm::None },
         // llama.cpp writes Mistral as `llama` and does not record its window.
         sliding_window: None,
         gemma,

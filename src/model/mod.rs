@@ -40,7 +40,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use batch::{ForwardContext, LocalAttention, TokenBatch};
-pub use config::{Activation, Architecture, Gemma3Config, LayerKind, LlamaConfig, RopeConfig, RopeScaling};
+pub use config::{Activation, Architecture, Gemma3Config, LayerKind, LlamaConfig, QkNorm, RopeConfig, RopeScaling};
 pub use llama::{HiddenStates, Llama};
 pub use load::{LoadOptions, LoadedModel, ModelSource, load};
 pub use prefix::PrefixCache;
