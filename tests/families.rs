@@ -5,10 +5,12 @@
 //! * Mistral v0.1: every layer's attention limited to a sliding window;
 //! * Gemma 2: Gemma 3's block without q/k norms, with soft-capped attention scores;
 //! * OLMo 2: norms on the attention and MLP outputs instead of their inputs, q/k norms over the
-//!   whole projections.
+//!   whole projections;
+//! * Phi 3: fused q/k/v and gate/up projections, split at load (the fast path without a window).
 //!
-//! Both run on the composed (autograd) path; the hypernetwork is initialised from the target's
-//! first blocks (q/k norms included), and the baselines train on them unchanged.
+//! All but Phi 3 without a window run on the composed (autograd) path; the hypernetwork is
+//! initialised from the target's first blocks (q/k norms included), and the baselines train on
+//! them unchanged.
 
 mod common;
 
@@ -22,13 +24,11 @@ use hyperdas::model::QkNorm;
 /// Six steps on the tiny model `name`: the prediction losses.
 fn steps_on(name: &str, method: Method) -> Vec<f64> {
     let lm = load(&fixture(name), DType::F32);
-    let c = &lm.model.config;
-    assert!(!c.is_llama_block(), "{name} runs on the composed path");
     let rows = fixture_rows(&lm, 8);
     let cfg = interpreter_config(method, 1, 1, 4, 5);
     let mut ps = hyperdas::params::ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
-    if method == Method::HyperDas && c.qk_norm != QkNorm::None {
+    if method == Method::HyperDas && lm.model.config.qk_norm != QkNorm::None {
         let names: Vec<&str> = ps.iter().map(|(n, _)| n).collect();
         assert!(names.iter().any(|n| n.ends_with("self_attn.q_norm.weight")), "{names:?}");
     }
@@ -81,6 +81,35 @@ fn hyperdas_and_mdas_train_on_olmo2() {
     assert!(b.input_layernorm.is_none() && b.post_attention_layernorm.is_none() && b.attn_output_norm.is_some() && b.mlp_output_norm.is_some());
     assert_trains("tiny-olmo2", Method::HyperDas);
     assert_trains("tiny-olmo2", Method::Mdas);
+}
+
+#[test]
+fn hyperdas_and_mdas_train_on_phi3() {
+    let c = load(&fixture("tiny-phi3"), DType::F32).model.config;
+    assert_eq!((c.architecture, c.sliding_window), (hyperdas::model::Architecture::Phi3, None));
+    assert!(c.is_llama_block(), "split at load, Phi 3 is the Llama block: the fast path");
+    assert_trains("tiny-phi3", Method::HyperDas);
+    assert_trains("tiny-phi3", Method::Mdas);
+}
+
+#[test]
+fn phi3_windows_and_unsupported_rope_variants_are_named() {
+    let mut json = serde_json::json!({
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 100, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "sliding_window": 2047, "original_max_position_embeddings": 4096
+    });
+    let parse = |j: &serde_json::Value| hyperdas::model::LlamaConfig::from_hf_json(j, std::path::Path::new("config.json"));
+    let mini = parse(&json).unwrap();
+    assert_eq!(mini.sliding_window, Some(2047), "Phi-3-mini-4k's window");
+    assert!(!mini.is_llama_block());
+    json["rope_scaling"] = serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]});
+    let err = parse(&json).unwrap_err().to_string();
+    assert!(err.contains("longrope") && err.contains("llama3"), "{err}");
+    json["rope_scaling"] = serde_json::Value::Null;
+    json["partial_rotary_factor"] = serde_json::json!(0.75);
+    let err = parse(&json).unwrap_err().to_string();
+    assert!(err.contains("partial_rotary_factor"), "{err}");
 }
 
 #[test]

@@ -70,6 +70,11 @@ fn tiny_olmo2_with_output_norms_matches_transformers() {
 }
 
 #[test]
+fn tiny_phi3_with_fused_projections_matches_transformers() {
+    assert_parity(&fixture("tiny-phi3"), "tiny-phi3-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
 fn tiny_qwen3_gguf_matches_transformers() {
     // llama.cpp's `qwen3`: no q/k row permutation, attn_q_norm / attn_k_norm, tied embeddings,
     // head_dim from `attention.key_length`.

@@ -29,6 +29,7 @@ Outputs (all small):
                                  norms (`--only gemma2`)
   tiny-olmo2/ + tiny-olmo2-reference.safetensors   OLMo 2: output norms instead of input norms, q/k
                                  norms over the whole projections (`--only olmo2`)
+  tiny-phi3/ + tiny-phi3-reference.safetensors   Phi 3: fused qkv_proj and gate_up_proj (`--only phi3`)
   ggml-types.gguf + ggml-types-reference.safetensors  one tensor per GGML type, dequantized by gguf-py
   spm-tokenizer.gguf + spm-tokenizer-ids.json   SentencePiece-style (`llama`) GGUF tokenizer and
                                  the ids transformers builds from it
@@ -566,6 +567,44 @@ def tiny_olmo2(out: Path):
                       "torch": torch.__version__, "model": "tiny-olmo2"})
 
 
+def tiny_phi3(out: Path):
+    """Phi 3: the Llama block with q/k/v fused into `qkv_proj` and gate/up into `gate_up_proj`
+    (split at load), no window (the fast path), untied embeddings."""
+    d = out / "tiny-phi3"
+    d.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(out / "tiny-llama" / f, d / f)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    cfg = transformers.Phi3Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        original_max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        sliding_window=None,
+        tie_word_embeddings=False,
+        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
+        eos_token_id=tok.token_to_id("<|end_of_text|>"),
+        pad_token_id=tok.token_to_id("<|pad|>"),
+    )
+    torch.manual_seed(7)
+    model = transformers.Phi3ForCausalLM(cfg).float()
+    randomize(model, seed=7)
+    model.save_pretrained(d, safe_serialization=True)
+    tok_fast = transformers.AutoTokenizer.from_pretrained(d)
+    tok_fast.padding_side = "left"
+    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
+    ref = reference_pass(model, ids, mask, pos, seed=7)
+    save_pt(ref, str(out / "tiny-phi3-reference.safetensors"),
+            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
+                      "torch": torch.__version__, "model": "tiny-phi3"})
+
+
 def tiny_qwen3(out: Path):
     """Qwen 3: the Llama block with a per-head RMSNorm on q and k before RoPE (standard `w`
     weights, not Gemma's `1 + w`), no biases, an explicit head_dim that differs from
@@ -940,11 +979,15 @@ def main():
     ap.add_argument("--ravel", type=Path, required=True, help="folder with entities.tsv and templates.json")
     ap.add_argument("--smollm2-gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf (skip SmolLM2 fixtures if absent)")
     ap.add_argument("--gemma3-gguf", type=Path, help="gemma-3-270m-q4_k_m.gguf (skip Gemma-3-270M fixtures if absent)")
-    ap.add_argument("--only", choices=["gemma3", "qwen3", "mistral", "gemma2", "olmo2"], help="write only these fixtures")
+    ap.add_argument("--only", choices=["gemma3", "qwen3", "mistral", "gemma2", "olmo2", "phi3"], help="write only these fixtures")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.only == "phi3":
+        print("tiny phi3 ...")
+        tiny_phi3(args.out)
+        return
     if args.only == "olmo2":
         print("tiny olmo2 ...")
         tiny_olmo2(args.out)
@@ -980,6 +1023,8 @@ def main():
     tiny_gemma2(args.out)
     print("tiny olmo2 ...")
     tiny_olmo2(args.out)
+    print("tiny phi3 ...")
+    tiny_phi3(args.out)
     print("ggml types ...")
     ggml_types(args.out)
     print("sentencepiece tokenizer ...")

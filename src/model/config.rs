@@ -31,6 +31,9 @@ pub enum Architecture {
     /// Qwen 3: the Llama block with a per-head RMSNorm on q and k before RoPE (no biases by
     /// default; `head_dim` may differ from `hidden_size / heads`).
     Qwen3,
+    /// Phi 3: the Llama block with q/k/v and gate/up fused into one projection each in the
+    /// checkpoint (split at load), every layer sliding when `sliding_window` is set.
+    Phi3,
     /// OLMo 2: no norms before attention and MLP; instead a norm on each one's output before the
     /// residual add, and RMSNorms on the whole q and k projections.
     Olmo2,
@@ -42,7 +45,7 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), olmo2 (Olmo2ForCausalLM), gemma2 (Gemma2ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
+    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), olmo2 (Olmo2ForCausalLM), phi3 (Phi3ForCausalLM), gemma2 (Gemma2ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
 }
 
 /// The MLP's gate activation.
@@ -213,6 +216,7 @@ impl LlamaConfig {
             Some("qwen2") => Architecture::Qwen2,
             Some("qwen3") => Architecture::Qwen3,
             Some("olmo2") => Architecture::Olmo2,
+            Some("phi3") => Architecture::Phi3,
             Some("mistral") => Architecture::Mistral,
             None if archs.iter().any(|a| a == "LlamaForCausalLM") => Architecture::Llama,
             None if archs.iter().any(|a| a == "MistralForCausalLM") => Architecture::Mistral,
@@ -234,6 +238,11 @@ impl LlamaConfig {
             return Err(obj.err("hidden_act", format!("`{act}` is not supported (only `silu`, the SwiGLU of Llama)")));
         }
 
+        if let Some(f) = obj.opt_f64("partial_rotary_factor")?
+            && f != 1.0
+        {
+            return Err(obj.err("partial_rotary_factor", format!("{f}: rotary embeddings over part of each head are not supported (only 1.0)")));
+        }
         let hidden_size = obj.usize("hidden_size")?;
         let num_attention_heads = obj.usize("num_attention_heads")?;
         if num_attention_heads == 0 {
@@ -253,7 +262,7 @@ impl LlamaConfig {
         let rope = parse_rope(&obj)?;
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama | Architecture::Mistral | Architecture::Qwen3 | Architecture::Olmo2 | Architecture::Gemma3 | Architecture::Gemma2 => {
+            Architecture::Llama | Architecture::Mistral | Architecture::Phi3 | Architecture::Qwen3 | Architecture::Olmo2 | Architecture::Gemma3 | Architecture::Gemma2 => {
                 let b = obj.opt_bool("attention_bias")?.unwrap_or(false);
                 (b, b)
             }
@@ -283,7 +292,7 @@ impl LlamaConfig {
                 Architecture::Olmo2 => QkNorm::Whole,
                 _ => QkNorm::None,
             },
-            sliding_window: if architecture == Architecture::Mistral { obj.opt_usize("sliding_window")? } else { None },
+            sliding_window: if matches!(architecture, Architecture::Mistral | Architecture::Phi3) { obj.opt_usize("sliding_window")? } else { None },
             gemma: None,
         };
         cfg.validate().map_err(|(key, msg)| Error::key(path, key, msg))?;

@@ -12,7 +12,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::batch::ForwardContext;
-use super::config::{Activation, LlamaConfig, QkNorm};
+use super::config::{Activation, Architecture, LlamaConfig, QkNorm};
 use super::kernels::{self, accum_dtype};
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -34,6 +34,16 @@ impl Linear {
     pub fn load(w: &Weights, prefix: &str, out_f: usize, in_f: usize, bias: bool, dtype: DType, dev: &Device) -> Result<Self> {
         let weight = w.get(&format!("{prefix}.weight"), &[out_f, in_f], dtype, dev)?;
         let bias = if bias { Some(w.get(&format!("{prefix}.bias"), &[out_f], dtype, dev)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Output rows `start..start + n` as a layer of their own (a fused projection split).
+    pub fn rows(&self, start: usize, n: usize) -> Result<Linear> {
+        let weight = self.weight.narrow(0, start, n)?.contiguous()?; // [n, in]
+        let bias = match &self.bias {
+            Some(b) => Some(b.narrow(0, start, n)?.contiguous()?), // [n]
+            None => None,
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -120,15 +130,26 @@ impl Attention {
         let q_scale = c.gemma.as_ref().map(|g| (hd as f64 / g.query_pre_attn_scalar).sqrt()).filter(|&s| s != 1.0);
         // Only Gemma 2 applies the attention cap (transformers and llama.cpp ignore it for Gemma 3).
         let logit_cap = c.gemma.as_ref().and_then(|g| g.attn_logit_softcapping).filter(|_| c.architecture == super::config::Architecture::Gemma2);
+        let (q_proj, k_proj, v_proj) = if c.architecture == Architecture::Phi3 {
+            // Phi 3 stores [q; k; v] as one `qkv_proj` [q + 2·kv, D]: split its rows.
+            let fused = Linear::load(w, &format!("{prefix}.qkv_proj"), q + 2 * kv, d, c.qkv_bias, dtype, dev)?;
+            (fused.rows(0, q)?, fused.rows(q, kv)?, fused.rows(q + kv, kv)?)
+        } else {
+            (
+                Linear::load(w, &format!("{prefix}.q_proj"), q, d, c.qkv_bias, dtype, dev)?,
+                Linear::load(w, &format!("{prefix}.k_proj"), kv, d, c.qkv_bias, dtype, dev)?,
+                Linear::load(w, &format!("{prefix}.v_proj"), kv, d, c.qkv_bias, dtype, dev)?,
+            )
+        };
         Ok(Attention {
             q_norm,
             k_norm,
             qk_norm: c.qk_norm,
             q_scale,
             logit_cap,
-            q_proj: Linear::load(w, &format!("{prefix}.q_proj"), q, d, c.qkv_bias, dtype, dev)?,
-            k_proj: Linear::load(w, &format!("{prefix}.k_proj"), kv, d, c.qkv_bias, dtype, dev)?,
-            v_proj: Linear::load(w, &format!("{prefix}.v_proj"), kv, d, c.qkv_bias, dtype, dev)?,
+            q_proj,
+            k_proj,
+            v_proj,
             o_proj: Linear::load(w, &format!("{prefix}.o_proj"), d, q, c.o_bias, dtype, dev)?,
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
@@ -247,6 +268,11 @@ pub struct Mlp {
 impl Mlp {
     pub(super) fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
         let (d, f) = (c.hidden_size, c.intermediate_size);
+        if c.architecture == Architecture::Phi3 {
+            // Phi 3 stores [gate; up] as one `gate_up_proj` [2F, D].
+            let fused = Linear::load(w, &format!("{prefix}.gate_up_proj"), 2 * f, d, c.mlp_bias, dtype, dev)?;
+            return Ok(Mlp { act: c.hidden_act, gate_proj: fused.rows(0, f)?, up_proj: fused.rows(f, f)?, down_proj: Linear::load(w, &format!("{prefix}.down_proj"), d, f, c.mlp_bias, dtype, dev)? });
+        }
         Ok(Mlp {
             act: c.hidden_act,
             gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), f, d, c.mlp_bias, dtype, dev)?,
