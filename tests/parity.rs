@@ -75,6 +75,13 @@ fn tiny_phi3_with_fused_projections_matches_transformers() {
 }
 
 #[test]
+fn the_text_decoder_of_a_multimodal_gemma3_checkpoint_matches_transformers() {
+    // tiny-gemma3's weights nested as `language_model.model.*` beside a vision tower, with a
+    // `model_type: gemma3` config whose `text_config` describes the decoder: the same reference.
+    assert_parity(&fixture("tiny-gemma3-multimodal"), "tiny-gemma3-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
 fn tiny_qwen3_gguf_matches_transformers() {
     // llama.cpp's `qwen3`: no q/k row permutation, attn_q_norm / attn_k_norm, tied embeddings,
     // head_dim from `attention.key_length`.

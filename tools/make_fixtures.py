@@ -30,6 +30,8 @@ Outputs (all small):
   tiny-olmo2/ + tiny-olmo2-reference.safetensors   OLMo 2: output norms instead of input norms, q/k
                                  norms over the whole projections (`--only olmo2`)
   tiny-phi3/ + tiny-phi3-reference.safetensors   Phi 3: fused qkv_proj and gate_up_proj (`--only phi3`)
+  tiny-gemma3-multimodal/        tiny-gemma3's text weights inside a Gemma3ForConditionalGeneration
+                                 checkpoint with a tiny vision tower (`--only gemma3-multimodal`)
   ggml-types.gguf + ggml-types-reference.safetensors  one tensor per GGML type, dequantized by gguf-py
   spm-tokenizer.gguf + spm-tokenizer-ids.json   SentencePiece-style (`llama`) GGUF tokenizer and
                                  the ids transformers builds from it
@@ -605,6 +607,34 @@ def tiny_phi3(out: Path):
                       "torch": torch.__version__, "model": "tiny-phi3"})
 
 
+def tiny_gemma3_multimodal(out: Path):
+    """The tiny Gemma 3 text decoder inside a multimodal Gemma3ForConditionalGeneration checkpoint
+    (a tiny SigLIP vision tower and projector beside it; `model_type: gemma3` with `text_config`),
+    with the text weights of tiny-gemma3/, so tiny-gemma3-reference.safetensors is its reference
+    too. Needs tiny-gemma3/ first."""
+    src = out / "tiny-gemma3"
+    d = out / "tiny-gemma3-multimodal"
+    d.mkdir(parents=True, exist_ok=True)
+    text = transformers.Gemma3ForCausalLM.from_pretrained(src, dtype=torch.float32)
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text.config.to_dict(), vision_config=vision.to_dict(),
+                                    mm_tokens_per_image=4, image_token_index=3, boi_token_index=4, eoi_token_index=5)
+    torch.manual_seed(8)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).float()
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    model.eval()
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14, 15, 16, 17, 18]])
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        b = text(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5), "the multimodal model's text path differs from the text model"
+    model.save_pretrained(d, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, d / f)
+
+
 def tiny_qwen3(out: Path):
     """Qwen 3: the Llama block with a per-head RMSNorm on q and k before RoPE (standard `w`
     weights, not Gemma's `1 + w`), no biases, an explicit head_dim that differs from
@@ -979,11 +1009,15 @@ def main():
     ap.add_argument("--ravel", type=Path, required=True, help="folder with entities.tsv and templates.json")
     ap.add_argument("--smollm2-gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf (skip SmolLM2 fixtures if absent)")
     ap.add_argument("--gemma3-gguf", type=Path, help="gemma-3-270m-q4_k_m.gguf (skip Gemma-3-270M fixtures if absent)")
-    ap.add_argument("--only", choices=["gemma3", "qwen3", "mistral", "gemma2", "olmo2", "phi3"], help="write only these fixtures")
+    ap.add_argument("--only", choices=["gemma3", "qwen3", "mistral", "gemma2", "olmo2", "phi3", "gemma3-multimodal"], help="write only these fixtures")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.only == "gemma3-multimodal":
+        print("tiny gemma3 multimodal ...")
+        tiny_gemma3_multimodal(args.out)
+        return
     if args.only == "phi3":
         print("tiny phi3 ...")
         tiny_phi3(args.out)
@@ -1031,6 +1065,8 @@ def main():
     spm_tokenizer(args.ravel, args.out)
     print("tiny gemma3 ...")
     tiny_gemma3(args.ravel, args.out)
+    print("tiny gemma3 multimodal ...")
+    tiny_gemma3_multimodal(args.out)
     if args.gemma3_gguf:
         print("gemma3 270m ...")
         gemma3_270m(args.gemma3_gguf, args.out)

@@ -197,10 +197,15 @@ impl LlamaConfig {
         let obj = Obj::new(value, path)?;
         let model_type = obj.opt_str("model_type")?;
         if model_type.as_deref() == Some("gemma3") {
-            return Err(obj.err(
-                "model_type",
-                "`gemma3` is the multimodal Gemma3ForConditionalGeneration; only the text decoder (`gemma3_text`, Gemma3ForCausalLM, e.g. gemma-3-270m and gemma-3-1b) is supported",
-            ));
+            // The multimodal Gemma3ForConditionalGeneration (Gemma 3 4B and larger): its text
+            // decoder, described by `text_config` (the vision tower is not loaded).
+            let Some(text) = obj.get("text_config").filter(|v| v.is_object()) else {
+                return Err(obj.err("text_config", "a multimodal `gemma3` config needs its `text_config` (the text decoder's settings)"));
+            };
+            let text = obj.child("text_config", text)?;
+            let cfg = gemma_from_hf(&text, Architecture::Gemma3)?;
+            cfg.validate().map_err(|(key, msg)| Error::key(path, format!("text_config.{key}"), msg))?;
+            return Ok(cfg);
         }
         if matches!(model_type.as_deref(), Some("gemma3_text") | Some("gemma2")) {
             let cfg = gemma_from_hf(&obj, if model_type.as_deref() == Some("gemma2") { Architecture::Gemma2 } else { Architecture::Gemma3 })?;
@@ -805,7 +810,10 @@ mod tests {
         assert!(parse(&v).unwrap_err().to_string().contains("1 entries for 7 layers"));
         let mut v = gemma();
         v["model_type"] = json!("gemma3");
-        assert!(parse(&v).unwrap_err().to_string().contains("gemma3_text"));
+        assert!(parse(&v).unwrap_err().to_string().contains("text_config"), "a multimodal config without its text decoder's settings");
+        // The multimodal config: the text decoder from text_config.
+        let mm = json!({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": gemma(), "vision_config": {"model_type": "siglip_vision_model"}});
+        assert_eq!(parse(&mm).unwrap(), parse(&gemma()).unwrap());
         let mut v = gemma();
         v["hidden_activation"] = json!("relu");
         assert!(parse(&v).unwrap_err().to_string().contains("hidden_activation"));

@@ -42,7 +42,7 @@ impl Weights {
 
     pub fn contains(&self, name: &str) -> bool {
         match self {
-            Weights::Safetensors(w) => w.routing.contains_key(name),
+            Weights::Safetensors(w) => w.routing.contains_key(w.stored(name)),
             Weights::Gguf(w) => gguf::gguf_name_for(name, w.gemma).is_some_and(|g| w.file.tensors.contains_key(&g)),
             Weights::Tensors(m) => m.contains_key(name),
         }
@@ -51,7 +51,7 @@ impl Weights {
     /// The file a tensor would be read from (for messages).
     pub fn path_of(&self, name: &str) -> PathBuf {
         match self {
-            Weights::Safetensors(w) => w.routing.get(name).map(|&i| w.files[i].0.clone()).unwrap_or_else(|| w.describe_path.clone()),
+            Weights::Safetensors(w) => w.routing.get(w.stored(name)).map(|&i| w.files[i].0.clone()).unwrap_or_else(|| w.describe_path.clone()),
             Weights::Gguf(w) => w.file.path.clone(),
             Weights::Tensors(_) => PathBuf::from("<in-memory weights>"),
         }
@@ -74,7 +74,12 @@ impl Weights {
 /// HF safetensors weights, memory-mapped.
 pub struct SafetensorsWeights {
     files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// Stored tensor name → file.
     routing: HashMap<String, usize>,
+    /// HF text-decoder name → stored name, for checkpoints that nest the decoder (a multimodal
+    /// Gemma 3 stores `language_model.model.layers.0...` or `model.language_model.layers.0...`
+    /// for our `model.layers.0...`).
+    aliases: HashMap<String, String>,
     describe_path: PathBuf,
 }
 
@@ -153,10 +158,34 @@ impl SafetensorsWeights {
             }
             files.push((p.clone(), st));
         }
-        Ok(SafetensorsWeights { files, routing, describe_path: describe.to_path_buf() })
+        let mut w = SafetensorsWeights { files, routing, aliases: HashMap::new(), describe_path: describe.to_path_buf() };
+        w.alias_nested_text_decoder();
+        Ok(w)
+    }
+
+    /// When the checkpoint nests a text decoder (a multimodal model), address its tensors by the
+    /// plain decoder's names; the other parts (a vision tower, a projector) stay unused.
+    fn alias_nested_text_decoder(&mut self) {
+        if self.routing.contains_key("model.embed_tokens.weight") {
+            return;
+        }
+        const NESTED: [(&str, &str); 4] = [("language_model.model.", "model."), ("model.language_model.", "model."), ("language_model.lm_head.", "lm_head."), ("model.lm_head.", "lm_head.")];
+        for stored in self.routing.keys() {
+            for (from, to) in NESTED {
+                if let Some(rest) = stored.strip_prefix(from) {
+                    self.aliases.insert(format!("{to}{rest}"), stored.clone());
+                }
+            }
+        }
+    }
+
+    /// The stored name of the HF tensor `name`.
+    fn stored<'a>(&'a self, name: &'a str) -> &'a str {
+        self.aliases.get(name).map_or(name, String::as_str)
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<(Tensor, PathBuf)> {
+        let name = self.stored(name);
         let &i = self.routing.get(name).ok_or_else(|| Error::tensor(&self.describe_path, name, "missing"))?;
         let (path, st) = &self.files[i];
         let view = st.get(name).map_err(|e| Error::tensor(path, name, e.to_string()))?;
