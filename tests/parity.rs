@@ -82,6 +82,22 @@ fn the_text_decoder_of_a_multimodal_gemma3_checkpoint_matches_transformers() {
 }
 
 #[test]
+fn tiny_phi3_with_longrope_short_and_long_factors_matches_transformers() {
+    // The same weights under Phi 3 128k's scaling: below the original context (64) the short
+    // divisors, past it (16) the long ones; cos / sin scaled by √(1 + ln(s) / ln(original)).
+    for (name, original) in [("short", 64), ("long", 16)] {
+        let dir = copy_dir(&fixture("tiny-phi3"));
+        std::fs::copy(fixture(&format!("tiny-phi3-longrope-{name}-config.json")), dir.path().join("config.json")).unwrap();
+        let lm = load(dir.path(), DType::F32);
+        match &lm.model.config.rope.scaling {
+            hyperdas::model::RopeScaling::LongRope { original_max_position_embeddings, .. } => assert_eq!(*original_max_position_embeddings, original),
+            other => panic!("{name}: {other:?}"),
+        }
+        assert_parity(dir.path(), &format!("tiny-phi3-longrope-{name}-reference.safetensors"), TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+    }
+}
+
+#[test]
 fn tiny_qwen3_gguf_matches_transformers() {
     // llama.cpp's `qwen3`: no q/k row permutation, attn_q_norm / attn_k_norm, tied embeddings,
     // head_dim from `attention.key_length`.

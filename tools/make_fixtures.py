@@ -30,6 +30,8 @@ Outputs (all small):
   tiny-olmo2/ + tiny-olmo2-reference.safetensors   OLMo 2: output norms instead of input norms, q/k
                                  norms over the whole projections (`--only olmo2`)
   tiny-phi3/ + tiny-phi3-reference.safetensors   Phi 3: fused qkv_proj and gate_up_proj (`--only phi3`)
+  tiny-phi3-longrope-{short,long}-config.json + …-reference.safetensors   the same weights with longrope
+                                 scaling, original context 64 (short factors) and 4 (long factors)
   tiny-gemma3-multimodal/        tiny-gemma3's text weights inside a Gemma3ForConditionalGeneration
                                  checkpoint with a tiny vision tower (`--only gemma3-multimodal`)
   ggml-types.gguf + ggml-types-reference.safetensors  one tensor per GGML type, dequantized by gguf-py
@@ -605,6 +607,25 @@ def tiny_phi3(out: Path):
     save_pt(ref, str(out / "tiny-phi3-reference.safetensors"),
             metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
                       "torch": torch.__version__, "model": "tiny-phi3"})
+    # longrope (Phi 3 128k), config only, same weights: with an original context of 64 every
+    # prompt stays below it (short factors), with 16 every prompt passes it (long factors); the
+    # cos / sin scale follows from max_position_embeddings / original in both.
+    g = torch.Generator().manual_seed(17)
+    half = cfg.hidden_size // cfg.num_attention_heads // 2
+    short = [round(1.0 + 3.0 * x, 4) for x in torch.rand(half, generator=g).tolist()]
+    long = [round(1.0 + 3.0 * x, 4) for x in torch.rand(half, generator=g).tolist()]
+    for name, original in (("short", 64), ("long", 16)):
+        var = transformers.Phi3Config(**{**cfg.to_dict(), "original_max_position_embeddings": original,
+                                         "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                             "short_factor": short, "long_factor": long,
+                                                             "original_max_position_embeddings": original}})
+        vmodel = transformers.Phi3ForCausalLM(var).float()
+        vmodel.load_state_dict(model.state_dict())
+        var.to_json_file(str(out / f"tiny-phi3-longrope-{name}-config.json"))
+        ref = reference_pass(vmodel, ids, mask, pos, seed=7)
+        save_pt(ref, str(out / f"tiny-phi3-longrope-{name}-reference.safetensors"),
+                metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
+                          "torch": torch.__version__, "model": f"tiny-phi3 with longrope ({name} factors)"})
 
 
 def tiny_gemma3_multimodal(out: Path):

@@ -71,6 +71,9 @@ fn run_with(a: &TrainArgs, method: Method) -> Result<()> {
         return super::print_json(&serde_json::json!({"run": out, "results": results}));
     }
     println!("{}", super::results_table(&results));
-    println!("run directory: {} (results.json, results.csv, results.by_attribute.{{json,csv}}, metrics.jsonl, events.out.tfevents.* for TensorBoard, run.json, config.resolved.toml, checkpoint/)", out.display());
+    println!(
+        "run directory: {} (results.json, results.csv, results.by_attribute.{{json,csv}}, metrics.jsonl, events.out.tfevents.* for TensorBoard, run.json, config.resolved.toml, checkpoint/)",
+        out.display()
+    );
     Ok(())
 }

@@ -128,6 +128,11 @@ pub enum RopeScaling {
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
     /// Per-frequency divisors, as llama.cpp stores them in the GGUF tensor `rope_freqs.weight`.
     Factors(Vec<f32>),
+    /// `rope_type: longrope` (Phi 3 128k): per-frequency divisors `short` while a sequence's
+    /// last position is below `original_max_position_embeddings`, `long` beyond, and cos / sin
+    /// multiplied by `attention_factor` (default `√(1 + ln(s) / ln(original))`, `s` =
+    /// max_position_embeddings / original).
+    LongRope { short: Vec<f32>, long: Vec<f32>, original_max_position_embeddings: usize, attention_factor: f64 },
 }
 
 impl std::fmt::Display for RopeScaling {
@@ -139,6 +144,9 @@ impl std::fmt::Display for RopeScaling {
                 write!(f, "llama3, factor {factor}, low_freq_factor {low_freq_factor}, high_freq_factor {high_freq_factor}, original context {original_max_position_embeddings}")
             }
             RopeScaling::Factors(v) => write!(f, "per-frequency divisors ({} values, from the GGUF's rope_freqs)", v.len()),
+            RopeScaling::LongRope { short, original_max_position_embeddings, attention_factor, .. } => {
+                write!(f, "longrope, {} short / long divisors, original context {original_max_position_embeddings}, attention factor {attention_factor}", short.len())
+            }
         }
     }
 }
@@ -395,6 +403,19 @@ fn check_scaling(scaling: &RopeScaling, head_dim: usize) -> std::result::Result<
                 return Err(("rope_parameters.high_freq_factor", format!("{high_freq_factor} must exceed low_freq_factor {low_freq_factor}")));
             }
         }
+        RopeScaling::LongRope { short, long, original_max_position_embeddings, attention_factor } => {
+            for (key, f) in [("rope_parameters.short_factor", short), ("rope_parameters.long_factor", long)] {
+                if f.len() != head_dim / 2 {
+                    return Err((key, format!("{} factors for head_dim {} (need {})", f.len(), head_dim, head_dim / 2)));
+                }
+                if f.iter().any(|x| !(*x > 0.0 && x.is_finite())) {
+                    return Err((key, "factors must be positive and finite".into()));
+                }
+            }
+            if *original_max_position_embeddings == 0 || !(*attention_factor > 0.0 && attention_factor.is_finite()) {
+                return Err(("rope_parameters", "longrope needs a positive original_max_position_embeddings and attention_factor".into()));
+            }
+        }
         RopeScaling::Factors(f) => {
             if f.len() != head_dim / 2 {
                 return Err(("rope_freqs", format!("{} factors for head_dim {} (need {})", f.len(), head_dim, head_dim / 2)));
@@ -459,8 +480,34 @@ fn parse_rope(obj: &Obj) -> Result<RopeConfig> {
         (None, Some(b)) => b,
         (None, None) => 10_000.0,
     };
-    let scaling = scaling_of(&p)?;
+    let scaling = match scaling_of(&p) {
+        Err(_) if matches!(p.opt_str("rope_type")?.or(p.opt_str("type")?).as_deref(), Some("longrope") | Some("su")) => longrope_of(obj, &p)?,
+        other => other?,
+    };
     Ok(RopeConfig { theta, scaling })
+}
+
+/// Phi 3's `longrope` (also spelled `su`): short and long per-frequency divisors, the context
+/// they switch at, and the cos / sin scale, as transformers computes them.
+fn longrope_of(obj: &Obj, p: &Obj) -> Result<RopeScaling> {
+    let factors = |key: &str| -> Result<Vec<f32>> {
+        match p.get(key) {
+            Some(Value::Array(a)) => a.iter().enumerate().map(|(i, v)| v.as_f64().map(|x| x as f32).ok_or_else(|| p.err(&format!("{key}[{i}]"), "expected a number"))).collect(),
+            _ => Err(p.err(key, "expected a list of numbers")),
+        }
+    };
+    let max = obj.opt_usize("max_position_embeddings")?.unwrap_or(4096);
+    let original = match (obj.opt_usize("original_max_position_embeddings")?, p.opt_usize("original_max_position_embeddings")?) {
+        (Some(o), _) | (None, Some(o)) => o,
+        (None, None) => max,
+    };
+    let factor = max as f64 / original.max(1) as f64;
+    let attention_factor = match p.opt_f64("attention_factor")? {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(RopeScaling::LongRope { short: factors("short_factor")?, long: factors("long_factor")?, original_max_position_embeddings: original, attention_factor })
 }
 
 /// The scaling rule of one rope-parameters object (`rope_type` or the older `type`).

@@ -20,6 +20,9 @@ use crate::error::Result;
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    /// `longrope`: the frequencies for sequences past `.1` positions, and the cos / sin scale.
+    long: Option<(Vec<f32>, usize)>,
+    scale: f32,
 }
 
 impl Rope {
@@ -27,8 +30,16 @@ impl Rope {
         let base = cfg.theta as f32;
         let d = head_dim as f32;
         let inv_freq: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d)).collect();
+        let (mut long, mut scale) = (None, 1.0f32);
         let inv_freq = match &cfg.scaling {
             RopeScaling::None => inv_freq,
+            RopeScaling::LongRope { short, long: long_f, original_max_position_embeddings, attention_factor } => {
+                // transformers: 1 / (factor · θ^(2i/d)), in f32.
+                let exps: Vec<f32> = (0..head_dim / 2).map(|i| base.powf((2 * i) as f32 / d)).collect();
+                long = Some((exps.iter().zip(long_f).map(|(e, f)| 1.0 / (f * e)).collect(), *original_max_position_embeddings));
+                scale = *attention_factor as f32;
+                exps.iter().zip(short).map(|(e, f)| 1.0 / (f * e)).collect()
+            }
             RopeScaling::Linear { factor } => inv_freq.iter().map(|w| w / *factor as f32).collect(),
             RopeScaling::Factors(f) => inv_freq.iter().zip(f).map(|(w, f)| w / f).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
@@ -50,7 +61,7 @@ impl Rope {
                     .collect()
             }
         };
-        Rope { inv_freq }
+        Rope { inv_freq, long, scale }
     }
 
     pub fn inv_freq(&self) -> &[f32] {
@@ -59,7 +70,14 @@ impl Rope {
 
     /// cos and sin tables for per-row positions `[B, T]` (row-major), each `[B, 1, T, head_dim]`.
     pub fn cos_sin(&self, positions: &[u32], b: usize, t: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+        // longrope: the long frequencies once a position reaches the original context (as
+        // transformers decides per forward pass, from the largest position).
+        let inv_freq = match &self.long {
+            Some((long, original)) if positions.iter().any(|&p| p as usize + 1 > *original) => long,
+            _ => &self.inv_freq,
+        };
+        let scale = self.scale;
+        let half = inv_freq.len();
         // Rows repeat the same positions (every row of a batch, every flattened hypernetwork
         // state), so each distinct position's `half` angles are computed once, and copied into
         // both halves of each of its rows: the same values as computing every entry.
@@ -68,11 +86,11 @@ impl Rope {
         let mut sin = Vec::with_capacity(b * t * 2 * half);
         for &p in positions {
             let (c, s) = rows.entry(p).or_insert_with(|| {
-                self.inv_freq
+                inv_freq
                     .iter()
                     .map(|&w| {
                         let angle = p as f32 * w;
-                        (angle.cos(), angle.sin())
+                        if scale == 1.0 { (angle.cos(), angle.sin()) } else { (angle.cos() * scale, angle.sin() * scale) }
                     })
                     .unzip()
             });
