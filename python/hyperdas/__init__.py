@@ -300,7 +300,8 @@ def _evaluations(rec: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
 
 def train(config: Config = None, out: Optional[PathLike] = None, *, method: str = "hyperdas", resume: bool = False, progress: Union[bool, Callable[[Dict[str, Any]], None]] = True) -> Run:
     """Train ``method`` (``hyperdas``, or a baseline ``das`` / ``mdas``) as ``hyperdas train``
-    does, into the run directory ``out``, and return the finished :class:`Run`.
+    does, into the run directory ``out`` (default: ``runs/<method>-<date>-N``, the first N free,
+    as the command line names it), and return the finished :class:`Run`.
 
     ``config``: a TOML path or a dict (sections, or dotted keys like ``{"train.lr": 1e-4}``)
     over the method's preset (see :func:`show_config`). ``progress``: True shows a progress bar
@@ -309,7 +310,9 @@ def train(config: Config = None, out: Optional[PathLike] = None, *, method: str 
     Raising in the callback (or Ctrl-C) stops training; the checkpoint written so far stays.
     """
     if out is None:
-        raise HyperdasError("train: name the run directory (out=...)")
+        if resume:
+            raise HyperdasError("train: resume continues a run: name it with out=...")
+        out = _native.fresh_run_dir(method)
     callback = _Printer(f"training {method}") if progress is True else (progress or None)
     _native.train(method, _config_arg(config), os.fspath(out), resume, False, callback)
     return Run.load(out)

@@ -364,6 +364,12 @@ fn show_config(py: Python<'_>, method: &str, config: Option<&Bound<'_, PyAny>>) 
 
 /// Train `method` with `config` into `out`; `callback(record)` sees every metrics record
 /// (with `total_steps`). Returns results.json's dict, or None when stopped early.
+/// `runs/<prefix>-<date>-N`, the first N free: where a run goes when no directory is named.
+#[pyfunction]
+fn fresh_run_dir(prefix: &str) -> String {
+    hyperdas::experiment::run::fresh_run_dir(prefix).display().to_string()
+}
+
 #[pyfunction]
 #[pyo3(signature = (method, config, out, resume = false, progress = false, callback = None))]
 fn train<'py>(py: Python<'py>, method: &str, config: Option<&Bound<'py, PyAny>>, out: PathBuf, resume: bool, progress: bool, callback: Option<Py<PyAny>>) -> PyResult<Bound<'py, PyAny>> {
@@ -490,6 +496,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Run>()?;
     m.add_function(wrap_pyfunction!(show_config, m)?)?;
     m.add_function(wrap_pyfunction!(train, m)?)?;
+    m.add_function(wrap_pyfunction!(fresh_run_dir, m)?)?;
     m.add_function(wrap_pyfunction!(data_build, m)?)?;
     m.add_function(wrap_pyfunction!(data_read, m)?)?;
     m.add_function(wrap_pyfunction!(data_write, m)?)?;

@@ -88,3 +88,16 @@ def test_configuration_errors_and_callback_exceptions(runs, tmp_path):
     assert "lr = " in hyperdas.show_config()
     with pytest.raises(hyperdas.HyperdasError, match="nope.toml"):
         hyperdas.show_config(tmp_path / "nope.toml")
+
+
+def test_a_run_without_out_goes_to_runs_method_date_n(runs, tmp_path, monkeypatch):
+    import datetime
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(hyperdas.HyperdasError, match="out="):
+        hyperdas.baseline("das", runs["config"], progress=False, resume=True)
+    day = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    first = hyperdas.baseline("das", runs["config"], progress=False)
+    second = hyperdas.baseline("das", runs["config"], progress=False)
+    assert first.dir.resolve() == (tmp_path / "runs" / f"das-{day}-1").resolve()
+    assert second.dir.resolve() == (tmp_path / "runs" / f"das-{day}-2").resolve()

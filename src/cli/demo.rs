@@ -64,7 +64,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let tiny = a.tiny || a.model == "toy:tiny";
     let out = match &a.out {
         Some(p) => p.clone(),
-        None => super::fresh_run_dir("demo"),
+        None => crate::experiment::run::fresh_run_dir("demo"),
     };
     if out.exists() && std::fs::read_dir(&out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("{} exists and is not empty: choose another --out or remove it", out.display());

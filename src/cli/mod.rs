@@ -55,13 +55,6 @@ pub(crate) fn print_json(v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-/// A new run directory when `--out` is absent: `runs/<prefix>-<YYYY-MM-DD>-N` (UTC date), the
-/// first N ≥ 1 not taken.
-pub(crate) fn fresh_run_dir(prefix: &str) -> PathBuf {
-    let day = chrono::Utc::now().format("%Y-%m-%d");
-    (1..).map(|n| PathBuf::from("runs").join(format!("{prefix}-{day}-{n}"))).find(|p| !p.exists()).unwrap_or_else(|| PathBuf::from("runs").join(prefix))
-}
-
 /// Cause / Isolate / Disentangle / test loss per inference mode, as a terminal table.
 pub(crate) fn results_table(results: &std::collections::BTreeMap<String, crate::experiment::run::ModeResult>) -> String {
     let mut t = table(&["mode", "cause", "isolate", "disentangle", "test loss"], 1);

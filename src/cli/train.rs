@@ -57,7 +57,7 @@ fn run_with(a: &TrainArgs, method: Method) -> Result<()> {
     let out = match (&a.out, a.resume) {
         (Some(o), _) => o.clone(),
         (None, true) => anyhow::bail!("--resume continues a run: name it with --out DIR"),
-        (None, false) => super::fresh_run_dir(method.name()),
+        (None, false) => crate::experiment::run::fresh_run_dir(method.name()),
     };
     let Some(results) = run_config(&cfg, &out, a.resume, super::progress())? else {
         let cmd = if method.is_baseline() { format!("baseline {}", method.name()) } else { "train".into() };

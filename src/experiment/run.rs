@@ -375,6 +375,14 @@ pub struct ModeResult {
     pub test_loss: f64,
 }
 
+/// A new run directory when none is named (`hyperdas train` without `--out`, `hyperdas.train`
+/// without `out`): `runs/<prefix>-<YYYY-MM-DD>-N` (UTC date) from the current directory, the
+/// first N ≥ 1 not taken.
+pub fn fresh_run_dir(prefix: &str) -> PathBuf {
+    let day = chrono::Utc::now().format("%Y-%m-%d");
+    (1..).map(|n| PathBuf::from("runs").join(format!("{prefix}-{day}-{n}"))).find(|p| !p.exists()).unwrap_or_else(|| PathBuf::from("runs").join(prefix))
+}
+
 /// The toy model a model name stands for: `toy` (the standard toy world) or `toy:tiny`.
 pub fn toy_config(path: &str) -> Option<crate::toy::ToyConfig> {
     match path {
