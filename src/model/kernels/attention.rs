@@ -262,28 +262,27 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
 
 /// [`attention`] from candle ops (GQA by stacking the query heads that share a kv head).
 pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (b, h, tq, hd) = q.dims4()?;
-    let (_, hkv, tk, _) = k.dims4()?;
-    let rep = h / hkv;
-    let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep * tq, hd))?; // [B, Hkv, rep·Tq, hd]
-    let scores = q.matmul(&k.t()?)?.reshape((b, h, tq, tk))?; // [B, H, Tq, Tk]
-    let scores = scores.to_dtype(accum_dtype(scores.dtype()))?; // [B, H, Tq, Tk]
-    let probs = softmax_masked(&scores, Some(&mask.to_dtype(scores.dtype())?))?.to_dtype(v.dtype())?; // [B, H, Tq, Tk]
-    let out = probs.reshape((b, hkv, rep * tq, tk))?.matmul(v)?; // [B, Hkv, rep·Tq, hd]
-    Ok(out.reshape((b, h, tq, hd))?.transpose(1, 2)?.reshape((b, tq, h * hd))?) // [B, Tq, H·hd]
+    composed(q, k, v, mask, None)
 }
 
 /// [`attention`] with Gemma 2's soft-capped scores, from candle ops (autograd):
 /// `s = q·k / √hd`, `s ← cap · tanh(s / cap)`, then the mask, softmax and `· v`. Same shapes as
 /// [`attention`].
 pub fn attention_capped(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, cap: f64) -> Result<Tensor> {
+    composed(q, k, v, mask, Some(cap))
+}
+
+/// The composed attention, with the scores soft-capped at `cap` when given.
+fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, cap: Option<f64>) -> Result<Tensor> {
     let (b, h, tq, hd) = q.dims4()?;
     let (_, hkv, tk, _) = k.dims4()?;
     let rep = h / hkv;
     let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep * tq, hd))?; // [B, Hkv, rep·Tq, hd]
     let scores = q.matmul(&k.t()?)?.reshape((b, h, tq, tk))?; // [B, H, Tq, Tk]
-    let scores = scores.to_dtype(accum_dtype(scores.dtype()))?; // [B, H, Tq, Tk]
-    let scores = ((scores / cap)?.tanh()? * cap)?; // [B, H, Tq, Tk], in (−cap, cap)
+    let mut scores = scores.to_dtype(accum_dtype(scores.dtype()))?; // [B, H, Tq, Tk]
+    if let Some(cap) = cap {
+        scores = ((scores / cap)?.tanh()? * cap)?; // [B, H, Tq, Tk], in (−cap, cap)
+    }
     let probs = softmax_masked(&scores, Some(&mask.to_dtype(scores.dtype())?))?.to_dtype(v.dtype())?; // [B, H, Tq, Tk]
     let out = probs.reshape((b, hkv, rep * tq, tk))?.matmul(v)?; // [B, Hkv, rep·Tq, hd]
     Ok(out.reshape((b, h, tq, hd))?.transpose(1, 2)?.reshape((b, tq, h * hd))?) // [B, Tq, H·hd]
