@@ -550,21 +550,25 @@ impl Trainer<'_> {
                 if let Some(c) = tr.interp.cache_stats() {
                     rec["state_cache_hit_rate"] = serde_json::json!(c.hit_rate());
                 }
-                if (s.eval_every > 0 && step.is_multiple_of(s.eval_every)) || step == total {
+                let scored = if (s.eval_every > 0 && step.is_multiple_of(s.eval_every)) || step == total {
                     let sc = tr.evaluate(test, pad)?;
                     crate::train::metrics::put_scores(&mut rec, &eval_key, &sc);
                     pb.set_message(format!("loss {value:.3} | cause {:.2} iso {:.2}", sc.causal, sc.isolate));
                     last = Some(sc);
-                } else if step.is_multiple_of(5) {
-                    pb.set_message(format!("loss {value:.3}"));
-                }
+                    Some(sc)
+                } else {
+                    if step.is_multiple_of(5) {
+                        pb.set_message(format!("loss {value:.3}"));
+                    }
+                    None
+                };
                 log.log(&rec)?;
                 if batch_log && s.log_every > 0 && (step.is_multiple_of(s.log_every) || step == total) {
                     tracing::info!("{}", line.step(step, value, lr));
                 } else {
                     tracing::debug!("{}", line.step(step, value, lr));
                 }
-                if let (true, Some(sc)) = (batch_log, rec.get(format!("{eval_key}/causal")).and(last)) {
+                if let (true, Some(sc)) = (batch_log, scored) {
                     tracing::info!("{}", line.eval(step, &eval_key, &sc));
                 }
                 if s.checkpoint_every > 0
