@@ -175,6 +175,18 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
+/// sha256 (hex) of several files together: each file's name and sha256, in the order given
+/// (callers sort), so a renamed or changed file changes the result.
+pub fn sha256_named(files: &[(String, PathBuf)]) -> Result<String> {
+    let mut h = Sha256::new();
+    for (name, path) in files {
+        h.update(name.as_bytes());
+        h.update([0u8]);
+        h.update(sha256_file(path)?.as_bytes());
+    }
+    Ok(hex(&h.finalize()))
+}
+
 /// Lower-case hex of a digest.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -162,8 +162,7 @@ fn the_readme_command_list_matches_the_cli() {
 }
 
 fn sha256(path: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    hyperdas::fetch::hex(&Sha256::digest(std::fs::read(path).unwrap()))
+    hyperdas::fetch::sha256_file(path).unwrap()
 }
 
 #[test]

@@ -59,7 +59,6 @@ impl Dataset {
 /// hashed by relative name and content in name order. A run records it to tell later whether
 /// it is being evaluated on the same data.
 pub fn fingerprint(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
     if !path.is_dir() {
         return crate::fetch::sha256_file(path);
     }
@@ -73,13 +72,8 @@ pub fn fingerprint(path: &Path) -> Result<String> {
     let mut files = Vec::new();
     walk(path, &mut files)?;
     files.sort();
-    let mut h = Sha256::new();
-    for f in &files {
-        h.update(f.strip_prefix(path).unwrap_or(f).to_string_lossy().as_bytes());
-        h.update([0u8]);
-        h.update(crate::fetch::sha256_file(f)?.as_bytes());
-    }
-    Ok(crate::fetch::hex(&h.finalize()))
+    let named: Vec<(String, PathBuf)> = files.into_iter().map(|f| (f.strip_prefix(path).unwrap_or(&f).to_string_lossy().into_owned(), f)).collect();
+    crate::fetch::sha256_named(&named)
 }
 
 pub fn read_dataset(path: &Path, opts: ReadOptions) -> Result<Dataset> {

@@ -36,7 +36,6 @@ impl ModelSource {
     /// `config.json`, every `*.safetensors` and the tokenizer files, each hashed by name and
     /// content in name order. Caches of model outputs (the knowledge table) are keyed by it.
     pub fn fingerprint(&self) -> Result<String> {
-        use sha2::{Digest, Sha256};
         let files: Vec<PathBuf> = match self {
             ModelSource::Gguf(p) => vec![p.clone()],
             ModelSource::HfDir(dir) => {
@@ -54,13 +53,8 @@ impl ModelSource {
                 files
             }
         };
-        let mut h = Sha256::new();
-        for f in &files {
-            h.update(f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default().as_bytes());
-            h.update([0u8]);
-            h.update(crate::fetch::sha256_file(f)?.as_bytes());
-        }
-        Ok(crate::fetch::hex(&h.finalize()))
+        let named: Vec<(String, PathBuf)> = files.into_iter().map(|f| (f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), f)).collect();
+        crate::fetch::sha256_named(&named)
     }
 }
 
