@@ -16,27 +16,12 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use hyperdas::data::collate::collate;
-use hyperdas::experiment::trainer::{TrainSettings, Trainer};
-use hyperdas::hypernet::interpreter::{Interpreter, Method};
+use hyperdas::hypernet::interpreter::Method;
 use hyperdas::model::QkNorm;
 
 /// Six steps on the tiny model `name`: the prediction losses.
 fn steps_on(name: &str, method: Method) -> Vec<f64> {
-    let lm = load(&fixture(name), DType::F32);
-    let rows = fixture_rows(&lm, 8);
-    let cfg = interpreter_config(method, 1, 1, 4, 5);
-    let mut ps = hyperdas::params::ParamStore::new();
-    let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
-    if method == Method::HyperDas && lm.model.config.qk_norm != QkNorm::None {
-        let names: Vec<&str> = ps.iter().map(|(n, _)| n).collect();
-        assert!(names.iter().any(|n| n.ends_with("self_attn.q_norm.weight")), "{names:?}");
-    }
-    let s = TrainSettings { batch_size: 4, lr: 3e-3, ..Default::default() };
-    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 6).unwrap();
-    let batches: Vec<_> = [&rows[..4], &rows[4..8]].iter().map(|rows| collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
-    // Step 0 checks that every parameter receives a gradient (the step fails otherwise).
-    (0..6).map(|step| tr.step(&batches[step % 2]).unwrap().prediction_loss).collect()
+    six_steps(&load(&fixture(name), DType::F32), method, 1, 1)
 }
 
 fn assert_trains(name: &str, method: Method) {

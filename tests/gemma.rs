@@ -5,28 +5,13 @@ mod common;
 
 use candle_core::DType;
 use common::*;
-use hyperdas::data::collate::collate;
-use hyperdas::experiment::trainer::{TrainSettings, Trainer};
-use hyperdas::hypernet::interpreter::{Interpreter, Method};
+use hyperdas::hypernet::interpreter::Method;
 
 fn steps_on_tiny_gemma(method: Method) -> Vec<f64> {
     let lm = load(&fixture("tiny-gemma3"), DType::F32);
     assert_eq!(lm.model.config.architecture, hyperdas::model::Architecture::Gemma3);
-    let rows = fixture_rows(&lm, 8);
-    let cfg = interpreter_config(method, 3, 2, 4, 5);
-    let mut ps = hyperdas::params::ParamStore::new();
-    let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
-    if method == Method::HyperDas {
-        // The hypernetwork's blocks copy the target's q/k norms: every one is a parameter.
-        let names: Vec<&str> = ps.iter().map(|(n, _)| n).collect();
-        assert!(names.iter().any(|n| n.ends_with("self_attn.q_norm.weight")), "{names:?}");
-    }
-    let s = TrainSettings { batch_size: 4, lr: 3e-3, ..Default::default() };
-    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 6).unwrap();
-    let batches: Vec<_> = [&rows[..4], &rows[4..8]].iter().map(|rows| collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
-    // Step 0 checks that every parameter receives a gradient (the step fails otherwise). The
-    // prediction loss, not the total: the sparsity weight grows over the steps.
-    (0..6).map(|step| tr.step(&batches[step % 2]).unwrap().prediction_loss).collect()
+    // The hypernetwork's blocks copy the target's q/k norms: `six_steps` checks each is a parameter.
+    six_steps(&lm, method, 3, 2)
 }
 
 #[test]

@@ -107,6 +107,29 @@ pub fn interpreter_config(method: hyperdas::hypernet::interpreter::Method, layer
     }
 }
 
+/// Six training steps of `method` on `lm` (two batches of 4 fixture rows, alternating), the
+/// interpreter on `layer` with `blocks` hypernetwork blocks: the prediction losses. Step 0 checks
+/// that every parameter receives a gradient (the step fails otherwise). When the target has q/k
+/// norms, HyperDAS's copied blocks must carry them as parameters.
+pub fn six_steps(lm: &LoadedModel, method: hyperdas::hypernet::interpreter::Method, layer: usize, blocks: usize) -> Vec<f64> {
+    use hyperdas::data::collate::collate;
+    use hyperdas::experiment::trainer::{TrainSettings, Trainer};
+    use hyperdas::hypernet::interpreter::{Interpreter, Method};
+    let rows = fixture_rows(lm, 8);
+    let cfg = interpreter_config(method, layer, blocks, 4, 5);
+    let mut ps = hyperdas::params::ParamStore::new();
+    let mut interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
+    if method == Method::HyperDas && lm.model.config.qk_norm != hyperdas::model::QkNorm::None {
+        let names: Vec<&str> = ps.iter().map(|(n, _)| n).collect();
+        assert!(names.iter().any(|n| n.ends_with("self_attn.q_norm.weight")), "{names:?}");
+    }
+    let s = TrainSettings { batch_size: 4, lr: 3e-3, ..Default::default() };
+    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 6).unwrap();
+    let batches: Vec<_> = [&rows[..4], &rows[4..8]].iter().map(|rows| collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id())).collect();
+    // The prediction loss, not the total: the sparsity weight grows over the steps.
+    (0..6).map(|step| tr.step(&batches[step % 2]).unwrap().prediction_loss).collect()
+}
+
 /// Copy an HF fixture directory into a fresh temporary directory.
 pub fn copy_dir(src: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
