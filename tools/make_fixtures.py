@@ -371,40 +371,45 @@ def write_tiny_gguf(model, cfg, tokenizer_json: Path, path: Path):
     w.close()
 
 
-def tiny_qwen2(out: Path):
-    d = out / "tiny-qwen2"
+def tiny_on_llama_tokenizer(out: Path, name: str, config_cls, model_cls, seed: int, norm_center=1.0, **cfg_kwargs):
+    """A tiny random model of another family, written as `{name}/` (config, weights and
+    tiny-llama's tokenizer) and `{name}-reference.safetensors` (its transformers reference pass on
+    TINY_PROMPTS). Returns `(model, cfg, (ids, mask, pos))` for variants built on the same weights."""
+    d = out / name
     d.mkdir(parents=True, exist_ok=True)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(out / "tiny-llama" / f, d / f)
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    cfg = transformers.Qwen2Config(
+    cfg = config_cls(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=True,
-        use_sliding_window=False,
         bos_token_id=tok.token_to_id("<|begin_of_text|>"),
         eos_token_id=tok.token_to_id("<|end_of_text|>"),
         pad_token_id=tok.token_to_id("<|pad|>"),
+        **cfg_kwargs,
     )
-    torch.manual_seed(1)
-    model = transformers.Qwen2ForCausalLM(cfg).float()
-    randomize(model, seed=1)
-    model.tie_weights()
+    torch.manual_seed(seed)
+    model = model_cls(cfg).float()
+    randomize(model, seed=seed, norm_center=norm_center)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
     model.save_pretrained(d, safe_serialization=True)
     tok_fast = transformers.AutoTokenizer.from_pretrained(d)
     tok_fast.padding_side = "left"
-    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
-    ref = reference_pass(model, ids, mask, pos, seed=1)
-    save_pt(ref, str(out / "tiny-qwen2-reference.safetensors"),
+    batch = left_padded_batch(tok_fast, TINY_PROMPTS)
+    ref = reference_pass(model, *batch, seed=seed)
+    save_pt(ref, str(out / f"{name}-reference.safetensors"),
             metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
-                      "torch": torch.__version__, "model": "tiny-qwen2"})
+                      "torch": torch.__version__, "model": name})
+    return model, cfg, batch
+
+
+def tiny_qwen2(out: Path):
+    tiny_on_llama_tokenizer(
+        out, "tiny-qwen2", transformers.Qwen2Config, transformers.Qwen2ForCausalLM, seed=1,
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True, use_sliding_window=False,
+    )
 
 
 def write_tiny_qwen3_gguf(model, cfg, tokenizer_json: Path, path: Path):
@@ -455,158 +460,48 @@ def write_tiny_qwen3_gguf(model, cfg, tokenizer_json: Path, path: Path):
 def tiny_mistral(out: Path):
     """Mistral v0.1-style: the Llama block with every layer's attention limited to a sliding
     window (3 positions here, shorter than the prompts, so the window shows), GQA, untied."""
-    d = out / "tiny-mistral"
-    d.mkdir(parents=True, exist_ok=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(out / "tiny-llama" / f, d / f)
-    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    cfg = transformers.MistralConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        sliding_window=3,
-        tie_word_embeddings=False,
-        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
-        eos_token_id=tok.token_to_id("<|end_of_text|>"),
-        pad_token_id=tok.token_to_id("<|pad|>"),
+    tiny_on_llama_tokenizer(
+        out, "tiny-mistral", transformers.MistralConfig, transformers.MistralForCausalLM, seed=4,
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        sliding_window=3, tie_word_embeddings=False,
     )
-    torch.manual_seed(4)
-    model = transformers.MistralForCausalLM(cfg).float()
-    randomize(model, seed=4)
-    model.save_pretrained(d, safe_serialization=True)
-    tok_fast = transformers.AutoTokenizer.from_pretrained(d)
-    tok_fast.padding_side = "left"
-    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
-    ref = reference_pass(model, ids, mask, pos, seed=4)
-    save_pt(ref, str(out / "tiny-mistral-reference.safetensors"),
-            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
-                      "torch": torch.__version__, "model": "tiny-mistral"})
 
 
 def tiny_gemma2(out: Path):
     """Gemma 2: Gemma 3's four (1 + w) norms a block, √D embeddings and GeGLU, without q/k norms;
     attention scores soft-capped (cap 3, which binds on these weights), final logits capped,
     sliding (window 4) and global layers alternating, query_pre_attn_scalar 12 ≠ head_dim."""
-    d = out / "tiny-gemma2"
-    d.mkdir(parents=True, exist_ok=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(out / "tiny-llama" / f, d / f)
-    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    cfg = transformers.Gemma2Config(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        query_pre_attn_scalar=12,
-        sliding_window=4,
-        attn_logit_softcapping=3.0,
-        final_logit_softcapping=5.0,
-        hidden_activation="gelu_pytorch_tanh",
-        tie_word_embeddings=True,
-        attn_implementation="eager",
-        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
-        eos_token_id=tok.token_to_id("<|end_of_text|>"),
-        pad_token_id=tok.token_to_id("<|pad|>"),
+    tiny_on_llama_tokenizer(
+        out, "tiny-gemma2", transformers.Gemma2Config, transformers.Gemma2ForCausalLM, seed=5, norm_center=0.0,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, query_pre_attn_scalar=12, sliding_window=4,
+        attn_logit_softcapping=3.0, final_logit_softcapping=5.0, hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True, attn_implementation="eager",
     )
-    torch.manual_seed(5)
-    model = transformers.Gemma2ForCausalLM(cfg).float()
-    randomize(model, seed=5, norm_center=0.0)
-    model.tie_weights()
-    model.save_pretrained(d, safe_serialization=True)
-    tok_fast = transformers.AutoTokenizer.from_pretrained(d)
-    tok_fast.padding_side = "left"
-    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
-    ref = reference_pass(model, ids, mask, pos, seed=5)
-    save_pt(ref, str(out / "tiny-gemma2-reference.safetensors"),
-            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
-                      "torch": torch.__version__, "model": "tiny-gemma2"})
 
 
 def tiny_olmo2(out: Path):
     """OLMo 2: no norm before attention or the MLP; an RMSNorm on each one's output before the
     residual add; RMSNorms over the whole q and k projections (not per head) before RoPE."""
-    d = out / "tiny-olmo2"
-    d.mkdir(parents=True, exist_ok=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(out / "tiny-llama" / f, d / f)
-    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    cfg = transformers.Olmo2Config(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        attention_bias=False,
-        tie_word_embeddings=False,
-        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
-        eos_token_id=tok.token_to_id("<|end_of_text|>"),
-        pad_token_id=tok.token_to_id("<|pad|>"),
+    tiny_on_llama_tokenizer(
+        out, "tiny-olmo2", transformers.Olmo2Config, transformers.Olmo2ForCausalLM, seed=6,
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        attention_bias=False, tie_word_embeddings=False,
     )
-    torch.manual_seed(6)
-    model = transformers.Olmo2ForCausalLM(cfg).float()
-    randomize(model, seed=6)
-    model.save_pretrained(d, safe_serialization=True)
-    tok_fast = transformers.AutoTokenizer.from_pretrained(d)
-    tok_fast.padding_side = "left"
-    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
-    ref = reference_pass(model, ids, mask, pos, seed=6)
-    save_pt(ref, str(out / "tiny-olmo2-reference.safetensors"),
-            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
-                      "torch": torch.__version__, "model": "tiny-olmo2"})
 
 
 def tiny_phi3(out: Path):
     """Phi 3: the Llama block with q/k/v fused into `qkv_proj` and gate/up into `gate_up_proj`
     (split at load), no window (the fast path), untied embeddings."""
-    d = out / "tiny-phi3"
-    d.mkdir(parents=True, exist_ok=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(out / "tiny-llama" / f, d / f)
-    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    cfg = transformers.Phi3Config(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        original_max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        sliding_window=None,
-        tie_word_embeddings=False,
-        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
-        eos_token_id=tok.token_to_id("<|end_of_text|>"),
-        pad_token_id=tok.token_to_id("<|pad|>"),
+    model, cfg, (ids, mask, pos) = tiny_on_llama_tokenizer(
+        out, "tiny-phi3", transformers.Phi3Config, transformers.Phi3ForCausalLM, seed=7,
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, original_max_position_embeddings=128, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, sliding_window=None, tie_word_embeddings=False,
     )
-    torch.manual_seed(7)
-    model = transformers.Phi3ForCausalLM(cfg).float()
-    randomize(model, seed=7)
-    model.save_pretrained(d, safe_serialization=True)
-    tok_fast = transformers.AutoTokenizer.from_pretrained(d)
-    tok_fast.padding_side = "left"
-    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
-    ref = reference_pass(model, ids, mask, pos, seed=7)
-    save_pt(ref, str(out / "tiny-phi3-reference.safetensors"),
-            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
-                      "torch": torch.__version__, "model": "tiny-phi3"})
     # longrope (Phi 3 128k), config only, same weights: with an original context of 64 every
     # prompt stays below it (short factors), with 16 every prompt passes it (long factors); the
     # cos / sin scale follows from max_position_embeddings / original in both.
@@ -660,47 +555,14 @@ def tiny_qwen3(out: Path):
     """Qwen 3: the Llama block with a per-head RMSNorm on q and k before RoPE (standard `w`
     weights, not Gemma's `1 + w`), no biases, an explicit head_dim that differs from
     hidden_size / heads, tied embeddings."""
-    d = out / "tiny-qwen3"
-    d.mkdir(parents=True, exist_ok=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(out / "tiny-llama" / f, d / f)
-    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    cfg = transformers.Qwen3Config(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
+    model, cfg, _ = tiny_on_llama_tokenizer(
+        out, "tiny-qwen3", transformers.Qwen3Config, transformers.Qwen3ForCausalLM, seed=3,
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=True,
-        attention_bias=False,
-        use_sliding_window=False,
-        bos_token_id=tok.token_to_id("<|begin_of_text|>"),
-        eos_token_id=tok.token_to_id("<|end_of_text|>"),
-        pad_token_id=tok.token_to_id("<|pad|>"),
+        tie_word_embeddings=True, attention_bias=False, use_sliding_window=False,
     )
-    torch.manual_seed(3)
-    model = transformers.Qwen3ForCausalLM(cfg).float()
-    randomize(model, seed=3)
-    model.tie_weights()
-    model.save_pretrained(d, safe_serialization=True)
-    tok_fast = transformers.AutoTokenizer.from_pretrained(d)
-    tok_fast.padding_side = "left"
-    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
-    ref = reference_pass(model, ids, mask, pos, seed=3)
-    write_tiny_qwen3_gguf(model, cfg, d / "tokenizer.json", out / "tiny-qwen3.gguf")
-    save_pt(ref, str(out / "tiny-qwen3-reference.safetensors"),
-            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
-                      "torch": torch.__version__, "model": "tiny-qwen3"})
-
-
-GEMMA3_PROMPTS = SMOLLM2_PROMPTS
-# Gemma's control and user-defined tokens, and runs of spaces, tabs and newlines.
-GEMMA_TOKENIZER_STRINGS = TOKENIZER_STRINGS + ["<start_of_turn>user\nHi<end_of_turn>", "a  b   c    d\t\te\n\n\nf"]
+    write_tiny_qwen3_gguf(model, cfg, out / "tiny-qwen3" / "tokenizer.json", out / "tiny-qwen3.gguf")
 
 
 def gemma_spm(ravel: Path, tmp: Path, vocab_size=400):
