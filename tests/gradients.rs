@@ -40,6 +40,15 @@ fn finite_differences_match_backprop_through_gemma3_with_rope_scaling_and_soft_c
     finite_differences_match_backprop(&load(dir.path(), DType::F64), 2);
 }
 
+#[test]
+fn finite_differences_match_backprop_through_the_other_families_blocks() {
+    // Gemma 2's capped scores (tanh), OLMo 2's output and whole-projection q/k norms, Qwen 3's
+    // per-head q/k norms, Mistral's window, Phi 3's split projections.
+    for name in ["tiny-gemma2", "tiny-olmo2", "tiny-qwen3", "tiny-mistral", "tiny-phi3"] {
+        finite_differences_match_backprop(&load(&fixture(name), DType::F64), 1);
+    }
+}
+
 fn finite_differences_match_backprop(lm: &hyperdas::model::LoadedModel, layer: usize) {
     // f64 end to end, so central differences are accurate to ~1e-9.
     let b = batch(lm);
