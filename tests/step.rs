@@ -63,7 +63,7 @@ fn efficient_step_equals_the_naive_full_model_step() {
     for kind in [SubspaceKind::ReflectSelect, SubspaceKind::Das, SubspaceKind::MaskSelect, SubspaceKind::Boundless, SubspaceKind::None] {
         let mut ps = ParamStore::new();
         let cfg = InterpreterConfig {
-            hypernet: HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 11 },
+            hypernet: HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 11, ..Default::default() },
             subspace: kind,
             rank: 4,
             method: hyperdas::hypernet::interpreter::Method::HyperDas,
@@ -127,7 +127,7 @@ fn baseline_step_equals_a_naive_hooked_pass_at_the_last_entity_token() {
     for method in [Method::Das, Method::Mdas] {
         let mut ps = ParamStore::new();
         let cfg = InterpreterConfig {
-            hypernet: HyperConfig { num_blocks: 1, layer: 2, from_scratch: false, ablate_source: false, ablate_base: false, seed: 5 },
+            hypernet: HyperConfig { num_blocks: 1, layer: 2, from_scratch: false, ablate_source: false, ablate_base: false, seed: 5, ..Default::default() },
             subspace: SubspaceKind::ReflectSelect, // ignored: a baseline always uses one shared basis
             rank: 4,
             method,

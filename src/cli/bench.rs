@@ -66,7 +66,7 @@ impl InterpreterArgs {
     fn config(&self, seed: u64) -> Result<crate::hypernet::interpreter::InterpreterConfig> {
         use crate::hypernet::HyperConfig;
         Ok(crate::hypernet::interpreter::InterpreterConfig {
-            hypernet: HyperConfig { num_blocks: self.blocks, layer: self.layer, from_scratch: false, ablate_source: false, ablate_base: false, seed },
+            hypernet: HyperConfig { num_blocks: self.blocks, layer: self.layer, from_scratch: false, ablate_source: false, ablate_base: false, seed, ..Default::default() },
             subspace: crate::hypernet::subspace::SubspaceKind::parse(&self.subspace)?,
             rank: self.rank,
             method: crate::hypernet::interpreter::Method::HyperDas,

@@ -69,6 +69,15 @@ pub struct SweepArgs {
     /// configuration key with comma-separated values.
     #[arg(long = "grid", value_name = "KEY=VALUES")]
     grid: Vec<String>,
+    /// Seeds: one run per seed for every other point (sets `interpreter.seed` and `train.seed`);
+    /// `hyperdas compare` then shows each setting's mean ± std over them.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Vec<u64>,
+    /// A TOML file of named variants, each a list of `--set` assignments
+    /// (`head-lr-10 = ["train.head_lr_scale=10"]`; `base = []`): one run per variant, in the
+    /// file's order (an ablation table).
+    #[arg(long, value_name = "FILE")]
+    variants: Option<PathBuf>,
     /// HyperDAS's inference modes in sweep.csv, comma-separated (the first one in the plots and summary).
     #[arg(long, default_value = "soft", value_delimiter = ',')]
     modes: Vec<String>,
@@ -92,7 +101,20 @@ pub fn sweep(a: &SweepArgs) -> Result<()> {
     for m in &a.modes {
         crate::intervention::selection::InferenceMode::parse(m)?;
     }
-    let plan = SweepPlan { config: a.config.as_deref(), sets: &a.set, axes: &axes, out: &a.out, progress: super::progress() };
+    let (names, variants) = match &a.variants {
+        Some(p) => sweep::read_variants(p)?,
+        None => (Vec::new(), Default::default()),
+    };
+    if !names.is_empty() && !axes.iter().any(|x| x.key == "variant") {
+        axes.push(Axis::parse(&format!("variant={}", names.join(",")))?);
+    }
+    if !a.seeds.is_empty() {
+        if axes.iter().any(|x| x.key == "seed") {
+            bail!("give the seeds once: either --seeds or --grid seed=...");
+        }
+        axes.push(Axis::parse(&format!("seed={}", a.seeds.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")))?);
+    }
+    let plan = SweepPlan { config: a.config.as_deref(), variants: &variants, sets: &a.set, axes: &axes, out: &a.out, progress: super::progress() };
     if a.show_config {
         for p in sweep::points(&axes)? {
             println!("# run {} ({})\n{}", p.name, p.method.label(), toml::to_string_pretty(&sweep::point_config(&plan, &p)?)?);

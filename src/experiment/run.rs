@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `config.resolved.toml` | the configuration after defaults, file and `--set` |
 //! | `metrics.jsonl` | one record per step (losses, lr, gradient norm, periodic soft-mode scores) |
-//! | `results.json` | `{mode: {accs: {causal, isolate, disentangle}, test_loss}}` (the reference's shape) |
+//! | `results.json` | `{mode: {accs: {causal, isolate, disentangle, entity_position}, test_loss}}` (the reference's shape, plus the share of causal rows whose base entity token takes the source entity token) |
 //! | `results.csv` | the same as a table |
 //! | `results.by_attribute.json`, `.csv` | per mode, domain and intervened attribute, plus each domain's mean over its attributes (the reference's main table) |
 //! | `run.json` | method, resolved layer, rank, model, row counts ([`RunInfo`]) |
@@ -20,9 +20,9 @@ use super::trainer::{CheckpointPlan, GroupScores, Selection, TrainData, TrainSet
 use crate::data::collate::{CollateOptions, encode_rows};
 use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
-use crate::hypernet::HyperConfig;
 use crate::hypernet::interpreter::{Interpreter, InterpreterConfig, Method};
 use crate::hypernet::subspace::{RotationParam, SubspaceInit, SubspaceKind};
+use crate::hypernet::{Frozen, HyperConfig};
 use crate::intervention::selection::InferenceMode;
 use crate::model::{LoadOptions, Site, StartToken};
 use crate::params::ParamStore;
@@ -62,6 +62,15 @@ pub struct DataSection {
     /// sha256 of `test`, as `train_sha256`; `eval` and `report` on the run's own test set warn
     /// when the file there no longer matches it.
     pub test_sha256: String,
+    /// Keep only the rows whose instruction names one of these attributes (both sets; empty:
+    /// every row). RAVEL's per-attribute MDAS is a run per attribute with one name here: that
+    /// attribute's causal rows and the isolate rows that protect the others from it.
+    pub attributes: Vec<String>,
+    /// Use at most the first this many training rows (after `attributes`; 0: all). Built sets
+    /// are shuffled, so the first rows are a random sample.
+    pub max_train_rows: usize,
+    /// Score at most the first this many test rows (0: all), e.g. a validation sample.
+    pub max_test_rows: usize,
 }
 
 /// `[interpreter]`: the hypernetwork and the subspace module.
@@ -97,6 +106,13 @@ pub struct InterpreterSection {
     /// How the rotation stays orthonormal: `retraction` (ours: polar factor after each step) or
     /// `householder` (the authors' `torch` orthogonal parametrisation).
     pub rotation: RotationParam,
+    /// Copied hypernetwork weights kept at the target's values: any of `embedding`, `mlps`,
+    /// `blocks` (default: none; everything trains, as the reference).
+    pub freeze: Vec<Frozen>,
+    /// The pointer head's initial "keep the base" logit, learned (0: none, the reference).
+    pub self_bias: f64,
+    /// RoPE in the pointer head (the reference: true).
+    pub pointer_rope: bool,
 }
 
 impl Default for InterpreterSection {
@@ -115,6 +131,9 @@ impl Default for InterpreterSection {
             layer_convention: LayerConvention::ResidPre,
             init: SubspaceInit::Ours,
             rotation: RotationParam::Retraction,
+            freeze: Vec::new(),
+            self_bias: 0.0,
+            pointer_rope: true,
         }
     }
 }
@@ -226,6 +245,25 @@ impl ModelSection {
 }
 
 impl DataSection {
+    /// The rows a run uses of `rows` (read from `path`): those whose instruction names one of
+    /// `attributes` (all when empty), then at most the first `limit` (0: all).
+    pub fn select(&self, mut rows: Vec<crate::data::collate::EncodedRow>, limit: usize, path: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
+        if !self.attributes.is_empty() {
+            let present: std::collections::BTreeSet<String> = rows.iter().map(|r| r.target_attribute.clone()).collect();
+            rows.retain(|r| self.attributes.contains(&r.target_attribute));
+            if rows.is_empty() {
+                return Err(Error::file(
+                    path,
+                    format!("no row's instruction names {} (data.attributes); the rows name {}", self.attributes.join(", "), present.into_iter().collect::<Vec<_>>().join(", ")),
+                ));
+            }
+        }
+        if limit > 0 && rows.len() > limit {
+            rows.truncate(limit);
+        }
+        Ok(rows)
+    }
+
     /// These paths made absolute (from the current directory, as the run reads them) with each
     /// dataset's sha256 recorded; a sha256 already set must match the data.
     pub fn pinned(&self) -> Result<DataSection> {
@@ -268,6 +306,9 @@ impl InterpreterSection {
                 ablate_source: self.ablate_source,
                 ablate_base: self.ablate_base,
                 seed: self.seed,
+                freeze: self.freeze.clone(),
+                self_bias: self.self_bias,
+                pointer_rope: self.pointer_rope,
             },
             subspace: self.subspace,
             rank: self.rank,
@@ -451,6 +492,7 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     if cfg.data.train.is_empty() || cfg.data.test.is_empty() {
         return Err(Error::invalid("data.train and data.test must name datasets (JSONL files or save_to_disk directories; `hyperdas data build` makes them)"));
     }
+    cfg.train.validate()?;
     let method = cfg.interpreter.method;
     let modes = modes_for(method, &cfg.eval.modes)?;
     cfg.interpreter.resolved_layer(0)?; // a bad layer name or convention fails before the model loads
@@ -511,7 +553,12 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
         if enc.rows.is_empty() {
             return Err(Error::file(path, if ds.rows.is_empty() { "has no rows" } else { "has no usable rows (every row was skipped; see the messages above)" }));
         }
-        sets.push(enc.rows);
+        let limit = if sets.is_empty() { cfg.data.max_train_rows } else { cfg.data.max_test_rows };
+        let rows = cfg.data.select(enc.rows, limit, path)?;
+        if progress && (!cfg.data.attributes.is_empty() || limit > 0) {
+            tracing::info!("using {} rows of {path} (data.attributes = [{}], limit {})", rows.len(), cfg.data.attributes.join(", "), if limit == 0 { "none".to_string() } else { limit.to_string() });
+        }
+        sets.push(rows);
     }
     if !method.trains_on_isolate_rows() {
         let before = sets[0].len();
@@ -637,7 +684,11 @@ fn score_modes(target: &crate::model::Llama, interp: &Interpreter, rows: &[crate
     for &mode in modes {
         let e = evaluate_detailed(target, interp, rows, mode, cfg.eval.batch_size, cfg.train.label_limit, pad, selections)?;
         let s = e.scores;
-        let accs = BTreeMap::from([("causal".to_string(), s.causal), ("isolate".to_string(), s.isolate), ("disentangle".to_string(), s.disentangle)]);
+        let mut accs = BTreeMap::from([("causal".to_string(), s.causal), ("isolate".to_string(), s.isolate), ("disentangle".to_string(), s.disentangle)]);
+        if let Some(x) = s.entity_position {
+            // Not an accuracy: the share of causal rows whose base entity token takes the source entity token.
+            accs.insert("entity_position".to_string(), x);
+        }
         scored.results.insert(mode.name().to_string(), ModeResult { accs, test_loss: s.loss });
         let domains: std::collections::BTreeSet<&str> = e.groups.iter().map(|g| g.domain.as_str()).collect();
         let means: Vec<GroupScores> = domains.into_iter().map(|d| GroupScores::domain_mean(d, &e.groups.iter().filter(|g| g.domain == d).collect::<Vec<_>>())).collect();
@@ -722,12 +773,19 @@ pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
 pub fn evaluate(run: &LoadedRun, ds: &crate::data::io::Dataset, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<Scored> {
     let cfg = &run.config;
     let modes = &modes_for(run.interpreter.method(), modes)?[..];
-    let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &cfg.data.collate_options(skip_bad_rows), &ds.source.display().to_string())?;
+    let mut enc = encode_rows(&run.lm.tokenizer, &ds.rows, &cfg.data.collate_options(skip_bad_rows), &ds.source.display().to_string())?;
     if progress {
         tracing::info!("{}; {} encoded, {} skipped", ds.describe(), enc.rows.len(), enc.skipped.len());
     }
     if enc.rows.is_empty() {
         return Err(Error::file(&ds.source, "no rows to evaluate"));
+    }
+    if !cfg.data.attributes.is_empty() {
+        // A run trained for some attributes (per-attribute MDAS) is scored on those.
+        enc.rows = cfg.data.select(enc.rows, 0, &ds.source.display().to_string())?;
+        if progress {
+            tracing::info!("scoring the {} rows whose instruction names {} (the run's data.attributes)", enc.rows.len(), cfg.data.attributes.join(", "));
+        }
     }
     run.interpreter.register_prompts(&enc.rows);
     let scored = score_modes(&run.lm.model, &run.interpreter, &enc.rows, modes, cfg, run.lm.tokenizer.padding_id(), true)?;

@@ -10,7 +10,10 @@
 //!
 //! Grid syntax: `KEY=V1,V2,...` or `KEY=START:END[:STEP]` (integers, END included). Short keys:
 //! `layer` (or `model.layer`) = `interpreter.layer`, `rank` and `k` = `interpreter.rank`; `method` takes
-//! `hyperdas,das,mdas`.
+//! `hyperdas,das,mdas`; `seed` sets both `interpreter.seed` and `train.seed` (`--seeds`);
+//! `attribute` runs one model per target attribute (`data.attributes = [value]`: RAVEL's
+//! per-attribute MDAS); `variant` names entries of a variants file (`--variants`), each a list
+//! of `--set` assignments (an ablation table: one run per named change).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -33,6 +36,8 @@ impl Axis {
         let key = match k.trim() {
             "layer" | "model.layer" => "interpreter.layer".to_string(),
             "rank" | "k" => "interpreter.rank".to_string(),
+            "seed" | "seeds" => "seed".to_string(),
+            "attribute" | "attributes" | "data.attributes" => "attribute".to_string(),
             other => other.to_string(),
         };
         let v = v.trim();
@@ -67,6 +72,49 @@ impl Axis {
             k => k.rsplit('.').next().unwrap_or(k),
         }
     }
+}
+
+/// The assignments of one grid value: most axes set their key; `seed` sets both seeds,
+/// `attribute` the data filter, `variant` the named list of assignments in `variants`.
+fn assignments(axis: &Axis, value: &str, variants: &Variants) -> Result<Vec<String>> {
+    Ok(match axis.key.as_str() {
+        "seed" => vec![format!("interpreter.seed={value}"), format!("train.seed={value}")],
+        "attribute" => vec![format!("data.attributes=[{}]", toml::Value::String(value.to_string()))],
+        "variant" => variants.get(value).cloned().ok_or_else(|| {
+            let names: Vec<&String> = variants.keys().collect();
+            Error::invalid(format!("--grid variant={value}: no such variant (the variants file defines {names:?})"))
+        })?,
+        key => vec![format!("{key}={value}")],
+    })
+}
+
+/// Named lists of `--set` assignments (`--variants FILE`).
+pub type Variants = std::collections::BTreeMap<String, Vec<String>>;
+
+/// Read a variants file: a TOML table of names, each a list of `KEY=VALUE` assignments, in
+/// the order written (`base = []`, `head-lr-10 = ["train.head_lr_scale=10"]`). Returns the
+/// names in file order and the map.
+pub fn read_variants(path: &Path) -> Result<(Vec<String>, Variants)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let doc: toml::Table = text.parse().map_err(|e| Error::file(path, format!("not TOML: {e}")))?;
+    let mut names = Vec::new();
+    let mut map = Variants::new();
+    for (name, v) in doc {
+        let list = v.as_array().ok_or_else(|| Error::file(path, format!("variant `{name}`: expected a list of \"KEY=VALUE\" strings")))?;
+        let sets = list
+            .iter()
+            .map(|x| match x.as_str() {
+                Some(s) if s.contains('=') => Ok(s.to_string()),
+                _ => Err(Error::file(path, format!("variant `{name}`: {x} is not a \"KEY=VALUE\" string"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        names.push(name.clone());
+        map.insert(name, sets);
+    }
+    if names.is_empty() {
+        return Err(Error::file(path, "defines no variants"));
+    }
+    Ok((names, map))
 }
 
 /// One grid point.
@@ -108,6 +156,8 @@ pub fn points(axes: &[Axis]) -> Result<Vec<Point>> {
 /// What a sweep does.
 pub struct SweepPlan<'a> {
     pub config: Option<&'a Path>,
+    /// What the `variant` axis's names stand for.
+    pub variants: &'a Variants,
     pub sets: &'a [String],
     pub axes: &'a [Axis],
     pub out: &'a Path,
@@ -118,7 +168,7 @@ pub struct SweepPlan<'a> {
 pub fn point_config(plan: &SweepPlan, p: &Point) -> Result<RunConfig> {
     let mut sets = plan.sets.to_vec();
     for (i, v) in &p.values {
-        sets.push(format!("{}={v}", plan.axes[*i].key));
+        sets.extend(assignments(&plan.axes[*i], v, plan.variants)?);
     }
     sets.push(format!("interpreter.method={}", p.method.name()));
     crate::config::load_over(&RunConfig::preset(p.method), plan.config, &sets)

@@ -24,7 +24,7 @@ use crate::intervention::selection::{InferenceMode, argmax};
 use crate::model::Llama;
 use crate::params::ParamStore;
 use crate::rng::Rng;
-use crate::train::{AdamW, AdamWConfig, Decay, Group, MetricsLog, Schedule};
+use crate::train::{AdamW, AdamWConfig, Decay, Group, GroupLr, MetricsLog, Schedule};
 
 /// How the state cache stores hidden states (`train.state_cache_dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +41,11 @@ pub enum CacheDtype {
 #[serde(deny_unknown_fields, default)]
 pub struct TrainSettings {
     pub epochs: usize,
+    /// The budget in optimizer steps (0: `epochs` passes over the training rows). When set, it
+    /// replaces `epochs`: the data is cycled (a fresh seeded order each pass) until this many
+    /// steps are done, and every schedule's horizon is this number. Equal budgets for methods
+    /// compared mean equal `steps × batch_size`.
+    pub steps: usize,
     pub batch_size: usize,
     pub lr: f64,
     pub weight_decay: f64,
@@ -100,16 +105,51 @@ pub struct TrainSettings {
     /// parameters; the last good checkpoint is kept), `true` skips the batch without an update
     /// and counts it (`skipped_nonfinite` in metrics.jsonl).
     pub skip_nonfinite: bool,
-    /// Positions used in training: `Soft` (HyperDAS) or `GroundTruth` (the last entity token
-    /// of base and source, as MDAS: a diagnostic of the subspace alone).
-    #[serde(skip)]
+    /// Positions used in training: `soft` (HyperDAS: the pointer's `W`) or `groundtruth` (the
+    /// last entity token of base and source, as MDAS: the subspace alone; the pointer head gets
+    /// no gradient).
     pub train_mode: InferenceMode,
+    /// A position curriculum: the first this many steps train at the ground-truth positions
+    /// (the subspace learns where the answer is known to be), the rest in `train_mode`.
+    pub groundtruth_steps: usize,
+    /// The learning rate of the modules HyperDAS adds (the pointer head, the subspace module's
+    /// MLP; not the rotation, which has `rotation_lr`, nor the mask) as a multiple of the
+    /// scheduled `lr` (1: the same rate as the copied blocks). These start from random
+    /// weights, the copied blocks from pretrained ones.
+    pub head_lr_scale: f64,
 }
 
 impl TrainSettings {
     /// Optimizer steps for `rows` training rows: batches per epoch × epochs.
     pub fn total_steps(&self, rows: usize) -> usize {
-        rows.div_ceil(self.batch_size.max(1)) * self.epochs.max(1)
+        if self.steps > 0 { self.steps } else { self.batches_per_epoch(rows) * self.epochs.max(1) }
+    }
+
+    /// Batches in one pass over `rows` training rows.
+    pub fn batches_per_epoch(&self, rows: usize) -> usize {
+        rows.div_ceil(self.batch_size.max(1))
+    }
+
+    /// Passes over the data a run of [`total_steps`](Self::total_steps) makes (the last one
+    /// possibly cut short).
+    pub fn passes(&self, rows: usize) -> usize {
+        self.total_steps(rows).div_ceil(self.batches_per_epoch(rows).max(1))
+    }
+
+    /// The positions training uses at `step` (the curriculum, then `train_mode`).
+    pub fn mode_at(&self, step: usize) -> InferenceMode {
+        if step < self.groundtruth_steps { InferenceMode::GroundTruth } else { self.train_mode }
+    }
+
+    /// Checks what serde cannot: the training modes that exist, positive scales.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.train_mode, InferenceMode::Soft | InferenceMode::GroundTruth) {
+            return Err(Error::invalid(format!("train.train_mode = \"{}\": training uses `soft` or `groundtruth` positions (the argmax modes have no gradient)", self.train_mode.name())));
+        }
+        if !(self.head_lr_scale > 0.0 && self.head_lr_scale.is_finite()) {
+            return Err(Error::invalid(format!("train.head_lr_scale = {}: use a positive multiple of train.lr", self.head_lr_scale)));
+        }
+        Ok(())
     }
 
     /// AdamW over `ps` with HyperDAS's groups: the rotation (either parametrisation) at the
@@ -118,8 +158,9 @@ impl TrainSettings {
     /// with `weight_decay`.
     pub fn optimizer(&self, ps: &ParamStore, kind: SubspaceKind) -> Result<AdamW> {
         let adam = AdamWConfig { weight_decay: self.weight_decay, grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip), decay_vectors: self.decay_norms, ..Default::default() };
-        let rotation_group = Group { lr: self.rotation_lr, weight_decay: 0.0 };
-        let mask_group = Group { lr: self.mask_lr, weight_decay: self.weight_decay };
+        let rotation_group = Group { lr: GroupLr::Fixed(self.rotation_lr), weight_decay: 0.0 };
+        let mask_group = Group { lr: GroupLr::Fixed(self.mask_lr), weight_decay: self.weight_decay };
+        let head_group = (self.head_lr_scale != 1.0).then_some(Group { lr: GroupLr::Scaled(self.head_lr_scale), weight_decay: self.weight_decay });
         let is_mask = |name: &str| match kind {
             SubspaceKind::MaskSelect => name.starts_with("subspace.mlp."),
             SubspaceKind::Boundless => name == "subspace.boundary",
@@ -128,6 +169,7 @@ impl TrainSettings {
         AdamW::with_groups(ps, adam, |name| match name {
             "subspace.rotation" | "subspace.rotation_householder" => Some(rotation_group),
             n if is_mask(n) => Some(mask_group),
+            n if n.starts_with("hypernet.pointer.") || n.starts_with("subspace.") => head_group,
             _ => None,
         })
     }
@@ -176,6 +218,7 @@ impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
             epochs: 3,
+            steps: 0,
             batch_size: 16,
             lr: 4e-5,
             weight_decay: 0.01,
@@ -205,6 +248,8 @@ impl Default for TrainSettings {
             state_cache_dtype: CacheDtype::F32,
             skip_nonfinite: false,
             train_mode: InferenceMode::Soft,
+            groundtruth_steps: 0,
+            head_lr_scale: 1.0,
         }
     }
 }
@@ -217,6 +262,11 @@ pub struct Scores {
     pub disentangle: f64,
     pub loss: f64,
     pub rows: usize,
+    /// The share of causal rows on which the base's last entity token takes the source's last
+    /// entity token (the arg-max of its column of `W`): where MDAS intervenes. `None` without
+    /// causal rows (and in results written before it was measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_position: Option<f64>,
 }
 
 /// Scores of the rows of one domain whose instruction intervenes on one attribute: a row of
@@ -309,6 +359,7 @@ pub fn evaluate_detailed(target: &Llama, interp: &Interpreter, rows: &[EncodedRo
     let mut by_group: std::collections::BTreeMap<(&str, &str), Tally> = Default::default();
     let (mut loss_sum, mut tokens) = (0f64, 0f64);
     let mut picked = Vec::new();
+    let (mut landed, mut causal_rows) = (0usize, 0usize);
     for chunk in rows.chunks(batch_size.max(1)) {
         let batch = collate(&chunk.iter().collect::<Vec<_>>(), pad);
         let out = interp.forward(target, &batch, mode, label_limit)?;
@@ -317,7 +368,18 @@ pub fn evaluate_detailed(target: &Llama, interp: &Interpreter, rows: &[EncodedRo
         let loss = prediction_loss(&out, &batch.is_causal, 1.0, 1.0)?.to_scalar::<f32>()? as f64;
         loss_sum += loss * ntok as f64;
         tokens += ntok as f64;
-        let w = if selections { Some(out.w.to_dtype(candle_core::DType::F32)?.to_vec3::<f32>()?) } else { None }; // [B, T_s+1, T_b]
+        let w_host = out.w.to_dtype(candle_core::DType::F32)?.to_vec3::<f32>()?; // [B, T_s+1, T_b]
+        let (ts, tb) = (batch.source_len, batch.base_len);
+        for (bi, causal) in batch.is_causal.iter().enumerate() {
+            if *causal {
+                // Left padding: the row's own position p is column p + pad of the batch.
+                let (pad_s, pad_b) = (ts - chunk[bi].source_ids.len(), tb - chunk[bi].base_ids.len());
+                let j = chunk[bi].base_entity_pos + pad_b;
+                causal_rows += 1;
+                landed += usize::from(j < tb && argmax((0..=ts).map(|i| w_host[bi][i][j])) == chunk[bi].source_entity_pos + pad_s);
+            }
+        }
+        let w = if selections { Some(w_host) } else { None };
         for (bi, causal) in batch.is_causal.iter().enumerate() {
             let ok = (0..out.k).all(|j| out.valid[bi * out.k + j] == 0.0 || pred[bi * out.k + j] == out.targets[bi * out.k + j]);
             let kind = usize::from(!*causal);
@@ -347,7 +409,8 @@ pub fn evaluate_detailed(target: &Llama, interp: &Interpreter, rows: &[EncodedRo
         }
     }
     let (causal, isolate, disentangle) = rates(hit, n);
-    let scores = Scores { causal, isolate, disentangle, loss: if tokens > 0.0 { loss_sum / tokens } else { 0.0 }, rows: rows.len() };
+    let entity_position = (causal_rows > 0).then(|| landed as f64 / causal_rows as f64);
+    let scores = Scores { causal, isolate, disentangle, loss: if tokens > 0.0 { loss_sum / tokens } else { 0.0 }, rows: rows.len(), entity_position };
     let groups = by_group.into_iter().map(|((d, a), (h, c))| GroupScores::from_counts(d, a, h, c)).collect();
     Ok(Evaluation { scores, groups, selections: picked })
 }
@@ -396,7 +459,7 @@ impl<'a> Trainer<'a> {
         let (s, step, total) = (self.settings, self.step, self.total);
         // Fixed positions (the baselines): no W to learn, nothing to regularise.
         let fixed = self.interp.positions.is_fixed();
-        let mode = if fixed { InferenceMode::GroundTruth } else { s.train_mode };
+        let mode = if fixed { InferenceMode::GroundTruth } else { s.mode_at(step) };
         self.interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
         let out = self.interp.forward(self.target, batch, mode, s.loss_label_tokens())?;
         let obj = objective(&out, &batch.is_causal, step, total, &s.terms(), fixed)?;
@@ -470,7 +533,14 @@ impl Trainer<'_> {
         }
         let total = s.total_steps(train.len());
         if tr.total != total {
-            return Err(Error::invalid(format!("the trainer's horizon is {} steps, but {} rows in batches of {} for {} epochs take {total}", tr.total, train.len(), s.batch_size, s.epochs)));
+            return Err(Error::invalid(format!(
+                "the trainer's horizon is {} steps, but {} rows in batches of {} for {} epochs (or train.steps = {}) take {total}",
+                tr.total,
+                train.len(),
+                s.batch_size,
+                s.epochs,
+                s.steps
+            )));
         }
         let mut rng = Rng::derive(s.seed, "hyperdas/batches");
         // Resume: parameters, AdamW moments and the step; the data order is replayed from the seed.
@@ -518,7 +588,7 @@ impl Trainer<'_> {
             }
         }
         let mut seen = 0; // batches of the replayed order, including those done before a resume
-        'epochs: for _epoch in 0..s.epochs.max(1) {
+        'epochs: for _epoch in 0..s.passes(train.len()) {
             let mut order: Vec<usize> = (0..train.len()).collect();
             rng.shuffle(&mut order);
             for chunk in order.chunks(s.batch_size.max(1)) {

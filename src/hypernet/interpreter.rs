@@ -203,7 +203,7 @@ impl Interpreter {
             Positions::Pointer(Box::new(HyperNetwork::new(ps, target, &config.hypernet)?))
         };
         let c = &target.config;
-        let mut r = Registrar { ps, rng: Rng::derive(config.hypernet.seed, "subspace/init"), device: target.device().clone() };
+        let mut r = Registrar { ps, rng: Rng::derive(config.hypernet.seed, "subspace/init"), device: target.device().clone(), frozen: Vec::new() };
         let subspace = SubspaceModule::new(&mut r, config.subspace, c.hidden_size, c.intermediate_size, config.rank, config.hypernet.seed, c.rms_norm_eps, config.init, config.rotation)?;
         Ok(Interpreter { config, positions, subspace, cache: std::cell::RefCell::new(None) })
     }

@@ -55,6 +55,54 @@ pub struct HyperConfig {
     /// Drop the cross-attention to the base (ablation).
     pub ablate_base: bool,
     pub seed: u64,
+    /// Copied weights kept at the target's values (not trained; not in the parameter store).
+    #[serde(default)]
+    pub freeze: Vec<Frozen>,
+    /// The pointer head's initial logit for "self" (keep the base) over the source tokens, a
+    /// learned scalar added to every base column's self row (0: no such parameter, the
+    /// reference). With 5, an untrained `W` keeps each base token with weight ≈ 0.9 on a
+    /// 20-token source: training starts from "no intervention", right on isolate rows.
+    #[serde(default)]
+    pub self_bias: f64,
+    /// RoPE on the pointer head's keys and query (the reference: yes). Without it the head
+    /// compares contents only, whatever the pairs' flattened positions.
+    #[serde(default = "yes")]
+    pub pointer_rope: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for HyperConfig {
+    /// The reference's hypernetwork: 2 copied blocks, everything trained, RoPE, no self bias.
+    fn default() -> Self {
+        HyperConfig { num_blocks: 2, layer: 0, from_scratch: false, ablate_source: false, ablate_base: false, seed: 0, freeze: Vec::new(), self_bias: 0.0, pointer_rope: true }
+    }
+}
+
+/// What `interpreter.freeze` can keep at the target's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Frozen {
+    /// The instruction's token embedding (the largest block of parameters: V × D).
+    Embedding,
+    /// Every copied block's MLP.
+    Mlps,
+    /// Every copied block (attention, MLP and norms): only the final norm, the pointer head and
+    /// the subspace module train.
+    Blocks,
+}
+
+impl Frozen {
+    /// Whether the copied parameter `name` is kept fixed.
+    fn covers(self, name: &str) -> bool {
+        match self {
+            Frozen::Embedding => name.starts_with("hypernet.embed_tokens."),
+            Frozen::Mlps => name.starts_with("hypernet.layers.") && name.contains(".mlp."),
+            Frozen::Blocks => name.starts_with("hypernet.layers."),
+        }
+    }
 }
 
 /// One hypernetwork block.
@@ -106,12 +154,23 @@ pub(crate) struct Registrar<'a> {
     pub ps: &'a mut ParamStore,
     pub rng: Rng,
     pub device: Device,
+    /// Copies that stay fixed (returned as plain tensors, not registered).
+    pub frozen: Vec<Frozen>,
 }
 
 impl Registrar<'_> {
-    /// Register an independent f32 copy of `init`.
+    /// Register an independent f32 copy of `init` (a fixed tensor when `frozen` covers `name`).
     pub fn copy(&mut self, name: &str, init: &Tensor) -> Result<Tensor> {
         let t = init.to_dtype(DType::F32)?.to_device(&self.device)?.copy()?;
+        if self.frozen.iter().any(|f| f.covers(name)) {
+            return Ok(t.detach());
+        }
+        Ok(self.ps.add(name, t)?.as_tensor().clone())
+    }
+
+    /// Register a tensor of `n` values all equal to `value`.
+    pub fn constant(&mut self, name: &str, n: usize, value: f64) -> Result<Tensor> {
+        let t = Tensor::full(value as f32, n, &self.device)?;
         Ok(self.ps.add(name, t)?.as_tensor().clone())
     }
 
@@ -160,7 +219,7 @@ impl HyperNetwork {
         }
         let (d, hd, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (h, hkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let mut r = Registrar { ps, rng: Rng::derive(config.seed, "hypernet/init"), device: target.device().clone() };
+        let mut r = Registrar { ps, rng: Rng::derive(config.seed, "hypernet/init"), device: target.device().clone(), frozen: config.freeze.clone() };
         let embed_tokens = r.copy("hypernet.embed_tokens.weight", &target.embed_tokens)?;
         let mut blocks = Vec::with_capacity(config.num_blocks);
         for i in 0..config.num_blocks {
@@ -237,7 +296,7 @@ impl HyperNetwork {
             blocks.push(HyperBlock { input_norm, self_attn, source_norm, source_attn, base_norm, base_attn, post_norm, mlp });
         }
         let norm = RmsNorm { weight: r.copy("hypernet.norm.weight", &target.norm.weight)?, eps: target.norm.eps };
-        let pointer = PointerHead::new(&mut r, d, h, hkv, hd)?;
+        let pointer = PointerHead::new(&mut r, d, h, hkv, hd, config.self_bias, config.pointer_rope)?;
         Ok(HyperNetwork { config: config.clone(), embed_tokens, embed_scale: target.embed_scale(), blocks, norm, pointer, rope: target.rope().clone() })
     }
 

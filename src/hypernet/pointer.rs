@@ -5,6 +5,8 @@
 //! "self" row `P[T_s, j] = h_b[j]`, keys `k_proj(P)` with RoPE at `cumsum(M_p)·M_p` along the
 //! row-major flattened pairs, one query from the last instruction state, scores averaged over
 //! heads, the pair mask `m_b[j]·m_s[i]` (self row always visible), softmax over the T_s+1 rows.
+//! Two options beside the reference: a learned scalar `β` added to the self row's logits
+//! (`self_bias`: training starts from "keep the base"), and no RoPE at all (`rope = false`).
 //!
 //! Factorised: `q_combine = [A | C]` and `k_proj` are linear, so
 //! `k_proj(P[i,j]) = k_proj(A h_b[j]) + k_proj(C h_s[i])`: two `[T, D]` projections and a
@@ -29,10 +31,15 @@ pub struct PointerHead {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// `[1]`: the learned logit added to the self row (absent: none, the reference).
+    pub self_bias: Option<Tensor>,
+    /// Rotate keys and query by their positions (the reference).
+    pub rope: bool,
 }
 
 impl PointerHead {
-    pub(crate) fn new(r: &mut Registrar, d: usize, h: usize, hkv: usize, hd: usize) -> Result<Self> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(r: &mut Registrar, d: usize, h: usize, hkv: usize, hd: usize, self_bias: f64, rope: bool) -> Result<Self> {
         Ok(PointerHead {
             q_proj: Linear { weight: r.normal("hypernet.pointer.q_proj.weight", h * hd, d, 0.02)?, bias: None },
             k_proj: Linear { weight: r.normal("hypernet.pointer.k_proj.weight", hkv * hd, d, 0.02)?, bias: None },
@@ -41,6 +48,8 @@ impl PointerHead {
             n_heads: h,
             n_kv_heads: hkv,
             head_dim: hd,
+            self_bias: if self_bias != 0.0 { Some(r.constant("hypernet.pointer.self_bias", 1, self_bias)?) } else { None },
+            rope,
         })
     }
 
@@ -80,16 +89,27 @@ impl PointerHead {
                 }
             }
         }
-        let (kc, ksn) = rope.cos_sin(&pos, b, n, DType::F32, dev)?; // [B, 1, N, hd]
-        let keys = apply_rotary(&keys, &kc, &ksn)?; // [B, Hkv, N, hd]
         let q = self.q_proj.forward(&z.unsqueeze(1)?)?.reshape((b, 1, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, 1, hd]
-        let (qc, qsn) = rope.cos_sin(z_pos, b, 1, DType::F32, dev)?; // [B, 1, 1, hd]
-        let q = apply_rotary(&q, &qc, &qsn)?; // [B, H, 1, hd]
+        let (keys, q) = if self.rope {
+            let (kc, ksn) = rope.cos_sin(&pos, b, n, DType::F32, dev)?; // [B, 1, N, hd]
+            let (qc, qsn) = rope.cos_sin(z_pos, b, 1, DType::F32, dev)?; // [B, 1, 1, hd]
+            (apply_rotary(&keys, &kc, &ksn)?, apply_rotary(&q, &qc, &qsn)?) // [B, Hkv, N, hd], [B, H, 1, hd]
+        } else {
+            (keys, q)
+        };
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep, hd))?; // [B, Hkv, rep, hd]
         let scores = q.matmul(&keys.t()?)?.reshape((b, h, n))?; // [B, H, N]
         let mask: Vec<f32> = pmask.iter().map(|&m| if m == 1 { 0.0 } else { MASKED as f32 }).collect();
         let mask = Tensor::from_vec(mask, (b, 1, n), dev)?; // [B, 1, N]
         let logits = scores.broadcast_add(&mask)?.mean(1)?; // [B, N] (head average)
+        let logits = match &self.self_bias {
+            // + β on the self row: [0, …, 0, β] over the T_s+1 rows, each repeated T_b times.
+            Some(beta) => {
+                let onehot = Tensor::from_vec((0..rows).flat_map(|i| std::iter::repeat_n(f32::from(i == ts), tb)).collect::<Vec<f32>>(), (1, n), dev)?; // [1, N]
+                logits.broadcast_add(&onehot.broadcast_mul(beta)?)? // [B, N]
+            }
+            None => logits,
+        };
         let logits = logits.reshape((b, rows, tb))?.transpose(1, 2)?.contiguous()?; // [B, T_b, T_s+1]
         Ok(softmax_last_dim(&logits)?.transpose(1, 2)?.contiguous()?) // [B, T_s+1, T_b]
     }

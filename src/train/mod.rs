@@ -16,5 +16,5 @@ pub mod schedule;
 pub mod tensorboard;
 
 pub use metrics::MetricsLog;
-pub use optim::{AdamW, AdamWConfig, Group};
+pub use optim::{AdamW, AdamWConfig, Group, GroupLr};
 pub use schedule::{Decay, Schedule};

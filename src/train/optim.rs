@@ -149,8 +149,15 @@ fn host_sum_sq(g: &Tensor) -> Result<Option<f64>> {
 /// lr 1e-3, no weight decay), instead of the schedule's rate and the default decay.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Group {
-    pub lr: f64,
+    pub lr: GroupLr,
     pub weight_decay: f64,
+}
+
+/// A group's learning rate: its own, or a multiple of the rate the step is given (the schedule's).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GroupLr {
+    Fixed(f64),
+    Scaled(f64),
 }
 
 /// The optimizer and its state.
@@ -234,7 +241,8 @@ impl AdamW {
         for s in &mut self.slots {
             let Some(g) = grads.get(s.var.as_tensor()) else { continue };
             let (lr, wd) = match s.group {
-                Some(g) => (g.lr, g.weight_decay),
+                Some(Group { lr: GroupLr::Fixed(x), weight_decay }) => (x, weight_decay),
+                Some(Group { lr: GroupLr::Scaled(x), weight_decay }) => (lr * x, weight_decay),
                 None => (lr, if s.decay { c.weight_decay } else { 0.0 }),
             };
             match &mut s.moments {
@@ -329,7 +337,7 @@ mod tests {
         let bad = Tensor::new(&[[f32::NAN, 1.0], [1.0, 1.0]], &Device::Cpu).unwrap();
         let loss = ((rot.as_tensor() * &bad).unwrap().sum_all().unwrap() + emb.as_tensor().sum_all().unwrap()).unwrap();
         let grads = loss.backward().unwrap();
-        let mut opt = AdamW::with_groups(&ps, AdamWConfig::default(), |n| (n == "subspace.rotation").then_some(Group { lr: 1e-3, weight_decay: 0.0 })).unwrap();
+        let mut opt = AdamW::with_groups(&ps, AdamWConfig::default(), |n| (n == "subspace.rotation").then_some(Group { lr: GroupLr::Fixed(1e-3), weight_decay: 0.0 })).unwrap();
         let err = opt.step(&grads, 1e-3).unwrap_err();
         assert!(matches!(err, Error::NonFinite(_)));
         let msg = err.to_string();
@@ -386,7 +394,7 @@ mod tests {
             let w = ps.add("w", init.copy().unwrap()).unwrap();
             let b = ps.add("b", Tensor::new(&[0.5f32, -0.25], &Device::Cpu).unwrap()).unwrap();
             let cfg = AdamWConfig { grad_clip: Some(0.5), weight_decay: 0.1, ..Default::default() };
-            let mut opt = AdamW::with_groups(&ps, cfg, |n| (n == "b").then_some(Group { lr: 0.03, weight_decay: 0.0 })).unwrap();
+            let mut opt = AdamW::with_groups(&ps, cfg, |n| (n == "b").then_some(Group { lr: GroupLr::Fixed(0.03), weight_decay: 0.0 })).unwrap();
             if composed {
                 for s in &mut opt.slots {
                     let z = s.var.as_tensor().zeros_like().unwrap();

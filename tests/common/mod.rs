@@ -98,7 +98,7 @@ pub fn fixture_rows(lm: &LoadedModel, n: usize) -> Vec<hyperdas::data::collate::
 /// ReflectSelect of rank `rank`.
 pub fn interpreter_config(method: hyperdas::hypernet::interpreter::Method, layer: usize, blocks: usize, rank: usize, seed: u64) -> hyperdas::hypernet::interpreter::InterpreterConfig {
     hyperdas::hypernet::interpreter::InterpreterConfig {
-        hypernet: hyperdas::hypernet::HyperConfig { num_blocks: blocks, layer, from_scratch: false, ablate_source: false, ablate_base: false, seed },
+        hypernet: hyperdas::hypernet::HyperConfig { num_blocks: blocks, layer, from_scratch: false, ablate_source: false, ablate_base: false, seed, ..Default::default() },
         subspace: hyperdas::hypernet::subspace::SubspaceKind::ReflectSelect,
         rank,
         method,
