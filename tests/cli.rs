@@ -664,3 +664,96 @@ fn baselines_compare_and_a_resumable_sweep_on_the_tiny_toy() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("unknown key `interpreter.rnak`"), "{}", text(&o).1);
 }
+
+// The fair protocol: seeds, per-attribute MDAS, variants, and compare's mean ± std (toy tiny)
+
+#[test]
+fn seeds_per_attribute_runs_and_variants_meet_in_one_comparison() {
+    let home = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str]| hyperdas_in(home.path(), args);
+    let toy = tiny_toy(home.path());
+    let data = work.path().join("data");
+    let o = cmd(&[
+        "data",
+        "build",
+        "--kb-dir",
+        &format!("{toy}/ravel"),
+        "-m",
+        &toy,
+        "-a",
+        "Country,Continent",
+        "--causal",
+        "12",
+        "--isolate",
+        "4",
+        "--split",
+        "train,test",
+        "--out",
+        data.to_str().unwrap(),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let train = data.join("city_country+continent_train.jsonl");
+    let test = data.join("city_country+continent_test.jsonl");
+    let dir = |n: &str| work.path().join(n).display().to_string();
+    let sets = [
+        format!("data.train={}", train.display()),
+        format!("data.test={}", test.display()),
+        "model.path=toy:tiny".into(),
+        "train.steps=3".into(),
+        "train.batch_size=8".into(),
+        "interpreter.num_blocks=1".into(),
+        "interpreter.layer=0".into(),
+        "interpreter.rank=4".into(),
+    ];
+    let run = |head: &[&str]| -> String {
+        let mut v: Vec<String> = head.iter().map(|s| s.to_string()).collect();
+        for s in &sets {
+            v.extend(["--set".to_string(), s.clone()]);
+        }
+        let refs: Vec<&str> = v.iter().map(String::as_str).collect();
+        let o = cmd(&refs);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{v:?}\n{out}\n{err}");
+        out
+    };
+    // Per-attribute MDAS over two seeds: four runs, each on one attribute's rows.
+    run(&["sweep", "--methods", "mdas", "--grid", "attribute=Country,Continent", "--seeds", "0,1", "-q", "--out", &dir("mdas")]);
+    let names: Vec<String> = std::fs::read_dir(work.path().join("mdas/runs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    let resolved = std::fs::read_to_string(work.path().join("mdas/runs/mdas-attributeCountry-seed1/config.resolved.toml")).unwrap();
+    assert!(resolved.contains("attributes = [\"Country\"]") && resolved.contains("seed = 1"), "{resolved}");
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(work.path().join("mdas/runs/mdas-attributeCountry-seed0/run.json")).unwrap()).unwrap();
+    let country_rows = std::fs::read_to_string(&train).unwrap().lines().filter(|l| l.contains("- Country\"")).count();
+    assert_eq!(info["train_rows"], country_rows, "the Country run trains on the rows whose instruction names Country");
+    // HyperDAS, two variants × two seeds, from a variants file.
+    let variants = work.path().join("variants.toml");
+    std::fs::write(&variants, "base = []\nkeep-base = [\"interpreter.self_bias=4\", \"train.head_lr_scale=5\"]\n").unwrap();
+    run(&["sweep", "--methods", "hyperdas", "--variants", variants.to_str().unwrap(), "--seeds", "0,1", "-q", "--out", &dir("hyper")]);
+    assert!(work.path().join("hyper/runs/hyperdas-variantkeep-base-seed1/results.json").is_file());
+    // One comparison: a row per setting and mode, mean ± std over 2 seeds, per-attribute MDAS merged.
+    let o = cmd(&["compare", "--run", &dir("mdas"), "--run", &dir("hyper"), "--modes", "soft", "--out", &dir("cmp")]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("| MDAS · per attribute | 0 | 4 | 2 |"), "{out}");
+    assert!(out.contains("| HyperDAS · soft | 0 | 4 | 2 |") && out.contains("| HyperDAS · soft (interpreter.self_bias=4.0, train.head_lr_scale=5.0) | 0 | 4 | 2 |"), "{out}");
+    assert!(out.contains(" ± "), "{out}");
+    let mean = out.split("### city: mean over attributes").nth(1).unwrap();
+    assert!(mean.contains("entity → entity") && mean.contains("| MDAS · per attribute | 0 | 4 | 2 |"), "{mean}");
+    // MDAS at its fixed positions always takes the entity token.
+    let mdas_line = mean.lines().find(|l| l.starts_with("| MDAS")).unwrap();
+    assert!(mdas_line.contains("| 1.000 |"), "{mdas_line}");
+    // A variant the file lacks, and a bad file, fail before anything runs.
+    let o = cmd(&["sweep", "--methods", "hyperdas", "--variants", variants.to_str().unwrap(), "--grid", "variant=nope", "--out", &dir("bad")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("no such variant"), "{}", text(&o).1);
+    std::fs::write(&variants, "x = \"train.lr=1\"\n").unwrap();
+    let o = cmd(&["sweep", "--methods", "hyperdas", "--variants", variants.to_str().unwrap(), "--out", &dir("bad")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("variants.toml") && text(&o).1.contains("variant `x`"), "{}", text(&o).1);
+    // An attribute no row names is a clear error.
+    let o = cmd(&["train", "--set", &sets[0], "--set", &sets[1], "--set", "model.path=toy:tiny", "--set", "data.attributes=[\"Language\"]", "--out", &dir("bad2")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("data.attributes") && text(&o).1.contains("Country"), "{}", text(&o).1);
+}

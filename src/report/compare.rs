@@ -167,7 +167,9 @@ pub fn compare(runs: &[RunSummary], hyperdas_modes: &[String]) -> Result<Vec<Com
             let best = counts.iter().map(|(_, n)| *n).max().unwrap_or(0);
             counts.into_iter().find(|(_, n)| *n == best).and_then(|(v, _)| v)
         };
-        let differing: Vec<String> = cfg.iter().filter(|(k, v)| siblings.len() > 1 && usual(k) != Some(v)).map(|(k, v)| format!("{k}={v}")).collect();
+        // Layer and rank have their own columns.
+        let shown = ["interpreter.layer", "interpreter.rank"];
+        let differing: Vec<String> = cfg.iter().filter(|(k, v)| siblings.len() > 1 && !shown.contains(&k.as_str()) && usual(k) != Some(v)).map(|(k, v)| format!("{k}={v}")).collect();
         let first = &runs[members[0]];
         let modes: Vec<String> = if method.is_baseline() { vec!["groundtruth".into()] } else { hyperdas_modes.to_vec() };
         for mode in modes {

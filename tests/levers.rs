@@ -1,0 +1,194 @@
+//! The training levers of docs/results.md's ablation table, each on the tiny Llama fixture:
+//! the pointer's keep-the-base bias (`interpreter.self_bias`), the pointer without RoPE
+//! (`interpreter.pointer_rope`), frozen copies (`interpreter.freeze`), the ground-truth
+//! curriculum (`train.groundtruth_steps`), the heads' learning-rate multiple
+//! (`train.head_lr_scale`), the step budget (`train.steps`), and the entity → entity share.
+
+mod common;
+
+use candle_core::DType;
+use common::*;
+use hyperdas::data::collate::{CollatedBatch, collate};
+use hyperdas::experiment::trainer::{TrainSettings, Trainer, evaluate_detailed};
+use hyperdas::hypernet::Frozen;
+use hyperdas::hypernet::interpreter::{Interpreter, InterpreterConfig, Method};
+use hyperdas::intervention::selection::InferenceMode;
+use hyperdas::model::LoadedModel;
+use hyperdas::params::ParamStore;
+
+fn tiny() -> LoadedModel {
+    load(&fixture("tiny-llama"), DType::F32)
+}
+
+fn batch(lm: &LoadedModel, n: usize) -> CollatedBatch {
+    let rows = fixture_rows(lm, n);
+    collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id())
+}
+
+fn build(lm: &LoadedModel, edit: impl Fn(&mut InterpreterConfig)) -> (ParamStore, Interpreter) {
+    let mut cfg = interpreter_config(Method::HyperDas, 1, 1, 4, 5);
+    edit(&mut cfg);
+    let mut ps = ParamStore::new();
+    let interp = Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
+    (ps, interp)
+}
+
+/// `W`'s weight on "self" in every visible base column, per row: `[B][visible columns]`.
+fn self_weights(lm: &LoadedModel, interp: &Interpreter, b: &CollatedBatch) -> Vec<f32> {
+    let out = interp.forward(&lm.model, b, InferenceMode::Soft, 3).unwrap();
+    let w = out.w.to_vec3::<f32>().unwrap(); // [B, T_s+1, T_b]
+    let ts = b.source_len;
+    let tb = b.base_len;
+    let mut v = Vec::new();
+    for (bi, wb) in w.iter().enumerate() {
+        for j in 0..tb {
+            if b.base_intervention_mask[bi * tb + j] > 0 {
+                v.push(wb[ts][j]);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn a_self_bias_starts_the_pointer_at_keep_the_base_and_is_learned() {
+    let lm = tiny();
+    let b = batch(&lm, 4);
+    let (_, plain) = build(&lm, |_| {});
+    let (ps, biased) = build(&lm, |c| c.hypernet.self_bias = 6.0);
+    let plain_self = self_weights(&lm, &plain, &b);
+    let biased_self = self_weights(&lm, &biased, &b);
+    // Untrained, the pointer is near uniform over the source tokens and self; with the bias,
+    // self takes almost everything.
+    assert!(plain_self.iter().all(|&x| x < 0.5), "{plain_self:?}");
+    assert!(biased_self.iter().all(|&x| x > 0.85), "{biased_self:?}");
+    // The bias is a parameter, and it gets a gradient (Trainer::step checks every parameter at
+    // step 0 of soft training).
+    assert!(ps.get("hypernet.pointer.self_bias").is_some());
+    let s = TrainSettings { batch_size: 4, lr: 1e-2, ..Default::default() };
+    let mut interp = biased;
+    let bias = |ps: &ParamStore| ps.get("hypernet.pointer.self_bias").unwrap().as_tensor().to_vec1::<f32>().unwrap()[0];
+    let before = bias(&ps);
+    assert_eq!(before, 6.0);
+    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 3).unwrap();
+    tr.step(&b).unwrap();
+    let after = bias(&ps);
+    assert!((after - before).abs() > 1e-3, "the bias moved: {before} → {after}");
+    // Without the setting there is no such parameter (the reference's pointer).
+    let (ps0, _) = build(&lm, |_| {});
+    assert!(ps0.get("hypernet.pointer.self_bias").is_none());
+}
+
+#[test]
+fn the_pointer_without_rope_differs_and_trains() {
+    let lm = tiny();
+    let b = batch(&lm, 4);
+    let (_, with) = build(&lm, |_| {});
+    let (ps, mut without) = build(&lm, |c| c.hypernet.pointer_rope = false);
+    let w1 = with.forward(&lm.model, &b, InferenceMode::Soft, 3).unwrap().w;
+    let w0 = without.forward(&lm.model, &b, InferenceMode::Soft, 3).unwrap().w;
+    assert!(max_abs_diff(&w1, &w0) > 1e-6, "RoPE changes the pointer's scores");
+    let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
+    let mut tr = Trainer::new(&lm.model, &mut without, &ps, &s, 2).unwrap();
+    assert!(tr.step(&b).unwrap().loss.is_finite());
+}
+
+#[test]
+fn frozen_copies_are_not_parameters_and_keep_the_targets_values() {
+    let lm = tiny();
+    let (all, _) = build(&lm, |_| {});
+    let (ps, mut interp) = build(&lm, |c| c.hypernet.freeze = vec![Frozen::Embedding, Frozen::Mlps]);
+    let names: Vec<&str> = ps.iter().map(|(n, _)| n).collect();
+    assert!(!names.iter().any(|n| n.starts_with("hypernet.embed_tokens") || (n.starts_with("hypernet.layers.") && n.contains(".mlp."))), "{names:?}");
+    assert!(names.iter().any(|n| n.contains("self_attn.q_proj")), "attention still trains: {names:?}");
+    assert!(ps.num_elements() < all.num_elements());
+    let (blocks, _) = build(&lm, |c| c.hypernet.freeze = vec![Frozen::Blocks]);
+    assert!(!blocks.iter().any(|(n, _)| n.starts_with("hypernet.layers.")));
+    // Training works and leaves the frozen embedding at the target's values.
+    let b = batch(&lm, 4);
+    let s = TrainSettings { batch_size: 4, lr: 1e-2, ..Default::default() };
+    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 2).unwrap();
+    tr.step(&b).unwrap();
+    let h = interp.positions.hypernet().unwrap();
+    assert_eq!(max_abs_diff(&h.embed_tokens, &lm.model.embed_tokens), 0.0);
+    // Frozen is spelled in configurations as a list of names.
+    let cfg: hyperdas::experiment::run::RunConfig = hyperdas::config::load(None, &["interpreter.freeze=[\"embedding\", \"blocks\"]".into()]).unwrap();
+    assert_eq!(cfg.interpreter.freeze, vec![Frozen::Embedding, Frozen::Blocks]);
+    let e = hyperdas::config::load::<hyperdas::experiment::run::RunConfig>(None, &["interpreter.freeze=[\"attention\"]".into()]).unwrap_err().to_string();
+    assert!(e.contains("interpreter.freeze") || e.contains("attention"), "{e}");
+}
+
+#[test]
+fn the_curriculum_trains_the_subspace_first_and_the_pointer_after() {
+    let lm = tiny();
+    let b = batch(&lm, 4);
+    let (ps, mut interp) = build(&lm, |_| {});
+    let s = TrainSettings { batch_size: 4, lr: 1e-2, groundtruth_steps: 2, ..Default::default() };
+    assert_eq!((s.mode_at(0), s.mode_at(1), s.mode_at(2)), (InferenceMode::GroundTruth, InferenceMode::GroundTruth, InferenceMode::Soft));
+    let pointer = |ps: &ParamStore| ps.get("hypernet.pointer.q_proj.weight").unwrap().as_tensor().copy().unwrap();
+    let rotation = |ps: &ParamStore| ps.get("subspace.rotation").unwrap().as_tensor().copy().unwrap();
+    let (p0, r0) = (pointer(&ps), rotation(&ps));
+    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 4).unwrap();
+    tr.step(&b).unwrap();
+    tr.step(&b).unwrap();
+    // Ground-truth positions: the pointer head is not in the loss; the subspace learns.
+    assert_eq!(max_abs_diff(&pointer(&ps), &p0), 0.0, "the pointer is untouched during the curriculum");
+    assert!(max_abs_diff(&rotation(&ps), &r0) > 1e-5, "the rotation moves");
+    tr.step(&b).unwrap();
+    assert!(max_abs_diff(&pointer(&ps), &p0) > 1e-5, "soft training moves the pointer");
+    // Only soft and ground-truth positions train.
+    let bad = TrainSettings { train_mode: InferenceMode::GlobalArgmax, ..Default::default() };
+    assert!(bad.validate().unwrap_err().to_string().contains("train.train_mode"));
+    let cfg: hyperdas::experiment::run::RunConfig = hyperdas::config::load(None, &["train.train_mode=\"groundtruth\"".into()]).unwrap();
+    assert_eq!(cfg.train.train_mode, InferenceMode::GroundTruth);
+}
+
+#[test]
+fn the_heads_learning_rate_is_a_multiple_of_the_schedules() {
+    let lm = tiny();
+    let b = batch(&lm, 4);
+    // Adam's first step moves every weight with a gradient by about its learning rate.
+    let moved = |scale: f64| -> (f64, f64) {
+        let (ps, mut interp) = build(&lm, |_| {});
+        let get = |n: &str| ps.get(n).unwrap().as_tensor().copy().unwrap();
+        let (p0, q0) = (get("hypernet.pointer.q_proj.weight"), get("hypernet.layers.0.self_attn.q_proj.weight"));
+        let s = TrainSettings { batch_size: 4, lr: 1e-4, weight_decay: 0.0, grad_clip: 0.0, head_lr_scale: scale, ..Default::default() };
+        let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 3).unwrap();
+        tr.step(&b).unwrap();
+        (max_abs_diff(&get("hypernet.pointer.q_proj.weight"), &p0), max_abs_diff(&get("hypernet.layers.0.self_attn.q_proj.weight"), &q0))
+    };
+    let (head1, block1) = moved(1.0);
+    let (head10, block10) = moved(10.0);
+    assert!((head1 - 1e-4).abs() < 2e-5 && (block1 - 1e-4).abs() < 2e-5, "{head1} {block1}");
+    assert!((head10 - 1e-3).abs() < 2e-4, "the head moves 10× as far: {head10}");
+    assert!((block10 - block1).abs() < 1e-6, "the copied blocks keep the schedule's rate: {block10} vs {block1}");
+}
+
+#[test]
+fn a_step_budget_cycles_the_data() {
+    let s = TrainSettings { batch_size: 16, epochs: 3, ..Default::default() };
+    assert_eq!((s.total_steps(100), s.passes(100)), (21, 3));
+    let s = TrainSettings { steps: 50, ..s };
+    assert_eq!((s.total_steps(100), s.passes(100)), (50, 8), "7 batches a pass: 8 passes, the last cut short");
+}
+
+#[test]
+fn the_entity_share_is_one_at_the_ground_truth_positions() {
+    let lm = tiny();
+    let rows = fixture_rows(&lm, 8);
+    let (_, interp) = build(&lm, |_| {});
+    let e = evaluate_detailed(&lm.model, &interp, &rows, InferenceMode::GroundTruth, 4, 3, lm.tokenizer.padding_id(), false).unwrap();
+    let causal = rows.iter().filter(|r| r.is_causal).count();
+    assert!(causal > 0);
+    assert_eq!(e.scores.entity_position, Some(1.0));
+    // Soft, untrained: the entity token's column is near uniform and its arg-max rarely the
+    // source entity.
+    let soft = evaluate_detailed(&lm.model, &interp, &rows, InferenceMode::Soft, 4, 3, lm.tokenizer.padding_id(), false).unwrap();
+    assert!(soft.scores.entity_position.unwrap() < 1.0);
+    // Only isolate rows: not measured.
+    let isolate: Vec<_> = rows.iter().filter(|r| !r.is_causal).cloned().collect();
+    if !isolate.is_empty() {
+        let e = evaluate_detailed(&lm.model, &interp, &isolate, InferenceMode::Soft, 4, 3, lm.tokenizer.padding_id(), false).unwrap();
+        assert_eq!(e.scores.entity_position, None);
+    }
+}
