@@ -94,6 +94,24 @@ fn the_pointer_without_rope_differs_and_trains() {
 }
 
 #[test]
+fn a_pointer_scale_sharpens_the_untrained_pointer() {
+    let lm = tiny();
+    let b = batch(&lm, 4);
+    let w = |scale: f64| {
+        let (_, interp) = build(&lm, |c| c.hypernet.pointer_scale = scale);
+        interp.forward(&lm.model, &b, InferenceMode::Soft, 3).unwrap().w
+    };
+    // The untrained scores are small: W's departure from uniform (scale → 0) grows with the scale.
+    let uniform = w(1e-6);
+    let (one, fifty) = (max_abs_diff(&w(1.0), &uniform), max_abs_diff(&w(50.0), &uniform));
+    assert!(one > 0.0 && fifty > 10.0 * one, "scaled scores move W from uniform: {one} vs {fifty}");
+    let mut ps = ParamStore::new();
+    let mut cfg = interpreter_config(Method::HyperDas, 1, 1, 4, 5);
+    cfg.hypernet.pointer_scale = 0.0;
+    assert!(Interpreter::new(&mut ps, &lm.model, &cfg).err().unwrap().to_string().contains("interpreter.pointer_scale"));
+}
+
+#[test]
 fn frozen_copies_are_not_parameters_and_keep_the_targets_values() {
     let lm = tiny();
     let (all, _) = build(&lm, |_| {});

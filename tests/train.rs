@@ -243,13 +243,30 @@ fn a_corrupt_or_missing_latest_checkpoint_falls_back_to_the_previous_one() {
 }
 
 #[test]
-fn the_shipped_smollm2_config_loads_for_every_method() {
+fn the_shipped_real_model_configs_load_for_every_method() {
+    use hyperdas::experiment::run::RunConfig;
     use hyperdas::hypernet::interpreter::Method;
-    let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/smollm2-city.toml"));
-    for m in [Method::HyperDas, Method::Mdas, Method::Das] {
-        let cfg: hyperdas::experiment::run::RunConfig = hyperdas::config::load_over(&hyperdas::experiment::run::RunConfig::preset(m), Some(path), &[]).unwrap();
-        assert_eq!(cfg.model.path, "smollm2-135m");
-        assert_eq!(cfg.interpreter.method, m);
-        assert_eq!(cfg.train.epochs, if m.is_baseline() { 5 } else { 3 }, "each method keeps its preset's length");
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs"));
+    let load = |file: &str, m: Method| -> RunConfig { hyperdas::config::load_over(&RunConfig::preset(m), Some(&dir.join(file)), &[]).unwrap() };
+    // The recommended settings: every method at the same step budget (a fair comparison).
+    for (file, model) in [("smollm2-city.toml", "smollm2-135m"), ("gemma3-city.toml", "gemma3-270m")] {
+        let budgets: Vec<usize> = [Method::HyperDas, Method::Mdas, Method::Das]
+            .into_iter()
+            .map(|m| {
+                let cfg = load(file, m);
+                assert_eq!((cfg.model.path.as_str(), cfg.interpreter.method), (model, m), "{file}");
+                cfg.train.validate().unwrap();
+                cfg.train.total_steps(10_000)
+            })
+            .collect();
+        assert!(budgets[0] > 0 && budgets.iter().all(|&b| b == budgets[0]), "{file}: equal budgets, got {budgets:?}");
+    }
+    // The archived settings of earlier results: each method keeps its preset's length.
+    for file in ["archive/smollm2-city-2026-12-02.toml", "archive/gemma3-city-2026-12-02.toml"] {
+        for m in [Method::HyperDas, Method::Mdas, Method::Das] {
+            let cfg = load(file, m);
+            assert_eq!(cfg.interpreter.method, m);
+            assert_eq!(cfg.train.epochs, if m.is_baseline() { 5 } else { 3 }, "{file}");
+        }
     }
 }

@@ -113,6 +113,9 @@ pub struct InterpreterSection {
     pub self_bias: f64,
     /// RoPE in the pointer head (the reference: true).
     pub pointer_rope: bool,
+    /// A fixed factor on the pointer head's scores (1: the reference; `√D` makes the untrained
+    /// scores O(1)).
+    pub pointer_scale: f64,
 }
 
 impl Default for InterpreterSection {
@@ -134,6 +137,7 @@ impl Default for InterpreterSection {
             freeze: Vec::new(),
             self_bias: 0.0,
             pointer_rope: true,
+            pointer_scale: 1.0,
         }
     }
 }
@@ -309,6 +313,7 @@ impl InterpreterSection {
                 freeze: self.freeze.clone(),
                 self_bias: self.self_bias,
                 pointer_rope: self.pointer_rope,
+                pointer_scale: self.pointer_scale,
             },
             subspace: self.subspace,
             rank: self.rank,

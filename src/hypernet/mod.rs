@@ -68,6 +68,15 @@ pub struct HyperConfig {
     /// compares contents only, whatever the pairs' flattened positions.
     #[serde(default = "yes")]
     pub pointer_rope: bool,
+    /// A fixed factor on the pointer head's scores (1: the reference). The head compares
+    /// unit-normalised states through N(0, 0.02) projections, so its untrained scores are about
+    /// 1e-2 and `W` starts uniform; `√D` (24 for SmolLM2) makes them O(1).
+    #[serde(default = "one")]
+    pub pointer_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn yes() -> bool {
@@ -77,7 +86,7 @@ fn yes() -> bool {
 impl Default for HyperConfig {
     /// The reference's hypernetwork: 2 copied blocks, everything trained, RoPE, no self bias.
     fn default() -> Self {
-        HyperConfig { num_blocks: 2, layer: 0, from_scratch: false, ablate_source: false, ablate_base: false, seed: 0, freeze: Vec::new(), self_bias: 0.0, pointer_rope: true }
+        HyperConfig { num_blocks: 2, layer: 0, from_scratch: false, ablate_source: false, ablate_base: false, seed: 0, freeze: Vec::new(), self_bias: 0.0, pointer_rope: true, pointer_scale: 1.0 }
     }
 }
 
@@ -214,6 +223,9 @@ impl HyperNetwork {
         if config.num_blocks == 0 || config.num_blocks > c.num_hidden_layers {
             return Err(Error::invalid(format!("hypernetwork blocks must be 1..={} (the target's depth), got {}", c.num_hidden_layers, config.num_blocks)));
         }
+        if !(config.pointer_scale > 0.0 && config.pointer_scale.is_finite()) {
+            return Err(Error::invalid(format!("interpreter.pointer_scale = {}: use a positive factor (1: the reference)", config.pointer_scale)));
+        }
         if config.layer > c.num_hidden_layers {
             return Err(Error::invalid(format!("intervention layer {} is outside 0..={}", config.layer, c.num_hidden_layers)));
         }
@@ -296,7 +308,7 @@ impl HyperNetwork {
             blocks.push(HyperBlock { input_norm, self_attn, source_norm, source_attn, base_norm, base_attn, post_norm, mlp });
         }
         let norm = RmsNorm { weight: r.copy("hypernet.norm.weight", &target.norm.weight)?, eps: target.norm.eps };
-        let pointer = PointerHead::new(&mut r, d, h, hkv, hd, config.self_bias, config.pointer_rope)?;
+        let pointer = PointerHead::new(&mut r, d, h, hkv, hd, config.self_bias, config.pointer_rope, config.pointer_scale)?;
         Ok(HyperNetwork { config: config.clone(), embed_tokens, embed_scale: target.embed_scale(), blocks, norm, pointer, rope: target.rope().clone() })
     }
 

@@ -5,8 +5,11 @@
 //! "self" row `P[T_s, j] = h_b[j]`, keys `k_proj(P)` with RoPE at `cumsum(M_p)·M_p` along the
 //! row-major flattened pairs, one query from the last instruction state, scores averaged over
 //! heads, the pair mask `m_b[j]·m_s[i]` (self row always visible), softmax over the T_s+1 rows.
-//! Two options beside the reference: a learned scalar `β` added to the self row's logits
-//! (`self_bias`: training starts from "keep the base"), and no RoPE at all (`rope = false`).
+//! Three options beside the reference: a learned scalar `β` added to the self row's logits
+//! (`self_bias`: training starts from "keep the base"), no RoPE at all (`rope = false`), and a
+//! fixed factor `s` on the scores (`scale`: `s = √D` reads RMS-normalised states instead of
+//! unit-normalised ones; the untrained scores are then O(1) instead of O(1e-2), and their
+//! gradients `s` times larger).
 //!
 //! Factorised: `q_combine = [A | C]` and `k_proj` are linear, so
 //! `k_proj(P[i,j]) = k_proj(A h_b[j]) + k_proj(C h_s[i])`: two `[T, D]` projections and a
@@ -35,11 +38,13 @@ pub struct PointerHead {
     pub self_bias: Option<Tensor>,
     /// Rotate keys and query by their positions (the reference).
     pub rope: bool,
+    /// Factor on the scores (1: the reference).
+    pub scale: f64,
 }
 
 impl PointerHead {
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(r: &mut Registrar, d: usize, h: usize, hkv: usize, hd: usize, self_bias: f64, rope: bool) -> Result<Self> {
+    pub(crate) fn new(r: &mut Registrar, d: usize, h: usize, hkv: usize, hd: usize, self_bias: f64, rope: bool, scale: f64) -> Result<Self> {
         Ok(PointerHead {
             q_proj: Linear { weight: r.normal("hypernet.pointer.q_proj.weight", h * hd, d, 0.02)?, bias: None },
             k_proj: Linear { weight: r.normal("hypernet.pointer.k_proj.weight", hkv * hd, d, 0.02)?, bias: None },
@@ -50,6 +55,7 @@ impl PointerHead {
             head_dim: hd,
             self_bias: if self_bias != 0.0 { Some(r.constant("hypernet.pointer.self_bias", 1, self_bias)?) } else { None },
             rope,
+            scale,
         })
     }
 
@@ -97,7 +103,7 @@ impl PointerHead {
         } else {
             (keys, q)
         };
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, hkv, rep, hd))?; // [B, Hkv, rep, hd]
+        let q = (q * (self.scale / (hd as f64).sqrt()))?.reshape((b, hkv, rep, hd))?; // [B, Hkv, rep, hd]
         let scores = q.matmul(&keys.t()?)?.reshape((b, h, n))?; // [B, H, N]
         let mask: Vec<f32> = pmask.iter().map(|&m| if m == 1 { 0.0 } else { MASKED as f32 }).collect();
         let mask = Tensor::from_vec(mask, (b, 1, n), dev)?; // [B, 1, N]
