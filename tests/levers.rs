@@ -41,9 +41,9 @@ fn self_weights(lm: &LoadedModel, interp: &Interpreter, b: &CollatedBatch) -> Ve
     let tb = b.base_len;
     let mut v = Vec::new();
     for (bi, wb) in w.iter().enumerate() {
-        for j in 0..tb {
+        for (j, x) in wb[ts].iter().enumerate() {
             if b.base_intervention_mask[bi * tb + j] > 0 {
-                v.push(wb[ts][j]);
+                v.push(*x);
             }
         }
     }
