@@ -752,6 +752,34 @@ fn seeds_per_attribute_runs_and_variants_meet_in_one_comparison() {
     let o = cmd(&["sweep", "--methods", "hyperdas", "--variants", variants.to_str().unwrap(), "--out", &dir("bad")]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("variants.toml") && text(&o).1.contains("variant `x`"), "{}", text(&o).1);
+    // A test-row limit: the run scores the first rows, and `eval` on the run's own test set
+    // scores those same rows; on other data, every row.
+    let o = cmd(&[
+        "train",
+        "--set",
+        &sets[0],
+        "--set",
+        &sets[1],
+        "--set",
+        "model.path=toy:tiny",
+        "--set",
+        "interpreter.num_blocks=1",
+        "--set",
+        "interpreter.layer=0",
+        "--set",
+        "train.steps=1",
+        "--set",
+        "data.max_test_rows=5",
+        "--out",
+        &dir("lim"),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(work.path().join("lim/run.json")).unwrap()).unwrap();
+    assert_eq!(info["test_rows"], 5);
+    let o = cmd(&["eval", "--run", &dir("lim"), "--modes", "soft"]);
+    assert!(o.status.success() && text(&o).1.contains("scoring 5 rows"), "{}", text(&o).1);
+    let o = cmd(&["eval", "--run", &dir("lim"), "--modes", "soft", "--data", train.to_str().unwrap()]);
+    assert!(o.status.success() && !text(&o).1.contains("scoring 5 rows"), "{}", text(&o).1);
     // An attribute no row names is a clear error.
     let o = cmd(&["train", "--set", &sets[0], "--set", &sets[1], "--set", "model.path=toy:tiny", "--set", "data.attributes=[\"Language\"]", "--out", &dir("bad2")]);
     assert_eq!(o.status.code(), Some(1));

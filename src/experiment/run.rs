@@ -785,11 +785,19 @@ pub fn evaluate(run: &LoadedRun, ds: &crate::data::io::Dataset, modes: &[Inferen
     if enc.rows.is_empty() {
         return Err(Error::file(&ds.source, "no rows to evaluate"));
     }
-    if !cfg.data.attributes.is_empty() {
-        // A run trained for some attributes (per-attribute MDAS) is scored on those.
-        enc.rows = cfg.data.select(enc.rows, 0, &ds.source.display().to_string())?;
+    // The run's own test set is scored as the run scored it (its data.max_test_rows); other
+    // data in full. A run trained for some attributes (per-attribute MDAS) is scored on those.
+    let own = std::path::absolute(&ds.source).ok().is_some_and(|p| p == Path::new(&cfg.data.test));
+    let limit = if own { cfg.data.max_test_rows } else { 0 };
+    if !cfg.data.attributes.is_empty() || limit > 0 {
+        enc.rows = cfg.data.select(enc.rows, limit, &ds.source.display().to_string())?;
         if progress {
-            tracing::info!("scoring the {} rows whose instruction names {} (the run's data.attributes)", enc.rows.len(), cfg.data.attributes.join(", "));
+            tracing::info!(
+                "scoring {} rows (the run's data.attributes = [{}], data.max_test_rows = {} on its own test set)",
+                enc.rows.len(),
+                cfg.data.attributes.join(", "),
+                if own { cfg.data.max_test_rows.to_string() } else { "not applied".into() }
+            );
         }
     }
     run.interpreter.register_prompts(&enc.rows);
