@@ -740,10 +740,10 @@ fn seeds_per_attribute_runs_and_variants_meet_in_one_comparison() {
     assert!(out.contains("| HyperDAS · soft | 0 | 4 | 2 |") && out.contains("| HyperDAS · soft (interpreter.self_bias=4.0, train.head_lr_scale=5.0) | 0 | 4 | 2 |"), "{out}");
     assert!(out.contains(" ± "), "{out}");
     let mean = out.split("### city: mean over attributes").nth(1).unwrap();
-    assert!(mean.contains("entity → entity") && mean.contains("| MDAS · per attribute | 0 | 4 | 2 |"), "{mean}");
+    assert!(mean.contains("entity selected | entity → entity") && mean.contains("| MDAS · per attribute | 0 | 4 | 2 |"), "{mean}");
     // MDAS at its fixed positions always takes the entity token.
     let mdas_line = mean.lines().find(|l| l.starts_with("| MDAS")).unwrap();
-    assert!(mdas_line.contains("| 1.000 |"), "{mdas_line}");
+    assert!(mdas_line.contains("| 1.000 | 1.000 |"), "{mdas_line}");
     // A variant the file lacks, and a bad file, fail before anything runs.
     let o = cmd(&["sweep", "--methods", "hyperdas", "--variants", variants.to_str().unwrap(), "--grid", "variant=nope", "--out", &dir("bad")]);
     assert_eq!(o.status.code(), Some(1));

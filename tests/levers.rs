@@ -198,15 +198,16 @@ fn the_entity_share_is_one_at_the_ground_truth_positions() {
     let e = evaluate_detailed(&lm.model, &interp, &rows, InferenceMode::GroundTruth, 4, 3, lm.tokenizer.padding_id(), false).unwrap();
     let causal = rows.iter().filter(|r| r.is_causal).count();
     assert!(causal > 0);
-    assert_eq!(e.scores.entity_position, Some(1.0));
+    assert_eq!((e.scores.entity_selected, e.scores.entity_position), (Some(1.0), Some(1.0)));
     // Soft, untrained: the entity token's column is near uniform and its arg-max rarely the
     // source entity.
     let soft = evaluate_detailed(&lm.model, &interp, &rows, InferenceMode::Soft, 4, 3, lm.tokenizer.padding_id(), false).unwrap();
     assert!(soft.scores.entity_position.unwrap() < 1.0);
+    assert!(soft.scores.entity_selected.unwrap() >= soft.scores.entity_position.unwrap());
     // Only isolate rows: not measured.
     let isolate: Vec<_> = rows.iter().filter(|r| !r.is_causal).cloned().collect();
     if !isolate.is_empty() {
         let e = evaluate_detailed(&lm.model, &interp, &isolate, InferenceMode::Soft, 4, 3, lm.tokenizer.padding_id(), false).unwrap();
-        assert_eq!(e.scores.entity_position, None);
+        assert_eq!((e.scores.entity_selected, e.scores.entity_position), (None, None));
     }
 }

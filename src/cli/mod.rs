@@ -57,10 +57,10 @@ pub(crate) fn print_json(v: &serde_json::Value) -> Result<()> {
 
 /// Cause / Isolate / Disentangle / test loss per inference mode, as a terminal table.
 pub(crate) fn results_table(results: &std::collections::BTreeMap<String, crate::experiment::run::ModeResult>) -> String {
-    let mut t = table(&["mode", "cause", "isolate", "disentangle", "test loss", "entity → entity"], 1);
+    let mut t = table(&["mode", "cause", "isolate", "disentangle", "test loss", "entity selected", "entity → entity"], 1);
     for (mode, r) in results {
         let acc = |k: &str| r.accs.get(k).map_or("-".into(), |x| format!("{x:.3}"));
-        t.add_row(vec![mode.clone(), acc("causal"), acc("isolate"), acc("disentangle"), format!("{:.3}", r.test_loss), acc("entity_position")]);
+        t.add_row(vec![mode.clone(), acc("causal"), acc("isolate"), acc("disentangle"), format!("{:.3}", r.test_loss), acc("entity_selected"), acc("entity_position")]);
     }
     t.to_string()
 }

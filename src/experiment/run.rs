@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `config.resolved.toml` | the configuration after defaults, file and `--set` |
 //! | `metrics.jsonl` | one record per step (losses, lr, gradient norm, periodic soft-mode scores) |
-//! | `results.json` | `{mode: {accs: {causal, isolate, disentangle, entity_position}, test_loss}}` (the reference's shape, plus the share of causal rows whose base entity token takes the source entity token) |
+//! | `results.json` | `{mode: {accs: {causal, isolate, disentangle, entity_selected, entity_position}, test_loss}}` (the reference's shape, plus the shares of causal rows whose base entity token takes a source token / the source entity token) |
 //! | `results.csv` | the same as a table |
 //! | `results.by_attribute.json`, `.csv` | per mode, domain and intervened attribute, plus each domain's mean over its attributes (the reference's main table) |
 //! | `run.json` | method, resolved layer, rank, model, row counts ([`RunInfo`]) |
@@ -690,8 +690,12 @@ fn score_modes(target: &crate::model::Llama, interp: &Interpreter, rows: &[crate
         let e = evaluate_detailed(target, interp, rows, mode, cfg.eval.batch_size, cfg.train.label_limit, pad, selections)?;
         let s = e.scores;
         let mut accs = BTreeMap::from([("causal".to_string(), s.causal), ("isolate".to_string(), s.isolate), ("disentangle".to_string(), s.disentangle)]);
+        // Not accuracies: the shares of causal rows whose base entity token takes a source
+        // token, and the source entity token.
+        if let Some(x) = s.entity_selected {
+            accs.insert("entity_selected".to_string(), x);
+        }
         if let Some(x) = s.entity_position {
-            // Not an accuracy: the share of causal rows whose base entity token takes the source entity token.
             accs.insert("entity_position".to_string(), x);
         }
         scored.results.insert(mode.name().to_string(), ModeResult { accs, test_loss: s.loss });

@@ -267,6 +267,11 @@ pub struct Scores {
     /// causal rows (and in results written before it was measured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entity_position: Option<f64>,
+    /// The share of causal rows on which the base's last entity token takes any source token
+    /// (the arg-max of its column is a source row, not "self"): the selected base position is the
+    /// entity's. `None` without causal rows (and in results written before it was measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_selected: Option<f64>,
 }
 
 /// Scores of the rows of one domain whose instruction intervenes on one attribute: a row of
@@ -359,7 +364,7 @@ pub fn evaluate_detailed(target: &Llama, interp: &Interpreter, rows: &[EncodedRo
     let mut by_group: std::collections::BTreeMap<(&str, &str), Tally> = Default::default();
     let (mut loss_sum, mut tokens) = (0f64, 0f64);
     let mut picked = Vec::new();
-    let (mut landed, mut causal_rows) = (0usize, 0usize);
+    let (mut landed, mut selected, mut causal_rows) = (0usize, 0usize, 0usize);
     for chunk in rows.chunks(batch_size.max(1)) {
         let batch = collate(&chunk.iter().collect::<Vec<_>>(), pad);
         let out = interp.forward(target, &batch, mode, label_limit)?;
@@ -376,7 +381,9 @@ pub fn evaluate_detailed(target: &Llama, interp: &Interpreter, rows: &[EncodedRo
                 let (pad_s, pad_b) = (ts - chunk[bi].source_ids.len(), tb - chunk[bi].base_ids.len());
                 let j = chunk[bi].base_entity_pos + pad_b;
                 causal_rows += 1;
-                landed += usize::from(j < tb && argmax((0..=ts).map(|i| w_host[bi][i][j])) == chunk[bi].source_entity_pos + pad_s);
+                let best = if j < tb { argmax((0..=ts).map(|i| w_host[bi][i][j])) } else { ts };
+                selected += usize::from(best < ts);
+                landed += usize::from(best == chunk[bi].source_entity_pos + pad_s);
             }
         }
         let w = if selections { Some(w_host) } else { None };
@@ -410,7 +417,8 @@ pub fn evaluate_detailed(target: &Llama, interp: &Interpreter, rows: &[EncodedRo
     }
     let (causal, isolate, disentangle) = rates(hit, n);
     let entity_position = (causal_rows > 0).then(|| landed as f64 / causal_rows as f64);
-    let scores = Scores { causal, isolate, disentangle, loss: if tokens > 0.0 { loss_sum / tokens } else { 0.0 }, rows: rows.len(), entity_position };
+    let entity_selected = (causal_rows > 0).then(|| selected as f64 / causal_rows as f64);
+    let scores = Scores { causal, isolate, disentangle, loss: if tokens > 0.0 { loss_sum / tokens } else { 0.0 }, rows: rows.len(), entity_position, entity_selected };
     let groups = by_group.into_iter().map(|((d, a), (h, c))| GroupScores::from_counts(d, a, h, c)).collect();
     Ok(Evaluation { scores, groups, selections: picked })
 }

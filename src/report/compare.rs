@@ -30,9 +30,9 @@ pub struct RunSummary {
     pub method: Method,
     /// Per inference mode: every (domain, attribute) group and each domain's mean.
     pub groups: BTreeMap<String, Vec<GroupScores>>,
-    /// Per inference mode: the share of causal rows whose base entity token takes the source
-    /// entity token (`results.json`; absent in older runs).
-    pub entity_position: BTreeMap<String, f64>,
+    /// Per inference mode: the shares of causal rows whose base entity token takes a source
+    /// token, and the source entity token (`results.json`; absent in older runs).
+    pub entity_position: BTreeMap<String, (Option<f64>, Option<f64>)>,
     /// The run's resolved settings as `key → value` (dotted keys; empty without
     /// `config.resolved.toml`), seeds and `data.attributes` left out: what makes two runs the
     /// same setting.
@@ -92,8 +92,9 @@ pub fn read_run(dir: &Path) -> Result<RunSummary> {
     if let Ok(text) = std::fs::read_to_string(dir.join("results.json")) {
         let results: BTreeMap<String, crate::experiment::run::ModeResult> = serde_json::from_str(&text).map_err(|e| Error::file(dir.join("results.json"), format!("not results: {e}")))?;
         for (mode, r) in results {
-            if let Some(x) = r.accs.get("entity_position") {
-                entity_position.insert(mode, *x);
+            let (sel, pos) = (r.accs.get("entity_selected").copied(), r.accs.get("entity_position").copied());
+            if sel.is_some() || pos.is_some() {
+                entity_position.insert(mode, (sel, pos));
             }
         }
     }
@@ -129,8 +130,10 @@ pub struct CompareRow {
     /// Sample standard deviations over the seeds of (Cause, Isolate, Disentangle); `None` for
     /// one seed.
     pub std: Option<[f64; 3]>,
-    /// The mean share of causal rows whose base entity token takes the source entity token
-    /// (domain means only; `None` where not measured).
+    /// The mean share of causal rows whose base entity token takes a source token (domain
+    /// means only; `None` where not measured).
+    pub entity_selected: Option<f64>,
+    /// The mean share of causal rows whose base entity token takes the source entity token.
     pub entity_position: Option<f64>,
 }
 
@@ -174,7 +177,7 @@ pub fn compare(runs: &[RunSummary], hyperdas_modes: &[String]) -> Result<Vec<Com
         let modes: Vec<String> = if method.is_baseline() { vec!["groundtruth".into()] } else { hyperdas_modes.to_vec() };
         for mode in modes {
             // Per seed: the attribute groups of its runs (one run, or one per attribute).
-            let mut by_seed: BTreeMap<&str, (Vec<GroupScores>, Vec<f64>)> = BTreeMap::new();
+            let mut by_seed: BTreeMap<&str, (Vec<GroupScores>, Vec<(Option<f64>, Option<f64>)>)> = BTreeMap::new();
             for &i in members {
                 let r = &runs[i];
                 let Some(gs) = r.groups.get(&mode) else {
@@ -192,12 +195,13 @@ pub fn compare(runs: &[RunSummary], hyperdas_modes: &[String]) -> Result<Vec<Com
                 }
             }
             // Each seed's domain means over the attributes it holds.
-            let mut per_seed: Vec<(Vec<GroupScores>, Option<f64>)> = Vec::new();
+            let avg = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+            let mut per_seed: Vec<(Vec<GroupScores>, Option<f64>, Option<f64>)> = Vec::new();
             for (mut gs, ep) in by_seed.into_values() {
                 let domains: std::collections::BTreeSet<String> = gs.iter().map(|g| g.domain.clone()).collect();
                 let means: Vec<GroupScores> = domains.iter().map(|d| GroupScores::domain_mean(d, &gs.iter().filter(|g| &g.domain == d).collect::<Vec<_>>())).collect();
                 gs.extend(means);
-                per_seed.push((gs, (!ep.is_empty()).then(|| ep.iter().sum::<f64>() / ep.len() as f64)));
+                per_seed.push((gs, avg(ep.iter().filter_map(|e| e.0).collect()), avg(ep.iter().filter_map(|e| e.1).collect())));
             }
             let mut label = if method.is_baseline() { method.label().to_string() } else { format!("{} · {mode}", method.label()) };
             if *per_attribute {
@@ -208,14 +212,11 @@ pub fn compare(runs: &[RunSummary], hyperdas_modes: &[String]) -> Result<Vec<Com
             }
             // Across seeds, per (domain, attribute) of the first seed.
             for g in &per_seed[0].0 {
-                let same: Vec<&GroupScores> = per_seed.iter().filter_map(|(gs, _)| gs.iter().find(|h| h.domain == g.domain && h.attribute == g.attribute)).collect();
+                let same: Vec<&GroupScores> = per_seed.iter().filter_map(|(gs, _, _)| gs.iter().find(|h| h.domain == g.domain && h.attribute == g.attribute)).collect();
                 let (mean, std) = mean_std(&same);
-                let entity_position = if g.attribute == "mean" {
-                    let v: Vec<f64> = per_seed.iter().filter_map(|(_, e)| *e).collect();
-                    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-                } else {
-                    None
-                };
+                let is_mean = g.attribute == "mean";
+                let entity_selected = if is_mean { avg(per_seed.iter().filter_map(|e| e.1).collect()) } else { None };
+                let entity_position = if is_mean { avg(per_seed.iter().filter_map(|e| e.2).collect()) } else { None };
                 rows.push(CompareRow {
                     label: label.clone(),
                     method: *method,
@@ -226,6 +227,7 @@ pub fn compare(runs: &[RunSummary], hyperdas_modes: &[String]) -> Result<Vec<Com
                     scores: mean,
                     seeds: same.len(),
                     std,
+                    entity_selected,
                     entity_position,
                 });
             }
@@ -304,20 +306,21 @@ pub fn markdown(rows: &[CompareRow]) -> String {
         let title = if attr == "mean" { format!("{domain}: mean over attributes") } else { format!("{domain} / {attr}") };
         let best = rs.iter().map(|r| r.scores.disentangle).filter(|x| !x.is_nan()).fold(f64::NEG_INFINITY, f64::max);
         let seeds = rs.iter().any(|r| r.seeds > 1);
-        let landing = rs.iter().any(|r| r.entity_position.is_some());
+        let landing = rs.iter().any(|r| r.entity_position.is_some() || r.entity_selected.is_some());
         let _ = write!(
             s,
             "### {title}\n\n| method | layer | rank |{} Cause | Isolate | Disentangle |{} rows (causal / isolate) |\n|---|---|---|{}---|---|---|{}---|\n",
             if seeds { " seeds |" } else { "" },
-            if landing { " entity → entity |" } else { "" },
+            if landing { " entity selected | entity → entity |" } else { "" },
             if seeds { "---|" } else { "" },
-            if landing { "---|" } else { "" }
+            if landing { "---|---|" } else { "" }
         );
         for r in rs {
             let [c, i, d] = cells(r);
             let d = if r.scores.disentangle == best { format!("**{d}**") } else { d };
             let n = if seeds { format!(" {} |", r.seeds) } else { String::new() };
-            let e = if landing { format!(" {} |", r.entity_position.map_or("–".into(), |x| format!("{x:.3}"))) } else { String::new() };
+            let share = |x: Option<f64>| x.map_or("–".into(), |x| format!("{x:.3}"));
+            let e = if landing { format!(" {} | {} |", share(r.entity_selected), share(r.entity_position)) } else { String::new() };
             let _ = writeln!(s, "| {} | {} | {} |{n} {c} | {i} | {d} |{e} {} / {} |", r.label, r.layer, r.rank, r.scores.causal_rows, r.scores.isolate_rows);
         }
         s.push('\n');
@@ -337,7 +340,7 @@ pub fn html(rows: &[CompareRow]) -> Result<String> {
                 .map(|r| {
                     let s = &r.scores;
                     let [c, i, d] = cells(r);
-                    serde_json::json!({"best": s.disentangle == best, "label": r.label, "layer": r.layer, "rank": r.rank, "seeds": r.seeds, "causal": c, "isolate": i, "disentangle": d, "entity_position": r.entity_position.map_or("–".into(), |x| format!("{x:.3}")), "causal_rows": s.causal_rows, "isolate_rows": s.isolate_rows})
+                    serde_json::json!({"best": s.disentangle == best, "label": r.label, "layer": r.layer, "rank": r.rank, "seeds": r.seeds, "causal": c, "isolate": i, "disentangle": d, "entity_selected": r.entity_selected.map_or("–".into(), |x| format!("{x:.3}")), "entity_position": r.entity_position.map_or("–".into(), |x| format!("{x:.3}")), "causal_rows": s.causal_rows, "isolate_rows": s.isolate_rows})
                 })
                 .collect();
             serde_json::json!({"title": title, "rows": rows})
