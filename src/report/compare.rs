@@ -177,7 +177,9 @@ pub fn compare(runs: &[RunSummary], hyperdas_modes: &[String]) -> Result<Vec<Com
         let modes: Vec<String> = if method.is_baseline() { vec!["groundtruth".into()] } else { hyperdas_modes.to_vec() };
         for mode in modes {
             // Per seed: the attribute groups of its runs (one run, or one per attribute).
-            let mut by_seed: BTreeMap<&str, (Vec<GroupScores>, Vec<(Option<f64>, Option<f64>)>)> = BTreeMap::new();
+            // Per seed: its attribute groups and each run's (entity selected, entity → entity).
+            type Shares = Vec<(Option<f64>, Option<f64>)>;
+            let mut by_seed: BTreeMap<&str, (Vec<GroupScores>, Shares)> = BTreeMap::new();
             for &i in members {
                 let r = &runs[i];
                 let Some(gs) = r.groups.get(&mode) else {
