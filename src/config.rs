@@ -94,7 +94,9 @@ fn parse_value(raw: &str) -> Value {
 }
 
 fn valid_keys(t: &Table) -> String {
-    t.keys().cloned().collect::<Vec<_>>().join(", ")
+    let mut keys: Vec<&String> = t.keys().collect();
+    keys.sort(); // alphabetical, whatever order the table keeps
+    keys.into_iter().cloned().collect::<Vec<_>>().join(", ")
 }
 
 /// Merge `user` into `base`, rejecting keys `base` does not have.
