@@ -373,29 +373,24 @@ pub fn evaluate_detailed(target: &Llama, interp: &Interpreter, rows: &[EncodedRo
         let loss = prediction_loss(&out, &batch.is_causal, 1.0, 1.0)?.to_scalar::<f32>()? as f64;
         loss_sum += loss * ntok as f64;
         tokens += ntok as f64;
-        let w_host = out.w.to_dtype(candle_core::DType::F32)?.to_vec3::<f32>()?; // [B, T_s+1, T_b]
+        let w = out.w.to_dtype(candle_core::DType::F32)?.to_vec3::<f32>()?; // [B, T_s+1, T_b]
         let (ts, tb) = (batch.source_len, batch.base_len);
-        for (bi, causal) in batch.is_causal.iter().enumerate() {
-            if *causal {
-                // Left padding: the row's own position p is column p + pad of the batch.
-                let (pad_s, pad_b) = (ts - chunk[bi].source_ids.len(), tb - chunk[bi].base_ids.len());
-                let j = chunk[bi].base_entity_pos + pad_b;
-                causal_rows += 1;
-                let best = if j < tb { argmax((0..=ts).map(|i| w_host[bi][i][j])) } else { ts };
-                selected += usize::from(best < ts);
-                landed += usize::from(best == chunk[bi].source_entity_pos + pad_s);
-            }
-        }
-        let w = if selections { Some(w_host) } else { None };
         for (bi, causal) in batch.is_causal.iter().enumerate() {
             let ok = (0..out.k).all(|j| out.valid[bi * out.k + j] == 0.0 || pred[bi * out.k + j] == out.targets[bi * out.k + j]);
             let kind = usize::from(!*causal);
             let g = by_group.entry((chunk[bi].domain.as_str(), chunk[bi].target_attribute.as_str())).or_default();
             g.1[kind] += 1;
             g.0[kind] += usize::from(ok);
-            if let Some(w) = &w {
-                let (ts, tb) = (batch.source_len, batch.base_len);
-                let (pad_s, pad_b) = (ts - chunk[bi].source_ids.len(), tb - chunk[bi].base_ids.len());
+            // Left padding: the row's own position p is column p + pad of the batch.
+            let (pad_s, pad_b) = (ts - chunk[bi].source_ids.len(), tb - chunk[bi].base_ids.len());
+            if *causal {
+                let j = chunk[bi].base_entity_pos + pad_b;
+                causal_rows += 1;
+                let best = if j < tb { argmax((0..=ts).map(|i| w[bi][i][j])) } else { ts };
+                selected += usize::from(best < ts);
+                landed += usize::from(best == chunk[bi].source_entity_pos + pad_s);
+            }
+            if selections {
                 let mut selected = Vec::new();
                 for j in pad_b..tb {
                     let best = argmax((0..=ts).map(|i| w[bi][i][j]));
