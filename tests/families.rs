@@ -6,7 +6,9 @@
 //! * Gemma 2: Gemma 3's block without q/k norms, with soft-capped attention scores;
 //! * OLMo 2: norms on the attention and MLP outputs instead of their inputs, q/k norms over the
 //!   whole projections;
-//! * Phi 3: fused q/k/v and gate/up projections, split at load (the fast path without a window).
+//! * Phi 3: fused q/k/v and gate/up projections, split at load (the fast path without a window);
+//! * GPT-2 and GPT-NeoX: LayerNorms, ungated GELU MLPs, learned positions (GPT-2), RoPE over part
+//!   of each head and a parallel residual (GPT-NeoX); the hypernetwork's blocks start from scratch.
 //!
 //! All but Phi 3 without a window run on the composed (autograd) path; the hypernetwork is
 //! initialised from the target's first blocks (q/k norms included), and the baselines train on
@@ -93,9 +95,71 @@ fn phi3_windows_and_rope_variants() {
     let err = parse(&json).unwrap_err().to_string();
     assert!(err.contains("short_factor"), "{err}");
     json["rope_scaling"] = serde_json::Value::Null;
+    // Phi-4-mini: RoPE over three quarters of each 16-dimensional head.
     json["partial_rotary_factor"] = serde_json::json!(0.75);
+    assert_eq!(parse(&json).unwrap().rotary_dims, 12);
+    // A fraction that leaves an odd number of dimensions names the key.
+    json["partial_rotary_factor"] = serde_json::json!(0.1);
     let err = parse(&json).unwrap_err().to_string();
-    assert!(err.contains("partial_rotary_factor"), "{err}");
+    assert!(err.contains("partial_rotary_factor") && err.contains("even"), "{err}");
+    // Other Llama-family configs refuse it, naming it.
+    json["model_type"] = serde_json::json!("llama");
+    json["partial_rotary_factor"] = serde_json::json!(0.5);
+    let err = parse(&json).unwrap_err().to_string();
+    assert!(err.contains("partial_rotary_factor") && err.contains("llama"), "{err}");
+}
+
+#[test]
+fn hyperdas_and_mdas_train_on_gpt2() {
+    let lm = load(&fixture("tiny-gpt2"), DType::F32);
+    let c = &lm.model.config;
+    assert_eq!((c.architecture, c.rotary_dims), (hyperdas::model::Architecture::Gpt2, 0));
+    assert!(!c.is_llama_block() && lm.model.position_embeddings.is_some());
+    assert!(matches!(lm.model.layers[0].input_layernorm, Some(hyperdas::model::llama::Norm::Layer(_))) && lm.model.layers[0].mlp.gate_proj.is_none());
+    assert_trains("tiny-gpt2", Method::HyperDas);
+    assert_trains("tiny-gpt2", Method::Mdas);
+}
+
+#[test]
+fn hyperdas_and_mdas_train_on_gpt_neox() {
+    let lm = load(&fixture("tiny-gpt-neox"), DType::F32);
+    let c = &lm.model.config;
+    assert_eq!((c.architecture, c.rotary_dims, c.head_dim), (hyperdas::model::Architecture::GptNeox, 4, 16));
+    assert!(lm.model.layers.iter().all(|b| b.parallel));
+    assert_trains("tiny-gpt-neox", Method::HyperDas);
+    assert_trains("tiny-gpt-neox", Method::Mdas);
+}
+
+#[test]
+fn gpt_family_configs_parse_and_count_their_parameters() {
+    let parse = |j: &serde_json::Value| hyperdas::model::LlamaConfig::from_hf_json(j, std::path::Path::new("config.json"));
+    // The hub's gpt2 (124M): 124,439,808 parameters, as transformers counts them (tied head).
+    let gpt2 = serde_json::json!({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 50257, "n_embd": 768,
+        "n_layer": 12, "n_head": 12, "n_positions": 1024, "n_ctx": 1024, "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5, "bos_token_id": 50256, "eos_token_id": 50256
+    });
+    let c = parse(&gpt2).unwrap();
+    assert_eq!((c.head_dim, c.intermediate_size, c.num_parameters()), (64, 3072, 124_439_808));
+    // Pythia-160m (transformers 4 spelling): 162,322,944 parameters, untied embed_out.
+    let pythia = serde_json::json!({
+        "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": 50304, "hidden_size": 768,
+        "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 2048,
+        "rotary_pct": 0.25, "rotary_emb_base": 10000, "layer_norm_eps": 1e-5, "use_parallel_residual": true,
+        "hidden_act": "gelu", "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 0
+    });
+    let c = parse(&pythia).unwrap();
+    assert_eq!((c.rotary_dims, c.num_parameters()), (16, 162_322_944));
+    // Clear errors that name the key.
+    let mut bad = gpt2.clone();
+    bad["activation_function"] = serde_json::json!("relu");
+    assert!(parse(&bad).unwrap_err().to_string().contains("activation_function"));
+    let mut bad = pythia.clone();
+    bad["rotary_pct"] = serde_json::json!(1.5);
+    assert!(parse(&bad).unwrap_err().to_string().contains("rotary_pct"));
+    // An architecture still unsupported names itself and lists the supported ones.
+    let err = parse(&serde_json::json!({"model_type": "falcon", "architectures": ["FalconForCausalLM"]})).unwrap_err().to_string();
+    assert!(err.contains("falcon") && err.contains("gpt2 (GPT2LMHeadModel)") && err.contains("gpt_neox"), "{err}");
 }
 
 #[test]

@@ -75,6 +75,46 @@ fn tiny_phi3_with_fused_projections_matches_transformers() {
 }
 
 #[test]
+fn tiny_gpt2_with_layer_norms_and_learned_positions_matches_transformers() {
+    // Conv1D weights transposed at load, LayerNorm biases, wpe at the padded rows' positions.
+    assert_parity(&fixture("tiny-gpt2"), "tiny-gpt2-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
+fn a_gpt2_checkpoint_without_the_transformer_prefix_loads_identically() {
+    // The hub's `gpt2` stores GPT2Model's names (`h.0.attn...`, `wte.weight`), not GPT2LMHeadModel's.
+    let dir = copy_dir(&fixture("tiny-gpt2"));
+    let st = dir.path().join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let renamed: HashMap<String, Tensor> = tensors.into_iter().map(|(k, v)| (k.strip_prefix("transformer.").unwrap_or(&k).to_string(), v)).collect();
+    assert!(renamed.contains_key("wte.weight"));
+    candle_core::safetensors::save(&renamed, &st).unwrap();
+    assert_parity(dir.path(), "tiny-gpt2-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
+fn tiny_gpt_neox_with_partial_rotary_and_parallel_residual_matches_transformers() {
+    // RoPE on 4 of 16 dimensions per head, q/k/v fused per head, parallel attention and MLP.
+    assert_parity(&fixture("tiny-gpt-neox"), "tiny-gpt-neox-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
+fn a_pythia_config_in_the_transformers4_spelling_gives_identical_outputs() {
+    // The hub's Pythia configs: `rotary_pct` and `rotary_emb_base`, no `rope_parameters`.
+    let dir = copy_dir(&fixture("tiny-gpt-neox"));
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let obj = cfg.as_object_mut().unwrap();
+    obj.remove("rope_parameters");
+    obj.insert("rotary_pct".into(), serde_json::json!(0.25));
+    obj.insert("rotary_emb_base".into(), serde_json::json!(10000));
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let c = load(dir.path(), DType::F32).model.config;
+    assert_eq!((c.rotary_dims, c.head_dim, c.rope.theta), (4, 16, 10000.0));
+    assert_parity(dir.path(), "tiny-gpt-neox-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
 fn the_text_decoder_of_a_multimodal_gemma3_checkpoint_matches_transformers() {
     // tiny-gemma3's weights nested as `language_model.model.*` beside a vision tower, with a
     // `model_type: gemma3` config whose `text_config` describes the decoder: the same reference.
@@ -95,6 +135,18 @@ fn tiny_phi3_with_longrope_short_and_long_factors_matches_transformers() {
         }
         assert_parity(dir.path(), &format!("tiny-phi3-longrope-{name}-reference.safetensors"), TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
     }
+}
+
+#[test]
+fn tiny_phi3_with_partial_rotary_embeddings_matches_transformers() {
+    // Phi-4-mini's partial_rotary_factor: RoPE on 6 of each head's 12 dimensions. The q/k rows
+    // are reordered at load, so the block stays the Llama block (fast path).
+    let dir = copy_dir(&fixture("tiny-phi3"));
+    std::fs::copy(fixture("tiny-phi3-partial-config.json"), dir.path().join("config.json")).unwrap();
+    let c = load(dir.path(), DType::F32).model.config;
+    assert_eq!((c.rotary_dims, c.head_dim), (6, 12));
+    assert!(c.is_llama_block());
+    assert_parity(dir.path(), "tiny-phi3-partial-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
 }
 
 #[test]
@@ -302,6 +354,13 @@ fn a_gemma3_row_does_not_depend_on_its_padding_or_batch_neighbours() {
     // The sliding window counts padded indices, as transformers does; for left-padded rows
     // that is the distance in positions, so padding must not move the window.
     row_independent_of_padding("tiny-gemma3");
+}
+
+#[test]
+fn gpt2_and_gpt_neox_rows_do_not_depend_on_their_padding_or_batch_neighbours() {
+    // GPT-2's learned positions count from each row's first real token, as RoPE's do.
+    row_independent_of_padding("tiny-gpt2");
+    row_independent_of_padding("tiny-gpt-neox");
 }
 
 fn row_independent_of_padding(name: &str) {

@@ -39,3 +39,12 @@ fn qwen2_biases_and_gemma3_local_layers_equal_the_full_prompts() {
     // Its sliding window is 4 tokens: prefix (5) and continuations (up to 6) both cross it.
     check("tiny-gemma3", &[2, 5, 6, 20, 21], &rows, 1e-5);
 }
+
+#[test]
+fn gpt2_learned_positions_and_gpt_neox_partial_rotary_equal_the_full_prompts() {
+    // GPT-2's continuations take the position embeddings after the prefix; GPT-NeoX's RoPE covers
+    // a quarter of each head and its blocks are parallel.
+    let rows = vec![vec![7, 8, 9, 10, 14, 15], vec![11], vec![12, 13, 16]];
+    check("tiny-gpt2", &[1, 5, 6, 20, 21], &rows, 1e-5);
+    check("tiny-gpt-neox", &[1, 5, 6, 20, 21], &rows, 1e-5);
+}

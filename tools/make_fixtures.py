@@ -32,6 +32,12 @@ Outputs (all small):
   tiny-phi3/ + tiny-phi3-reference.safetensors   Phi 3: fused qkv_proj and gate_up_proj (`--only phi3`)
   tiny-phi3-longrope-{short,long}-config.json + …-reference.safetensors   the same weights with longrope
                                  scaling, original context 64 (short factors) and 4 (long factors)
+  tiny-gpt2/ + tiny-gpt2-reference.safetensors   GPT-2: LayerNorm, learned positions, Conv1D, gelu_new,
+                                 tied (`--only gpt` rewrites these and the two below)
+  tiny-gpt-neox/ + tiny-gpt-neox-reference.safetensors   GPT-NeoX / Pythia: fused per-head qkv, RoPE on
+                                 a quarter of each head, parallel residual, exact GELU, untied
+  tiny-phi3-partial-config.json + tiny-phi3-partial-reference.safetensors   tiny-phi3's weights with
+                                 RoPE over half of each head (Phi-4-mini's partial_rotary_factor)
   tiny-gemma3-multimodal/        tiny-gemma3's text weights inside a Gemma3ForConditionalGeneration
                                  checkpoint with a tiny vision tower (`--only gemma3-multimodal`)
   ggml-types.gguf + ggml-types-reference.safetensors  one tensor per GGML type, dequantized by gguf-py
@@ -169,11 +175,11 @@ def randomize(model, seed, norm_center=1.0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            if name.endswith("norm.weight") or "layernorm" in name or ".ln_" in name:
                 p.copy_(norm_center + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name or "lm_head" in name:
+            elif any(k in name for k in ("embed_tokens", "lm_head", "wte", "wpe", "embed_in", "embed_out")):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]) * 1.5)
@@ -186,16 +192,25 @@ def left_padded_batch(tok_fast, prompts):
     return ids, mask, pos
 
 
+def decoder_parts(model):
+    """The blocks and the final norm of a causal LM, whatever its family calls them."""
+    if hasattr(model, "transformer"):  # GPT-2
+        return model.transformer.h, model.transformer.ln_f
+    if hasattr(model, "gpt_neox"):
+        return model.gpt_neox.layers, model.gpt_neox.final_layer_norm
+    return model.model.layers, model.model.norm
+
+
 def reference_pass(model, ids, mask, pos, seed, grad_layer=1):
     """Hidden states, logits and d(sum(logits * W))/d(resid entering block `grad_layer`)."""
     model.eval()
-    layers = model.model.layers
+    layers, final_norm = decoder_parts(model)
     captured = {}
 
     def capture_final_input(_mod, args):
         captured["last_raw"] = args[0].detach().clone()
 
-    h = model.model.norm.register_forward_pre_hook(capture_final_input)
+    h = final_norm.register_forward_pre_hook(capture_final_input)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
     h.remove()
@@ -203,7 +218,7 @@ def reference_pass(model, ids, mask, pos, seed, grad_layer=1):
     L = len(layers)
     assert len(hs) == L + 1
     # Our convention: index L is after the final norm, as transformers' last hidden state is.
-    normed = model.model.norm(captured["last_raw"])
+    normed = final_norm(captured["last_raw"])
     assert torch.allclose(hs[L], normed, atol=1e-6), "transformers changed its hidden_states convention"
     hidden = torch.stack(hs, dim=2).contiguous()  # [B, T, L+1, D]
     logits = out.logits.float().contiguous()  # [B, T, V]
@@ -521,6 +536,49 @@ def tiny_phi3(out: Path):
         save_pt(ref, str(out / f"tiny-phi3-longrope-{name}-reference.safetensors"),
                 metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
                           "torch": torch.__version__, "model": f"tiny-phi3 with longrope ({name} factors)"})
+
+
+def tiny_gpt2(out: Path):
+    """GPT-2: LayerNorms with biases, learned absolute positions (given the padded batch's
+    position ids, as our runtime counts them), Conv1D weights stored [in, out], a `gelu_new` MLP
+    without a gate, tied embeddings."""
+    tiny_on_llama_tokenizer(
+        out, "tiny-gpt2", transformers.GPT2Config, transformers.GPT2LMHeadModel, seed=9,
+        n_embd=48, n_layer=2, n_head=4, n_inner=96, n_positions=64, layer_norm_epsilon=1e-5,
+        activation_function="gelu_new", tie_word_embeddings=True, attn_implementation="eager",
+    )
+
+
+def tiny_gpt_neox(out: Path):
+    """GPT-NeoX / Pythia: q/k/v fused per head, RoPE over the first quarter of each head
+    (`partial_rotary_factor` 0.25: 4 of 16 dimensions), LayerNorms, an exact-GELU MLP without a
+    gate, attention and MLP in parallel, untied `embed_out`."""
+    tiny_on_llama_tokenizer(
+        out, "tiny-gpt-neox", transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM, seed=10,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, layer_norm_eps=1e-5, hidden_act="gelu", use_parallel_residual=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        attention_bias=True, tie_word_embeddings=False, attn_implementation="eager",
+    )
+
+
+def tiny_phi3_partial(out: Path):
+    """Phi-4-mini's partial rotary embeddings on tiny-phi3's weights (config only): RoPE over the
+    first half of each head (`partial_rotary_factor` 0.5: 6 of 12 dimensions). Needs tiny-phi3/."""
+    model = transformers.Phi3ForCausalLM.from_pretrained(out / "tiny-phi3", dtype=torch.float32)
+    cfg = model.config.to_dict()
+    cfg["rope_parameters"] = {**cfg["rope_parameters"], "partial_rotary_factor": 0.5}
+    var = transformers.Phi3Config(**cfg)
+    vmodel = transformers.Phi3ForCausalLM(var).float()
+    vmodel.load_state_dict(model.state_dict())
+    var.to_json_file(str(out / "tiny-phi3-partial-config.json"))
+    tok_fast = transformers.AutoTokenizer.from_pretrained(out / "tiny-phi3")
+    tok_fast.padding_side = "left"
+    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
+    ref = reference_pass(vmodel, ids, mask, pos, seed=7)
+    save_pt(ref, str(out / "tiny-phi3-partial-reference.safetensors"),
+            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
+                      "torch": torch.__version__, "model": "tiny-phi3 with partial_rotary_factor 0.5"})
 
 
 def tiny_gemma3_multimodal(out: Path):
@@ -892,11 +950,17 @@ def main():
     ap.add_argument("--ravel", type=Path, required=True, help="folder with entities.tsv and templates.json")
     ap.add_argument("--smollm2-gguf", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf (skip SmolLM2 fixtures if absent)")
     ap.add_argument("--gemma3-gguf", type=Path, help="gemma-3-270m-q4_k_m.gguf (skip Gemma-3-270M fixtures if absent)")
-    ap.add_argument("--only", choices=["gemma3", "qwen3", "mistral", "gemma2", "olmo2", "phi3", "gemma3-multimodal"], help="write only these fixtures")
+    ap.add_argument("--only", choices=["gemma3", "qwen3", "mistral", "gemma2", "olmo2", "phi3", "gemma3-multimodal", "gpt"], help="write only these fixtures")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "tests" / "fixtures")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.only == "gpt":
+        print("tiny gpt2 and gpt-neox ...")
+        tiny_gpt2(args.out)
+        tiny_gpt_neox(args.out)
+        tiny_phi3_partial(args.out)
+        return
     if args.only == "gemma3-multimodal":
         print("tiny gemma3 multimodal ...")
         tiny_gemma3_multimodal(args.out)
@@ -942,6 +1006,10 @@ def main():
     tiny_olmo2(args.out)
     print("tiny phi3 ...")
     tiny_phi3(args.out)
+    tiny_phi3_partial(args.out)
+    print("tiny gpt2 and gpt-neox ...")
+    tiny_gpt2(args.out)
+    tiny_gpt_neox(args.out)
     print("ggml types ...")
     ggml_types(args.out)
     print("sentencepiece tokenizer ...")

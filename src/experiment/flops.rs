@@ -49,7 +49,8 @@ pub fn block_forward(c: &LlamaConfig, b: usize, t: usize) -> f64 {
     let n = (b * t) as f64;
     let proj = 2.0 * n * d * (h * hd + 2.0 * hkv * hd) + 2.0 * n * h * hd * d;
     let attn = 2.0 * 2.0 * b as f64 * h * (t * t) as f64 * hd;
-    let mlp = 2.0 * n * 3.0 * d * f;
+    let matrices = if c.gpt.is_some() { 2.0 } else { 3.0 }; // GPT-2 / GPT-NeoX: no gate
+    let mlp = 2.0 * n * matrices * d * f;
     proj + attn + mlp
 }
 

@@ -35,7 +35,7 @@ use self::attention::{causal_mask, key_mask};
 use self::pointer::PointerHead;
 use crate::error::{Error, Result};
 use crate::model::kernels;
-use crate::model::llama::{Attention, Linear, Mlp, RmsNorm};
+use crate::model::llama::{Attention, Linear, Mlp, Norm, RmsNorm};
 use crate::model::rope::Rope;
 use crate::model::{Llama, TokenBatch};
 use crate::params::ParamStore;
@@ -233,13 +233,17 @@ impl HyperNetwork {
         let (h, hkv) = (c.num_attention_heads, c.num_key_value_heads);
         let mut r = Registrar { ps, rng: Rng::derive(config.seed, "hypernet/init"), device: target.device().clone(), frozen: config.freeze.clone() };
         let embed_tokens = r.copy("hypernet.embed_tokens.weight", &target.embed_tokens)?;
+        // GPT-2 and GPT-NeoX blocks (LayerNorm, ungated MLP, fused or partial-rotary attention) do
+        // not fit the hypernetwork's Llama layout: its blocks start from scratch there.
+        let copyable = c.gpt.is_none();
+        let from_scratch = config.from_scratch || !copyable;
         let mut blocks = Vec::with_capacity(config.num_blocks);
         for i in 0..config.num_blocks {
             let p = format!("hypernet.layers.{i}");
             let src = &target.layers[i];
             let attn = |r: &mut Registrar, which: &str| -> Result<Attention> {
                 let name = format!("{p}.{which}");
-                let (q, k, v, o) = if config.from_scratch {
+                let (q, k, v, o) = if from_scratch {
                     (
                         r.linear_new(&format!("{name}.q_proj"), h * hd, d)?,
                         r.linear_new(&format!("{name}.k_proj"), hkv * hd, d)?,
@@ -263,15 +267,17 @@ impl HyperNetwork {
                 if let (Some(qn), Some(kn)) = (&t.q_norm, &t.k_norm) {
                     let copy = |r: &mut Registrar, which: &str, from: &RmsNorm| -> Result<RmsNorm> {
                         let n = format!("{name}.{which}.weight");
-                        let weight = if config.from_scratch { r.ones(&n, from.weight.dim(0)?)? } else { r.copy(&n, &from.weight)? };
+                        let weight = if from_scratch { r.ones(&n, from.weight.dim(0)?)? } else { r.copy(&n, &from.weight)? };
                         Ok(RmsNorm { weight, eps: from.eps })
                     };
                     a.q_norm = Some(copy(r, "q_norm", qn)?);
                     a.k_norm = Some(copy(r, "k_norm", kn)?);
                     a.qk_norm = t.qk_norm;
                 }
-                a.q_scale = t.q_scale;
-                a.logit_cap = t.logit_cap;
+                if copyable {
+                    a.q_scale = t.q_scale;
+                    a.logit_cap = t.logit_cap;
+                }
                 Ok(a)
             };
             let self_attn = attn(&mut r, "self_attn")?;
@@ -279,10 +285,11 @@ impl HyperNetwork {
             let base_attn = attn(&mut r, "base_attn")?;
             // The hypernetwork's blocks norm before attention and MLP (the Llama layout); a target
             // without such norms (OLMo 2) gives nothing to copy, so they start at ones.
-            let norm = |r: &mut Registrar, which: &str, from: Option<&RmsNorm>| -> Result<RmsNorm> {
+            let norm = |r: &mut Registrar, which: &str, from: Option<&Norm>| -> Result<RmsNorm> {
+                let from = from.and_then(Norm::as_rms);
                 let name = format!("{p}.{which}.weight");
                 match from {
-                    Some(from) if !config.from_scratch => Ok(RmsNorm { weight: r.copy(&name, &from.weight)?, eps: from.eps }),
+                    Some(from) if !from_scratch => Ok(RmsNorm { weight: r.copy(&name, &from.weight)?, eps: from.eps }),
                     _ => Ok(RmsNorm { weight: r.ones(&name, d)?, eps: from.map_or(c.rms_norm_eps, |f| f.eps) }),
                 }
             };
@@ -290,16 +297,18 @@ impl HyperNetwork {
             let source_norm = norm(&mut r, "source_layernorm", src.input_layernorm.as_ref())?;
             let base_norm = norm(&mut r, "base_layernorm", src.input_layernorm.as_ref())?;
             let post_norm = norm(&mut r, "post_attention_layernorm", src.post_attention_layernorm.as_ref())?;
-            let mlp = if config.from_scratch {
+            let mlp = if from_scratch {
                 Mlp {
-                    gate_proj: r.linear_new(&format!("{p}.mlp.gate_proj"), f, d)?,
+                    gate_proj: Some(r.linear_new(&format!("{p}.mlp.gate_proj"), f, d)?),
                     up_proj: r.linear_new(&format!("{p}.mlp.up_proj"), f, d)?,
                     down_proj: r.linear_new(&format!("{p}.mlp.down_proj"), d, f)?,
-                    act: src.mlp.act,
+                    // SwiGLU where the target's MLP has no gate to take the activation from.
+                    act: if src.mlp.gate_proj.is_some() { src.mlp.act } else { crate::model::Activation::Silu },
                 }
             } else {
+                let gate = src.mlp.gate_proj.as_ref().ok_or_else(|| Error::invalid("copying an MLP without a gate into the hypernetwork"))?;
                 Mlp {
-                    gate_proj: r.linear_copy(&format!("{p}.mlp.gate_proj"), &src.mlp.gate_proj)?,
+                    gate_proj: Some(r.linear_copy(&format!("{p}.mlp.gate_proj"), gate)?),
                     up_proj: r.linear_copy(&format!("{p}.mlp.up_proj"), &src.mlp.up_proj)?,
                     down_proj: r.linear_copy(&format!("{p}.mlp.down_proj"), &src.mlp.down_proj)?,
                     act: src.mlp.act,
@@ -307,9 +316,15 @@ impl HyperNetwork {
             };
             blocks.push(HyperBlock { input_norm, self_attn, source_norm, source_attn, base_norm, base_attn, post_norm, mlp });
         }
-        let norm = RmsNorm { weight: r.copy("hypernet.norm.weight", &target.norm.weight)?, eps: target.norm.eps };
+        let norm = match target.norm.as_rms() {
+            Some(n) => RmsNorm { weight: r.copy("hypernet.norm.weight", &n.weight)?, eps: n.eps },
+            None => RmsNorm { weight: r.ones("hypernet.norm.weight", d)?, eps: target.norm.eps() },
+        };
+        // The hypernetwork's own RoPE covers whole heads even where the target's covers part
+        // of each (GPT-NeoX) or none (GPT-2).
+        let rope = if c.rotary_dims == hd { target.rope().clone() } else { Rope::new(&c.rope, hd) };
         let pointer = PointerHead::new(&mut r, d, h, hkv, hd, config.self_bias, config.pointer_rope, config.pointer_scale)?;
-        Ok(HyperNetwork { config: config.clone(), embed_tokens, embed_scale: target.embed_scale(), blocks, norm, pointer, rope: target.rope().clone() })
+        Ok(HyperNetwork { config: config.clone(), embed_tokens, embed_scale: target.embed_scale(), blocks, norm, pointer, rope })
     }
 
     /// Run the hypernetwork: `z [B, D]` and `W [B, T_s+1, T_b]`.

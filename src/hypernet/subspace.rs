@@ -187,7 +187,7 @@ impl SubspaceModule {
                 };
                 Ok(Linear { weight, bias: None })
             };
-            mlp = Some(Mlp { gate_proj: lin(r, "gate_proj", f, d)?, up_proj: lin(r, "up_proj", f, d)?, down_proj: lin(r, "down_proj", out, f)?, act: crate::model::Activation::Silu });
+            mlp = Some(Mlp { gate_proj: Some(lin(r, "gate_proj", f, d)?), up_proj: lin(r, "up_proj", f, d)?, down_proj: lin(r, "down_proj", out, f)?, act: crate::model::Activation::Silu });
         }
         let boundary = if kind == SubspaceKind::Boundless {
             r.ps.add("subspace.boundary", Tensor::new(&[0.5f32], &dev)?)?;

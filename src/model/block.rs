@@ -3,7 +3,10 @@
 //! ```text
 //! a = x + norm_a(o_proj(Attn(RMSNorm_in(x))))        norm_a: Gemma 3's post-attention norm, else identity
 //! y = a + norm_m(Mlp(RMSNorm_post(a)))               norm_m: Gemma 3's post-feed-forward norm, else identity
+//! y = x + Attn(LN_in(x)) + Mlp(LN_post(x))           parallel residual (GPT-NeoX)
 //! ```
+//!
+//! The norms are RMSNorms, or LayerNorms for GPT-2 and GPT-NeoX (loaded by `model::gpt`).
 //!
 //! * [`Block::forward`] (and [`Block::forward_with_past`] for a shared prefix): composed ops,
 //!   ordinary autograd; every architecture.
@@ -30,7 +33,7 @@ use candle_core::{DType, Device, Tensor};
 use super::batch::ForwardContext;
 use super::config::{LayerKind, LlamaConfig};
 use super::kernels;
-use super::layers::{Attention, Linear, Mlp, RmsNorm};
+use super::layers::{Attention, Linear, Mlp, Norm, RmsNorm};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -38,25 +41,27 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct Block {
     /// The norm before attention (none in OLMo 2).
-    pub input_layernorm: Option<RmsNorm>,
+    pub input_layernorm: Option<Norm>,
     pub self_attn: Attention,
     /// The norm before the MLP: HF `post_attention_layernorm` in Llama, `pre_feedforward_layernorm`
     /// in Gemma (none in OLMo 2).
-    pub post_attention_layernorm: Option<RmsNorm>,
+    pub post_attention_layernorm: Option<Norm>,
     pub mlp: Mlp,
     /// Gemma, OLMo 2: the norm on the attention output before the residual add (HF `post_attention_layernorm`).
-    pub attn_output_norm: Option<RmsNorm>,
+    pub attn_output_norm: Option<Norm>,
     /// Gemma, OLMo 2: the norm on the MLP output (HF `post_feedforward_layernorm`).
-    pub mlp_output_norm: Option<RmsNorm>,
+    pub mlp_output_norm: Option<Norm>,
     /// Sliding-window attention (Gemma 3's local layers; every Mistral layer with a window).
     pub sliding: bool,
+    /// GPT-NeoX's parallel residual: the MLP reads the block's input, not the attention's output.
+    pub parallel: bool,
 }
 
 impl Block {
     pub(super) fn load(w: &Weights, l: usize, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
         let p = format!("model.layers.{l}");
         let d = c.hidden_size;
-        let norm = |name: &str| RmsNorm::load_for(w, &format!("{p}.{name}.weight"), d, c, dtype, dev);
+        let norm = |name: &str| Ok::<_, Error>(Norm::Rms(RmsNorm::load_for(w, &format!("{p}.{name}.weight"), d, c, dtype, dev)?));
         let self_attn = Attention::load(w, &format!("{p}.self_attn"), c, dtype, dev)?;
         let mlp = Mlp::load(w, &format!("{p}.mlp"), c, dtype, dev)?;
         if c.architecture == super::config::Architecture::Olmo2 {
@@ -69,6 +74,7 @@ impl Block {
                 attn_output_norm: Some(norm("post_attention_layernorm")?),
                 mlp_output_norm: Some(norm("post_feedforward_layernorm")?),
                 sliding: false,
+                parallel: false,
             });
         }
         Ok(match &c.gemma {
@@ -80,6 +86,7 @@ impl Block {
                 attn_output_norm: None,
                 mlp_output_norm: None,
                 sliding: c.sliding_window.is_some(),
+                parallel: false,
             },
             Some(g) => Block {
                 input_layernorm: Some(norm("input_layernorm")?),
@@ -89,6 +96,7 @@ impl Block {
                 attn_output_norm: Some(norm("post_attention_layernorm")?),
                 mlp_output_norm: Some(norm("post_feedforward_layernorm")?),
                 sliding: g.layer_types[l] == LayerKind::Sliding,
+                parallel: false,
             },
         })
     }
@@ -114,8 +122,18 @@ impl Block {
         Ok((out, kv))
     }
 
-    /// The block around its attention: `x + norms(attend(RMSNorm_in(x)))`, then the MLP residual.
+    /// The block around its attention: `x + norms(attend(RMSNorm_in(x)))`, then the MLP residual
+    /// (or, parallel, `x + attend(LN_in(x)) + Mlp(LN_post(x))`).
     fn around_attention(&self, x: &Tensor, attend: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        if self.parallel {
+            let (ln_in, ln_post) = match (&self.input_layernorm, &self.post_attention_layernorm) {
+                (Some(a), Some(m)) => (a, m),
+                _ => return Err(Error::invalid("a parallel-residual block needs its two norms")),
+            };
+            let a = attend(&ln_in.forward(x)?)?; // [B, T, D]
+            let m = self.mlp.forward(&ln_post.forward(x)?)?; // [B, T, D]
+            return Ok(((m + a)? + x)?); // [B, T, D], summed in transformers' order
+        }
         let h = match &self.input_layernorm {
             Some(n) => n.forward(x)?, // [B, T, D]
             None => x.clone(),        // [B, T, D]
@@ -196,16 +214,21 @@ impl Block {
         };
         let y1 = (x + lin(&a.o_proj, &o)?)?; // [B, T, D]
         let h2 = kernels::rms_norm(&y1, &post.weight, post.eps)?; // [B, T, D]
-        let g = lin(&blk.mlp.gate_proj, &h2)?; // [B, T, F]
         let u = lin(&blk.mlp.up_proj, &h2)?; // [B, T, F]
+        let g = lin(blk.gated()?, &h2)?; // [B, T, F]
         let y = (&y1 + lin(&blk.mlp.down_proj, &kernels::silu_mul(&g, &u)?)?)?; // [B, T, D]
         Ok((y, BlockTape { x: x.clone(), y1, q, k, v, p, g, u }))
     }
 
+    /// The gate of the Llama block's MLP, which the taped path needs.
+    fn gated(&self) -> Result<&Linear> {
+        self.mlp.gate_proj.as_ref().ok_or_else(|| Error::invalid("the taped backward covers the gated MLP of the Llama block; this block has no gate"))
+    }
+
     /// The Llama block's two norms (before attention, before the MLP), which the taped path needs.
     fn llama_norms(&self) -> Result<(&RmsNorm, &RmsNorm)> {
-        match (&self.input_layernorm, &self.post_attention_layernorm) {
-            (Some(i), Some(p)) => Ok((i, p)),
+        match (self.input_layernorm.as_ref().and_then(Norm::as_rms), self.post_attention_layernorm.as_ref().and_then(Norm::as_rms)) {
+            (Some(i), Some(p)) if !self.parallel => Ok((i, p)),
             _ => Err(Error::invalid("the taped backward covers the Llama block, which norms before attention and before the MLP; this block does not")),
         }
     }
@@ -221,7 +244,7 @@ impl Block {
         // MLP.
         let dm = lin_back(&blk.mlp.down_proj, dy)?; // [B, T, F]
         let (dg, du) = kernels::silu_mul_backward(&tape.g, &tape.u, &dm)?; // [B, T, F] each
-        let dh2 = (lin_back(&blk.mlp.gate_proj, &dg)? + lin_back(&blk.mlp.up_proj, &du)?)?; // [B, T, D]
+        let dh2 = (lin_back(blk.gated()?, &dg)? + lin_back(&blk.mlp.up_proj, &du)?)?; // [B, T, D]
         let (inp, post) = blk.llama_norms()?;
         let dy1 = (dy + kernels::rms_norm_backward(&tape.y1, &post.weight, &dh2, post.eps, false)?.0)?; // [B, T, D]
         // Attention.

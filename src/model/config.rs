@@ -42,10 +42,16 @@ pub enum Architecture {
     /// Gemma 2 (Gemma2ForCausalLM, `gemma2`): Gemma 3's block without q/k norms, with the
     /// attention scores soft-capped, sliding and global layers alternating, one RoPE.
     Gemma2,
+    /// GPT-2 (GPT2LMHeadModel, `gpt2`): LayerNorm, learned absolute positions, Conv1D weights
+    /// (stored `[in, out]`, transposed at load), a GELU MLP without a gate, biases everywhere.
+    Gpt2,
+    /// GPT-NeoX / Pythia (GPTNeoXForCausalLM, `gpt_neox`): LayerNorm, q/k/v fused per head,
+    /// RoPE over part of each head, a GELU MLP without a gate, attention and MLP in parallel.
+    GptNeox,
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), olmo2 (Olmo2ForCausalLM), phi3 (Phi3ForCausalLM), gemma2 (Gemma2ForCausalLM), gemma3_text (Gemma3ForCausalLM)";
+    pub const SUPPORTED: &'static str = "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM), olmo2 (Olmo2ForCausalLM), phi3 (Phi3ForCausalLM), gemma2 (Gemma2ForCausalLM), gemma3_text (Gemma3ForCausalLM), gemma3 (Gemma3ForConditionalGeneration, its text decoder), gpt2 (GPT2LMHeadModel), gpt_neox (GPTNeoXForCausalLM)";
 }
 
 /// The MLP's gate activation.
@@ -53,8 +59,11 @@ impl Architecture {
 pub enum Activation {
     /// SwiGLU (Llama, Qwen2): `silu(g) ⊙ u`.
     Silu,
-    /// GeGLU with the tanh approximation (Gemma, `gelu_pytorch_tanh`): `gelu_tanh(g) ⊙ u`.
+    /// GeGLU with the tanh approximation (Gemma, `gelu_pytorch_tanh`): `gelu_tanh(g) ⊙ u`;
+    /// without a gate (GPT-2's `gelu_new`), `gelu_tanh(u)`.
     GeluTanh,
+    /// The exact GELU `x · Φ(x)` (GPT-NeoX's `gelu`), in MLPs without a gate.
+    Gelu,
 }
 
 /// RMSNorms on the queries and keys before RoPE, each with a learned scale.
@@ -114,6 +123,25 @@ pub struct Gemma3Config {
     pub query_pre_attn_scalar: f64,
     pub attn_logit_softcapping: Option<f64>,
     pub final_logit_softcapping: Option<f64>,
+}
+
+/// What GPT-2 and GPT-NeoX change in the block (`None` in [`LlamaConfig::gpt`] for the others).
+///
+/// ```text
+/// LayerNorm(x) = w ⊙ (x − mean(x)) / √(var(x) + ε) + b       (every norm, final included)
+/// MLP(x)       = W_down act(W_up x + b_up) + b_down              (no gate; act = gelu_tanh or gelu)
+/// GPT-2:       h_0 = wte[ids] + wpe[pos]                          (no RoPE)
+///              y = a + MLP(LN_2(a)),  a = x + Attn(LN_1(x))
+/// GPT-NeoX:    y = x + Attn(LN_1(x)) + MLP(LN_2(x))               (use_parallel_residual)
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptConfig {
+    /// GPT-2: absolute position embeddings `wpe [max_position_embeddings, D]` added to the tokens'.
+    pub learned_positions: bool,
+    /// GPT-NeoX's `use_parallel_residual`: attention and MLP both read the block's input.
+    pub parallel_residual: bool,
+    /// GPT-2's `scale_attn_by_inverse_layer_idx`: block l's scores also divided by l + 1.
+    pub scale_by_inverse_layer: bool,
 }
 
 /// How RoPE frequencies are rescaled for long contexts.
@@ -191,6 +219,15 @@ pub struct LlamaConfig {
     pub sliding_window: Option<usize>,
     /// Gemma 3's extras; `None` for the Llama block.
     pub gemma: Option<Gemma3Config>,
+    /// How many of each head's `head_dim` dimensions RoPE rotates: `head_dim` for full rotary
+    /// embeddings, fewer with `partial_rotary_factor` / `rotary_pct` (GPT-NeoX, Phi-4-mini), 0
+    /// without RoPE (GPT-2). transformers rotates the first `rotary_dims` of a head; we permute the
+    /// q/k rows at load so that they sit where full rotary embeddings put them, the other
+    /// dimensions getting frequency 0 (cos 1, sin 0: left exactly as they are), see
+    /// [`super::rope::partial_rotary_rows`].
+    pub rotary_dims: usize,
+    /// GPT-2 / GPT-NeoX extras (LayerNorm, ungated MLP, learned positions, parallel residual).
+    pub gpt: Option<GptConfig>,
 }
 
 impl LlamaConfig {
@@ -220,10 +257,21 @@ impl LlamaConfig {
             cfg.validate().map_err(|(key, msg)| Error::key(path, key, msg))?;
             return Ok(cfg);
         }
-        let archs = match obj.get("architectures") {
+        let archs: Vec<String> = match obj.get("architectures") {
             Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
             _ => Vec::new(),
         };
+        let named = |a: &str| archs.iter().any(|x| x == a);
+        if model_type.as_deref() == Some("gpt2") || (model_type.is_none() && named("GPT2LMHeadModel")) {
+            let cfg = gpt2_from_hf(&obj)?;
+            cfg.validate().map_err(|(key, msg)| Error::key(path, key, msg))?;
+            return Ok(cfg);
+        }
+        if model_type.as_deref() == Some("gpt_neox") || (model_type.is_none() && named("GPTNeoXForCausalLM")) {
+            let cfg = neox_from_hf(&obj)?;
+            cfg.validate().map_err(|(key, msg)| Error::key(path, key, msg))?;
+            return Ok(cfg);
+        }
         let architecture = match model_type.as_deref() {
             Some("llama") => Architecture::Llama,
             Some("qwen2") => Architecture::Qwen2,
@@ -250,12 +298,6 @@ impl LlamaConfig {
         {
             return Err(obj.err("hidden_act", format!("`{act}` is not supported (only `silu`, the SwiGLU of Llama)")));
         }
-
-        if let Some(f) = obj.opt_f64("partial_rotary_factor")?
-            && f != 1.0
-        {
-            return Err(obj.err("partial_rotary_factor", format!("{f}: rotary embeddings over part of each head are not supported (only 1.0)")));
-        }
         let hidden_size = obj.usize("hidden_size")?;
         let num_attention_heads = obj.usize("num_attention_heads")?;
         if num_attention_heads == 0 {
@@ -273,9 +315,24 @@ impl LlamaConfig {
             }
         };
         let rope = parse_rope(&obj)?;
+        let rotary_dims = rotary_dims_of(&obj, head_dim, None)?;
+        if rotary_dims != head_dim && architecture != Architecture::Phi3 {
+            return Err(obj.err(
+                "partial_rotary_factor",
+                format!("rotary embeddings over part of each head ({rotary_dims} of {head_dim}) are supported for phi3 and gpt_neox, not `{}`", model_type.as_deref().unwrap_or("this architecture")),
+            ));
+        }
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama | Architecture::Mistral | Architecture::Phi3 | Architecture::Qwen3 | Architecture::Olmo2 | Architecture::Gemma3 | Architecture::Gemma2 => {
+            Architecture::Llama
+            | Architecture::Mistral
+            | Architecture::Phi3
+            | Architecture::Qwen3
+            | Architecture::Olmo2
+            | Architecture::Gemma3
+            | Architecture::Gemma2
+            | Architecture::Gpt2
+            | Architecture::GptNeox => {
                 let b = obj.opt_bool("attention_bias")?.unwrap_or(false);
                 (b, b)
             }
@@ -307,6 +364,8 @@ impl LlamaConfig {
             },
             sliding_window: if matches!(architecture, Architecture::Mistral | Architecture::Phi3) { obj.opt_usize("sliding_window")? } else { None },
             gemma: None,
+            rotary_dims,
+            gpt: None,
         };
         cfg.validate().map_err(|(key, msg)| Error::key(path, key, msg))?;
         Ok(cfg)
@@ -342,8 +401,11 @@ impl LlamaConfig {
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(("num_key_value_heads", format!("{} query heads are not a multiple of {} key/value heads", self.num_attention_heads, self.num_key_value_heads)));
         }
-        if !self.head_dim.is_multiple_of(2) {
+        if !self.head_dim.is_multiple_of(2) && self.rotary_dims > 0 {
             return Err(("head_dim", format!("{} is odd; rotary embeddings need an even head size", self.head_dim)));
+        }
+        if self.rotary_dims > self.head_dim || !self.rotary_dims.is_multiple_of(2) {
+            return Err(("partial_rotary_factor", format!("{} rotary dimensions for head_dim {}: need an even number up to head_dim", self.rotary_dims, self.head_dim)));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
             return Err(("rms_norm_eps", format!("{} is not a positive number", self.rms_norm_eps)));
@@ -376,13 +438,13 @@ impl LlamaConfig {
             }
             check_scaling(&g.local_rope.scaling, self.head_dim)?;
         }
-        check_scaling(&self.rope.scaling, self.head_dim)?;
+        check_scaling(&self.rope.scaling, self.rotary_dims)?;
         Ok(())
     }
 
     /// Whether this is the plain Llama block (the one with a hand-written backward in `tape`).
     pub fn is_llama_block(&self) -> bool {
-        self.gemma.is_none() && self.hidden_act == Activation::Silu && self.qk_norm == QkNorm::None && self.sliding_window.is_none() && self.architecture != Architecture::Olmo2
+        self.gemma.is_none() && self.gpt.is_none() && self.hidden_act == Activation::Silu && self.qk_norm == QkNorm::None && self.sliding_window.is_none() && self.architecture != Architecture::Olmo2
     }
 }
 
@@ -441,9 +503,18 @@ impl LlamaConfig {
         if self.o_bias {
             attn += d;
         }
-        let mut mlp = 3 * d * self.intermediate_size;
+        let f = self.intermediate_size;
+        let gated = self.gpt.is_none();
+        let mut mlp = if gated { 3 * d * f } else { 2 * d * f };
         if self.mlp_bias {
-            mlp += 2 * self.intermediate_size + d;
+            mlp += if gated { 2 * f } else { f } + d;
+        }
+        if let Some(g) = &self.gpt {
+            // Two LayerNorms (scale and bias) a block, a final one, learned positions.
+            let block = attn + mlp + 4 * d;
+            let embed = self.vocab_size * d + if g.learned_positions { self.max_position_embeddings * d } else { 0 };
+            let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * d };
+            return embed + self.num_hidden_layers * block + 2 * d + head;
         }
         // Gemma 3: four norms a block; Qwen 3 and Gemma 3: the per-head q/k norms.
         let norms = if self.gemma.is_some() { 4 * d } else { 2 * d }
@@ -639,6 +710,132 @@ fn gemma_from_hf(obj: &Obj, architecture: Architecture) -> Result<LlamaConfig> {
             attn_logit_softcapping: obj.opt_f64("attn_logit_softcapping")?,
             final_logit_softcapping: obj.opt_f64("final_logit_softcapping")?,
         }),
+        rotary_dims: obj.opt_usize("head_dim")?.unwrap_or(256),
+        gpt: None,
+    })
+}
+
+/// The rotary dimensions of a head: `partial_rotary_factor` (top level or in `rope_parameters`,
+/// transformers 5) or GPT-NeoX's `rotary_pct` (transformers 4), `default` when none is given,
+/// as transformers computes it: `int(head_dim · factor)`.
+fn rotary_dims_of(obj: &Obj, head_dim: usize, default: Option<f64>) -> Result<usize> {
+    let nested = match obj.get("rope_parameters").filter(|v| v.is_object()) {
+        Some(v) => obj.child("rope_parameters", v)?.opt_f64("partial_rotary_factor")?,
+        None => None,
+    };
+    let (key, factor) = match (obj.opt_f64("partial_rotary_factor")?, nested, obj.opt_f64("rotary_pct")?) {
+        (Some(f), _, _) => ("partial_rotary_factor", f),
+        (None, Some(f), _) => ("rope_parameters.partial_rotary_factor", f),
+        (None, None, Some(f)) => ("rotary_pct", f),
+        (None, None, None) => ("partial_rotary_factor", default.unwrap_or(1.0)),
+    };
+    if !(factor > 0.0 && factor <= 1.0) {
+        return Err(obj.err(key, format!("{factor}: expected a fraction of the head in (0, 1]")));
+    }
+    let dims = (head_dim as f64 * factor) as usize;
+    if dims == 0 || !dims.is_multiple_of(2) {
+        return Err(obj.err(key, format!("{factor} of head_dim {head_dim} gives {dims} rotary dimensions; RoPE needs a positive even number")));
+    }
+    Ok(dims)
+}
+
+/// The MLP activation of a GPT-family config (`activation_function` / `hidden_act`).
+fn gpt_activation(obj: &Obj, key: &str, default: &str) -> Result<Activation> {
+    let act = obj.opt_str(key)?.unwrap_or_else(|| default.to_string());
+    match act.as_str() {
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+        "gelu" => Ok(Activation::Gelu),
+        other => Err(obj.err(key, format!("`{other}` is not supported (supported: gelu, gelu_new, gelu_pytorch_tanh)"))),
+    }
+}
+
+/// GPT-2 (`gpt2`): `n_embd`, `n_layer`, `n_head`, `n_positions`, `n_inner`, `layer_norm_epsilon`.
+fn gpt2_from_hf(obj: &Obj) -> Result<LlamaConfig> {
+    let get = |plain: &str, hf: &str| -> Result<usize> { obj.opt_usize(plain)?.map_or_else(|| obj.usize(hf), Ok) };
+    let d = get("n_embd", "hidden_size")?;
+    let heads = get("n_head", "num_attention_heads")?;
+    if heads == 0 || !d.is_multiple_of(heads) {
+        return Err(obj.err("n_head", format!("n_embd {d} is not divisible by {heads} heads")));
+    }
+    if obj.opt_bool("add_cross_attention")?.unwrap_or(false) {
+        return Err(obj.err("add_cross_attention", "GPT-2 with cross-attention (an encoder-decoder) is not supported; this is a causal-LM runtime"));
+    }
+    if !obj.opt_bool("scale_attn_weights")?.unwrap_or(true) {
+        return Err(obj.err("scale_attn_weights", "false (unscaled attention scores) is not supported"));
+    }
+    let n_inner = obj.opt_usize("n_inner")?.unwrap_or(4 * d);
+    let eos = obj.opt_token_ids("eos_token_id")?;
+    Ok(LlamaConfig {
+        architecture: Architecture::Gpt2,
+        vocab_size: obj.usize("vocab_size")?,
+        hidden_size: d,
+        intermediate_size: n_inner,
+        num_hidden_layers: get("n_layer", "num_hidden_layers")?,
+        num_attention_heads: heads,
+        num_key_value_heads: heads,
+        head_dim: d / heads,
+        rms_norm_eps: obj.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5),
+        rope: RopeConfig { theta: 10_000.0, scaling: RopeScaling::None },
+        max_position_embeddings: obj.opt_usize("n_positions")?.or(obj.opt_usize("max_position_embeddings")?).unwrap_or(1024),
+        tie_word_embeddings: obj.opt_bool("tie_word_embeddings")?.unwrap_or(true),
+        qkv_bias: true,
+        o_bias: true,
+        mlp_bias: true,
+        bos_token_id: obj.opt_token_ids("bos_token_id")?.first().copied(),
+        eos_token_ids: eos,
+        pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
+        hidden_act: gpt_activation(obj, "activation_function", "gelu_new")?,
+        qk_norm: QkNorm::None,
+        sliding_window: None,
+        gemma: None,
+        rotary_dims: 0,
+        gpt: Some(GptConfig { learned_positions: true, parallel_residual: false, scale_by_inverse_layer: obj.opt_bool("scale_attn_by_inverse_layer_idx")?.unwrap_or(false) }),
+    })
+}
+
+/// GPT-NeoX / Pythia (`gpt_neox`): transformers 4 spells RoPE `rotary_pct` + `rotary_emb_base`,
+/// transformers 5 `rope_parameters: {rope_theta, partial_rotary_factor}`; both are read (the
+/// fraction defaults to 0.25, as transformers does).
+fn neox_from_hf(obj: &Obj) -> Result<LlamaConfig> {
+    let d = obj.usize("hidden_size")?;
+    let heads = obj.usize("num_attention_heads")?;
+    if heads == 0 || !d.is_multiple_of(heads) {
+        return Err(obj.err("num_attention_heads", format!("hidden_size {d} is not divisible by {heads} heads")));
+    }
+    let head_dim = d / heads;
+    let mut rope = parse_rope(obj)?;
+    if let Some(base) = obj.opt_f64("rotary_emb_base")? {
+        if obj.get("rope_parameters").is_some_and(|v| v.get("rope_theta").is_some()) && (rope.theta - base).abs() > 1e-9 * base.abs().max(1.0) {
+            return Err(obj.err("rotary_emb_base", format!("{base} disagrees with rope_parameters.rope_theta {}", rope.theta)));
+        }
+        rope.theta = base;
+    }
+    let bias = obj.opt_bool("attention_bias")?.unwrap_or(true);
+    Ok(LlamaConfig {
+        architecture: Architecture::GptNeox,
+        vocab_size: obj.usize("vocab_size")?,
+        hidden_size: d,
+        intermediate_size: obj.usize("intermediate_size")?,
+        num_hidden_layers: obj.usize("num_hidden_layers")?,
+        num_attention_heads: heads,
+        num_key_value_heads: heads,
+        head_dim,
+        rms_norm_eps: obj.opt_f64("layer_norm_eps")?.unwrap_or(1e-5),
+        rotary_dims: rotary_dims_of(obj, head_dim, Some(0.25))?,
+        rope,
+        max_position_embeddings: obj.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+        tie_word_embeddings: obj.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+        qkv_bias: bias,
+        o_bias: bias,
+        mlp_bias: true,
+        bos_token_id: obj.opt_token_ids("bos_token_id")?.first().copied(),
+        eos_token_ids: obj.opt_token_ids("eos_token_id")?,
+        pad_token_id: obj.opt_token_ids("pad_token_id")?.first().copied(),
+        hidden_act: gpt_activation(obj, "hidden_act", "gelu")?,
+        qk_norm: QkNorm::None,
+        sliding_window: None,
+        gemma: None,
+        gpt: Some(GptConfig { learned_positions: false, parallel_residual: obj.opt_bool("use_parallel_residual")?.unwrap_or(true), scale_by_inverse_layer: false }),
     })
 }
 
@@ -786,9 +983,9 @@ mod tests {
         assert!(parse(&v).unwrap_err().to_string().contains("key `vocab_size`: missing"));
 
         let mut v = base();
-        v["model_type"] = json!("gpt2");
+        v["model_type"] = json!("falcon");
         let e = parse(&v).unwrap_err().to_string();
-        assert!(e.contains("unsupported architecture `gpt2`") && e.contains("supported: llama"), "{e}");
+        assert!(e.contains("unsupported architecture `falcon`") && e.contains("supported: llama"), "{e}");
 
         let mut v = base();
         v["num_key_value_heads"] = json!(3);

@@ -4,9 +4,11 @@
 //! ```text
 //! Linear:    y = x Wᵀ + b                                        W [out, in]
 //! RmsNorm:   y = w ⊙ x / √(mean(x²) + ε)                          (f32 for half inputs, as transformers)
+//! LayerNorm: y = w ⊙ (x − mean(x)) / √(var(x) + ε) + b            (GPT-2, GPT-NeoX)
 //! Attention: softmax(rope(q) rope(k)ᵀ / √hd + mask) v, then o_proj; causal GQA (query head h
 //!            reads key/value head h / (H / H_kv)); optional per-head q/k norms (Gemma 3)
-//! Mlp:       down(act(gate(x)) ⊙ up(x)),  act = silu (SwiGLU) or gelu_tanh (GeGLU)
+//! Mlp:       down(act(gate(x)) ⊙ up(x)),  act = silu (SwiGLU) or gelu_tanh (GeGLU);
+//!            without a gate (GPT-2, GPT-NeoX) down(act(up(x))), act = gelu_tanh or gelu
 //! ```
 
 use candle_core::{DType, Device, Tensor};
@@ -34,6 +36,23 @@ impl Linear {
     pub fn load(w: &Weights, prefix: &str, out_f: usize, in_f: usize, bias: bool, dtype: DType, dev: &Device) -> Result<Self> {
         let weight = w.get(&format!("{prefix}.weight"), &[out_f, in_f], dtype, dev)?;
         let bias = if bias { Some(w.get(&format!("{prefix}.bias"), &[out_f], dtype, dev)?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// A GPT-2 `Conv1D`: the weight stored `[in, out]` (transposed here to `[out, in]`), a bias.
+    pub fn load_conv1d(w: &Weights, prefix: &str, out_f: usize, in_f: usize, dtype: DType, dev: &Device) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[in_f, out_f], dtype, dev)?.t()?.contiguous()?; // [out, in]
+        Ok(Linear { weight, bias: Some(w.get(&format!("{prefix}.bias"), &[out_f], dtype, dev)?) })
+    }
+
+    /// The layer with its output rows reordered: row `i` of the result is row `order[i]`.
+    pub fn reorder_rows(&self, order: &[usize]) -> Result<Linear> {
+        let idx = Tensor::from_vec(order.iter().map(|&i| i as u32).collect::<Vec<_>>(), order.len(), self.weight.device())?; // [n]
+        let weight = self.weight.index_select(&idx, 0)?.contiguous()?; // [n, in]
+        let bias = match &self.bias {
+            Some(b) => Some(b.index_select(&idx, 0)?.contiguous()?), // [n]
+            None => None,
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -91,6 +110,74 @@ impl RmsNorm {
     }
 }
 
+/// The rows of a q or k projection of `heads` heads reordered so that RoPE over each head's
+/// first `rotary_dims` dimensions runs in the full-rotary layout ([`super::rope::partial_rotary_rows`]).
+pub fn partial_rotary_layout(l: &Linear, heads: usize, head_dim: usize, rotary_dims: usize) -> Result<Linear> {
+    if rotary_dims == head_dim || rotary_dims == 0 {
+        return Ok(l.clone());
+    }
+    let perm = super::rope::partial_rotary_rows(head_dim, rotary_dims);
+    let order: Vec<usize> = (0..heads).flat_map(|h| perm.iter().map(move |&p| h * head_dim + p)).collect();
+    l.reorder_rows(&order)
+}
+
+/// Layer norm with a learned scale and bias (GPT-2, GPT-NeoX), composed from differentiable ops
+/// (candle's fused `layer_norm` drops gradients), in f32 for half inputs as transformers does.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(w: &Weights, prefix: &str, d: usize, eps: f64, dtype: DType, dev: &Device) -> Result<Self> {
+        Ok(LayerNorm { weight: w.get(&format!("{prefix}.weight"), &[d], dtype, dev)?, bias: w.get(&format!("{prefix}.bias"), &[d], dtype, dev)?, eps })
+    }
+
+    /// `[.., D]` → `[.., D]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let x = x.to_dtype(accum_dtype(dt))?; // [.., D]
+        let last = x.rank() - 1;
+        let centred = x.broadcast_sub(&x.mean_keepdim(last)?)?; // [.., D]
+        let var = centred.sqr()?.mean_keepdim(last)?; // [.., 1]
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dt)?; // [.., D]
+        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?) // [.., D]
+    }
+}
+
+/// The norm of a block or the final norm: RMSNorm (Llama, Gemma, ...) or LayerNorm (GPT-2, GPT-NeoX).
+#[derive(Debug, Clone)]
+pub enum Norm {
+    Rms(RmsNorm),
+    Layer(LayerNorm),
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms(n) => n.forward(x),   // [.., D]
+            Norm::Layer(n) => n.forward(x), // [.., D]
+        }
+    }
+
+    /// The RMSNorm, if this is one (what the taped path and the hypernetwork's copies need).
+    pub fn as_rms(&self) -> Option<&RmsNorm> {
+        match self {
+            Norm::Rms(n) => Some(n),
+            Norm::Layer(_) => None,
+        }
+    }
+
+    pub fn eps(&self) -> f64 {
+        match self {
+            Norm::Rms(n) => n.eps,
+            Norm::Layer(n) => n.eps,
+        }
+    }
+}
+
 /// Causal multi-head attention with grouped key/value heads.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -141,6 +228,8 @@ impl Attention {
                 Linear::load(w, &format!("{prefix}.v_proj"), kv, d, c.qkv_bias, dtype, dev)?,
             )
         };
+        // Phi-4-mini (`partial_rotary_factor`): q/k rows into the layout of full rotary embeddings.
+        let (q_proj, k_proj) = (partial_rotary_layout(&q_proj, c.num_attention_heads, hd, c.rotary_dims)?, partial_rotary_layout(&k_proj, c.num_key_value_heads, hd, c.rotary_dims)?);
         Ok(Attention {
             q_norm,
             k_norm,
@@ -256,10 +345,11 @@ impl Attention {
     }
 }
 
-/// Gated feed-forward: `down(act(gate(x)) ⊙ up(x))`, SwiGLU (`act = silu`) or GeGLU (`gelu_tanh`).
+/// Gated feed-forward: `down(act(gate(x)) ⊙ up(x))`, SwiGLU (`act = silu`) or GeGLU
+/// (`gelu_tanh`); without a gate (`gate_proj: None`, GPT-2 and GPT-NeoX) `down(act(up(x)))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    pub gate_proj: Linear,
+    pub gate_proj: Option<Linear>,
     pub up_proj: Linear,
     pub down_proj: Linear,
     pub act: Activation,
@@ -271,22 +361,35 @@ impl Mlp {
         if c.architecture == Architecture::Phi3 {
             // Phi 3 stores [gate; up] as one `gate_up_proj` [2F, D].
             let fused = Linear::load(w, &format!("{prefix}.gate_up_proj"), 2 * f, d, c.mlp_bias, dtype, dev)?;
-            return Ok(Mlp { act: c.hidden_act, gate_proj: fused.rows(0, f)?, up_proj: fused.rows(f, f)?, down_proj: Linear::load(w, &format!("{prefix}.down_proj"), d, f, c.mlp_bias, dtype, dev)? });
+            return Ok(Mlp {
+                act: c.hidden_act,
+                gate_proj: Some(fused.rows(0, f)?),
+                up_proj: fused.rows(f, f)?,
+                down_proj: Linear::load(w, &format!("{prefix}.down_proj"), d, f, c.mlp_bias, dtype, dev)?,
+            });
         }
         Ok(Mlp {
             act: c.hidden_act,
-            gate_proj: Linear::load(w, &format!("{prefix}.gate_proj"), f, d, c.mlp_bias, dtype, dev)?,
+            gate_proj: Some(Linear::load(w, &format!("{prefix}.gate_proj"), f, d, c.mlp_bias, dtype, dev)?),
             up_proj: Linear::load(w, &format!("{prefix}.up_proj"), f, d, c.mlp_bias, dtype, dev)?,
             down_proj: Linear::load(w, &format!("{prefix}.down_proj"), d, f, c.mlp_bias, dtype, dev)?,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?; // [B, T, F]
         let u = self.up_proj.forward(x)?; // [B, T, F]
-        let h = match self.act {
-            Activation::Silu => kernels::silu_mul(&g, &u)?,     // [B, T, F]
-            Activation::GeluTanh => kernels::gelu_mul(&g, &u)?, // [B, T, F]
+        let h = match (&self.gate_proj, self.act) {
+            (Some(gate), act) => {
+                let g = gate.forward(x)?; // [B, T, F]
+                match act {
+                    Activation::Silu => kernels::silu_mul(&g, &u)?,     // [B, T, F]
+                    Activation::GeluTanh => kernels::gelu_mul(&g, &u)?, // [B, T, F]
+                    Activation::Gelu => (g.gelu_erf()? * u)?,           // [B, T, F]
+                }
+            }
+            (None, Activation::GeluTanh) => u.gelu()?, // [B, T, F]: candle's gelu is the tanh approximation
+            (None, Activation::Gelu) => u.gelu_erf()?, // [B, T, F]
+            (None, Activation::Silu) => u.silu()?,     // [B, T, F]
         };
         self.down_proj.forward(&h) // [B, T, D]
     }

@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 
 pub use super::block::Block;
 pub use super::kernels::accum_dtype;
-pub use super::layers::{Attention, Linear, Mlp, RmsNorm, softmax_last_dim};
+pub use super::layers::{Attention, LayerNorm, Linear, Mlp, Norm, RmsNorm, softmax_last_dim};
 
 /// Hidden states from a clean pass (see [`Llama::forward_hidden`]).
 #[derive(Debug, Clone)]
@@ -55,8 +55,10 @@ pub struct Llama {
     pub config: LlamaConfig,
     pub embed_tokens: Tensor, // [V, D]
     pub layers: Vec<Block>,
-    pub norm: RmsNorm,
+    pub norm: Norm,
     pub lm_head: Tensor, // [V, D] (the embedding itself when tied)
+    /// GPT-2's learned absolute positions `[max_position_embeddings, D]`, added to the tokens'.
+    pub position_embeddings: Option<Tensor>,
     rope: Rope,
     /// Sliding layers (Gemma 3's local layers, every Mistral layer with a window): their RoPE
     /// and window.
@@ -76,29 +78,42 @@ impl Llama {
     /// [`load`](Self::load), advancing `progress` by one per block.
     pub fn load_with_progress(w: &Weights, config: &LlamaConfig, dtype: DType, device: &Device, progress: &indicatif::ProgressBar) -> Result<Self> {
         let (v, d) = (config.vocab_size, config.hidden_size);
-        let embed_tokens = w.get("model.embed_tokens.weight", &[v, d], dtype, device)?;
+        // GPT-2 and GPT-NeoX name their embeddings, final norm and head their own way.
+        let (embed_name, positions_name, norm_name, head_name) = match config.gpt {
+            Some(_) => super::gpt::top_level_names(config),
+            None => ("model.embed_tokens.weight", None, "model.norm", "lm_head.weight"),
+        };
+        let embed_tokens = w.get(embed_name, &[v, d], dtype, device)?;
+        let position_embeddings = match positions_name {
+            Some(name) => Some(w.get(name, &[config.max_position_embeddings, d], dtype, device)?),
+            None => None,
+        };
         progress.set_length(config.num_hidden_layers as u64);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
-            layers.push(Block::load(w, l, config, dtype, device)?);
+            layers.push(if config.gpt.is_some() { super::gpt::load_block(w, l, config, dtype, device)? } else { Block::load(w, l, config, dtype, device)? });
             progress.inc(1);
         }
         progress.finish_and_clear();
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.clone()
-        } else if w.contains("lm_head.weight") {
-            w.get("lm_head.weight", &[v, d], dtype, device)?
+        } else if w.contains(head_name) {
+            w.get(head_name, &[v, d], dtype, device)?
         } else {
-            return Err(Error::tensor(w.path_of("lm_head.weight"), "lm_head.weight", "missing, and the config does not tie it to the embedding (tie_word_embeddings is false)"));
+            return Err(Error::tensor(w.path_of(head_name), head_name, "missing, and the config does not tie it to the embedding (tie_word_embeddings is false)"));
         };
-        let norm = RmsNorm::load_for(w, "model.norm.weight", d, config, dtype, device)?;
+        let norm = match config.gpt {
+            Some(_) => Norm::Layer(LayerNorm::load(w, norm_name, d, config.rms_norm_eps, dtype, device)?),
+            None => Norm::Rms(RmsNorm::load_for(w, &format!("{norm_name}.weight"), d, config, dtype, device)?),
+        };
         let local = match (&config.gemma, config.sliding_window) {
             (Some(g), _) => Some((Rope::new(&g.local_rope, config.head_dim), g.sliding_window)),
             (None, Some(window)) => Some((Rope::new(&config.rope, config.head_dim), window)),
             (None, None) => None,
         };
         let embed_scale = config.gemma.as_ref().map(|_| (d as f64).sqrt());
-        Ok(Llama { config: config.clone(), embed_tokens, layers, norm, lm_head, rope: Rope::new(&config.rope, config.head_dim), local, embed_scale, dtype, device: device.clone() })
+        let rope = Rope::partial(&config.rope, config.head_dim, config.rotary_dims);
+        Ok(Llama { config: config.clone(), embed_tokens, layers, norm, lm_head, position_embeddings, rope, local, embed_scale, dtype, device: device.clone() })
     }
 
     pub fn dtype(&self) -> DType {
@@ -142,27 +157,41 @@ impl Llama {
     }
 
     /// Every weight tensor with its HF name (the tied `lm_head` is listed once, as the embedding).
-    /// Norms are listed as their multipliers (for Gemma 3, `1 + w`).
+    /// Norms are listed as their multipliers (for Gemma 3, `1 + w`). GPT-2 and GPT-NeoX are listed
+    /// under the Llama names of the same roles (their fused q/k/v split, LayerNorm biases as
+    /// `.bias`, `model.embed_positions.weight` for GPT-2's positions).
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut out: Vec<(String, &Tensor)> = vec![("model.embed_tokens.weight".into(), &self.embed_tokens)];
+        if let Some(p) = &self.position_embeddings {
+            out.push(("model.embed_positions.weight".into(), p));
+        }
+        fn norm<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, n: &'a Norm) {
+            match n {
+                Norm::Rms(r) => out.push((format!("{name}.weight"), &r.weight)),
+                Norm::Layer(l) => {
+                    out.push((format!("{name}.weight"), &l.weight));
+                    out.push((format!("{name}.bias"), &l.bias));
+                }
+            }
+        }
         for (i, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             if let Some(n) = &b.input_layernorm {
-                out.push((format!("{p}.input_layernorm.weight"), &n.weight));
+                norm(&mut out, format!("{p}.input_layernorm"), n);
             }
             match (&b.attn_output_norm, &b.mlp_output_norm) {
                 // Gemma (with a pre-MLP norm) and OLMo 2 (without): HF's post_attention_layernorm
                 // is the attention-output norm.
                 (Some(post_attn), Some(post_ffw)) => {
-                    out.push((format!("{p}.post_attention_layernorm.weight"), &post_attn.weight));
+                    norm(&mut out, format!("{p}.post_attention_layernorm"), post_attn);
                     if let Some(n) = &b.post_attention_layernorm {
-                        out.push((format!("{p}.pre_feedforward_layernorm.weight"), &n.weight));
+                        norm(&mut out, format!("{p}.pre_feedforward_layernorm"), n);
                     }
-                    out.push((format!("{p}.post_feedforward_layernorm.weight"), &post_ffw.weight));
+                    norm(&mut out, format!("{p}.post_feedforward_layernorm"), post_ffw);
                 }
                 _ => {
                     if let Some(n) = &b.post_attention_layernorm {
-                        out.push((format!("{p}.post_attention_layernorm.weight"), &n.weight));
+                        norm(&mut out, format!("{p}.post_attention_layernorm"), n);
                     }
                 }
             }
@@ -171,22 +200,22 @@ impl Llama {
                 out.push((format!("{p}.self_attn.k_norm.weight"), &kn.weight));
             }
             let linears = [
-                ("self_attn.q_proj", &b.self_attn.q_proj),
-                ("self_attn.k_proj", &b.self_attn.k_proj),
-                ("self_attn.v_proj", &b.self_attn.v_proj),
-                ("self_attn.o_proj", &b.self_attn.o_proj),
-                ("mlp.gate_proj", &b.mlp.gate_proj),
-                ("mlp.up_proj", &b.mlp.up_proj),
-                ("mlp.down_proj", &b.mlp.down_proj),
+                ("self_attn.q_proj", Some(&b.self_attn.q_proj)),
+                ("self_attn.k_proj", Some(&b.self_attn.k_proj)),
+                ("self_attn.v_proj", Some(&b.self_attn.v_proj)),
+                ("self_attn.o_proj", Some(&b.self_attn.o_proj)),
+                ("mlp.gate_proj", b.mlp.gate_proj.as_ref()),
+                ("mlp.up_proj", Some(&b.mlp.up_proj)),
+                ("mlp.down_proj", Some(&b.mlp.down_proj)),
             ];
-            for (n, l) in linears {
+            for (n, l) in linears.into_iter().filter_map(|(n, l)| l.map(|l| (n, l))) {
                 out.push((format!("{p}.{n}.weight"), &l.weight));
                 if let Some(bias) = &l.bias {
                     out.push((format!("{p}.{n}.bias"), bias));
                 }
             }
         }
-        out.push(("model.norm.weight".into(), &self.norm.weight));
+        norm(&mut out, "model.norm".into(), &self.norm);
         if !self.config.tie_word_embeddings {
             out.push(("lm_head.weight".into(), &self.lm_head));
         }
@@ -208,13 +237,32 @@ impl Llama {
     }
 
     /// Embeddings of a batch, after checking its ids against the vocabulary on the host (the
-    /// batch knows its largest id, so this costs no device work).
+    /// batch knows its largest id, so this costs no device work); with learned positions
+    /// (GPT-2), plus `wpe` at the batch's position ids.
     pub(crate) fn embed_batch(&self, batch: &TokenBatch) -> Result<Tensor> {
+        self.embed_batch_after(batch, 0)
+    }
+
+    /// [`embed_batch`](Self::embed_batch) for tokens that continue `offset` earlier positions
+    /// (a shared prefix): learned positions start at `offset`.
+    pub(crate) fn embed_batch_after(&self, batch: &TokenBatch, offset: usize) -> Result<Tensor> {
         let max = batch.max_id();
         if max as usize >= self.config.vocab_size {
             return Err(Error::invalid(format!("token id {max} is outside the vocabulary of {} tokens", self.config.vocab_size)));
         }
-        self.embed(&batch.input_ids) // [B, T, D]
+        let x = self.embed(&batch.input_ids)?; // [B, T, D]
+        let Some(wpe) = &self.position_embeddings else { return Ok(x) };
+        let (b, t) = batch.dims();
+        let limit = self.config.max_position_embeddings;
+        let pos: Vec<u32> = batch.position_ids().into_iter().map(|p| p + offset as u32).collect();
+        if let Some(&p) = pos.iter().max()
+            && p as usize >= limit
+        {
+            return Err(Error::invalid(format!("position {p} is past the model's {limit} learned positions (n_positions): use shorter prompts")));
+        }
+        let idx = Tensor::from_vec(pos, b * t, &self.device)?; // [B·T]
+        let p = wpe.index_select(&idx, 0)?.reshape((b, t, self.config.hidden_size))?; // [B, T, D]
+        Ok((x + p)?) // [B, T, D]
     }
 
     /// Run block `l` on the residual stream `[B, T, D]`.
@@ -223,7 +271,7 @@ impl Llama {
         self.layers.get(l).ok_or_else(|| Error::invalid(format!("block {l} does not exist (the model has {} blocks)", self.layers.len())))?.forward(x, ctx)
     }
 
-    /// The final RMSNorm: `[B, T, D]` → `[B, T, D]`.
+    /// The final norm: `[B, T, D]` → `[B, T, D]`.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         self.norm.forward(x)
     }

@@ -283,6 +283,8 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         // llama.cpp writes Mistral as `llama` and does not record its window.
         sliding_window: None,
         gemma,
+        rotary_dims: head_dim,
+        gpt: None,
     };
     cfg.validate().map_err(|(key, msg)| Error::key(path, format!("{arch}.{key}"), msg))?;
     Ok(cfg)

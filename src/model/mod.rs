@@ -25,6 +25,7 @@ pub mod block;
 pub mod cache;
 pub mod config;
 pub mod gguf;
+pub mod gpt;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod kernels;
@@ -40,7 +41,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use batch::{ForwardContext, LocalAttention, TokenBatch};
-pub use config::{Activation, Architecture, Gemma3Config, LayerKind, LlamaConfig, QkNorm, RopeConfig, RopeScaling};
+pub use config::{Activation, Architecture, Gemma3Config, GptConfig, LayerKind, LlamaConfig, QkNorm, RopeConfig, RopeScaling};
 pub use llama::{HiddenStates, Llama};
 pub use load::{LoadOptions, LoadedModel, ModelSource, load};
 pub use prefix::PrefixCache;

@@ -123,7 +123,7 @@ impl Llama {
             Some((rope, window)) => Some(Tables::new(&lens, p, r, Some(window), rope, self.dtype(), self.device())?),
             None => None,
         };
-        let mut x = self.embed_batch(&batch)?; // [B, R, D]
+        let mut x = self.embed_batch_after(&batch, p)?; // [B, R, D]
         let mut kv = Vec::with_capacity(self.num_layers());
         for (l, block) in self.layers.iter().enumerate() {
             let tables = match (&local, block.sliding) {

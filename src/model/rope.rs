@@ -23,6 +23,8 @@ pub struct Rope {
     /// `longrope`: the frequencies for sequences past `.1` positions, and the cos / sin scale.
     long: Option<(Vec<f32>, usize)>,
     scale: f32,
+    /// Frequencies `rotary..` are padding of a partial rotary embedding: cos 1, sin 0 exactly.
+    rotary: usize,
 }
 
 impl Rope {
@@ -61,7 +63,25 @@ impl Rope {
                     .collect()
             }
         };
-        Rope { inv_freq, long, scale }
+        let rotary = inv_freq.len();
+        Rope { inv_freq, long, scale, rotary }
+    }
+
+    /// RoPE over `rotary_dims` of each head's `head_dim` dimensions (`partial_rotary_factor`;
+    /// 0: none, GPT-2), in the layout of full rotary embeddings: the frequencies of a
+    /// `rotary_dims` head (ω_i = θ^(−2i/rotary_dims)) first, then `(head_dim − rotary_dims) / 2`
+    /// frequencies of 0, whose pairs the tables leave exactly as they are (cos 1, sin 0). The
+    /// q/k rows must be permuted to this layout at load ([`partial_rotary_rows`]).
+    pub fn partial(cfg: &RopeConfig, head_dim: usize, rotary_dims: usize) -> Self {
+        if rotary_dims == head_dim {
+            return Self::new(cfg, head_dim);
+        }
+        let mut r = if rotary_dims == 0 { Rope { inv_freq: Vec::new(), long: None, scale: 1.0, rotary: 0 } } else { Self::new(cfg, rotary_dims) };
+        r.inv_freq.resize(head_dim / 2, 0.0);
+        if let Some((long, _)) = &mut r.long {
+            long.resize(head_dim / 2, 0.0);
+        }
+        r
     }
 
     pub fn inv_freq(&self) -> &[f32] {
@@ -76,7 +96,7 @@ impl Rope {
             Some((long, original)) if positions.iter().any(|&p| p as usize + 1 > *original) => long,
             _ => &self.inv_freq,
         };
-        let scale = self.scale;
+        let (scale, rotary) = (self.scale, self.rotary);
         let half = inv_freq.len();
         // Rows repeat the same positions (every row of a batch, every flattened hypernetwork
         // state), so each distinct position's `half` angles are computed once, and copied into
@@ -88,9 +108,16 @@ impl Rope {
             let (c, s) = rows.entry(p).or_insert_with(|| {
                 inv_freq
                     .iter()
-                    .map(|&w| {
+                    .enumerate()
+                    .map(|(i, &w)| {
                         let angle = p as f32 * w;
-                        if scale == 1.0 { (angle.cos(), angle.sin()) } else { (angle.cos() * scale, angle.sin() * scale) }
+                        if i >= rotary {
+                            (1.0, 0.0) // not rotated (partial rotary embeddings)
+                        } else if scale == 1.0 {
+                            (angle.cos(), angle.sin())
+                        } else {
+                            (angle.cos() * scale, angle.sin() * scale)
+                        }
                     })
                     .unzip()
             });
@@ -104,6 +131,29 @@ impl Rope {
         let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?; // [B, 1, T, hd]
         Ok((cos, sin))
     }
+}
+
+/// Where each dimension of a head comes from when RoPE covers only its first `rotary_dims`
+/// (transformers: `rotate_half` within `x[..r]`, `x[r..]` untouched) and is computed in the layout
+/// of [`Rope::partial`]: entry `n` of the result is the original dimension to put at `n`. The
+/// rotary pairs `(j, j + r/2)` move to `(j, j + hd/2)`, the untouched dimensions fill the rest in
+/// order. Applied to the rows of q and k alike, it leaves every score `q · k` unchanged.
+pub fn partial_rotary_rows(head_dim: usize, rotary_dims: usize) -> Vec<usize> {
+    let (half, r2) = (head_dim / 2, rotary_dims / 2);
+    let pass = head_dim - rotary_dims; // untouched dimensions, `pass / 2` in each half
+    (0..head_dim)
+        .map(|n| {
+            if n < r2 {
+                n
+            } else if n < half {
+                rotary_dims + (n - r2)
+            } else if n < half + r2 {
+                r2 + (n - half)
+            } else {
+                rotary_dims + pass / 2 + (n - half - r2)
+            }
+        })
+        .collect()
 }
 
 /// Apply rotary embeddings: `x [B, H, T, hd]`, `cos`/`sin` `[B, 1, T, hd]` → `[B, H, T, hd]`.
@@ -157,6 +207,42 @@ mod tests {
                 assert_eq!(sin[i * 8 + j].to_bits(), angle.sin().to_bits(), "sin at row {i}, dim {j}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn partial_rotary_in_the_full_layout_equals_rotating_the_first_dims() -> Result<()> {
+        // transformers: rotate_half within x[..r] with frequencies of an r-dimensional head, x[r..]
+        // untouched. Ours: permute the head's dimensions, rotate with padded tables, permute back.
+        let dev = Device::Cpu;
+        let (hd, r) = (12usize, 4usize);
+        let cfg = RopeConfig { theta: 100.0, scaling: RopeScaling::None };
+        let perm = partial_rotary_rows(hd, r);
+        let mut sorted = perm.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..hd).collect::<Vec<_>>(), "a permutation");
+        let x = Tensor::randn(0f32, 1.0, (1, 1, 3, hd), &dev)?;
+        let positions = [0u32, 3, 7];
+        // Reference on the original layout.
+        let small = Rope::new(&cfg, r);
+        let (c, s) = small.cos_sin(&positions, 1, 3, DType::F32, &dev)?;
+        let rot = apply_rotary(&x.narrow(3, 0, r)?.contiguous()?, &c, &s)?;
+        let expect = Tensor::cat(&[&rot, &x.narrow(3, r, hd - r)?], 3)?.flatten_all()?.to_vec1::<f32>()?;
+        // Ours.
+        let idx = Tensor::from_vec(perm.iter().map(|&i| i as u32).collect::<Vec<_>>(), hd, &dev)?;
+        let xp = x.index_select(&idx, 3)?.contiguous()?; // [1, 1, 3, hd] in the full layout
+        let (c, s) = Rope::partial(&cfg, hd, r).cos_sin(&positions, 1, 3, DType::F32, &dev)?;
+        let yp = apply_rotary(&xp, &c, &s)?.flatten_all()?.to_vec1::<f32>()?;
+        for t in 0..3 {
+            for (n, &orig) in perm.iter().enumerate() {
+                let (a, b) = (yp[t * hd + n], expect[t * hd + orig]);
+                assert!((a - b).abs() < 1e-6, "position {t}, dim {orig}: {a} vs {b}");
+            }
+        }
+        // No rotary dimensions (GPT-2): the identity, exactly.
+        let (c, s) = Rope::partial(&cfg, hd, 0).cos_sin(&positions, 1, 3, DType::F32, &dev)?;
+        let y0 = apply_rotary(&x, &c, &s)?;
+        assert_eq!(y0.flatten_all()?.to_vec1::<f32>()?, x.flatten_all()?.to_vec1::<f32>()?);
         Ok(())
     }
 

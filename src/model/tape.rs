@@ -39,10 +39,11 @@ impl Llama {
             return Err(Error::invalid(format!("cannot start at block {l}: the model has {n} blocks")));
         }
         ctx.check(resid, self.config.hidden_size)?;
-        if !resid.track_op() || !kernels::fused_enabled() || !frozen(self) {
+        let final_rms = self.norm.as_rms();
+        let Some(final_rms) = final_rms.filter(|_| resid.track_op() && kernels::fused_enabled() && frozen(self)) else {
             let out = self.forward_from(l, resid, ctx)?; // [B, T, D]
             return self.logits_at(&out, positions);
-        }
+        };
         let mut x = resid.detach(); // [B, T, D]
         let mut tapes = Vec::with_capacity(n - l);
         for blk in &self.layers[l..] {
@@ -51,7 +52,7 @@ impl Llama {
             x = y;
         }
         let last = x; // [B, T, D]
-        let normed = kernels::rms_norm(&last, &self.norm.weight, self.norm.eps)?; // [B, T, D]
+        let normed = kernels::rms_norm(&last, &final_rms.weight, final_rms.eps)?; // [B, T, D]
         let rows = rows_at(&normed, positions)?; // [B, K, D]
         let (b, k, d) = rows.dims3()?;
         let logits = rows.reshape((b * k, d))?.matmul(&self.lm_head.t()?)?.reshape((b, k, self.config.vocab_size))?; // [B, K, V]
@@ -61,7 +62,7 @@ impl Llama {
         let flat: Vec<u32> = pos.iter().enumerate().flat_map(|(row, ps)| ps.iter().map(move |&p| (row * t) as u32 + p)).collect();
         let flat = Tensor::from_vec(flat, b * k, resid.device())?; // [B·K]
         let blocks: Vec<Block> = self.layers[l..].to_vec();
-        let (norm_w, eps, lm_head, ctx) = (self.norm.weight.clone(), self.norm.eps, self.lm_head.clone(), ctx.clone());
+        let (norm_w, eps, lm_head, ctx) = (final_rms.weight.clone(), final_rms.eps, self.lm_head.clone(), ctx.clone());
         kernels::graft(resid, logits, move |dlogits| {
             crate::profile::mark("backward (hypernetwork, loss)");
             let drows = dlogits.reshape((b * k, dlogits.dim(D::Minus1)?))?.matmul(&lm_head)?; // [B·K, D]

@@ -169,6 +169,14 @@ impl SafetensorsWeights {
         if self.routing.contains_key("model.embed_tokens.weight") {
             return;
         }
+        // GPT-2 checkpoints saved from GPT2Model (the hub's `gpt2` itself) lack GPT2LMHeadModel's
+        // `transformer.` prefix.
+        if self.routing.contains_key("wte.weight") && !self.routing.contains_key("transformer.wte.weight") {
+            for stored in self.routing.keys() {
+                self.aliases.insert(format!("transformer.{stored}"), stored.clone());
+            }
+            return;
+        }
         const NESTED: [(&str, &str); 4] = [("language_model.model.", "model."), ("model.language_model.", "model."), ("language_model.lm_head.", "lm_head."), ("model.lm_head.", "lm_head.")];
         for stored in self.routing.keys() {
             for (from, to) in NESTED {
