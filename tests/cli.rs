@@ -95,7 +95,15 @@ fn info_lists_sites_with_shapes() {
     // Readable by a person: no Rust debug formatting, no f32 noise in floats.
     let o = hyperdas(&["info", "--model", fixture("tiny-llama").to_str().unwrap()]);
     let (out, _) = text(&o);
-    assert!(out.contains("scaling llama3, factor 8,") && !out.contains("Llama3 {") && !out.contains("Some(") && out.contains("rms_norm_eps         1e-5"), "{out}");
+    assert!(out.contains("scaling llama3, factor 8,") && !out.contains("Llama3 {") && !out.contains("Some(") && out.contains("norms                RMSNorm, eps 1e-5"), "{out}");
+    // GPT-2 and GPT-NeoX say how positions enter, which norm they use and how the hypernetwork starts.
+    let o = hyperdas(&["info", "--model", fixture("tiny-gpt2").to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("learned absolute positions (64 of them)") && out.contains("norms                LayerNorm") && out.contains("hypernetwork init    from scratch"), "{out}");
+    let o = hyperdas(&["info", "--model", fixture("tiny-gpt-neox").to_str().unwrap()]);
+    let (out, _) = text(&o);
+    assert!(out.contains("RoPE on 4 of each head's 16 dimensions") && out.contains("residual             parallel"), "{out}");
     let o = hyperdas(&["info", "--model", fixture("tiny-llama").to_str().unwrap(), "--json"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");

@@ -38,6 +38,11 @@ pub fn run(a: &InfoArgs) -> Result<()> {
             "rope_theta": c.rope.theta,
             "rope_scaling": c.rope.scaling.to_string(),
             "rms_norm_eps": c.rms_norm_eps,
+            "norm": c.norm_kind(),
+            "positions": c.position_encoding(),
+            "rotary_dims": c.rotary_dims,
+            "parallel_residual": c.gpt.as_ref().is_some_and(|g| g.parallel_residual),
+            "hypernetwork_init": if c.hypernet_copies_blocks() { "target's first blocks" } else { "from scratch" },
             "tied_embeddings": c.tie_word_embeddings,
             "qk_norm": c.qk_norm.to_string(),
             "training_path": if c.is_llama_block() { "fast" } else { "composed" },
@@ -61,8 +66,11 @@ pub fn run(a: &InfoArgs) -> Result<()> {
     println!("MLP size             {}", c.intermediate_size);
     println!("heads / kv heads     {} / {} (head_dim {})", c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     println!("vocab (V)            {} (tokenizer: {})", c.vocab_size, tok.vocab_size());
-    println!("rope                 theta {}, scaling {}", c.rope.theta, c.rope.scaling);
-    println!("rms_norm_eps         {}", short_float(c.rms_norm_eps));
+    println!("positions            {}", c.position_encoding());
+    println!("norms                {}, eps {}", c.norm_kind(), short_float(c.rms_norm_eps));
+    if c.gpt.as_ref().is_some_and(|g| g.parallel_residual) {
+        println!("residual             parallel: x + Attn(LN_1(x)) + MLP(LN_2(x))");
+    }
     println!("tied embeddings      {}", c.tie_word_embeddings);
     if let Some(g) = &c.gemma {
         let global: Vec<String> = g.layer_types.iter().enumerate().filter(|(_, k)| **k == crate::model::LayerKind::Full).map(|(i, _)| i.to_string()).collect();
@@ -76,6 +84,7 @@ pub fn run(a: &InfoArgs) -> Result<()> {
     println!("biases               qkv {}, o {}, mlp {}", c.qkv_bias, c.o_bias, c.mlp_bias);
     println!("q/k norms            {}", c.qk_norm);
     println!("training path        {}", if c.is_llama_block() { "fast (fused kernels, taped backward)" } else { "composed (autograd)" });
+    println!("hypernetwork init    {}", if c.hypernet_copies_blocks() { "copies of the target's first blocks" } else { "from scratch (the target's blocks do not fit its Llama layout)" });
     println!("parameters           {:.2}M", c.num_parameters() as f64 / 1e6);
     println!("bos / eos / pad      {} / {} / {}", name(tok.bos_id), name(tok.eos_id), name(tok.pad_id));
     println!("start token          {}: {}", name(tok.start_token), tok.start_token_reason);

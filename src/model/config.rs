@@ -442,6 +442,34 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// How positions enter, for people: RoPE (its theta, scaling and coverage of each head) or
+    /// GPT-2's learned positions.
+    pub fn position_encoding(&self) -> String {
+        if self.gpt.as_ref().is_some_and(|g| g.learned_positions) {
+            return format!("learned absolute positions ({} of them), no RoPE", self.max_position_embeddings);
+        }
+        let cover = if self.rotary_dims == self.head_dim { String::new() } else { format!(" on {} of each head's {} dimensions", self.rotary_dims, self.head_dim) };
+        format!("RoPE{cover}, theta {}, scaling {}", self.rope.theta, self.rope.scaling)
+    }
+
+    /// The norm type (its ε is `rms_norm_eps`), for people.
+    pub fn norm_kind(&self) -> &'static str {
+        if self.gpt.is_some() {
+            "LayerNorm"
+        } else if self.gemma.is_some() {
+            "RMSNorm (1 + w)"
+        } else {
+            "RMSNorm"
+        }
+    }
+
+    /// Whether the hypernetwork's blocks can start as copies of this target's first blocks
+    /// (RMSNorms, a gated MLP); GPT-2 and GPT-NeoX blocks do not fit its Llama layout, so its
+    /// blocks start from scratch there.
+    pub fn hypernet_copies_blocks(&self) -> bool {
+        self.gpt.is_none()
+    }
+
     /// Whether this is the plain Llama block (the one with a hand-written backward in `tape`).
     pub fn is_llama_block(&self) -> bool {
         self.gemma.is_none() && self.gpt.is_none() && self.hidden_act == Activation::Silu && self.qk_norm == QkNorm::None && self.sliding_window.is_none() && self.architecture != Architecture::Olmo2
