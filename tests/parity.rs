@@ -150,6 +150,24 @@ fn tiny_phi3_with_partial_rotary_embeddings_matches_transformers() {
 }
 
 #[test]
+fn gguf_files_of_the_other_families_match_transformers() {
+    // As llama.cpp's converter writes them: GPT-2's Conv1D weights transposed (and its
+    // feed_forward_length 4·D though the MLP is 2·D), GPT-NeoX's q/k/v regrouped [q; k; v] with
+    // rope.dimension_count 4 of 16, Phi 3's fused projections, OLMo 2's whole-projection q/k norms,
+    // Gemma 2's +1 norms with capped scores (and query_pre_attn_scalar = head_dim, all llama.cpp
+    // knows, hence its own reference).
+    for (gguf, reference) in [
+        ("tiny-gpt2.gguf", "tiny-gpt2-reference.safetensors"),
+        ("tiny-gpt-neox.gguf", "tiny-gpt-neox-reference.safetensors"),
+        ("tiny-phi3.gguf", "tiny-phi3-reference.safetensors"),
+        ("tiny-olmo2.gguf", "tiny-olmo2-reference.safetensors"),
+        ("tiny-gemma2.gguf", "tiny-gemma2-gguf-reference.safetensors"),
+    ] {
+        assert_parity(&fixture(gguf), reference, TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+    }
+}
+
+#[test]
 fn tiny_qwen3_gguf_matches_transformers() {
     // llama.cpp's `qwen3`: no q/k row permutation, attn_q_norm / attn_k_norm, tied embeddings,
     // head_dim from `attention.key_length`.

@@ -36,6 +36,9 @@ Outputs (all small):
                                  tied (`--only gpt` rewrites these and the two below)
   tiny-gpt-neox/ + tiny-gpt-neox-reference.safetensors   GPT-NeoX / Pythia: fused per-head qkv, RoPE on
                                  a quarter of each head, parallel residual, exact GELU, untied
+  tiny-{gpt2,gpt-neox,phi3,olmo2,gemma2}.gguf   those models as llama.cpp's converter writes them
+                                 (`gpt2`, `gptneox`, `phi3`, `olmo2`, `gemma2`); Gemma 2's with
+                                 query_pre_attn_scalar = head_dim, its reference tiny-gemma2-gguf-reference
   tiny-phi3-partial-config.json + tiny-phi3-partial-reference.safetensors   tiny-phi3's weights with
                                  RoPE over half of each head (Phi-4-mini's partial_rotary_factor)
   tiny-gemma3-multimodal/        tiny-gemma3's text weights inside a Gemma3ForConditionalGeneration
@@ -581,6 +584,182 @@ def tiny_phi3_partial(out: Path):
                       "torch": torch.__version__, "model": "tiny-phi3 with partial_rotary_factor 0.5"})
 
 
+def write_family_gguf(out: Path, name: str, arch: str, model, meta, rename, transform=lambda n, a: a, gguf_name=None):
+    """Write `{name}.gguf` (or `gguf_name`) from a tiny model's weights as llama.cpp's converter
+    writes architecture `arch`: `meta(w)` adds the metadata, `rename(hf_name)` gives the GGUF
+    tensor name (or None to drop it), `transform(hf_name, array)` reshapes values as the converter
+    does. The tokenizer is tiny-llama's (byte-level BPE, pre-tokenizer `llama-bpe`)."""
+    w = GGUFWriter(str(out / (gguf_name or f"{name}.gguf")), arch)
+    w.add_name(f"{name} (hyperdas test fixture)")
+    meta(w)
+    tokenizer_gguf_fields(w, out / "tiny-llama" / "tokenizer.json", "llama-bpe")
+    cfg = json.load(open(out / name / "config.json"))
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_pad_token_id(cfg["pad_token_id"])
+    w.add_add_bos_token(True)
+    for hf, t in model.state_dict().items():
+        new = rename(hf)
+        if new is None:
+            continue
+        w.add_tensor(new, np.ascontiguousarray(transform(hf, t.detach().float().numpy())))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def block_rename(prefix, table, top):
+    """A renamer: `top` maps whole names, `table` maps a block's module path to llama.cpp's name."""
+    def rename(hf):
+        if hf in top:
+            return top[hf]
+        if not hf.startswith(prefix):
+            return None
+        layer, rest = hf[len(prefix):].split(".", 1)
+        module, kind = rest.rsplit(".", 1)
+        return f"blk.{layer}.{table[module]}.{kind}" if module in table else None
+    return rename
+
+
+def family_ggufs(out: Path):
+    """GGUFs of tiny-gpt2, tiny-gpt-neox, tiny-phi3, tiny-olmo2 and tiny-gemma2 as llama.cpp's
+    converter writes them (their references are the HF fixtures' own; Gemma 2's below)."""
+    # GPT-2: Conv1D weights transposed to [out, in]; the tied head written again as `output`;
+    # feed_forward_length is 4·D whatever n_inner is (here n_inner = 2·D).
+    m = transformers.GPT2LMHeadModel.from_pretrained(out / "tiny-gpt2", dtype=torch.float32)
+    c = m.config
+
+    def gpt2_meta(w):
+        w.add_block_count(c.n_layer)
+        w.add_context_length(c.n_positions)
+        w.add_embedding_length(c.n_embd)
+        w.add_feed_forward_length(4 * c.n_embd)
+        w.add_head_count(c.n_head)
+        w.add_layer_norm_eps(c.layer_norm_epsilon)
+    gpt2_table = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                  "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    base = block_rename("transformer.h.", gpt2_table, {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+                                                        "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"})
+    sd = m.state_dict()
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+
+    class Sd:
+        def state_dict(self):
+            return sd
+    write_family_gguf(out, "tiny-gpt2", "gpt2", Sd(), gpt2_meta,
+                      lambda n: "output.weight" if n == "lm_head.weight" else base(n),
+                      lambda n, a: a.T if n.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")) else a)
+
+    # GPT-NeoX: the per-head fused q/k/v regrouped as [q; k; v].
+    m = transformers.GPTNeoXForCausalLM.from_pretrained(out / "tiny-gpt-neox", dtype=torch.float32)
+    c = m.config
+    heads, d = c.num_attention_heads, c.hidden_size
+
+    def neox_meta(w):
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(d)
+        w.add_block_count(c.num_hidden_layers)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_rope_dimension_count(int(c.rope_parameters["partial_rotary_factor"] * (d // heads)))
+        w.add_head_count(heads)
+        w.add_parallel_residual(c.use_parallel_residual)
+        w.add_layer_norm_eps(c.layer_norm_eps)
+
+    def neox_transform(n, a):
+        if n.endswith("query_key_value.weight"):
+            q = a.reshape(heads, 3, d // heads, d)
+            return np.concatenate([q[:, i].reshape(-1, d) for i in range(3)], axis=0)
+        if n.endswith("query_key_value.bias"):
+            q = a.reshape(heads, 3, d // heads)
+            return np.concatenate([q[:, i].reshape(-1) for i in range(3)], axis=0)
+        return a
+    neox_table = {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv", "attention.dense": "attn_output",
+                  "post_attention_layernorm": "ffn_norm", "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+    write_family_gguf(out, "tiny-gpt-neox", "gptneox", m, neox_meta,
+                      block_rename("gpt_neox.layers.", neox_table, {"gpt_neox.embed_in.weight": "token_embd.weight", "embed_out.weight": "output.weight",
+                                                                     "lm_head.weight": "output.weight",  # transformers 5's in-memory name
+                                                                     "gpt_neox.final_layer_norm.weight": "output_norm.weight",
+                                                                     "gpt_neox.final_layer_norm.bias": "output_norm.bias"}),
+                      neox_transform)
+
+    llama_top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    # Phi 3: fused attn_qkv and ffn_up kept; no q/k permutation (NeoX-style RoPE in llama.cpp).
+    m = transformers.Phi3ForCausalLM.from_pretrained(out / "tiny-phi3", dtype=torch.float32)
+    c = m.config
+
+    def phi3_meta(w):
+        w.add_context_length(c.max_position_embeddings)
+        w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_block_count(c.num_hidden_layers)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+        w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    phi3_table = {"input_layernorm": "attn_norm", "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
+                  "post_attention_layernorm": "ffn_norm", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    write_family_gguf(out, "tiny-phi3", "phi3", m, phi3_meta, block_rename("model.layers.", phi3_table, llama_top))
+
+    # OLMo 2: output norms only, q/k norms over the whole projections; no q/k permutation.
+    m = transformers.Olmo2ForCausalLM.from_pretrained(out / "tiny-olmo2", dtype=torch.float32)
+    c = m.config
+
+    def olmo2_meta(w):
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_block_count(c.num_hidden_layers)
+    olmo2_table = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                   "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "post_attention_norm",
+                   "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    write_family_gguf(out, "tiny-olmo2", "olmo2", m, olmo2_meta, block_rename("model.layers.", olmo2_table, llama_top))
+
+    # Gemma 2: +1 baked into every norm weight; llama.cpp scales scores by 1/√head_dim (it does
+    # not read query_pre_attn_scalar), so the GGUF has its own reference: tiny-gemma2's weights
+    # with query_pre_attn_scalar = head_dim.
+    m = transformers.Gemma2ForCausalLM.from_pretrained(out / "tiny-gemma2", dtype=torch.float32)
+    cfg = m.config.to_dict()
+    cfg["query_pre_attn_scalar"] = cfg["head_dim"]
+    var = transformers.Gemma2Config(**cfg)
+    vm = transformers.Gemma2ForCausalLM(var).float()
+    vm.load_state_dict(m.state_dict())
+    c = var
+
+    def gemma2_meta(w):
+        w.add_context_length(c.max_position_embeddings)
+        w.add_embedding_length(c.hidden_size)
+        w.add_block_count(c.num_hidden_layers)
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+        w.add_sliding_window(c.sliding_window)
+    gemma2_table = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                    "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    write_family_gguf(out, "tiny-gemma2", "gemma2", vm, gemma2_meta, block_rename("model.layers.", gemma2_table, top),
+                      lambda n, a: a + 1.0 if n.endswith("norm.weight") else a)
+    tok_fast = transformers.AutoTokenizer.from_pretrained(out / "tiny-gemma2")
+    tok_fast.padding_side = "left"
+    ids, mask, pos = left_padded_batch(tok_fast, TINY_PROMPTS)
+    ref = reference_pass(vm, ids, mask, pos, seed=5)
+    save_pt(ref, str(out / "tiny-gemma2-gguf-reference.safetensors"),
+            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
+                      "torch": torch.__version__, "model": "tiny-gemma2 with query_pre_attn_scalar = head_dim"})
+
+
 def tiny_gemma3_multimodal(out: Path):
     """The tiny Gemma 3 text decoder inside a multimodal Gemma3ForConditionalGeneration checkpoint
     (a tiny SigLIP vision tower and projector beside it; `model_type: gemma3` with `text_config`),
@@ -960,6 +1139,7 @@ def main():
         tiny_gpt2(args.out)
         tiny_gpt_neox(args.out)
         tiny_phi3_partial(args.out)
+        family_ggufs(args.out)
         return
     if args.only == "gemma3-multimodal":
         print("tiny gemma3 multimodal ...")
@@ -1010,6 +1190,8 @@ def main():
     print("tiny gpt2 and gpt-neox ...")
     tiny_gpt2(args.out)
     tiny_gpt_neox(args.out)
+    print("family GGUFs ...")
+    family_ggufs(args.out)
     print("ggml types ...")
     ggml_types(args.out)
     print("sentencepiece tokenizer ...")

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
+use super::config::Architecture;
 use crate::error::{Error, Result};
 
 const MAGIC: u32 = 0x4655_4747; // "GGUF" little-endian
@@ -458,40 +459,79 @@ impl GgufFile {
 
 /// llama.cpp's name for an HF Llama tensor name, if it has one.
 pub fn gguf_name(hf: &str) -> Option<String> {
-    gguf_name_for(hf, false)
+    gguf_name_for(hf, Architecture::Llama)
 }
 
-/// llama.cpp's name for an HF tensor name; `gemma` selects Gemma 3's block layout (whose
-/// `post_attention_layernorm` is the attention-output norm, not the pre-MLP norm).
-pub fn gguf_name_for(hf: &str, gemma: bool) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
+/// llama.cpp's name for the HF tensor name of an `arch` model, as our loaders spell it.
+///
+/// Gemma 2 / 3: `post_attention_layernorm` is the attention-output norm (`post_attention_norm`),
+/// the pre-MLP norm is `pre_feedforward_layernorm` (`ffn_norm`); OLMo 2 has only the output
+/// norms. Phi 3 keeps its fused `attn_qkv` and `ffn_up` (= gate and up). GPT-2 and GPT-NeoX have
+/// names of their own (their fused q/k/v is `attn_qkv`, their MLP `ffn_up` / `ffn_down`).
+pub fn gguf_name_for(hf: &str, arch: Architecture) -> Option<String> {
+    let top = match arch {
+        Architecture::Gpt2 => match hf {
+            "transformer.wte.weight" => Some("token_embd.weight"),
+            "transformer.wpe.weight" => Some("position_embd.weight"),
+            "transformer.ln_f.weight" => Some("output_norm.weight"),
+            "transformer.ln_f.bias" => Some("output_norm.bias"),
+            "lm_head.weight" => Some("output.weight"),
+            _ => None,
+        },
+        Architecture::GptNeox => match hf {
+            "gpt_neox.embed_in.weight" => Some("token_embd.weight"),
+            "gpt_neox.final_layer_norm.weight" => Some("output_norm.weight"),
+            "gpt_neox.final_layer_norm.bias" => Some("output_norm.bias"),
+            "embed_out.weight" => Some("output.weight"),
+            _ => None,
+        },
+        _ => match hf {
+            "model.embed_tokens.weight" => Some("token_embd.weight"),
+            "model.norm.weight" => Some("output_norm.weight"),
+            "lm_head.weight" => Some("output.weight"),
+            _ => None,
+        },
+    };
+    if let Some(t) = top {
+        return Some(t.into());
     }
-    let rest = hf.strip_prefix("model.layers.")?;
+    let blocks = match arch {
+        Architecture::Gpt2 => "transformer.h.",
+        Architecture::GptNeox => "gpt_neox.layers.",
+        _ => "model.layers.",
+    };
+    let rest = hf.strip_prefix(blocks)?;
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let m = match (module, gemma) {
-        ("post_attention_layernorm", true) => "post_attention_norm",
-        ("pre_feedforward_layernorm", true) => "ffn_norm",
-        ("post_feedforward_layernorm", true) => "post_ffw_norm",
-        ("self_attn.q_norm", _) => "attn_q_norm",
-        ("self_attn.k_norm", _) => "attn_k_norm",
-        (module, _) => match module {
-            "input_layernorm" => "attn_norm",
-            "post_attention_layernorm" => "ffn_norm",
-            "self_attn.q_proj" => "attn_q",
-            "self_attn.k_proj" => "attn_k",
-            "self_attn.v_proj" => "attn_v",
-            "self_attn.o_proj" => "attn_output",
-            "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
-            _ => return None,
-        },
+    let gemma = matches!(arch, Architecture::Gemma2 | Architecture::Gemma3);
+    let m = match (arch, module) {
+        (Architecture::Gpt2, "ln_1") | (Architecture::GptNeox, "input_layernorm") => "attn_norm",
+        (Architecture::Gpt2, "attn.c_attn") | (Architecture::GptNeox, "attention.query_key_value") => "attn_qkv",
+        (Architecture::Gpt2, "attn.c_proj") | (Architecture::GptNeox, "attention.dense") => "attn_output",
+        (Architecture::Gpt2, "ln_2") | (Architecture::GptNeox, "post_attention_layernorm") => "ffn_norm",
+        (Architecture::Gpt2, "mlp.c_fc") | (Architecture::GptNeox, "mlp.dense_h_to_4h") => "ffn_up",
+        (Architecture::Gpt2, "mlp.c_proj") | (Architecture::GptNeox, "mlp.dense_4h_to_h") => "ffn_down",
+        (Architecture::Gpt2 | Architecture::GptNeox, _) => return None,
+        (Architecture::Phi3, "self_attn.qkv_proj") => "attn_qkv",
+        (Architecture::Phi3, "mlp.gate_up_proj") => "ffn_up",
+        (Architecture::Olmo2, "post_attention_layernorm") => "post_attention_norm",
+        (Architecture::Olmo2, "post_feedforward_layernorm") => "post_ffw_norm",
+        (_, "post_attention_layernorm") if gemma => "post_attention_norm",
+        (_, "pre_feedforward_layernorm") if gemma => "ffn_norm",
+        (_, "post_feedforward_layernorm") if gemma => "post_ffw_norm",
+        (_, "self_attn.q_norm") => "attn_q_norm",
+        (_, "self_attn.k_norm") => "attn_k_norm",
+        (_, "input_layernorm") => "attn_norm",
+        (_, "post_attention_layernorm") => "ffn_norm",
+        (_, "self_attn.q_proj") => "attn_q",
+        (_, "self_attn.k_proj") => "attn_k",
+        (_, "self_attn.v_proj") => "attn_v",
+        (_, "self_attn.o_proj") => "attn_output",
+        (_, "mlp.gate_proj") => "ffn_gate",
+        (_, "mlp.up_proj") => "ffn_up",
+        (_, "mlp.down_proj") => "ffn_down",
+        _ => return None,
     };
     Some(format!("blk.{layer}.{m}.{kind}"))
 }
@@ -519,10 +559,15 @@ mod tests {
 
     #[test]
     fn gemma_names() {
-        assert_eq!(gguf_name_for("model.layers.3.post_attention_layernorm.weight", true).as_deref(), Some("blk.3.post_attention_norm.weight"));
-        assert_eq!(gguf_name_for("model.layers.3.pre_feedforward_layernorm.weight", true).as_deref(), Some("blk.3.ffn_norm.weight"));
-        assert_eq!(gguf_name_for("model.layers.0.self_attn.k_norm.weight", true).as_deref(), Some("blk.0.attn_k_norm.weight"));
-        assert_eq!(gguf_name_for("model.layers.0.mlp.up_proj.weight", true).as_deref(), Some("blk.0.ffn_up.weight"));
+        let g = Architecture::Gemma3;
+        assert_eq!(gguf_name_for("model.layers.3.post_attention_layernorm.weight", g).as_deref(), Some("blk.3.post_attention_norm.weight"));
+        assert_eq!(gguf_name_for("model.layers.3.pre_feedforward_layernorm.weight", g).as_deref(), Some("blk.3.ffn_norm.weight"));
+        assert_eq!(gguf_name_for("model.layers.0.self_attn.k_norm.weight", g).as_deref(), Some("blk.0.attn_k_norm.weight"));
+        assert_eq!(gguf_name_for("model.layers.0.mlp.up_proj.weight", g).as_deref(), Some("blk.0.ffn_up.weight"));
+        assert_eq!(gguf_name_for("model.layers.1.post_feedforward_layernorm.weight", Architecture::Olmo2).as_deref(), Some("blk.1.post_ffw_norm.weight"));
+        assert_eq!(gguf_name_for("transformer.h.2.attn.c_attn.bias", Architecture::Gpt2).as_deref(), Some("blk.2.attn_qkv.bias"));
+        assert_eq!(gguf_name_for("gpt_neox.layers.0.mlp.dense_4h_to_h.weight", Architecture::GptNeox).as_deref(), Some("blk.0.ffn_down.weight"));
+        assert_eq!(gguf_name_for("model.layers.0.mlp.gate_up_proj.weight", Architecture::Phi3).as_deref(), Some("blk.0.ffn_up.weight"));
         assert_eq!(gguf_name("model.layers.3.post_attention_layernorm.weight").as_deref(), Some("blk.3.ffn_norm.weight"));
         assert_eq!(gguf_name("model.layers.3.pre_feedforward_layernorm.weight"), None);
     }

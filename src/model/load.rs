@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::config::{Activation, Architecture, Gemma3Config, LayerKind, LlamaConfig, QkNorm, RopeConfig, RopeScaling};
+use super::config::{Activation, Architecture, Gemma3Config, GptConfig, LayerKind, LlamaConfig, QkNorm, RopeConfig, RopeScaling};
 use super::gguf::GgufFile;
 use super::llama::Llama;
 use super::tokenizer::{StartToken, TextTokenizer};
@@ -156,9 +156,7 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedMode
             let config = config_from_gguf(&file)?;
             let tokenizer = TextTokenizer::from_gguf(&file)?;
             let name = file.opt_str("general.name")?.map(String::from).unwrap_or_else(|| path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default());
-            // llama.cpp permutes q/k rows only for the llama architecture.
-            let unpermute = (config.architecture == Architecture::Llama).then_some((config.num_attention_heads, config.num_key_value_heads));
-            let weights = if config.architecture == Architecture::Gemma3 { GgufWeights::gemma3(file) } else { GgufWeights::new(file, unpermute) };
+            let weights = GgufWeights::new(file, config.architecture, (config.num_attention_heads, config.num_key_value_heads));
             (config, Weights::Gguf(weights), tokenizer, name)
         }
     };
@@ -198,8 +196,17 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         "qwen2" => Architecture::Qwen2,
         "qwen3" => Architecture::Qwen3,
         "gemma3" => Architecture::Gemma3,
+        "gemma2" => Architecture::Gemma2,
+        "olmo2" => Architecture::Olmo2,
+        "phi3" => Architecture::Phi3,
+        "gpt2" => Architecture::Gpt2,
+        "gptneox" => Architecture::GptNeox,
         other => {
-            return Err(Error::key(path, "general.architecture", format!("`{other}` is not supported (supported GGUF architectures: llama, qwen2, qwen3, gemma3)")));
+            return Err(Error::key(
+                path,
+                "general.architecture",
+                format!("`{other}` is not supported (supported GGUF architectures: llama, qwen2, qwen3, gemma2, gemma3, olmo2, phi3, gpt2, gptneox)"),
+            ));
         }
     };
     let need = |k: &str| -> Result<usize> {
@@ -215,10 +222,13 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
         None if heads > 0 && hidden_size % heads == 0 => hidden_size / heads,
         None => return Err(Error::key(path, format!("{arch}.attention.head_count"), format!("embedding_length {hidden_size} is not divisible by {heads} heads"))),
     };
-    if let Some(rot) = opt("rope.dimension_count")?
-        && rot != head_dim
-    {
-        return Err(Error::key(path, format!("{arch}.rope.dimension_count"), format!("partial rotary embeddings ({rot} of {head_dim} dims) are not supported")));
+    // Partial rotary embeddings (GPT-NeoX, Phi-4-mini); GPT-2 has none.
+    let rotary_dims = match architecture {
+        Architecture::Gpt2 => 0,
+        _ => opt("rope.dimension_count")?.unwrap_or(head_dim),
+    };
+    if rotary_dims != head_dim && !matches!(architecture, Architecture::GptNeox | Architecture::Phi3 | Architecture::Gpt2) {
+        return Err(Error::key(path, format!("{arch}.rope.dimension_count"), format!("partial rotary embeddings ({rotary_dims} of {head_dim} dims) are supported for gptneox and phi3, not `{arch}`")));
     }
     let embd = g.shape("token_embd.weight")?;
     if embd.len() != 2 || embd[1] != hidden_size {
@@ -226,7 +236,19 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     }
     let vocab_size = embd[0];
     let theta = g.opt_f64(&format!("{arch}.rope.freq_base"))?.unwrap_or(10_000.0);
-    let scaling = if g.tensors.contains_key("rope_freqs.weight") {
+    let scaling = if g.tensors.contains_key("rope_factors_long.weight") {
+        // Phi 3 128k's longrope: the divisors as tensors, the switch point and scale as metadata.
+        let factors = |t: &str| -> Result<Vec<f32>> { Ok(g.dequantize(t)?.flatten_all()?.to_vec1::<f32>()?) };
+        let max = opt("context_length")?.unwrap_or(4096);
+        let original = opt("rope.scaling.original_context_length")?.unwrap_or(max);
+        let s = max as f64 / original.max(1) as f64;
+        let attention_factor = match g.opt_f64(&format!("{arch}.rope.scaling.attn_factor"))? {
+            Some(a) => a,
+            None if s <= 1.0 => 1.0,
+            None => (1.0 + s.ln() / (original as f64).ln()).sqrt(),
+        };
+        RopeScaling::LongRope { short: factors("rope_factors_short.weight")?, long: factors("rope_factors_long.weight")?, original_max_position_embeddings: original, attention_factor }
+    } else if g.tensors.contains_key("rope_freqs.weight") {
         let f = g.dequantize("rope_freqs.weight")?.flatten_all()?.to_vec1::<f32>()?;
         RopeScaling::Factors(f)
     } else {
@@ -241,7 +263,21 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     };
     let ids = |k: &str| -> Result<Option<u32>> { Ok(g.opt_u64(k)?.map(|v| v as u32)) };
     let n_layers = need("block_count")?;
-    let gemma = if architecture == Architecture::Gemma3 {
+    let gemma = if architecture == Architecture::Gemma2 {
+        // llama.cpp's Gemma 2: sliding and global layers alternate, sliding first; scores scaled
+        // by 1/√head_dim, except the 27B (46 blocks), whose query_pre_attn_scalar is D / heads.
+        let key = format!("{arch}.attention.sliding_window");
+        let window = g.opt_u64(&key)?.ok_or_else(|| Error::key(path, key, "missing from the GGUF metadata (Gemma 2 needs its sliding window)"))?;
+        let rope = RopeConfig { theta, scaling: RopeScaling::None };
+        Some(Gemma3Config {
+            layer_types: (0..n_layers).map(|i| if i % 2 == 0 { LayerKind::Sliding } else { LayerKind::Full }).collect(),
+            sliding_window: window as usize,
+            local_rope: rope,
+            query_pre_attn_scalar: if n_layers == 46 { (hidden_size / heads.max(1)) as f64 } else { head_dim as f64 },
+            attn_logit_softcapping: g.opt_f64(&format!("{arch}.attn_logit_softcapping"))?,
+            final_logit_softcapping: g.opt_f64(&format!("{arch}.final_logit_softcapping"))?,
+        })
+    } else if architecture == Architecture::Gemma3 {
         // llama.cpp and transformers fix what the file does not say: every 6th layer global,
         // local RoPE base 10 000, query_pre_attn_scalar 256 (transformers' default, which
         // equals head_dim for every released Gemma 3 but the 27B).
@@ -259,32 +295,56 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     } else {
         None
     };
+    let gpt_family = matches!(architecture, Architecture::Gpt2 | Architecture::GptNeox);
+    let has = |t: &str| g.tensors.contains_key(t);
+    // GPT-2's converter writes 4·D whatever n_inner says: the MLP's own shape decides.
+    let intermediate_size = match (architecture, g.shape("blk.0.ffn_up.weight")) {
+        (Architecture::Gpt2, Ok([f, _])) => *f,
+        _ => need("feed_forward_length")?,
+    };
+    let eps_key = if gpt_family { "attention.layer_norm_epsilon" } else { "attention.layer_norm_rms_epsilon" };
+    let qk_norm = match g.shape("blk.0.attn_q_norm.weight") {
+        Ok([n]) if *n == heads * head_dim && heads > 1 => QkNorm::Whole, // OLMo 2: over the whole projection
+        Ok(_) => QkNorm::PerHead,
+        Err(_) => QkNorm::None,
+    };
     let cfg = LlamaConfig {
         architecture,
         vocab_size,
         hidden_size,
-        intermediate_size: need("feed_forward_length")?,
+        intermediate_size,
         num_hidden_layers: n_layers,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
-        rms_norm_eps: g.opt_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.unwrap_or(if architecture == Architecture::Gemma3 { 1e-6 } else { 1e-5 }),
+        rms_norm_eps: g.opt_f64(&format!("{arch}.{eps_key}"))?.unwrap_or(if matches!(architecture, Architecture::Gemma3 | Architecture::Gemma2) { 1e-6 } else { 1e-5 }),
         rope: RopeConfig { theta, scaling },
         max_position_embeddings: opt("context_length")?.unwrap_or(4096),
-        tie_word_embeddings: !g.tensors.contains_key("output.weight"),
-        qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
-        o_bias: g.tensors.contains_key("blk.0.attn_output.bias"),
-        mlp_bias: g.tensors.contains_key("blk.0.ffn_up.bias"),
+        tie_word_embeddings: !has("output.weight"),
+        qkv_bias: has("blk.0.attn_q.bias") || has("blk.0.attn_qkv.bias"),
+        o_bias: has("blk.0.attn_output.bias"),
+        mlp_bias: has("blk.0.ffn_up.bias"),
         bos_token_id: ids("tokenizer.ggml.bos_token_id")?,
         eos_token_ids: ids("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
         pad_token_id: ids("tokenizer.ggml.padding_token_id")?,
-        hidden_act: if gemma.is_some() { Activation::GeluTanh } else { Activation::Silu },
-        qk_norm: if g.tensors.contains_key("blk.0.attn_q_norm.weight") { QkNorm::PerHead } else { QkNorm::None },
-        // llama.cpp writes Mistral as `llama` and does not record its window.
-        sliding_window: None,
+        // GPT-NeoX: the exact GELU of its HF definition (llama.cpp computes the tanh approximation).
+        hidden_act: match architecture {
+            Architecture::Gemma2 | Architecture::Gemma3 | Architecture::Gpt2 => Activation::GeluTanh,
+            Architecture::GptNeox => Activation::Gelu,
+            _ => Activation::Silu,
+        },
+        qk_norm,
+        // llama.cpp writes Mistral as `llama` and does not record its window; Phi 3's is recorded.
+        sliding_window: if architecture == Architecture::Phi3 { opt("attention.sliding_window")?.filter(|&w| w > 0) } else { None },
         gemma,
-        rotary_dims: head_dim,
-        gpt: None,
+        rotary_dims,
+        gpt: match architecture {
+            Architecture::Gpt2 => Some(GptConfig { learned_positions: true, parallel_residual: false, scale_by_inverse_layer: false }),
+            Architecture::GptNeox => {
+                Some(GptConfig { learned_positions: false, parallel_residual: g.opt_bool(&format!("{arch}.use_parallel_residual"))?.unwrap_or(true), scale_by_inverse_layer: false })
+            }
+            _ => None,
+        },
     };
     cfg.validate().map_err(|(key, msg)| Error::key(path, format!("{arch}.{key}"), msg))?;
     Ok(cfg)

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use super::config::Architecture;
 use super::gguf::{self, GgufFile};
 use crate::error::{Error, Result};
 
@@ -43,7 +44,7 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         match self {
             Weights::Safetensors(w) => w.routing.contains_key(w.stored(name)),
-            Weights::Gguf(w) => gguf::gguf_name_for(name, w.gemma).is_some_and(|g| w.file.tensors.contains_key(&g)),
+            Weights::Gguf(w) => gguf::gguf_name_for(name, w.arch).is_some_and(|g| w.file.tensors.contains_key(&g)),
             Weights::Tensors(m) => m.contains_key(name),
         }
     }
@@ -210,42 +211,50 @@ impl SafetensorsWeights {
 }
 
 /// Weights from a GGUF file, dequantized to f32 on demand and renamed to HF names, with HF
-/// values: for the `llama` architecture, q/k rows are un-permuted back to HF's rotate-half
-/// layout; for `gemma3`, the +1 llama.cpp bakes into every RMSNorm weight is taken out again.
+/// values and layouts, undoing what llama.cpp's converter did:
+///
+/// * `llama`: q/k rows permuted to interleaved pairs → back to HF's rotate-half layout;
+/// * `gemma2`, `gemma3`: the +1 baked into every RMSNorm weight → taken out again;
+/// * `gpt2`: Conv1D weights transposed to `[out, in]` → back to HF's `[in, out]`;
+/// * `gptneox`: the fused q/k/v rows regrouped as `[q; k; v]` → back to HF's per-head `[q_h; k_h; v_h]`.
 pub struct GgufWeights {
     pub file: GgufFile,
-    /// (n_heads, n_kv_heads) when q/k rows must be un-permuted.
-    unpermute: Option<(usize, usize)>,
-    /// Gemma 3 names and norm spelling.
-    gemma: bool,
+    arch: Architecture,
+    /// (n_heads, n_kv_heads).
+    heads: (usize, usize),
 }
 
 impl GgufWeights {
-    pub fn new(file: GgufFile, unpermute: Option<(usize, usize)>) -> Self {
-        GgufWeights { file, unpermute, gemma: false }
-    }
-
-    /// A Gemma 3 GGUF (`general.architecture = gemma3`).
-    pub fn gemma3(file: GgufFile) -> Self {
-        GgufWeights { file, unpermute: None, gemma: true }
+    pub fn new(file: GgufFile, arch: Architecture, heads: (usize, usize)) -> Self {
+        GgufWeights { file, arch, heads }
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<(Tensor, PathBuf)> {
-        let g = gguf::gguf_name_for(name, self.gemma).ok_or_else(|| Error::tensor(&self.file.path, name, "has no GGUF equivalent"))?;
+        let g = gguf::gguf_name_for(name, self.arch).ok_or_else(|| Error::tensor(&self.file.path, name, "has no GGUF equivalent"))?;
         let found = self.file.shape(&g).map_err(|_| Error::tensor(&self.file.path, &g, format!("missing (needed for HF tensor `{name}`)")))?;
-        if found != shape {
-            return Err(Error::tensor(&self.file.path, &g, format!("expected shape {shape:?}, found {found:?}")));
+        let conv1d = self.arch == Architecture::Gpt2 && found.len() == 2 && [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"].iter().any(|s| name.ends_with(s));
+        let expect: Vec<usize> = if conv1d { shape.iter().rev().copied().collect() } else { shape.to_vec() };
+        if found != expect {
+            return Err(Error::tensor(&self.file.path, &g, format!("expected shape {expect:?}, found {found:?}")));
         }
+        let at = |e: candle_core::Error| Error::tensor(&self.file.path, &g, e.to_string());
         let mut t = self.file.dequantize(&g)?;
-        if self.gemma && g.ends_with("norm.weight") {
-            t = t.affine(1.0, -1.0).map_err(|e| Error::tensor(&self.file.path, &g, e.to_string()))?;
-        }
-        if let Some((heads, kv_heads)) = self.unpermute {
-            if g.contains(".attn_q.") {
-                t = gguf::unpermute_rows(&t, heads)?;
-            } else if g.contains(".attn_k.") {
-                t = gguf::unpermute_rows(&t, kv_heads)?;
+        let (heads, kv_heads) = self.heads;
+        match self.arch {
+            Architecture::Gemma2 | Architecture::Gemma3 if g.ends_with("norm.weight") => t = t.affine(1.0, -1.0).map_err(at)?,
+            Architecture::Llama if g.contains(".attn_q.") => t = gguf::unpermute_rows(&t, heads)?,
+            Architecture::Llama if g.contains(".attn_k.") => t = gguf::unpermute_rows(&t, kv_heads)?,
+            Architecture::Gpt2 if conv1d => t = t.t().and_then(|t| t.contiguous()).map_err(at)?,
+            Architecture::GptNeox if g.contains(".attn_qkv.") => {
+                // [3, H, hd, ..] → [H, 3, hd, ..]
+                let dims = t.dims().to_vec();
+                let hd = dims[0] / 3 / heads.max(1);
+                let cols: Vec<usize> = dims[1..].to_vec();
+                let mut grouped = vec![3, heads, hd];
+                grouped.extend(&cols);
+                t = t.reshape(grouped).and_then(|x| x.transpose(0, 1)).and_then(|x| x.contiguous()).and_then(|x| x.reshape(dims.clone())).map_err(at)?;
             }
+            _ => {}
         }
         Ok((t, self.file.path.clone()))
     }
