@@ -12,6 +12,11 @@ fn main() -> anyhow::Result<()> {
     };
     let lm = hyperdas::model::load(&model, &Default::default())?;
     let c = &lm.model.config;
+    // The config written below is a Llama one, and named_tensors gives split (Phi 3) or reordered
+    // (partial rotary) q/k: only the plain Llama block round-trips.
+    if !c.is_llama_block() || c.rotary_dims != c.head_dim || c.architecture == hyperdas::model::Architecture::Phi3 {
+        anyhow::bail!("export_hf writes Llama checkpoints only; {model} is {:?}", c.architecture);
+    }
     std::fs::create_dir_all(&out)?;
     let tensors: std::collections::HashMap<String, candle_core::Tensor> = lm.model.named_tensors().into_iter().map(|(n, t)| (n, t.contiguous().unwrap())).collect();
     candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;

@@ -198,3 +198,51 @@ fn a_qwen3_config_parses_and_counts_its_norms() {
     let err = hyperdas::model::LlamaConfig::from_hf_json(&sw, std::path::Path::new("config.json")).unwrap_err().to_string();
     assert!(err.contains("use_sliding_window"), "{err}");
 }
+
+#[test]
+fn a_gpt2_with_an_odd_head_size_runs() {
+    // GPT-2 has no RoPE, so nothing needs an even head size (sshleifer/tiny-gpt2 has head_dim 1):
+    // n_embd 6 over 2 heads of 3, random weights in the checkpoint's own names.
+    use candle_core::{Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let (v, d, f, p) = (40usize, 6usize, 12usize, 16usize);
+    let cfg = serde_json::json!({"model_type": "gpt2", "vocab_size": v, "n_embd": d, "n_layer": 1, "n_head": 2, "n_inner": f, "n_positions": p});
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let dev = Device::Cpu;
+    let r = |shape: &[usize]| Tensor::randn(0f32, 0.5, shape, &dev).unwrap();
+    let mut t = std::collections::HashMap::new();
+    for (name, shape) in [
+        ("wte.weight", vec![v, d]),
+        ("wpe.weight", vec![p, d]),
+        ("ln_f.weight", vec![d]),
+        ("ln_f.bias", vec![d]),
+        ("h.0.ln_1.weight", vec![d]),
+        ("h.0.ln_1.bias", vec![d]),
+        ("h.0.ln_2.weight", vec![d]),
+        ("h.0.ln_2.bias", vec![d]),
+        ("h.0.attn.c_attn.weight", vec![d, 3 * d]),
+        ("h.0.attn.c_attn.bias", vec![3 * d]),
+        ("h.0.attn.c_proj.weight", vec![d, d]),
+        ("h.0.attn.c_proj.bias", vec![d]),
+        ("h.0.mlp.c_fc.weight", vec![d, f]),
+        ("h.0.mlp.c_fc.bias", vec![f]),
+        ("h.0.mlp.c_proj.weight", vec![f, d]),
+        ("h.0.mlp.c_proj.bias", vec![d]),
+    ] {
+        t.insert(name.to_string(), r(&shape));
+    }
+    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let w = hyperdas::model::weights::Weights::Safetensors(hyperdas::model::weights::SafetensorsWeights::open_dir(dir.path()).unwrap());
+    let c = hyperdas::model::LlamaConfig::from_hf_file(&dir.path().join("config.json")).unwrap();
+    assert_eq!((c.head_dim, c.rotary_dims), (3, 0));
+    let m = hyperdas::model::Llama::load(&w, &c, DType::F32, &dev).unwrap();
+    let batch = hyperdas::model::TokenBatch::left_padded(&[vec![1, 2, 3, 4], vec![5, 6]], 0, &dev).unwrap();
+    let h = m.forward_hidden(&batch, None).unwrap();
+    let s = h.stacked.unwrap();
+    assert_eq!(s.dims(), &[2, 4, 2, d]);
+    assert!(s.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
+    // 20 positions do not fit its 16 learned ones: a clear error.
+    let long = hyperdas::model::TokenBatch::left_padded(&[(0..20).collect()], 0, &dev).unwrap();
+    let err = m.forward_hidden(&long, None).unwrap_err().to_string();
+    assert!(err.contains("n_positions"), "{err}");
+}

@@ -119,3 +119,23 @@ fn loading_a_gguf_model_with_missing_metadata_names_the_key() {
     let e = load_err(&p2);
     assert!(e.contains("general.architecture") && e.contains("`mamba` is not supported"), "{e}");
 }
+
+#[test]
+fn a_gguf_tokenizer_with_a_split_we_do_not_implement_is_refused_by_name() {
+    // Phi-4-mini's GGUF says `gpt-4o`: falling back to GPT-2's split would give other ids silently.
+    let dir = tempfile::tempdir().unwrap();
+    let tok = |pre: &str, name: &str| {
+        let p = dir.path().join(name);
+        GgufBuilder::new()
+            .string("general.architecture", "phi3")
+            .string("tokenizer.ggml.model", "gpt2")
+            .string("tokenizer.ggml.pre", pre)
+            .str_array("tokenizer.ggml.tokens", &["a", "b", "ab"])
+            .str_array("tokenizer.ggml.merges", &["a b"])
+            .write(&p);
+        hyperdas::model::TextTokenizer::from_gguf(&GgufFile::open(&p).unwrap())
+    };
+    let e = tok("gpt-4o", "o200k.gguf").unwrap_err().to_string();
+    assert!(e.contains("o200k.gguf") && e.contains("tokenizer.ggml.pre") && e.contains("`gpt-4o` is not supported") && e.contains("llama-bpe"), "{e}");
+    assert!(tok("gpt-2", "gpt2.gguf").is_ok(), "GPT-2's own split is supported");
+}

@@ -150,6 +150,18 @@ fn tiny_phi3_with_partial_rotary_embeddings_matches_transformers() {
 }
 
 #[test]
+fn tiny_phi3_with_partial_rotary_a_window_and_longrope_matches_transformers() {
+    // Phi-4-mini's combination: the sliding layers' RoPE tables cover the rotated half only, and
+    // the longrope divisors (3, for 6 rotated dimensions) apply to it alone.
+    let dir = copy_dir(&fixture("tiny-phi3"));
+    std::fs::copy(fixture("tiny-phi3-partial-window-config.json"), dir.path().join("config.json")).unwrap();
+    let c = load(dir.path(), DType::F32).model.config;
+    assert_eq!((c.rotary_dims, c.sliding_window), (6, Some(3)));
+    assert!(matches!(c.rope.scaling, hyperdas::model::RopeScaling::LongRope { .. }));
+    assert_parity(dir.path(), "tiny-phi3-partial-window-reference.safetensors", TINY_TOL, &["hidden_states", "logits", "grad_resid_1"]);
+}
+
+#[test]
 fn gguf_files_of_the_other_families_match_transformers() {
     // As llama.cpp's converter writes them: GPT-2's Conv1D weights transposed (and its
     // feed_forward_length 4·D though the MLP is 2·D), GPT-NeoX's q/k/v regrouped [q; k; v] with

@@ -40,7 +40,8 @@ Outputs (all small):
                                  (`gpt2`, `gptneox`, `phi3`, `olmo2`, `gemma2`); Gemma 2's with
                                  query_pre_attn_scalar = head_dim, its reference tiny-gemma2-gguf-reference
   tiny-phi3-partial-config.json + tiny-phi3-partial-reference.safetensors   tiny-phi3's weights with
-                                 RoPE over half of each head (Phi-4-mini's partial_rotary_factor)
+                                 RoPE over half of each head (Phi-4-mini's partial_rotary_factor);
+                                 …-partial-window-…: the same with a window of 3 and longrope (3 divisors)
   tiny-gemma3-multimodal/        tiny-gemma3's text weights inside a Gemma3ForConditionalGeneration
                                  checkpoint with a tiny vision tower (`--only gemma3-multimodal`)
   ggml-types.gguf + ggml-types-reference.safetensors  one tensor per GGML type, dequantized by gguf-py
@@ -582,6 +583,23 @@ def tiny_phi3_partial(out: Path):
     save_pt(ref, str(out / "tiny-phi3-partial-reference.safetensors"),
             metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
                       "torch": torch.__version__, "model": "tiny-phi3 with partial_rotary_factor 0.5"})
+    # Phi-4-mini's combination: partial rotary embeddings, a sliding window (3, shorter than the
+    # prompts) and longrope divisors for the rotated half only (3 of them), long ones in use.
+    g = torch.Generator().manual_seed(27)
+    short = [round(1.0 + 3.0 * x, 4) for x in torch.rand(3, generator=g).tolist()]
+    long = [round(1.0 + 3.0 * x, 4) for x in torch.rand(3, generator=g).tolist()]
+    cfg2 = {**cfg, "sliding_window": 3, "original_max_position_embeddings": 16,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                "short_factor": short, "long_factor": long, "original_max_position_embeddings": 16}}
+    var2 = transformers.Phi3Config(**cfg2)
+    var2._attn_implementation = "eager"
+    vmodel2 = transformers.Phi3ForCausalLM(var2).float()
+    vmodel2.load_state_dict(model.state_dict())
+    var2.to_json_file(str(out / "tiny-phi3-partial-window-config.json"))
+    ref = reference_pass(vmodel2, ids, mask, pos, seed=7)
+    save_pt(ref, str(out / "tiny-phi3-partial-window-reference.safetensors"),
+            metadata={"prompts": json.dumps(TINY_PROMPTS), "transformers": transformers.__version__,
+                      "torch": torch.__version__, "model": "tiny-phi3 with partial rotary, window 3 and longrope"})
 
 
 def write_family_gguf(out: Path, name: str, arch: str, model, meta, rename, transform=lambda n, a: a, gguf_name=None):

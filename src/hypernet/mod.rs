@@ -38,6 +38,7 @@ use crate::model::kernels;
 use crate::model::llama::{Attention, Linear, Mlp, Norm, RmsNorm};
 use crate::model::rope::Rope;
 use crate::model::{Llama, TokenBatch};
+use crate::model::{RopeConfig, RopeScaling};
 use crate::params::ParamStore;
 use crate::rng::Rng;
 
@@ -320,9 +321,10 @@ impl HyperNetwork {
             Some(n) => RmsNorm { weight: r.copy("hypernet.norm.weight", &n.weight)?, eps: n.eps },
             None => RmsNorm { weight: r.ones("hypernet.norm.weight", d)?, eps: target.norm.eps() },
         };
-        // The hypernetwork's own RoPE covers whole heads even where the target's covers part
-        // of each (GPT-NeoX) or none (GPT-2).
-        let rope = if c.rotary_dims == hd { target.rope().clone() } else { Rope::new(&c.rope, hd) };
+        // Copied blocks keep the target's RoPE (partial ones included: their q/k rows are in its
+        // layout); blocks from scratch get plain RoPE over whole heads where the target's covers
+        // part of each (GPT-NeoX, Phi-4-mini) or none (GPT-2).
+        let rope = if c.rotary_dims == hd || !from_scratch { target.rope().clone() } else { Rope::new(&RopeConfig { theta: c.rope.theta, scaling: RopeScaling::None }, hd) };
         let pointer = PointerHead::new(&mut r, d, h, hkv, hd, config.self_bias, config.pointer_rope, config.pointer_scale)?;
         Ok(HyperNetwork { config: config.clone(), embed_tokens, embed_scale: target.embed_scale(), blocks, norm, pointer, rope })
     }

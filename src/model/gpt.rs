@@ -47,6 +47,7 @@ pub(super) fn load_block(w: &Weights, l: usize, c: &LlamaConfig, dtype: DType, d
             let qkv = Linear::load_conv1d(w, &format!("{p}.attn.c_attn"), 3 * d, d, dtype, dev)?; // [3D, D]
             let o = Linear::load_conv1d(w, &format!("{p}.attn.c_proj"), d, d, dtype, dev)?; // [D, D]
             let mut self_attn = Attention::plain(qkv.rows(0, d)?, qkv.rows(d, d)?, qkv.rows(2 * d, d)?, o, h, h, hd);
+            self_attn.rotary = false; // learned positions instead (an odd head size is fine then)
             if g.scale_by_inverse_layer {
                 self_attn.q_scale = Some(1.0 / (l + 1) as f64);
             }

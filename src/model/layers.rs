@@ -197,12 +197,14 @@ pub struct Attention {
     pub q_scale: Option<f64>,
     /// Gemma 2: scores soft-capped, `s ← cap · tanh(s / cap)`, before the mask and softmax.
     pub logit_cap: Option<f64>,
+    /// RoPE on q and k (false for GPT-2, whose positions are learned embeddings).
+    pub rotary: bool,
 }
 
 impl Attention {
     /// A Llama attention from its four projections (no q/k norms, `1/√hd` scores, no cap).
     pub fn plain(q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
-        Attention { q_proj, k_proj, v_proj, o_proj, n_heads, n_kv_heads, head_dim, q_norm: None, k_norm: None, qk_norm: QkNorm::None, q_scale: None, logit_cap: None }
+        Attention { q_proj, k_proj, v_proj, o_proj, n_heads, n_kv_heads, head_dim, q_norm: None, k_norm: None, qk_norm: QkNorm::None, q_scale: None, logit_cap: None, rotary: true }
     }
 
     pub(super) fn load(w: &Weights, prefix: &str, c: &LlamaConfig, dtype: DType, dev: &Device) -> Result<Self> {
@@ -231,6 +233,7 @@ impl Attention {
         // Phi-4-mini (`partial_rotary_factor`): q/k rows into the layout of full rotary embeddings.
         let (q_proj, k_proj) = (partial_rotary_layout(&q_proj, c.num_attention_heads, hd, c.rotary_dims)?, partial_rotary_layout(&k_proj, c.num_key_value_heads, hd, c.rotary_dims)?);
         Ok(Attention {
+            rotary: true,
             q_norm,
             k_norm,
             qk_norm: c.qk_norm,
@@ -264,7 +267,7 @@ impl Attention {
         let q = self.queries(x, q_rope)?; // [B, H, Tq, hd]
         let mask = mask.to_dtype(accum_dtype(q.dtype()))?.broadcast_as((q.dim(0)?, 1, mask.dim(2)?, kv.dim(1)?))?; // [B, 1, Tq|1, Tk]
         let (k_w, v_w) = (&self.k_proj.weight, &self.v_proj.weight);
-        let plain = self.k_proj.bias.is_none() && self.v_proj.bias.is_none() && self.k_norm.is_none() && self.logit_cap.is_none();
+        let plain = self.k_proj.bias.is_none() && self.v_proj.bias.is_none() && self.k_norm.is_none() && self.logit_cap.is_none() && self.rotary;
         let fused = if plain && !kv.track_op() && k_w.track_op() && v_w.track_op() { kernels::cross_attention(&q, k_w, v_w, kv, k_rope, &mask, self.n_kv_heads)? } else { None };
         let out = match fused {
             Some(out) => out, // [B, Tq, H·hd]
@@ -320,7 +323,7 @@ impl Attention {
         if let (Some(n), QkNorm::PerHead) = (&self.k_norm, self.qk_norm) {
             k = n.forward(&k)?; // [B, Hkv, T_k, hd]
         }
-        let k = kernels::rope(&k, k_rope.0, k_rope.1)?; // [B, Hkv, T_k, hd]
+        let k = if self.rotary { kernels::rope(&k, k_rope.0, k_rope.1)? } else { k }; // [B, Hkv, T_k, hd]
         let v = heads(self.v_proj.forward(kv)?)?; // [B, Hkv, T_k, hd]
         Ok((k, v))
     }
@@ -337,7 +340,7 @@ impl Attention {
         if let (Some(n), QkNorm::PerHead) = (&self.q_norm, self.qk_norm) {
             q = n.forward(&q)?; // [B, H, Tq, hd]
         }
-        let mut q = kernels::rope(&q, q_rope.0, q_rope.1)?; // [B, H, Tq, hd]
+        let mut q = if self.rotary { kernels::rope(&q, q_rope.0, q_rope.1)? } else { q }; // [B, H, Tq, hd]
         if let Some(s) = self.q_scale {
             q = (q * s)?; // [B, H, Tq, hd]: scores come out scaled by 1/√query_pre_attn_scalar
         }

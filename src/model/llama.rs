@@ -108,7 +108,7 @@ impl Llama {
         };
         let local = match (&config.gemma, config.sliding_window) {
             (Some(g), _) => Some((Rope::new(&g.local_rope, config.head_dim), g.sliding_window)),
-            (None, Some(window)) => Some((Rope::new(&config.rope, config.head_dim), window)),
+            (None, Some(window)) => Some((Rope::partial(&config.rope, config.head_dim, config.rotary_dims), window)),
             (None, None) => None,
         };
         let embed_scale = config.gemma.as_ref().map(|_| (d as f64).sqrt());
@@ -159,7 +159,9 @@ impl Llama {
     /// Every weight tensor with its HF name (the tied `lm_head` is listed once, as the embedding).
     /// Norms are listed as their multipliers (for Gemma 3, `1 + w`). GPT-2 and GPT-NeoX are listed
     /// under the Llama names of the same roles (their fused q/k/v split, LayerNorm biases as
-    /// `.bias`, `model.embed_positions.weight` for GPT-2's positions).
+    /// `.bias`, `model.embed_positions.weight` for GPT-2's positions). Fused projections (Phi 3,
+    /// GPT-2, GPT-NeoX) are listed split, and with partial rotary embeddings q/k rows are in the
+    /// runtime's layout (`rope::partial_rotary_rows`), not the checkpoint's.
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut out: Vec<(String, &Tensor)> = vec![("model.embed_tokens.weight".into(), &self.embed_tokens)];
         if let Some(p) = &self.position_embeddings {

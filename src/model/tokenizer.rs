@@ -44,6 +44,8 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_PRES: &[&str] = &["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe"];
 const QWEN2_PRES: &[&str] = &["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"];
+/// Pre-tokenizers that llama.cpp runs as GPT-2's own split (its byte-level default).
+const GPT2_PRES: &[&str] = &["default", "gpt-2", "phi-2", "olmo", "mpt", "starcoder", "refact", "jina-es", "jina-de", "gpt3-finnish"];
 
 /// Which token, if any, starts every prompt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -408,8 +410,21 @@ fn byte_level_bpe(tokens: &[String], merges: Merges, pre: &str, path: &Path) -> 
         split(QWEN2_SPLIT)?
     } else if pre == "smollm" {
         PreSequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
-    } else {
+    } else if GPT2_PRES.contains(&pre) {
         ByteLevel::new(false, true, true).into()
+    } else {
+        // A split we do not implement (gpt-4o, deepseek-llm, ...) would give other ids with no
+        // error: refuse it.
+        return Err(Error::key(
+            path,
+            "tokenizer.ggml.pre",
+            format!(
+                "pre-tokenizer `{pre}` is not supported (supported: {}, {}, smollm, {}); load the model's HF directory, whose tokenizer.json carries its split, instead",
+                LLAMA3_PRES.join(", "),
+                QWEN2_PRES.join(", "),
+                GPT2_PRES.join(", ")
+            ),
+        ));
     };
     tk.with_pre_tokenizer(Some(pre_tok));
     tk.with_decoder(Some(ByteLevel::new(false, true, true)));
