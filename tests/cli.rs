@@ -788,6 +788,37 @@ fn seeds_per_attribute_runs_and_variants_meet_in_one_comparison() {
     assert!(o.status.success() && text(&o).1.contains("scoring 5 rows"), "{}", text(&o).1);
     let o = cmd(&["eval", "--run", &dir("lim"), "--modes", "soft", "--data", train.to_str().unwrap()]);
     assert!(o.status.success() && !text(&o).1.contains("scoring 5 rows"), "{}", text(&o).1);
+    // Limit, then attributes: a per-attribute run is scored on those of the first 8 test rows that
+    // name its attribute, so the two attributes' runs split exactly the rows a run over both scores.
+    let scored = |attribute: &str| -> u64 {
+        let out = dir(&format!("lim-{attribute}"));
+        let attrs = format!("data.attributes=[\"{attribute}\"]");
+        let o = cmd(&[
+            "baseline",
+            "mdas",
+            "--set",
+            &sets[0],
+            "--set",
+            &sets[1],
+            "--set",
+            "model.path=toy:tiny",
+            "--set",
+            "interpreter.layer=0",
+            "--set",
+            "train.steps=1",
+            "--set",
+            "data.max_test_rows=8",
+            "--set",
+            &attrs,
+            "--out",
+            &out,
+        ]);
+        assert!(o.status.success(), "{}", text(&o).1);
+        let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(std::path::Path::new(&out).join("run.json")).unwrap()).unwrap();
+        info["test_rows"].as_u64().unwrap()
+    };
+    let (country, continent) = (scored("Country"), scored("Continent"));
+    assert!(country > 0 && continent > 0 && country + continent == 8, "{country} + {continent}");
     // An attribute no row names is a clear error.
     let o = cmd(&["train", "--set", &sets[0], "--set", &sets[1], "--set", "model.path=toy:tiny", "--set", "data.attributes=[\"Language\"]", "--out", &dir("bad2")]);
     assert_eq!(o.status.code(), Some(1));

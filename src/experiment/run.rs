@@ -248,10 +248,32 @@ impl ModelSection {
     }
 }
 
+/// At most the first `limit` rows (0: all).
+fn first<T>(mut rows: Vec<T>, limit: usize) -> Vec<T> {
+    if limit > 0 && rows.len() > limit {
+        rows.truncate(limit);
+    }
+    rows
+}
+
 impl DataSection {
-    /// The rows a run uses of `rows` (read from `path`): those whose instruction names one of
-    /// `attributes` (all when empty), then at most the first `limit` (0: all).
-    pub fn select(&self, mut rows: Vec<crate::data::collate::EncodedRow>, limit: usize, path: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
+    /// The training rows a run uses of `rows` (read from `path`): those whose instruction names
+    /// one of `attributes` (all when empty), then at most the first `limit` (0: all).
+    pub fn select(&self, rows: Vec<crate::data::collate::EncodedRow>, limit: usize, path: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
+        let rows = self.with_attributes(rows, path)?;
+        Ok(first(rows, limit))
+    }
+
+    /// The test rows a run is scored on: the first `limit` rows (0: all), then those naming one
+    /// of `attributes`. Limiting first makes runs over different attributes (RAVEL's
+    /// per-attribute MDAS) score exactly the rows a run over all of them scores, split by
+    /// attribute: their merged scores are row for row comparable.
+    pub fn select_test(&self, rows: Vec<crate::data::collate::EncodedRow>, limit: usize, path: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
+        self.with_attributes(first(rows, limit), path)
+    }
+
+    /// The rows whose instruction names one of `attributes` (all when empty); none is an error.
+    fn with_attributes(&self, mut rows: Vec<crate::data::collate::EncodedRow>, path: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
         if !self.attributes.is_empty() {
             let present: std::collections::BTreeSet<String> = rows.iter().map(|r| r.target_attribute.clone()).collect();
             rows.retain(|r| self.attributes.contains(&r.target_attribute));
@@ -261,9 +283,6 @@ impl DataSection {
                     format!("no row's instruction names {} (data.attributes); the rows name {}", self.attributes.join(", "), present.into_iter().collect::<Vec<_>>().join(", ")),
                 ));
             }
-        }
-        if limit > 0 && rows.len() > limit {
-            rows.truncate(limit);
         }
         Ok(rows)
     }
@@ -558,8 +577,8 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
         if enc.rows.is_empty() {
             return Err(Error::file(path, if ds.rows.is_empty() { "has no rows" } else { "has no usable rows (every row was skipped; see the messages above)" }));
         }
+        let rows = if sets.is_empty() { cfg.data.select(enc.rows, cfg.data.max_train_rows, path)? } else { cfg.data.select_test(enc.rows, cfg.data.max_test_rows, path)? };
         let limit = if sets.is_empty() { cfg.data.max_train_rows } else { cfg.data.max_test_rows };
-        let rows = cfg.data.select(enc.rows, limit, path)?;
         if progress && (!cfg.data.attributes.is_empty() || limit > 0) {
             tracing::info!("using {} rows of {path} (data.attributes = [{}], limit {})", rows.len(), cfg.data.attributes.join(", "), if limit == 0 { "none".to_string() } else { limit.to_string() });
         }
@@ -794,7 +813,7 @@ pub fn evaluate(run: &LoadedRun, ds: &crate::data::io::Dataset, modes: &[Inferen
     let own = std::path::absolute(&ds.source).ok().is_some_and(|p| p == Path::new(&cfg.data.test));
     let limit = if own { cfg.data.max_test_rows } else { 0 };
     if !cfg.data.attributes.is_empty() || limit > 0 {
-        enc.rows = cfg.data.select(enc.rows, limit, &ds.source.display().to_string())?;
+        enc.rows = cfg.data.select_test(enc.rows, limit, &ds.source.display().to_string())?;
         if progress {
             tracing::info!(
                 "scoring {} rows (the run's data.attributes = [{}], data.max_test_rows = {} on its own test set)",
