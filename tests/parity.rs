@@ -430,3 +430,30 @@ fn half_precision_close_to_f32(name: &str) {
         assert!(d < tol, "{name}: {dt:?} logits differ from f32 by {d}");
     }
 }
+
+#[test]
+fn gemma3_taped_backward_equals_autograd_through_the_composed_blocks() {
+    // The fast path's hand-written backward of Gemma 3's block (q/k norms, output norms, GeGLU,
+    // sliding and global layers) against autograd over the composed ops, from several layers.
+    let lm = load(&fixture("tiny-gemma3"), DType::F32);
+    let m = &lm.model;
+    assert!(m.taped(), "Gemma 3 without a final-logit cap takes the taped path");
+    let batch = tiny_batch(&lm);
+    let (b, t) = batch.dims();
+    let positions = Tensor::new(&[[t as u32 - 1, 2], [t as u32 - 1, t as u32 - 2], [t as u32 - 3, t as u32 - 1]], &Device::Cpu).unwrap(); // [B, 2]
+    let weights = Tensor::randn(0f32, 1.0, (b, 2, m.config.vocab_size), &Device::Cpu).unwrap();
+    for l in [0, 2, m.num_layers() - 1] {
+        let (resid, ctx) = m.forward_to(&batch, l).unwrap();
+        let var = candle_core::Var::from_tensor(&resid).unwrap();
+        let taped = m.logits_from(l, var.as_tensor(), &ctx, &positions).unwrap(); // [B, 2, V]
+        let g_taped = (&taped * &weights).unwrap().sum_all().unwrap().backward().unwrap().get(var.as_tensor()).unwrap().clone();
+        let composed = m.logits_at(&m.forward_from(l, var.as_tensor(), &ctx).unwrap(), &positions).unwrap(); // [B, 2, V]
+        let g_composed = (&composed * &weights).unwrap().sum_all().unwrap().backward().unwrap().get(var.as_tensor()).unwrap().clone();
+        let dl = max_abs_diff(&taped, &composed);
+        let dg = max_abs_diff(&g_taped, &g_composed);
+        let scale = g_composed.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() as f64;
+        eprintln!("gemma3 taped vs autograd from block {l}: logits {dl:.2e}, gradient {dg:.2e} (max |g| {scale:.2e})");
+        assert!(dl <= 1e-4, "block {l}: logits differ by {dl}");
+        assert!(dg <= 1e-5 * scale.max(1.0), "block {l}: gradients differ by {dg} against {scale}");
+    }
+}

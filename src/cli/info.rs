@@ -45,7 +45,7 @@ pub fn run(a: &InfoArgs) -> Result<()> {
             "hypernetwork_init": if c.hypernet_copies_blocks() { "target's first blocks" } else { "from scratch" },
             "tied_embeddings": c.tie_word_embeddings,
             "qk_norm": c.qk_norm.to_string(),
-            "training_path": if c.is_llama_block() { "fast" } else { "composed" },
+            "training_path": if c.has_taped_backward() { "fast" } else { "composed" },
             "parameters": c.num_parameters(),
             "bos_id": tok.bos_id,
             "eos_id": tok.eos_id,
@@ -83,7 +83,7 @@ pub fn run(a: &InfoArgs) -> Result<()> {
     }
     println!("biases               qkv {}, o {}, mlp {}", c.qkv_bias, c.o_bias, c.mlp_bias);
     println!("q/k norms            {}", c.qk_norm);
-    println!("training path        {}", if c.is_llama_block() { "fast (fused kernels, taped backward)" } else { "composed (autograd)" });
+    println!("training path        {}", if c.has_taped_backward() { "fast (fused kernels, taped backward)" } else { "composed (autograd)" });
     println!("hypernetwork init    {}", if c.hypernet_copies_blocks() { "copies of the target's first blocks" } else { "from scratch (the target's blocks do not fit its Llama layout)" });
     println!("parameters           {:.2}M", c.num_parameters() as f64 / 1e6);
     println!("bos / eos / pad      {} / {} / {}", name(tok.bos_id), name(tok.eos_id), name(tok.pad_id));

@@ -159,12 +159,22 @@ impl Block {
 pub struct BlockTape {
     x: Tensor,  // [B, T, D] input
     y1: Tensor, // [B, T, D] after attention
-    q: Tensor,  // [B, H, T, hd] after RoPE
+    q: Tensor,  // [B, H, T, hd] after RoPE (and Gemma's extra score scale)
     k: Tensor,  // [B, Hkv, T, hd] after RoPE
     v: Tensor,  // [B, Hkv, T, hd]
     p: Tensor,  // [B, H, T, T] attention probabilities
     g: Tensor,  // [B, T, F] gate pre-activation
     u: Tensor,  // [B, T, F] up projection
+    /// Gemma 3 only: what its extra norms need.
+    gemma: Option<GemmaTape>,
+}
+
+/// Gemma 3's additions to a block's tape: the inputs of its q/k norms and output norms.
+struct GemmaTape {
+    q0: Tensor, // [B, H, T, hd] queries before their norm
+    k0: Tensor, // [B, Hkv, T, hd] keys before their norm
+    a: Tensor,  // [B, T, D] attention output before its norm
+    m: Tensor,  // [B, T, D] MLP output before its norm
 }
 
 /// `x Wᵀ + b` outside any graph.
@@ -184,15 +194,57 @@ fn lin_back(l: &Linear, dy: &Tensor) -> Result<Tensor> {
     Ok(dx.reshape(out_dims)?)
 }
 
+/// Causal attention outside the graph, keeping the probabilities: `q [B, H, T, hd]` (already
+/// scaled beyond `1/√hd` where the block needs it), `k`, `v [B, Hkv, T, hd]`, additive `mask`
+/// → `(o [B, T, H·hd], p [B, H, T, T])`.
+fn attention_saved(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+    if let Some(saved) = kernels::attention_forward_saved(q, k, v, mask)? {
+        return Ok(saved);
+    }
+    let (b, h, t, hd) = q.dims4()?;
+    let hkv = k.dim(1)?;
+    let rep = h / hkv;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let qs = (q * scale)?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
+    let s = qs.matmul(&k.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
+    let s = s.to_dtype(kernels::accum_dtype(s.dtype()))?;
+    let p = kernels::softmax_masked(&s, Some(&mask.to_dtype(s.dtype())?))?.to_dtype(v.dtype())?; // [B, H, T, T]
+    let o = p.reshape((b, hkv, rep * t, t))?.matmul(v)?; // [B, Hkv, rep·T, hd]
+    Ok((o.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?, p)) // [B, T, H·hd]
+}
+
+/// The backward of [`attention_saved`] from `d_o [B, T, H·hd]`: `(dq [B, H, T, hd], dk, dv [B, Hkv, T, hd])`.
+fn attention_saved_backward(tape: &BlockTape, mask: &Tensor, d_o: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    if kernels::attention_forward_saved_applies(&tape.q, &tape.k, &tape.v, mask) {
+        return kernels::attention_backward(&tape.q, &tape.k, &tape.v, Some(&tape.p), mask, d_o);
+    }
+    let (b, h, t, hd) = tape.q.dims4()?;
+    let hkv = tape.k.dim(1)?;
+    let rep = h / hkv;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let d_o = d_o.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
+    let p = tape.p.reshape((b, hkv, rep * t, t))?; // [B, Hkv, rep·T, T]
+    let dp = d_o.matmul(&tape.v.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
+    let dv = p.t()?.matmul(&d_o)?; // [B, Hkv, T, hd] (sums the rep query heads)
+    let acc = kernels::accum_dtype(dp.dtype());
+    let ds = kernels::softmax_backward(&tape.p.to_dtype(acc)?, &dp.to_dtype(acc)?)?; // [B, H, T, T]
+    let ds = (ds * scale)?.to_dtype(d_o.dtype())?.reshape((b, hkv, rep * t, t))?; // [B, Hkv, rep·T, T]
+    let dq = ds.matmul(&tape.k)?.reshape((b, h, t, hd))?; // [B, H, T, hd]
+    let dk = ds.t()?.matmul(&tape.q.reshape((b, hkv, rep * t, hd))?)?; // [B, Hkv, T, hd]
+    Ok((dq, dk, dv))
+}
+
 impl Block {
     /// [`Block::forward`] of a plain Llama block outside the graph, keeping what
     /// [`Block::backward_taped`] needs. `[B, T, D]` → `[B, T, D]`.
     pub fn forward_taped(&self, x: &Tensor, ctx: &ForwardContext) -> Result<(Tensor, BlockTape)> {
+        if self.attn_output_norm.is_some() {
+            return self.forward_taped_gemma(x, ctx);
+        }
         let blk = self;
         let a = &blk.self_attn;
         let (b, t, _) = x.dims3()?;
         let (h, hkv, hd) = (a.n_heads, a.n_kv_heads, a.head_dim);
-        let rep = h / hkv;
         let (inp, post) = blk.llama_norms()?;
         let h1 = kernels::rms_norm(x, &inp.weight, inp.eps)?; // [B, T, D]
         let q = lin(&a.q_proj, &h1)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, T, hd]
@@ -200,24 +252,13 @@ impl Block {
         let v = lin(&a.v_proj, &h1)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
         let q = kernels::rope(&q, &ctx.cos, &ctx.sin)?; // [B, H, T, hd]
         let k = kernels::rope(&k, &ctx.cos, &ctx.sin)?; // [B, Hkv, T, hd]
-        let (o, p) = match kernels::attention_forward_saved(&q, &k, &v, &ctx.mask)? {
-            Some(saved) => saved, // [B, T, H·hd], [B, H, T, T]
-            None => {
-                let scale = 1.0 / (hd as f64).sqrt();
-                let qs = (&q * scale)?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
-                let s = qs.matmul(&k.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
-                let s = s.to_dtype(kernels::accum_dtype(s.dtype()))?;
-                let p = kernels::softmax_masked(&s, Some(&ctx.mask.to_dtype(s.dtype())?))?.to_dtype(v.dtype())?; // [B, H, T, T]
-                let o = p.reshape((b, hkv, rep * t, t))?.matmul(&v)?; // [B, Hkv, rep·T, hd]
-                (o.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?, p) // [B, T, H·hd]
-            }
-        };
+        let (o, p) = attention_saved(&q, &k, &v, &ctx.mask)?; // [B, T, H·hd], [B, H, T, T]
         let y1 = (x + lin(&a.o_proj, &o)?)?; // [B, T, D]
         let h2 = kernels::rms_norm(&y1, &post.weight, post.eps)?; // [B, T, D]
         let u = lin(&blk.mlp.up_proj, &h2)?; // [B, T, F]
         let g = lin(blk.gated()?, &h2)?; // [B, T, F]
         let y = (&y1 + lin(&blk.mlp.down_proj, &kernels::silu_mul(&g, &u)?)?)?; // [B, T, D]
-        Ok((y, BlockTape { x: x.clone(), y1, q, k, v, p, g, u }))
+        Ok((y, BlockTape { x: x.clone(), y1, q, k, v, p, g, u, gemma: None }))
     }
 
     /// The gate of the Llama block's MLP, which the taped path needs.
@@ -235,12 +276,13 @@ impl Block {
 
     /// The backward of [`Block::forward_taped`] to its input: `dy [B, T, D]` → `dx [B, T, D]`.
     pub fn backward_taped(&self, tape: &BlockTape, dy: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        if let Some(gt) = &tape.gemma {
+            return self.backward_taped_gemma(tape, gt, dy, ctx);
+        }
         let blk = self;
         let a = &blk.self_attn;
         let (b, t, _) = dy.dims3()?;
         let (h, hkv, hd) = (a.n_heads, a.n_kv_heads, a.head_dim);
-        let rep = h / hkv;
-        let scale = 1.0 / (hd as f64).sqrt();
         // MLP.
         let dm = lin_back(&blk.mlp.down_proj, dy)?; // [B, T, F]
         let (dg, du) = kernels::silu_mul_backward(&tape.g, &tape.u, &dm)?; // [B, T, F] each
@@ -249,24 +291,98 @@ impl Block {
         let dy1 = (dy + kernels::rms_norm_backward(&tape.y1, &post.weight, &dh2, post.eps, false)?.0)?; // [B, T, D]
         // Attention.
         let d_o = lin_back(&a.o_proj, &dy1)?; // [B, T, H·hd]
-        let (dq, dk, dv) = if kernels::attention_forward_saved_applies(&tape.q, &tape.k, &tape.v, &ctx.mask) {
-            kernels::attention_backward(&tape.q, &tape.k, &tape.v, Some(&tape.p), &ctx.mask, &d_o)? // [B, H, T, hd], [B, Hkv, T, hd] ×2
-        } else {
-            let d_o = d_o.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, hkv, rep * t, hd))?; // [B, Hkv, rep·T, hd]
-            let p = tape.p.reshape((b, hkv, rep * t, t))?; // [B, Hkv, rep·T, T]
-            let dp = d_o.matmul(&tape.v.t()?)?.reshape((b, h, t, t))?; // [B, H, T, T]
-            let dv = p.t()?.matmul(&d_o)?; // [B, Hkv, T, hd] (sums the rep query heads)
-            let acc = kernels::accum_dtype(dp.dtype());
-            let ds = kernels::softmax_backward(&tape.p.to_dtype(acc)?, &dp.to_dtype(acc)?)?; // [B, H, T, T]
-            let ds = (ds * scale)?.to_dtype(d_o.dtype())?.reshape((b, hkv, rep * t, t))?; // [B, Hkv, rep·T, T]
-            let dq = ds.matmul(&tape.k)?.reshape((b, h, t, hd))?; // [B, H, T, hd]
-            let dk = ds.t()?.matmul(&tape.q.reshape((b, hkv, rep * t, hd))?)?; // [B, Hkv, T, hd]
-            (dq, dk, dv)
-        };
+        let (dq, dk, dv) = attention_saved_backward(tape, &ctx.mask, &d_o)?; // [B, H, T, hd], [B, Hkv, T, hd] ×2
         let dq = kernels::rope_inverse(&dq, &ctx.cos, &ctx.sin)?; // [B, H, T, hd]
         let dk = kernels::rope_inverse(&dk, &ctx.cos, &ctx.sin)?; // [B, Hkv, T, hd]
         let flat = |x: &Tensor, heads: usize| -> Result<Tensor> { Ok(x.transpose(1, 2)?.reshape((b, t, heads * hd))?) };
         let dh1 = ((lin_back(&a.q_proj, &flat(&dq, h)?)? + lin_back(&a.k_proj, &flat(&dk, hkv)?)?)? + lin_back(&a.v_proj, &flat(&dv, hkv)?)?)?; // [B, T, D]
+        Ok((dy1 + kernels::rms_norm_backward(&tape.x, &inp.weight, &dh1, inp.eps, false)?.0)?) // [B, T, D]
+    }
+}
+
+/// The norm `n` as the RMSNorm the taped path needs.
+fn rms(n: Option<&Norm>, which: &str) -> Result<RmsNorm> {
+    n.and_then(Norm::as_rms).cloned().ok_or_else(|| Error::invalid(format!("the taped Gemma 3 block needs its {which} RMSNorm")))
+}
+
+impl Block {
+    /// Gemma 3's block outside the graph (its equations on `Gemma3Config`): the Llama block's tape
+    /// plus per-head q/k norms before RoPE, the extra score scale, GeGLU, and norms on the
+    /// attention and MLP outputs; a sliding layer uses the context's local mask and RoPE tables.
+    ///
+    /// ```text
+    /// forward:   h1 = rms(x)   q0,k0 = heads(h1 W_{q,k}ᵀ)   q = s·rope(rms_q(q0))   k = rope(rms_k(k0))
+    ///            a = o(attn(q, k, v))   y1 = x + rms_a(a)   m = down(gelu_tanh(g) ⊙ u), g,u from rms(y1)
+    ///            y = y1 + rms_m(m)
+    /// backward:  dm = rms_m'(m; dy) ... dy1 = dy + rms'(y1; ·)   da = rms_a'(a; dy1)
+    ///            dq0 = rms_q'(q0; rope⁻¹(s·dq))   dk0 = rms_k'(k0; rope⁻¹(dk))   dx = dy1 + rms'(x; ·)
+    /// ```
+    fn forward_taped_gemma(&self, x: &Tensor, ctx: &ForwardContext) -> Result<(Tensor, BlockTape)> {
+        let a_ = &self.self_attn;
+        let (b, t, _) = x.dims3()?;
+        let (h, hkv, hd) = (a_.n_heads, a_.n_kv_heads, a_.head_dim);
+        let (mask, cos, sin) = ctx.tables(self.sliding);
+        let inp = rms(self.input_layernorm.as_ref(), "input")?;
+        let (qn, kn) = match (&a_.q_norm, &a_.k_norm) {
+            (Some(q), Some(k)) => (q, k),
+            _ => return Err(Error::invalid("the taped Gemma 3 block needs per-head q/k norms")),
+        };
+        let h1 = kernels::rms_norm(x, &inp.weight, inp.eps)?; // [B, T, D]
+        let q0 = lin(&a_.q_proj, &h1)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?; // [B, H, T, hd]
+        let k0 = lin(&a_.k_proj, &h1)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
+        let v = lin(&a_.v_proj, &h1)?.reshape((b, t, hkv, hd))?.transpose(1, 2)?.contiguous()?; // [B, Hkv, T, hd]
+        let q = kernels::rope(&kernels::rms_norm(&q0, &qn.weight, qn.eps)?, cos, sin)?; // [B, H, T, hd]
+        let q = match a_.q_scale {
+            Some(s) => (q * s)?, // [B, H, T, hd]
+            None => q,
+        };
+        let k = kernels::rope(&kernels::rms_norm(&k0, &kn.weight, kn.eps)?, cos, sin)?; // [B, Hkv, T, hd]
+        let (o, p) = attention_saved(&q, &k, &v, mask)?; // [B, T, H·hd], [B, H, T, T]
+        let a = lin(&a_.o_proj, &o)?; // [B, T, D]
+        let post_a = rms(self.attn_output_norm.as_ref(), "attention-output")?;
+        let y1 = (x + kernels::rms_norm(&a, &post_a.weight, post_a.eps)?)?; // [B, T, D]
+        let pre_m = rms(self.post_attention_layernorm.as_ref(), "pre-MLP")?;
+        let h2 = kernels::rms_norm(&y1, &pre_m.weight, pre_m.eps)?; // [B, T, D]
+        let g = lin(self.gated()?, &h2)?; // [B, T, F]
+        let u = lin(&self.mlp.up_proj, &h2)?; // [B, T, F]
+        let m = lin(&self.mlp.down_proj, &kernels::gelu_mul(&g, &u)?)?; // [B, T, D]
+        let post_m = rms(self.mlp_output_norm.as_ref(), "MLP-output")?;
+        let y = (&y1 + kernels::rms_norm(&m, &post_m.weight, post_m.eps)?)?; // [B, T, D]
+        Ok((y, BlockTape { x: x.clone(), y1, q, k, v, p, g, u, gemma: Some(GemmaTape { q0, k0, a, m }) }))
+    }
+
+    /// The backward of [`forward_taped_gemma`](Self::forward_taped_gemma): `dy` → `dx`, `[B, T, D]`.
+    fn backward_taped_gemma(&self, tape: &BlockTape, gt: &GemmaTape, dy: &Tensor, ctx: &ForwardContext) -> Result<Tensor> {
+        let a_ = &self.self_attn;
+        let (b, t, _) = dy.dims3()?;
+        let (h, hkv, hd) = (a_.n_heads, a_.n_kv_heads, a_.head_dim);
+        let (mask, cos, sin) = ctx.tables(self.sliding);
+        let (qn, kn) = match (&a_.q_norm, &a_.k_norm) {
+            (Some(q), Some(k)) => (q, k),
+            _ => return Err(Error::invalid("the taped Gemma 3 block needs per-head q/k norms")),
+        };
+        // MLP and its output norm.
+        let post_m = rms(self.mlp_output_norm.as_ref(), "MLP-output")?;
+        let dm = kernels::rms_norm_backward(&gt.m, &post_m.weight, dy, post_m.eps, false)?.0; // [B, T, D]
+        let dh = lin_back(&self.mlp.down_proj, &dm)?; // [B, T, F]
+        let (dg, du) = kernels::gelu_mul_backward(&tape.g, &tape.u, &dh)?; // [B, T, F] each
+        let dh2 = (lin_back(self.gated()?, &dg)? + lin_back(&self.mlp.up_proj, &du)?)?; // [B, T, D]
+        let pre_m = rms(self.post_attention_layernorm.as_ref(), "pre-MLP")?;
+        let dy1 = (dy + kernels::rms_norm_backward(&tape.y1, &pre_m.weight, &dh2, pre_m.eps, false)?.0)?; // [B, T, D]
+        // Attention and its output norm.
+        let post_a = rms(self.attn_output_norm.as_ref(), "attention-output")?;
+        let da = kernels::rms_norm_backward(&gt.a, &post_a.weight, &dy1, post_a.eps, false)?.0; // [B, T, D]
+        let d_o = lin_back(&a_.o_proj, &da)?; // [B, T, H·hd]
+        let (dq, dk, dv) = attention_saved_backward(tape, mask, &d_o)?; // [B, H, T, hd], [B, Hkv, T, hd] ×2
+        let dq = match a_.q_scale {
+            Some(s) => (dq * s)?, // [B, H, T, hd]
+            None => dq,
+        };
+        let dq0 = kernels::rms_norm_backward(&gt.q0, &qn.weight, &kernels::rope_inverse(&dq, cos, sin)?, qn.eps, false)?.0; // [B, H, T, hd]
+        let dk0 = kernels::rms_norm_backward(&gt.k0, &kn.weight, &kernels::rope_inverse(&dk, cos, sin)?, kn.eps, false)?.0; // [B, Hkv, T, hd]
+        let flat = |x: &Tensor, heads: usize| -> Result<Tensor> { Ok(x.transpose(1, 2)?.reshape((b, t, heads * hd))?) };
+        let dh1 = ((lin_back(&a_.q_proj, &flat(&dq0, h)?)? + lin_back(&a_.k_proj, &flat(&dk0, hkv)?)?)? + lin_back(&a_.v_proj, &flat(&dv, hkv)?)?)?; // [B, T, D]
+        let inp = rms(self.input_layernorm.as_ref(), "input")?;
         Ok((dy1 + kernels::rms_norm_backward(&tape.x, &inp.weight, &dh1, inp.eps, false)?.0)?) // [B, T, D]
     }
 }

@@ -470,6 +470,14 @@ impl LlamaConfig {
         self.gpt.is_none()
     }
 
+    /// Whether training runs the frozen upper blocks with the hand-written backward of `tape`:
+    /// the plain Llama block, and Gemma 3's (per-head q/k norms, output norms, GeGLU; not with
+    /// a final-logit cap, whose backward the tape does not have).
+    pub fn has_taped_backward(&self) -> bool {
+        self.is_llama_block()
+            || (self.architecture == Architecture::Gemma3 && self.qk_norm == QkNorm::PerHead && self.gemma.as_ref().is_some_and(|g| g.final_logit_softcapping.is_none()) && self.gpt.is_none())
+    }
+
     /// Whether this is the plain Llama block (the one with a hand-written backward in `tape`).
     pub fn is_llama_block(&self) -> bool {
         self.gemma.is_none() && self.gpt.is_none() && self.hidden_act == Activation::Silu && self.qk_norm == QkNorm::None && self.sliding_window.is_none() && self.architecture != Architecture::Olmo2

@@ -21,13 +21,19 @@ use super::kernels;
 use super::llama::{Llama, rows_at};
 use crate::error::{Error, Result};
 
-/// Whether the taped path applies: a frozen model (no weight takes part in a graph) with the
-/// plain Llama block (Gemma 3 runs through autograd over the composed ops).
+/// Whether the taped path applies: a frozen model (no weight takes part in a graph) whose
+/// blocks have a taped backward (the plain Llama block, Gemma 3's).
 fn frozen(model: &Llama) -> bool {
-    model.config.is_llama_block() && !model.lm_head.track_op() && model.named_tensors().iter().all(|(_, t)| !t.track_op())
+    model.config.has_taped_backward() && !model.lm_head.track_op() && model.named_tensors().iter().all(|(_, t)| !t.track_op())
 }
 
 impl Llama {
+    /// Whether [`logits_from`](Self::logits_from) takes the taped backward for this model (a
+    /// frozen model whose blocks have one; the residual must also take part in a graph).
+    pub fn taped(&self) -> bool {
+        frozen(self) && kernels::fused_enabled()
+    }
+
     /// Logits `[B, K, V]` at `positions [B, K]` after running blocks `l..L` and the final norm
     /// from `resid [B, T, D]` (the residual entering block `l`): [`forward_from`](Self::forward_from)
     /// followed by [`logits_at`](Self::logits_at), differentiable with respect to `resid`.
