@@ -11,7 +11,8 @@
 //! * [`Block::forward`] (and [`Block::forward_with_past`] for a shared prefix): composed ops,
 //!   ordinary autograd; every architecture.
 //! * [`Block::forward_taped`] and [`Block::backward_taped`]: the same block of a frozen Llama
-//!   (plain pre-norm, SwiGLU) run outside the graph with a tape, and its hand-written backward to
+//!   (plain pre-norm, SwiGLU) or Gemma 3 (q/k norms, output norms, GeGLU; its own equations on
+//!   `forward_taped_gemma`) run outside the graph with a tape, and its hand-written backward to
 //!   the input (no weight gradients), which `Llama::logits_from` chains over blocks `l..L`:
 //!
 //! ```text
@@ -25,7 +26,7 @@
 //!
 //! A new architecture whose block differs (norm placement, activation, attention variant) adds
 //! its variant here, both passes together; until it has a taped pass,
-//! `LlamaConfig::is_llama_block` is false for it and training runs through autograd over the
+//! `LlamaConfig::has_taped_backward` is false for it and training runs through autograd over the
 //! composed ops.
 
 use candle_core::{DType, Device, Tensor};
