@@ -438,7 +438,7 @@ fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
         "interpreter.layer=0".to_string(),
         "interpreter.rank=4".to_string(),
     ];
-    let mut args = vec!["train", "--quiet", "--out", run.to_str().unwrap()];
+    let mut args = vec!["train", "--quiet", "--device", "cpu", "--out", run.to_str().unwrap()];
     for s in &sets {
         args.extend(["--set", s.as_str()]);
     }
@@ -506,6 +506,42 @@ fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
     let o = cmd(&["apply", "--run", run.to_str().unwrap(), "--base", "city: Rome, country:", "--source", "city: Tokyo, country:", "--instruction", "Paris ; Tokyo - Country"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("does not occur in the base prompt"), "{}", text(&o).1);
+
+    // Devices: the run recorded `--device cpu`; every command that loads a model takes --device
+    // (eval on the CPU gives the same scores); CUDA in a CPU build, or an unknown device, is a
+    // clear error before anything runs.
+    assert!(resolved.contains("device = \"cpu\""), "{resolved}");
+    let o = cmd(&["eval", "--quiet", "--device", "cpu", "--run", run.to_str().unwrap(), "--modes", "soft"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let on_cpu: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("eval/city_country_test.results.json")).unwrap()).unwrap();
+    assert_eq!(on_cpu["soft"], results["soft"]);
+    let r = run.to_str().unwrap();
+    let never = work.path().join("never");
+    let nv = never.to_str().unwrap();
+    let commands: [&[&str]; 9] = [
+        &["train", "--out", nv, "--set", "model.path=\"toy:tiny\""],
+        &["baseline", "mdas", "--out", nv],
+        &["sweep", "--out", nv],
+        &["demo", "--tiny", "--out", nv],
+        &["eval", "--run", r],
+        &["apply", "--run", r, "--base", "city: Paris, country:", "--source", "city: Tokyo, country:", "--instruction", "Paris ; Tokyo - Country"],
+        &["report", "--run", r],
+        &["export", "pyvene", "--run", r, "--out", nv],
+        &["info", "--model", &toy],
+    ];
+    for c in commands {
+        for (device, says) in [("cuda", "needs a build with CUDA support"), ("tpu", "unknown device `tpu`")] {
+            if cfg!(feature = "cuda") && device == "cuda" {
+                continue;
+            }
+            let mut args = c.to_vec();
+            args.extend(["--device", device]);
+            let o = cmd(&args);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o).1);
+            assert!(text(&o).1.contains(says), "{args:?}: {}", text(&o).1);
+        }
+    }
+    assert!(!never.exists(), "nothing ran");
 
     // The resolved config is a valid config; a used run directory is refused.
     let o = cmd(&["train", "--config", run.join("config.resolved.toml").to_str().unwrap(), "--out", run.to_str().unwrap()]);

@@ -46,6 +46,17 @@ fn commands(c: &clap::Command, path: Vec<String>, out: &mut Vec<(Vec<String>, cl
 }
 
 #[test]
+fn every_command_that_loads_a_model_takes_a_device() {
+    let mut all = Vec::new();
+    commands(&cli(), Vec::new(), &mut all);
+    let loads_a_model = ["train", "baseline", "sweep", "demo", "eval", "apply", "report", "export pyvene", "info", "verify-model", "bench forward", "bench train", "bench eval", "data build"];
+    for name in loads_a_model {
+        let (_, c) = all.iter().find(|(p, _)| p.join(" ") == name).unwrap_or_else(|| panic!("no command `hyperdas {name}`"));
+        assert!(c.get_arguments().any(|a| a.get_long() == Some("device")), "hyperdas {name} has no --device");
+    }
+}
+
+#[test]
 fn every_command_and_flag_has_help_text() {
     let mut all = Vec::new();
     commands(&cli(), Vec::new(), &mut all);

@@ -36,10 +36,13 @@ pub struct ApplyArgs {
     /// Tokens to show before and after.
     #[arg(long, default_value_t = 5)]
     top: usize,
+    /// Device to load the run onto: `cpu`, `cuda` or `cuda:N` [default: the run's own model.device] (checkpoints are device-independent).
+    #[arg(long)]
+    device: Option<String>,
 }
 
 pub fn run(a: &ApplyArgs) -> Result<()> {
-    let run = crate::experiment::run::load_run(&a.run, true)?;
+    let run = crate::experiment::run::load_run_on(&a.run, a.device.as_deref(), true)?;
     let q = Query { base: a.base.clone(), source: a.source.clone(), instruction: a.instruction.clone(), base_entity: a.base_entity.clone(), source_entity: a.source_entity.clone() };
     let applied: Vec<_> = a.modes.iter().map(|&m| apply(&run, &q, m, a.top)).collect::<std::result::Result<_, _>>()?;
     if super::json() {

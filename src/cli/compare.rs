@@ -62,6 +62,9 @@ pub struct SweepArgs {
     /// Override a setting for every run: `--set train.epochs=5`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Device for the target and everything the run allocates: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`); the same as `--set model.device=...`.
+    #[arg(long)]
+    device: Option<String>,
     /// Methods to run (comma-separated: hyperdas, das, mdas).
     #[arg(long, default_value = "mdas", value_delimiter = ',')]
     methods: Vec<String>,
@@ -114,7 +117,8 @@ pub fn sweep(a: &SweepArgs) -> Result<()> {
         }
         axes.push(Axis::parse(&format!("seed={}", a.seeds.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")))?);
     }
-    let plan = SweepPlan { config: a.config.as_deref(), variants: &variants, sets: &a.set, axes: &axes, out: &a.out, progress: super::progress() };
+    let sets = super::with_device(&a.set, a.device.as_deref())?;
+    let plan = SweepPlan { config: a.config.as_deref(), variants: &variants, sets: &sets, axes: &axes, out: &a.out, progress: super::progress() };
     if a.show_config {
         for p in sweep::points(&axes)? {
             println!("# run {} ({})\n{}", p.name, p.method.label(), toml::to_string_pretty(&sweep::point_config(&plan, &p)?)?);

@@ -60,6 +60,9 @@ pub struct DemoArgs {
     /// Override a run setting of configs/toy.toml (`train.epochs=3`; keys as `hyperdas train --config configs/toy.toml --show-config` prints them); repeatable.
     #[arg(long = "set")]
     sets: Vec<String>,
+    /// Device for the target and everything the run allocates: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`); the same as `--set model.device=...`.
+    #[arg(long)]
+    device: Option<String>,
     /// The same pipeline on the tiny test toy with little data and one epoch (a smoke test of
     /// a few seconds; its scores mean nothing).
     #[arg(long)]
@@ -71,6 +74,7 @@ pub struct DemoArgs {
 const SIZES: [(DataSplit, &str, usize, usize); 2] = [(DataSplit::Train, "train", 2000, 400), (DataSplit::Heldout, "test", 300, 60)];
 
 pub fn demo(a: &DemoArgs) -> Result<()> {
+    let device = super::parse_device(a.device.as_deref().unwrap_or("cpu"))?;
     let t0 = Instant::now();
     let progress = super::progress();
     let tiny = a.tiny || a.model == "toy:tiny";
@@ -99,7 +103,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             toy_cfg.layers,
             if toy.report.planted.is_empty() { String::new() } else { format!("; {}", crate::toy::planted_summary(&toy.report.planted)) }
         );
-        let lm = crate::model::load(&toy.dir.display().to_string(), &crate::model::LoadOptions::default())?;
+        let lm = crate::model::load(&toy.dir.display().to_string(), &crate::model::LoadOptions { device: device.clone(), ..Default::default() })?;
         (lm, KnowledgeBase::from_dir(&toy.dir.join("ravel"), "city")?, Some(toy))
     } else {
         if let Some(known) = crate::fetch::known_model(&a.model)
@@ -108,7 +112,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             tracing::info!("fetching {} ...", known.name);
             crate::fetch::fetch(known, None, progress)?;
         }
-        let lm = crate::model::load(&a.model, &crate::model::LoadOptions { progress, ..Default::default() }).with_context(|| format!("cannot load model `{}`", a.model))?;
+        let lm = crate::model::load(&a.model, &crate::model::LoadOptions { progress, device: device.clone(), ..Default::default() }).with_context(|| format!("cannot load model `{}`", a.model))?;
         say!("[1/5] model loaded in {:.1} s: {}", t.elapsed().as_secs_f64(), lm.description);
         (lm, KnowledgeBase::builtin("city")?, None)
     };
@@ -160,7 +164,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
             None => sets.push("train.epochs=2".into()),
         }
     }
-    sets.extend(a.sets.iter().cloned());
+    sets.extend(super::with_device(&a.sets, a.device.as_deref())?);
     let cfg: RunConfig = match (&toy, recommended) {
         (Some(_), _) => crate::config::load_text(TOY_RUN, "configs/toy.toml (embedded)", &sets)?,
         (None, Some((_, text, file))) => crate::config::load_text(text, &format!("{file} (embedded)"), &sets)?,

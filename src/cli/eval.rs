@@ -21,12 +21,15 @@ pub struct EvalArgs {
     /// Skip (and count) malformed or over-long rows instead of failing.
     #[arg(long)]
     skip_bad_rows: bool,
+    /// Device to load the run onto: `cpu`, `cuda` or `cuda:N` [default: the run's own model.device] (checkpoints are device-independent).
+    #[arg(long)]
+    device: Option<String>,
 }
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     let modes: Vec<InferenceMode> = if a.modes.is_empty() { InferenceMode::ALL.to_vec() } else { a.modes.clone() };
     let data = crate::experiment::run::data_or_test_set(&a.run, a.data.as_deref())?;
-    let results = crate::experiment::run::eval_run(&a.run, &data, &modes, a.skip_bad_rows, super::progress())?;
+    let results = crate::experiment::run::eval_run_on(&a.run, a.device.as_deref(), &data, &modes, a.skip_bad_rows, super::progress())?;
     if super::json() {
         return super::print_json(&serde_json::json!({"run": a.run, "data": data, "results": results}));
     }
@@ -50,6 +53,9 @@ pub struct ReportArgs {
     /// and bidding_argmax scores; repeatable.
     #[arg(long = "compare", value_name = "RUN_DIR")]
     compare: Vec<PathBuf>,
+    /// Device to load the run onto: `cpu`, `cuda` or `cuda:N` [default: the run's own model.device] (checkpoints are device-independent).
+    #[arg(long)]
+    device: Option<String>,
 }
 
 /// `hyperdas report`: write `report.html` (+ `heatmaps.json`) into a finished run directory.
@@ -61,7 +67,7 @@ pub fn report(a: &ReportArgs) -> Result<()> {
         crate::report::compare::html(&crate::report::compare::compare(&runs, &["soft".into(), "bidding_argmax".into()])?)?
     };
     let data = crate::experiment::run::data_or_test_set(&a.run, a.data.as_deref())?;
-    let path = crate::report::write_report(&a.run, &data, &crate::report::ReportExtras { title: a.title.clone(), notes: Vec::new(), comparison })?;
+    let path = crate::report::write_report_on(&a.run, a.device.as_deref(), &data, &crate::report::ReportExtras { title: a.title.clone(), notes: Vec::new(), comparison })?;
     if super::json() {
         return super::print_json(&serde_json::json!({"run": a.run, "data": data, "report": path}));
     }

@@ -26,12 +26,15 @@ pub struct PyveneArgs {
     /// HyperDAS only: at most this many rows (0: all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
+    /// Device to load the run onto: `cpu`, `cuda` or `cuda:N` [default: the run's own model.device] (checkpoints are device-independent).
+    #[arg(long)]
+    device: Option<String>,
 }
 
 pub fn run(cmd: &ExportCommand) -> Result<()> {
     match cmd {
         ExportCommand::Pyvene(a) => {
-            let run = crate::experiment::run::load_run(&a.run, true)?;
+            let run = crate::experiment::run::load_run_on(&a.run, a.device.as_deref(), true)?;
             let files = crate::export::pyvene::export(&run, &a.run, &a.out, a.data.as_deref(), a.limit)?;
             if super::json() {
                 return super::print_json(&serde_json::json!({"run": a.run, "written": files}));

@@ -178,20 +178,20 @@ impl ModelArgs {
     }
 }
 
+/// `sets` with `--device` appended as `model.device` (checked first, so a bad device fails
+/// before anything runs).
+pub(crate) fn with_device(sets: &[String], device: Option<&str>) -> Result<Vec<String>> {
+    let mut out = sets.to_vec();
+    if let Some(d) = device {
+        parse_device(d)?;
+        out.push(format!("model.device={d:?}"));
+    }
+    Ok(out)
+}
+
 /// `cpu`, `cuda`, `cuda:N`.
 pub(crate) fn parse_device(s: &str) -> Result<candle_core::Device> {
-    let ordinal = match s {
-        "cpu" => return Ok(candle_core::Device::Cpu),
-        "cuda" => 0,
-        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => n,
-            None => anyhow::bail!("unknown device `{s}` (expected cpu, cuda or cuda:N)"),
-        },
-    };
-    if !cfg!(feature = "cuda") {
-        anyhow::bail!("device `{s}` needs a build with CUDA support: `cargo build --release --features cuda` (see docs/gpu.md)");
-    }
-    candle_core::Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
+    Ok(crate::model::load::parse_device(s)?)
 }
 
 /// Entry point: parse arguments, run, and turn errors into a message and exit code 1.

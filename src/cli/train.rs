@@ -26,6 +26,9 @@ pub struct TrainArgs {
     /// Print the resolved configuration as TOML and exit.
     #[arg(long)]
     show_config: bool,
+    /// Device for the target and everything the run allocates: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`); the same as `--set model.device=...`.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -49,7 +52,7 @@ pub fn baseline(a: &BaselineArgs) -> Result<()> {
 }
 
 fn run_with(a: &TrainArgs, method: Method) -> Result<()> {
-    let cfg = resolve_config(method, a.config.as_deref(), None, &a.set)?;
+    let cfg = resolve_config(method, a.config.as_deref(), None, &super::with_device(&a.set, a.device.as_deref())?)?;
     if a.show_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());

@@ -37,11 +37,14 @@ pub struct ModelSection {
     pub path: String,
     pub dtype: String,
     pub start_token: String,
+    /// `cpu`, `cuda` or `cuda:N`: where the target and everything the run allocates live
+    /// (checkpoints are device-independent: a run trained on one device evaluates on another).
+    pub device: String,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
-        ModelSection { path: "toy".into(), dtype: "f32".into(), start_token: "auto".into() }
+        ModelSection { path: "toy".into(), dtype: "f32".into(), start_token: "auto".into(), device: "cpu".into() }
     }
 }
 
@@ -243,7 +246,12 @@ impl ModelSection {
     /// Load the target (training the toy model first if `path` names it and it is not cached).
     pub fn load(&self, progress: bool) -> Result<crate::model::LoadedModel> {
         let spec = model_spec(&self.path, progress)?;
-        let opts = LoadOptions { dtype: crate::model::load::parse_dtype(&self.dtype)?, start_token: self.start_token.parse::<StartToken>()?, progress, ..Default::default() };
+        let opts = LoadOptions {
+            dtype: crate::model::load::parse_dtype(&self.dtype)?,
+            device: crate::model::load::parse_device(&self.device)?,
+            start_token: self.start_token.parse::<StartToken>()?,
+            progress,
+        };
         crate::model::load(&spec, &opts)
     }
 }
@@ -537,12 +545,13 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
                 test_sha256: String::new(),
                 ..c.data.clone()
             };
-            RunConfig { data, train: TrainSettings { stop_after_steps: 0, checkpoint_every: 0, log_every: 0, ..c.train.clone() }, ..c.clone() }
+            let model = ModelSection { device: String::new(), ..c.model.clone() };
+            RunConfig { data, model, train: TrainSettings { stop_after_steps: 0, checkpoint_every: 0, log_every: 0, ..c.train.clone() }, ..c.clone() }
         };
         if same(&saved) != same(cfg) {
             return Err(Error::file(
                 out.join("config.resolved.toml"),
-                "differs from this run's configuration; resume with the same settings (only train.stop_after_steps, train.checkpoint_every and train.log_every may change)",
+                "differs from this run's configuration; resume with the same settings (only model.device, train.stop_after_steps, train.checkpoint_every and train.log_every may change)",
             ));
         }
     } else {
@@ -785,7 +794,15 @@ pub fn run_config(dir: &Path) -> Result<RunConfig> {
 
 /// Reload a run from `dir` (its `config.resolved.toml` and `checkpoint/`), nothing else needed.
 pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
-    let config = run_config(dir)?;
+    load_run_on(dir, None, progress)
+}
+
+/// [`load_run`] onto `device` (`cpu`, `cuda`, `cuda:N`) instead of the run's own `model.device`.
+pub fn load_run_on(dir: &Path, device: Option<&str>, progress: bool) -> Result<LoadedRun> {
+    let mut config = run_config(dir)?;
+    if let Some(d) = device {
+        config.model.device = d.to_string();
+    }
     let lm = config.model.load(progress)?;
     let mut params = ParamStore::new();
     let mut interpreter = Interpreter::new(&mut params, &lm.model, &config.interpreter.config(lm.model.num_layers())?)?;
@@ -882,7 +899,12 @@ pub fn data_or_test_set(dir: &Path, data: Option<&Path>) -> Result<PathBuf> {
 /// Evaluate a run on `data` with `modes`; writes `eval/<data name>.{results.json,csv,positions.jsonl}`
 /// into the run directory and returns the scores.
 pub fn eval_run(dir: &Path, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
-    let run = load_run(dir, progress)?;
+    eval_run_on(dir, None, data, modes, skip_bad_rows, progress)
+}
+
+/// [`eval_run`] with the run loaded onto `device` (its own `model.device` when `None`).
+pub fn eval_run_on(dir: &Path, device: Option<&str>, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
+    let run = load_run_on(dir, device, progress)?;
     let ds = read_dataset(data, ReadOptions { skip_bad_rows })?;
     let scored = evaluate(&run, &ds, modes, skip_bad_rows, progress)?;
     write_eval(dir, &eval_name(data), &scored)?;

@@ -350,6 +350,22 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
     Ok(cfg)
 }
 
+/// Parse a device as users write it: `cpu`, `cuda` (device 0) or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let ordinal = match s {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => return Err(Error::invalid(format!("unknown device `{s}` (expected cpu, cuda or cuda:N)"))),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(Error::invalid(format!("device `{s}` needs a build with CUDA support: `cargo build --release --features cuda` (see docs/gpu.md)")));
+    }
+    Device::new_cuda(ordinal).map_err(|e| Error::invalid(format!("cannot open CUDA device {ordinal}: {e}")))
+}
+
 /// Parse a dtype name as users write it.
 pub fn parse_dtype(s: &str) -> Result<DType> {
     Ok(match s.to_ascii_lowercase().as_str() {

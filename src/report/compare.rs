@@ -45,8 +45,9 @@ pub struct RunSummary {
 
 /// Keys that do not make a run a different setting: the seeds, the per-attribute split, and
 /// what only changes how a run is carried out.
-const NOT_A_SETTING: [&str; 13] = [
+const NOT_A_SETTING: [&str; 14] = [
     "interpreter.seed",
+    "model.device",
     "train.seed",
     "data.attributes",
     "data.train_sha256",

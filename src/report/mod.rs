@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::data::collate::{EncodedRow, collate, encode_rows};
 use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
-use crate::experiment::run::{LoadedRun, ModeResult, load_run};
+use crate::experiment::run::{LoadedRun, ModeResult, load_run_on};
 use crate::intervention::selection::InferenceMode;
 
 /// One heatmap: the weights `W[source token or SELF][base token]` of one test row.
@@ -129,8 +129,13 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 /// Write `report.html` and `heatmaps.json` into the run directory `run_dir` (a finished
 /// `hyperdas train` run), with heatmaps for examples of `test`. Returns the page's path.
 pub fn write_report(run_dir: &Path, test: &Path, extras: &ReportExtras) -> Result<PathBuf> {
+    write_report_on(run_dir, None, test, extras)
+}
+
+/// [`write_report`] with the run loaded onto `device` (its own `model.device` when `None`).
+pub fn write_report_on(run_dir: &Path, device: Option<&str>, test: &Path, extras: &ReportExtras) -> Result<PathBuf> {
     let results: BTreeMap<String, ModeResult> = read_json(&run_dir.join("results.json"))?;
-    let run = load_run(run_dir, false)?;
+    let run = load_run_on(run_dir, device, false)?;
     let ds = read_dataset(test, ReadOptions::default())?;
     let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &run.config.data.collate_options(false), &test.display().to_string())?;
     let picked = pick_examples(&enc.rows, 4, 2);
