@@ -542,6 +542,21 @@ fn train_runs_end_to_end_on_the_tiny_toy_and_writes_the_run_directory() {
         }
     }
     assert!(!never.exists(), "nothing ran");
+    // A bf16 target (trainable parameters f32): trained, reloaded and evaluated, the same scores.
+    let run16 = work.path().join("run-bf16");
+    let mut args = vec!["train", "--quiet", "--device", "cpu", "--set", "model.dtype=\"bf16\"", "--out", run16.to_str().unwrap()];
+    for s in &sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let o = cmd(&args);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let trained: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run16.join("results.json")).unwrap()).unwrap();
+    let o = cmd(&["eval", "--quiet", "--device", "cpu", "--run", run16.to_str().unwrap(), "--modes", "soft,groundtruth"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let reloaded: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run16.join("eval/city_country_test.results.json")).unwrap()).unwrap();
+    assert_eq!(reloaded["soft"], trained["soft"]);
+    assert_eq!(reloaded["groundtruth"], trained["groundtruth"]);
+    assert!(std::fs::read_to_string(run16.join("config.resolved.toml")).unwrap().contains("dtype = \"bf16\""));
 
     // The resolved config is a valid config; a used run directory is refused.
     let o = cmd(&["train", "--config", run.join("config.resolved.toml").to_str().unwrap(), "--out", run.to_str().unwrap()]);
