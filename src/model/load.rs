@@ -20,13 +20,24 @@ use crate::error::{Error, Result};
 pub enum ModelSource {
     HfDir(PathBuf),
     Gguf(PathBuf),
+    /// `synthetic:llama3-8b` or `synthetic:<config.json>`: random weights (seeded) of exactly that
+    /// configuration and a byte-level tokenizer of its vocabulary size, for measuring memory and
+    /// speed at a model's real size without downloading it ([`super::weights::RandomWeights`]).
+    Synthetic {
+        name: String,
+        config: String,
+    },
 }
+
+/// The configurations `synthetic:<name>` knows.
+const SYNTHETIC: [(&str, &str); 1] = [("llama3-8b", include_str!("synthetic/llama3-8b.json"))];
 
 impl std::fmt::Display for ModelSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ModelSource::HfDir(p) => write!(f, "HF directory {}", p.display()),
             ModelSource::Gguf(p) => write!(f, "GGUF file {}", p.display()),
+            ModelSource::Synthetic { name, .. } => write!(f, "synthetic model {name} (random weights)"),
         }
     }
 }
@@ -37,6 +48,10 @@ impl ModelSource {
     /// content in name order. Caches of model outputs (the knowledge table) are keyed by it.
     pub fn fingerprint(&self) -> Result<String> {
         let files: Vec<PathBuf> = match self {
+            ModelSource::Synthetic { config, .. } => {
+                use sha2::Digest;
+                return Ok(crate::fetch::hex(&sha2::Sha256::digest(format!("synthetic\0{config}").as_bytes())));
+            }
             ModelSource::Gguf(p) => vec![p.clone()],
             ModelSource::HfDir(dir) => {
                 let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
@@ -60,6 +75,19 @@ impl ModelSource {
 
 /// Turn a `--model` argument into a local source.
 pub fn resolve(spec: &str) -> Result<ModelSource> {
+    if let Some(rest) = spec.strip_prefix("synthetic:") {
+        if let Some((name, text)) = SYNTHETIC.iter().find(|(n, _)| *n == rest) {
+            return Ok(ModelSource::Synthetic { name: name.to_string(), config: text.to_string() });
+        }
+        let p = Path::new(rest);
+        let file = if p.is_dir() { p.join("config.json") } else { p.to_path_buf() };
+        if !file.is_file() {
+            let known: Vec<&str> = SYNTHETIC.iter().map(|(n, _)| *n).collect();
+            return Err(Error::ModelSpec { spec: spec.into(), msg: format!("names neither a known configuration ({}) nor a config.json file", known.join(", ")) });
+        }
+        let config = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
+        return Ok(ModelSource::Synthetic { name: file.display().to_string(), config });
+    }
     let p = Path::new(spec);
     if p.is_dir() {
         if !p.join("config.json").is_file() {
@@ -150,6 +178,14 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedMode
             let tokenizer = TextTokenizer::from_hf_dir(dir)?;
             let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
             (config, weights, tokenizer, name)
+        }
+        ModelSource::Synthetic { name, config } => {
+            let path = PathBuf::from(format!("synthetic:{name}"));
+            let value: serde_json::Value = serde_json::from_str(config).map_err(|e| Error::file(&path, format!("not valid JSON: {e}")))?;
+            let config = LlamaConfig::from_hf_json(&value, &path)?;
+            let weights = Weights::Random(super::weights::RandomWeights::new(0, config.gemma.is_some()));
+            let tokenizer = TextTokenizer::synthetic(config.vocab_size, config.bos_token_id, config.eos_token_ids.first().copied())?;
+            (config, weights, tokenizer, format!("synthetic {name}"))
         }
         ModelSource::Gguf(path) => {
             let file = GgufFile::open(path)?;

@@ -144,6 +144,31 @@ impl TextTokenizer {
         Ok(t)
     }
 
+    /// A byte-level tokenizer with `vocab_size` ids for a synthetic model: ids 0–255 are the
+    /// bytes (no merges, so a prompt is one token per byte), the rest `<|synthetic_i|>`; the
+    /// configuration's BOS (when inside the vocabulary) starts every prompt.
+    pub fn synthetic(vocab_size: usize, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
+        let path = PathBuf::from("<synthetic tokenizer>");
+        if vocab_size < 256 {
+            return Err(Error::invalid(format!("a synthetic model needs a vocabulary of at least 256 tokens (its bytes), not {vocab_size}")));
+        }
+        let mut tokens: Vec<String> = bytes_to_unicode().iter().map(|c| c.to_string()).collect();
+        tokens.extend((256..vocab_size).map(|i| format!("<|synthetic_{i}|>")));
+        let inner = byte_level_bpe(&tokens, Vec::new(), "gpt-2", &path)?;
+        let inside = |id: Option<u32>| id.filter(|&i| (i as usize) < vocab_size);
+        let bos = inside(bos);
+        Ok(TextTokenizer {
+            inner,
+            source: path,
+            bos_id: bos,
+            eos_id: inside(eos),
+            pad_id: None,
+            start_token: bos,
+            start_token_reason: "synthetic model: its configuration's bos_token_id".into(),
+            declared_start: bos,
+        })
+    }
+
     /// Rebuild the tokenizer stored in a GGUF file's metadata.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let path = &g.path;

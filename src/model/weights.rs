@@ -20,6 +20,37 @@ pub enum Weights {
     /// from them shares their storage, so optimizer updates are seen by the model and
     /// gradients reach the variables.
     Tensors(HashMap<String, Tensor>),
+    /// Random weights of whatever shape is asked for (synthetic models).
+    Random(RandomWeights),
+}
+
+/// Seeded random weights for a synthetic model: every matrix N(0, 0.02) from a generator derived
+/// from the seed and the tensor's name (the same name always gives the same values), norm scales
+/// at one (Gemma's `1 + w` spelling: w = 0), biases at zero.
+pub struct RandomWeights {
+    seed: u64,
+    gemma_norms: bool,
+}
+
+impl RandomWeights {
+    pub fn new(seed: u64, gemma_norms: bool) -> Self {
+        RandomWeights { seed, gemma_norms }
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<(Tensor, PathBuf)> {
+        let path = PathBuf::from("<synthetic weights>");
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if name.ends_with("norm.weight") || name.ends_with("layernorm.weight") || name.contains(".ln_") {
+            vec![if self.gemma_norms { 0.0 } else { 1.0 }; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            let mut rng = crate::rng::Rng::derive(self.seed, name);
+            (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
+        };
+        let t = Tensor::from_vec(values, shape, &Device::Cpu).map_err(|e| Error::tensor(&path, name, e.to_string()))?;
+        Ok((t, path))
+    }
 }
 
 impl Weights {
@@ -28,6 +59,7 @@ impl Weights {
         let (t, path) = match self {
             Weights::Safetensors(w) => w.get(name, shape)?,
             Weights::Gguf(w) => w.get(name, shape)?,
+            Weights::Random(w) => w.get(name, shape)?,
             Weights::Tensors(m) => {
                 let path = PathBuf::from("<in-memory weights>");
                 let t = m.get(name).ok_or_else(|| Error::tensor(&path, name, "missing"))?;
@@ -46,6 +78,7 @@ impl Weights {
             Weights::Safetensors(w) => w.routing.contains_key(w.stored(name)),
             Weights::Gguf(w) => gguf::gguf_name_for(name, w.arch).is_some_and(|g| w.file.tensors.contains_key(&g)),
             Weights::Tensors(m) => m.contains_key(name),
+            Weights::Random(_) => true,
         }
     }
 
@@ -55,6 +88,7 @@ impl Weights {
             Weights::Safetensors(w) => w.routing.get(w.stored(name)).map(|&i| w.files[i].0.clone()).unwrap_or_else(|| w.describe_path.clone()),
             Weights::Gguf(w) => w.file.path.clone(),
             Weights::Tensors(_) => PathBuf::from("<in-memory weights>"),
+            Weights::Random(_) => PathBuf::from("<synthetic weights>"),
         }
     }
 
@@ -64,6 +98,7 @@ impl Weights {
             Weights::Safetensors(w) => w.routing.len(),
             Weights::Gguf(w) => w.file.tensors.len(),
             Weights::Tensors(m) => m.len(),
+            Weights::Random(_) => 0,
         }
     }
 
