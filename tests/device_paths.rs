@@ -65,3 +65,20 @@ fn bf16_target_with_f32_parameters_trains_on_the_composed_path() {
         }
     }
 }
+
+#[test]
+fn the_gelu_gate_backward_off_the_fused_path_equals_autograd() {
+    // What the taped Gemma block uses where the fused kernel does not apply (a GPU, bf16): the
+    // formula from candle ops, against autograd through the composed gate.
+    composed();
+    let dev = candle_core::Device::Cpu;
+    let g = candle_core::Var::from_tensor(&candle_core::Tensor::randn(0f32, 2.0, (3, 7), &dev).unwrap()).unwrap();
+    let u = candle_core::Var::from_tensor(&candle_core::Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap()).unwrap();
+    let dh = candle_core::Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap();
+    let (dg, du) = kernels::gelu_mul_backward(g.as_tensor(), u.as_tensor(), &dh).unwrap();
+    let y = kernels::gelu_mul_composed(g.as_tensor(), u.as_tensor()).unwrap();
+    let grads = (y * &dh).unwrap().sum_all().unwrap().backward().unwrap();
+    let (ag, au) = (grads.get(g.as_tensor()).unwrap(), grads.get(u.as_tensor()).unwrap());
+    assert!(max_abs_diff(&dg, ag) < 1e-5, "dg {}", max_abs_diff(&dg, ag));
+    assert!(max_abs_diff(&du, au) < 1e-6, "du {}", max_abs_diff(&du, au));
+}

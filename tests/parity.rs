@@ -457,3 +457,15 @@ fn gemma3_taped_backward_equals_autograd_through_the_composed_blocks() {
         assert!(dg <= 1e-5 * scale.max(1.0), "block {l}: gradients differ by {dg} against {scale}");
     }
 }
+
+#[test]
+fn a_bf16_gemma3_target_trains_on_the_taped_path() {
+    // bf16: the fused kernels do not apply, so the tape runs their composed fallbacks (the GeGLU
+    // gate's backward included), as on a GPU.
+    let lm = load(&fixture("tiny-gemma3"), DType::BF16);
+    assert!(lm.model.taped());
+    for method in [hyperdas::hypernet::interpreter::Method::HyperDas, hyperdas::hypernet::interpreter::Method::Mdas] {
+        let losses = six_steps(&lm, method, 2, 1);
+        assert!(losses.iter().all(|l| l.is_finite()), "{method:?}: {losses:?}");
+    }
+}

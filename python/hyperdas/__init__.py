@@ -175,9 +175,11 @@ class Run:
         self._r = native
 
     @classmethod
-    def load(cls, dir: PathLike, progress: bool = False) -> "Run":
-        """Load the run in ``dir`` (``config.resolved.toml`` and ``checkpoint/``; the model it names is loaded too)."""
-        return cls(_native.Run.load(os.fspath(dir), progress))
+    def load(cls, dir: PathLike, progress: bool = False, device: Optional[str] = "cpu") -> "Run":
+        """Load the run in ``dir`` (``config.resolved.toml`` and ``checkpoint/``; the model it names is loaded too)
+        onto ``device`` (``"cpu"``; ``None``: the run's own ``model.device``; checkpoints are device-independent,
+        so a run trained on a GPU loads here)."""
+        return cls(_native.Run.load(os.fspath(dir), progress, device))
 
     @property
     def dir(self) -> Path:

@@ -31,7 +31,7 @@ class Model:
 
 class Run:
     @staticmethod
-    def load(dir: str, progress: bool = False) -> Run: ...
+    def load(dir: str, progress: bool = False, device: Optional[str] = None) -> Run: ...
     dir: str
     method: str
     config: Dict[str, Any]

@@ -14,7 +14,7 @@ use hyperdas::data::generate::{DataSplit, EntityPolicy};
 use hyperdas::data::io::{Dataset, ReadOptions, read_dataset, read_json_rows, write_dataset};
 use hyperdas::data::knowledge::KnowledgeOptions;
 use hyperdas::experiment::apply::{Query, apply, subspace};
-use hyperdas::experiment::run::{LoadedRun, RunConfig, eval_name, evaluate, knowledge_base, load_run, model_spec, resolve_config, run_observed, write_eval};
+use hyperdas::experiment::run::{LoadedRun, RunConfig, eval_name, evaluate, knowledge_base, load_run_on, model_spec, resolve_config, run_observed, write_eval};
 use hyperdas::hypernet::interpreter::Method;
 use hyperdas::intervention::selection::InferenceMode;
 use hyperdas::model::{LoadOptions, LoadedModel, Site, StartToken, TokenBatch};
@@ -262,9 +262,9 @@ impl Run {
 #[pymethods]
 impl Run {
     #[staticmethod]
-    #[pyo3(signature = (dir, progress = false))]
-    fn load(dir: PathBuf, progress: bool) -> PyResult<Run> {
-        Ok(Run { run: load_run(&dir, progress).map_err(err)?, dir })
+    #[pyo3(signature = (dir, progress = false, device = None))]
+    fn load(dir: PathBuf, progress: bool, device: Option<String>) -> PyResult<Run> {
+        Ok(Run { run: load_run_on(&dir, device.as_deref(), progress).map_err(err)?, dir })
     }
 
     #[getter]

@@ -268,7 +268,7 @@ impl DataSection {
     /// The training rows a run uses of `rows` (read from `path`): those whose instruction names
     /// one of `attributes` (all when empty), then at most the first `limit` (0: all).
     pub fn select(&self, rows: Vec<crate::data::collate::EncodedRow>, limit: usize, path: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
-        let rows = self.with_attributes(rows, path)?;
+        let rows = self.with_attributes(rows, path, "")?;
         Ok(first(rows, limit))
     }
 
@@ -277,18 +277,20 @@ impl DataSection {
     /// per-attribute MDAS) score exactly the rows a run over all of them scores, split by
     /// attribute: their merged scores are row for row comparable.
     pub fn select_test(&self, rows: Vec<crate::data::collate::EncodedRow>, limit: usize, path: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
-        self.with_attributes(first(rows, limit), path)
+        let scope = if limit > 0 && rows.len() > limit { format!(" among its first {limit} rows (data.max_test_rows)") } else { String::new() };
+        self.with_attributes(first(rows, limit), path, &scope)
     }
 
-    /// The rows whose instruction names one of `attributes` (all when empty); none is an error.
-    fn with_attributes(&self, mut rows: Vec<crate::data::collate::EncodedRow>, path: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
+    /// The rows whose instruction names one of `attributes` (all when empty); none is an error,
+    /// whose message says which rows were searched (`scope`, e.g. " among its first 400 rows").
+    fn with_attributes(&self, mut rows: Vec<crate::data::collate::EncodedRow>, path: &str, scope: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
         if !self.attributes.is_empty() {
             let present: std::collections::BTreeSet<String> = rows.iter().map(|r| r.target_attribute.clone()).collect();
             rows.retain(|r| self.attributes.contains(&r.target_attribute));
             if rows.is_empty() {
                 return Err(Error::file(
                     path,
-                    format!("no row's instruction names {} (data.attributes); the rows name {}", self.attributes.join(", "), present.into_iter().collect::<Vec<_>>().join(", ")),
+                    format!("no row's instruction names {} (data.attributes){scope}; those rows name {}", self.attributes.join(", "), present.into_iter().collect::<Vec<_>>().join(", ")),
                 ));
             }
         }
@@ -476,7 +478,7 @@ pub fn model_spec(path: &str, progress: bool) -> Result<String> {
 
 /// Run `cfg` into the directory `out` (which must not exist yet, or be empty). With `resume`,
 /// continue the run in `out` from its checkpoint (its `config.resolved.toml` must equal `cfg`
-/// apart from `train.stop_after_steps`, `train.checkpoint_every` and `train.log_every`).
+/// apart from `model.device`, `train.stop_after_steps`, `train.checkpoint_every` and `train.log_every`).
 pub fn run(cfg: &RunConfig, out: &Path, resume: bool, progress: bool) -> Result<Option<BTreeMap<String, ModeResult>>> {
     run_sharing(cfg, out, resume, progress, &mut None)
 }

@@ -399,7 +399,16 @@ pub fn parse_device(s: &str) -> Result<Device> {
     if !cfg!(feature = "cuda") {
         return Err(Error::invalid(format!("device `{s}` needs a build with CUDA support: `cargo build --release --features cuda` (see docs/gpu.md)")));
     }
-    Device::new_cuda(ordinal).map_err(|e| Error::invalid(format!("cannot open CUDA device {ordinal}: {e}")))
+    // One handle per ordinal for the whole process: candle gives every `new_cuda` call its own
+    // device id and refuses to mix their tensors, and a sweep hands its state cache from run to run.
+    static OPENED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<usize, Device>>> = std::sync::OnceLock::new();
+    let mut opened = OPENED.get_or_init(Default::default).lock().map_err(|_| Error::invalid("the CUDA device table is poisoned"))?;
+    if let Some(d) = opened.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    let d = Device::new_cuda(ordinal).map_err(|e| Error::invalid(format!("cannot open CUDA device {ordinal}: {e}")))?;
+    opened.insert(ordinal, d.clone());
+    Ok(d)
 }
 
 /// Parse a dtype name as users write it.

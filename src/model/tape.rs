@@ -10,7 +10,8 @@
 //! The per-block passes are [`Block::forward_taped`] and [`Block::backward_taped`]
 //! (`src/model/block.rs`, with their equations).
 //!
-//! Tape per block: `x, y1, q, k, v, p, g, u` (no weight gradients, so no normed inputs).
+//! Tape per block: `x, y1, q, k, v, p, g, u` (no weight gradients, so no normed inputs); Gemma 3
+//! also keeps the inputs of its extra norms, `q0, k0, a, m`.
 //! Equal to autograd through the composed model (`tests/step.rs`, `tests/kernels.rs`).
 
 use candle_core::{D, Tensor};

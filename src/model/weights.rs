@@ -40,10 +40,10 @@ impl RandomWeights {
     fn get(&self, name: &str, shape: &[usize]) -> Result<(Tensor, PathBuf)> {
         let path = PathBuf::from("<synthetic weights>");
         let n: usize = shape.iter().product();
-        let values: Vec<f32> = if name.ends_with("norm.weight") || name.ends_with("layernorm.weight") || name.contains(".ln_") {
-            vec![if self.gemma_norms { 0.0 } else { 1.0 }; n]
-        } else if name.ends_with(".bias") {
+        let values: Vec<f32> = if name.ends_with(".bias") {
             vec![0.0; n]
+        } else if name.ends_with("norm.weight") || name.contains(".ln_") {
+            vec![if self.gemma_norms { 0.0 } else { 1.0 }; n]
         } else {
             let mut rng = crate::rng::Rng::derive(self.seed, name);
             (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()

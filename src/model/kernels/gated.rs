@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::host::{KernelFloat, cpu_only, fusable, host_dispatch, slice, to_storage, with_host};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const GELU_K: f64 = 0.044_715;
@@ -172,11 +172,22 @@ pub fn gelu_mul_composed(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     Ok(((g * 0.5)? * t.affine(1.0, 1.0)?)?.mul(u)?)
 }
 
-/// The backward of the fused [`gelu_mul`]: `(dg, du)`. CPU f32/f64 only (elsewhere the
-/// composed forward is differentiated by autograd).
+/// The backward of [`gelu_mul`]: `(dg, du)`. Fused on the CPU in f32/f64; elsewhere (half
+/// precision, other devices) from candle ops in f32 with the exact constants:
+/// `gelu'(g) = ½(1 + t) + ½ g (1 − t²) √(2/π) (1 + 3k g²)`, `t = tanh(√(2/π)(g + k g³))`.
 pub fn gelu_mul_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
-    if !fusable(&[g, u, dh]) {
-        return Err(Error::invalid("gelu_mul backward: CPU f32/f64 only"));
+    if fusable(&[g, u, dh]) {
+        return Gate::Gelu.backward(g, u, dh);
     }
-    Gate::Gelu.backward(g, u, dh)
+    let dt = g.dtype();
+    let acc = super::accum_dtype(dt);
+    let (g, u, dh) = (g.to_dtype(acc)?, u.to_dtype(acc)?, dh.to_dtype(acc)?);
+    let g2 = g.sqr()?;
+    let t = (((&g2 * GELU_K)?.affine(1.0, 1.0)? * &g)? * SQRT_2_OVER_PI)?.tanh()?; // tanh(√(2/π)(g + k g³))
+    let gelu = ((&g * 0.5)? * t.affine(1.0, 1.0)?)?;
+    let dt_dg = ((t.sqr()?.affine(-1.0, 1.0)? * (&g2 * (3.0 * GELU_K))?.affine(SQRT_2_OVER_PI, SQRT_2_OVER_PI)?)? * (&g * 0.5)?)?; // ½ g (1 − t²) √(2/π)(1 + 3k g²)
+    let dgelu = (t.affine(0.5, 0.5)? + dt_dg)?;
+    let dg = ((&dh * &u)? * dgelu)?.to_dtype(dt)?;
+    let du = (&dh * gelu)?.to_dtype(dt)?;
+    Ok((dg, du))
 }
