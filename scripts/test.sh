@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test of the project: the Rust suite (cargo test), then the Python bindings (pytest).
+# Every test of the project: the Rust suite (cargo test), the device check in its CPU mode (on the
+# binary cargo test built), then the Python bindings (pytest).
 # This is the README's test command, and what CI (.ci/run) runs on a fresh clone.
 #
 # Python: a private virtual environment in target/pytest-venv gets maturin, numpy and pytest
@@ -10,6 +11,7 @@ cd "$(dirname "$0")/.."
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-1}"
 
 cargo test --features hub
+scripts/device-check.sh --cpu --bin target/debug/hyperdas
 
 venv="$PWD/target/pytest-venv"
 if [ ! -x "$venv/bin/python" ]; then
