@@ -290,21 +290,30 @@ fn entity_landing(run_dir: &Path, test: &Path, tok: &crate::model::TextTokenizer
     let name = test.file_name().map(|n| n.to_string_lossy().trim_end_matches(".jsonl").to_string()).unwrap_or_default();
     let path = run_dir.join("eval").join(format!("{name}.positions.jsonl"));
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    // mode → (rows where the city takes the city, other selected positions, causal rows)
-    let mut tally: std::collections::BTreeMap<String, (usize, usize, usize)> = Default::default();
+    // The share of causal rows whose base city token takes the source city token is the
+    // evaluation's own `entity_position` score (one definition, in `Scores`); what the positions
+    // file adds is how many other base tokens take a source token.
+    let results_path = run_dir.join("eval").join(format!("{name}.results.json"));
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&results_path).with_context(|| format!("cannot read {}", results_path.display()))?)
+        .with_context(|| format!("{} is not valid JSON", results_path.display()))?;
+    // mode → (other selected positions, causal rows)
+    let mut tally: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     for (i, line) in text.lines().enumerate() {
         let s: Selection = serde_json::from_str(line).with_context(|| format!("{}: line {}", path.display(), i + 1))?;
         if !s.causal {
             continue;
         }
         let Some(row) = by_row.get(&s.row) else { continue };
-        let hit = s.selected.iter().any(|&(b, src, _)| b == row.base_entity_pos && src == row.source_entity_pos);
-        let others = s.selected.iter().filter(|&&(b, _, _)| b != row.base_entity_pos).count();
         let e = tally.entry(s.mode.clone()).or_default();
-        e.0 += usize::from(hit);
-        e.1 += others;
-        e.2 += 1;
+        e.0 += s.selected.iter().filter(|&&(b, _, _)| b != row.base_entity_pos).count();
+        e.1 += 1;
     }
-    let by_mode = tally.into_iter().map(|(mode, (h, o, n))| ModeLanding { mode, city_takes_city: h as f64 / n.max(1) as f64, others: o as f64 / n.max(1) as f64 }).collect();
+    let by_mode = tally
+        .into_iter()
+        .map(|(mode, (o, n))| {
+            let city_takes_city = results[&mode]["accs"]["entity_position"].as_f64().unwrap_or(0.0);
+            ModeLanding { mode, city_takes_city, others: o as f64 / n.max(1) as f64 }
+        })
+        .collect();
     Ok(Landing { rows: enc.rows.len(), train_rows, by_mode })
 }
