@@ -7,7 +7,16 @@ use std::time::Instant;
 
 struct State {
     last: Instant,
-    totals: Vec<(&'static str, f64)>,
+    totals: Vec<Phase>,
+}
+
+/// One phase of a recording: its total seconds and the most heap live at once during it
+/// (bytes; counted by [`crate::alloc::Counting`] where the binary installs it, 0 otherwise).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Phase {
+    pub name: &'static str,
+    pub seconds: f64,
+    pub peak_heap: usize,
 }
 
 thread_local! {
@@ -19,11 +28,16 @@ pub fn mark(name: &'static str) {
     STATE.with(|s| {
         if let Some(st) = s.borrow_mut().as_mut() {
             let now = Instant::now();
+            let peak = crate::alloc::Counting::peak();
+            crate::alloc::Counting::reset_peak();
             let dt = (now - st.last).as_secs_f64();
             st.last = now;
-            match st.totals.iter_mut().find(|(n, _)| *n == name) {
-                Some((_, t)) => *t += dt,
-                None => st.totals.push((name, dt)),
+            match st.totals.iter_mut().find(|p| p.name == name) {
+                Some(p) => {
+                    p.seconds += dt;
+                    p.peak_heap = p.peak_heap.max(peak);
+                }
+                None => st.totals.push(Phase { name, seconds: dt, peak_heap: peak }),
             }
         }
     });
@@ -34,12 +48,13 @@ pub struct Recording(());
 
 impl Recording {
     pub fn start() -> Self {
+        crate::alloc::Counting::reset_peak();
         STATE.with(|s| *s.borrow_mut() = Some(State { last: Instant::now(), totals: Vec::new() }));
         Recording(())
     }
 
-    /// The phases in first-seen order with their total seconds.
-    pub fn finish(self) -> Vec<(&'static str, f64)> {
+    /// The phases in first-seen order.
+    pub fn finish(self) -> Vec<Phase> {
         STATE.with(|s| s.borrow_mut().take().map(|st| st.totals).unwrap_or_default())
     }
 }
@@ -118,8 +133,8 @@ mod tests {
         super::mark("b");
         super::mark("a");
         let phases = r.finish();
-        assert_eq!(phases.iter().map(|p| p.0).collect::<Vec<_>>(), ["a", "b"]);
-        assert!(phases.iter().all(|p| p.1 >= 0.0));
+        assert_eq!(phases.iter().map(|p| p.name).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(phases.iter().all(|p| p.seconds >= 0.0));
     }
 
     #[test]

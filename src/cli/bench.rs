@@ -115,6 +115,16 @@ pub struct TrainBenchArgs {
     /// The state cache's budget in GB.
     #[arg(long, default_value_t = 2.0)]
     cache_gb: f64,
+    /// Print the memory a step of these batches needs (weights, trainable state, activations
+    /// kept for backward, state cache) from the configuration alone, and exit: no weights are
+    /// read, so it works for `synthetic:llama3-8b` on any machine.
+    #[arg(long)]
+    dry_run: bool,
+    /// With --dry-run: estimate a batch padded to these lengths, `base,source,instruction`,
+    /// instead of the generated rows' (a synthetic model's byte-level tokenizer makes RAVEL
+    /// prompts about 100 tokens long; Llama 3's tokenizer about 25, e.g. `--lengths 30,30,12`).
+    #[arg(long, value_delimiter = ',', num_args = 1, requires = "dry_run")]
+    lengths: Option<Vec<usize>>,
 }
 
 #[derive(Args, Debug)]
@@ -390,7 +400,8 @@ struct PassTimes {
     secs: Vec<f64>,
     gflops: Vec<f64>,
     flops: Vec<f64>,
-    phases: Vec<(&'static str, Vec<f64>)>,
+    /// Per phase: seconds of each step, and the most heap live during it in any step.
+    phases: Vec<(&'static str, Vec<f64>, usize)>,
     shapes: Vec<crate::experiment::flops::StepShapes>,
     hit_rate: Option<f64>,
 }
@@ -407,7 +418,8 @@ impl PassTimes {
             "matmul_share": median(&mut self.gflops.clone()) / peak,
             "mean_base_len": mean(&|s| s.base_len), "mean_source_len": mean(&|s| s.source_len),
             "state_cache_hit_rate": self.hit_rate,
-            "phases": self.phases.iter_mut().map(|(p, v)| serde_json::json!({"phase": p, "median_s": median(v)})).collect::<Vec<_>>(),
+            "peak_heap_bytes": self.phases.iter().map(|p| p.2).max(),
+            "phases": self.phases.iter_mut().map(|(p, v, heap)| serde_json::json!({"phase": p, "median_s": median(v), "peak_heap_bytes": heap})).collect::<Vec<_>>(),
         })
     }
 }
@@ -415,11 +427,18 @@ impl PassTimes {
 /// `need` encoded RAVEL city Country counterfactuals from the embedded knowledge base
 /// (unfiltered: throughput does not depend on whether the model knows the answer) whose base
 /// and source have at most `max_tokens` tokens, in a seeded order.
-fn bench_rows(lm: &crate::model::LoadedModel, data: Option<&std::path::Path>, need: usize, max_tokens: usize, seed: u64, fewer: &str) -> Result<Vec<crate::data::collate::EncodedRow>> {
+fn bench_rows(
+    tokenizer: &crate::model::tokenizer::TextTokenizer,
+    data: Option<&std::path::Path>,
+    need: usize,
+    max_tokens: usize,
+    seed: u64,
+    fewer: &str,
+) -> Result<Vec<crate::data::collate::EncodedRow>> {
     use crate::data::collate::{CollateOptions, encode_rows};
     if let Some(path) = data {
         let ds = crate::data::io::read_dataset(path, crate::data::io::ReadOptions::default())?;
-        let mut rows = encode_rows(&lm.tokenizer, &ds.rows, &CollateOptions::default(), &path.display().to_string())?.rows;
+        let mut rows = encode_rows(tokenizer, &ds.rows, &CollateOptions::default(), &path.display().to_string())?.rows;
         if rows.len() < need {
             bail!("{} has {} rows; need {need} (lower {fewer})", path.display(), rows.len());
         }
@@ -430,7 +449,7 @@ fn bench_rows(lm: &crate::model::LoadedModel, data: Option<&std::path::Path>, ne
     use crate::data::ravel::KnowledgeBase;
     let kb = KnowledgeBase::builtin("city")?;
     let g = generate(&kb, &GenerateOptions { targets: vec![kb.attribute("Country")?], split: DataSplit::Train, causal: need * 2, isolate: need / 2, seed, entities: EntityPolicy::All })?;
-    let enc = encode_rows(&lm.tokenizer, &g.rows, &CollateOptions { skip_unusable: true, ..Default::default() }, "generated rows")?;
+    let enc = encode_rows(tokenizer, &g.rows, &CollateOptions { skip_unusable: true, ..Default::default() }, "generated rows")?;
     let mut rows: Vec<_> = enc.rows.into_iter().filter(|r| r.base_ids.len() <= max_tokens && r.source_ids.len() <= max_tokens).collect();
     let mut shuffle = crate::rng::Rng::derive(seed, "bench/rows");
     shuffle.shuffle(&mut rows);
@@ -455,7 +474,7 @@ fn eval(a: &EvalBenchArgs) -> Result<()> {
     let lm = a.model.load()?;
     let target = &lm.model;
     let threads = candle_core::utils::get_num_threads();
-    let rows = bench_rows(&lm, a.data.as_deref(), a.rows, a.max_tokens, a.seed, "--rows")?;
+    let rows = bench_rows(&lm.tokenizer, a.data.as_deref(), a.rows, a.max_tokens, a.seed, "--rows")?;
     let icfg = a.interp.config(a.seed)?;
     let mut ps = ParamStore::new();
     let interp = Interpreter::new(&mut ps, target, &icfg)?;
@@ -520,11 +539,14 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be positive");
     }
+    if a.dry_run {
+        return train_dry_run(a);
+    }
     let lm = a.model.load()?;
     let target = &lm.model;
     let threads = candle_core::utils::get_num_threads();
     let need = a.batch * (a.steps + a.warmup);
-    let rows = bench_rows(&lm, a.data.as_deref(), need, a.max_tokens, a.seed, "--steps")?;
+    let rows = bench_rows(&lm.tokenizer, a.data.as_deref(), need, a.max_tokens, a.seed, "--steps")?;
     let icfg = a.interp.config(a.seed)?;
     let subspace = icfg.subspace;
     let mut ps = ParamStore::new();
@@ -593,7 +615,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
                 continue;
             }
             if !super::json() {
-                let parts: Vec<String> = ph.iter().map(|(n, t)| format!("{n} {t:.2}")).collect();
+                let parts: Vec<String> = ph.iter().map(|p| format!("{} {:.2}", p.name, p.seconds)).collect();
                 tracing::info!(
                     "  pass {} step {}: {dt:.2} s = {:.1} examples/s, {:.0} GFLOP/s (T_b {}, T_s {}; loss {:.3}) [{}]",
                     pass + 1,
@@ -609,10 +631,13 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             times.secs.push(dt);
             times.gflops.push(f.total() / dt / 1e9);
             times.flops.push(f.total());
-            for (n, t) in ph {
-                match times.phases.iter_mut().find(|(m, _)| *m == n) {
-                    Some((_, v)) => v.push(t),
-                    None => times.phases.push((n, vec![t])),
+            for p in ph {
+                match times.phases.iter_mut().find(|(m, _, _)| *m == p.name) {
+                    Some((_, v, heap)) => {
+                        v.push(p.seconds);
+                        *heap = (*heap).max(p.peak_heap);
+                    }
+                    None => times.phases.push((p.name, vec![p.seconds], p.peak_heap)),
                 }
             }
             times.shapes.push(sh);
@@ -668,11 +693,103 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             let phases: Vec<String> =
                 s["phases"].as_array().into_iter().flatten().map(|p| format!("{} {:.2}", p["phase"].as_str().unwrap_or("?"), p["median_s"].as_f64().unwrap_or(f64::NAN))).collect();
             println!("  phases (median s): {}", phases.join(", "));
+            if let Some(heap) = s["peak_heap_bytes"].as_f64().filter(|&h| h > 0.0) {
+                let by: Vec<String> =
+                    s["phases"].as_array().into_iter().flatten().map(|p| format!("{} {:.2}", p["phase"].as_str().unwrap_or("?"), p["peak_heap_bytes"].as_f64().unwrap_or(f64::NAN) / 1e9)).collect();
+                println!("  peak heap {:.2} GB; by phase (GB): {}", heap / 1e9, by.join(", "));
+            }
         }
         if let Some(x) = first_epoch {
             println!("first epoch with an empty cache, all {per_pass} steps: {x:.2} examples/s on average ({:.1} s)", epoch_seconds.unwrap_or(0.0));
         }
         println!("peak RSS {}", rss.map(|b| format!("{:.2} GB", b as f64 / 1e9)).unwrap_or_else(|| "unknown".into()));
+    }
+    Ok(())
+}
+
+/// `bench train --dry-run`: the estimated peak of the largest step among the batches the
+/// benchmark would run ([`crate::experiment::memory`]).
+fn train_dry_run(a: &TrainBenchArgs) -> Result<()> {
+    use crate::data::collate::collate;
+    use crate::experiment::trainer::TrainSettings;
+    let (shape, dtype) = a.model.shape()?;
+    let c = &shape.config;
+    if a.interp.layer >= c.num_hidden_layers {
+        bail!("--layer {}: the model has {} blocks", a.interp.layer, c.num_hidden_layers);
+    }
+    let icfg = a.interp.config(a.seed)?;
+    let label_limit = TrainSettings::default().label_limit;
+    let shapes: Vec<crate::experiment::flops::StepShapes> = match &a.lengths {
+        Some(l) => {
+            let &[base_len, source_len, instruction_len] = l.as_slice() else { bail!("--lengths takes three numbers, base,source,instruction (e.g. 30,30,12), not {}", l.len()) };
+            if l.contains(&0) {
+                bail!("--lengths must be positive");
+            }
+            vec![crate::experiment::flops::StepShapes { batch: a.batch, base_len, source_len, instruction_len, labels: label_limit }]
+        }
+        None => {
+            let rows = bench_rows(&shape.tokenizer, a.data.as_deref(), a.batch * (a.steps + a.warmup), a.max_tokens, a.seed, "--steps")?;
+            let pad = shape.tokenizer.padding_id();
+            rows.chunks(a.batch)
+                .map(|chunk| {
+                    let batch = collate(&chunk.iter().collect::<Vec<_>>(), pad);
+                    crate::experiment::flops::StepShapes {
+                        batch: batch.len(),
+                        base_len: batch.base_len,
+                        source_len: batch.source_len,
+                        instruction_len: batch.instruction_len,
+                        labels: batch.max_label_tokens().min(label_limit),
+                    }
+                })
+                .collect()
+        }
+    };
+    let mut worst: Option<(crate::experiment::memory::MemoryEstimate, crate::experiment::flops::StepShapes)> = None;
+    for sh in shapes {
+        let est = crate::experiment::memory::hyperdas_step(c, dtype, &icfg, &sh);
+        if worst.as_ref().is_none_or(|(w, _)| est.total() > w.total()) {
+            worst = Some((est, sh));
+        }
+    }
+    let Some((est, sh)) = worst else { bail!("no batches to estimate") };
+    let cache = if a.no_cache { 0.0 } else { a.cache_gb * 1e9 };
+    if super::json() {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "train-dry-run", "model": a.model.name(), "dtype": format!("{dtype:?}").to_lowercase(), "batch": a.batch, "layer": a.interp.layer, "blocks": a.interp.blocks,
+                "subspace": a.interp.subspace, "rank": a.interp.rank, "shapes": sh, "estimate": est, "peak_bytes": est.total(), "state_cache_budget_bytes": cache,
+                "peak_with_cache_bytes": est.total() + cache,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "estimated memory of a HyperDAS training step: {} ({} blocks, d={}, vocab {}), target in {dtype:?}, batch {} (T_b {}, T_s {}, T_e {}, {} label tokens), layer {}, {} hypernetwork blocks, {} rank {}",
+        a.model.name(),
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.vocab_size,
+        sh.batch,
+        sh.base_len,
+        sh.source_len,
+        sh.instruction_len,
+        sh.labels,
+        a.interp.layer,
+        a.interp.blocks,
+        a.interp.subspace,
+        a.interp.rank
+    );
+    for (name, bytes) in est.parts() {
+        println!("  {name:<46} {:>8.2} GB", bytes / 1e9);
+    }
+    println!("  {:<46} {:>8.2} GB  ({:.1} M trainable parameters)", "peak of a step", est.total() / 1e9, est.trainable_parameters as f64 / 1e6);
+    if cache > 0.0 {
+        println!("  {:<46} {:>8.2} GB  (--cache-gb; --no-cache for none)", "+ state cache, at most", cache / 1e9);
+        println!("  {:<46} {:>8.2} GB", "peak with a full state cache", (est.total() + cache) / 1e9);
+    }
+    if !matches!(a.model.device(), "cpu") {
+        println!("  on a GPU add the CUDA context and the caching allocator's slack (about 0.5 GB and up to 20 %)");
     }
     Ok(())
 }

@@ -176,6 +176,23 @@ impl ModelArgs {
     pub(crate) fn load(&self) -> Result<LoadedModel> {
         self.load.load(&self.model)
     }
+
+    /// The `--model` argument as given.
+    pub(crate) fn name(&self) -> &str {
+        &self.model
+    }
+
+    /// The `--device` argument as given.
+    pub(crate) fn device(&self) -> &str {
+        &self.load.device
+    }
+
+    /// The configuration and tokenizer only (no weights read), with the dtype asked for.
+    pub(crate) fn shape(&self) -> Result<(crate::model::load::ModelShape, candle_core::DType)> {
+        let resolved = crate::experiment::run::model_spec(&self.model, progress())?;
+        let shape = crate::model::load::load_shape(&resolved, &self.load.start_token.parse::<StartToken>()?).with_context(|| format!("cannot read model `{resolved}`"))?;
+        Ok((shape, crate::model::load::parse_dtype(&self.load.dtype)?))
+    }
 }
 
 /// `sets` with `--device` appended as `model.device` (checked first, so a bad device fails

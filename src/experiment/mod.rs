@@ -9,11 +9,13 @@
 //! * [`loss`]: the objective, `L = L_pred + λ(step) · R(W)`, and its terms.
 //! * [`sweep`]: a grid of runs (methods × layers × ranks × any setting), resumable.
 //! * [`flops`]: analytic matmul FLOP counts of a training step.
+//! * [`memory`]: the peak memory of a training step, from the configuration alone.
 //! * [`apply`]: a trained run on one new (base, source, instruction): positions, predictions, basis.
 
 pub mod apply;
 pub mod flops;
 pub mod loss;
+pub mod memory;
 pub mod run;
 pub mod sweep;
 pub mod trainer;

@@ -169,9 +169,26 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     load_source(resolve(spec)?, opts)
 }
 
-/// Load from an already resolved source.
-pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
-    let (config, weights, mut tokenizer, name) = match &source {
+/// A model's configuration and tokenizer without its weights (nothing of the model is
+/// allocated: what `hyperdas bench train --dry-run` needs to estimate memory).
+pub struct ModelShape {
+    pub config: LlamaConfig,
+    pub tokenizer: TextTokenizer,
+    pub source: ModelSource,
+}
+
+/// The configuration and tokenizer of a `--model` argument, the start token applied; no weights
+/// are read.
+pub fn load_shape(spec: &str, start_token: &StartToken) -> Result<ModelShape> {
+    let source = resolve(spec)?;
+    let (config, _weights, mut tokenizer, _name) = open(&source)?;
+    tokenizer.set_start_token(start_token)?;
+    Ok(ModelShape { config, tokenizer, source })
+}
+
+/// Configuration, weights (opened, not read), tokenizer and display name of a source.
+fn open(source: &ModelSource) -> Result<(LlamaConfig, Weights, TextTokenizer, String)> {
+    let (config, weights, tokenizer, name) = match source {
         ModelSource::HfDir(dir) => {
             let config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
             let weights = Weights::Safetensors(SafetensorsWeights::open_dir(dir)?);
@@ -203,6 +220,12 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedMode
             format!("tokenizer has {} tokens but the model's embedding has only {} rows (vocab_size): they do not belong together", tokenizer.vocab_size(), config.vocab_size),
         ));
     }
+    Ok((config, weights, tokenizer, name))
+}
+
+/// Load from an already resolved source.
+pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel> {
+    let (config, weights, mut tokenizer, name) = open(&source)?;
     if let Some(cap) = config.gemma.as_ref().and_then(|g| g.attn_logit_softcapping).filter(|_| config.architecture == Architecture::Gemma3) {
         tracing::info!("note: {source}: attn_logit_softcapping = {cap} is ignored, as transformers and llama.cpp ignore it for Gemma 3 (only Gemma 2 applies it)");
     }
