@@ -7,6 +7,7 @@ use std::process::Command;
 
 use common::*;
 use hyperdas::experiment::memory::trainable_parameters;
+use hyperdas::hypernet::Frozen;
 use hyperdas::hypernet::interpreter::{Interpreter, Method};
 use hyperdas::hypernet::subspace::{RotationParam, SubspaceInit, SubspaceKind};
 use hyperdas::model::LoadOptions;
@@ -25,15 +26,16 @@ fn trainable_parameters_are_counted_exactly() {
             (Method::HyperDas, SubspaceKind::Das, SubspaceInit::Ours, RotationParam::Retraction),
             (Method::Mdas, SubspaceKind::Das, SubspaceInit::Ours, RotationParam::Retraction),
         ] {
-            for self_bias in [0.0, 5.0] {
+            for (self_bias, freeze) in [(0.0, vec![]), (5.0, vec![Frozen::Embedding]), (0.0, vec![Frozen::Mlps]), (0.0, vec![Frozen::Embedding, Frozen::Blocks])] {
                 let mut cfg = interpreter_config(method, 1, 2, 4, 0);
                 cfg.subspace = kind;
                 cfg.init = init;
                 cfg.rotation = rotation;
                 cfg.hypernet.self_bias = self_bias;
+                cfg.hypernet.freeze = freeze.clone();
                 let mut ps = hyperdas::params::ParamStore::new();
                 Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
-                assert_eq!(trainable_parameters(&lm.model.config, &cfg), ps.num_elements(), "{name} {method:?} {kind:?} self_bias {self_bias}");
+                assert_eq!(trainable_parameters(&lm.model.config, &cfg), ps.num_elements(), "{name} {method:?} {kind:?} self_bias {self_bias} freeze {freeze:?}");
             }
         }
     }

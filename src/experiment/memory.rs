@@ -28,9 +28,10 @@
 use candle_core::DType;
 
 use crate::experiment::flops::StepShapes;
+use crate::hypernet::Frozen;
 use crate::hypernet::interpreter::InterpreterConfig;
 use crate::hypernet::subspace::{REFERENCE_MLP_WIDTH, RotationParam, SubspaceInit, SubspaceKind};
-use crate::model::{LlamaConfig, QkNorm};
+use crate::model::{Architecture, LlamaConfig, QkNorm};
 
 /// Tensors of the hypernetwork's cross-attention keys/values shape kept per block.
 const C_KV: f64 = 2.0;
@@ -127,9 +128,21 @@ pub fn trainable_parameters(c: &LlamaConfig, icfg: &InterpreterConfig) -> usize 
         if copied && c.mlp_bias {
             mlp += 2 * f + d;
         }
-        let block = 3 * attn + mlp + 4 * d;
+        // Frozen copies (`interpreter.freeze`) stay the target's: not trainable. Only copies
+        // freeze: blocks from scratch, and the four norms of a target without pre-norms (OLMo 2
+        // norms after attention and MLP), start fresh and train.
+        let frozen = |what: Frozen| copied && hc.freeze.contains(&what);
+        let fresh_norms = if c.architecture == Architecture::Olmo2 { 4 * d } else { 0 };
+        let block = if frozen(Frozen::Blocks) {
+            fresh_norms
+        } else if frozen(Frozen::Mlps) {
+            3 * attn + 4 * d
+        } else {
+            3 * attn + mlp + 4 * d
+        };
+        let embed = if hc.freeze.contains(&Frozen::Embedding) { 0 } else { v * d };
         let pointer = q * d + kv * d + 2 * d * d + usize::from(hc.self_bias != 0.0);
-        n += v * d + hc.num_blocks * block + d + pointer;
+        n += embed + hc.num_blocks * block + d + pointer;
     }
     let kind = if icfg.method.is_baseline() { SubspaceKind::Das } else { icfg.subspace };
     let k = icfg.rank;
@@ -160,6 +173,8 @@ pub fn hyperdas_step(c: &LlamaConfig, dtype: DType, icfg: &InterpreterConfig, s:
     let upper = c.num_hidden_layers.saturating_sub(icfg.hypernet.layer) as f64;
     let p = trainable_parameters(c, icfg);
     let pointer = !icfg.method.is_baseline();
+    // The embedding's gradient scratch exists only where the embedding copy trains.
+    let embedding_grad = if icfg.hypernet.freeze.contains(&Frozen::Embedding) { 0.0 } else { v * d };
     let pairs = b * (ts + 1.0) * tb;
     let flat = b * (tb + ts) * states;
     let mut e = MemoryEstimate {
@@ -169,7 +184,7 @@ pub fn hyperdas_step(c: &LlamaConfig, dtype: DType, icfg: &InterpreterConfig, s:
         hypernet_activations: if pointer { icfg.hypernet.num_blocks as f64 * flat * (C_KV * 2.0 * hkv * hd + C_NORM * d) * f32b } else { 0.0 },
         pointer_activations: if pointer { pairs * (C_PAIR * hkv * hd + C_ROPE * hd) * f32b } else { 0.0 },
         intervened_activations: upper * b * tb * (C_D * d + C_F * f) * sz + C_LOGITS * b * k * v * f32b,
-        backward_peak: if pointer { (pairs * (C_PAIR_GRAD * hkv * hd + C_ROPE_GRAD * hd)).max(p as f64 + v * d) * f32b } else { p as f64 * f32b },
+        backward_peak: if pointer { (pairs * (C_PAIR_GRAD * hkv * hd + C_ROPE_GRAD * hd)).max(p as f64 + embedding_grad) * f32b } else { p as f64 * f32b },
         runtime: RUNTIME_BYTES,
         allocator_slack: 0.0,
         trainable_parameters: p,
