@@ -72,17 +72,21 @@ for batch in 16 32; do
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$mem_log" &
         sampler=$!
     fi
-    out=$("$bin" bench train -q --json --model "$model" --device "$device" --dtype bf16 --batch "$batch" --layer "$layer" --steps "$steps" --warmup 1 --max-tokens 120 --no-cache)
+    args=(--model "$model" --device "$device" --dtype bf16 --batch "$batch" --layer "$layer" --steps "$steps" --warmup 1 --max-tokens 120 --no-cache)
+    out=$("$bin" bench train -q --json "${args[@]}")
     [ -n "$sampler" ] && kill "$sampler" 2> /dev/null || true
     gpu_peak=$(sort -n "$mem_log" 2> /dev/null | tail -1)
     rm -f "$mem_log"
-    python3 - "$batch" "${gpu_peak:-}" "$out" <<'PY'
+    # The dry run's estimate of the same steps, beside the measured peak (docs/gpu.md).
+    estimate=$("$bin" bench train -q --json "${args[@]}" --dry-run)
+    python3 - "$batch" "${gpu_peak:-}" "$out" "$estimate" <<'PY'
 import json, sys
-batch, gpu_peak, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+batch, gpu_peak, out, est = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 r = out["passes"][0]["result"]
 line = f"batch {batch}: {r['examples_per_s']:.2f} examples/s ({r['median_s']:.3f} s a step, {r['gflop_per_step']:.0f} GFLOP), peak RSS {out['peak_rss_bytes'] / 1e9:.2f} GB"
 if gpu_peak:
     line += f", peak GPU memory {int(gpu_peak) / 1024:.2f} GiB"
+line += f"; dry-run estimate {est['peak_bytes'] / 1e9:.2f} GB"
 print(line)
 PY
 done
