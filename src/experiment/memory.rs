@@ -11,7 +11,7 @@
 //! |---|---|
 //! | target weights | `params · s` |
 //! | trainable state | `P · 4 · 3` (value, AdamW's two moments; `P` from [`trainable_parameters`]) |
-//! //! | clean states | `B (T_b + T_s)(L+1) D · s` (every hidden state of base and source) |
+//! | clean states | `B (T_b + T_s)(L+1) D · s` (every hidden state of base and source) |
 //! | hypernetwork activations | `N · B (T_b + T_s)(L+1) · (c_kv · 2 H_kv h_d + c_norm · D) · 4` |
 //! | pointer activations | `B (T_s+1) T_b · (c_pair · H_kv h_d + c_rope · h_d) · 4` |
 //! | intervened pass | `(L − l) · B T_b · (c_d · D + c_f · F) · s + c_logits · B K V · 4` |
@@ -19,10 +19,11 @@
 //! | runtime | a fixed allowance for the process (code, threads, tokenizer, rows), plus 3 % allocator slack |
 //!
 //! The `c_*` are the number of tensors of that shape alive at the peak, read off the step as
-//! implemented (the pointer head's pair keys `[B, H_kv, (T_s+1)·T_b, h_d]` and their RoPE'd
-//! copies dominate for long prompts; the per-block tensors the taped backward keeps dominate
-//! the intervened pass) and checked against the measured peak RSS of small synthetic targets
-//! on the CPU (tests/memory.rs: within 15 %). A GPU adds its caching allocator's slack and
+//! implemented and read off the per-phase peak heap `hyperdas bench train` prints (the pointer
+//! head's pair keys `[B, H_kv, (T_s+1)·T_b, h_d]` and their RoPE'd copies dominate for long
+//! prompts, the hypernetwork's embedding copy for large vocabularies), then checked against the
+//! measured peak RSS: within 6 % on 13 targets (docs/benchmarks.md), within 15 % in
+//! tests/memory.rs. Frozen copies (`interpreter.freeze`) are not counted as trainable. A GPU adds its caching allocator's slack and
 //! the CUDA context (about 0.5 GB) on top; the state cache, when on, adds up to its budget.
 
 use candle_core::DType;
