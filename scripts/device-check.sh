@@ -46,11 +46,40 @@ else
     model="${model:-synthetic:llama3-8b}"
     steps="${steps:-20}"
     layer="${layer:-15}"
-    if [ ! -x "$bin" ] && [ -f "$bin.xz" ]; then
-        xz -dk "$bin.xz" && chmod +x "$bin"
-    fi
+fi
+# The binary may come compressed (the CUDA one is 82 MB, 11 MB with xz): unpack it beside.
+if [ ! -x "$bin" ] && [ -f "$bin.xz" ]; then
+    echo "unpacking $bin.xz"
+    xz -dk "$bin.xz" && chmod +x "$bin"
 fi
 [ -x "$bin" ] || { echo "device-check: no binary at $bin (build it: scripts/build-cuda.sh for a GPU)" >&2; exit 1; }
+
+# The CUDA build links the machine's own libcublas.so.13, libcublasLt.so.13, libcurand.so.10 and
+# libcudart.so.13 (and the driver's libcuda.so.1). Where the loader does not find one, look in the
+# usual places: CUDA toolkits under /usr/local, and the NVIDIA wheels of an installed torch.
+missing() { ldd "$bin" 2> /dev/null | awk '/not found/ {print $1}'; }
+if command -v ldd > /dev/null && [ -n "$(missing)" ]; then
+    dirs=$(ls -d /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib 2> /dev/null || true)
+    site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2> /dev/null || true)
+    for sp in $site; do dirs="$dirs $(ls -d "$sp"/nvidia/*/lib "$sp"/nvidia/cu13/lib 2> /dev/null || true)"; done
+    # What scripts/build-cuda.sh installed here; its link-time libcuda stub only for --cpu (a stub
+    # driver must never stand in for a real one).
+    dirs="$dirs $PWD/target/cuda-toolkit/nvidia/cu13/lib"
+    [ "$mode" = cpu ] && dirs="$dirs $PWD/target/cuda-toolkit/stub"
+    for lib in $(missing); do
+        for d in $dirs; do
+            if [ -e "$d/$lib" ]; then
+                echo "library: $lib from $d"
+                export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+                break
+            fi
+        done
+    done
+    if [ -n "$(missing)" ]; then
+        echo "device-check: $bin cannot find $(missing | tr '\n' ' ')(set LD_LIBRARY_PATH to a CUDA 13 toolkit's lib directory)" >&2
+        exit 1
+    fi
+fi
 
 echo "== device-check ($mode) $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "binary: $bin ($("$bin" --version 2>/dev/null || echo unknown))"
