@@ -15,9 +15,9 @@ const LAYERS: &[&str] = &[
     "error",
     // utilities
     "rng",
+    "alloc",
     "profile",
     "progress",
-    "alloc",
     "threads",
     "atomic",
     // configuration, parameters, downloads
