@@ -7,8 +7,8 @@
 #   scripts/device-check.sh --cpu         # the CPU build on a small synthetic model (CI runs this)
 #
 # Options:
-#   --bin PATH          the hyperdas binary [GPU: target/cuda/release/hyperdas, unpacked from
-#                       target/cuda/release/hyperdas.xz if only that is there; --cpu: target/release/hyperdas, built if missing]
+#   --bin PATH          the hyperdas binary, unpacked from PATH.xz if only that is there [GPU:
+#                       target/cuda/release/hyperdas; --cpu: target/release/hyperdas, built if missing]
 #   --model SPEC        the synthetic target [GPU: synthetic:llama3-8b; --cpu: the tiny Llama fixture's configuration]
 #   --steps N           timed training steps per batch size [GPU: 20; --cpu: 2]
 #   --layer L           the intervention layer [GPU: 15, the paper's middle of Llama-3-8B; --cpu: 1]
@@ -39,7 +39,6 @@ if [ "$mode" = cpu ]; then
     model="${model:-synthetic:tests/fixtures/tiny-llama/config.json}"
     steps="${steps:-2}"
     layer="${layer:-1}"
-    [ -x "$bin" ] || cargo build --release --quiet
 else
     device=cuda
     bin="${bin:-target/cuda/release/hyperdas}"
@@ -51,6 +50,9 @@ fi
 if [ ! -x "$bin" ] && [ -f "$bin.xz" ]; then
     echo "unpacking $bin.xz"
     xz -dk "$bin.xz" && chmod +x "$bin"
+fi
+if [ "$mode" = cpu ] && [ ! -x "$bin" ] && [ "$bin" = target/release/hyperdas ]; then
+    cargo build --release --quiet
 fi
 [ -x "$bin" ] || { echo "device-check: no binary at $bin (build it: scripts/build-cuda.sh for a GPU)" >&2; exit 1; }
 

@@ -597,13 +597,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             let o = tr.step(batch)?;
             let dt = t0.elapsed().as_secs_f64();
             let ph = rec.finish();
-            let sh = crate::experiment::flops::StepShapes {
-                batch: batch.len(),
-                base_len: batch.base_len,
-                source_len: batch.source_len,
-                instruction_len: batch.instruction_len,
-                labels: batch.max_label_tokens().min(settings.label_limit),
-            };
+            let sh = crate::experiment::flops::StepShapes::of(batch, settings.label_limit);
             let mut f = crate::experiment::flops::hyperdas_step(&target.config, a.interp.layer, a.interp.blocks, a.interp.rank, conditioned, &sh);
             if pass >= 1 {
                 // Cached passes: clean states come from the cache (pass 3) or are computed in
@@ -730,18 +724,7 @@ fn train_dry_run(a: &TrainBenchArgs) -> Result<()> {
         None => {
             let rows = bench_rows(&shape.tokenizer, a.data.as_deref(), a.batch * (a.steps + a.warmup), a.max_tokens, a.seed, "--steps")?;
             let pad = shape.tokenizer.padding_id();
-            rows.chunks(a.batch)
-                .map(|chunk| {
-                    let batch = collate(&chunk.iter().collect::<Vec<_>>(), pad);
-                    crate::experiment::flops::StepShapes {
-                        batch: batch.len(),
-                        base_len: batch.base_len,
-                        source_len: batch.source_len,
-                        instruction_len: batch.instruction_len,
-                        labels: batch.max_label_tokens().min(label_limit),
-                    }
-                })
-                .collect()
+            rows.chunks(a.batch).map(|chunk| crate::experiment::flops::StepShapes::of(&collate(&chunk.iter().collect::<Vec<_>>(), pad), label_limit)).collect()
         }
     };
     let mut worst: Option<(crate::experiment::memory::MemoryEstimate, crate::experiment::flops::StepShapes)> = None;
@@ -788,7 +771,7 @@ fn train_dry_run(a: &TrainBenchArgs) -> Result<()> {
         println!("  {:<46} {:>8.2} GB  (--cache-gb; --no-cache for none)", "+ state cache, at most", cache / 1e9);
         println!("  {:<46} {:>8.2} GB", "peak with a full state cache", (est.total() + cache) / 1e9);
     }
-    if !matches!(a.model.device(), "cpu") {
+    if a.model.device() != "cpu" {
         println!("  on a GPU add the CUDA context and the caching allocator's slack (about 0.5 GB and up to 20 %)");
     }
     Ok(())

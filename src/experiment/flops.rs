@@ -29,6 +29,13 @@ pub struct StepShapes {
     pub labels: usize,
 }
 
+impl StepShapes {
+    /// The shapes of a collated batch, scoring at most `label_limit` label tokens a row.
+    pub fn of(batch: &crate::data::collate::CollatedBatch, label_limit: usize) -> Self {
+        StepShapes { batch: batch.len(), base_len: batch.base_len, source_len: batch.source_len, instruction_len: batch.instruction_len, labels: batch.max_label_tokens().min(label_limit) }
+    }
+}
+
 /// FLOPs per part of the step.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct FlopCount {

@@ -174,16 +174,14 @@ pub fn load(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
 pub struct ModelShape {
     pub config: LlamaConfig,
     pub tokenizer: TextTokenizer,
-    pub source: ModelSource,
 }
 
 /// The configuration and tokenizer of a `--model` argument, the start token applied; no weights
 /// are read.
 pub fn load_shape(spec: &str, start_token: &StartToken) -> Result<ModelShape> {
-    let source = resolve(spec)?;
-    let (config, _weights, mut tokenizer, _name) = open(&source)?;
+    let (config, _weights, mut tokenizer, _name) = open(&resolve(spec)?)?;
     tokenizer.set_start_token(start_token)?;
-    Ok(ModelShape { config, tokenizer, source })
+    Ok(ModelShape { config, tokenizer })
 }
 
 /// Configuration, weights (opened, not read), tokenizer and display name of a source.
