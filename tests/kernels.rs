@@ -151,7 +151,7 @@ fn constant_keys_and_values_give_the_projection_gradients_of_plain_autograd() {
     let lm = load(&fixture("tiny-llama"), DType::F64);
     let src = &lm.model.layers[0].self_attn;
     let (d, hd) = (lm.model.hidden_size(), src.head_dim);
-    let var_linear = |l: &hyperdas::model::llama::Linear| hyperdas::model::llama::Linear { weight: Var::from_tensor(&l.weight).unwrap().as_tensor().clone(), bias: None };
+    let var_linear = |l: &hyperdas::model::llama::Linear| hyperdas::model::llama::Linear::new(Var::from_tensor(&l.weight).unwrap().as_tensor().clone(), None);
     let attn = hyperdas::model::llama::Attention { q_proj: var_linear(&src.q_proj), k_proj: var_linear(&src.k_proj), v_proj: var_linear(&src.v_proj), o_proj: var_linear(&src.o_proj), ..src.clone() };
     let (b, tq, tk) = (2, 3, 7);
     let x = Var::from_tensor(&randn(&[b, tq, d], 11)).unwrap();
@@ -272,4 +272,202 @@ fn attention_matches_composed_and_finite_differences() {
     let with_p = kernels::attention_backward(&q, &k, &v, Some(&p), &causal, &dout).unwrap();
     let without = kernels::attention_backward(&q, &k, &v, None, &causal, &dout).unwrap();
     assert!(max_diff(&with_p.0, &without.0) == 0.0 && max_diff(&with_p.1, &without.1) == 0.0 && max_diff(&with_p.2, &without.2) == 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bf16 matmul of the frozen clean passes (src/model/kernels/bf16.rs).
+
+/// A deterministic f32 vector of `n` normal values.
+fn normal_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = hyperdas::rng::Rng::derive(seed, "tests/kernels/bf16");
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+#[test]
+fn bf16_rounding_is_to_nearest_even() {
+    use kernels::round_bf16;
+    let step = 2f32.powi(-7); // bf16 keeps 7 fraction bits
+    assert_eq!(round_bf16(1.0), 1.0);
+    assert_eq!(round_bf16(1.0 + step), 1.0 + step, "representable values stay");
+    assert_eq!(round_bf16(1.0 + step / 2.0), 1.0, "a tie goes to the even neighbour (down)");
+    assert_eq!(round_bf16(1.0 + 3.0 * step / 2.0), 1.0 + 2.0 * step, "a tie goes to the even neighbour (up)");
+    assert_eq!(round_bf16(1.0 + step * 0.51), 1.0 + step, "above the tie rounds up");
+    assert_eq!(round_bf16(-3.0), -3.0);
+    assert!(round_bf16(f32::NAN).is_nan());
+    assert_eq!(round_bf16(f32::INFINITY), f32::INFINITY);
+}
+
+#[test]
+fn bf16_kernel_equals_the_reference_sums_on_every_edge_shape() {
+    // Rows around the micro-kernel's 8, columns around its panel of 48, inputs odd and across the
+    // 256-input cache block: the kernel's sums equal bf16-rounded products summed in f32 up to
+    // f32 rounding of the sum (a different order), and differ from the exact f32 product by
+    // bf16 rounding. Without AVX-512 BF16 the kernel declines (None) and the f32 path runs.
+    let mut checked = 0;
+    for (m, k, n) in [(1, 1, 1), (7, 31, 47), (8, 64, 48), (9, 257, 49), (17, 300, 100), (33, 513, 16), (3, 2, 97)] {
+        let (x, w) = (normal_f32(m * k, 1), normal_f32(n * k, 2));
+        let packed = kernels::PackedBf16::pack(&w, n, k);
+        let Some(y) = kernels::matmul_t_bf16(&x, m, &packed) else {
+            assert!(!kernels::bf16_matmul_available());
+            continue;
+        };
+        let reference = kernels::matmul_t_bf16_reference(&x, m, &w, n, k);
+        for i in 0..m {
+            for j in 0..n {
+                let mag: f32 = (0..k).map(|q| (x[i * k + q] * w[j * k + q]).abs()).sum();
+                let exact: f64 = (0..k).map(|q| x[i * k + q] as f64 * w[j * k + q] as f64).sum();
+                let (got, want) = (y[i * n + j], reference[i * n + j]);
+                assert!((got - want).abs() <= 1e-5 * mag + 1e-6, "[{m}, {k}] x [{n}, {k}] at ({i}, {j}): kernel {got}, reference {want}");
+                assert!((got as f64 - exact).abs() <= 2.0 * 2f64.powi(-8) * mag as f64 + 1e-6, "({i}, {j}): {got} is further than bf16 rounding from {exact}");
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked == 7 || !kernels::bf16_matmul_available());
+}
+
+#[test]
+fn linear_layers_use_bf16_only_in_frozen_scope_without_gradients() {
+    use hyperdas::model::llama::Linear;
+    let (m, k, n) = (10, 40, 50);
+    let x = Tensor::from_vec(normal_f32(m * k, 3), (m, k), &DEV).unwrap(); // [m, k]
+    let w = Tensor::from_vec(normal_f32(n * k, 4), (n, k), &DEV).unwrap(); // [n, k]
+    let lin = Linear::new(w.clone(), None);
+    let exact = x.matmul(&w.t().unwrap()).unwrap(); // [m, n]
+    assert_eq!(max_diff(&lin.forward(&x).unwrap(), &exact), 0.0, "outside the scope: the f32 matmul");
+    let inside = kernels::with_frozen_bf16(true, || lin.forward(&x).unwrap());
+    assert!(!kernels::frozen_bf16_active(), "the scope is restored");
+    if kernels::bf16_matmul_available() {
+        let packed = kernels::PackedBf16::pack(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), n, k);
+        let want = kernels::matmul_t_bf16(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), m, &packed).unwrap();
+        assert_eq!(inside.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want, "inside the scope: the bf16 kernel");
+        let d = max_diff(&inside, &exact);
+        assert!(d > 0.0 && d < 0.1, "bf16 differs from f32 by rounding only: {d}");
+    } else {
+        assert_eq!(max_diff(&inside, &exact), 0.0, "no AVX-512 BF16: the f32 matmul");
+    }
+    // An input that needs a gradient takes the f32 path inside the scope too.
+    let xv = Var::from_tensor(&x).unwrap();
+    let tracked = kernels::with_frozen_bf16(true, || lin.forward(xv.as_tensor()).unwrap());
+    assert_eq!(max_diff(&tracked, &exact), 0.0);
+    // A layer whose weight was replaced is not served the old packing.
+    let mut other = lin.clone();
+    other.weight = (&w * 2.0).unwrap();
+    let doubled = kernels::with_frozen_bf16(true, || other.forward(&x).unwrap());
+    let want = kernels::with_frozen_bf16(true, || Linear::new((&w * 2.0).unwrap(), None).forward(&x).unwrap());
+    assert_eq!(max_diff(&doubled, &want), 0.0);
+}
+
+#[test]
+fn clean_passes_in_bf16_stay_within_rounding_of_f32() {
+    use hyperdas::model::{CleanMatmul, Target, TokenBatch};
+    let mut lm = load(&fixture("tiny-llama"), DType::F32);
+    let batch = TokenBatch::from_host(vec![1, 5, 9, 13, 17, 21, 2, 3, 4, 5, 6, 7], vec![1; 12], 2, 6, &DEV).unwrap();
+    let f32_states = Target::new(&lm.model, None).clean(&batch).unwrap(); // [2, 6, L+1, D]
+    match lm.model.set_clean_matmul(CleanMatmul::Bf16) {
+        Ok(()) => {
+            assert!(lm.model.clean_bf16());
+            let bf16_states = Target::new(&lm.model, None).clean(&batch).unwrap(); // [2, 6, L+1, D]
+            let scale = f32_states.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() as f64;
+            let d = max_diff(&bf16_states, &f32_states);
+            assert!(d > 0.0 && d < 0.05 * scale, "bf16 clean states {d} from f32 (largest value {scale})");
+            // A forward pass outside the clean passes stays exact.
+            let direct = lm.model.forward_hidden(&batch, None).unwrap().stacked.unwrap();
+            assert_eq!(max_diff(&direct, &f32_states), 0.0);
+            // Releasing the f32 weights below block 1 frees them and changes no clean state; an
+            // f32 pass through those blocks is then a clear error, blocks from 1 on still run.
+            let per_block = lm.model.layers[0].self_attn.q_proj.weight.elem_count() * 4;
+            let freed = lm.model.release_f32_below(1).unwrap();
+            assert!(freed >= per_block, "freed {freed} bytes");
+            let after = Target::new(&lm.model, None).clean(&batch).unwrap();
+            assert_eq!(max_diff(&after, &bf16_states), 0.0);
+            let e = lm.model.forward_hidden(&batch, None).unwrap_err().to_string();
+            assert!(e.contains("released"), "{e}");
+            let ctx = lm.model.context(&batch).unwrap();
+            let resid = f32_states.narrow(2, 1, 1).unwrap().squeeze(2).unwrap(); // [2, 6, D]
+            let positions = Tensor::from_vec(vec![5u32, 5], (2, 1), &DEV).unwrap();
+            assert!(lm.model.logits_from(1, &resid, &ctx, &positions).is_ok());
+        }
+        Err(e) => {
+            assert!(!kernels::bf16_matmul_available(), "{e}");
+            assert!(e.to_string().contains("AVX-512 BF16"), "{e}");
+        }
+    }
+    assert!(lm.model.set_clean_matmul(CleanMatmul::Auto).is_ok());
+    assert_eq!(lm.model.clean_bf16(), kernels::bf16_matmul_available());
+    let mut f64_model = load(&fixture("tiny-llama"), DType::F64);
+    let e = f64_model.model.set_clean_matmul(CleanMatmul::Bf16).unwrap_err().to_string();
+    assert!(e.contains("f32 target"), "{e}");
+    assert!(f64_model.model.set_clean_matmul(CleanMatmul::Auto).is_ok() && !f64_model.model.clean_bf16());
+    assert_eq!(f64_model.model.release_f32_below(1).unwrap(), 0, "nothing is released without bf16 clean passes");
+}
+
+#[test]
+fn smollm2_clean_states_in_bf16_stay_within_two_percent() {
+    // The numerical change the bf16 clean passes make on a real model: the relative difference
+    // (‖bf16 − f32‖ / ‖f32‖ over the real tokens) of SmolLM2's residual stream at the first,
+    // middle and last sites of a RAVEL-like prompt batch.
+    use hyperdas::model::{CleanMatmul, Target, TokenBatch};
+    let Some(path) = smollm2() else { return };
+    let mut lm = load(&path, DType::F32);
+    let prompts = ["Paris is a city in the country of", "The city of Tokyo is on the continent of", "People in Lagos speak the language of"];
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| lm.tokenizer.encode(p).unwrap()).collect();
+    let batch = TokenBatch::left_padded(&ids, lm.tokenizer.padding_id(), &DEV).unwrap();
+    let exact = Target::new(&lm.model, None).clean(&batch).unwrap(); // [3, T, 31, D]
+    if lm.model.set_clean_matmul(CleanMatmul::Bf16).is_err() {
+        assert!(!kernels::bf16_matmul_available());
+        return;
+    }
+    let rounded = Target::new(&lm.model, None).clean(&batch).unwrap(); // [3, T, 31, D]
+    let n = lm.model.num_layers();
+    let mut line = Vec::new();
+    for site in [1, n / 2, n] {
+        let (a, b) = (exact.narrow(2, site, 1).unwrap(), rounded.narrow(2, site, 1).unwrap()); // [3, T, 1, D]
+        let rel = ((&b - &a).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() / a.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()).sqrt();
+        line.push(format!("site {site}: {rel:.2e}"));
+        assert!(rel > 0.0 && rel < 0.02, "site {site}: bf16 clean states {rel} from f32 (relative)");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SmolLM2 bf16 clean states, relative difference from f32: {}", line.join(", "));
+}
+
+#[test]
+fn intervened_pass_in_bf16_stays_within_rounding_in_value_and_gradient() {
+    // The bf16 intervened pass (forward and input gradient through the frozen upper blocks)
+    // against the exact f32 taped pass, for the Llama and the Gemma 3 block; then with every
+    // block's f32 weights released, bitwise the same.
+    use hyperdas::model::CleanMatmul;
+    for name in ["tiny-llama", "tiny-gemma3"] {
+        let mut lm = load(&fixture(name), DType::F32);
+        let rows: Vec<Vec<u32>> = ["Paris is a city in the country of", "Tokyo is in"].iter().map(|p| lm.tokenizer.encode_prompt(p).unwrap()).collect();
+        let batch = hyperdas::model::TokenBatch::left_padded(&rows, lm.tokenizer.padding_id(), &DEV).unwrap();
+        let (b, t) = batch.dims();
+        let ctx = lm.model.context(&batch).unwrap();
+        let positions = Tensor::new(&[[t as u32 - 2, t as u32 - 1], [t as u32 - 1, t as u32 - 1]], &DEV).unwrap();
+        let layer = 1;
+        let clean = lm.model.forward_hidden(&batch, Some(&[layer])).unwrap().stacked.unwrap().squeeze(2).unwrap(); // [B, T, D]
+        let w = randn(&[b, 2, lm.model.config.vocab_size], 15).to_dtype(DType::F32).unwrap();
+        let run = |model: &hyperdas::model::Llama| {
+            let v = Var::from_tensor(&clean).unwrap();
+            let logits = model.logits_from(layer, v.as_tensor(), &ctx, &positions).unwrap(); // [B, 2, V]
+            let g = (&logits * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            (logits, g.get(v.as_tensor()).unwrap().clone())
+        };
+        let (exact, g_exact) = run(&lm.model);
+        if lm.model.set_intervened_matmul(CleanMatmul::Bf16).is_err() {
+            assert!(!kernels::bf16_matmul_available());
+            continue;
+        }
+        let (rounded, g_rounded) = run(&lm.model);
+        let rel = |a: &Tensor, e: &Tensor| max_diff(a, e) / e.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let (dv, dg) = (rel(&rounded, &exact), rel(&g_rounded, &g_exact));
+        assert!(dv > 0.0 && dv < 0.05, "{name}: bf16 logits {dv:e} from f32 (relative to the largest)");
+        assert!(dg > 0.0 && dg < 0.05, "{name}: bf16 residual gradient {dg:e} from f32 (relative to the largest)");
+        lm.model.set_clean_matmul(CleanMatmul::Bf16).unwrap();
+        let freed = lm.model.release_f32_below(layer).unwrap();
+        assert!(lm.model.layers.iter().all(|blk| blk.self_attn.q_proj.weight.dim(1).unwrap() == 0), "{name}: every block released ({freed} bytes)");
+        let (after, g_after) = run(&lm.model);
+        assert_eq!(max_diff(&after, &rounded), 0.0, "{name}");
+        assert_eq!(max_diff(&g_after, &g_rounded), 0.0, "{name}");
+    }
 }

@@ -105,7 +105,7 @@ impl Model {
             "cpu" => candle_core::Device::Cpu,
             d => return Err(err(format!("device `{d}`: the Python package is built for the CPU (`cpu`); CUDA needs the CLI built with --features cuda"))),
         };
-        let opts = LoadOptions { dtype: hyperdas::model::load::parse_dtype(dtype).map_err(err)?, device, start_token: start_token.parse::<StartToken>().map_err(err)?, progress };
+        let opts = LoadOptions { dtype: hyperdas::model::load::parse_dtype(dtype).map_err(err)?, device, start_token: start_token.parse::<StartToken>().map_err(err)?, progress, ..Default::default() };
         let resolved = model_spec(spec, progress).map_err(err)?;
         let lm = hyperdas::model::load(&resolved, &opts).map_err(|e| err(format!("cannot load model `{spec}`: {e}")))?;
         Ok(Model { lm, spec: spec.to_string() })
@@ -264,7 +264,7 @@ impl Run {
     #[staticmethod]
     #[pyo3(signature = (dir, progress = false, device = None))]
     fn load(dir: PathBuf, progress: bool, device: Option<String>) -> PyResult<Run> {
-        Ok(Run { run: load_run_on(&dir, device.as_deref(), progress).map_err(err)?, dir })
+        Ok(Run { run: load_run_on(&dir, hyperdas::experiment::run::Reload { device: device.as_deref(), ..Default::default() }, progress).map_err(err)?, dir })
     }
 
     #[getter]

@@ -42,7 +42,7 @@ pub struct ApplyArgs {
 }
 
 pub fn run(a: &ApplyArgs) -> Result<()> {
-    let run = crate::experiment::run::load_run_on(&a.run, a.device.as_deref(), true)?;
+    let run = crate::experiment::run::load_run_on(&a.run, crate::experiment::run::Reload { device: a.device.as_deref(), ..Default::default() }, true)?;
     let q = Query { base: a.base.clone(), source: a.source.clone(), instruction: a.instruction.clone(), base_entity: a.base_entity.clone(), source_entity: a.source_entity.clone() };
     let applied: Vec<_> = a.modes.iter().map(|&m| apply(&run, &q, m, a.top)).collect::<std::result::Result<_, _>>()?;
     if super::json() {

@@ -376,20 +376,56 @@ fn matmul_gflops(m: usize, k: usize, n: usize, runs: usize) -> Result<(f64, f64)
 const MATMUL_SHAPES: [(usize, usize, usize, &str); 4] =
     [(464, 576, 1536, "MLP up / gate"), (464, 1536, 576, "MLP down"), (464, 576, 576, "attention q / o"), (14_384, 576, 192, "hypernetwork key / value (16 × 29 tokens × 31 states)")];
 
+/// GFLOP/s of `x [m, k] · Wᵀ` through the bf16 kernel (the frozen clean passes' matmul),
+/// weight packed once beforehand as in a run: (median, fastest, largest relative error against
+/// the f32 product); `None` when the CPU lacks AVX-512 BF16.
+fn matmul_bf16_gflops(m: usize, k: usize, n: usize, runs: usize) -> Result<Option<(f64, f64, f64)>> {
+    use crate::model::kernels::{PackedBf16, matmul_t_bf16};
+    let dev = candle_core::Device::Cpu;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (m, k), &dev)?; // [m, k]
+    let w = candle_core::Tensor::randn(0f32, 1.0, (n, k), &dev)?; // [n, k]
+    let exact = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?; // [m · n]
+    let (xs, ws) = (x.flatten_all()?.to_vec1::<f32>()?, w.flatten_all()?.to_vec1::<f32>()?);
+    let packed = PackedBf16::pack(&ws, n, k);
+    let Some(y) = matmul_t_bf16(&xs, m, &packed) else { return Ok(None) };
+    let scale = exact.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1e-30);
+    let err = y.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+    let mut v = Vec::with_capacity(runs.max(1));
+    for _ in 0..runs.max(1) {
+        let t0 = Instant::now();
+        std::hint::black_box(matmul_t_bf16(&xs, m, &packed));
+        v.push(t0.elapsed().as_secs_f64());
+    }
+    let best = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let flop = 2.0 * (m * k * n) as f64;
+    Ok(Some((flop / median(&mut v) / 1e9, flop / best / 1e9, err as f64)))
+}
+
 fn matmul(a: &MatmulArgs) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let mut rows = Vec::new();
     for (m, k, n, what) in MATMUL_SHAPES {
         let (g, best) = matmul_gflops(m, k, n, a.runs)?;
+        let bf16 = matmul_bf16_gflops(m, k, n, a.runs)?;
         if !super::json() {
-            println!("{m:>6} x {k:>4} x {n:>4}  {g:6.1} GFLOP/s median, {best:6.1} fastest run  ({what})");
+            let b = match bf16 {
+                Some((g, best, err)) => format!("; bf16 kernel {g:6.1} median, {best:6.1} fastest (max error {err:.1e} of the largest value)"),
+                None => String::new(),
+            };
+            println!("{m:>6} x {k:>4} x {n:>4}  f32 {g:6.1} GFLOP/s median, {best:6.1} fastest run{b}  ({what})");
         }
-        rows.push(serde_json::json!({"m": m, "k": k, "n": n, "gflops": g, "best_gflops": best, "what": what}));
+        let (bg, bb, be) = match bf16 {
+            Some((g, b, e)) => (Some(g), Some(b), Some(e)),
+            None => (None, None, None),
+        };
+        rows.push(serde_json::json!({"m": m, "k": k, "n": n, "gflops": g, "best_gflops": best, "bf16_gflops": bg, "bf16_best_gflops": bb, "bf16_max_rel_error": be, "what": what}));
     }
     if super::json() {
         println!("{}", serde_json::json!({"bench": "matmul", "threads": threads, "machine": crate::profile::machine_description(), "shapes": rows}));
     } else {
-        println!("f32 matmul, median of {} runs, {threads} threads (RAYON_NUM_THREADS={})", a.runs, crate::threads::user_setting());
+        let note =
+            if crate::model::kernels::bf16_matmul_available() { "; bf16: the frozen passes' AVX-512 BF16 kernel, weight packed once" } else { "; no AVX-512 BF16 on this CPU, so no bf16 column" };
+        println!("matmul y = x Wᵀ, median of {} runs, {threads} threads (RAYON_NUM_THREADS={}){note}", a.runs, crate::threads::user_setting());
     }
     Ok(())
 }
@@ -542,15 +578,17 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     if a.dry_run {
         return train_dry_run(a);
     }
-    let lm = a.model.load()?;
-    let target = &lm.model;
+    let mut lm = a.model.load()?;
     let threads = candle_core::utils::get_num_threads();
     let need = a.batch * (a.steps + a.warmup);
     let rows = bench_rows(&lm.tokenizer, a.data.as_deref(), need, a.max_tokens, a.seed, "--steps")?;
     let icfg = a.interp.config(a.seed)?;
     let subspace = icfg.subspace;
     let mut ps = ParamStore::new();
-    let mut interp = Interpreter::new(&mut ps, target, &icfg)?;
+    let mut interp = Interpreter::new(&mut ps, &lm.model, &icfg)?;
+    // As a training run does: blocks below the layer keep only their bf16 packing.
+    let freed = lm.model.release_f32_below(icfg.hypernet.layer)?;
+    let target = &lm.model;
 
     let settings = TrainSettings { batch_size: a.batch, ..Default::default() };
     let per_pass = a.steps + a.warmup;
@@ -562,7 +600,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
     let pad = lm.tokenizer.padding_id();
     if !super::json() {
         tracing::info!(
-            "HyperDAS training step: batch {}, layer {}, {} blocks, {} rank {}, {} warm-up + {} timed steps per pass, {threads} threads (RAYON_NUM_THREADS={}); {}",
+            "HyperDAS training step: batch {}, layer {}, {} blocks, {} rank {}, {} warm-up + {} timed steps per pass, {threads} threads (RAYON_NUM_THREADS={}); clean passes in {}; {}",
             a.batch,
             a.interp.layer,
             a.interp.blocks,
@@ -571,6 +609,12 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             a.warmup,
             a.steps,
             crate::threads::user_setting(),
+            match (target.clean_bf16(), target.intervened_bf16()) {
+                (true, false) => format!("bf16 (f32 weights of blocks 0..{} freed: {:.0} MB)", icfg.hypernet.layer, freed as f64 / 1e6),
+                (true, true) => format!("bf16, intervened pass in bf16 too (f32 weights of every block freed: {:.0} MB)", freed as f64 / 1e6),
+                (false, true) => "the model dtype, intervened pass in bf16".to_string(),
+                (false, false) => "the model dtype".to_string(),
+            },
             if a.no_cache {
                 "no state cache".to_string()
             } else {
@@ -727,9 +771,10 @@ fn train_dry_run(a: &TrainBenchArgs) -> Result<()> {
             rows.chunks(a.batch).map(|chunk| crate::experiment::flops::StepShapes::of(&collate(&chunk.iter().collect::<Vec<_>>(), pad), label_limit)).collect()
         }
     };
+    let (clean_bf16, intervened_bf16) = a.model.bf16_passes()?;
     let mut worst: Option<(crate::experiment::memory::MemoryEstimate, crate::experiment::flops::StepShapes)> = None;
     for sh in shapes {
-        let est = crate::experiment::memory::hyperdas_step(c, dtype, &icfg, &sh);
+        let est = crate::experiment::memory::hyperdas_step(c, dtype, clean_bf16, intervened_bf16, &icfg, &sh);
         if worst.as_ref().is_none_or(|(w, _)| est.total() > w.total()) {
             worst = Some((est, sh));
         }
@@ -764,7 +809,13 @@ fn train_dry_run(a: &TrainBenchArgs) -> Result<()> {
         a.interp.rank
     );
     for (name, bytes) in est.parts() {
-        println!("  {name:<46} {:>8.2} GB", bytes / 1e9);
+        let note = match (name == "target weights", clean_bf16, intervened_bf16) {
+            (true, true, false) => format!("  (clean passes in bf16: packed weights held, blocks 0..{} without f32 copies)", icfg.hypernet.layer),
+            (true, true, true) => "  (clean and intervened passes in bf16: packed weights held, no block keeps f32 copies)".to_string(),
+            (true, false, true) => "  (intervened pass in bf16: packed weights of the upper blocks held)".to_string(),
+            _ => String::new(),
+        };
+        println!("  {name:<46} {:>8.2} GB{note}", bytes / 1e9);
     }
     println!("  {:<46} {:>8.2} GB  ({:.1} M trainable parameters)", "peak of a step", est.total() / 1e9, est.trainable_parameters as f64 / 1e6);
     if cache > 0.0 {

@@ -24,12 +24,25 @@ pub struct EvalArgs {
     /// Device to load the run onto: `cpu`, `cuda` or `cuda:N` [default: the run's own model.device] (checkpoints are device-independent).
     #[arg(long)]
     device: Option<String>,
+    /// Precision of the clean passes: `f32` or `bf16` [default: the one the run trained with, its run.json].
+    #[arg(long)]
+    clean_matmul: Option<crate::model::CleanMatmul>,
+    /// Precision of the intervened pass: `f32` or `bf16` [default: the one the run trained with].
+    #[arg(long)]
+    intervened_matmul: Option<crate::model::CleanMatmul>,
 }
 
 pub fn run(a: &EvalArgs) -> Result<()> {
     let modes: Vec<InferenceMode> = if a.modes.is_empty() { InferenceMode::ALL.to_vec() } else { a.modes.clone() };
     let data = crate::experiment::run::data_or_test_set(&a.run, a.data.as_deref())?;
-    let results = crate::experiment::run::eval_run_on(&a.run, a.device.as_deref(), &data, &modes, a.skip_bad_rows, super::progress())?;
+    let results = crate::experiment::run::eval_run_on(
+        &a.run,
+        crate::experiment::run::Reload { device: a.device.as_deref(), clean_matmul: a.clean_matmul, intervened_matmul: a.intervened_matmul },
+        &data,
+        &modes,
+        a.skip_bad_rows,
+        super::progress(),
+    )?;
     if super::json() {
         return super::print_json(&serde_json::json!({"run": a.run, "data": data, "results": results}));
     }

@@ -34,7 +34,7 @@ pub struct PyveneArgs {
 pub fn run(cmd: &ExportCommand) -> Result<()> {
     match cmd {
         ExportCommand::Pyvene(a) => {
-            let run = crate::experiment::run::load_run_on(&a.run, a.device.as_deref(), true)?;
+            let run = crate::experiment::run::load_run_on(&a.run, crate::experiment::run::Reload { device: a.device.as_deref(), ..Default::default() }, true)?;
             let files = crate::export::pyvene::export(&run, &a.run, &a.out, a.data.as_deref(), a.limit)?;
             if super::json() {
                 return super::print_json(&serde_json::json!({"run": a.run, "written": files}));

@@ -145,19 +145,40 @@ pub(crate) struct LoadArgs {
     /// Device: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Matmul precision of the clean passes (no gradient): `auto` (bf16 on CPUs with AVX-512
+    /// BF16 and an f32 target, else f32), `f32` (exact) or `bf16`.
+    #[arg(long, default_value = "auto")]
+    clean_matmul: String,
+    /// Matmul precision of the intervened pass through the frozen blocks (forward and input
+    /// gradient): `auto` (bf16 on CPUs with AVX-512 BF16 and an f32 target, else f32), `f32`
+    /// (exact) or `bf16`.
+    #[arg(long, default_value = "auto")]
+    intervened_matmul: String,
 }
 
 impl LoadArgs {
     /// Load `model` (a directory, .gguf, fetched name or hub id) with these options.
     pub(crate) fn load(&self, model: &str) -> Result<LoadedModel> {
-        let opts =
-            LoadOptions { dtype: crate::model::load::parse_dtype(&self.dtype)?, device: parse_device(&self.device)?, start_token: self.start_token.parse::<StartToken>()?, progress: progress() };
+        let opts = LoadOptions {
+            dtype: crate::model::load::parse_dtype(&self.dtype)?,
+            clean_matmul: self.clean_matmul.parse()?,
+            intervened_matmul: self.intervened_matmul.parse()?,
+            device: parse_device(&self.device)?,
+            start_token: self.start_token.parse::<StartToken>()?,
+            progress: progress(),
+        };
         let t0 = std::time::Instant::now();
         let resolved = crate::experiment::run::model_spec(model, progress())?;
         let model = resolved.as_str();
         tracing::info!("loading {model} ...");
         let lm = crate::model::load(model, &opts).with_context(|| format!("cannot load model `{model}`"))?;
-        tracing::info!("loaded in {:.1} s: {}", t0.elapsed().as_secs_f64(), lm.description);
+        tracing::info!(
+            "loaded in {:.1} s: {}; clean passes in {}, intervened pass in {}",
+            t0.elapsed().as_secs_f64(),
+            lm.description,
+            if lm.model.clean_bf16() { "bf16" } else { "the model dtype" },
+            if lm.model.intervened_bf16() { "bf16" } else { "the model dtype" }
+        );
         Ok(lm)
     }
 }
@@ -185,6 +206,17 @@ impl ModelArgs {
     /// The `--device` argument as given.
     pub(crate) fn device(&self) -> &str {
         &self.load.device
+    }
+
+    /// Whether the clean passes and the intervened pass would run in bf16 (`--clean-matmul`,
+    /// `--intervened-matmul` resolved for `--dtype` and `--device`), without loading the model.
+    pub(crate) fn bf16_passes(&self) -> Result<(bool, bool)> {
+        let (c, i): (crate::model::CleanMatmul, crate::model::CleanMatmul) = (self.load.clean_matmul.parse()?, self.load.intervened_matmul.parse()?);
+        if self.load.device != "cpu" {
+            return Ok((false, false)); // the kernel is the CPU's
+        }
+        let dtype = crate::model::load::parse_dtype(&self.load.dtype)?;
+        Ok((c.resolve(dtype, &candle_core::Device::Cpu)?, i.resolve(dtype, &candle_core::Device::Cpu)?))
     }
 
     /// The configuration and tokenizer only (no weights read), with the dtype asked for.

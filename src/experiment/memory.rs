@@ -9,7 +9,7 @@
 //!
 //! | part | bytes |
 //! |---|---|
-//! | target weights | `params · s` |
+//! | target weights | `params · s`; with bf16 clean passes ([`CleanMatmul`](crate::model::CleanMatmul)) plus the bf16 packing of every block's linear weights, `L · W · 2`, minus the f32 weights of blocks `0..l`, `l · W · s` (`W` = a block's linear weights, [`block_linear_weights`]) |
 //! | trainable state | `P · 4 · 3` (value, AdamW's two moments; `P` from [`trainable_parameters`]) |
 //! | clean states | `B (T_b + T_s)(L+1) D · s` (every hidden state of base and source) |
 //! | hypernetwork activations | `N · B (T_b + T_s)(L+1) · (c_kv · 2 H_kv h_d + c_norm · D) · 4` |
@@ -163,8 +163,33 @@ pub fn trainable_parameters(c: &LlamaConfig, icfg: &InterpreterConfig) -> usize 
     n
 }
 
-/// The peak memory of one HyperDAS training step of shapes `s` on target `c` held in `dtype`.
-pub fn hyperdas_step(c: &LlamaConfig, dtype: DType, icfg: &InterpreterConfig, s: &StepShapes) -> MemoryEstimate {
+/// Weights of one block's linear layers (attention projections and MLP, no biases): what the
+/// bf16 clean passes pack.
+pub fn block_linear_weights(c: &LlamaConfig) -> usize {
+    let (d, f) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    let mlp = if c.gpt.is_none() { 3 * d * f } else { 2 * d * f };
+    2 * d * q + 2 * d * kv + mlp
+}
+
+/// Bytes the bf16 passes add to the target's weights (`sz` bytes each): the packing of every
+/// block's `W` for bf16 clean passes, of `W` and `Wᵀ` of blocks `l..` for a bf16 intervened
+/// pass, minus the f32 weights [`Llama::release_f32_below`](crate::model::Llama::release_f32_below)
+/// frees (blocks `0..l` with bf16 clean passes, every block with both).
+fn packed_weights(c: &LlamaConfig, sz: f64, l: usize, clean_bf16: bool, intervened_bf16: bool) -> f64 {
+    let w = block_linear_weights(c) as f64;
+    let (n, l) = (c.num_hidden_layers as f64, l.min(c.num_hidden_layers) as f64);
+    match (clean_bf16, intervened_bf16) {
+        (false, false) => 0.0,
+        (true, false) => w * (n * 2.0 - l * sz),
+        (true, true) => w * (n * 2.0 + (n - l) * 2.0 - n * sz),
+        (false, true) => w * (n - l) * 4.0,
+    }
+}
+
+/// The peak memory of one HyperDAS training step of shapes `s` on target `c` held in `dtype`,
+/// its clean passes and its intervened pass in bf16 or not ([`packed_weights`]).
+pub fn hyperdas_step(c: &LlamaConfig, dtype: DType, clean_bf16: bool, intervened_bf16: bool, icfg: &InterpreterConfig, s: &StepShapes) -> MemoryEstimate {
     let sz = dtype.size_in_bytes() as f64;
     let f32b = 4.0;
     let (d, hd, f, v) = (c.hidden_size as f64, c.head_dim as f64, c.intermediate_size as f64, c.vocab_size as f64);
@@ -179,7 +204,7 @@ pub fn hyperdas_step(c: &LlamaConfig, dtype: DType, icfg: &InterpreterConfig, s:
     let pairs = b * (ts + 1.0) * tb;
     let flat = b * (tb + ts) * states;
     let mut e = MemoryEstimate {
-        target_weights: c.num_parameters() as f64 * sz,
+        target_weights: c.num_parameters() as f64 * sz + packed_weights(c, sz, icfg.hypernet.layer, clean_bf16, intervened_bf16),
         trainable_state: p as f64 * f32b * 3.0,
         clean_states: flat * d * sz,
         hypernet_activations: if pointer { icfg.hypernet.num_blocks as f64 * flat * (C_KV * 2.0 * hkv * hd + C_NORM * d) * f32b } else { 0.0 },

@@ -24,7 +24,7 @@ use crate::hypernet::interpreter::{Interpreter, InterpreterConfig, Method};
 use crate::hypernet::subspace::{RotationParam, SubspaceInit, SubspaceKind};
 use crate::hypernet::{Frozen, HyperConfig};
 use crate::intervention::selection::InferenceMode;
-use crate::model::{LoadOptions, Site, StartToken};
+use crate::model::{CleanMatmul, LoadOptions, Site, StartToken};
 use crate::params::ParamStore;
 use crate::train::MetricsLog;
 
@@ -40,11 +40,18 @@ pub struct ModelSection {
     /// `cpu`, `cuda` or `cuda:N`: where the target and everything the run allocates live
     /// (checkpoints are device-independent: a run trained on one device evaluates on another).
     pub device: String,
+    /// Matmul precision of the clean passes (no gradient): `auto` (bf16 on CPUs with AVX-512
+    /// BF16 and an f32 target, else f32), `f32` or `bf16` ([`CleanMatmul`]; docs/benchmarks.md
+    /// measures its speed and its effect on scores).
+    pub clean_matmul: CleanMatmul,
+    /// Matmul precision of the intervened pass through the frozen blocks, forward and input
+    /// gradient: `auto` (as `clean_matmul`), `f32` or `bf16` (docs/benchmarks.md).
+    pub intervened_matmul: CleanMatmul,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
-        ModelSection { path: "toy".into(), dtype: "f32".into(), start_token: "auto".into(), device: "cpu".into() }
+        ModelSection { path: "toy".into(), dtype: "f32".into(), start_token: "auto".into(), device: "cpu".into(), clean_matmul: CleanMatmul::Auto, intervened_matmul: CleanMatmul::Auto }
     }
 }
 
@@ -248,6 +255,8 @@ impl ModelSection {
         let spec = model_spec(&self.path, progress)?;
         let opts = LoadOptions {
             dtype: crate::model::load::parse_dtype(&self.dtype)?,
+            clean_matmul: self.clean_matmul,
+            intervened_matmul: self.intervened_matmul,
             device: crate::model::load::parse_device(&self.device)?,
             start_token: self.start_token.parse::<StartToken>()?,
             progress,
@@ -416,13 +425,21 @@ pub struct Provenance {
     pub device: String,
     /// Compute threads (rayon's pool: `RAYON_NUM_THREADS`, else every core).
     pub threads: usize,
+    /// Precision the clean passes' matmuls ran in (`model.clean_matmul` resolved: `f32`, `bf16`;
+    /// absent in runs from before it existed, which ran in f32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clean_matmul: Option<String>,
+    /// The same for the intervened pass (`model.intervened_matmul` resolved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intervened_matmul: Option<String>,
     /// The full command line (under Python: the interpreter's).
     pub command: Vec<String>,
 }
 
 impl Provenance {
     /// This process, for a run that started at `started` from `resumed_from_step`.
-    pub fn now(started: chrono::DateTime<chrono::Utc>, resumed_from_step: usize, device: &candle_core::Device) -> Provenance {
+    pub fn now(started: chrono::DateTime<chrono::Utc>, resumed_from_step: usize, model: &crate::model::Llama) -> Provenance {
+        let device = model.device();
         let rfc = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         Provenance {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -438,6 +455,8 @@ impl Provenance {
                 candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
             },
             threads: rayon::current_num_threads(),
+            clean_matmul: Some(if model.clean_bf16() { "bf16".into() } else { format!("{:?}", model.dtype()).to_lowercase() }),
+            intervened_matmul: Some(if model.intervened_bf16() { "bf16".into() } else { format!("{:?}", model.dtype()).to_lowercase() }),
             command: std::env::args().collect(),
         }
     }
@@ -570,7 +589,7 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     let _ = std::fs::remove_file(&probe);
     crate::config::write_resolved(cfg, &out.join("config.resolved.toml"))?;
 
-    let lm = cfg.model.load(progress)?;
+    let mut lm = cfg.model.load(progress)?;
     let collate = cfg.data.collate_options(cfg.data.skip_bad_rows);
     let read = ReadOptions { skip_bad_rows: cfg.data.skip_bad_rows };
     let mut sets = Vec::new();
@@ -614,6 +633,17 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
     }
     let mut ps = ParamStore::new();
     let mut interp = Interpreter::new(&mut ps, &lm.model, &icfg)?;
+    // Blocks below the intervention layer run only in clean passes: with those in bf16 the f32
+    // copies of their weights are not needed (the hypernetwork has copied what it copies).
+    let freed = lm.model.release_f32_below(icfg.hypernet.layer)?;
+    if progress && freed > 0 {
+        tracing::info!(
+            "clean passes in bf16{}: the f32 weights of blocks 0..{} freed ({:.0} MB)",
+            if lm.model.intervened_bf16() { " and the intervened pass" } else { "" },
+            if lm.model.intervened_bf16() { lm.model.num_layers() } else { icfg.hypernet.layer },
+            freed as f64 / 1e6
+        );
+    }
     let key = (cfg.model.clone(), format!("{}", cfg.train.state_cache_gb), cfg.train.state_cache_dtype);
     match shared.take() {
         Some((k, c)) if k == key => interp.set_cache(Some(c)),
@@ -655,7 +685,7 @@ fn run_in(cfg: &RunConfig, out: &Path, resume: bool, progress: bool, shared: &mu
         model: cfg.model.path.clone(),
         train_rows: sets[0].len(),
         test_rows: sets[1].len(),
-        provenance: Some(Provenance::now(started, resumed_from, lm.model.device())),
+        provenance: Some(Provenance::now(started, resumed_from, &lm.model)),
     };
     let info_path = out.join("run.json");
     let text = serde_json::to_string_pretty(&info).map_err(|e| Error::invalid(e.to_string()))?;
@@ -794,17 +824,57 @@ pub fn run_config(dir: &Path) -> Result<RunConfig> {
     crate::config::load(Some(&cfg_path), &[])
 }
 
-/// Reload a run from `dir` (its `config.resolved.toml` and `checkpoint/`), nothing else needed.
-pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
-    load_run_on(dir, None, progress)
+/// The precision to reload a run's clean (`intervened` false) or intervened passes with: an
+/// explicit `f32` / `bf16` as configured; for `auto`, the one the run trained with (its
+/// `run.json`; runs from before the setting, and unfinished ones, trained in f32), so that a
+/// run is scored as it was trained on any machine (bf16 falls back to f32, with a note, on a
+/// CPU without AVX-512 BF16).
+fn trained_matmul(dir: &Path, model: &ModelSection, configured: CleanMatmul, intervened: bool) -> CleanMatmul {
+    if configured != CleanMatmul::Auto {
+        return configured;
+    }
+    // The bf16 kernels serve an f32 target on the CPU only; a bf16 target records its own dtype
+    // ("bf16") here, which is not a kernel choice, and a run moved to a GPU runs its own dtype.
+    let fits = crate::model::load::parse_dtype(&model.dtype).is_ok_and(|d| CleanMatmul::fits(d, model.device == "cpu"));
+    if !fits {
+        return CleanMatmul::F32;
+    }
+    let provenance = std::fs::read_to_string(dir.join("run.json")).ok().and_then(|s| serde_json::from_str::<RunInfo>(&s).ok()).and_then(|i| i.provenance);
+    let recorded = provenance.and_then(|p| if intervened { p.intervened_matmul } else { p.clean_matmul });
+    match recorded.as_deref() {
+        Some("bf16") if crate::model::kernels::bf16_matmul_available() => CleanMatmul::Bf16,
+        Some("bf16") => {
+            tracing::info!("note: {} trained in bf16; this CPU has no AVX-512 BF16, so it runs in f32 here", dir.display());
+            CleanMatmul::F32
+        }
+        _ => CleanMatmul::F32,
+    }
 }
 
-/// [`load_run`] onto `device` (`cpu`, `cuda`, `cuda:N`) instead of the run's own `model.device`.
-pub fn load_run_on(dir: &Path, device: Option<&str>, progress: bool) -> Result<LoadedRun> {
+/// Reload a run from `dir` (its `config.resolved.toml` and `checkpoint/`), nothing else needed.
+pub fn load_run(dir: &Path, progress: bool) -> Result<LoadedRun> {
+    load_run_on(dir, Reload::default(), progress)
+}
+
+/// What a reloaded run may run differently from how it trained.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reload<'a> {
+    /// `cpu`, `cuda`, `cuda:N` instead of the run's own `model.device`.
+    pub device: Option<&'a str>,
+    /// The clean passes' precision instead of the one the run trained with.
+    pub clean_matmul: Option<CleanMatmul>,
+    /// The intervened pass's precision instead of the one the run trained with.
+    pub intervened_matmul: Option<CleanMatmul>,
+}
+
+/// [`load_run`] with `reload`'s changes.
+pub fn load_run_on(dir: &Path, reload: Reload, progress: bool) -> Result<LoadedRun> {
     let mut config = run_config(dir)?;
-    if let Some(d) = device {
+    if let Some(d) = reload.device {
         config.model.device = d.to_string();
     }
+    config.model.clean_matmul = reload.clean_matmul.unwrap_or_else(|| trained_matmul(dir, &config.model, config.model.clean_matmul, false));
+    config.model.intervened_matmul = reload.intervened_matmul.unwrap_or_else(|| trained_matmul(dir, &config.model, config.model.intervened_matmul, true));
     let lm = config.model.load(progress)?;
     let mut params = ParamStore::new();
     let mut interpreter = Interpreter::new(&mut params, &lm.model, &config.interpreter.config(lm.model.num_layers())?)?;
@@ -901,12 +971,12 @@ pub fn data_or_test_set(dir: &Path, data: Option<&Path>) -> Result<PathBuf> {
 /// Evaluate a run on `data` with `modes`; writes `eval/<data name>.{results.json,csv,positions.jsonl}`
 /// into the run directory and returns the scores.
 pub fn eval_run(dir: &Path, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
-    eval_run_on(dir, None, data, modes, skip_bad_rows, progress)
+    eval_run_on(dir, Reload::default(), data, modes, skip_bad_rows, progress)
 }
 
 /// [`eval_run`] with the run loaded onto `device` (its own `model.device` when `None`).
-pub fn eval_run_on(dir: &Path, device: Option<&str>, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
-    let run = load_run_on(dir, device, progress)?;
+pub fn eval_run_on(dir: &Path, reload: Reload, data: &Path, modes: &[InferenceMode], skip_bad_rows: bool, progress: bool) -> Result<BTreeMap<String, ModeResult>> {
+    let run = load_run_on(dir, reload, progress)?;
     let ds = read_dataset(data, ReadOptions { skip_bad_rows })?;
     let scored = evaluate(&run, &ds, modes, skip_bad_rows, progress)?;
     write_eval(dir, &eval_name(data), &scored)?;
@@ -950,6 +1020,50 @@ pub fn knowledge_base(model: Option<&str>, domain: &str, kb_dir: Option<&Path>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reloaded_run_uses_the_bf16_kernels_only_where_it_trained_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |clean: &str| {
+            let p = Provenance {
+                version: "0".into(),
+                commit: None,
+                started: String::new(),
+                finished: String::new(),
+                resumed_from_step: 0,
+                host: String::new(),
+                cpu: String::new(),
+                device: "cpu".into(),
+                threads: 1,
+                clean_matmul: Some(clean.into()),
+                intervened_matmul: Some("f32".into()),
+                command: vec![],
+            };
+            let info = RunInfo { method: "hyperdas".into(), layer: 0, num_layers: 2, rank: 1, subspace: "x".into(), model: "toy".into(), train_rows: 1, test_rows: 1, provenance: Some(p) };
+            std::fs::write(dir.path().join("run.json"), serde_json::to_string(&info).unwrap()).unwrap();
+        };
+        let f32_cpu = ModelSection::default();
+        let bf16_target = ModelSection { dtype: "bf16".into(), ..ModelSection::default() };
+        let on_gpu = ModelSection { device: "cuda".into(), ..ModelSection::default() };
+        // A bf16 target records its own dtype ("bf16"); that is no kernel choice (the CI failure
+        // of 2026-12-05: its reload asked for the bf16 kernel on a bf16 target).
+        write("bf16");
+        assert_eq!(trained_matmul(dir.path(), &bf16_target, CleanMatmul::Auto, false), CleanMatmul::F32);
+        assert_eq!(trained_matmul(dir.path(), &on_gpu, CleanMatmul::Auto, false), CleanMatmul::F32);
+        let expect = if crate::model::kernels::bf16_matmul_available() { CleanMatmul::Bf16 } else { CleanMatmul::F32 };
+        assert_eq!(trained_matmul(dir.path(), &f32_cpu, CleanMatmul::Auto, false), expect);
+        assert_eq!(trained_matmul(dir.path(), &f32_cpu, CleanMatmul::Auto, true), CleanMatmul::F32);
+        // An explicit choice wins; a run without provenance trained in f32.
+        assert_eq!(trained_matmul(dir.path(), &bf16_target, CleanMatmul::Bf16, false), CleanMatmul::Bf16);
+        write("f32");
+        assert_eq!(trained_matmul(dir.path(), &f32_cpu, CleanMatmul::Auto, false), CleanMatmul::F32);
+        std::fs::remove_file(dir.path().join("run.json")).unwrap();
+        assert_eq!(trained_matmul(dir.path(), &f32_cpu, CleanMatmul::Auto, false), CleanMatmul::F32);
+        // Whatever the reload picks for a bf16 target resolves without error.
+        for m in [CleanMatmul::Auto, CleanMatmul::F32] {
+            assert!(!m.resolve(candle_core::DType::BF16, &candle_core::Device::Cpu).unwrap());
+        }
+    }
 
     #[test]
     fn layer_is_a_number_or_middle() {

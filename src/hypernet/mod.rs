@@ -209,11 +209,11 @@ impl Registrar<'_> {
             Some(b) => Some(self.copy(&format!("{name}.bias"), b)?),
             None => None,
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 
     fn linear_new(&mut self, name: &str, out_f: usize, in_f: usize) -> Result<Linear> {
-        Ok(Linear { weight: self.normal(&format!("{name}.weight"), out_f, in_f, 0.02)?, bias: None })
+        Ok(Linear::new(self.normal(&format!("{name}.weight"), out_f, in_f, 0.02)?, None))
     }
 }
 

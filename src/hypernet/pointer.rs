@@ -46,10 +46,10 @@ impl PointerHead {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(r: &mut Registrar, d: usize, h: usize, hkv: usize, hd: usize, self_bias: f64, rope: bool, scale: f64) -> Result<Self> {
         Ok(PointerHead {
-            q_proj: Linear { weight: r.normal("hypernet.pointer.q_proj.weight", h * hd, d, 0.02)?, bias: None },
-            k_proj: Linear { weight: r.normal("hypernet.pointer.k_proj.weight", hkv * hd, d, 0.02)?, bias: None },
-            combine_base: Linear { weight: r.normal("hypernet.pointer.q_combine_base.weight", d, d, 0.02)?, bias: None },
-            combine_source: Linear { weight: r.normal("hypernet.pointer.q_combine_source.weight", d, d, 0.02)?, bias: None },
+            q_proj: Linear::new(r.normal("hypernet.pointer.q_proj.weight", h * hd, d, 0.02)?, None),
+            k_proj: Linear::new(r.normal("hypernet.pointer.k_proj.weight", hkv * hd, d, 0.02)?, None),
+            combine_base: Linear::new(r.normal("hypernet.pointer.q_combine_base.weight", d, d, 0.02)?, None),
+            combine_source: Linear::new(r.normal("hypernet.pointer.q_combine_source.weight", d, d, 0.02)?, None),
             n_heads: h,
             n_kv_heads: hkv,
             head_dim: hd,

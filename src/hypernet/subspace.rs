@@ -185,7 +185,7 @@ impl SubspaceModule {
                     SubspaceInit::Ours => r.normal(&name, o, i, scale)?,
                     SubspaceInit::Reference => r.uniform(&name, o, i, scale)?,
                 };
-                Ok(Linear { weight, bias: None })
+                Ok(Linear::new(weight, None))
             };
             mlp = Some(Mlp { gate_proj: Some(lin(r, "gate_proj", f, d)?), up_proj: lin(r, "up_proj", f, d)?, down_proj: lin(r, "down_proj", out, f)?, act: crate::model::Activation::Silu });
         }

@@ -188,10 +188,15 @@ fn lin_back(l: &Linear, dy: &Tensor) -> Result<Tensor> {
     let dims = dy.dims().to_vec();
     let out_f = *dims.last().ok_or_else(|| Error::invalid("linear backward on a scalar"))?;
     let rows: usize = dims[..dims.len() - 1].iter().product();
-    let dx = dy.reshape((rows, out_f))?.matmul(&l.weight)?; // [N, in]
+    let dy2 = dy.reshape((rows, out_f))?; // [N, out]
+    let dx = match kernels::linear_back_bf16(&dy2, &l.weight, &l.packed_t)? {
+        Some(dx) => dx, // [N, in], the bf16 intervened pass
+        None if l.weight.dim(1)? == 0 => return Err(Error::invalid("linear backward: this layer's f32 weight was released (bf16 passes only)")),
+        None => dy2.matmul(&l.weight)?, // [N, in]
+    };
     let mut out_dims = dims;
     let last = out_dims.len() - 1;
-    out_dims[last] = l.weight.dim(1)?;
+    out_dims[last] = dx.dim(1)?;
     Ok(dx.reshape(out_dims)?)
 }
 

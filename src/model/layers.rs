@@ -30,19 +30,27 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// The weight packed for the bf16 kernel, on first use inside [`kernels::with_frozen_bf16`].
+    pub packed: kernels::PackedSlot,
+    /// `Wᵀ` packed likewise, for the input gradient of the bf16 intervened pass.
+    pub packed_t: kernels::PackedSlotT,
 }
 
 impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias, packed: Default::default(), packed_t: Default::default() }
+    }
+
     pub fn load(w: &Weights, prefix: &str, out_f: usize, in_f: usize, bias: bool, dtype: DType, dev: &Device) -> Result<Self> {
         let weight = w.get(&format!("{prefix}.weight"), &[out_f, in_f], dtype, dev)?;
         let bias = if bias { Some(w.get(&format!("{prefix}.bias"), &[out_f], dtype, dev)?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 
     /// A GPT-2 `Conv1D`: the weight stored `[in, out]` (transposed here to `[out, in]`), a bias.
     pub fn load_conv1d(w: &Weights, prefix: &str, out_f: usize, in_f: usize, dtype: DType, dev: &Device) -> Result<Self> {
         let weight = w.get(&format!("{prefix}.weight"), &[in_f, out_f], dtype, dev)?.t()?.contiguous()?; // [out, in]
-        Ok(Linear { weight, bias: Some(w.get(&format!("{prefix}.bias"), &[out_f], dtype, dev)?) })
+        Ok(Linear::new(weight, Some(w.get(&format!("{prefix}.bias"), &[out_f], dtype, dev)?)))
     }
 
     /// The layer with its output rows reordered: row `i` of the result is row `order[i]`.
@@ -53,7 +61,7 @@ impl Linear {
             Some(b) => Some(b.index_select(&idx, 0)?.contiguous()?), // [n]
             None => None,
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 
     /// Output rows `start..start + n` as a layer of their own (a fused projection split).
@@ -63,7 +71,25 @@ impl Linear {
             Some(b) => Some(b.narrow(0, start, n)?.contiguous()?), // [n]
             None => None,
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
+    }
+
+    /// Keep only the bf16 packing of the weight (the f32 weight becomes `[out, 0]` and its
+    /// memory is freed): for a frozen layer that only clean passes in bf16 will run
+    /// ([`Llama::release_f32_below`](super::Llama::release_f32_below)). Returns the bytes freed.
+    /// With `transposed`, `Wᵀ` is packed first too (a layer the bf16 intervened pass runs
+    /// backward through).
+    pub fn release_f32(&mut self, transposed: bool) -> Result<usize> {
+        let packed = self.packed.packing(&self.weight)?;
+        let packed_t = if transposed { Some(self.packed_t.packing(&self.weight)?) } else { None };
+        let bytes = self.weight.elem_count() * self.weight.dtype().size_in_bytes();
+        let placeholder = Tensor::zeros((self.weight.dim(0)?, 0), self.weight.dtype(), self.weight.device())?; // [out, 0]
+        self.packed = kernels::PackedSlot::holding(placeholder.id(), packed);
+        if let Some(p) = packed_t {
+            self.packed_t = kernels::PackedSlotT::holding(placeholder.id(), p);
+        }
+        self.weight = placeholder;
+        Ok(bytes)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -71,7 +97,13 @@ impl Linear {
         let in_f = *dims.last().ok_or_else(|| Error::invalid("linear layer on a scalar"))?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_f))?; // [N, in]
-        let mut y = kernels::matmul_t(&x2, &self.weight)?; // [N, out]
+        let mut y = match kernels::linear_bf16(&x2, &self.weight, &self.packed)? {
+            Some(y) => y, // [N, out], frozen pass in bf16
+            None if self.weight.dim(1)? == 0 && in_f > 0 => {
+                return Err(Error::invalid("this linear layer's f32 weight was released (its blocks run only in bf16 clean passes); a pass that needs it must load the model again"));
+            }
+            None => kernels::matmul_t(&x2, &self.weight)?, // [N, out]
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?; // [N, out]
         }

@@ -67,9 +67,61 @@ pub struct Llama {
     embed_scale: Option<f64>,
     dtype: DType,
     device: Device,
+    /// Clean passes ([`Target`](super::target::Target)) run their linear layers in bf16.
+    clean_bf16: bool,
+    /// The intervened pass ([`Llama::logits_from`]) runs its linear layers in bf16.
+    intervened_bf16: bool,
 }
 
 impl Llama {
+    /// Set the matmul precision of the clean passes (an error for `bf16` where it cannot run).
+    pub fn set_clean_matmul(&mut self, m: super::CleanMatmul) -> Result<()> {
+        self.clean_bf16 = m.resolve(self.dtype, &self.device)?;
+        Ok(())
+    }
+
+    /// Whether the clean passes run their linear layers in bf16 ([`set_clean_matmul`](Self::set_clean_matmul)).
+    pub fn clean_bf16(&self) -> bool {
+        self.clean_bf16
+    }
+
+    /// Set the matmul precision of the intervened pass's frozen blocks (forward and the input
+    /// gradient through them; an error for `bf16` where it cannot run).
+    pub fn set_intervened_matmul(&mut self, m: super::CleanMatmul) -> Result<()> {
+        self.intervened_bf16 = m.resolve(self.dtype, &self.device)?;
+        Ok(())
+    }
+
+    /// Whether the intervened pass runs its frozen linear layers in bf16.
+    pub fn intervened_bf16(&self) -> bool {
+        self.intervened_bf16
+    }
+
+    /// Free the f32 weights of linear layers that the bf16 passes serve from their packing: in a
+    /// run intervening at block `l` with bf16 clean passes, blocks `0..l` run only in clean
+    /// passes; with the intervened pass in bf16 too, no block needs its f32 weights (blocks
+    /// `l..` keep `Wᵀ` packed for the input gradient). Call after the hypernetwork has copied
+    /// what it copies from the target. Returns the bytes freed (0 without bf16 clean passes).
+    /// Any later f32 pass through a freed layer is an error.
+    pub fn release_f32_below(&mut self, l: usize) -> Result<usize> {
+        if !self.clean_bf16 {
+            return Ok(0);
+        }
+        let upto = if self.intervened_bf16 { self.layers.len() } else { l.min(self.layers.len()) };
+        let mut freed = 0;
+        for (i, b) in self.layers.iter_mut().enumerate().take(upto) {
+            let transposed = i >= l;
+            let a = &mut b.self_attn;
+            for lin in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut b.mlp.up_proj, &mut b.mlp.down_proj] {
+                freed += lin.release_f32(transposed)?;
+            }
+            if let Some(g) = b.mlp.gate_proj.as_mut() {
+                freed += g.release_f32(transposed)?;
+            }
+        }
+        Ok(freed)
+    }
+
     /// Build from weights addressed by HF names; every tensor's shape is checked.
     pub fn load(w: &Weights, config: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
         Self::load_with_progress(w, config, dtype, device, &indicatif::ProgressBar::hidden())
@@ -113,7 +165,21 @@ impl Llama {
         };
         let embed_scale = config.gemma.as_ref().map(|_| (d as f64).sqrt());
         let rope = Rope::partial(&config.rope, config.head_dim, config.rotary_dims);
-        Ok(Llama { config: config.clone(), embed_tokens, layers, norm, lm_head, position_embeddings, rope, local, embed_scale, dtype, device: device.clone() })
+        Ok(Llama {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            position_embeddings,
+            rope,
+            local,
+            embed_scale,
+            dtype,
+            device: device.clone(),
+            clean_bf16: false,
+            intervened_bf16: false,
+        })
     }
 
     pub fn dtype(&self) -> DType {

@@ -143,6 +143,11 @@ fn resolve_hub(spec: &str) -> Result<ModelSource> {
 pub struct LoadOptions {
     /// Dtype of the frozen weights and activations (F32, BF16, F16, or F64 for gradient checks).
     pub dtype: DType,
+    /// Matmul precision of the clean passes ([`CleanMatmul`]; default f32: exact).
+    pub clean_matmul: CleanMatmul,
+    /// Matmul precision of the intervened pass's frozen blocks, forward and input gradient
+    /// (same values; default f32).
+    pub intervened_matmul: CleanMatmul,
     pub device: Device,
     pub start_token: StartToken,
     /// Show a progress bar over the blocks while loading (on a terminal only).
@@ -151,7 +156,72 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, start_token: StartToken::Auto, progress: false }
+        LoadOptions { dtype: DType::F32, clean_matmul: CleanMatmul::F32, intervened_matmul: CleanMatmul::F32, device: Device::Cpu, start_token: StartToken::Auto, progress: false }
+    }
+}
+
+/// Matmul precision of the frozen target's **clean passes** (the hidden states HyperDAS reads
+/// and the states a baseline interchanges; no gradient flows through them): `model.clean_matmul`.
+///
+/// * `f32`: exact.
+/// * `bf16`: the linear layers' inputs and weights rounded to bf16, products summed in f32, on
+///   AVX-512 BF16 ([`kernels::matmul_t_bf16`](super::kernels::matmul_t_bf16)): about twice the
+///   f32 matmul speed; hidden states change at bf16 rounding (SmolLM2: 0.3 % relative at
+///   its middle layer, 0.7 % after the final norm). Needs an f32 target on a CPU that has AVX-512 BF16.
+/// * `auto` (runs' default): `bf16` where it applies, else `f32`.
+///
+/// The same choice, `model.intervened_matmul` (runs' default `auto` too), applies to the
+/// intervened pass's frozen blocks (forward and input gradient; the trainable parameters and
+/// their gradients stay f32). [`LoadOptions::default`] is exact (`f32` for both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CleanMatmul {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+}
+
+impl CleanMatmul {
+    /// Whether the bf16 kernels can serve a `dtype` target (on the CPU or not): only an f32
+    /// target on the CPU (a bf16 target already runs in its own dtype).
+    pub fn fits(dtype: DType, on_cpu: bool) -> bool {
+        on_cpu && dtype == DType::F32
+    }
+
+    /// Whether the clean passes of a `dtype` target on `device` run in bf16; an error when
+    /// `bf16` is asked for where it cannot run.
+    pub fn resolve(self, dtype: DType, device: &Device) -> Result<bool> {
+        let fits = Self::fits(dtype, device.is_cpu());
+        match self {
+            CleanMatmul::F32 => Ok(false),
+            CleanMatmul::Auto => Ok(fits && super::kernels::bf16_matmul_available()),
+            CleanMatmul::Bf16 if !fits => Err(Error::invalid(format!("model.clean_matmul = \"bf16\" needs an f32 target on the CPU (this one is {dtype:?} on {device:?}); use \"auto\" or \"f32\""))),
+            CleanMatmul::Bf16 if !super::kernels::bf16_matmul_available() => Err(Error::invalid("model.clean_matmul = \"bf16\": this CPU has no AVX-512 BF16; use \"auto\" (f32 here) or \"f32\"")),
+            CleanMatmul::Bf16 => Ok(true),
+        }
+    }
+}
+
+impl std::fmt::Display for CleanMatmul {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CleanMatmul::Auto => "auto",
+            CleanMatmul::F32 => "f32",
+            CleanMatmul::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for CleanMatmul {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(CleanMatmul::Auto),
+            "f32" => Ok(CleanMatmul::F32),
+            "bf16" => Ok(CleanMatmul::Bf16),
+            other => Err(Error::invalid(format!("clean matmul precision `{other}`: use auto, f32 or bf16"))),
+        }
     }
 }
 
@@ -229,7 +299,9 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions) -> Result<LoadedMode
     }
     tokenizer.set_start_token(&opts.start_token)?;
     let pb = crate::progress::bar(config.num_hidden_layers as u64, "loading blocks [{bar:30}] {pos}/{len} {elapsed}", opts.progress);
-    let model = Llama::load_with_progress(&weights, &config, opts.dtype, &opts.device, &pb)?;
+    let mut model = Llama::load_with_progress(&weights, &config, opts.dtype, &opts.device, &pb)?;
+    model.set_clean_matmul(opts.clean_matmul)?;
+    model.set_intervened_matmul(opts.intervened_matmul)?;
     let description = format!(
         "{name}: {:?}, {} blocks, d={}, {} heads ({} kv), vocab {}, {:.1}M parameters, {:?}",
         config.architecture,

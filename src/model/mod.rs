@@ -43,7 +43,7 @@ pub mod weights;
 pub use batch::{ForwardContext, LocalAttention, TokenBatch};
 pub use config::{Activation, Architecture, Gemma3Config, GptConfig, LayerKind, LlamaConfig, QkNorm, RopeConfig, RopeScaling};
 pub use llama::{HiddenStates, Llama};
-pub use load::{LoadOptions, LoadedModel, ModelSource, load};
+pub use load::{CleanMatmul, LoadOptions, LoadedModel, ModelSource, load};
 pub use prefix::PrefixCache;
 pub use site::Site;
 pub use target::Target;

@@ -47,14 +47,15 @@ impl Llama {
         }
         ctx.check(resid, self.config.hidden_size)?;
         let final_rms = self.norm.as_rms();
+        let bf16 = self.intervened_bf16();
         let Some(final_rms) = final_rms.filter(|_| resid.track_op() && kernels::fused_enabled() && frozen(self)) else {
-            let out = self.forward_from(l, resid, ctx)?; // [B, T, D]
+            let out = kernels::with_frozen_bf16(bf16, || self.forward_from(l, resid, ctx))?; // [B, T, D]
             return self.logits_at(&out, positions);
         };
         let mut x = resid.detach(); // [B, T, D]
         let mut tapes = Vec::with_capacity(n - l);
         for blk in &self.layers[l..] {
-            let (y, tape) = blk.forward_taped(&x, ctx)?;
+            let (y, tape) = kernels::with_frozen_bf16(bf16, || blk.forward_taped(&x, ctx))?;
             tapes.push(tape);
             x = y;
         }
@@ -76,7 +77,7 @@ impl Llama {
             let dnormed = Tensor::zeros((b * t, d), drows.dtype(), drows.device())?.index_add(&flat, &drows, 0)?.reshape((b, t, d))?; // [B, T, D]
             let mut dy = kernels::rms_norm_backward(&last, &norm_w, &dnormed, eps, false)?.0; // [B, T, D]
             for (blk, tape) in blocks.iter().zip(&tapes).rev() {
-                dy = blk.backward_taped(tape, &dy, &ctx)?; // [B, T, D]
+                dy = kernels::with_frozen_bf16(bf16, || blk.backward_taped(tape, &dy, &ctx))?; // [B, T, D]
             }
             crate::profile::mark("backward (target)");
             Ok(dy)

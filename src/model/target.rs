@@ -16,6 +16,7 @@ use candle_core::Tensor;
 
 use super::batch::{ForwardContext, TokenBatch};
 use super::cache::StateCache;
+use super::kernels::with_frozen_bf16;
 use super::llama::Llama;
 use super::site::Site;
 use crate::error::{Error, Result};
@@ -33,10 +34,11 @@ impl<'a> Target<'a> {
 
     /// The clean residual stream at every site, `[B, T, L+1, D]`, detached.
     pub fn clean(&mut self, batch: &TokenBatch) -> Result<Tensor> {
-        let states = match self.cache.as_deref_mut() {
-            Some(c) => c.states(self.model, batch)?,                                                                    // [B, T, L+1, D]
-            None => self.model.forward_hidden(batch, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states"))?, // [B, T, L+1, D]
-        };
+        let (model, cache) = (self.model, self.cache.as_deref_mut());
+        let states = with_frozen_bf16(model.clean_bf16(), || match cache {
+            Some(c) => c.states(model, batch),                                                                    // [B, T, L+1, D]
+            None => model.forward_hidden(batch, None)?.stacked.ok_or_else(|| Error::invalid("no hidden states")), // [B, T, L+1, D]
+        })?;
         Ok(states.detach())
     }
 
@@ -44,10 +46,13 @@ impl<'a> Target<'a> {
     /// detached. Without a cache only the blocks before it run.
     pub fn clean_at(&mut self, batch: &TokenBatch, site: Site) -> Result<Tensor> {
         let l = self.resid_index(site)?;
-        let h = match self.cache.as_deref_mut() {
-            Some(c) => c.states(self.model, batch)?.narrow(2, l, 1)?.squeeze(2)?, // [B, T, D]
-            None => self.model.forward_to(batch, l)?.0,                           // [B, T, D]
-        };
+        let (model, cache) = (self.model, self.cache.as_deref_mut());
+        let h = with_frozen_bf16(model.clean_bf16(), || -> Result<Tensor> {
+            Ok(match cache {
+                Some(c) => c.states(model, batch)?.narrow(2, l, 1)?.squeeze(2)?, // [B, T, D]
+                None => model.forward_to(batch, l)?.0,                           // [B, T, D]
+            })
+        })?;
         Ok(h.detach())
     }
 

@@ -135,7 +135,7 @@ pub fn write_report(run_dir: &Path, test: &Path, extras: &ReportExtras) -> Resul
 /// [`write_report`] with the run loaded onto `device` (its own `model.device` when `None`).
 pub fn write_report_on(run_dir: &Path, device: Option<&str>, test: &Path, extras: &ReportExtras) -> Result<PathBuf> {
     let results: BTreeMap<String, ModeResult> = read_json(&run_dir.join("results.json"))?;
-    let run = load_run_on(run_dir, device, false)?;
+    let run = load_run_on(run_dir, crate::experiment::run::Reload { device, ..Default::default() }, false)?;
     let ds = read_dataset(test, ReadOptions::default())?;
     let enc = encode_rows(&run.lm.tokenizer, &ds.rows, &run.config.data.collate_options(false), &test.display().to_string())?;
     let picked = pick_examples(&enc.rows, 4, 2);

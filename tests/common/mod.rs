@@ -15,7 +15,7 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 pub fn load(path: &Path, dtype: DType) -> LoadedModel {
-    let opts = LoadOptions { dtype, device: Device::Cpu, start_token: StartToken::Auto, progress: false };
+    let opts = LoadOptions { dtype, device: Device::Cpu, start_token: StartToken::Auto, progress: false, ..Default::default() };
     match hyperdas::model::load::load_source(hyperdas::model::load::resolve(&path.to_string_lossy()).unwrap(), &opts) {
         Ok(m) => m,
         Err(e) => panic!("loading {}: {e}", path.display()),

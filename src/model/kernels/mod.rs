@@ -23,6 +23,9 @@
 //! | `cross_attention.rs` | [`cross_attention`] | `attention(q, rope(e Wkᵀ), e Wvᵀ)` over constant `e` | `dq`; `dWk = (rope⁻¹ dK)ᵀ e`, `dWv = dVᵀ e` |
 //! | `unit_rows.rs` | [`unit_rows`] | `y = x / (‖x‖ + 1e-12)` (constants only) | none |
 //!
+//! `bf16.rs`: [`matmul_t_bf16`], `y = bf16(x) bf16(W)ᵀ` with f32 sums on AVX-512 BF16, for frozen
+//! passes that need no gradient (no backward).
+//!
 //! [`graft`] (`graft.rs`) attaches a value computed outside the graph to an input with a given
 //! backward (used for linear layers whose weight or input needs no gradient, [`matmul_t`]:
 //! candle's matmul backward computes both gradients, which doubles the backward cost through a
@@ -36,6 +39,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 mod attention;
+mod bf16;
 mod cross_attention;
 mod gated;
 mod graft;
@@ -46,6 +50,7 @@ mod softmax;
 mod unit_rows;
 
 pub use attention::{attention, attention_backward, attention_capped, attention_composed, attention_forward_saved, attention_forward_saved_applies};
+pub use bf16::{PackedBf16, PackedSlot, PackedSlotT, bf16_matmul_available, frozen_bf16_active, linear_back_bf16, linear_bf16, matmul_t_bf16, matmul_t_bf16_reference, round_bf16, with_frozen_bf16};
 pub use cross_attention::cross_attention;
 pub use gated::{gelu_mul, gelu_mul_backward, gelu_mul_composed, silu_mul, silu_mul_backward};
 pub use graft::{graft, matmul_t};
