@@ -341,8 +341,7 @@ impl PackedSlotT {
 /// `dy [N, out] · W` → `[N, in]` (the input gradient of a frozen linear layer) through the
 /// kernel, under the same conditions as [`linear_bf16`]; `None` otherwise.
 pub fn linear_back_bf16(dy: &candle_core::Tensor, w: &candle_core::Tensor, slot: &PackedSlotT) -> crate::error::Result<Option<candle_core::Tensor>> {
-    use candle_core::DType;
-    if !frozen_bf16_active() || dy.track_op() || w.track_op() || !dy.device().is_cpu() || !w.device().is_cpu() || dy.dtype() != DType::F32 || w.dtype() != DType::F32 || !bf16_matmul_available() {
+    if !kernel_applies(dy, w) {
         return Ok(None);
     }
     let (m, out) = dy.dims2()?;
@@ -351,11 +350,7 @@ pub fn linear_back_bf16(dy: &candle_core::Tensor, w: &candle_core::Tensor, slot:
     if k != out {
         return Err(crate::error::Error::invalid(format!("linear backward: gradient has {out} features, the weight {k} outputs")));
     }
-    let dx = super::host::with_host::<f32, _>(dy, |ds| matmul_t_bf16(ds, m, &packed))?; // [m, in]
-    match dx {
-        Some(dx) => Ok(Some(candle_core::Tensor::from_vec(dx, (m, inp), dy.device())?)),
-        None => Ok(None),
-    }
+    through_kernel(dy, m, &packed, inp) // [m, in]
 }
 
 /// `x [N, in] · Wᵀ` through the kernel when it applies: inside [`with_frozen_bf16`], neither
@@ -363,8 +358,7 @@ pub fn linear_back_bf16(dy: &candle_core::Tensor, w: &candle_core::Tensor, slot:
 /// (the caller takes the f32 path). A released weight (`[out, 0]`, see `Linear::release_f32`)
 /// is served from its packing.
 pub fn linear_bf16(x: &candle_core::Tensor, w: &candle_core::Tensor, slot: &PackedSlot) -> crate::error::Result<Option<candle_core::Tensor>> {
-    use candle_core::DType;
-    if !frozen_bf16_active() || x.track_op() || w.track_op() || !x.device().is_cpu() || !w.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 || !bf16_matmul_available() {
+    if !kernel_applies(x, w) {
         return Ok(None);
     }
     let (m, k) = x.dims2()?;
@@ -373,9 +367,21 @@ pub fn linear_bf16(x: &candle_core::Tensor, w: &candle_core::Tensor, slot: &Pack
     if k != kw {
         return Err(crate::error::Error::invalid(format!("linear layer: input has {k} features, the weight {kw}")));
     }
-    let y = super::host::with_host::<f32, _>(x, |xs| matmul_t_bf16(xs, m, &packed))?; // [m, n]
-    match y {
-        Some(y) => Ok(Some(candle_core::Tensor::from_vec(y, (m, n), x.device())?)),
-        None => Ok(None),
-    }
+    through_kernel(x, m, &packed, n) // [m, n]
+}
+
+/// Whether the kernel serves `a · wᵀ`-shaped products of these operands: inside
+/// [`with_frozen_bf16`], neither tracked by autograd, both f32 on the CPU, AVX-512 BF16 present.
+fn kernel_applies(a: &candle_core::Tensor, w: &candle_core::Tensor) -> bool {
+    use candle_core::DType;
+    frozen_bf16_active() && !a.track_op() && !w.track_op() && a.device().is_cpu() && w.device().is_cpu() && a.dtype() == DType::F32 && w.dtype() == DType::F32 && bf16_matmul_available()
+}
+
+/// `a [m, ·] · packedᵀ` → `[m, cols]` on the kernel; `None` where the kernel declines.
+fn through_kernel(a: &candle_core::Tensor, m: usize, packed: &PackedBf16, cols: usize) -> crate::error::Result<Option<candle_core::Tensor>> {
+    let y = super::host::with_host::<f32, _>(a, |s| matmul_t_bf16(s, m, packed))?; // [m, cols]
+    Ok(match y {
+        Some(y) => Some(candle_core::Tensor::from_vec(y, (m, cols), a.device())?),
+        None => None,
+    })
 }
