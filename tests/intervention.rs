@@ -178,7 +178,7 @@ fn gradients_match_finite_differences() {
 // ---------------------------------------------------------------------------------------------
 // Position selection
 
-use hyperdas::experiment::loss::{entropy_loss, sparsity_loss, sparsity_weight};
+use hyperdas::experiment::loss::{entropy_loss, guide_loss, guide_weight, sparsity_loss, sparsity_weight};
 use hyperdas::intervention::selection::{InferenceMode, discretize, ground_truth};
 
 /// W for B = 1, T_s = 2, T_b = 3 (rows: source 0, source 1, self; each column sums to 1).
@@ -237,4 +237,35 @@ fn regularisers_and_their_schedule() {
     assert_eq!(sparsity_weight(49, 100, 0.15, 1.5, 0.5), 0.0);
     assert!((sparsity_weight(50, 100, 0.15, 1.5, 0.5) - 0.825).abs() < 1e-12);
     assert!((sparsity_weight(100, 100, 0.15, 1.5, 0.5) - 1.5).abs() < 1e-12);
+}
+
+#[test]
+fn pointer_guide_and_its_fade_out() {
+    // Two rows of W (B = 2, T_s = 2, T_b = 3; rows: source 0, source 1, self). Row 0: the
+    // base's entity (column 1) should take source 1 (0.60), columns 0 and 2 keep themselves
+    // (0.05, 0.90). Row 1: column 2 should take source 0 (0.05); column 0 is not visible, column
+    // 1 keeps itself (0.10). G = mean over rows of −ln W[i*, j*] + mean −ln W[self, j].
+    let w = Var::from_tensor(&Tensor::cat(&[w_example(), w_example()], 0).unwrap()).unwrap();
+    let visible = [1u8, 1, 1, 0, 1, 1];
+    let l = guide_loss(w.as_tensor(), &[1, 0], &[1, 2], &visible).unwrap();
+    let row0 = -(0.60f32.ln()) - (0.05f32.ln() + 0.90f32.ln()) / 2.0;
+    let row1 = -(0.05f32.ln()) - 0.10f32.ln();
+    assert!((l.to_scalar::<f32>().unwrap() - (row0 + row1) / 2.0).abs() < 1e-5);
+    // The gradient reaches exactly the target cells: −target / (2 W).
+    let g = l.backward().unwrap().get(w.as_tensor()).unwrap().to_vec3::<f32>().unwrap();
+    let cells: [&[(usize, usize, f32, f32)]; 2] = [&[(1, 1, 0.60, 1.0), (2, 0, 0.05, 0.5), (2, 2, 0.90, 0.5)], &[(0, 2, 0.05, 1.0), (2, 1, 0.10, 1.0)]];
+    for (b, want) in cells.iter().enumerate() {
+        for (r, row) in g[b].iter().enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                let expect = want.iter().find(|x| (x.0, x.1) == (r, c)).map_or(0.0, |x| -x.3 / (2.0 * (x.2 + 1e-8)));
+                assert!((v - expect).abs() < 1e-3, "row {b}: dG/dW[{r}][{c}] = {v}, expected {expect}");
+            }
+        }
+    }
+    // The weight fades linearly to 0 at `steps`, and is 0 without a guide.
+    assert_eq!(guide_weight(0, 100, 2.0), 2.0);
+    assert!((guide_weight(25, 100, 2.0) - 1.5).abs() < 1e-12);
+    assert_eq!(guide_weight(100, 100, 2.0), 0.0);
+    assert_eq!(guide_weight(5, 0, 2.0), 0.0);
+    assert_eq!(guide_weight(5, 100, 0.0), 0.0);
 }

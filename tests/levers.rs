@@ -2,7 +2,8 @@
 //! the pointer's keep-the-base bias (`interpreter.self_bias`), the pointer without RoPE
 //! (`interpreter.pointer_rope`), frozen copies (`interpreter.freeze`), the ground-truth
 //! curriculum (`train.groundtruth_steps`), the heads' learning-rate multiple
-//! (`train.head_lr_scale`), the step budget (`train.steps`), and the entity → entity share.
+//! (`train.head_lr_scale`), the step budget (`train.steps`), the entity → entity share, and the
+//! pointer guide (`train.pointer_guide_weight`, `train.pointer_guide_steps`).
 
 mod common;
 
@@ -210,4 +211,46 @@ fn the_entity_share_is_one_at_the_ground_truth_positions() {
         let e = evaluate_detailed(&lm.model, &interp, &isolate, InferenceMode::Soft, 4, 3, lm.tokenizer.padding_id(), false).unwrap();
         assert_eq!((e.scores.entity_selected, e.scores.entity_position), (None, None));
     }
+}
+
+#[test]
+fn the_pointer_guide_teaches_the_entity_pair_during_the_curriculum_and_fades_out() {
+    let lm = tiny();
+    let rows = fixture_rows(&lm, 8);
+    let b = collate(&rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id());
+    let pad = lm.tokenizer.padding_id();
+    let share = |interp: &Interpreter| evaluate_detailed(&lm.model, interp, &rows, InferenceMode::Soft, 8, 3, pad, false).unwrap().scores.entity_position.unwrap();
+    let (ps, mut interp) = build(&lm, |_| {});
+    let before = share(&interp);
+    assert!(before < 1.0, "untrained, the entity token's column does not point at the source entity everywhere");
+    let pointer = |ps: &ParamStore| ps.get("hypernet.pointer.q_proj.weight").unwrap().as_tensor().copy().unwrap();
+    let p0 = pointer(&ps);
+    // Ground-truth positions throughout: without the guide the pointer gets no gradient (the
+    // curriculum test above); with it, the pointer learns the pair ground truth uses.
+    let steps = 40;
+    let s = TrainSettings {
+        batch_size: 8,
+        lr: 1e-2,
+        warmup_steps: 0,
+        lr_decay: hyperdas::train::Decay::Constant,
+        groundtruth_steps: steps,
+        pointer_guide_weight: 1.0,
+        pointer_guide_steps: steps,
+        ..Default::default()
+    };
+    s.validate().unwrap();
+    let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, steps).unwrap();
+    let mut weights = Vec::new();
+    for _ in 0..steps {
+        weights.push(tr.step(&b).unwrap().guide_weight);
+    }
+    drop(tr);
+    assert!(max_abs_diff(&pointer(&ps), &p0) > 1e-3, "the guide moves the pointer at ground-truth positions");
+    assert_eq!(weights[0], 1.0);
+    assert!(weights.windows(2).all(|w| w[1] < w[0]) && weights[steps - 1] > 0.0, "the weight fades linearly: {weights:?}");
+    let after = share(&interp);
+    assert_eq!(after, 1.0, "after {steps} guided steps every causal row's entity token takes the source entity (from {before})");
+    // A negative weight is refused, naming the key.
+    let bad = TrainSettings { pointer_guide_weight: -1.0, ..Default::default() };
+    assert!(bad.validate().unwrap_err().to_string().contains("train.pointer_guide_weight"));
 }

@@ -9,12 +9,20 @@
 //!   source rows, weight scheduled by [`sparsity_weight`]), `entropy` (a constant weight on the
 //!   mean row entropy) or `none`. The baselines' positions are fixed: their objective is `L_pred`.
 //!
+//! and, beyond the paper, an optional pointer guide `+ γ(step) · G(W)` ([`guide_loss`]):
+//! `G = mean_b ( −log W[b, i*, j*] + mean_{j ≠ j*} −log W[b, self, j] )`, the cross-entropy
+//! of `W` against the ground-truth selection (the base's last entity token `j*` takes the
+//! source's `i*`, every other visible base token keeps itself), with `γ` fading linearly from
+//! `pointer_guide_weight` to 0 over the first `pointer_guide_steps` steps ([`guide_weight`]). It supervises the pointer with the entity positions the data carries,
+//! which the paper's HyperDAS does not use; 0 (the default) leaves the objective the paper's.
+//!
 //! To add a loss term: a function of [`Intervened`] here, its weight in [`Terms`] (filled from
 //! a `train.*` setting in `TrainSettings::terms`), and one line in [`objective`].
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use crate::data::collate::CollatedBatch;
 use crate::error::Result;
 use crate::hypernet::interpreter::Intervened;
 
@@ -54,6 +62,36 @@ pub fn entropy_loss(w: &Tensor) -> Result<Tensor> {
     Ok((ws.clone() * (ws + 1e-8)?.log()?)?.sum(2)?.neg()?.mean_all()?) // []
 }
 
+/// The pointer guide: the cross-entropy of `W [B, T_s+1, T_b]` against the ground-truth
+/// selection, `mean_b ( −log W[b, i*, j*] + mean_{j ≠ j*} −log W[b, self, j] )` over the
+/// visible base columns `j` (`base_visible [B·T_b]`, 0/1): the base's last entity token `j*`
+/// takes the source's `i*` (`base_entity[b]`, `source_entity[b]`, padded positions), every
+/// other base token keeps itself. The entity column weighs as much as all the others together.
+/// Pointing the entity column alone is not enough: the pointer's pair scores are a base part
+/// plus a source part, so a pull on one cell raises the source's whole row.
+pub fn guide_loss(w: &Tensor, source_entity: &[u32], base_entity: &[u32], base_visible: &[u8]) -> Result<Tensor> {
+    let (b, rows, tb) = w.dims3()?;
+    let me = rows - 1; // the "self" row
+    let mut pick = vec![0f32; b * rows * tb];
+    for (bi, (&i, &j)) in source_entity.iter().zip(base_entity).enumerate() {
+        let (i, j) = (i as usize, j as usize);
+        pick[(bi * rows + i) * tb + j] = 1.0;
+        let others: Vec<usize> = (0..tb).filter(|&c| c != j && base_visible[bi * tb + c] > 0).collect();
+        for &c in &others {
+            pick[(bi * rows + me) * tb + c] = 1.0 / others.len() as f32;
+        }
+    }
+    let pick = Tensor::from_vec(pick, (b, rows, tb), w.device())?.to_dtype(w.dtype())?; // [B, T_s+1, T_b], the target weights
+    let nll = (w + 1e-8)?.log()?.neg()?; // [B, T_s+1, T_b]
+    Ok((nll * pick)?.sum((1, 2))?.mean(0)?) // []
+}
+
+/// The guide's weight at `step`: `weight · (1 − step / steps)`, 0 from step `steps` on (and
+/// when either is 0).
+pub fn guide_weight(step: usize, steps: usize, weight: f64) -> f64 {
+    if steps == 0 || step >= steps { 0.0 } else { weight * (1.0 - step as f64 / steps as f64) }
+}
+
 /// The sparsity weight at `step` of `total`: `linspace(start, end, total + 1)[step]`, zero for
 /// the first `⌊warmup_ratio · total⌋` steps (the authors' defaults 0.15 → 1.5, warm-up 0.5).
 pub fn sparsity_weight(step: usize, total: usize, start: f64, end: f64, warmup_ratio: f64) -> f64 {
@@ -76,6 +114,9 @@ pub struct Terms {
     pub sparsity_end: f64,
     pub sparsity_warmup_ratio: f64,
     pub entropy_weight: f64,
+    /// The pointer guide's initial weight and fade-out length (0: no guide).
+    pub guide_weight: f64,
+    pub guide_steps: usize,
 }
 
 /// A regulariser on `W [B, T_s+1, T_b]`, giving a scalar.
@@ -89,12 +130,14 @@ pub struct Objective {
     pub prediction: Tensor,
     /// `λ(step)` (0 when there is no regulariser).
     pub lambda: f64,
+    /// `γ(step)`, the pointer guide's weight (0 without a guide).
+    pub guide: f64,
 }
 
-/// The objective of step `step` of `total` on the intervened pass `out`. `fixed_positions`
-/// (the baselines): `L_pred` alone.
-pub fn objective(out: &Intervened, is_causal: &[bool], step: usize, total: usize, s: &Terms, fixed_positions: bool) -> Result<Objective> {
-    let prediction = prediction_loss(out, is_causal, s.causal_weight, s.isolate_weight)?; // []
+/// The objective of step `step` of `total` on the intervened pass `out` of `batch`.
+/// `fixed_positions` (the baselines): `L_pred` alone.
+pub fn objective(out: &Intervened, batch: &CollatedBatch, step: usize, total: usize, s: &Terms, fixed_positions: bool) -> Result<Objective> {
+    let prediction = prediction_loss(out, &batch.is_causal, s.causal_weight, s.isolate_weight)?; // []
     let (lambda, penalty): (f64, Option<Penalty>) = match s.regularizer {
         _ if fixed_positions => (0.0, None),
         Regularizer::Sparsity => (sparsity_weight(step, total, s.sparsity_start, s.sparsity_end, s.sparsity_warmup_ratio), Some(sparsity_loss)),
@@ -105,5 +148,11 @@ pub fn objective(out: &Intervened, is_causal: &[bool], step: usize, total: usize
         Some(r) if lambda > 0.0 => (&prediction + r(&out.w_soft)?.affine(lambda, 0.0)?)?, // []
         _ => prediction.clone(),
     };
-    Ok(Objective { loss, prediction, lambda })
+    let guide = if fixed_positions { 0.0 } else { guide_weight(step, s.guide_steps, s.guide_weight) };
+    let loss = if guide > 0.0 {
+        (loss + guide_loss(&out.w_soft, &batch.source_entity_pos, &batch.base_entity_pos, &batch.base_intervention_mask)?.affine(guide, 0.0)?)? // []
+    } else {
+        loss
+    };
+    Ok(Objective { loss, prediction, lambda, guide })
 }

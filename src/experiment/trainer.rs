@@ -117,6 +117,14 @@ pub struct TrainSettings {
     /// scheduled `lr` (1: the same rate as the copied blocks). These start from random
     /// weights, the copied blocks from pretrained ones.
     pub head_lr_scale: f64,
+    /// Beyond the paper: the initial weight `γ₀` of the pointer guide, `−log W[entity ← entity]`
+    /// (the soft weight with which the base's last entity token takes the source's; the
+    /// ground-truth pair), fading linearly to 0 over `pointer_guide_steps` (0: no guide, the
+    /// paper's objective). It supervises the pointer with the entity positions the data
+    /// carries, in soft and in ground-truth training alike.
+    pub pointer_guide_weight: f64,
+    /// The steps over which the pointer guide fades out (0: no guide).
+    pub pointer_guide_steps: usize,
 }
 
 impl TrainSettings {
@@ -148,6 +156,9 @@ impl TrainSettings {
         }
         if !(self.head_lr_scale > 0.0 && self.head_lr_scale.is_finite()) {
             return Err(Error::invalid(format!("train.head_lr_scale = {}: use a positive multiple of train.lr", self.head_lr_scale)));
+        }
+        if !(self.pointer_guide_weight >= 0.0 && self.pointer_guide_weight.is_finite()) {
+            return Err(Error::invalid(format!("train.pointer_guide_weight = {}: use a weight >= 0 (0: no guide)", self.pointer_guide_weight)));
         }
         Ok(())
     }
@@ -190,6 +201,8 @@ impl TrainSettings {
             sparsity_end: self.sparsity_end,
             sparsity_warmup_ratio: self.sparsity_warmup_ratio,
             entropy_weight: self.entropy_weight,
+            guide_weight: self.pointer_guide_weight,
+            guide_steps: self.pointer_guide_steps,
         }
     }
 
@@ -250,6 +263,8 @@ impl Default for TrainSettings {
             train_mode: InferenceMode::Soft,
             groundtruth_steps: 0,
             head_lr_scale: 1.0,
+            pointer_guide_weight: 0.0,
+            pointer_guide_steps: 0,
         }
     }
 }
@@ -424,6 +439,8 @@ pub struct StepOutcome {
     pub loss: f64,
     pub prediction_loss: f64,
     pub sparsity_weight: f64,
+    /// The pointer guide's weight at this step (0 without a guide).
+    pub guide_weight: f64,
     pub lr: f64,
     pub grad_norm: f64,
 }
@@ -465,7 +482,7 @@ impl<'a> Trainer<'a> {
         let mode = if fixed { InferenceMode::GroundTruth } else { s.mode_at(step) };
         self.interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
         let out = self.interp.forward(self.target, batch, mode, s.loss_label_tokens())?;
-        let obj = objective(&out, &batch.is_causal, step, total, &s.terms(), fixed)?;
+        let obj = objective(&out, batch, step, total, &s.terms(), fixed)?;
         let value = obj.loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             return Err(Error::NonFinite(format!(
@@ -486,7 +503,7 @@ impl<'a> Trainer<'a> {
         self.interp.subspace.retract()?;
         crate::profile::mark("optimizer");
         self.step += 1;
-        Ok(StepOutcome { loss: value, prediction_loss: obj.prediction.to_scalar::<f32>()? as f64, sparsity_weight: obj.lambda, lr, grad_norm: info.grad_norm })
+        Ok(StepOutcome { loss: value, prediction_loss: obj.prediction.to_scalar::<f32>()? as f64, sparsity_weight: obj.lambda, guide_weight: obj.guide, lr, grad_norm: info.grad_norm })
     }
 
     /// Count a step without an update (a skipped non-finite batch): the data order and the
@@ -620,6 +637,9 @@ impl Trainer<'_> {
                 let step = tr.step;
                 let (value, lambda, lr) = (o.loss, o.sparsity_weight, o.lr);
                 let mut rec = serde_json::json!({"step": step, "loss": value, "prediction_loss": o.prediction_loss, "sparsity_weight": lambda, "lr": lr, "grad_norm": o.grad_norm, "seconds": t0.elapsed().as_secs_f64()});
+                if o.guide_weight > 0.0 {
+                    rec["guide_weight"] = o.guide_weight.into();
+                }
                 if let Some(c) = tr.interp.cache_stats() {
                     rec["state_cache_hit_rate"] = serde_json::json!(c.hit_rate());
                 }
