@@ -117,10 +117,10 @@ pub struct TrainSettings {
     /// scheduled `lr` (1: the same rate as the copied blocks). These start from random
     /// weights, the copied blocks from pretrained ones.
     pub head_lr_scale: f64,
-    /// Beyond the paper: the initial weight `γ₀` of the pointer guide, `−log W[entity ← entity]`
-    /// (the soft weight with which the base's last entity token takes the source's; the
-    /// ground-truth pair), fading linearly to 0 over `pointer_guide_steps` (0: no guide, the
-    /// paper's objective). It supervises the pointer with the entity positions the data
+    /// Beyond the paper: the initial weight `γ₀` of the pointer guide, the cross-entropy of
+    /// `W` against the ground-truth selection (the base's last entity token takes the source's,
+    /// every other base token keeps itself; [`super::loss::guide_loss`]), fading linearly to 0
+    /// over `pointer_guide_steps` (0: no guide, the paper's objective). It supervises the pointer with the entity positions the data
     /// carries, in soft and in ground-truth training alike.
     pub pointer_guide_weight: f64,
     /// The steps over which the pointer guide fades out (0: no guide).
