@@ -13,8 +13,9 @@
 //! `G = mean_b ( −log W[b, i*, j*] + mean_{j ≠ j*} −log W[b, self, j] )`, the cross-entropy
 //! of `W` against the ground-truth selection (the base's last entity token `j*` takes the
 //! source's `i*`, every other visible base token keeps itself), with `γ` fading linearly from
-//! `pointer_guide_weight` to 0 over the first `pointer_guide_steps` steps ([`guide_weight`]). It supervises the pointer with the entity positions the data carries,
-//! which the paper's HyperDAS does not use; 0 (the default) leaves the objective the paper's.
+//! `pointer_guide_weight` to 0 over the first `pointer_guide_steps` steps ([`guide_weight`]).
+//! It supervises the pointer with the entity positions the data carries, which the paper's
+//! HyperDAS does not use; 0 (the default) leaves the objective the paper's.
 //!
 //! To add a loss term: a function of [`Intervened`] here, its weight in [`Terms`] (filled from
 //! a `train.*` setting in `TrainSettings::terms`), and one line in [`objective`].
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::collate::CollatedBatch;
 use crate::error::Result;
 use crate::hypernet::interpreter::Intervened;
+use crate::intervention::selection::ground_truth;
 
 /// The regulariser on `W`'s source rows (`train.regularizer`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,26 +66,29 @@ pub fn entropy_loss(w: &Tensor) -> Result<Tensor> {
 
 /// The pointer guide: the cross-entropy of `W [B, T_s+1, T_b]` against the ground-truth
 /// selection, `mean_b ( −log W[b, i*, j*] + mean_{j ≠ j*} −log W[b, self, j] )` over the
-/// visible base columns `j` (`base_visible [B·T_b]`, 0/1): the base's last entity token `j*`
-/// takes the source's `i*` (`base_entity[b]`, `source_entity[b]`, padded positions), every
-/// other base token keeps itself. The entity column weighs as much as all the others together.
+/// visible base columns `j` (`base_visible [B·T_b]`, 0/1): the selection the `groundtruth`
+/// mode uses ([`ground_truth`]: the base's last entity token `j*` takes the source's `i*`,
+/// `base_entity[b]`, `source_entity[b]`, padded positions; every other base token keeps
+/// itself), each column weighted. The entity column weighs as much as all the others together.
 /// Pointing the entity column alone is not enough: the pointer's pair scores are a base part
 /// plus a source part, so a pull on one cell raises the source's whole row.
 pub fn guide_loss(w: &Tensor, source_entity: &[u32], base_entity: &[u32], base_visible: &[u8]) -> Result<Tensor> {
     let (b, rows, tb) = w.dims3()?;
-    let me = rows - 1; // the "self" row
-    let mut pick = vec![0f32; b * rows * tb];
-    for (bi, (&i, &j)) in source_entity.iter().zip(base_entity).enumerate() {
-        let (i, j) = (i as usize, j as usize);
-        pick[(bi * rows + i) * tb + j] = 1.0;
-        let others: Vec<usize> = (0..tb).filter(|&c| c != j && base_visible[bi * tb + c] > 0).collect();
-        for &c in &others {
-            pick[(bi * rows + me) * tb + c] = 1.0 / others.len() as f32;
+    let target = ground_truth(b, rows - 1, tb, base_entity, source_entity, w.dtype(), w.device())?; // [B, T_s+1, T_b], one-hot per column
+    // Column weights: 1 on the entity column, the others' 1 / (their count), 0 where not visible.
+    let mut col = vec![0f32; b * tb];
+    for (bi, &j) in base_entity.iter().enumerate() {
+        let j = j as usize;
+        let visible = |c: &usize| *c != j && base_visible[bi * tb + c] > 0;
+        let n = (0..tb).filter(visible).count();
+        for c in (0..tb).filter(visible) {
+            col[bi * tb + c] = 1.0 / n as f32;
         }
+        col[bi * tb + j] = 1.0;
     }
-    let pick = Tensor::from_vec(pick, (b, rows, tb), w.device())?.to_dtype(w.dtype())?; // [B, T_s+1, T_b], the target weights
+    let col = Tensor::from_vec(col, (b, 1, tb), w.device())?.to_dtype(w.dtype())?; // [B, 1, T_b]
     let nll = (w + 1e-8)?.log()?.neg()?; // [B, T_s+1, T_b]
-    Ok((nll * pick)?.sum((1, 2))?.mean(0)?) // []
+    Ok((nll * target.broadcast_mul(&col)?)?.sum((1, 2))?.mean(0)?) // []
 }
 
 /// The guide's weight at `step`: `weight · (1 − step / steps)`, 0 from step `steps` on (and

@@ -120,8 +120,9 @@ pub struct TrainSettings {
     /// Beyond the paper: the initial weight `γ₀` of the pointer guide, the cross-entropy of
     /// `W` against the ground-truth selection (the base's last entity token takes the source's,
     /// every other base token keeps itself; [`super::loss::guide_loss`]), fading linearly to 0
-    /// over `pointer_guide_steps` (0: no guide, the paper's objective). It supervises the pointer with the entity positions the data
-    /// carries, in soft and in ground-truth training alike.
+    /// over `pointer_guide_steps` (0: no guide, the paper's objective). It supervises the
+    /// pointer with the entity positions the data carries, in soft and in ground-truth training
+    /// alike.
     pub pointer_guide_weight: f64,
     /// The steps over which the pointer guide fades out (0: no guide).
     pub pointer_guide_steps: usize,
