@@ -143,7 +143,7 @@ fn the_curriculum_trains_the_subspace_first_and_the_pointer_after() {
     let b = batch(&lm, 4);
     let (ps, mut interp) = build(&lm, |_| {});
     let s = TrainSettings { batch_size: 4, lr: 1e-2, groundtruth_steps: 2, ..Default::default() };
-    assert_eq!((s.mode_at(0), s.mode_at(1), s.mode_at(2)), (InferenceMode::GroundTruth, InferenceMode::GroundTruth, InferenceMode::Soft));
+    assert_eq!((s.mode_at(0, 4), s.mode_at(1, 4), s.mode_at(2, 4)), (InferenceMode::GroundTruth, InferenceMode::GroundTruth, InferenceMode::Soft));
     let pointer = |ps: &ParamStore| ps.get("hypernet.pointer.q_proj.weight").unwrap().as_tensor().copy().unwrap();
     let rotation = |ps: &ParamStore| ps.get("subspace.rotation").unwrap().as_tensor().copy().unwrap();
     let (p0, r0) = (pointer(&ps), rotation(&ps));
@@ -253,4 +253,29 @@ fn the_pointer_guide_teaches_the_entity_pair_during_the_curriculum_and_fades_out
     // A negative weight is refused, naming the key.
     let bad = TrainSettings { pointer_guide_weight: -1.0, ..Default::default() };
     assert!(bad.validate().unwrap_err().to_string().contains("train.pointer_guide_weight"));
+}
+
+#[test]
+fn the_curriculum_and_the_guide_given_as_shares_scale_with_the_run() {
+    // groundtruth_ratio = 0.5: the first half of whatever the run's length is.
+    let s = TrainSettings { groundtruth_ratio: 0.5, pointer_guide_weight: 1.0, pointer_guide_ratio: 1.0, ..Default::default() };
+    s.validate().unwrap();
+    assert_eq!((s.groundtruth_len(500), s.groundtruth_len(120), s.groundtruth_len(7)), (250, 60, 4));
+    assert_eq!((s.mode_at(59, 120), s.mode_at(60, 120)), (InferenceMode::GroundTruth, InferenceMode::Soft));
+    assert_eq!((s.mode_at(249, 500), s.mode_at(250, 500)), (InferenceMode::GroundTruth, InferenceMode::Soft));
+    assert_eq!((s.terms(500).guide_steps, s.terms(120).guide_steps), (500, 120));
+    // The same schedule given in steps, at 500 steps.
+    let steps = TrainSettings { groundtruth_steps: 250, pointer_guide_weight: 1.0, pointer_guide_steps: 500, ..Default::default() };
+    assert!((0..500).all(|i| steps.mode_at(i, 500) == s.mode_at(i, 500)));
+    assert_eq!(steps.terms(500), s.terms(500));
+    // Both forms at once, or a share outside [0, 1], are refused, naming the keys.
+    let both = TrainSettings { groundtruth_ratio: 0.5, groundtruth_steps: 10, ..Default::default() };
+    let e = both.validate().unwrap_err().to_string();
+    assert!(e.contains("train.groundtruth_ratio") && e.contains("train.groundtruth_steps"), "{e}");
+    let both = TrainSettings { pointer_guide_ratio: 0.5, pointer_guide_steps: 10, ..Default::default() };
+    assert!(both.validate().unwrap_err().to_string().contains("train.pointer_guide_steps"));
+    for bad in [1.5, -0.1, f64::NAN] {
+        let e = TrainSettings { groundtruth_ratio: bad, ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(e.contains("train.groundtruth_ratio"), "{e}");
+    }
 }

@@ -112,6 +112,9 @@ pub struct TrainSettings {
     /// A position curriculum: the first this many steps train at the ground-truth positions
     /// (the subspace learns where the answer is known to be), the rest in `train_mode`.
     pub groundtruth_steps: usize,
+    /// The curriculum as a share of the run's steps (0.5: the first half), so that it scales
+    /// with `steps` / `epochs`; exclusive with `groundtruth_steps` (0: not used).
+    pub groundtruth_ratio: f64,
     /// The learning rate of the modules HyperDAS adds (the pointer head, the subspace module's
     /// MLP; not the rotation, which has `rotation_lr`, nor the mask) as a multiple of the
     /// scheduled `lr` (1: the same rate as the copied blocks). These start from random
@@ -126,6 +129,9 @@ pub struct TrainSettings {
     pub pointer_guide_weight: f64,
     /// The steps over which the pointer guide fades out (0: no guide).
     pub pointer_guide_steps: usize,
+    /// The guide's fade-out as a share of the run's steps (1: over the whole run); exclusive
+    /// with `pointer_guide_steps` (0: not used).
+    pub pointer_guide_ratio: f64,
 }
 
 impl TrainSettings {
@@ -145,9 +151,21 @@ impl TrainSettings {
         self.total_steps(rows).div_ceil(self.batches_per_epoch(rows).max(1))
     }
 
-    /// The positions training uses at `step` (the curriculum, then `train_mode`).
-    pub fn mode_at(&self, step: usize) -> InferenceMode {
-        if step < self.groundtruth_steps { InferenceMode::GroundTruth } else { self.train_mode }
+    /// The curriculum's length in a run of `total` steps (`groundtruth_steps`, or
+    /// `groundtruth_ratio × total` rounded).
+    pub fn groundtruth_len(&self, total: usize) -> usize {
+        share_or_steps(self.groundtruth_ratio, self.groundtruth_steps, total)
+    }
+
+    /// The pointer guide's fade-out length in a run of `total` steps (`pointer_guide_steps`,
+    /// or `pointer_guide_ratio × total` rounded).
+    pub fn guide_len(&self, total: usize) -> usize {
+        share_or_steps(self.pointer_guide_ratio, self.pointer_guide_steps, total)
+    }
+
+    /// The positions training uses at `step` of `total` (the curriculum, then `train_mode`).
+    pub fn mode_at(&self, step: usize, total: usize) -> InferenceMode {
+        if step < self.groundtruth_len(total) { InferenceMode::GroundTruth } else { self.train_mode }
     }
 
     /// Checks what serde cannot: the training modes that exist, positive scales.
@@ -160,6 +178,17 @@ impl TrainSettings {
         }
         if !(self.pointer_guide_weight >= 0.0 && self.pointer_guide_weight.is_finite()) {
             return Err(Error::invalid(format!("train.pointer_guide_weight = {}: use a weight >= 0 (0: no guide)", self.pointer_guide_weight)));
+        }
+        for (name, ratio, steps_name, steps) in [
+            ("groundtruth_ratio", self.groundtruth_ratio, "groundtruth_steps", self.groundtruth_steps),
+            ("pointer_guide_ratio", self.pointer_guide_ratio, "pointer_guide_steps", self.pointer_guide_steps),
+        ] {
+            if !((0.0..=1.0).contains(&ratio)) {
+                return Err(Error::invalid(format!("train.{name} = {ratio}: use a share of the run's steps in [0, 1] (0: not used)")));
+            }
+            if ratio > 0.0 && steps > 0 {
+                return Err(Error::invalid(format!("train.{name} = {ratio} and train.{steps_name} = {steps}: set one of the two (the other to 0)")));
+            }
         }
         Ok(())
     }
@@ -192,8 +221,8 @@ impl TrainSettings {
     }
 
     /// The state cache these settings ask for (`None` when `state_cache_gb` is 0).
-    /// The objective's weights.
-    pub fn terms(&self) -> Terms {
+    /// The objective's weights in a run of `total` steps.
+    pub fn terms(&self, total: usize) -> Terms {
         Terms {
             causal_weight: self.causal_weight,
             isolate_weight: self.isolate_weight,
@@ -203,7 +232,7 @@ impl TrainSettings {
             sparsity_warmup_ratio: self.sparsity_warmup_ratio,
             entropy_weight: self.entropy_weight,
             guide_weight: self.pointer_guide_weight,
-            guide_steps: self.pointer_guide_steps,
+            guide_steps: self.guide_len(total),
         }
     }
 
@@ -263,9 +292,11 @@ impl Default for TrainSettings {
             skip_nonfinite: false,
             train_mode: InferenceMode::Soft,
             groundtruth_steps: 0,
+            groundtruth_ratio: 0.0,
             head_lr_scale: 1.0,
             pointer_guide_weight: 0.0,
             pointer_guide_steps: 0,
+            pointer_guide_ratio: 0.0,
         }
     }
 }
@@ -331,6 +362,11 @@ impl GroupScores {
 /// (Cause, Isolate, Disentangle) from hits and row counts, each `[causal, isolate]`. A score
 /// without rows is NaN; Disentangle is the mean of the two, or either alone when the other has
 /// no rows.
+/// A schedule length: `ratio × total` rounded where `ratio > 0`, else `steps`.
+fn share_or_steps(ratio: f64, steps: usize, total: usize) -> usize {
+    if ratio > 0.0 { (ratio * total as f64).round() as usize } else { steps }
+}
+
 fn rates(hit: [usize; 2], n: [usize; 2]) -> (f64, f64, f64) {
     let acc = |i: usize| if n[i] == 0 { f64::NAN } else { hit[i] as f64 / n[i] as f64 };
     let (causal, isolate) = (acc(0), acc(1));
@@ -480,10 +516,10 @@ impl<'a> Trainer<'a> {
         let (s, step, total) = (self.settings, self.step, self.total);
         // Fixed positions (the baselines): no W to learn, nothing to regularise.
         let fixed = self.interp.positions.is_fixed();
-        let mode = if fixed { InferenceMode::GroundTruth } else { s.mode_at(step) };
+        let mode = if fixed { InferenceMode::GroundTruth } else { s.mode_at(step, total) };
         self.interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
         let out = self.interp.forward(self.target, batch, mode, s.loss_label_tokens())?;
-        let obj = objective(&out, batch, step, total, &s.terms(), fixed)?;
+        let obj = objective(&out, batch, step, total, &s.terms(total), fixed)?;
         let value = obj.loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             return Err(Error::NonFinite(format!(
