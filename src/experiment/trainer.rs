@@ -168,7 +168,8 @@ impl TrainSettings {
         if step < self.groundtruth_len(total) { InferenceMode::GroundTruth } else { self.train_mode }
     }
 
-    /// Checks what serde cannot: the training modes that exist, positive scales.
+    /// Checks what serde cannot: the training modes that exist, positive scales, shares in
+    /// [0, 1] given in one form only.
     pub fn validate(&self) -> Result<()> {
         if !matches!(self.train_mode, InferenceMode::Soft | InferenceMode::GroundTruth) {
             return Err(Error::invalid(format!("train.train_mode = \"{}\": training uses `soft` or `groundtruth` positions (the argmax modes have no gradient)", self.train_mode.name())));
@@ -220,7 +221,6 @@ impl TrainSettings {
         if self.loss_label_limit == 0 { usize::MAX } else { self.loss_label_limit }
     }
 
-    /// The state cache these settings ask for (`None` when `state_cache_gb` is 0).
     /// The objective's weights in a run of `total` steps.
     pub fn terms(&self, total: usize) -> Terms {
         Terms {
@@ -236,6 +236,7 @@ impl TrainSettings {
         }
     }
 
+    /// The state cache these settings ask for (`None` when `state_cache_gb` is 0).
     pub fn state_cache(&self) -> Result<Option<crate::model::cache::StateCache>> {
         if !(self.state_cache_gb >= 0.0 && self.state_cache_gb.is_finite()) {
             return Err(Error::invalid(format!("train.state_cache_gb = {}: use a size in GB (0 turns the cache off)", self.state_cache_gb)));
@@ -255,6 +256,11 @@ impl TrainSettings {
     pub fn schedule(&self, total: usize) -> Schedule {
         Schedule { peak: self.lr, warmup_steps: self.warmup_steps, total_steps: total, decay: self.lr_decay, min_ratio: 0.0 }
     }
+}
+
+/// A schedule length: `ratio × total` rounded where `ratio > 0`, else `steps`.
+fn share_or_steps(ratio: f64, steps: usize, total: usize) -> usize {
+    if ratio > 0.0 { (ratio * total as f64).round() as usize } else { steps }
 }
 
 impl Default for TrainSettings {
@@ -362,11 +368,6 @@ impl GroupScores {
 /// (Cause, Isolate, Disentangle) from hits and row counts, each `[causal, isolate]`. A score
 /// without rows is NaN; Disentangle is the mean of the two, or either alone when the other has
 /// no rows.
-/// A schedule length: `ratio × total` rounded where `ratio > 0`, else `steps`.
-fn share_or_steps(ratio: f64, steps: usize, total: usize) -> usize {
-    if ratio > 0.0 { (ratio * total as f64).round() as usize } else { steps }
-}
-
 fn rates(hit: [usize; 2], n: [usize; 2]) -> (f64, f64, f64) {
     let acc = |i: usize| if n[i] == 0 { f64::NAN } else { hit[i] as f64 / n[i] as f64 };
     let (causal, isolate) = (acc(0), acc(1));
