@@ -152,13 +152,13 @@ impl TrainSettings {
     }
 
     /// The curriculum's length in a run of `total` steps (`groundtruth_steps`, or
-    /// `groundtruth_ratio × total` rounded).
+    /// `groundtruth_ratio × total` rounded down).
     pub fn groundtruth_len(&self, total: usize) -> usize {
         share_or_steps(self.groundtruth_ratio, self.groundtruth_steps, total)
     }
 
     /// The pointer guide's fade-out length in a run of `total` steps (`pointer_guide_steps`,
-    /// or `pointer_guide_ratio × total` rounded).
+    /// or `pointer_guide_ratio × total` rounded down).
     pub fn guide_len(&self, total: usize) -> usize {
         share_or_steps(self.pointer_guide_ratio, self.pointer_guide_steps, total)
     }
@@ -258,9 +258,10 @@ impl TrainSettings {
     }
 }
 
-/// A schedule length: `ratio × total` rounded where `ratio > 0`, else `steps`.
+/// A schedule length: `ratio × total` rounded down where `ratio > 0` (the one rule for a share
+/// of the run: `sparsity_warmup_ratio` floors too), else `steps`.
 fn share_or_steps(ratio: f64, steps: usize, total: usize) -> usize {
-    if ratio > 0.0 { (ratio * total as f64).round() as usize } else { steps }
+    if ratio > 0.0 { (ratio * total as f64).floor() as usize } else { steps }
 }
 
 impl Default for TrainSettings {
