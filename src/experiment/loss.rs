@@ -27,6 +27,7 @@ use crate::data::collate::CollatedBatch;
 use crate::error::Result;
 use crate::hypernet::interpreter::Intervened;
 use crate::intervention::selection::ground_truth;
+use crate::train::share_of;
 
 /// The regulariser on `W`'s source rows (`train.regularizer`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,7 +101,7 @@ pub fn guide_weight(step: usize, steps: usize, weight: f64) -> f64 {
 /// The sparsity weight at `step` of `total`: `linspace(start, end, total + 1)[step]`, zero for
 /// the first `⌊warmup_ratio · total⌋` steps (the authors' defaults 0.15 → 1.5, warm-up 0.5).
 pub fn sparsity_weight(step: usize, total: usize, start: f64, end: f64, warmup_ratio: f64) -> f64 {
-    if (step as f64) < (warmup_ratio * total as f64).floor() {
+    if step < share_of(warmup_ratio, total) {
         return 0.0;
     }
     if total == 0 {

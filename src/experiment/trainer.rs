@@ -24,7 +24,7 @@ use crate::intervention::selection::{InferenceMode, argmax};
 use crate::model::Llama;
 use crate::params::ParamStore;
 use crate::rng::Rng;
-use crate::train::{AdamW, AdamWConfig, Decay, Group, GroupLr, MetricsLog, Schedule};
+use crate::train::{AdamW, AdamWConfig, Decay, Group, GroupLr, MetricsLog, Schedule, share_of};
 
 /// How the state cache stores hidden states (`train.state_cache_dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,10 +258,10 @@ impl TrainSettings {
     }
 }
 
-/// A schedule length: `ratio × total` rounded down where `ratio > 0` (the one rule for a share
-/// of the run: `sparsity_warmup_ratio` floors too), else `steps`.
+/// A schedule length: [`share_of`] the run where `ratio > 0` (rounded down, as
+/// `sparsity_warmup_ratio`), else `steps`.
 fn share_or_steps(ratio: f64, steps: usize, total: usize) -> usize {
-    if ratio > 0.0 { (ratio * total as f64).floor() as usize } else { steps }
+    if ratio > 0.0 { share_of(ratio, total) } else { steps }
 }
 
 impl Default for TrainSettings {

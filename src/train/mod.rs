@@ -3,7 +3,8 @@
 //!
 //! * [`optim::AdamW`]: decoupled weight decay (Loshchilov & Hutter), bias-corrected, optional
 //!   global-norm gradient clipping; its moments are saved in checkpoints, so runs resume exactly.
-//! * [`schedule::Schedule`]: linear warm-up, then constant / linear / cosine decay.
+//! * [`schedule::Schedule`]: linear warm-up, then constant / linear / cosine decay; [`share_of`]:
+//!   a length given as a share of a run.
 //! * [`checkpoint`]: parameters and optimizer state as safetensors, step and settings as JSON.
 //! * [`metrics::MetricsLog`]: one JSON object per line (`metrics.jsonl`), and optionally the same
 //!   scalars as TensorBoard events ([`tensorboard`]).
@@ -17,4 +18,4 @@ pub mod tensorboard;
 
 pub use metrics::MetricsLog;
 pub use optim::{AdamW, AdamWConfig, Group, GroupLr};
-pub use schedule::{Decay, Schedule};
+pub use schedule::{Decay, Schedule, share_of};

@@ -1,4 +1,5 @@
-//! Learning-rate schedules: linear warm-up to the peak, then a decay to `min_ratio × peak`.
+//! Learning-rate schedules: linear warm-up to the peak, then a decay to `min_ratio × peak`;
+//! and [`share_of`], the one rule for a length given as a share of a run.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,12 @@ impl Schedule {
         };
         self.peak * (self.min_ratio + (1.0 - self.min_ratio) * f)
     }
+}
+
+/// The number of steps in the share `ratio` of a run of `total` steps: `⌊ratio × total⌋` (a
+/// negative or NaN share is 0 steps).
+pub fn share_of(ratio: f64, total: usize) -> usize {
+    (ratio * total as f64).floor() as usize
 }
 
 #[cfg(test)]
