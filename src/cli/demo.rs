@@ -45,8 +45,8 @@ const MODEL_RUNS: [(&str, &str, &str); 2] =
 
 /// The demo's budget on a real model with recommended settings: optimizer steps of 16 rows
 /// (the data cycles). The recommended settings were measured at larger budgets on far more
-/// data (docs/results.md); this keeps the demo to about 13 min on 2 cores (one run: 12 min 29 s on a 2-vCPU Xeon,
-/// docs/results.md).
+/// data (docs/results.md); this keeps the demo to about 13 min on 2 cores (one run: 12 min 29 s
+/// on a 2-vCPU Xeon, docs/results.md).
 const REAL_STEPS: usize = 120;
 
 #[derive(Args, Debug)]
