@@ -15,7 +15,19 @@ use hyperdas::params::ParamStore;
 use common::*;
 
 fn config() -> HyperConfig {
-    HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 3, freeze: Vec::new(), self_bias: 0.0, pointer_rope: true, pointer_scale: 1.0 }
+    HyperConfig {
+        num_blocks: 1,
+        layer: 1,
+        from_scratch: false,
+        ablate_source: false,
+        ablate_base: false,
+        seed: 3,
+        freeze: Vec::new(),
+        self_bias: 0.0,
+        pointer_rope: true,
+        pointer_scale: 1.0,
+        pointer_states: hyperdas::hypernet::PointerStates::Unit,
+    }
 }
 
 fn batch(lm: &LoadedModel, rows: std::ops::Range<usize>) -> CollatedBatch {

@@ -1,6 +1,6 @@
 //! The training levers of docs/results.md's ablation table, each on the tiny Llama fixture:
 //! the pointer's keep-the-base bias (`interpreter.self_bias`), the pointer without RoPE
-//! (`interpreter.pointer_rope`), frozen copies (`interpreter.freeze`), the ground-truth
+//! (`interpreter.pointer_rope`), centred pointer states (`interpreter.pointer_states`), frozen copies (`interpreter.freeze`), the ground-truth
 //! curriculum (`train.groundtruth_steps`), the heads' learning-rate multiple
 //! (`train.head_lr_scale`), the step budget (`train.steps`), the entity → entity share, and the
 //! pointer guide (`train.pointer_guide_weight`, `train.pointer_guide_steps`).
@@ -92,6 +92,40 @@ fn the_pointer_without_rope_differs_and_trains() {
     let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
     let mut tr = Trainer::new(&lm.model, &mut without, &ps, &s, 2).unwrap();
     assert!(tr.step(&b).unwrap().loss.is_finite());
+}
+
+#[test]
+fn centred_pointer_states_remove_what_the_visible_positions_share() {
+    use hyperdas::hypernet::{PointerStates, centered_rows};
+    // One prompt, three positions, the last not visible: the visible mean (0.5, 0.5) is removed
+    // from every position, then each is unit-normalised.
+    let dev = candle_core::Device::Cpu;
+    let u = candle_core::Tensor::new(&[[[1f32, 0.], [0., 1.], [1., 0.]]], &dev).unwrap(); // [1, 3, 2]
+    let mask = candle_core::Tensor::new(&[[1u8, 1, 0]], &dev).unwrap(); // [1, 3]
+    let c = centered_rows(&u, &mask).unwrap().to_vec3::<f32>().unwrap();
+    let h = std::f32::consts::FRAC_1_SQRT_2;
+    for (got, want) in c[0].iter().zip([[h, -h], [-h, h], [h, -h]]) {
+        assert!((got[0] - want[0]).abs() < 1e-6 && (got[1] - want[1]).abs() < 1e-6, "{c:?}");
+    }
+    // A prompt with a single visible position has nothing left there (0, not NaN).
+    let one = centered_rows(&u, &candle_core::Tensor::new(&[[0u8, 1, 0]], &dev).unwrap()).unwrap().to_vec3::<f32>().unwrap();
+    assert_eq!(one[0][1], vec![0.0, 0.0]);
+    // In the interpreter: another W from the same weights, and a training step.
+    let lm = tiny();
+    let b = batch(&lm, 4);
+    let (_, unit) = build(&lm, |_| {});
+    let (ps, mut centred) = build(&lm, |c| c.hypernet.pointer_states = PointerStates::Centered);
+    let w1 = unit.forward(&lm.model, &b, InferenceMode::Soft, 3).unwrap().w;
+    let w0 = centred.forward(&lm.model, &b, InferenceMode::Soft, 3).unwrap().w;
+    assert!(max_abs_diff(&w1, &w0) > 1e-6, "centring changes the pointer's scores");
+    let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
+    let mut tr = Trainer::new(&lm.model, &mut centred, &ps, &s, 2).unwrap();
+    assert!(tr.step(&b).unwrap().loss.is_finite());
+    // The run setting, and a clear error for a wrong value.
+    let resolve = |v: &str| hyperdas::experiment::run::resolve_config(Method::HyperDas, None, None, &[format!("interpreter.pointer_states={v}")]);
+    assert_eq!(resolve("centered").unwrap().interpreter.pointer_states, PointerStates::Centered);
+    let e = resolve("middle").unwrap_err().to_string();
+    assert!(e.contains("pointer_states") && e.contains("centered"), "{e}");
 }
 
 #[test]

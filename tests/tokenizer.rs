@@ -124,3 +124,33 @@ fn gemma3_270m_gguf_tokenizer_matches_transformers() {
     }
     assert_eq!(tok.encode_prompt("Paris").unwrap()[0], 2, "Gemma prompts start with <bos>");
 }
+
+#[test]
+fn apply_queries_encode_when_the_prompt_ends_in_a_quote() {
+    // RAVEL's prompts end with `"`, and Gemma 3 has a single token for `"?`: `hyperdas apply`'s
+    // placeholder label must not merge with the prompt.
+    use hyperdas::data::collate::CollateOptions;
+    use hyperdas::data::row::RavelRow;
+    use hyperdas::experiment::apply::encode_query_row;
+    let Some(path) = gemma3() else { return };
+    let tok = TextTokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let base = r#"[{"city": "Los Angeles", "continent": "North America"}, {"city": "Nevelsk", "continent": ""#;
+    assert_eq!(tok.encode(&format!("{base}?")).unwrap().len(), tok.encode(base).unwrap().len(), "the merge this test is about: `\"?` is one token");
+    let row = RavelRow {
+        input_prefix: r#"[{"city": "Los Angeles", "continent": "North America"}, {"city": "Nevelsk"#.into(),
+        input_suffix: r#"", "continent": ""#.into(),
+        counterfactual_input_prefix: r#"[{"city": "Shillong"#.into(),
+        counterfactual_input_suffix: r#"", "country": ""#.into(),
+        edit_instruction: "Nevelsk ; Shillong - Continent".into(),
+        entity: "Nevelsk".into(),
+        counterfactual_entity: "Shillong".into(),
+        target: String::new(),
+        counterfactual_target: String::new(),
+        attribute_type: "causal".into(),
+        domain: "city".into(),
+        attribute: "Continent".into(),
+        verify_text: String::new(),
+    };
+    let enc = encode_query_row(&tok, row, &CollateOptions::default()).unwrap();
+    assert_eq!(&enc.base_ids[..enc.label_start], tok.encode_prompt(base).unwrap().as_slice(), "the label starts right after the base prompt's own tokens");
+}

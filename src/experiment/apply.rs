@@ -9,6 +9,7 @@ use crate::data::collate::{CollateOptions, CollatedBatch, EncodedRow, collate, e
 use crate::data::row::RavelRow;
 use crate::error::{Error, Result};
 use crate::intervention::selection::{InferenceMode, argmax};
+use crate::model::TextTokenizer;
 use crate::model::llama::softmax_last_dim;
 
 /// One query: prompts split after their entity, as the training rows are.
@@ -89,8 +90,8 @@ impl Query {
             edit_instruction: self.instruction.clone(),
             entity: base_entity,
             counterfactual_entity: source_entity,
-            target: "?".into(),
-            counterfactual_target: "?".into(),
+            target: String::new(),
+            counterfactual_target: String::new(),
             attribute_type: "causal".into(),
             domain: String::new(),
             attribute: String::new(),
@@ -99,10 +100,33 @@ impl Query {
         let cfg = &run.config;
         let opts = CollateOptions { base_suffix_visible: cfg.data.base_suffix_visible, source_suffix_visible: cfg.data.source_suffix_visible, ..Default::default() };
         let tok = &run.lm.tokenizer;
-        let enc = encode_row(tok, &row, 0, &opts)?;
+        let enc = encode_query_row(tok, row, &opts)?;
         let batch = collate(&[&enc], tok.padding_id());
         Ok((enc, batch))
     }
+}
+
+/// Placeholder labels for a query, tried in turn: the label must start a token of its own, and a
+/// tokenizer may merge one with the prompt's last characters (Gemma 3 has a single token for
+/// `"?`, and RAVEL's prompts end with `"`).
+const PLACEHOLDER_LABELS: [&str; 4] = ["?", "X", "The", "0"];
+
+/// `row` (its targets ignored) encoded with the first placeholder label that separates from the
+/// base prompt: only the first label position is read, whose logits predict the token after the
+/// base prompt.
+pub fn encode_query_row(tok: &TextTokenizer, mut row: RavelRow, opts: &CollateOptions) -> Result<EncodedRow> {
+    let mut first_err = None;
+    for label in PLACEHOLDER_LABELS {
+        row.target = label.into();
+        row.counterfactual_target = label.into();
+        match encode_row(tok, &row, 0, opts) {
+            Ok(enc) => return Ok(enc),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_err.unwrap_or_else(|| Error::invalid("no placeholder label")))
 }
 
 /// The `top` most likely tokens of a probability vector `p [V]`.

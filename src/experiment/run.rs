@@ -22,7 +22,7 @@ use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
 use crate::hypernet::interpreter::{Interpreter, InterpreterConfig, Method};
 use crate::hypernet::subspace::{RotationParam, SubspaceInit, SubspaceKind};
-use crate::hypernet::{Frozen, HyperConfig};
+use crate::hypernet::{Frozen, HyperConfig, PointerStates};
 use crate::intervention::selection::InferenceMode;
 use crate::model::{CleanMatmul, LoadOptions, Site, StartToken};
 use crate::params::ParamStore;
@@ -126,6 +126,9 @@ pub struct InterpreterSection {
     /// A fixed factor on the pointer head's scores (1: the reference; `√D` makes the untrained
     /// scores O(1)).
     pub pointer_scale: f64,
+    /// What the pointer head compares: `unit` (the reference) or `centered` (each prompt's
+    /// shared component removed; see [`PointerStates`]).
+    pub pointer_states: PointerStates,
 }
 
 impl Default for InterpreterSection {
@@ -148,6 +151,7 @@ impl Default for InterpreterSection {
             self_bias: 0.0,
             pointer_rope: true,
             pointer_scale: 1.0,
+            pointer_states: PointerStates::Unit,
         }
     }
 }
@@ -352,6 +356,7 @@ impl InterpreterSection {
                 self_bias: self.self_bias,
                 pointer_rope: self.pointer_rope,
                 pointer_scale: self.pointer_scale,
+                pointer_states: self.pointer_states,
             },
             subspace: self.subspace,
             rank: self.rank,

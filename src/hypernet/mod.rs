@@ -74,6 +74,26 @@ pub struct HyperConfig {
     /// 1e-2 and `W` starts uniform; `√D` (24 for SmolLM2) makes them O(1).
     #[serde(default = "one")]
     pub pointer_scale: f64,
+    /// What the pointer head compares: the layer-l states unit-normalised (the reference) or
+    /// also centred over each prompt's visible positions.
+    #[serde(default)]
+    pub pointer_states: PointerStates,
+}
+
+/// `interpreter.pointer_states`: the layer-l states the pointer head reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PointerStates {
+    /// `h[j] / |h[j]|` (the reference).
+    #[default]
+    Unit,
+    /// `c[j] / |c[j]|` with `c[j] = u[j] − mean_{k visible} u[k]`, `u = h / |h|`: the part of
+    /// each state its prompt's other positions do not share. Gemma 3's residual stream is
+    /// dominated by a few large dimensions common to every position (unit states at layer 8
+    /// have cosine ≈ 0.95 between positions; SmolLM2's ≈ 0.57), which leaves the reference
+    /// pointer nothing to tell base positions apart by; centred, both models' positions have
+    /// mean |cosine| ≈ 0.24.
+    Centered,
 }
 
 fn one() -> f64 {
@@ -87,7 +107,19 @@ fn yes() -> bool {
 impl Default for HyperConfig {
     /// The reference's hypernetwork: 2 copied blocks, everything trained, RoPE, no self bias.
     fn default() -> Self {
-        HyperConfig { num_blocks: 2, layer: 0, from_scratch: false, ablate_source: false, ablate_base: false, seed: 0, freeze: Vec::new(), self_bias: 0.0, pointer_rope: true, pointer_scale: 1.0 }
+        HyperConfig {
+            num_blocks: 2,
+            layer: 0,
+            from_scratch: false,
+            ablate_source: false,
+            ablate_base: false,
+            seed: 0,
+            freeze: Vec::new(),
+            self_bias: 0.0,
+            pointer_rope: true,
+            pointer_scale: 1.0,
+            pointer_states: PointerStates::Unit,
+        }
     }
 }
 
@@ -393,12 +425,27 @@ impl HyperNetwork {
         let z_all = self.norm.forward(&x)?; // [B, T_e, D]
         let z = z_all.narrow(1, te - 1, 1)?.squeeze(1)?; // [B, D] (left padding: the last token is real)
         let last_pos: Vec<u32> = instr_pos.chunks(te).map(|row| row[te - 1]).collect();
-        let layer_l = |st: &Tensor| -> Result<Tensor> { kernels::unit_rows(&st.narrow(2, self.config.layer, 1)?.squeeze(2)?.to_dtype(DType::F32)?.detach()) };
-        let hb = layer_l(inp.base_states)?; // [B, T_b, D] unit rows
-        let hs = layer_l(inp.source_states)?; // [B, T_s, D]
+        let layer_l = |st: &Tensor, mask: &Tensor| -> Result<Tensor> {
+            let u = kernels::unit_rows(&st.narrow(2, self.config.layer, 1)?.squeeze(2)?.to_dtype(DType::F32)?.detach())?; // [B, T, D] unit rows
+            match self.config.pointer_states {
+                PointerStates::Unit => Ok(u),
+                PointerStates::Centered => centered_rows(&u, mask),
+            }
+        };
+        let hb = layer_l(inp.base_states, inp.base_mask)?; // [B, T_b, D]
+        let hs = layer_l(inp.source_states, inp.source_mask)?; // [B, T_s, D]
         let w = self.pointer.forward(&z, &last_pos, &hb, inp.base_mask, &hs, inp.source_mask, &self.rope)?;
         Ok(HyperOutput { z, w })
     }
+}
+
+/// `u [B, T, D]` minus its mean over each row's visible positions (`mask [B, T]`, 0/1), then
+/// unit-normalised ([`PointerStates::Centered`]). A row with one visible position becomes 0 there.
+pub fn centered_rows(u: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // [B, T, 1]
+    let n = m.sum_keepdim(1)?.clamp(1f32, f32::MAX)?; // [B, 1, 1] visible positions
+    let mean = u.broadcast_mul(&m)?.sum_keepdim(1)?.broadcast_div(&n)?; // [B, 1, D]
+    kernels::unit_rows(&u.broadcast_sub(&mean)?) // [B, T, D]
 }
 
 /// The unit-normalised states of the visible tokens of `states [B, T, L+1, D]` (mask
