@@ -1,9 +1,10 @@
 //! The training levers of docs/results.md's ablation table, each on the tiny Llama fixture:
 //! the pointer's keep-the-base bias (`interpreter.self_bias`), the pointer without RoPE
-//! (`interpreter.pointer_rope`), centred pointer states (`interpreter.pointer_states`), frozen copies (`interpreter.freeze`), the ground-truth
-//! curriculum (`train.groundtruth_steps`), the heads' learning-rate multiple
-//! (`train.head_lr_scale`), the step budget (`train.steps`), the entity → entity share, and the
-//! pointer guide (`train.pointer_guide_weight`, `train.pointer_guide_steps`).
+//! (`interpreter.pointer_rope`), centred pointer states (`interpreter.pointer_states`), frozen
+//! copies (`interpreter.freeze`), the ground-truth curriculum (`train.groundtruth_steps`), the
+//! heads' learning-rate multiple (`train.head_lr_scale`), the step budget (`train.steps`), the
+//! entity → entity share, and the pointer guide (`train.pointer_guide_weight`,
+//! `train.pointer_guide_steps`).
 
 mod common;
 
@@ -82,15 +83,21 @@ fn a_self_bias_starts_the_pointer_at_keep_the_base_and_is_learned() {
 
 #[test]
 fn the_pointer_without_rope_differs_and_trains() {
+    pointer_option_differs_and_trains(|c| c.hypernet.pointer_rope = false, "RoPE changes the pointer's scores");
+}
+
+/// A pointer option (`edit` on the default interpreter): another `W` from the same weights,
+/// and a finite training step with it.
+fn pointer_option_differs_and_trains(edit: impl Fn(&mut InterpreterConfig), what: &str) {
     let lm = tiny();
     let b = batch(&lm, 4);
-    let (_, with) = build(&lm, |_| {});
-    let (ps, mut without) = build(&lm, |c| c.hypernet.pointer_rope = false);
-    let w1 = with.forward(&lm.model, &b, InferenceMode::Soft, 3).unwrap().w;
-    let w0 = without.forward(&lm.model, &b, InferenceMode::Soft, 3).unwrap().w;
-    assert!(max_abs_diff(&w1, &w0) > 1e-6, "RoPE changes the pointer's scores");
+    let (_, default) = build(&lm, |_| {});
+    let (ps, mut changed) = build(&lm, edit);
+    let w1 = default.forward(&lm.model, &b, InferenceMode::Soft, 3).unwrap().w;
+    let w0 = changed.forward(&lm.model, &b, InferenceMode::Soft, 3).unwrap().w;
+    assert!(max_abs_diff(&w1, &w0) > 1e-6, "{what}");
     let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
-    let mut tr = Trainer::new(&lm.model, &mut without, &ps, &s, 2).unwrap();
+    let mut tr = Trainer::new(&lm.model, &mut changed, &ps, &s, 2).unwrap();
     assert!(tr.step(&b).unwrap().loss.is_finite());
 }
 
@@ -111,16 +118,7 @@ fn centred_pointer_states_remove_what_the_visible_positions_share() {
     let one = centered_rows(&u, &candle_core::Tensor::new(&[[0u8, 1, 0]], &dev).unwrap()).unwrap().to_vec3::<f32>().unwrap();
     assert_eq!(one[0][1], vec![0.0, 0.0]);
     // In the interpreter: another W from the same weights, and a training step.
-    let lm = tiny();
-    let b = batch(&lm, 4);
-    let (_, unit) = build(&lm, |_| {});
-    let (ps, mut centred) = build(&lm, |c| c.hypernet.pointer_states = PointerStates::Centered);
-    let w1 = unit.forward(&lm.model, &b, InferenceMode::Soft, 3).unwrap().w;
-    let w0 = centred.forward(&lm.model, &b, InferenceMode::Soft, 3).unwrap().w;
-    assert!(max_abs_diff(&w1, &w0) > 1e-6, "centring changes the pointer's scores");
-    let s = TrainSettings { batch_size: 4, lr: 1e-3, ..Default::default() };
-    let mut tr = Trainer::new(&lm.model, &mut centred, &ps, &s, 2).unwrap();
-    assert!(tr.step(&b).unwrap().loss.is_finite());
+    pointer_option_differs_and_trains(|c| c.hypernet.pointer_states = PointerStates::Centered, "centring changes the pointer's scores");
     // The run setting, and a clear error for a wrong value.
     let resolve = |v: &str| hyperdas::experiment::run::resolve_config(Method::HyperDas, None, None, &[format!("interpreter.pointer_states={v}")]);
     assert_eq!(resolve("centered").unwrap().interpreter.pointer_states, PointerStates::Centered);
