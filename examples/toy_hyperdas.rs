@@ -97,6 +97,7 @@ fn main() -> Result<()> {
         hypernet: HyperConfig { num_blocks: 2.min(toy_cfg.layers), layer, from_scratch: std::env::var("SCRATCH").is_ok(), ablate_source: false, ablate_base: false, seed: 0, ..Default::default() },
         subspace: SubspaceKind::parse(&std::env::var("SUBSPACE").unwrap_or_else(|_| "reflect_select".into()))?,
         rank,
+        reflections: 1,
         method: hyperdas::hypernet::interpreter::Method::HyperDas,
         init: Default::default(),
         rotation: Default::default(),

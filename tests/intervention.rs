@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use hyperdas::intervention::mix::mix_positions;
 use hyperdas::intervention::orthonormal::{orthonormality_error, random_orthonormal, retract};
-use hyperdas::intervention::subspace::{boundary_mask, das, full, masked_rotation, reflect_select};
+use hyperdas::intervention::subspace::{boundary_mask, das, full, masked_rotation, reflect_select, reflect_select_many, reflected_bases};
 use hyperdas::params::ParamStore;
 use hyperdas::rng::Rng;
 use hyperdas::train::{AdamW, AdamWConfig};
@@ -53,6 +53,53 @@ fn reflect_select_rank1_equals_the_explicit_householder_matrices() {
     let x = randn(&[b, d], 5);
     let u_perp = unit_rows(&(&x - x.matmul(&proj).unwrap()).unwrap());
     assert!(max_diff(&reflect_select(&h, &m, &r, &u_perp).unwrap(), &das_out) < 1e-10);
+}
+
+/// n reflections per example: the vector form equals `h + (m − h) W_b W_bᵀ` with the explicit
+/// product `W_b = H_1 ⋯ H_n R`; `reflected_bases` is that `W_b`; one reflection is
+/// `reflect_select`; and the span really moves in more than one direction.
+#[test]
+fn reflect_select_with_several_reflections_equals_the_explicit_product() {
+    let (b, t, d, k, n) = (3, 4, 10, 4, 3);
+    let r = random_orthonormal(d, k, 1, DType::F64, &DEV).unwrap();
+    let h = randn(&[b, t, d], 2);
+    let m = randn(&[b, t, d], 3);
+    let u = unit_rows(&randn(&[b * n, d], 4)).reshape((b, n, d)).unwrap();
+    let fast = reflect_select_many(&h, &m, &r, &u).unwrap();
+    let bases = reflected_bases(&r, &u).unwrap(); // [B, D, k]
+    let eye = Tensor::eye(d, DType::F64, &DEV).unwrap();
+    let mut rows = Vec::new();
+    for i in 0..b {
+        let mut w = r.clone(); // [D, k]
+        for j in (0..n).rev() {
+            let uj = u.get(i).unwrap().get(j).unwrap().reshape((d, 1)).unwrap();
+            let hh = (&eye - uj.matmul(&uj.t().unwrap()).unwrap().affine(2.0, 0.0).unwrap()).unwrap();
+            w = hh.matmul(&w).unwrap();
+        }
+        assert!(orthonormality_error(&w).unwrap() < 1e-12, "W_b is orthonormal");
+        assert!(max_diff(&bases.get(i).unwrap(), &w) < 1e-12, "reflected_bases is W_b");
+        let diff = (m.get(i).unwrap() - h.get(i).unwrap()).unwrap(); // [T, D]
+        rows.push((h.get(i).unwrap() + diff.matmul(&w).unwrap().matmul(&w.t().unwrap()).unwrap()).unwrap());
+        // The subspace moved in up to n directions: span(W_b) ∩ span(R) has dimension ≥ k − n,
+        // and with random u exactly k − n (the k singular values of RᵀW_b: k − n ones).
+        let overlap = r.t().unwrap().matmul(&w).unwrap(); // [k, k]
+        let gram = overlap.t().unwrap().matmul(&overlap).unwrap(); // eigenvalues = cos² of principal angles
+        let trace: f64 = (0..k).map(|a| gram.get(a).unwrap().get(a).unwrap().to_scalar::<f64>().unwrap()).sum();
+        assert!(trace < k as f64 - 0.05, "the span changed (Σ cos² = {trace})");
+        assert!(trace > (k - n) as f64 - 1e-9, "at most n directions changed (Σ cos² = {trace})");
+    }
+    let slow = Tensor::stack(&rows, 0).unwrap();
+    assert!(max_diff(&fast, &slow) < 1e-12, "{}", max_diff(&fast, &slow));
+    // One reflection: the paper's module, through either function.
+    let u1 = u.narrow(1, 0, 1).unwrap().contiguous().unwrap(); // [B, 1, D]
+    let one = reflect_select(&h, &m, &r, &u1.squeeze(1).unwrap()).unwrap();
+    assert!(max_diff(&reflect_select_many(&h, &m, &r, &u1).unwrap(), &one) < 1e-12);
+    // The same reflection twice is the identity: W_b = R, i.e. DAS.
+    let twice = Tensor::cat(&[&u1, &u1], 1).unwrap(); // [B, 2, D]
+    assert!(max_diff(&reflect_select_many(&h, &m, &r, &twice).unwrap(), &das(&h, &m, &r).unwrap()) < 1e-12);
+    // Shapes are checked.
+    let e = reflect_select_many(&h, &m, &r, &u.narrow(2, 0, d - 1).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("expected [3, n ≥ 1, 10]"), "{e}");
 }
 
 #[test]
@@ -167,6 +214,10 @@ fn gradients_match_finite_differences() {
     fd_check(&w, |w| score(reflect_select(&h, &mix_positions(w, &s, &h).unwrap(), &r, &u).unwrap()));
     fd_check(&u, |u| score(reflect_select(&h, &mix_positions(&w, &s, &h).unwrap(), &r, u).unwrap()));
     fd_check(&r, |r| score(reflect_select(&h, &mix_positions(&w, &s, &h).unwrap(), r, &u).unwrap()));
+    // Several reflections: through each reflection vector and the basis.
+    let un = unit_rows(&randn(&[b * 3, d], 7)).reshape((b, 3, d)).unwrap();
+    fd_check(&un, |u| score(reflect_select_many(&h, &mix_positions(&w, &s, &h).unwrap(), &r, u).unwrap()));
+    fd_check(&r, |r| score(reflect_select_many(&h, &mix_positions(&w, &s, &h).unwrap(), r, &un).unwrap()));
     let mask = randn(&[b, k], 6);
     fd_check(&mask, |mk| score(masked_rotation(&h, &mix_positions(&w, &s, &h).unwrap(), &r, mk).unwrap()));
     // Boundless DAS: through the boundary β (sigmoid of a shifted index) and a [D, D] rotation.

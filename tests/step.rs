@@ -60,12 +60,16 @@ fn efficient_step_equals_the_naive_full_model_step() {
     let enc = encode_rows(&lm.tokenizer, &ds.rows[..4], &CollateOptions::default(), "fixture").unwrap();
     let batch = collate(&enc.rows.iter().collect::<Vec<_>>(), lm.tokenizer.padding_id());
     assert!(batch.is_causal.contains(&true) && batch.is_causal.contains(&false), "both row kinds");
-    for kind in [SubspaceKind::ReflectSelect, SubspaceKind::Das, SubspaceKind::MaskSelect, SubspaceKind::Boundless, SubspaceKind::None] {
+    // ReflectSelect twice: the paper's one reflection, and three per instruction.
+    for (kind, reflections) in
+        [(SubspaceKind::ReflectSelect, 1), (SubspaceKind::ReflectSelect, 3), (SubspaceKind::Das, 1), (SubspaceKind::MaskSelect, 1), (SubspaceKind::Boundless, 1), (SubspaceKind::None, 1)]
+    {
         let mut ps = ParamStore::new();
         let cfg = InterpreterConfig {
             hypernet: HyperConfig { num_blocks: 1, layer: 1, from_scratch: false, ablate_source: false, ablate_base: false, seed: 11, ..Default::default() },
             subspace: kind,
             rank: 4,
+            reflections,
             method: hyperdas::hypernet::interpreter::Method::HyperDas,
             init: Default::default(),
             rotation: Default::default(),
@@ -76,7 +80,7 @@ fn efficient_step_equals_the_naive_full_model_step() {
         let out = interp.forward(target, &batch, InferenceMode::Soft, LIMIT).unwrap();
         let loss_fast = prediction_loss(&out, &batch.is_causal, CAUSAL, ISOLATE).unwrap();
         let grads_fast = loss_fast.backward().unwrap();
-        assert!(ps.check_gradients(&grads_fast).unwrap().missing.is_empty(), "{kind:?}: every parameter gets a gradient");
+        assert!(ps.check_gradients(&grads_fast).unwrap().missing.is_empty(), "{kind:?} ({reflections} reflections): every parameter gets a gradient");
 
         // Naive: recompute everything, hook the full base pass, logits at every position.
         let dev = target.device();
@@ -104,10 +108,10 @@ fn efficient_step_equals_the_naive_full_model_step() {
         let grads_naive = loss_naive.backward().unwrap();
 
         let (lf, ln) = (loss_fast.to_scalar::<f32>().unwrap(), loss_naive.to_scalar::<f32>().unwrap());
-        assert!((lf - ln).abs() <= 1e-5 * (1.0 + ln.abs()), "{kind:?}: loss {lf} vs naive {ln}");
+        assert!((lf - ln).abs() <= 1e-5 * (1.0 + ln.abs()), "{kind:?} ({reflections} reflections): loss {lf} vs naive {ln}");
         for (name, var) in ps.iter() {
             let (diff, scale) = gradient_gap(&grads_fast, &grads_naive, var.as_tensor());
-            assert!(diff <= 1e-5 * (1.0 + scale), "{kind:?}: gradient of {name} differs by {diff} (scale {scale})");
+            assert!(diff <= 1e-5 * (1.0 + scale), "{kind:?} ({reflections} reflections): gradient of {name} differs by {diff} (scale {scale})");
         }
     }
 }
@@ -130,6 +134,7 @@ fn baseline_step_equals_a_naive_hooked_pass_at_the_last_entity_token() {
             hypernet: HyperConfig { num_blocks: 1, layer: 2, from_scratch: false, ablate_source: false, ablate_base: false, seed: 5, ..Default::default() },
             subspace: SubspaceKind::ReflectSelect, // ignored: a baseline always uses one shared basis
             rank: 4,
+            reflections: 3, // ignored too
             method,
             init: Default::default(),
             rotation: Default::default(),

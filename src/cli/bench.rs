@@ -42,6 +42,9 @@ pub struct InterpreterArgs {
     /// Subspace module (reflect_select, das, mask_select, boundless, none).
     #[arg(long, default_value = "reflect_select")]
     subspace: String,
+    /// Householder reflections per instruction (reflect_select; 1 = the paper's module).
+    #[arg(long, default_value_t = 1)]
+    reflections: usize,
     /// The subspace module's initialisation: ours, or reference (the authors' 14336-wide MLP).
     #[arg(long, value_enum, default_value_t = InitArg::Ours)]
     init: InitArg,
@@ -69,6 +72,7 @@ impl InterpreterArgs {
             hypernet: HyperConfig { num_blocks: self.blocks, layer: self.layer, from_scratch: false, ablate_source: false, ablate_base: false, seed, ..Default::default() },
             subspace: crate::hypernet::subspace::SubspaceKind::parse(&self.subspace)?,
             rank: self.rank,
+            reflections: self.reflections,
             method: crate::hypernet::interpreter::Method::HyperDas,
             init: match self.init {
                 InitArg::Ours => crate::hypernet::subspace::SubspaceInit::Ours,
@@ -622,7 +626,11 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             }
         );
     }
-    let conditioned = matches!(subspace, crate::hypernet::subspace::SubspaceKind::ReflectSelect | crate::hypernet::subspace::SubspaceKind::MaskSelect);
+    let conditioned_out = match subspace {
+        crate::hypernet::subspace::SubspaceKind::ReflectSelect => a.interp.reflections * target.config.hidden_size,
+        crate::hypernet::subspace::SubspaceKind::MaskSelect => a.interp.rank,
+        _ => 0,
+    };
     let batches: Vec<_> = rows.chunks(a.batch).take(per_pass).map(|chunk| collate(&chunk.iter().collect::<Vec<_>>(), pad)).collect();
     let mut results: Vec<PassTimes> = Vec::new();
     let mut epoch_seconds = None;
@@ -642,7 +650,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             let dt = t0.elapsed().as_secs_f64();
             let ph = rec.finish();
             let sh = crate::experiment::flops::StepShapes::of(batch, settings.label_limit);
-            let mut f = crate::experiment::flops::hyperdas_step(&target.config, a.interp.layer, a.interp.blocks, a.interp.rank, conditioned, &sh);
+            let mut f = crate::experiment::flops::hyperdas_step(&target.config, a.interp.layer, a.interp.blocks, a.interp.rank, conditioned_out, &sh);
             if pass >= 1 {
                 // Cached passes: clean states come from the cache (pass 3) or are computed in
                 // whole canonical groups at a miss (pass 2, counted in the epoch's average), so

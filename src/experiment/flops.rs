@@ -62,8 +62,9 @@ pub fn block_forward(c: &LlamaConfig, b: usize, t: usize) -> f64 {
 }
 
 /// The step's FLOPs for a target `c`, intervention layer `layer`, `blocks` hypernetwork blocks,
-/// subspace rank `rank` (with the ReflectSelect MLP when `conditioned`).
-pub fn hyperdas_step(c: &LlamaConfig, layer: usize, blocks: usize, rank: usize, conditioned: bool, s: &StepShapes) -> FlopCount {
+/// subspace rank `rank`, and `conditioned_out` the output width of the subspace module's
+/// conditioning MLP (0: none; `n·D` for ReflectSelect with `n` reflections, `k` for MaskSelect).
+pub fn hyperdas_step(c: &LlamaConfig, layer: usize, blocks: usize, rank: usize, conditioned_out: usize, s: &StepShapes) -> FlopCount {
     let l_total = c.num_hidden_layers;
     let (d, hd, h, hkv, f, v) = (c.hidden_size as f64, c.head_dim as f64, c.num_attention_heads as f64, c.num_key_value_heads as f64, c.intermediate_size as f64, c.vocab_size as f64);
     let b = s.batch as f64;
@@ -81,7 +82,8 @@ pub fn hyperdas_step(c: &LlamaConfig, layer: usize, blocks: usize, rank: usize, 
     let mlp = 6.0 * ne * d * f;
     let per_block = self_attn + cross(tb * states) + cross(ts * states) + mlp;
     let pointer = 2.0 * b * (tb + ts) * d * d + 2.0 * b * (2.0 * tb + ts) * d * hkv * hd + 2.0 * b * d * h * hd + 2.0 * b * h * (ts + 1.0) * tb * hd;
-    let subspace = if conditioned { 6.0 * b * d * f } else { 0.0 } + 4.0 * b * tb * d * rank as f64;
+    let conditioning = if conditioned_out > 0 { 4.0 * b * d * f + 2.0 * b * f * conditioned_out as f64 } else { 0.0 };
+    let subspace = conditioning + 4.0 * b * tb * d * rank as f64;
     let mixing = 2.0 * b * tb * ts * d;
     let forward = blocks as f64 * per_block + pointer + subspace + mixing;
     let kv_total = blocks as f64 * (kv(tb * states) + kv(ts * states));
@@ -104,7 +106,7 @@ mod tests {
         });
         let c = LlamaConfig::from_hf_json(&json, std::path::Path::new("config.json")).unwrap();
         let s = StepShapes { batch: 16, base_len: 29, source_len: 29, instruction_len: 10, labels: 3 };
-        let f = hyperdas_step(&c, 15, 2, 32, true, &s);
+        let f = hyperdas_step(&c, 15, 2, 32, c.hidden_size, &s);
         assert!((f.clean / 2e9 - 98.0).abs() < 10.0, "clean {:.1} GFLOP", f.clean / 1e9);
         assert!(f.total() > 0.30e12 && f.total() < 0.42e12, "total {:.3} TFLOP", f.total() / 1e12);
     }

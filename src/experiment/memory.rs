@@ -157,7 +157,7 @@ pub fn trainable_parameters(c: &LlamaConfig, icfg: &InterpreterConfig) -> usize 
             SubspaceInit::Ours => f,
             SubspaceInit::Reference => REFERENCE_MLP_WIDTH,
         };
-        let out = if kind == SubspaceKind::ReflectSelect { d } else { k };
+        let out = if kind == SubspaceKind::ReflectSelect { icfg.reflections.max(1) * d } else { k };
         n += d + 2 * width * d + out * width;
     }
     n

@@ -99,6 +99,10 @@ pub struct InterpreterSection {
     pub from_scratch: bool,
     pub subspace: SubspaceKind,
     pub rank: usize,
+    /// Householder reflections per instruction in ReflectSelect: 1 (the paper's module) or up
+    /// to `rank`. With `n`, the subspaces of two instructions can differ in `n` directions
+    /// instead of one (docs/method.md §4.2).
+    pub reflections: usize,
     pub ablate_source: bool,
     pub ablate_base: bool,
     pub seed: u64,
@@ -140,6 +144,7 @@ impl Default for InterpreterSection {
             from_scratch: false,
             subspace: SubspaceKind::ReflectSelect,
             rank: 32,
+            reflections: 1,
             ablate_source: false,
             ablate_base: false,
             seed: 0,
@@ -360,6 +365,7 @@ impl InterpreterSection {
             },
             subspace: self.subspace,
             rank: self.rank,
+            reflections: self.reflections,
             method: self.method,
             init: self.init,
             rotation: self.rotation,

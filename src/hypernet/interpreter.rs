@@ -104,6 +104,9 @@ pub struct InterpreterConfig {
     pub subspace: SubspaceKind,
     /// Subspace rank k.
     pub rank: usize,
+    /// Householder reflections per instruction in ReflectSelect (1: the paper's module).
+    #[serde(default = "one")]
+    pub reflections: usize,
     #[serde(default)]
     pub method: Method,
     /// How the subspace module's new weights are initialised.
@@ -112,6 +115,10 @@ pub struct InterpreterConfig {
     /// How the rotation stays orthonormal.
     #[serde(default)]
     pub rotation: RotationParam,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The intervened forward pass of a batch.
@@ -198,13 +205,15 @@ impl Interpreter {
         let mut config = config.clone();
         let positions = if config.method.is_baseline() {
             config.subspace = SubspaceKind::Das;
+            config.reflections = 1;
             Positions::LastEntity
         } else {
             Positions::Pointer(Box::new(HyperNetwork::new(ps, target, &config.hypernet)?))
         };
         let c = &target.config;
         let mut r = Registrar { ps, rng: Rng::derive(config.hypernet.seed, "subspace/init"), device: target.device().clone(), frozen: Vec::new() };
-        let subspace = SubspaceModule::new(&mut r, config.subspace, c.hidden_size, c.intermediate_size, config.rank, config.hypernet.seed, c.rms_norm_eps, config.init, config.rotation)?;
+        let subspace =
+            SubspaceModule::new(&mut r, config.subspace, c.hidden_size, c.intermediate_size, config.rank, config.reflections, config.hypernet.seed, c.rms_norm_eps, config.init, config.rotation)?;
         Ok(Interpreter { config, positions, subspace, cache: std::cell::RefCell::new(None) })
     }
 

@@ -5,6 +5,7 @@
 //! | kind | parameters | new vector |
 //! |---|---|---|
 //! | `reflect_select` (default) | `R [D, k]`, RMSNorm + SwiGLU `D → F → D` | `u = g(norm(z))/‖·‖`, `W = (I − 2uuᵀ)R`, `h + WWᵀ(m − h)` |
+//! | `reflect_select`, `reflections = n > 1` (ours) | `R [D, k]`, RMSNorm + SwiGLU `D → F → n·D` | `u_i` = the i-th `D`-slice of `g(norm(z))`, each unit; `W = (I − 2u_1u_1ᵀ)⋯(I − 2u_nu_nᵀ)R` |
 //! | `das` | `R [D, k]` | `h + RRᵀ(m − h)` |
 //! | `mask_select` | `R [D, k]`, RMSNorm + SwiGLU `D → F → k` | `h + R diag(σ(g(norm(z))/T)) Rᵀ (m − h)` |
 //! | `boundless` | `R [D, D]`, boundary β (init 0.5) | `h + R diag(σ((βD − i)/T)) Rᵀ (m − h)` |
@@ -35,7 +36,7 @@ use candle_core::{DType, Tensor, Var};
 use super::Registrar;
 use crate::error::{Error, Result};
 use crate::intervention::orthonormal::{random_orthonormal, retract};
-use crate::intervention::subspace::{boundary_mask, das, full, masked_rotation, reflect_select, unit_last_dim};
+use crate::intervention::subspace::{boundary_mask, das, full, masked_rotation, reflect_select, reflect_select_many, reflected_bases, unit_last_dim};
 use crate::model::llama::{Linear, Mlp, RmsNorm};
 
 /// Which subspace module.
@@ -132,6 +133,8 @@ pub struct SubspaceModule {
     /// Mask temperature (mask_select, boundless), set by the schedule before each step
     /// ([`temperature`]).
     pub temperature: f64,
+    /// Householder reflections per instruction (reflect_select; 1 = the paper's module).
+    pub reflections: usize,
 }
 
 /// The reference's mask temperature at `step` of `total`: `linspace(start, end, total + 1)[step]`
@@ -146,12 +149,13 @@ pub fn temperature(step: usize, total: usize, start: f64, end: f64) -> f64 {
 
 impl SubspaceModule {
     /// Register the module's parameters. `d` hidden size, `f` MLP width (with `init = ours`),
-    /// `k` rank.
+    /// `k` rank, `reflections` Householder reflections per instruction (reflect_select only).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(r: &mut Registrar, kind: SubspaceKind, d: usize, f: usize, k: usize, seed: u64, eps: f64, init: SubspaceInit, param: RotationParam) -> Result<Self> {
+    pub(crate) fn new(r: &mut Registrar, kind: SubspaceKind, d: usize, f: usize, k: usize, reflections: usize, seed: u64, eps: f64, init: SubspaceInit, param: RotationParam) -> Result<Self> {
         if kind != SubspaceKind::None && kind != SubspaceKind::Boundless && (k == 0 || k > d) {
             return Err(Error::invalid(format!("subspace rank k must be in 1..={d}, got {k}")));
         }
+        check_reflections(kind, reflections, k)?;
         let dev = r.device.clone();
         let mut rotation = None;
         if kind != SubspaceKind::None {
@@ -172,7 +176,7 @@ impl SubspaceModule {
         }
         let (mut norm, mut mlp) = (None, None);
         if matches!(kind, SubspaceKind::ReflectSelect | SubspaceKind::MaskSelect) {
-            let out = if kind == SubspaceKind::ReflectSelect { d } else { k };
+            let out = if kind == SubspaceKind::ReflectSelect { reflections * d } else { k };
             let (f, eps) = match init {
                 SubspaceInit::Ours => (f, eps),
                 SubspaceInit::Reference => (REFERENCE_MLP_WIDTH, 1e-5),
@@ -195,7 +199,7 @@ impl SubspaceModule {
         } else {
             None
         };
-        Ok(SubspaceModule { kind, rotation, norm, mlp, boundary, temperature: 1.0 })
+        Ok(SubspaceModule { kind, rotation, norm, mlp, boundary, temperature: 1.0, reflections })
     }
 
     /// The orthonormal basis `R [D, k]` (a graph node: gradients reach its parameters).
@@ -212,15 +216,24 @@ impl SubspaceModule {
         mlp.forward(&norm.forward(&z.unsqueeze(1)?)?)?.squeeze(1).map_err(Into::into) // [B, out]
     }
 
+    /// ReflectSelect's unit vectors `u [B, n, D]`: the conditioning MLP's `[B, n·D]` output cut
+    /// into `n` slices of `D`, each scaled to unit length.
+    fn reflection_vectors(&self, z: &Tensor) -> Result<Tensor> {
+        let out = self.conditioned(z)?; // [B, n·D]
+        let (b, nd) = out.dims2()?;
+        unit_last_dim(&out.reshape((b, self.reflections, nd / self.reflections))?) // [B, n, D]
+    }
+
     /// `h, m [B, T, D]`, `z [B, D]` → `[B, T, D]`.
     pub fn apply(&self, h: &Tensor, m: &Tensor, z: &Tensor) -> Result<Tensor> {
         match self.kind {
             SubspaceKind::None => full(h, m),
             SubspaceKind::Das => das(h, m, &self.rotation()?),
-            SubspaceKind::ReflectSelect => {
+            SubspaceKind::ReflectSelect if self.reflections == 1 => {
                 let u = unit_last_dim(&self.conditioned(z)?)?; // [B, D] unit rows
                 reflect_select(h, m, &self.rotation()?, &u)
             }
+            SubspaceKind::ReflectSelect => reflect_select_many(h, m, &self.rotation()?, &self.reflection_vectors(z)?),
             SubspaceKind::MaskSelect => {
                 let logits = self.conditioned(z)?; // [B, k]
                 let mask = candle_nn::ops::sigmoid(&logits.affine(1.0 / self.temperature, 0.0)?)?; // [B, k]
@@ -245,12 +258,7 @@ impl SubspaceModule {
         match self.kind {
             SubspaceKind::None => Err(Error::invalid("subspace = none intervenes on the whole residual: there is no basis")),
             SubspaceKind::Das => Ok(r.unsqueeze(0)?.broadcast_as((b, d, k))?.contiguous()?),
-            SubspaceKind::ReflectSelect => {
-                let u = unit_last_dim(&self.conditioned(need_z()?)?)?; // [B, D]
-                let s = u.matmul(&r)?; // [B, k]  uᵀR
-                let outer = u.unsqueeze(2)?.matmul(&s.unsqueeze(1)?)?; // [B, D, k]  u (uᵀR)
-                Ok(r.unsqueeze(0)?.broadcast_sub(&outer.affine(2.0, 0.0)?)?) // [B, D, k]
-            }
+            SubspaceKind::ReflectSelect => reflected_bases(&r, &self.reflection_vectors(need_z()?)?), // [B, D, k]
             SubspaceKind::MaskSelect => {
                 let logits = self.conditioned(need_z()?)?; // [B, k]
                 let mask = candle_nn::ops::sigmoid(&logits.affine(1.0 / self.temperature, 0.0)?)?; // [B, k]
@@ -272,6 +280,21 @@ impl SubspaceModule {
         }
         Ok(())
     }
+}
+
+/// `interpreter.reflections`: at least 1, and more than 1 only for reflect_select (at most `k`:
+/// `n` reflections change at most `n` of the `k` directions, so more than `k` adds nothing).
+pub fn check_reflections(kind: SubspaceKind, reflections: usize, k: usize) -> Result<()> {
+    if reflections == 0 {
+        return Err(Error::invalid("interpreter.reflections must be at least 1 (1 = the paper's ReflectSelect)"));
+    }
+    if reflections > 1 && kind != SubspaceKind::ReflectSelect {
+        return Err(Error::invalid(format!("interpreter.reflections = {reflections} applies to subspace = \"reflect_select\" only, not {:?}; set it to 1", kind.name())));
+    }
+    if reflections > k.max(1) && kind == SubspaceKind::ReflectSelect {
+        return Err(Error::invalid(format!("interpreter.reflections = {reflections} is more than the rank k = {k}: n reflections change at most n of the k directions")));
+    }
+    Ok(())
 }
 
 /// `base · (−H_1 ⋯ H_k I[D, k])` from `a [D, k]` (its strictly lower triangle) and `base [D, D]`:

@@ -42,6 +42,52 @@ pub fn reflect_select(h: &Tensor, m: &Tensor, r: &Tensor, u: &Tensor) -> Result<
     Ok((h + back)?)
 }
 
+/// ReflectSelect with `n` reflections per example: `W_b = H_{b,1} ⋯ H_{b,n} R` with
+/// `H_{b,i} = I − 2 u_{b,i} u_{b,i}ᵀ`, then `h + W_b W_bᵀ (m − h)`. `u [B, n, D]` must have unit
+/// rows. One reflection changes at most one direction of `span(R)`; `n` of them change up to
+/// `n`, so instructions can select subspaces that differ in more than one direction. Applied
+/// to vectors, never as `[B, D, D]`: `(m−h)ᵀ W_b = ((m−h)ᵀ H_{b,1} ⋯ H_{b,n}) R` and
+/// `W_b c = H_{b,1} ⋯ H_{b,n} (R c)`. With `n = 1` it equals [`reflect_select`].
+pub fn reflect_select_many(h: &Tensor, m: &Tensor, r: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = check(h, m)?;
+    let n = match u.dims() {
+        [bb, n, dd] if *bb == b && *dd == d && *n > 0 => *n,
+        other => return Err(Error::invalid(format!("reflect_select_many: u has shape {other:?}, expected [{b}, n ≥ 1, {d}]"))),
+    };
+    let reflect = |x: &Tensor, i: usize| -> Result<Tensor> {
+        let ui = u.narrow(1, i, 1)?; // [B, 1, D]
+        let dot = x.broadcast_mul(&ui)?.sum_keepdim(D::Minus1)?; // [B, T, 1]  x·u_i
+        Ok((x - dot.broadcast_mul(&ui)?.affine(2.0, 0.0)?)?) // [B, T, D]  H_i x
+    };
+    let mut diff = (m - h)?; // [B, T, D]
+    for i in 0..n {
+        diff = reflect(&diff, i)?; // [B, T, D]  (m−h)ᵀ H_1 ⋯ H_i
+    }
+    let coords = diff.reshape((b * t, d))?.matmul(r)?; // [B·T, k]  (m−h)ᵀ W_b
+    let mut back = coords.matmul(&r.t()?)?.reshape((b, t, d))?; // [B, T, D]  R c
+    for i in (0..n).rev() {
+        back = reflect(&back, i)?; // [B, T, D]  H_i ⋯ H_n R c
+    }
+    Ok((h + back)?)
+}
+
+/// The bases of [`reflect_select_many`], `[B, D, k]`: `W_b = H_{b,1} ⋯ H_{b,n} R` for
+/// `r [D, k]` and unit rows `u [B, n, D]`.
+pub fn reflected_bases(r: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let (d, k) = r.dims2()?;
+    let (b, n) = match u.dims() {
+        [b, n, dd] if *dd == d && *n > 0 => (*b, *n),
+        other => return Err(Error::invalid(format!("reflected_bases: u has shape {other:?}, expected [B, n ≥ 1, {d}]"))),
+    };
+    let mut w = r.unsqueeze(0)?.broadcast_as((b, d, k))?.contiguous()?; // [B, D, k]
+    for i in (0..n).rev() {
+        let ui = u.narrow(1, i, 1)?; // [B, 1, D]
+        let s = ui.matmul(&w)?; // [B, 1, k]  u_iᵀ W
+        w = (w - ui.transpose(1, 2)?.matmul(&s)?.affine(2.0, 0.0)?)?; // [B, D, k]  H_i W
+    }
+    Ok(w)
+}
+
 /// MaskSelect / Boundless DAS: `h + ((m − h) R ⊙ σ) Rᵀ` with `r [D, k]` and a mask
 /// `σ [B, k]` (per example) or `[k]` (shared), values in [0, 1].
 pub fn masked_rotation(h: &Tensor, m: &Tensor, r: &Tensor, mask: &Tensor) -> Result<Tensor> {

@@ -101,6 +101,7 @@ pub fn interpreter_config(method: hyperdas::hypernet::interpreter::Method, layer
         hypernet: hyperdas::hypernet::HyperConfig { num_blocks: blocks, layer, from_scratch: false, ablate_source: false, ablate_base: false, seed, ..Default::default() },
         subspace: hyperdas::hypernet::subspace::SubspaceKind::ReflectSelect,
         rank,
+        reflections: 1,
         method,
         init: Default::default(),
         rotation: Default::default(),
