@@ -18,24 +18,26 @@ use hyperdas::model::LoadOptions;
 fn trainable_parameters_are_counted_exactly() {
     for name in ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-gemma3", "tiny-olmo2", "tiny-gpt2", "tiny-gpt-neox"] {
         let lm = hyperdas::model::load(&fixture(name).display().to_string(), &LoadOptions::default()).unwrap();
-        for (method, kind, init, rotation) in [
-            (Method::HyperDas, SubspaceKind::ReflectSelect, SubspaceInit::Ours, RotationParam::Retraction),
-            (Method::HyperDas, SubspaceKind::MaskSelect, SubspaceInit::Ours, RotationParam::Householder),
-            (Method::HyperDas, SubspaceKind::Boundless, SubspaceInit::Ours, RotationParam::Retraction),
-            (Method::HyperDas, SubspaceKind::None, SubspaceInit::Ours, RotationParam::Retraction),
-            (Method::HyperDas, SubspaceKind::Das, SubspaceInit::Ours, RotationParam::Retraction),
-            (Method::Mdas, SubspaceKind::Das, SubspaceInit::Ours, RotationParam::Retraction),
+        for (method, kind, init, rotation, reflections) in [
+            (Method::HyperDas, SubspaceKind::ReflectSelect, SubspaceInit::Ours, RotationParam::Retraction, 1),
+            (Method::HyperDas, SubspaceKind::ReflectSelect, SubspaceInit::Ours, RotationParam::Retraction, 3),
+            (Method::HyperDas, SubspaceKind::MaskSelect, SubspaceInit::Ours, RotationParam::Householder, 1),
+            (Method::HyperDas, SubspaceKind::Boundless, SubspaceInit::Ours, RotationParam::Retraction, 1),
+            (Method::HyperDas, SubspaceKind::None, SubspaceInit::Ours, RotationParam::Retraction, 1),
+            (Method::HyperDas, SubspaceKind::Das, SubspaceInit::Ours, RotationParam::Retraction, 1),
+            (Method::Mdas, SubspaceKind::Das, SubspaceInit::Ours, RotationParam::Retraction, 4),
         ] {
             for (self_bias, freeze) in [(0.0, vec![]), (5.0, vec![Frozen::Embedding]), (0.0, vec![Frozen::Mlps]), (0.0, vec![Frozen::Embedding, Frozen::Blocks])] {
                 let mut cfg = interpreter_config(method, 1, 2, 4, 0);
                 cfg.subspace = kind;
                 cfg.init = init;
                 cfg.rotation = rotation;
+                cfg.reflections = reflections;
                 cfg.hypernet.self_bias = self_bias;
                 cfg.hypernet.freeze = freeze.clone();
                 let mut ps = hyperdas::params::ParamStore::new();
                 Interpreter::new(&mut ps, &lm.model, &cfg).unwrap();
-                assert_eq!(trainable_parameters(&lm.model.config, &cfg), ps.num_elements(), "{name} {method:?} {kind:?} self_bias {self_bias} freeze {freeze:?}");
+                assert_eq!(trainable_parameters(&lm.model.config, &cfg), ps.num_elements(), "{name} {method:?} {kind:?} ×{reflections} self_bias {self_bias} freeze {freeze:?}");
             }
         }
     }
