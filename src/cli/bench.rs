@@ -626,11 +626,7 @@ fn train(a: &TrainBenchArgs) -> Result<()> {
             }
         );
     }
-    let conditioned_out = match subspace {
-        crate::hypernet::subspace::SubspaceKind::ReflectSelect => a.interp.reflections * target.config.hidden_size,
-        crate::hypernet::subspace::SubspaceKind::MaskSelect => a.interp.rank,
-        _ => 0,
-    };
+    let conditioned_out = subspace.conditioning_width(target.config.hidden_size, a.interp.rank, a.interp.reflections);
     let batches: Vec<_> = rows.chunks(a.batch).take(per_pass).map(|chunk| collate(&chunk.iter().collect::<Vec<_>>(), pad)).collect();
     let mut results: Vec<PassTimes> = Vec::new();
     let mut epoch_seconds = None;

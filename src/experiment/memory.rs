@@ -152,12 +152,12 @@ pub fn trainable_parameters(c: &LlamaConfig, icfg: &InterpreterConfig) -> usize 
         (SubspaceKind::Boundless, _) => d * d + 1,
         (_, RotationParam::Retraction | RotationParam::Householder) => d * k,
     };
-    if matches!(kind, SubspaceKind::ReflectSelect | SubspaceKind::MaskSelect) {
+    let out = kind.conditioning_width(d, k, icfg.reflections.max(1));
+    if out > 0 {
         let width = match icfg.init {
             SubspaceInit::Ours => f,
             SubspaceInit::Reference => REFERENCE_MLP_WIDTH,
         };
-        let out = if kind == SubspaceKind::ReflectSelect { icfg.reflections.max(1) * d } else { k };
         n += d + 2 * width * d + out * width;
     }
     n

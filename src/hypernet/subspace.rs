@@ -62,6 +62,17 @@ impl SubspaceKind {
         })
     }
 
+    /// The output width of the module's conditioning MLP for hidden size `d`, rank `k` and
+    /// `reflections` per instruction: `reflections · d` for ReflectSelect, `k` for MaskSelect,
+    /// 0 for the modules not conditioned on the instruction.
+    pub fn conditioning_width(self, d: usize, k: usize, reflections: usize) -> usize {
+        match self {
+            SubspaceKind::ReflectSelect => reflections * d,
+            SubspaceKind::MaskSelect => k,
+            SubspaceKind::Das | SubspaceKind::Boundless | SubspaceKind::None => 0,
+        }
+    }
+
     /// The configuration spelling ([`SubspaceKind::parse`] reads it back).
     pub fn name(self) -> &'static str {
         match self {
@@ -175,8 +186,8 @@ impl SubspaceModule {
             });
         }
         let (mut norm, mut mlp) = (None, None);
-        if matches!(kind, SubspaceKind::ReflectSelect | SubspaceKind::MaskSelect) {
-            let out = if kind == SubspaceKind::ReflectSelect { reflections * d } else { k };
+        let out = kind.conditioning_width(d, k, reflections);
+        if out > 0 {
             let (f, eps) = match init {
                 SubspaceInit::Ours => (f, eps),
                 SubspaceInit::Reference => (REFERENCE_MLP_WIDTH, 1e-5),
@@ -229,10 +240,7 @@ impl SubspaceModule {
         match self.kind {
             SubspaceKind::None => full(h, m),
             SubspaceKind::Das => das(h, m, &self.rotation()?),
-            SubspaceKind::ReflectSelect if self.reflections == 1 => {
-                let u = unit_last_dim(&self.conditioned(z)?)?; // [B, D] unit rows
-                reflect_select(h, m, &self.rotation()?, &u)
-            }
+            SubspaceKind::ReflectSelect if self.reflections == 1 => reflect_select(h, m, &self.rotation()?, &self.reflection_vectors(z)?.squeeze(1)?),
             SubspaceKind::ReflectSelect => reflect_select_many(h, m, &self.rotation()?, &self.reflection_vectors(z)?),
             SubspaceKind::MaskSelect => {
                 let logits = self.conditioned(z)?; // [B, k]
@@ -284,14 +292,14 @@ impl SubspaceModule {
 
 /// `interpreter.reflections`: at least 1, and more than 1 only for reflect_select (at most `k`:
 /// `n` reflections change at most `n` of the `k` directions, so more than `k` adds nothing).
-pub fn check_reflections(kind: SubspaceKind, reflections: usize, k: usize) -> Result<()> {
+fn check_reflections(kind: SubspaceKind, reflections: usize, k: usize) -> Result<()> {
     if reflections == 0 {
         return Err(Error::invalid("interpreter.reflections must be at least 1 (1 = the paper's ReflectSelect)"));
     }
     if reflections > 1 && kind != SubspaceKind::ReflectSelect {
         return Err(Error::invalid(format!("interpreter.reflections = {reflections} applies to subspace = \"reflect_select\" only, not {:?}; set it to 1", kind.name())));
     }
-    if reflections > k.max(1) && kind == SubspaceKind::ReflectSelect {
+    if reflections > k && kind == SubspaceKind::ReflectSelect {
         return Err(Error::invalid(format!("interpreter.reflections = {reflections} is more than the rank k = {k}: n reflections change at most n of the k directions")));
     }
     Ok(())
