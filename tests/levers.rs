@@ -311,4 +311,15 @@ fn the_curriculum_and_the_guide_given_as_shares_scale_with_the_run() {
         let e = TrainSettings { groundtruth_ratio: bad, ..Default::default() }.validate().unwrap_err().to_string();
         assert!(e.contains("train.groundtruth_ratio"), "{e}");
     }
+    // The guide may fade over more than the run: ratio 2 is the same schedule as a guide of
+    // 2 × total steps, whose weight is still 1/2 at the run's end.
+    let held = TrainSettings { pointer_guide_weight: 1.0, pointer_guide_ratio: 2.0, ..Default::default() };
+    held.validate().unwrap();
+    let held_steps = TrainSettings { pointer_guide_weight: 1.0, pointer_guide_steps: 1000, ..Default::default() };
+    assert_eq!((held.terms(500), held.terms(500).guide_steps), (held_steps.terms(500), 1000));
+    assert_eq!(held.terms(120).guide_steps, 240);
+    for bad in [-0.1, f64::NAN, f64::INFINITY] {
+        let e = TrainSettings { pointer_guide_ratio: bad, ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(e.contains("train.pointer_guide_ratio"), "{e}");
+    }
 }

@@ -129,8 +129,9 @@ pub struct TrainSettings {
     pub pointer_guide_weight: f64,
     /// The steps over which the pointer guide fades out (0: no guide).
     pub pointer_guide_steps: usize,
-    /// The guide's fade-out as a share of the run's steps (1: over the whole run); exclusive
-    /// with `pointer_guide_steps` (0: not used).
+    /// The guide's fade-out as a share of the run's steps (1: over the whole run, ending at 0;
+    /// 2: over twice the run, so it ends at half weight); exclusive with `pointer_guide_steps`
+    /// (0: not used).
     pub pointer_guide_ratio: f64,
 }
 
@@ -168,8 +169,8 @@ impl TrainSettings {
         if step < self.groundtruth_len(total) { InferenceMode::GroundTruth } else { self.train_mode }
     }
 
-    /// Checks what serde cannot: the training modes that exist, positive scales, shares in
-    /// [0, 1] given in one form only.
+    /// Checks what serde cannot: the training modes that exist, positive scales, the
+    /// curriculum's share in [0, 1] and the guide's >= 0, each given in one form only.
     pub fn validate(&self) -> Result<()> {
         if !matches!(self.train_mode, InferenceMode::Soft | InferenceMode::GroundTruth) {
             return Err(Error::invalid(format!("train.train_mode = \"{}\": training uses `soft` or `groundtruth` positions (the argmax modes have no gradient)", self.train_mode.name())));
@@ -180,13 +181,21 @@ impl TrainSettings {
         if !(self.pointer_guide_weight >= 0.0 && self.pointer_guide_weight.is_finite()) {
             return Err(Error::invalid(format!("train.pointer_guide_weight = {}: use a weight >= 0 (0: no guide)", self.pointer_guide_weight)));
         }
+        // The curriculum cannot outlast the run; the guide may fade over more than the run
+        // (2: it ends at half weight).
+        if !(0.0..=1.0).contains(&self.groundtruth_ratio) {
+            return Err(Error::invalid(format!("train.groundtruth_ratio = {}: use a share of the run's steps in [0, 1] (0: not used)", self.groundtruth_ratio)));
+        }
+        if !(self.pointer_guide_ratio >= 0.0 && self.pointer_guide_ratio.is_finite()) {
+            return Err(Error::invalid(format!(
+                "train.pointer_guide_ratio = {}: use a finite share >= 0 of the run's steps (1: the guide fades over the run; 2: over twice the run, ending at half weight; 0: not used)",
+                self.pointer_guide_ratio
+            )));
+        }
         for (name, ratio, steps_name, steps) in [
             ("groundtruth_ratio", self.groundtruth_ratio, "groundtruth_steps", self.groundtruth_steps),
             ("pointer_guide_ratio", self.pointer_guide_ratio, "pointer_guide_steps", self.pointer_guide_steps),
         ] {
-            if !((0.0..=1.0).contains(&ratio)) {
-                return Err(Error::invalid(format!("train.{name} = {ratio}: use a share of the run's steps in [0, 1] (0: not used)")));
-            }
             if ratio > 0.0 && steps > 0 {
                 return Err(Error::invalid(format!("train.{name} = {ratio} and train.{steps_name} = {steps}: set one of the two (the other to 0)")));
             }
