@@ -1,13 +1,14 @@
 //! The hypernetwork on the tiny Llama fixture: shapes and masks of W, gradient coverage of
 //! every registered parameter, the factorised pointer head against the naive pair
-//! construction, batch-size invariance, and independent copies of the initial weights.
+//! construction, batch-size invariance, independent copies of the initial weights, and the
+//! centred subspace input.
 
 mod common;
 
 use candle_core::{D, DType, Tensor};
 use hyperdas::data::collate::{CollateOptions, CollatedBatch, collate, encode_rows};
 use hyperdas::data::io::{ReadOptions, read_dataset};
-use hyperdas::hypernet::{HyperConfig, HyperInput, HyperNetwork};
+use hyperdas::hypernet::{HyperConfig, HyperInput, HyperNetwork, SubspaceInput};
 use hyperdas::model::LoadedModel;
 use hyperdas::model::rope::apply_rotary;
 use hyperdas::params::ParamStore;
@@ -27,6 +28,7 @@ fn config() -> HyperConfig {
         pointer_rope: true,
         pointer_scale: 1.0,
         pointer_states: hyperdas::hypernet::PointerStates::Unit,
+        subspace_input: SubspaceInput::Last,
     }
 }
 
@@ -204,4 +206,38 @@ fn initial_weights_are_independent_copies_of_the_target_block() {
     assert_ne!(scratch.blocks[0].self_attn.q_proj.weight.to_vec2::<f32>().unwrap(), target_q);
     let e = HyperNetwork::new(&mut ParamStore::new(), &lm.model, &HyperConfig { num_blocks: 9, ..config() }).err().unwrap().to_string();
     assert!(e.contains("hypernetwork blocks must be"), "{e}");
+}
+
+#[test]
+fn a_centred_subspace_input_keeps_the_pointer_and_ignores_padding() {
+    let lm = load(&fixture("tiny-llama"), DType::F32);
+    let (mut ps_last, mut ps) = (ParamStore::new(), ParamStore::new());
+    let last = HyperNetwork::new(&mut ps_last, &lm.model, &config()).unwrap();
+    let centred = HyperNetwork::new(&mut ps, &lm.model, &HyperConfig { subspace_input: SubspaceInput::Centered, ..config() }).unwrap();
+    let c = batch(&lm, 0..4);
+    let x = inputs(&lm, &c);
+    assert!(x.instruction.mask().contains(&0), "the fixture's instructions differ in length: the batch has padding");
+    let (a, o) = (run(&last, &x), run(&centred, &x));
+    // `last`: the subspace reads z. `centered`: the pointer (z, W) is unchanged, the condition is not z.
+    assert_eq!(max_abs_diff(&a.condition, &a.z), 0.0);
+    assert_eq!(max_abs_diff(&a.z, &o.z), 0.0);
+    assert_eq!(max_abs_diff(&a.w, &o.w), 0.0);
+    assert!(max_abs_diff(&o.condition, &o.z) > 1e-3);
+    // z − condition is the mean over the instruction's own tokens: each row alone (no padding)
+    // gives the condition it has in the padded batch.
+    let batched = o.condition.to_vec2::<f32>().unwrap(); // [B, D]
+    for (i, want) in batched.iter().enumerate() {
+        let alone = run(&centred, &inputs(&lm, &batch(&lm, i..i + 1))).condition.to_vec2::<f32>().unwrap();
+        let diff = alone[0].iter().zip(want).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "row {i}: alone and batched differ by {diff}");
+    }
+    // Every parameter still gets a gradient through the condition.
+    let loss = (o.w.sqr().unwrap().sum_all().unwrap() + o.condition.sqr().unwrap().sum_all().unwrap()).unwrap();
+    let report = ps.check_gradients(&loss.backward().unwrap()).unwrap();
+    assert!(report.missing.is_empty(), "{report:?}");
+    // The run setting, and a clear error for a wrong value.
+    let resolve = |v: &str| hyperdas::experiment::run::resolve_config(hyperdas::hypernet::interpreter::Method::HyperDas, None, None, &[format!("interpreter.subspace_input={v}")]);
+    assert_eq!(resolve("centered").unwrap().interpreter.subspace_input, SubspaceInput::Centered);
+    let e = resolve("mean").unwrap_err().to_string();
+    assert!(e.contains("subspace_input") && e.contains("centered"), "{e}");
 }

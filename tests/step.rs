@@ -100,7 +100,7 @@ fn efficient_step_equals_the_naive_full_model_step() {
                     return Ok(None);
                 }
                 let m = mix_positions(&hyper.w, &s_again, x)?;
-                Ok(Some(interp.subspace.apply(x, &m, &hyper.z)?))
+                Ok(Some(interp.subspace.apply(x, &m, &hyper.condition)?))
             })
             .unwrap();
         let logits = target.logits(&final_normed).unwrap(); // [B, T, V]

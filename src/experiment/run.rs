@@ -22,7 +22,7 @@ use crate::data::io::{ReadOptions, read_dataset};
 use crate::error::{Error, Result};
 use crate::hypernet::interpreter::{Interpreter, InterpreterConfig, Method};
 use crate::hypernet::subspace::{RotationParam, SubspaceInit, SubspaceKind};
-use crate::hypernet::{Frozen, HyperConfig, PointerStates};
+use crate::hypernet::{Frozen, HyperConfig, PointerStates, SubspaceInput};
 use crate::intervention::selection::InferenceMode;
 use crate::model::{CleanMatmul, LoadOptions, Site, StartToken};
 use crate::params::ParamStore;
@@ -133,6 +133,9 @@ pub struct InterpreterSection {
     /// What the pointer head compares: `unit` (the reference) or `centered` (each prompt's
     /// shared component removed; see [`PointerStates`]).
     pub pointer_states: PointerStates,
+    /// What conditions the subspace module: `last` (the last instruction token's state, the
+    /// reference) or `centered` (that state less the instruction's mean; see [`SubspaceInput`]).
+    pub subspace_input: SubspaceInput,
 }
 
 impl Default for InterpreterSection {
@@ -157,6 +160,7 @@ impl Default for InterpreterSection {
             pointer_rope: true,
             pointer_scale: 1.0,
             pointer_states: PointerStates::Unit,
+            subspace_input: SubspaceInput::Last,
         }
     }
 }
@@ -362,6 +366,7 @@ impl InterpreterSection {
                 pointer_rope: self.pointer_rope,
                 pointer_scale: self.pointer_scale,
                 pointer_states: self.pointer_states,
+                subspace_input: self.subspace_input,
             },
             subspace: self.subspace,
             rank: self.rank,

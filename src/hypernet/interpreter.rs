@@ -285,7 +285,7 @@ impl Interpreter {
                 }; // [B, T_s+1, T_b]
                 let h = hb.narrow(2, l, 1)?.squeeze(2)?.to_dtype(DType::F32)?; // [B, T_b, D]
                 let s = hs.narrow(2, l, 1)?.squeeze(2)?.to_dtype(DType::F32)?; // [B, T_s, D]
-                (h, s, w, out.w, out.z)
+                (h, s, w, out.w, out.condition)
             }
             // DAS / MDAS: `h'[p_b] = h[p_b] + R Rᵀ (s[p_s] − h[p_b])`, every other position
             // untouched. Without a cache only blocks `0..l` of the clean passes run.
@@ -319,7 +319,7 @@ impl Interpreter {
                 let (base, source) = (batch.base_batch(dev)?, batch.source_batch(dev)?);
                 let mut cache = self.cache.borrow_mut();
                 let mut t = Target::new(target, cache.as_mut());
-                Some(pointer_pass(hypernet, &mut t, batch, &base, &source)?.2.z) // [B, D]
+                Some(pointer_pass(hypernet, &mut t, batch, &base, &source)?.2.condition) // [B, D]
             }
             Positions::LastEntity => None,
         };
