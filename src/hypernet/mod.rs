@@ -15,8 +15,8 @@
 //! cross-attention keys at `cumsum(M)·M` along the flattened sequence.
 //!
 //! Outputs: `z [B, D]`, the normed state of the last instruction token (the pointer's query;
-//! it or its centred form conditions the subspace module), and `W [B, T_s+1, T_b]` from the [`pointer`] head (each column a distribution over
-//! source tokens and "self").
+//! it or its centred form conditions the subspace module), and `W [B, T_s+1, T_b]` from the
+//! [`pointer`] head (each column a distribution over source tokens and "self").
 //!
 //! Initialisation: from the target's first N blocks as **independent copies** (both
 //! cross-attentions and their norms from the same block's self-attention and input norm), or
@@ -448,12 +448,7 @@ impl HyperNetwork {
         let z = z_all.narrow(1, te - 1, 1)?.squeeze(1)?; // [B, D] (left padding: the last token is real)
         let condition = match self.config.subspace_input {
             SubspaceInput::Last => z.clone(),
-            SubspaceInput::Centered => {
-                let m = Tensor::from_vec(instr_mask.iter().map(|&x| x as f32).collect::<Vec<_>>(), (b, te, 1), dev)?; // [B, T_e, 1]
-                let n = m.sum_keepdim(1)?.clamp(1f32, f32::MAX)?; // [B, 1, 1] visible tokens
-                let mean = z_all.broadcast_mul(&m)?.sum_keepdim(1)?.broadcast_div(&n)?.squeeze(1)?; // [B, D]
-                (&z - mean)? // [B, D]
-            }
+            SubspaceInput::Centered => (&z - masked_mean(&z_all, &inp.instruction.attention_mask)?.squeeze(1)?)?, // [B, D]
         };
         let last_pos: Vec<u32> = instr_pos.chunks(te).map(|row| row[te - 1]).collect();
         let layer_l = |st: &Tensor, mask: &Tensor| -> Result<Tensor> {
@@ -473,10 +468,15 @@ impl HyperNetwork {
 /// `u [B, T, D]` minus its mean over each row's visible positions (`mask [B, T]`, 0/1), then
 /// unit-normalised ([`PointerStates::Centered`]). A row with one visible position becomes 0 there.
 pub fn centered_rows(u: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    kernels::unit_rows(&u.broadcast_sub(&masked_mean(u, mask)?)?) // [B, T, D]
+}
+
+/// The mean of `x [B, T, D]` over each row's visible positions (`mask [B, T]`, 0/1): `[B, 1, D]`
+/// (0 for a row with none visible).
+fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // [B, T, 1]
     let n = m.sum_keepdim(1)?.clamp(1f32, f32::MAX)?; // [B, 1, 1] visible positions
-    let mean = u.broadcast_mul(&m)?.sum_keepdim(1)?.broadcast_div(&n)?; // [B, 1, D]
-    kernels::unit_rows(&u.broadcast_sub(&mean)?) // [B, T, D]
+    Ok(x.broadcast_mul(&m)?.sum_keepdim(1)?.broadcast_div(&n)?) // [B, 1, D]
 }
 
 /// The unit-normalised states of the visible tokens of `states [B, T, L+1, D]` (mask
