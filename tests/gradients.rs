@@ -1,5 +1,6 @@
 //! Gradients flow through the frozen target to the residual stream, exactly; the frozen
-//! target stores none; and the no-gradient guard catches detached parameters.
+//! target stores none; the no-gradient guard catches detached parameters; and the centred
+//! subspace input differentiates exactly.
 
 mod common;
 
@@ -157,4 +158,41 @@ fn the_gradient_guard_catches_detached_and_unused_parameters() {
     // Registering a name twice, or an integer tensor, is refused.
     assert!(params.add("used", Tensor::new(&[1f32], &Device::Cpu).unwrap()).is_err());
     assert!(params.add("ints", Tensor::new(&[1u32], &Device::Cpu).unwrap()).is_err());
+}
+
+#[test]
+fn finite_differences_match_backprop_through_the_centred_subspace_input() {
+    // `interpreter.subspace_input = "centered"`: z − the mean of the instruction's visible
+    // states (hypernet::centered_last), in f64 so central differences are accurate to ~1e-9.
+    let (bs, t, d) = (2, 5, 3);
+    let dev = Device::Cpu;
+    let x0 = Tensor::randn(0f64, 1.0, (bs, t, d), &dev).unwrap(); // [B, T, D]
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [0, 0, 1, 1, 1]], &dev).unwrap(); // [B, T], row 1 left-padded
+    let r = Tensor::randn(0f64, 1.0, (bs, d), &dev).unwrap(); // [B, D]
+    let loss = |x: &Tensor| hyperdas::hypernet::centered_last(x, &mask).unwrap().mul(&r).unwrap().sum_all().unwrap();
+    let var = Var::from_tensor(&x0).unwrap();
+    let grads = loss(var.as_tensor()).backward().unwrap();
+    let g: Vec<f64> = grads.get(var.as_tensor()).expect("gradient reaches the instruction states").flatten_all().unwrap().to_vec1().unwrap();
+    let base: Vec<f64> = x0.flatten_all().unwrap().to_vec1().unwrap();
+    let eps = 1e-5;
+    for (idx, an) in g.iter().enumerate() {
+        let bump = |s: f64| {
+            let mut v = base.clone();
+            v[idx] += s;
+            loss(&Tensor::from_vec(v, (bs, t, d), &dev).unwrap()).to_scalar::<f64>().unwrap()
+        };
+        let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
+        assert!((fd - an).abs() <= 1e-8, "element {idx}: finite difference {fd} vs backprop {an}");
+    }
+    // Exactly what it should be: the padding gets no gradient; a visible non-last state of row 1
+    // gets −r/3, its last state r·(1 − 1/3).
+    let at = |row: usize, pos: usize, dim: usize| g[(row * t + pos) * d + dim];
+    let rv: Vec<Vec<f64>> = r.to_vec2().unwrap();
+    for (dim, (r0, r1)) in rv[0].iter().zip(&rv[1]).enumerate() {
+        assert_eq!(at(1, 0, dim), 0.0);
+        assert_eq!(at(1, 1, dim), 0.0);
+        assert!((at(1, 2, dim) + r1 / 3.0).abs() < 1e-12);
+        assert!((at(1, 4, dim) - r1 * 2.0 / 3.0).abs() < 1e-12);
+        assert!((at(0, 0, dim) + r0 / 5.0).abs() < 1e-12);
+    }
 }

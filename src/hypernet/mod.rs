@@ -448,7 +448,7 @@ impl HyperNetwork {
         let z = z_all.narrow(1, te - 1, 1)?.squeeze(1)?; // [B, D] (left padding: the last token is real)
         let condition = match self.config.subspace_input {
             SubspaceInput::Last => z.clone(),
-            SubspaceInput::Centered => (&z - masked_mean(&z_all, &inp.instruction.attention_mask)?.squeeze(1)?)?, // [B, D]
+            SubspaceInput::Centered => centered_last(&z_all, &inp.instruction.attention_mask)?, // [B, D]
         };
         let last_pos: Vec<u32> = instr_pos.chunks(te).map(|row| row[te - 1]).collect();
         let layer_l = |st: &Tensor, mask: &Tensor| -> Result<Tensor> {
@@ -471,10 +471,18 @@ pub fn centered_rows(u: &Tensor, mask: &Tensor) -> Result<Tensor> {
     kernels::unit_rows(&u.broadcast_sub(&masked_mean(u, mask)?)?) // [B, T, D]
 }
 
+/// The last position of `x [B, T, D]` less the mean over each row's visible positions (`mask
+/// [B, T]`, 0/1): `[B, D]`, [`SubspaceInput::Centered`]'s condition `z − mean_t z_t` (left
+/// padding: the last position is real).
+pub fn centered_last(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let t = x.dim(1)?;
+    Ok((x.narrow(1, t - 1, 1)? - masked_mean(x, mask)?)?.squeeze(1)?) // [B, D]
+}
+
 /// The mean of `x [B, T, D]` over each row's visible positions (`mask [B, T]`, 0/1): `[B, 1, D]`
-/// (0 for a row with none visible).
+/// (0 for a row with none visible), in `x`'s dtype.
 fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let m = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // [B, T, 1]
+    let m = mask.to_dtype(x.dtype())?.unsqueeze(2)?; // [B, T, 1]
     let n = m.sum_keepdim(1)?.clamp(1f32, f32::MAX)?; // [B, 1, 1] visible positions
     Ok(x.broadcast_mul(&m)?.sum_keepdim(1)?.broadcast_div(&n)?) // [B, 1, D]
 }
