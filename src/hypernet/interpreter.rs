@@ -275,7 +275,7 @@ impl Interpreter {
         let (b, ts, tb) = (batch.len(), batch.source_len, batch.base_len);
         let mut cache = self.cache.borrow_mut();
         let mut t = Target::new(target, cache.as_mut());
-        let (h, s, w, w_soft, z) = match &self.positions {
+        let (h, s, w, w_soft, condition) = match &self.positions {
             Positions::Pointer(hypernet) => {
                 let (hb, hs, out) = pointer_pass(hypernet, &mut t, batch, &base, &source)?;
                 let w = match mode {
@@ -295,12 +295,12 @@ impl Interpreter {
                 let s = t.clean_at(&source, site)?.to_dtype(DType::F32)?; // [B, T_s, D]
                 crate::profile::mark("clean source");
                 let w = ground_truth(b, ts, tb, &batch.base_entity_pos, &batch.source_entity_pos, DType::F32, dev)?; // [B, T_s+1, T_b]
-                let z = Tensor::zeros((b, h.dim(2)?), DType::F32, dev)?; // [B, D], unused by DAS
-                (h, s, w.clone(), w, z)
+                let condition = Tensor::zeros((b, h.dim(2)?), DType::F32, dev)?; // [B, D], unused by DAS
+                (h, s, w.clone(), w, condition)
             }
         };
         let m = mix_positions(&w, &s, &h)?; // [B, T_b, D]
-        let new = self.subspace.apply(&h, &m, &z)?.to_dtype(target.dtype())?; // [B, T_b, D]
+        let new = self.subspace.apply(&h, &m, &condition)?.to_dtype(target.dtype())?; // [B, T_b, D]
         let (k, pos, targets, valid) = batch.label_targets(label_limit);
         let positions = Tensor::from_vec(pos, (b, k), dev)?; // [B, K]
         let logits = t.run_from(site, &new, &ctx, &positions)?.to_dtype(DType::F32)?; // [B, K, V]
@@ -313,7 +313,7 @@ impl Interpreter {
     /// for ReflectSelect, `R diag(σ)` for MaskSelect and Boundless DAS (the mask scales the
     /// columns). An error for `subspace = none`, which has no basis.
     pub fn basis(&self, target: &Llama, batch: &CollatedBatch) -> Result<Tensor> {
-        let z = match &self.positions {
+        let condition = match &self.positions {
             Positions::Pointer(hypernet) => {
                 let dev = target.device();
                 let (base, source) = (batch.base_batch(dev)?, batch.source_batch(dev)?);
@@ -323,6 +323,6 @@ impl Interpreter {
             }
             Positions::LastEntity => None,
         };
-        self.subspace.basis(z.as_ref(), batch.len())
+        self.subspace.basis(condition.as_ref(), batch.len())
     }
 }
