@@ -249,9 +249,13 @@ fn the_shipped_real_model_configs_load_for_every_method() {
     let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/configs"));
     let load = |file: &str, m: Method| -> RunConfig { hyperdas::config::load_over(&RunConfig::preset(m), Some(&dir.join(file)), &[]).unwrap() };
     // The recommended settings: every method at the same step budget (a fair comparison).
-    for (file, model) in
-        [("smollm2-city.toml", "smollm2-135m"), ("gemma3-city.toml", "gemma3-270m"), ("archive/smollm2-city-2026-12-04.toml", "smollm2-135m"), ("archive/smollm2-city-2026-12-06.toml", "smollm2-135m")]
-    {
+    for (file, model) in [
+        ("smollm2-city.toml", "smollm2-135m"),
+        ("gemma3-city.toml", "gemma3-270m"),
+        ("archive/smollm2-city-2026-12-04.toml", "smollm2-135m"),
+        ("archive/smollm2-city-2026-12-06.toml", "smollm2-135m"),
+        ("archive/gemma3-city-2026-12-05.toml", "gemma3-270m"),
+    ] {
         let budgets: Vec<usize> = [Method::HyperDas, Method::Mdas, Method::Das]
             .into_iter()
             .map(|m| {
