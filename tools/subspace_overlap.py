@@ -29,6 +29,8 @@ import numpy as np
 
 def load_safetensors(path: Path) -> dict:
     """The F32 tensors of a safetensors file, as numpy arrays (no safetensors package needed)."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
     raw = path.read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + header_len])
@@ -86,15 +88,20 @@ def main() -> int:
     for run in args.mdas:
         cfg = Path(run) / "config.resolved.toml"
         params = Path(run) / "checkpoint" / "params.safetensors"
-        text = cfg.read_text(encoding="utf-8")
-        line = next((l for l in text.splitlines() if l.startswith("attributes = [")), None)
+        if not cfg.is_file():
+            raise SystemExit(f"{cfg}: no such file (not a run directory?)")
+        # `attributes = [...]` as hyperdas writes it: a list of plain strings, which is also JSON.
+        line = next((l for l in cfg.read_text(encoding="utf-8").splitlines() if l.startswith("attributes = [")), None)
         if line is None:
             raise SystemExit(f"{cfg}: no data.attributes line")
-        attr = line.split("[", 1)[1].rstrip("]").strip().strip('"')
+        try:
+            attributes = json.loads(line.split("=", 1)[1])
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{cfg}: data.attributes is not a list of strings: {e}")
         rot = load_safetensors(params).get("subspace.rotation")
         if rot is None:
             raise SystemExit(f"{params}: no subspace.rotation (not a DAS / MDAS run?)")
-        mdas[attr or run] = rot
+        mdas[", ".join(attributes) or run] = rot
 
     same, other = [], []
     for i, j in itertools.combinations(range(n), 2):
