@@ -8,8 +8,10 @@ belong to, groups the rows by the attribute of their edit instruction ("… - Co
 the mean overlap of two rows' bases for the same and for another attribute, and of each
 attribute's bases with the shared rotation. Given MDAS run directories (one per attribute, as
 `hyperdas sweep --methods mdas --grid attribute=…` writes them) it prints the overlap of their
-rotations, and of each HyperDAS attribute's bases with each MDAS rotation. docs/results.md
-records a run. Needs numpy only.
+rotations, and of each HyperDAS attribute's bases with each MDAS rotation. A MaskSelect run's
+bases are its rotation times each row's mask (columns scaled by it): the overlap is then
+normalised by the bases' own norms (`overlap`), and the effective rank printed per attribute is
+the number of columns the mask keeps. docs/results.md records runs. Needs numpy only.
 
     hyperdas export pyvene --run runs/gemma3-hyperdas/runs/hyperdas-seed0 --out bases0 --limit 64
     python tools/subspace_overlap.py --bases bases0 --data data/gemma3/city_country+continent_test.jsonl \\
@@ -47,8 +49,16 @@ def load_safetensors(path: Path) -> dict:
 
 
 def overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """‖aᵀ b‖²_F / k for a, b [D, k]."""
-    return float(((a.T @ b) ** 2).sum() / a.shape[1])
+    """‖aᵀ b‖²_F / √(‖aᵀ a‖²_F ‖bᵀ b‖²_F) for a [D, k], b [D, k']: ‖aᵀ b‖²_F / k for two
+    rank-k bases with orthonormal columns. A MaskSelect basis `R diag(m)` has columns of length
+    m_i; with a mask of 0s and 1s this is the overlap of the selected columns' spans: s / √(n_a n_b)
+    for n_a and n_b selected columns of one rotation, s of them shared."""
+    return float(((a.T @ b) ** 2).sum() / np.sqrt(((a.T @ a) ** 2).sum() * ((b.T @ b) ** 2).sum()))
+
+
+def effective_rank(a: np.ndarray) -> float:
+    """‖a‖²_F: k for orthonormal columns, the number of selected columns for a 0/1 mask."""
+    return float((a**2).sum())
 
 
 def instruction_attribute(row: dict, where: str) -> str:
@@ -114,6 +124,7 @@ def main() -> int:
         line = f"HyperDAS {a}: with the shared rotation {np.mean([overlap(bases[i], shared) for i in rows]):.3f}"
         for b, rot in mdas.items():
             line += f"; with MDAS {b} {np.mean([overlap(bases[i], rot) for i in rows]):.3f}"
+        line += f"; effective rank {np.mean([effective_rank(bases[i]) for i in rows]):.1f}"
         print(line)
     for (a, ra), (b, rb) in itertools.combinations(mdas.items(), 2):
         print(f"MDAS {a} with MDAS {b}: {overlap(ra, rb):.3f}")

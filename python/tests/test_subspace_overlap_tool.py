@@ -48,7 +48,7 @@ def test_overlaps_of_known_subspaces(tmp_path):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "same attribute 1.000, other attribute 0.000" in text
-    assert "HyperDAS Country: with the shared rotation 0.667; with MDAS Country 1.000; with MDAS Continent 0.667" in text
+    assert "HyperDAS Country: with the shared rotation 0.667; with MDAS Country 1.000; with MDAS Continent 0.667; effective rank 3.0" in text
     assert "HyperDAS Continent: with the shared rotation 0.000; with MDAS Country 0.000; with MDAS Continent 0.000" in text
     assert "MDAS Country with MDAS Continent: 0.667" in text
 
@@ -61,3 +61,22 @@ def test_bad_row_is_named(tmp_path):
     out = run_tool("--bases", str(tmp_path / "bases"), "--data", str(tmp_path / "rows.jsonl"))
     assert out.returncode != 0
     assert "rows.jsonl: row 2" in out.stderr
+
+
+def test_masked_bases_are_normalised_by_the_columns_they_keep(tmp_path):
+    # A MaskSelect run: one rotation R [D, 4], each row's basis R diag(mask).
+    d = 8
+    r = np.eye(d, dtype=np.float32)[:, :4]
+    m_country = np.array([1, 1, 0, 0], dtype=np.float32)  # keeps columns 0, 1
+    m_continent = np.array([0, 1, 1, 1], dtype=np.float32)  # keeps 1, 2, 3: shares 1 with Country
+    bases = np.stack([r * m_country, r * m_country, r * m_continent])  # [N, D, 4]
+    (tmp_path / "bases").mkdir()
+    write_safetensors(tmp_path / "bases" / "bases.safetensors", {"bases": bases, "rotation": r})
+    rows = [{"edit_instruction": f"X ; Y - {a}"} for a in ["Country", "Country", "Continent"]]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    out = run_tool("--bases", str(tmp_path / "bases"), "--data", str(tmp_path / "rows.jsonl"))
+    assert out.returncode == 0, out.stderr
+    # same: 2 / √(2·2) = 1; other: 1 / √(2·3); Country with R: 2 / √(2·4); Continent: 3 / √(3·4)
+    assert f"same attribute 1.000, other attribute {1 / np.sqrt(6):.3f}" in out.stdout
+    assert f"HyperDAS Country: with the shared rotation {2 / np.sqrt(8):.3f}; effective rank 2.0" in out.stdout
+    assert f"HyperDAS Continent: with the shared rotation {3 / np.sqrt(12):.3f}; effective rank 3.0" in out.stdout
