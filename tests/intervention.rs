@@ -229,7 +229,7 @@ fn gradients_match_finite_differences() {
 // ---------------------------------------------------------------------------------------------
 // Position selection
 
-use hyperdas::experiment::loss::{entropy_loss, guide_loss, guide_weight, sparsity_loss, sparsity_weight};
+use hyperdas::experiment::loss::{entropy_loss, guide_loss, guide_weight, separation_loss, sparsity_loss, sparsity_weight};
 use hyperdas::intervention::selection::{InferenceMode, discretize, ground_truth};
 
 /// W for B = 1, T_s = 2, T_b = 3 (rows: source 0, source 1, self; each column sums to 1).
@@ -319,4 +319,32 @@ fn pointer_guide_and_its_fade_out() {
     assert_eq!(guide_weight(100, 100, 2.0), 0.0);
     assert_eq!(guide_weight(5, 0, 2.0), 0.0);
     assert_eq!(guide_weight(5, 100, 0.0), 0.0);
+}
+
+#[test]
+fn subspace_separation_term() {
+    let (d, k) = (6, 2);
+    let q = random_orthonormal(d, 4, 7, DType::F64, &DEV).unwrap(); // [D, 4]: two orthogonal planes
+    let (p1, p2) = (q.narrow(1, 0, 2).unwrap(), q.narrow(1, 2, 2).unwrap()); // [D, 2] each
+    let rho = random_orthonormal(d, k, 8, DType::F64, &DEV).unwrap(); // an unrelated plane
+    let stack = |bs: &[&Tensor]| Tensor::stack(bs, 0).unwrap(); // [B, D, k]
+    let attrs = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let value = |b: &Tensor, a: &[&str]| separation_loss(b, &attrs(a)).unwrap().map(|t| t.to_scalar::<f64>().unwrap());
+    // The same plane for two attributes: 1. Orthogonal planes: 0.
+    assert!((value(&stack(&[&p1, &p1]), &["Country", "Continent"]).unwrap() - 1.0).abs() < 1e-12);
+    assert!(value(&stack(&[&p1, &p2]), &["Country", "Continent"]).unwrap().abs() < 1e-12);
+    // Pairs of one attribute do not count: rows 0 and 1 (Country, same plane) are left out, and
+    // the mean is over the four cross pairs (0-2, 1-2 and back), here all orthogonal.
+    assert!(value(&stack(&[&p1, &p1, &p2]), &["Country", "Country", "Continent"]).unwrap().abs() < 1e-12);
+    // One cross pair of each kind: (1 + 0) / 2 over rows (0, 2) = same plane and (1, 2) = orthogonal.
+    assert!((value(&stack(&[&p1, &p2, &p1]), &["Country", "Country", "Continent"]).unwrap() - 0.5).abs() < 1e-12);
+    // A general pair: ‖AᵀB‖²_F / k.
+    let direct = p1.t().unwrap().matmul(&rho).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() / k as f64;
+    assert!((value(&stack(&[&p1, &rho]), &["Country", "Continent"]).unwrap() - direct).abs() < 1e-12);
+    // One attribute in the batch: no term.
+    assert!(value(&stack(&[&p1, &p2]), &["Country", "Country"]).is_none());
+    assert!(separation_loss(&stack(&[&p1, &p2]), &attrs(&["Country"])).is_err());
+    // The gradient matches finite differences (bases need not be orthonormal).
+    let b = randn(&[3, d, k], 11);
+    fd_check(&b, |x| separation_loss(x, &attrs(&["Country", "Continent", "Country"])).unwrap().unwrap());
 }

@@ -323,3 +323,46 @@ fn the_curriculum_and_the_guide_given_as_shares_scale_with_the_run() {
         assert!(e.contains("train.pointer_guide_ratio"), "{e}");
     }
 }
+
+#[test]
+fn the_separation_term_moves_the_attributes_subspaces_apart() {
+    use hyperdas::experiment::loss::separation_loss;
+    let lm = tiny();
+    let pad = lm.tokenizer.padding_id();
+    // Eight fixture rows, the last four relabelled as another attribute's instructions.
+    let mut rows = fixture_rows(&lm, 8);
+    for r in &mut rows[4..] {
+        r.target_attribute = "Continent".into();
+    }
+    let b = collate(&rows.iter().collect::<Vec<_>>(), pad);
+    let overlap = |interp: &Interpreter| separation_loss(&interp.basis(&lm.model, &b).unwrap(), &b.target_attribute).unwrap().unwrap().to_scalar::<f32>().unwrap();
+    let steps = 15;
+    let run = |weight: f64| {
+        let (ps, mut interp) = build(&lm, |c| c.reflections = 2);
+        let before = overlap(&interp);
+        let s = TrainSettings { batch_size: 8, lr: 1e-2, warmup_steps: 0, lr_decay: hyperdas::train::Decay::Constant, separation_weight: weight, ..Default::default() };
+        s.validate().unwrap();
+        let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, steps).unwrap();
+        let logged: Vec<Option<f64>> = (0..steps).map(|_| tr.step(&b).unwrap().separation).collect();
+        drop(tr);
+        (before, overlap(&interp), logged)
+    };
+    let (before, plain, logged) = run(0.0);
+    assert!(logged.iter().all(Option::is_none), "no term, nothing logged");
+    let (same_start, separated, logged) = run(5.0);
+    assert_eq!(before, same_start, "both runs start from the same interpreter");
+    let first = logged[0].expect("the term's value is logged");
+    assert!((first - before as f64).abs() < 1e-5, "step 0 logs the overlap of the untrained bases: {first} vs {before}");
+    assert!(separated < 0.5 * before && separated < 0.5 * plain, "the term moves the subspaces apart: {before} → {separated} (without it: {plain})");
+    // A batch of one attribute has no pair to separate: no term.
+    let one = batch(&lm, 4);
+    let (ps, mut interp) = build(&lm, |c| c.reflections = 2);
+    let s = TrainSettings { batch_size: 4, separation_weight: 5.0, ..Default::default() };
+    assert_eq!(Trainer::new(&lm.model, &mut interp, &ps, &s, 1).unwrap().step(&one).unwrap().separation, None);
+    // A negative weight is refused, naming the key; so is a module whose rows share one basis.
+    let bad = TrainSettings { separation_weight: -1.0, ..Default::default() };
+    assert!(bad.validate().unwrap_err().to_string().contains("train.separation_weight"));
+    let (ps, mut das) = build(&lm, |c| c.subspace = hyperdas::hypernet::subspace::SubspaceKind::Das);
+    let e = Trainer::new(&lm.model, &mut das, &ps, &s, 1).err().expect("das has one basis").to_string();
+    assert!(e.contains("train.separation_weight") && e.contains("das"), "{e}");
+}

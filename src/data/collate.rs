@@ -248,6 +248,8 @@ pub struct CollatedBatch {
     pub instruction_ids: Vec<u32>,
     pub instruction_attention: Vec<u8>,
     pub is_causal: Vec<bool>,
+    /// `[B]` the attribute each row's instruction intervenes on ([`EncodedRow::target_attribute`]).
+    pub target_attribute: Vec<String>,
 }
 
 fn pad_left(seqs: &[&[u32]], pad: u32) -> (usize, Vec<u32>, Vec<u8>) {
@@ -306,6 +308,7 @@ pub fn collate(rows: &[&EncodedRow], pad_id: u32) -> CollatedBatch {
         instruction_ids,
         instruction_attention,
         is_causal: rows.iter().map(|r| r.is_causal).collect(),
+        target_attribute: rows.iter().map(|r| r.target_attribute.clone()).collect(),
     }
 }
 

@@ -17,6 +17,13 @@
 //! It supervises the pointer with the entity positions the data carries, which the paper's
 //! HyperDAS does not use; 0 (the default) leaves the objective the paper's.
 //!
+//! and, also beyond the paper, an optional subspace separation term `+ σ · S` ([`separation_loss`]):
+//! `S = mean_{(i, j): a_i ≠ a_j} ‖B_iᵀ B_j‖²_F / k` over the ordered pairs of batch rows whose
+//! instructions name different attributes `a`, `B_i [D, k]` the basis row `i` intervenes in
+//! (1: the same subspace, 0: orthogonal ones). It pushes the subspaces of different attributes
+//! apart, as separately trained MDAS models are; the constant weight is
+//! `train.separation_weight` (0, the default: no term).
+//!
 //! To add a loss term: a function of [`Intervened`] here, its weight in [`Terms`] (filled from
 //! a `train.*` setting in `TrainSettings::terms`), and one line in [`objective`].
 
@@ -92,6 +99,27 @@ pub fn guide_loss(w: &Tensor, source_entity: &[u32], base_entity: &[u32], base_v
     Ok((nll * target.broadcast_mul(&col)?)?.sum((1, 2))?.mean(0)?) // []
 }
 
+/// The separation term: with `bases [B, D, k]` (row `i`'s basis `B_i`) and `attributes[i]` the
+/// attribute row `i`'s instruction names, `mean_{(i, j): a_i ≠ a_j} ‖B_iᵀ B_j‖²_F / k` over
+/// ordered pairs (both orders: the mean is the same). `None` when every row names the same
+/// attribute (no pair to separate).
+pub fn separation_loss(bases: &Tensor, attributes: &[String]) -> Result<Option<Tensor>> {
+    let (b, d, k) = bases.dims3()?;
+    if attributes.len() != b {
+        return Err(crate::error::Error::invalid(format!("separation loss: {b} bases but {} attributes", attributes.len())));
+    }
+    let pairs: Vec<f32> = (0..b * b).map(|p| if attributes[p / b] != attributes[p % b] { 1.0 } else { 0.0 }).collect();
+    let n: f32 = pairs.iter().sum();
+    if n == 0.0 {
+        return Ok(None);
+    }
+    let mask = Tensor::from_vec(pairs, (b, b), bases.device())?.to_dtype(bases.dtype())?; // [B, B]
+    let cols = bases.transpose(1, 2)?.contiguous()?.reshape((b * k, d))?; // [B·k, D]: row i·k + c is column c of B_i
+    let gram = cols.matmul(&cols.t()?)?; // [B·k, B·k]: block (i, j) is B_iᵀ B_j
+    let blocks = gram.sqr()?.reshape((b, k, b, k))?.sum(3)?.sum(1)?; // [B, B]: ‖B_iᵀ B_j‖²_F
+    Ok(Some((blocks * mask)?.sum_all()?.affine(1.0 / (n as f64 * k as f64), 0.0)?)) // []
+}
+
 /// The guide's weight at `step`: `weight · (1 − step / steps)`, 0 from step `steps` on (and
 /// when either is 0).
 pub fn guide_weight(step: usize, steps: usize, weight: f64) -> f64 {
@@ -123,6 +151,8 @@ pub struct Terms {
     /// The pointer guide's initial weight and fade-out length (0: no guide).
     pub guide_weight: f64,
     pub guide_steps: usize,
+    /// The separation term's constant weight σ (0: no term).
+    pub separation_weight: f64,
 }
 
 /// A regulariser on `W [B, T_s+1, T_b]`, giving a scalar.
@@ -138,11 +168,14 @@ pub struct Objective {
     pub lambda: f64,
     /// `γ(step)`, the pointer guide's weight (0 without a guide).
     pub guide: f64,
+    /// `S`, the separation term's value (None without the term, or with one attribute in the batch).
+    pub separation: Option<f64>,
 }
 
 /// The objective of step `step` of `total` on the intervened pass `out` of `batch`.
-/// `fixed_positions` (the baselines): `L_pred` alone.
-pub fn objective(out: &Intervened, batch: &CollatedBatch, step: usize, total: usize, s: &Terms, fixed_positions: bool) -> Result<Objective> {
+/// `fixed_positions` (the baselines): `L_pred` alone. `bases [B, D, k]`, each row's basis, is
+/// needed for the separation term (`s.separation_weight > 0`) and read only then.
+pub fn objective(out: &Intervened, batch: &CollatedBatch, step: usize, total: usize, s: &Terms, fixed_positions: bool, bases: Option<&Tensor>) -> Result<Objective> {
     let prediction = prediction_loss(out, &batch.is_causal, s.causal_weight, s.isolate_weight)?; // []
     let (lambda, penalty): (f64, Option<Penalty>) = match s.regularizer {
         _ if fixed_positions => (0.0, None),
@@ -160,5 +193,15 @@ pub fn objective(out: &Intervened, batch: &CollatedBatch, step: usize, total: us
     } else {
         loss
     };
-    Ok(Objective { loss, prediction, lambda, guide })
+    let (loss, separation) = match bases {
+        Some(bases) if s.separation_weight > 0.0 && !fixed_positions => match separation_loss(bases, &batch.target_attribute)? {
+            Some(sep) => {
+                let value = sep.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                ((loss + sep.affine(s.separation_weight, 0.0)?)?, Some(value)) // []
+            }
+            None => (loss, None),
+        },
+        _ => (loss, None),
+    };
+    Ok(Objective { loss, prediction, lambda, guide, separation })
 }

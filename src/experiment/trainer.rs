@@ -133,6 +133,12 @@ pub struct TrainSettings {
     /// 2: over twice the run, so it ends at half weight); exclusive with `pointer_guide_steps`
     /// (0: not used).
     pub pointer_guide_ratio: f64,
+    /// Beyond the paper: the constant weight σ of the subspace separation term, the mean
+    /// overlap `‖B_iᵀ B_j‖²_F / k` of the bases of batch rows whose instructions name different
+    /// attributes ([`super::loss::separation_loss`]; 0: no term, the paper's objective). For
+    /// the subspace modules conditioned on the instruction (reflect_select, mask_select); the
+    /// baselines, with one subspace per model, ignore it.
+    pub separation_weight: f64,
 }
 
 impl TrainSettings {
@@ -180,6 +186,9 @@ impl TrainSettings {
         }
         if !(self.pointer_guide_weight >= 0.0 && self.pointer_guide_weight.is_finite()) {
             return Err(Error::invalid(format!("train.pointer_guide_weight = {}: use a weight >= 0 (0: no guide)", self.pointer_guide_weight)));
+        }
+        if !(self.separation_weight >= 0.0 && self.separation_weight.is_finite()) {
+            return Err(Error::invalid(format!("train.separation_weight = {}: use a weight >= 0 (0: no separation term)", self.separation_weight)));
         }
         // The curriculum cannot outlast the run; the guide may fade over more than the run
         // (2: it ends at half weight).
@@ -242,6 +251,7 @@ impl TrainSettings {
             entropy_weight: self.entropy_weight,
             guide_weight: self.pointer_guide_weight,
             guide_steps: self.guide_len(total),
+            separation_weight: self.separation_weight,
         }
     }
 
@@ -313,6 +323,7 @@ impl Default for TrainSettings {
             pointer_guide_weight: 0.0,
             pointer_guide_steps: 0,
             pointer_guide_ratio: 0.0,
+            separation_weight: 0.0,
         }
     }
 }
@@ -489,6 +500,8 @@ pub struct StepOutcome {
     pub sparsity_weight: f64,
     /// The pointer guide's weight at this step (0 without a guide).
     pub guide_weight: f64,
+    /// The separation term's value `S` (None without the term or with one attribute in the batch).
+    pub separation: Option<f64>,
     pub lr: f64,
     pub grad_norm: f64,
 }
@@ -513,6 +526,14 @@ impl<'a> Trainer<'a> {
     /// A trainer at step 0 of `total`, with the optimizer groups and the learning-rate schedule
     /// of `settings`.
     pub fn new(target: &'a Llama, interp: &'a mut Interpreter, ps: &'a ParamStore, settings: &'a TrainSettings, total: usize) -> Result<Self> {
+        let kind = interp.subspace.kind;
+        if settings.separation_weight > 0.0 && !interp.positions.is_fixed() && !matches!(kind, SubspaceKind::ReflectSelect | SubspaceKind::MaskSelect) {
+            return Err(Error::invalid(format!(
+                "train.separation_weight = {} needs a subspace conditioned on the instruction (reflect_select or mask_select); with subspace = {:?} every row has the same basis. Set it to 0",
+                settings.separation_weight,
+                kind.name()
+            )));
+        }
         let opt = settings.optimizer(ps, interp.subspace.kind)?;
         let schedule = settings.schedule(total);
         Ok(Trainer { target, interp, ps, settings, opt, schedule, step: 0, total })
@@ -530,7 +551,9 @@ impl<'a> Trainer<'a> {
         let mode = if fixed { InferenceMode::GroundTruth } else { s.mode_at(step, total) };
         self.interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
         let out = self.interp.forward(self.target, batch, mode, s.loss_label_tokens())?;
-        let obj = objective(&out, batch, step, total, &s.terms(total), fixed)?;
+        // Each row's basis, for the separation term only.
+        let bases = if s.separation_weight > 0.0 && !fixed { Some(self.interp.subspace.basis(Some(&out.condition), batch.len())?) } else { None }; // [B, D, k]
+        let obj = objective(&out, batch, step, total, &s.terms(total), fixed, bases.as_ref())?;
         let value = obj.loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             return Err(Error::NonFinite(format!(
@@ -551,7 +574,15 @@ impl<'a> Trainer<'a> {
         self.interp.subspace.retract()?;
         crate::profile::mark("optimizer");
         self.step += 1;
-        Ok(StepOutcome { loss: value, prediction_loss: obj.prediction.to_scalar::<f32>()? as f64, sparsity_weight: obj.lambda, guide_weight: obj.guide, lr, grad_norm: info.grad_norm })
+        Ok(StepOutcome {
+            loss: value,
+            prediction_loss: obj.prediction.to_scalar::<f32>()? as f64,
+            sparsity_weight: obj.lambda,
+            guide_weight: obj.guide,
+            separation: obj.separation,
+            lr,
+            grad_norm: info.grad_norm,
+        })
     }
 
     /// Count a step without an update (a skipped non-finite batch): the data order and the
@@ -687,6 +718,9 @@ impl Trainer<'_> {
                 let mut rec = serde_json::json!({"step": step, "loss": value, "prediction_loss": o.prediction_loss, "sparsity_weight": lambda, "lr": lr, "grad_norm": o.grad_norm, "seconds": t0.elapsed().as_secs_f64()});
                 if o.guide_weight > 0.0 {
                     rec["guide_weight"] = o.guide_weight.into();
+                }
+                if let Some(sep) = o.separation {
+                    rec["separation"] = sep.into();
                 }
                 if let Some(c) = tr.interp.cache_stats() {
                     rec["state_cache_hit_rate"] = serde_json::json!(c.hit_rate());

@@ -133,6 +133,8 @@ pub struct Intervened {
     pub w: Tensor,
     /// `[B, T_s+1, T_b]` the soft weights (for regularisers).
     pub w_soft: Tensor,
+    /// `[B, D]` the subspace module's input `z` (its bases: [`SubspaceModule::basis`]).
+    pub condition: Tensor,
 }
 
 /// The hypernetwork's reading of a batch: the clean states of base `[B, T_b, L+1, D]` and
@@ -305,7 +307,7 @@ impl Interpreter {
         let positions = Tensor::from_vec(pos, (b, k), dev)?; // [B, K]
         let logits = t.run_from(site, &new, &ctx, &positions)?.to_dtype(DType::F32)?; // [B, K, V]
         crate::profile::mark("intervened");
-        Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w, w_soft })
+        Ok(Intervened { logits, targets, valid: valid.iter().map(|&v| v as f32).collect(), k, w, w_soft, condition })
     }
 
     /// The instruction-conditioned basis each example of `batch` intervenes in, `[B, D, k]`
