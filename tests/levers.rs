@@ -364,5 +364,8 @@ fn the_separation_term_moves_the_attributes_subspaces_apart() {
     assert!(bad.validate().unwrap_err().to_string().contains("train.separation_weight"));
     let (ps, mut das) = build(&lm, |c| c.subspace = hyperdas::hypernet::subspace::SubspaceKind::Das);
     let e = Trainer::new(&lm.model, &mut das, &ps, &s, 1).err().expect("das has one basis").to_string();
-    assert!(e.contains("train.separation_weight") && e.contains("das"), "{e}");
+    assert!(e.contains("train.separation_weight") && e.contains("\"das\""), "{e}");
+    let (ps, mut masked) = build(&lm, |c| c.subspace = hyperdas::hypernet::subspace::SubspaceKind::MaskSelect);
+    let e = Trainer::new(&lm.model, &mut masked, &ps, &s, 1).err().expect("mask_select's bases are scaled by the mask").to_string();
+    assert!(e.contains("train.separation_weight") && e.contains("\"mask_select\""), "{e}");
 }

@@ -136,8 +136,8 @@ pub struct TrainSettings {
     /// Beyond the paper: the constant weight σ of the subspace separation term, the mean
     /// overlap `‖B_iᵀ B_j‖²_F / k` of the bases of batch rows whose instructions name different
     /// attributes ([`super::loss::separation_loss`]; 0: no term, the paper's objective). For
-    /// the subspace modules conditioned on the instruction (reflect_select, mask_select); the
-    /// baselines, with one subspace per model, ignore it.
+    /// ReflectSelect, whose per-instruction bases are orthonormal; the baselines, with one
+    /// subspace per model, ignore it.
     pub separation_weight: f64,
 }
 
@@ -527,9 +527,12 @@ impl<'a> Trainer<'a> {
     /// of `settings`.
     pub fn new(target: &'a Llama, interp: &'a mut Interpreter, ps: &'a ParamStore, settings: &'a TrainSettings, total: usize) -> Result<Self> {
         let kind = interp.subspace.kind;
-        if settings.separation_weight > 0.0 && !interp.positions.is_fixed() && !matches!(kind, SubspaceKind::ReflectSelect | SubspaceKind::MaskSelect) {
+        // The term compares orthonormal per-instruction bases: DAS and Boundless DAS give every
+        // row one basis, and MaskSelect's columns are scaled by its mask, so there the overlap
+        // would fall by switching columns off rather than by moving the subspaces apart.
+        if settings.separation_weight > 0.0 && !interp.positions.is_fixed() && kind != SubspaceKind::ReflectSelect {
             return Err(Error::invalid(format!(
-                "train.separation_weight = {} needs a subspace conditioned on the instruction (reflect_select or mask_select); with subspace = {:?} every row has the same basis. Set it to 0",
+                "train.separation_weight = {} applies to subspace = \"reflect_select\" only, not {:?} (das and boundless give every row the same basis; mask_select's bases are scaled by the mask, which the term would push to 0). Set it to 0",
                 settings.separation_weight,
                 kind.name()
             )));
