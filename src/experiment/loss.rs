@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::collate::CollatedBatch;
 use crate::error::Result;
 use crate::hypernet::interpreter::Intervened;
+use crate::hypernet::subspace::SubspaceModule;
 use crate::intervention::selection::ground_truth;
 use crate::train::share_of;
 
@@ -173,9 +174,9 @@ pub struct Objective {
 }
 
 /// The objective of step `step` of `total` on the intervened pass `out` of `batch`.
-/// `fixed_positions` (the baselines): `L_pred` alone. `bases [B, D, k]`, each row's basis, is
-/// needed for the separation term (`s.separation_weight > 0`) and read only then.
-pub fn objective(out: &Intervened, batch: &CollatedBatch, step: usize, total: usize, s: &Terms, fixed_positions: bool, bases: Option<&Tensor>) -> Result<Objective> {
+/// `fixed_positions` (the baselines): `L_pred` alone. `subspace` gives each row's basis for the
+/// separation term (only when `s.separation_weight > 0`).
+pub fn objective(out: &Intervened, batch: &CollatedBatch, step: usize, total: usize, s: &Terms, fixed_positions: bool, subspace: &SubspaceModule) -> Result<Objective> {
     let prediction = prediction_loss(out, &batch.is_causal, s.causal_weight, s.isolate_weight)?; // []
     let (lambda, penalty): (f64, Option<Penalty>) = match s.regularizer {
         _ if fixed_positions => (0.0, None),
@@ -193,15 +194,15 @@ pub fn objective(out: &Intervened, batch: &CollatedBatch, step: usize, total: us
     } else {
         loss
     };
-    let (loss, separation) = match bases {
-        Some(bases) if s.separation_weight > 0.0 && !fixed_positions => match separation_loss(bases, &batch.target_attribute)? {
-            Some(sep) => {
-                let value = sep.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-                ((loss + sep.affine(s.separation_weight, 0.0)?)?, Some(value)) // []
-            }
-            None => (loss, None),
-        },
-        _ => (loss, None),
+    let sep = if s.separation_weight > 0.0 && !fixed_positions {
+        let bases = subspace.basis(Some(&out.condition), batch.len())?; // [B, D, k]
+        separation_loss(&bases, &batch.target_attribute)? // []
+    } else {
+        None
+    };
+    let (loss, separation) = match sep {
+        Some(sep) => ((loss + sep.affine(s.separation_weight, 0.0)?)?, Some(sep.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)), // []
+        None => (loss, None),
     };
     Ok(Objective { loss, prediction, lambda, guide, separation })
 }

@@ -537,7 +537,7 @@ impl<'a> Trainer<'a> {
                 kind.name()
             )));
         }
-        let opt = settings.optimizer(ps, interp.subspace.kind)?;
+        let opt = settings.optimizer(ps, kind)?;
         let schedule = settings.schedule(total);
         Ok(Trainer { target, interp, ps, settings, opt, schedule, step: 0, total })
     }
@@ -554,9 +554,7 @@ impl<'a> Trainer<'a> {
         let mode = if fixed { InferenceMode::GroundTruth } else { s.mode_at(step, total) };
         self.interp.subspace.temperature = temperature(step, total, s.temperature_start, s.temperature_end);
         let out = self.interp.forward(self.target, batch, mode, s.loss_label_tokens())?;
-        // Each row's basis, for the separation term only.
-        let bases = if s.separation_weight > 0.0 && !fixed { Some(self.interp.subspace.basis(Some(&out.condition), batch.len())?) } else { None }; // [B, D, k]
-        let obj = objective(&out, batch, step, total, &s.terms(total), fixed, bases.as_ref())?;
+        let obj = objective(&out, batch, step, total, &s.terms(total), fixed, &self.interp.subspace)?;
         let value = obj.loss.to_scalar::<f32>()? as f64;
         if !value.is_finite() {
             return Err(Error::NonFinite(format!(
