@@ -2,9 +2,9 @@
 //! the pointer's keep-the-base bias (`interpreter.self_bias`), the pointer without RoPE
 //! (`interpreter.pointer_rope`), centred pointer states (`interpreter.pointer_states`), frozen
 //! copies (`interpreter.freeze`), the ground-truth curriculum (`train.groundtruth_steps`), the
-//! heads' learning-rate multiple (`train.head_lr_scale`), the step budget (`train.steps`), the
-//! entity → entity share, and the pointer guide (`train.pointer_guide_weight`,
-//! `train.pointer_guide_steps`).
+//! heads' learning-rate multiples (`train.head_lr_scale`, `train.subspace_lr_scale`), the step
+//! budget (`train.steps`), the entity → entity share, and the pointer guide
+//! (`train.pointer_guide_weight`, `train.pointer_guide_steps`).
 
 mod common;
 
@@ -213,6 +213,36 @@ fn the_heads_learning_rate_is_a_multiple_of_the_schedules() {
     assert!((head1 - 1e-4).abs() < 2e-5 && (block1 - 1e-4).abs() < 2e-5, "{head1} {block1}");
     assert!((head10 - 1e-3).abs() < 2e-4, "the head moves 10× as far: {head10}");
     assert!((block10 - block1).abs() < 1e-6, "the copied blocks keep the schedule's rate: {block10} vs {block1}");
+}
+
+#[test]
+fn the_subspace_mlp_can_learn_at_its_own_rate() {
+    let lm = tiny();
+    let b = batch(&lm, 4);
+    // Adam's first step moves every weight with a gradient by about its learning rate: the
+    // pointer head at head_lr_scale, the subspace MLP at subspace_lr_scale (0: the head's).
+    let moved = |subspace: f64| -> (f64, f64, f64) {
+        let (ps, mut interp) = build(&lm, |_| {});
+        let get = |n: &str| ps.get(n).unwrap().as_tensor().copy().unwrap();
+        let names = ["hypernet.pointer.q_proj.weight", "subspace.mlp.up_proj.weight", "hypernet.layers.0.self_attn.q_proj.weight"];
+        let before: Vec<_> = names.iter().map(|n| get(n)).collect();
+        let s = TrainSettings { batch_size: 4, lr: 1e-4, weight_decay: 0.0, grad_clip: 0.0, head_lr_scale: 10.0, subspace_lr_scale: subspace, ..Default::default() };
+        let mut tr = Trainer::new(&lm.model, &mut interp, &ps, &s, 3).unwrap();
+        tr.step(&b).unwrap();
+        let d: Vec<f64> = names.iter().zip(&before).map(|(n, t0)| max_abs_diff(&get(n), t0)).collect();
+        (d[0], d[1], d[2])
+    };
+    let (head, mlp, block) = moved(0.0);
+    assert!((head - 1e-3).abs() < 2e-4 && (mlp - 1e-3).abs() < 2e-4, "0: the MLP shares the head's rate: {head} {mlp}");
+    assert!((block - 1e-4).abs() < 2e-5, "{block}");
+    let (head2, mlp2, block2) = moved(2.0);
+    assert!((head2 - head).abs() < 1e-6, "the pointer keeps head_lr_scale: {head2} vs {head}");
+    assert!((mlp2 - 2e-4).abs() < 4e-5, "the MLP moves at 2 × lr: {mlp2}");
+    assert!((block2 - block).abs() < 1e-6, "the copied blocks keep the schedule's rate: {block2} vs {block}");
+    let bad = TrainSettings { subspace_lr_scale: -1.0, ..Default::default() };
+    assert!(bad.validate().unwrap_err().to_string().contains("train.subspace_lr_scale"));
+    let cfg: hyperdas::experiment::run::RunConfig = hyperdas::config::load(None, &["train.subspace_lr_scale=3".into()]).unwrap();
+    assert_eq!(cfg.train.subspace_lr_scale, 3.0);
 }
 
 #[test]

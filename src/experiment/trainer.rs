@@ -120,6 +120,10 @@ pub struct TrainSettings {
     /// scheduled `lr` (1: the same rate as the copied blocks). These start from random
     /// weights, the copied blocks from pretrained ones.
     pub head_lr_scale: f64,
+    /// The subspace module's MLP and norm alone at this multiple of `lr` (0: the same
+    /// `head_lr_scale` as the pointer head), so that the pointer and the subspace can learn at
+    /// different rates.
+    pub subspace_lr_scale: f64,
     /// Beyond the paper: the initial weight `γ₀` of the pointer guide, the cross-entropy of
     /// `W` against the ground-truth selection (the base's last entity token takes the source's,
     /// every other base token keeps itself; [`super::loss::guide_loss`]), fading linearly to 0
@@ -184,6 +188,9 @@ impl TrainSettings {
         if !(self.head_lr_scale > 0.0 && self.head_lr_scale.is_finite()) {
             return Err(Error::invalid(format!("train.head_lr_scale = {}: use a positive multiple of train.lr", self.head_lr_scale)));
         }
+        if !(self.subspace_lr_scale >= 0.0 && self.subspace_lr_scale.is_finite()) {
+            return Err(Error::invalid(format!("train.subspace_lr_scale = {}: use a positive multiple of train.lr (0: train.head_lr_scale)", self.subspace_lr_scale)));
+        }
         if !(self.pointer_guide_weight >= 0.0 && self.pointer_guide_weight.is_finite()) {
             return Err(Error::invalid(format!("train.pointer_guide_weight = {}: use a weight >= 0 (0: no guide)", self.pointer_guide_weight)));
         }
@@ -214,13 +221,17 @@ impl TrainSettings {
 
     /// AdamW over `ps` with HyperDAS's groups: the rotation (either parametrisation) at the
     /// fixed `rotation_lr` without weight decay; the mask parameters of `kind` (mask_select's
-    /// MLP, boundless's boundary) at the fixed `mask_lr`; everything else at the scheduled rate
-    /// with `weight_decay`.
+    /// MLP, boundless's boundary) at the fixed `mask_lr`; the pointer head at `head_lr_scale`
+    /// and the subspace module's other parameters at `subspace_lr_scale` (0:
+    /// `head_lr_scale`) times the scheduled rate; everything else at the scheduled rate; all
+    /// but the rotation with `weight_decay`.
     pub fn optimizer(&self, ps: &ParamStore, kind: SubspaceKind) -> Result<AdamW> {
         let adam = AdamWConfig { weight_decay: self.weight_decay, grad_clip: (self.grad_clip > 0.0).then_some(self.grad_clip), decay_vectors: self.decay_norms, ..Default::default() };
         let rotation_group = Group { lr: GroupLr::Fixed(self.rotation_lr), weight_decay: 0.0 };
         let mask_group = Group { lr: GroupLr::Fixed(self.mask_lr), weight_decay: self.weight_decay };
-        let head_group = (self.head_lr_scale != 1.0).then_some(Group { lr: GroupLr::Scaled(self.head_lr_scale), weight_decay: self.weight_decay });
+        let scaled = |scale: f64| (scale != 1.0).then_some(Group { lr: GroupLr::Scaled(scale), weight_decay: self.weight_decay });
+        let head_group = scaled(self.head_lr_scale);
+        let subspace_group = scaled(if self.subspace_lr_scale > 0.0 { self.subspace_lr_scale } else { self.head_lr_scale });
         let is_mask = |name: &str| match kind {
             SubspaceKind::MaskSelect => name.starts_with("subspace.mlp."),
             SubspaceKind::Boundless => name == "subspace.boundary",
@@ -229,7 +240,8 @@ impl TrainSettings {
         AdamW::with_groups(ps, adam, |name| match name {
             "subspace.rotation" | "subspace.rotation_householder" => Some(rotation_group),
             n if is_mask(n) => Some(mask_group),
-            n if n.starts_with("hypernet.pointer.") || n.starts_with("subspace.") => head_group,
+            n if n.starts_with("hypernet.pointer.") => head_group,
+            n if n.starts_with("subspace.") => subspace_group,
             _ => None,
         })
     }
@@ -320,6 +332,7 @@ impl Default for TrainSettings {
             groundtruth_steps: 0,
             groundtruth_ratio: 0.0,
             head_lr_scale: 1.0,
+            subspace_lr_scale: 0.0,
             pointer_guide_weight: 0.0,
             pointer_guide_steps: 0,
             pointer_guide_ratio: 0.0,
